@@ -1,0 +1,196 @@
+//! The vhost-user-blk device for one frontend connection.
+//!
+//! A [`BlkBackend`] lives exactly as long as one connection (vhost-user-backend's daemon
+//! serves one connection and then stops its workers). Everything that must outlive a
+//! connection — the open image, the replication engine — is in [`DeviceShared`], which the
+//! daemon keeps and hands to the backend of every new connection.
+
+use std::io;
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+
+use vhost::vhost_user::message::VhostUserProtocolFeatures;
+use vhost::vhost_user::message::VhostUserVirtioFeatures;
+use vhost_user_backend::{VhostUserBackend, VringRwLock};
+use vm_memory::{GuestMemoryAtomic, GuestMemoryMmap};
+use vmm_sys_util::epoll::EventSet;
+use vmm_sys_util::event::{new_event_consumer_and_notifier, EventConsumer, EventFlag, EventNotifier};
+
+use crate::executor::Executor;
+use crate::queue_worker::{QueueWorker, WorkerOptions};
+use crate::virtio_blk::{DeviceLimits, CONFIG_SPACE_SIZE, CONFIG_WCE_OFFSET};
+
+/// Device state that survives frontend reconnections.
+pub struct DeviceShared {
+    /// Executes requests against the image.
+    pub executor: Arc<Executor>,
+    /// Limits advertised and enforced.
+    pub limits: DeviceLimits,
+    /// Maximum virtqueue size.
+    pub queue_size: u16,
+    /// Number of worker threads (queues are spread over them round-robin).
+    pub threads: usize,
+    /// Per-queue worker options (busy-poll budget).
+    pub worker: WorkerOptions,
+    /// Counters across connections.
+    pub stats: DeviceStats,
+}
+
+/// Counters a user or a test can read.
+#[derive(Default)]
+pub struct DeviceStats {
+    /// Requests completed (any status).
+    pub requests: AtomicU64,
+    /// Requests rejected by validation.
+    pub rejected: AtomicU64,
+    /// Frontend connections served.
+    pub connections: AtomicU64,
+}
+
+/// The per-connection backend handed to `VhostUserDaemon`.
+pub struct BlkBackend {
+    shared: Arc<DeviceShared>,
+    mem: GuestMemoryAtomic<GuestMemoryMmap<()>>,
+    event_idx: AtomicBool,
+    /// One per queue: serialises processing of a queue with `stop_vring`.
+    workers: Vec<Mutex<QueueWorker>>,
+    exits: Vec<(EventConsumer, EventNotifier)>,
+}
+
+impl BlkBackend {
+    /// Creates the backend of a new connection. `mem` must be the same atomic memory object
+    /// given to the daemon, so that memory-table updates are seen here.
+    pub fn new(
+        shared: Arc<DeviceShared>,
+        mem: GuestMemoryAtomic<GuestMemoryMmap<()>>,
+    ) -> io::Result<Self> {
+        let queues = usize::from(shared.limits.num_queues);
+        let workers = (0..queues)
+            .map(|q| Mutex::new(QueueWorker::new(q, shared.clone())))
+            .collect();
+        let exits = (0..shared.threads)
+            .map(|_| new_event_consumer_and_notifier(EventFlag::NONBLOCK))
+            .collect::<io::Result<Vec<_>>>()?;
+        Ok(BlkBackend {
+            shared,
+            mem,
+            event_idx: AtomicBool::new(false),
+            workers,
+            exits,
+        })
+    }
+}
+
+impl VhostUserBackend for BlkBackend {
+    type Bitmap = ();
+    type Vring = VringRwLock;
+
+    fn num_queues(&self) -> usize {
+        usize::from(self.shared.limits.num_queues)
+    }
+
+    fn max_queue_size(&self) -> usize {
+        usize::from(self.shared.queue_size)
+    }
+
+    fn features(&self) -> u64 {
+        self.shared.limits.features() | VhostUserVirtioFeatures::PROTOCOL_FEATURES.bits()
+    }
+
+    fn acked_features(&self, features: u64) {
+        tracing::debug!(features = format_args!("{features:#x}"), "frontend acked features");
+    }
+
+    fn protocol_features(&self) -> VhostUserProtocolFeatures {
+        VhostUserProtocolFeatures::CONFIG
+            | VhostUserProtocolFeatures::MQ
+            | VhostUserProtocolFeatures::REPLY_ACK
+            | VhostUserProtocolFeatures::CONFIGURE_MEM_SLOTS
+    }
+
+    fn set_event_idx(&self, enabled: bool) {
+        self.event_idx.store(enabled, Ordering::Relaxed);
+        for w in &self.workers {
+            w.lock().expect("worker lock").set_event_idx(enabled);
+        }
+    }
+
+    fn get_config(&self, offset: u32, size: u32) -> Vec<u8> {
+        // vhost-user-backend forwards exactly what the frontend asked; answer exactly `size`
+        // bytes, zero past the end of our structure.
+        let space = self
+            .shared
+            .limits
+            .config_space(self.shared.executor.writeback());
+        let mut out = vec![0u8; size as usize];
+        let start = (offset as usize).min(CONFIG_SPACE_SIZE);
+        let end = (offset as usize).saturating_add(size as usize).min(CONFIG_SPACE_SIZE);
+        out[..end - start].copy_from_slice(&space[start..end]);
+        out
+    }
+
+    fn set_config(&self, offset: u32, buf: &[u8]) -> io::Result<()> {
+        // The only writable field is `wce` (CONFIG_WCE).
+        if offset <= CONFIG_WCE_OFFSET
+            && (offset as usize + buf.len()) > CONFIG_WCE_OFFSET as usize
+        {
+            let wce = buf[(CONFIG_WCE_OFFSET - offset) as usize];
+            self.shared.executor.set_writeback(wce != 0);
+            Ok(())
+        } else {
+            Err(io::Error::new(
+                io::ErrorKind::InvalidInput,
+                "only the wce field of the config space is writable",
+            ))
+        }
+    }
+
+    fn update_memory(&self, _mem: GuestMemoryAtomic<GuestMemoryMmap<()>>) -> io::Result<()> {
+        // `self.mem` is the same atomic object: nothing to swap.
+        Ok(())
+    }
+
+    fn queues_per_thread(&self) -> Vec<u64> {
+        let mut masks = vec![0u64; self.shared.threads];
+        for q in 0..self.num_queues() {
+            masks[q % self.shared.threads] |= 1 << q;
+        }
+        masks
+    }
+
+    fn exit_event(&self, thread_index: usize) -> Option<(EventConsumer, EventNotifier)> {
+        let (c, n) = self.exits.get(thread_index)?;
+        Some((c.try_clone().ok()?, n.try_clone().ok()?))
+    }
+
+    fn stop_vring(&self, queue_index: u32) -> io::Result<()> {
+        // Taking the worker's lock waits for a batch in progress: every request it popped
+        // is completed before GET_VRING_BASE reports the next avail index.
+        if let Some(w) = self.workers.get(queue_index as usize) {
+            drop(w.lock().expect("worker lock"));
+        }
+        Ok(())
+    }
+
+    fn handle_event(
+        &self,
+        device_event: u16,
+        evset: EventSet,
+        vrings: &[VringRwLock],
+        _thread_id: usize,
+    ) -> io::Result<()> {
+        if evset != EventSet::IN {
+            return Err(io::Error::other(format!("unexpected event set {evset:?}")));
+        }
+        let q = usize::from(device_event);
+        let (Some(vring), Some(worker)) = (vrings.get(q), self.workers.get(q)) else {
+            return Err(io::Error::other(format!("event for unknown queue {q}")));
+        };
+        let mut worker = worker.lock().expect("worker lock");
+        worker.run(vring, &self.mem)
+    }
+}
+
+/// Default busy-poll budget when `--poll` is given without a value.
+pub const DEFAULT_POLL: Duration = Duration::from_micros(50);

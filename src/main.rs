@@ -1,0 +1,28 @@
+//! The `drblk` command.
+
+use clap::Parser;
+use tracing_subscriber::EnvFilter;
+
+use drblk::cli::{Cli, Command, DemoArgs};
+
+fn main() {
+    let cli = Cli::parse();
+    let filter = EnvFilter::try_from_default_env().unwrap_or_else(|_| EnvFilter::new(&cli.log));
+    tracing_subscriber::fmt()
+        .with_env_filter(filter)
+        .with_writer(std::io::stderr)
+        .init();
+    let result = match cli.command.unwrap_or(Command::Demo(DemoArgs {
+        dir: None,
+        size: 256 << 20,
+        seconds: 3,
+    })) {
+        Command::Serve(args) => drblk::serve::run(args),
+        Command::Demo(args) => drblk::demo::run(args),
+    };
+    if let Err(e) = result {
+        tracing::error!("{e:#}");
+        eprintln!("drblk: error: {e:#}");
+        std::process::exit(1);
+    }
+}

@@ -1,0 +1,119 @@
+//! `drblk serve`: assemble the device from its options and run the daemon.
+
+use std::sync::Arc;
+use std::thread::JoinHandle;
+
+use anyhow::Context;
+
+use crate::backend::{DeviceShared, DeviceStats};
+use crate::cli::ServeArgs;
+use crate::daemon::{self, BoundSocket, Shutdown};
+use crate::executor::Executor;
+use crate::queue_worker::WorkerOptions;
+use crate::storage::Disk;
+use crate::virtio_blk::DeviceLimits;
+
+/// A daemon running in a thread of this process (the CLI, the demo and tests use it).
+pub struct Server {
+    shared: Arc<DeviceShared>,
+    shutdown: Shutdown,
+    thread: Option<JoinHandle<anyhow::Result<()>>>,
+}
+
+impl Server {
+    /// Opens the image, binds the socket and starts serving; returns once the socket accepts
+    /// connections.
+    pub fn start(args: &ServeArgs) -> anyhow::Result<Server> {
+        let disk = Arc::new(Disk::open(&args.disk_options())?);
+        let limits = DeviceLimits::new(
+            disk.size(),
+            args.logical_block_size,
+            args.queues,
+            args.queue_size,
+            disk.readonly(),
+        );
+        let executor = Arc::new(Executor::new(disk.clone(), &args.serial(), None));
+        let shared = Arc::new(DeviceShared {
+            executor,
+            limits,
+            queue_size: args.queue_size,
+            threads: args.threads(),
+            worker: WorkerOptions { poll: args.poll() },
+            stats: DeviceStats::default(),
+        });
+        let socket = BoundSocket::bind(&args.socket, args.socket_mode)?;
+        tracing::info!(
+            disk = %disk.path().display(),
+            size = disk.size(),
+            queues = args.queues,
+            queue_size = args.queue_size,
+            readonly = disk.readonly(),
+            direct = disk.direct(),
+            poll_us = args.poll_us,
+            socket = %args.socket.display(),
+            "serving"
+        );
+        let shutdown = Shutdown::default();
+        let (s2, sd2) = (shared.clone(), shutdown.clone());
+        let thread = std::thread::Builder::new()
+            .name("drblk-accept".into())
+            .spawn(move || daemon::serve(s2, socket, sd2).map_err(anyhow::Error::from))
+            .context("spawning the accept thread")?;
+        Ok(Server {
+            shared,
+            shutdown,
+            thread: Some(thread),
+        })
+    }
+
+    /// The device state (counters, executor).
+    pub fn shared(&self) -> &Arc<DeviceShared> {
+        &self.shared
+    }
+
+    /// A handle that stops the server.
+    pub fn shutdown_handle(&self) -> Shutdown {
+        self.shutdown.clone()
+    }
+
+    /// Waits until the server stops (after a shutdown request).
+    pub fn join(mut self) -> anyhow::Result<()> {
+        match self.thread.take() {
+            Some(t) => t
+                .join()
+                .map_err(|_| anyhow::anyhow!("the accept thread panicked"))?,
+            None => Ok(()),
+        }
+    }
+
+    /// Stops the server and waits for it.
+    pub fn stop(self) -> anyhow::Result<()> {
+        self.shutdown.request();
+        self.join()
+    }
+}
+
+impl Drop for Server {
+    fn drop(&mut self) {
+        if let Some(t) = self.thread.take() {
+            self.shutdown.request();
+            let _ = t.join();
+        }
+    }
+}
+
+/// Runs `drblk serve` until SIGINT/SIGTERM.
+pub fn run(args: ServeArgs) -> anyhow::Result<()> {
+    let probe = Shutdown::default();
+    // Signals must be blocked before any thread starts so every thread inherits the mask.
+    daemon::install_signal_handler(probe.clone()).context("installing signal handlers")?;
+    let server = Server::start(&args)?;
+    let handle = server.shutdown_handle();
+    std::thread::spawn(move || {
+        while !probe.requested() {
+            std::thread::sleep(std::time::Duration::from_millis(50));
+        }
+        handle.request();
+    });
+    server.join()
+}

@@ -1,0 +1,514 @@
+//! The disk image: a raw file, accessed with positional vectored I/O.
+//!
+//! Everything that touches the image file goes through [`Disk`], so bounds are checked in
+//! exactly one place: no call here can read or write outside `[0, size)`.
+
+use std::fs::{File, OpenOptions};
+use std::io;
+use std::os::unix::fs::OpenOptionsExt;
+use std::os::unix::io::AsRawFd;
+use std::path::{Path, PathBuf};
+
+use thiserror::Error;
+
+/// Alignment O_DIRECT needs for buffers, offsets and lengths on common filesystems.
+pub const DIRECT_ALIGN: usize = 4096;
+
+/// Errors opening or creating the image.
+#[derive(Debug, Error)]
+pub enum OpenError {
+    /// The image does not exist and no size was given to create it.
+    #[error("image {0} does not exist; pass --size to create it")]
+    Missing(PathBuf),
+    /// The image could not be opened or created.
+    #[error("cannot open image {path}: {source}")]
+    Open {
+        /// The image path.
+        path: PathBuf,
+        /// The OS error.
+        source: io::Error,
+    },
+    /// The size is zero or not a multiple of the logical block size.
+    #[error("image {path} has size {size}, which is not a non-zero multiple of {block} bytes")]
+    BadSize {
+        /// The image path.
+        path: PathBuf,
+        /// Its size in bytes.
+        size: u64,
+        /// The logical block size.
+        block: u32,
+    },
+}
+
+/// How to open an image.
+#[derive(Clone, Debug)]
+pub struct DiskOptions {
+    /// Path of the raw image.
+    pub path: PathBuf,
+    /// Create the image (sparse) with this size if it does not exist.
+    pub create_size: Option<u64>,
+    /// Open read-only.
+    pub readonly: bool,
+    /// Open with O_DIRECT (bypass the host page cache).
+    pub direct: bool,
+    /// Logical block size in bytes (512 or 4096).
+    pub logical_block_size: u32,
+}
+
+/// An open raw image.
+#[derive(Debug)]
+pub struct Disk {
+    file: File,
+    path: PathBuf,
+    size: u64,
+    readonly: bool,
+    direct: bool,
+}
+
+impl Disk {
+    /// Opens (or creates, sparse) the image described by `opts`.
+    pub fn open(opts: &DiskOptions) -> Result<Disk, OpenError> {
+        let open_err = |source| OpenError::Open {
+            path: opts.path.clone(),
+            source,
+        };
+        let exists = opts.path.exists();
+        if !exists && opts.create_size.is_none() {
+            return Err(OpenError::Missing(opts.path.clone()));
+        }
+        let mut oo = OpenOptions::new();
+        oo.read(true).write(!opts.readonly);
+        if !exists {
+            oo.create(true).write(true);
+        }
+        if opts.direct {
+            oo.custom_flags(libc::O_DIRECT);
+        }
+        let file = oo.open(&opts.path).map_err(open_err)?;
+        if !exists {
+            // A new image is sparse: set_len allocates nothing.
+            let size = opts.create_size.unwrap_or(0);
+            file.set_len(size).map_err(open_err)?;
+            tracing::info!(path = %opts.path.display(), size, "created sparse image");
+        }
+        let size = file.metadata().map_err(open_err)?.len();
+        if size == 0 || size % u64::from(opts.logical_block_size) != 0 {
+            return Err(OpenError::BadSize {
+                path: opts.path.clone(),
+                size,
+                block: opts.logical_block_size,
+            });
+        }
+        Ok(Disk {
+            file,
+            path: opts.path.clone(),
+            size,
+            readonly: opts.readonly,
+            direct: opts.direct,
+        })
+    }
+
+    /// Size in bytes.
+    pub fn size(&self) -> u64 {
+        self.size
+    }
+
+    /// The image path.
+    pub fn path(&self) -> &Path {
+        &self.path
+    }
+
+    /// Whether the image was opened read-only.
+    pub fn readonly(&self) -> bool {
+        self.readonly
+    }
+
+    /// Whether the image was opened with O_DIRECT.
+    pub fn direct(&self) -> bool {
+        self.direct
+    }
+
+    fn check_range(&self, offset: u64, len: u64) -> io::Result<()> {
+        match offset.checked_add(len) {
+            Some(end) if end <= self.size => Ok(()),
+            _ => Err(io::Error::new(
+                io::ErrorKind::InvalidInput,
+                format!(
+                    "range {offset}+{len} is outside the image ({} bytes)",
+                    self.size
+                ),
+            )),
+        }
+    }
+
+    fn check_writable(&self) -> io::Result<()> {
+        if self.readonly {
+            return Err(io::Error::new(
+                io::ErrorKind::PermissionDenied,
+                "image is read-only",
+            ));
+        }
+        Ok(())
+    }
+
+    /// Reads exactly `buf.len()` bytes at `offset`.
+    pub fn read_at(&self, buf: &mut [u8], offset: u64) -> io::Result<()> {
+        self.check_range(offset, buf.len() as u64)?;
+        if self.direct && !is_aligned(buf.as_ptr() as usize, buf.len(), offset) {
+            let mut bounce = AlignedBuf::new(buf.len());
+            let (a_off, a_len) = align_out(offset, buf.len());
+            let mut big = AlignedBuf::new(a_len);
+            self.pread_exact_raw(big.as_mut_ptr(), a_len, a_off)?;
+            let skip = (offset - a_off) as usize;
+            bounce
+                .as_mut_slice()
+                .copy_from_slice(&big.as_slice()[skip..skip + buf.len()]);
+            buf.copy_from_slice(bounce.as_slice());
+            return Ok(());
+        }
+        self.pread_exact_raw(buf.as_mut_ptr(), buf.len(), offset)
+    }
+
+    /// Writes all of `buf` at `offset`.
+    pub fn write_at(&self, buf: &[u8], offset: u64) -> io::Result<()> {
+        self.check_writable()?;
+        self.check_range(offset, buf.len() as u64)?;
+        if self.direct && !is_aligned(buf.as_ptr() as usize, buf.len(), offset) {
+            // Read-modify-write through an aligned bounce buffer.
+            let (a_off, a_len) = align_out(offset, buf.len());
+            let mut big = AlignedBuf::new(a_len);
+            self.pread_exact_raw(big.as_mut_ptr(), a_len, a_off)?;
+            let skip = (offset - a_off) as usize;
+            big.as_mut_slice()[skip..skip + buf.len()].copy_from_slice(buf);
+            return self.pwrite_all_raw(big.as_slice().as_ptr(), a_len, a_off);
+        }
+        self.pwrite_all_raw(buf.as_ptr(), buf.len(), offset)
+    }
+
+    /// Reads into the host buffers `iov` (each `(ptr, len)`), starting at `offset`.
+    ///
+    /// # Safety
+    /// Every `(ptr, len)` must be valid for writes for the duration of the call.
+    pub unsafe fn readv_at(&self, iov: &[(*mut u8, usize)], offset: u64) -> io::Result<()> {
+        let total: usize = iov.iter().map(|v| v.1).sum();
+        self.check_range(offset, total as u64)?;
+        if self.direct && !iov.iter().all(|v| is_aligned(v.0 as usize, v.1, 0)) {
+            let mut pos = offset;
+            for &(ptr, len) in iov {
+                // SAFETY: the caller guarantees (ptr, len) is valid for writes.
+                let s = unsafe { std::slice::from_raw_parts_mut(ptr, len) };
+                self.read_at(s, pos)?;
+                pos += len as u64;
+            }
+            return Ok(());
+        }
+        let mut iovecs: Vec<libc::iovec> = iov
+            .iter()
+            .map(|&(p, l)| libc::iovec {
+                iov_base: p as *mut libc::c_void,
+                iov_len: l,
+            })
+            .collect();
+        // SAFETY: the caller guarantees the buffers are valid for writes.
+        unsafe { self.vectored(&mut iovecs, offset, true) }
+    }
+
+    /// Writes the host buffers `iov` (each `(ptr, len)`) starting at `offset`.
+    ///
+    /// # Safety
+    /// Every `(ptr, len)` must be valid for reads for the duration of the call.
+    pub unsafe fn writev_at(&self, iov: &[(*const u8, usize)], offset: u64) -> io::Result<()> {
+        self.check_writable()?;
+        let total: usize = iov.iter().map(|v| v.1).sum();
+        self.check_range(offset, total as u64)?;
+        if self.direct && !iov.iter().all(|v| is_aligned(v.0 as usize, v.1, 0)) {
+            let mut pos = offset;
+            for &(ptr, len) in iov {
+                // SAFETY: the caller guarantees (ptr, len) is valid for reads.
+                let s = unsafe { std::slice::from_raw_parts(ptr, len) };
+                self.write_at(s, pos)?;
+                pos += len as u64;
+            }
+            return Ok(());
+        }
+        let mut iovecs: Vec<libc::iovec> = iov
+            .iter()
+            .map(|&(p, l)| libc::iovec {
+                iov_base: p as *mut libc::c_void,
+                iov_len: l,
+            })
+            .collect();
+        // SAFETY: the caller guarantees the buffers are valid for reads; pwritev only reads them.
+        unsafe { self.vectored(&mut iovecs, offset, false) }
+    }
+
+    /// Runs preadv/pwritev until every byte is transferred (short transfers are resumed).
+    ///
+    /// # Safety
+    /// The iovecs must point to memory valid for the transfer's direction.
+    unsafe fn vectored(&self, iovecs: &mut [libc::iovec], offset: u64, read: bool) -> io::Result<()> {
+        let fd = self.file.as_raw_fd();
+        let mut start = 0usize;
+        let mut pos = offset;
+        while start < iovecs.len() {
+            let rest = &mut iovecs[start..];
+            let cnt = rest.len().min(libc::UIO_MAXIOV as usize) as libc::c_int;
+            // SAFETY: fd is open; the iovecs are valid per the caller's contract.
+            let n = unsafe {
+                if read {
+                    libc::preadv(fd, rest.as_ptr(), cnt, pos as libc::off_t)
+                } else {
+                    libc::pwritev(fd, rest.as_ptr(), cnt, pos as libc::off_t)
+                }
+            };
+            if n < 0 {
+                let e = io::Error::last_os_error();
+                if e.kind() == io::ErrorKind::Interrupted {
+                    continue;
+                }
+                return Err(e);
+            }
+            if n == 0 {
+                return Err(io::Error::new(
+                    io::ErrorKind::UnexpectedEof,
+                    "short transfer on image",
+                ));
+            }
+            let mut n = n as usize;
+            pos += n as u64;
+            while n > 0 && start < iovecs.len() {
+                let v = &mut iovecs[start];
+                if n >= v.iov_len {
+                    n -= v.iov_len;
+                    start += 1;
+                } else {
+                    // SAFETY: advancing within the same buffer by less than its length.
+                    v.iov_base = unsafe { (v.iov_base as *mut u8).add(n) } as *mut libc::c_void;
+                    v.iov_len -= n;
+                    n = 0;
+                }
+            }
+            while start < iovecs.len() && iovecs[start].iov_len == 0 {
+                start += 1;
+            }
+        }
+        Ok(())
+    }
+
+    fn pread_exact_raw(&self, ptr: *mut u8, len: usize, offset: u64) -> io::Result<()> {
+        let mut v = [libc::iovec {
+            iov_base: ptr as *mut libc::c_void,
+            iov_len: len,
+        }];
+        // SAFETY: callers pass a buffer they own of at least `len` bytes.
+        unsafe { self.vectored(&mut v, offset, true) }
+    }
+
+    fn pwrite_all_raw(&self, ptr: *const u8, len: usize, offset: u64) -> io::Result<()> {
+        let mut v = [libc::iovec {
+            iov_base: ptr as *mut libc::c_void,
+            iov_len: len,
+        }];
+        // SAFETY: callers pass a buffer they own of at least `len` bytes.
+        unsafe { self.vectored(&mut v, offset, false) }
+    }
+
+    /// Makes every completed write durable (fdatasync).
+    pub fn flush(&self) -> io::Result<()> {
+        if self.readonly {
+            return Ok(());
+        }
+        self.file.sync_data()
+    }
+
+    /// Deallocates `[offset, offset+len)`: later reads return zeroes.
+    pub fn discard(&self, offset: u64, len: u64) -> io::Result<()> {
+        self.check_writable()?;
+        self.check_range(offset, len)?;
+        self.fallocate(
+            libc::FALLOC_FL_PUNCH_HOLE | libc::FALLOC_FL_KEEP_SIZE,
+            offset,
+            len,
+        )
+    }
+
+    /// Makes `[offset, offset+len)` read as zeroes; with `unmap` the range may be deallocated.
+    pub fn write_zeroes(&self, offset: u64, len: u64, unmap: bool) -> io::Result<()> {
+        self.check_writable()?;
+        self.check_range(offset, len)?;
+        let mode = if unmap {
+            libc::FALLOC_FL_PUNCH_HOLE | libc::FALLOC_FL_KEEP_SIZE
+        } else {
+            libc::FALLOC_FL_ZERO_RANGE | libc::FALLOC_FL_KEEP_SIZE
+        };
+        match self.fallocate(mode, offset, len) {
+            Ok(()) => Ok(()),
+            // Filesystems without ZERO_RANGE (or PUNCH_HOLE): write zeroes by hand.
+            Err(e) if e.raw_os_error() == Some(libc::EOPNOTSUPP) => self.write_zeroes_slow(offset, len),
+            Err(e) => Err(e),
+        }
+    }
+
+    fn write_zeroes_slow(&self, mut offset: u64, len: u64) -> io::Result<()> {
+        const STEP: usize = 1 << 20;
+        let zero = AlignedBuf::new(STEP);
+        let end = offset + len;
+        while offset < end {
+            let n = ((end - offset) as usize).min(STEP);
+            self.pwrite_all_raw(zero.as_slice().as_ptr(), n, offset)?;
+            offset += n as u64;
+        }
+        Ok(())
+    }
+
+    fn fallocate(&self, mode: libc::c_int, offset: u64, len: u64) -> io::Result<()> {
+        if len == 0 {
+            return Ok(());
+        }
+        // SAFETY: fallocate on an fd we own; the range was checked against the image size.
+        let r = unsafe {
+            libc::fallocate(
+                self.file.as_raw_fd(),
+                mode,
+                offset as libc::off_t,
+                len as libc::off_t,
+            )
+        };
+        if r < 0 {
+            return Err(io::Error::last_os_error());
+        }
+        Ok(())
+    }
+}
+
+fn is_aligned(addr: usize, len: usize, offset: u64) -> bool {
+    addr % DIRECT_ALIGN == 0 && len % DIRECT_ALIGN == 0 && offset % DIRECT_ALIGN as u64 == 0
+}
+
+fn align_out(offset: u64, len: usize) -> (u64, usize) {
+    let a = DIRECT_ALIGN as u64;
+    let start = offset / a * a;
+    let end = (offset + len as u64).div_ceil(a) * a;
+    (start, (end - start) as usize)
+}
+
+/// A heap buffer aligned for O_DIRECT.
+pub struct AlignedBuf {
+    ptr: *mut u8,
+    len: usize,
+}
+
+// SAFETY: AlignedBuf owns its allocation exclusively, like a Vec<u8>.
+unsafe impl Send for AlignedBuf {}
+
+impl AlignedBuf {
+    /// Allocates `len` zeroed bytes aligned to [`DIRECT_ALIGN`].
+    pub fn new(len: usize) -> Self {
+        let layout = Self::layout(len);
+        // SAFETY: the layout has a non-zero size.
+        let ptr = unsafe { std::alloc::alloc_zeroed(layout) };
+        if ptr.is_null() {
+            std::alloc::handle_alloc_error(layout);
+        }
+        AlignedBuf { ptr, len }
+    }
+
+    fn layout(len: usize) -> std::alloc::Layout {
+        std::alloc::Layout::from_size_align(len.max(1), DIRECT_ALIGN).expect("valid layout")
+    }
+
+    /// The buffer's bytes.
+    pub fn as_slice(&self) -> &[u8] {
+        // SAFETY: ptr is valid for len initialised bytes for our lifetime.
+        unsafe { std::slice::from_raw_parts(self.ptr, self.len) }
+    }
+
+    /// The buffer's bytes, mutably.
+    pub fn as_mut_slice(&mut self) -> &mut [u8] {
+        // SAFETY: ptr is valid for len bytes and we hold the only reference.
+        unsafe { std::slice::from_raw_parts_mut(self.ptr, self.len) }
+    }
+
+    fn as_mut_ptr(&mut self) -> *mut u8 {
+        self.ptr
+    }
+}
+
+impl Drop for AlignedBuf {
+    fn drop(&mut self) {
+        // SAFETY: allocated in `new` with the same layout.
+        unsafe { std::alloc::dealloc(self.ptr, Self::layout(self.len)) }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn opts(path: &Path, size: u64) -> DiskOptions {
+        DiskOptions {
+            path: path.to_owned(),
+            create_size: Some(size),
+            readonly: false,
+            direct: false,
+            logical_block_size: 512,
+        }
+    }
+
+    #[test]
+    fn create_read_write_bounds() {
+        let dir = tempfile::tempdir().unwrap();
+        let p = dir.path().join("d.img");
+        let d = Disk::open(&opts(&p, 1 << 20)).unwrap();
+        assert_eq!(d.size(), 1 << 20);
+        d.write_at(&[7u8; 512], 4096).unwrap();
+        let mut b = [0u8; 512];
+        d.read_at(&mut b, 4096).unwrap();
+        assert_eq!(b, [7u8; 512]);
+        assert!(d.write_at(&[1u8; 512], (1 << 20) - 256).is_err());
+        assert!(d.read_at(&mut b, u64::MAX - 10).is_err());
+        d.write_zeroes(4096, 512, false).unwrap();
+        d.read_at(&mut b, 4096).unwrap();
+        assert_eq!(b, [0u8; 512]);
+        d.discard(0, 65536).unwrap();
+        d.flush().unwrap();
+    }
+
+    #[test]
+    fn missing_without_size_is_a_clear_error() {
+        let dir = tempfile::tempdir().unwrap();
+        let mut o = opts(&dir.path().join("nope.img"), 0);
+        o.create_size = None;
+        let e = Disk::open(&o).unwrap_err().to_string();
+        assert!(e.contains("--size"), "{e}");
+    }
+
+    #[test]
+    fn readonly_refuses_writes() {
+        let dir = tempfile::tempdir().unwrap();
+        let p = dir.path().join("d.img");
+        Disk::open(&opts(&p, 65536)).unwrap();
+        let mut o = opts(&p, 65536);
+        o.readonly = true;
+        let d = Disk::open(&o).unwrap();
+        assert!(d.write_at(&[1u8; 512], 0).is_err());
+        assert!(d.discard(0, 512).is_err());
+    }
+
+    #[test]
+    fn direct_unaligned_bounces() {
+        let dir = tempfile::tempdir().unwrap();
+        let p = dir.path().join("d.img");
+        let mut o = opts(&p, 1 << 20);
+        o.direct = true;
+        let d = match Disk::open(&o) {
+            Ok(d) => d,
+            Err(_) => return, // tmpfs without O_DIRECT
+        };
+        let data: Vec<u8> = (0..1000u32).map(|i| i as u8).collect();
+        d.write_at(&data, 512 + 3).unwrap();
+        let mut back = vec![0u8; 1000];
+        d.read_at(&mut back, 515).unwrap();
+        assert_eq!(back, data);
+    }
+}
