@@ -18,5 +18,6 @@ pub mod queue_worker;
 pub mod request;
 pub mod serve;
 pub mod storage;
+pub mod test_frontend;
 
 pub mod virtio_blk;

@@ -1,0 +1,63 @@
+//! Helpers shared by the integration tests: a served image in a temp dir.
+#![allow(dead_code)]
+
+use std::path::{Path, PathBuf};
+
+use drblk::cli::ServeArgs;
+use drblk::serve::Server;
+
+/// A temp dir with an image (pre-filled with a pattern) served on a socket.
+pub struct Served {
+    pub dir: tempfile::TempDir,
+    pub disk: PathBuf,
+    pub socket: PathBuf,
+    pub server: Option<Server>,
+}
+
+pub fn serve_args(dir: &Path, size: u64) -> ServeArgs {
+    ServeArgs {
+        disk: dir.join("disk.img"),
+        socket: dir.join("disk.sock"),
+        size: Some(size),
+        queues: 2,
+        queue_size: 256,
+        threads: None,
+        readonly: false,
+        direct: false,
+        serial: Some("drblk-test-serial".into()),
+        logical_block_size: 512,
+        poll_us: 0,
+        socket_mode: 0o600,
+    }
+}
+
+/// Fills `path` (created with `size`) with a recognisable pattern, 4 KiB at a time.
+pub fn fill_pattern(path: &Path, size: u64) {
+    use std::io::Write;
+    let mut f = std::fs::File::create(path).unwrap();
+    let mut block = vec![0u8; 4096];
+    for b in 0..size / 4096 {
+        for (i, x) in block.iter_mut().enumerate() {
+            *x = (b as u8).wrapping_mul(31).wrapping_add(i as u8);
+        }
+        f.write_all(&block).unwrap();
+    }
+}
+
+pub fn start(size: u64, tweak: impl FnOnce(&mut ServeArgs)) -> Served {
+    let dir = tempfile::tempdir().unwrap();
+    let mut args = serve_args(dir.path(), size);
+    fill_pattern(&args.disk, size);
+    tweak(&mut args);
+    let server = Server::start(&args).unwrap();
+    Served {
+        disk: args.disk.clone(),
+        socket: args.socket.clone(),
+        dir,
+        server: Some(server),
+    }
+}
+
+pub fn checksum(path: &Path) -> u32 {
+    crc32c::crc32c(&std::fs::read(path).unwrap())
+}
