@@ -227,7 +227,7 @@ fn valid_requests_through_direct_and_indirect_chains() {
     for (sector, n) in [(64usize, 8usize), (128, 16), (256, 8), (512, 8)] {
         assert!(image[sector * 512..(sector + n) * 512].iter().all(|&b| b == 0), "sector {sector} zeroed");
     }
-    assert_ne!(image[72 * 512], 0, "neighbouring data untouched");
+    assert!(image[72 * 512..80 * 512].iter().any(|&b| b != 0), "neighbouring data untouched");
     let (st, _) = f.request(0, VIRTIO_BLK_T_FLUSH, 0, &[]).unwrap();
     assert_eq!(st, OK);
 }
