@@ -1,0 +1,117 @@
+//! The `drblk` binary as a user runs it: help, errors, socket handling, signals.
+
+use std::os::unix::fs::PermissionsExt;
+use std::path::Path;
+use std::process::{Child, Command, Stdio};
+use std::time::{Duration, Instant};
+
+const BIN: &str = env!("CARGO_BIN_EXE_drblk");
+
+fn wait_for_socket(p: &Path, child: &mut Child) {
+    let deadline = Instant::now() + Duration::from_secs(10);
+    while !p.exists() {
+        if let Some(st) = child.try_wait().unwrap() {
+            panic!("daemon exited early: {st}");
+        }
+        assert!(Instant::now() < deadline, "socket {} never appeared", p.display());
+        std::thread::sleep(Duration::from_millis(20));
+    }
+}
+
+fn wait_exit(child: &mut Child, secs: u64) -> std::process::ExitStatus {
+    let deadline = Instant::now() + Duration::from_secs(secs);
+    loop {
+        if let Some(st) = child.try_wait().unwrap() {
+            return st;
+        }
+        if Instant::now() > deadline {
+            let _ = child.kill();
+            panic!("daemon did not exit within {secs}s");
+        }
+        std::thread::sleep(Duration::from_millis(20));
+    }
+}
+
+fn serve(dir: &Path, extra: &[&str]) -> Child {
+    Command::new(BIN)
+        .arg("serve")
+        .arg("--disk")
+        .arg(dir.join("d.img"))
+        .arg("--socket")
+        .arg(dir.join("d.sock"))
+        .args(extra)
+        .stdout(Stdio::null())
+        .stderr(Stdio::piped())
+        .spawn()
+        .unwrap()
+}
+
+#[test]
+fn help_explains_every_serve_flag() {
+    let out = Command::new(BIN).args(["serve", "--help"]).output().unwrap();
+    assert!(out.status.success());
+    let help = String::from_utf8(out.stdout).unwrap();
+    for flag in ["--disk", "--socket", "--size", "--queues", "--queue-size", "--threads", "--readonly", "--direct", "--serial", "--logical-block-size", "--poll-us", "--socket-mode"] {
+        assert!(help.contains(flag), "serve --help lacks {flag}");
+    }
+    let out = Command::new(BIN).arg("--help").output().unwrap();
+    let help = String::from_utf8(out.stdout).unwrap();
+    assert!(help.contains("serve") && help.contains("demo"));
+}
+
+#[test]
+fn missing_image_without_size_is_a_clear_error() {
+    let dir = tempfile::tempdir().unwrap();
+    let out = serve(dir.path(), &[]).wait_with_output().unwrap();
+    assert_eq!(out.status.code(), Some(1));
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(err.contains("does not exist") && err.contains("--size"), "{err}");
+}
+
+#[test]
+fn socket_is_private_stale_sockets_are_replaced_and_live_ones_refused() {
+    let dir = tempfile::tempdir().unwrap();
+    let sock = dir.path().join("d.sock");
+    // A stale socket file left by a dead process.
+    drop(std::os::unix::net::UnixListener::bind(&sock).unwrap());
+    assert!(sock.exists());
+    let mut first = serve(dir.path(), &["--size", "1M"]);
+    let deadline = Instant::now() + Duration::from_secs(10);
+    while std::os::unix::net::UnixStream::connect(&sock).is_err() {
+        assert!(Instant::now() < deadline, "daemon never listened");
+        assert!(first.try_wait().unwrap().is_none(), "daemon exited");
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    let mode = std::fs::metadata(&sock).unwrap().permissions().mode() & 0o777;
+    assert_eq!(mode, 0o600);
+
+    let second = serve(dir.path(), &[]).wait_with_output().unwrap();
+    assert_eq!(second.status.code(), Some(1));
+    let err = String::from_utf8_lossy(&second.stderr);
+    assert!(err.contains("in use"), "second daemon must be refused clearly: {err}");
+    assert!(first.try_wait().unwrap().is_none(), "first daemon still serving");
+
+    // SIGTERM: clean exit, socket removed.
+    unsafe { libc::kill(first.id() as i32, libc::SIGTERM) };
+    let st = wait_exit(&mut first, 10);
+    assert!(st.success(), "exit status {st}");
+    assert!(!sock.exists(), "socket removed on shutdown");
+}
+
+#[test]
+fn sigterm_with_a_connected_frontend_flushes_and_exits() {
+    let dir = tempfile::tempdir().unwrap();
+    let mut d = serve(dir.path(), &["--size", "4M", "--queues", "2", "--socket-mode", "660"]);
+    let sock = dir.path().join("d.sock");
+    wait_for_socket(&sock, &mut d);
+    assert_eq!(std::fs::metadata(&sock).unwrap().permissions().mode() & 0o777, 0o660);
+    let mut c = drblk::blkio_client::BlkioClient::connect(&sock, 2, 65536, false).unwrap();
+    c.buf()[..4096].fill(0x3c);
+    c.run(1, drblk::blkio_client::Op::Write { offset: 8192, buf: 0, len: 4096 }).unwrap();
+    unsafe { libc::kill(d.id() as i32, libc::SIGTERM) };
+    let st = wait_exit(&mut d, 10);
+    assert!(st.success(), "{st}");
+    drop(c);
+    let image = std::fs::read(dir.path().join("d.img")).unwrap();
+    assert_eq!(&image[8192..12288], &[0x3cu8; 4096][..]);
+}
