@@ -50,6 +50,40 @@ if [ ${#missing[@]} -gt 0 ]; then
     DEBIAN_FRONTEND=noninteractive apt-get install -y --no-install-recommends "${missing[@]}"
 fi
 
+# apt's binary package cache is often disabled (Docker images' docker-clean sets
+# Dir::Cache::pkgcache ""), which makes every apt-cache call re-parse all package lists
+# (~1 s). Keep our own copy next to the image cache; apt rebuilds it when lists change.
+mkdir -p "$CACHE_ROOT/apt"
+apt-cache() { command apt-cache -o Dir::Cache::pkgcache="$CACHE_ROOT/apt/pkgcache.bin" \
+    -o Dir::Cache::srcpkgcache="$CACHE_ROOT/apt/srcpkgcache.bin" "$@"; }
+apt-get() { command apt-get -o Dir::Cache::pkgcache="$CACHE_ROOT/apt/pkgcache.bin" \
+    -o Dir::Cache::srcpkgcache="$CACHE_ROOT/apt/srcpkgcache.bin" "$@"; }
+
+is_complete() {   # DIR KEY
+    [ -f "$1/build.key" ] && [ "$(cat "$1/build.key")" = "$2" ] &&
+        [ -s "$1/vmlinuz" ] && [ -s "$1/initramfs.img" ]
+}
+
+# ---- fast path ---------------------------------------------------------------------
+# Resolving the packages takes a dozen apt-cache calls (a few seconds). Their result can
+# only change when the apt lists/sources or these build inputs change, so remember the
+# key per fingerprint of those.
+fingerprint=$( {
+    stat -c '%n %s %Y' /var/lib/apt/lists/*_Packages* /etc/apt/sources.list \
+        /etc/apt/sources.list.d/* /etc/apt/preferences /etc/apt/preferences.d/* 2>/dev/null || true
+    echo "$MODULES|$ROOT_PKGS|$BINARIES|$KERNEL_META"
+    cat "$HERE/build.sh" "$HERE/init" "$HERE/functions.sh"
+} | sha256sum | cut -c1-16)
+stamp=$CACHE_ROOT/resolved/$fingerprint
+if [ -f "$stamp" ]; then
+    key=$(cat "$stamp")
+    OUT=${1:-$CACHE_ROOT/$key}
+    if is_complete "$OUT" "$key"; then
+        echo "$OUT" >&3
+        exit 0
+    fi
+fi
+
 # ---- package lists ---------------------------------------------------------------
 has_candidate() {
     apt-cache policy "$1" 2>/dev/null | awk '/Candidate:/ { print $2 }' | grep -qv '^(none)$'
@@ -120,12 +154,10 @@ key=$( {
     cat "$HERE/build.sh" "$HERE/init" "$HERE/functions.sh"
 } | sha256sum | cut -c1-16)
 
+mkdir -p "$CACHE_ROOT/resolved"
+echo "$key" > "$stamp.tmp.$$" && mv -f "$stamp.tmp.$$" "$stamp"
 OUT=${1:-$CACHE_ROOT/$key}
-is_complete() {
-    [ -f "$1/build.key" ] && [ "$(cat "$1/build.key")" = "$key" ] &&
-        [ -s "$1/vmlinuz" ] && [ -s "$1/initramfs.img" ]
-}
-if is_complete "$OUT"; then
+if is_complete "$OUT" "$key"; then
     echo "$OUT" >&3
     exit 0
 fi
@@ -133,7 +165,7 @@ fi
 mkdir -p "$CACHE_ROOT" "$DEBS"
 exec 9>"$CACHE_ROOT/.lock"
 flock -w 1800 9 || die "timed out waiting for $CACHE_ROOT/.lock"
-if is_complete "$OUT"; then   # built by a concurrent run meanwhile
+if is_complete "$OUT" "$key"; then   # built by a concurrent run meanwhile
     echo "$OUT" >&3
     exit 0
 fi
@@ -309,5 +341,12 @@ mv -f "$OUT/manifest.txt.tmp" "$OUT/manifest.txt"
 mv -f "$OUT/vmlinuz.tmp" "$OUT/vmlinuz"
 mv -f "$OUT/initramfs.img.tmp" "$OUT/initramfs.img"
 echo "$key" > "$OUT/build.key"
+# Keep the 4 most recently built images of the default cache, drop older ones.
+if [ -z "${1:-}" ]; then
+    ls -1dt "$CACHE_ROOT"/[0-9a-f]*/build.key 2>/dev/null | tail -n +5 | while read -r old; do
+        d=$(dirname "$old")
+        [[ $(basename "$d") =~ ^[0-9a-f]{16}$ ]] && [ "$d" != "$OUT" ] && rm -rf "$d"
+    done
+fi
 log "done: kernel $KVER, initramfs $(du -h "$OUT/initramfs.img" | cut -f1) ($(du -sh "$IRD" | cut -f1) unpacked)"
 echo "$OUT" >&3
