@@ -611,12 +611,31 @@ impl VmOutput {
         self
     }
 
-    /// Last serial lines, errors and QEMU stderr, for failure messages.
+    /// Command line, end of the serial log (the guest's "dmesg" section shortened) and
+    /// QEMU's stderr, for failure messages.
     pub fn diagnostics(&self) -> String {
-        let lines: Vec<&str> = self.serial.lines().collect();
-        let tail = lines[lines.len().saturating_sub(60)..].join("\n");
+        let mut lines: Vec<&str> = Vec::new();
+        let mut dmesg: Vec<&str> = Vec::new();
+        let mut in_dmesg = false;
+        for l in self.serial.lines() {
+            if l.ends_with("DRBLK-BEGIN dmesg") {
+                in_dmesg = true;
+            } else if in_dmesg && l.ends_with("DRBLK-END dmesg") {
+                in_dmesg = false;
+                let skip = dmesg.len().saturating_sub(25);
+                lines.push("DRBLK-BEGIN dmesg (last 25 lines)");
+                lines.extend(dmesg.drain(..).skip(skip));
+                lines.push(l);
+            } else if in_dmesg {
+                dmesg.push(l);
+            } else {
+                lines.push(l);
+            }
+        }
+        lines.extend(dmesg); // unterminated dmesg section
+        let tail = lines[lines.len().saturating_sub(100)..].join("\n");
         format!(
-            "--- command ---\n{}\n--- serial (last 60 lines) ---\n{tail}\n--- qemu stderr ---\n{}",
+            "--- command ---\n{}\n--- serial (last 100 lines) ---\n{tail}\n--- qemu stderr ---\n{}",
             self.command_line, self.qemu_stderr
         )
     }
