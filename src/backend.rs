@@ -15,7 +15,9 @@ use vhost::vhost_user::message::VhostUserVirtioFeatures;
 use vhost_user_backend::{VhostUserBackend, VringRwLock};
 use vm_memory::{GuestMemoryAtomic, GuestMemoryMmap};
 use vmm_sys_util::epoll::EventSet;
-use vmm_sys_util::event::{new_event_consumer_and_notifier, EventConsumer, EventFlag, EventNotifier};
+use vmm_sys_util::event::{
+    new_event_consumer_and_notifier, EventConsumer, EventFlag, EventNotifier,
+};
 
 use crate::executor::Executor;
 use crate::queue_worker::{QueueWorker, WorkerOptions};
@@ -99,7 +101,10 @@ impl VhostUserBackend for BlkBackend {
     }
 
     fn acked_features(&self, features: u64) {
-        tracing::debug!(features = format_args!("{features:#x}"), "frontend acked features");
+        tracing::debug!(
+            features = format_args!("{features:#x}"),
+            "frontend acked features"
+        );
     }
 
     fn protocol_features(&self) -> VhostUserProtocolFeatures {
@@ -125,15 +130,16 @@ impl VhostUserBackend for BlkBackend {
             .config_space(self.shared.executor.writeback());
         let mut out = vec![0u8; size as usize];
         let start = (offset as usize).min(CONFIG_SPACE_SIZE);
-        let end = (offset as usize).saturating_add(size as usize).min(CONFIG_SPACE_SIZE);
+        let end = (offset as usize)
+            .saturating_add(size as usize)
+            .min(CONFIG_SPACE_SIZE);
         out[..end - start].copy_from_slice(&space[start..end]);
         out
     }
 
     fn set_config(&self, offset: u32, buf: &[u8]) -> io::Result<()> {
         // The only writable field is `wce` (CONFIG_WCE).
-        if offset <= CONFIG_WCE_OFFSET
-            && (offset as usize + buf.len()) > CONFIG_WCE_OFFSET as usize
+        if offset <= CONFIG_WCE_OFFSET && (offset as usize + buf.len()) > CONFIG_WCE_OFFSET as usize
         {
             let wce = buf[(CONFIG_WCE_OFFSET - offset) as usize];
             self.shared.executor.set_writeback(wce != 0);

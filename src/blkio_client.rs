@@ -65,7 +65,12 @@ fn berr(e: blkio::Error) -> anyhow::Error {
 impl BlkioClient {
     /// Connects to the vhost-user-blk socket with `num_queues` queues and a `buf_len`-byte
     /// buffer region in shared memory.
-    pub fn connect(socket: &Path, num_queues: usize, buf_len: usize, readonly: bool) -> anyhow::Result<Self> {
+    pub fn connect(
+        socket: &Path,
+        num_queues: usize,
+        buf_len: usize,
+        readonly: bool,
+    ) -> anyhow::Result<Self> {
         let mut blkio = Blkio::new("virtio-blk-vhost-user").map_err(berr)?;
         blkio
             .set_str("path", &socket.to_string_lossy())
@@ -75,7 +80,9 @@ impl BlkioClient {
             .connect()
             .map_err(berr)
             .with_context(|| format!("connecting to {}", socket.display()))?;
-        blkio.set_i32("num-queues", num_queues as i32).map_err(berr)?;
+        blkio
+            .set_i32("num-queues", num_queues as i32)
+            .map_err(berr)?;
         let started = blkio.start().map_err(berr)?;
         let capacity = blkio.get_u64("capacity").map_err(berr)?;
         let align = blkio.get_u64("mem-region-alignment").map_err(berr)? as usize;
@@ -117,24 +124,32 @@ impl BlkioClient {
         let base = self.region.addr as *mut u8;
         assert!(
             match op {
-                Op::Read { buf, len, .. } | Op::Write { buf, len, .. } => buf + len <= self.region.len,
+                Op::Read { buf, len, .. } | Op::Write { buf, len, .. } =>
+                    buf + len <= self.region.len,
                 _ => true,
             },
             "buffer outside the region"
         );
         let queue = &mut self.queues[q];
-        // SAFETY (pointer arithmetic): checked against the region's length just above.
         match op {
             Op::Read { offset, buf, len } => {
-                queue.read(offset, unsafe { base.add(buf) }, len, user_data, ReqFlags::empty())
+                // SAFETY: buf + len was checked against the region's length just above.
+                let p = unsafe { base.add(buf) };
+                queue.read(offset, p, len, user_data, ReqFlags::empty())
             }
             Op::Write { offset, buf, len } => {
-                queue.write(offset, unsafe { base.add(buf) }, len, user_data, ReqFlags::empty())
+                // SAFETY: buf + len was checked against the region's length just above.
+                let p = unsafe { base.add(buf) };
+                queue.write(offset, p, len, user_data, ReqFlags::empty())
             }
             Op::Flush => queue.flush(user_data, ReqFlags::empty()),
             Op::Discard { offset, len } => queue.discard(offset, len, user_data, ReqFlags::empty()),
             Op::WriteZeroes { offset, len, unmap } => {
-                let flags = if unmap { ReqFlags::empty() } else { ReqFlags::NO_UNMAP };
+                let flags = if unmap {
+                    ReqFlags::empty()
+                } else {
+                    ReqFlags::NO_UNMAP
+                };
                 queue.write_zeroes(offset, len, user_data, flags)
             }
         }
@@ -143,7 +158,8 @@ impl BlkioClient {
     /// Submits queued requests on `q` and waits for at least `min` completions (10 s at
     /// most); returns (user_data, ret) pairs where ret is 0 or a negative errno.
     pub fn wait(&mut self, q: usize, min: usize) -> anyhow::Result<Vec<(usize, i32)>> {
-        let mut comps: Vec<MaybeUninit<Completion>> = (0..256.max(min)).map(|_| MaybeUninit::uninit()).collect();
+        let mut comps: Vec<MaybeUninit<Completion>> =
+            (0..256.max(min)).map(|_| MaybeUninit::uninit()).collect();
         let mut out = Vec::new();
         let mut timeout = Duration::from_secs(10);
         while out.len() < min.max(1) || out.is_empty() {
@@ -167,7 +183,12 @@ impl BlkioClient {
     }
 
     /// Submits queued requests on `q` and collects whatever completed, without waiting.
-    pub fn poll(&mut self, q: usize, comps: &mut [MaybeUninit<Completion>], min: usize) -> anyhow::Result<usize> {
+    pub fn poll(
+        &mut self,
+        q: usize,
+        comps: &mut [MaybeUninit<Completion>],
+        min: usize,
+    ) -> anyhow::Result<usize> {
         self.queues[q].do_io(comps, min, None, None).map_err(berr)
     }
 

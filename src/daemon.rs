@@ -22,7 +22,9 @@ use crate::backend::{BlkBackend, DeviceShared};
 #[derive(Debug, Error)]
 pub enum DaemonError {
     /// Another process is serving on the socket.
-    #[error("{0} is in use by a running daemon (lock {1} is held); stop it or pick another --socket")]
+    #[error(
+        "{0} is in use by a running daemon (lock {1} is held); stop it or pick another --socket"
+    )]
     InUse(PathBuf, PathBuf),
     /// Something answers on the socket path, though no drblk lock is held.
     #[error("something is listening on {0}; refusing to replace a live socket")]
@@ -211,7 +213,9 @@ pub fn serve(
             | Err(vhost_user_backend::Error::HandleRequest(
                 vhost::vhost_user::Error::Disconnected | vhost::vhost_user::Error::PartialMessage,
             )) => tracing::info!(connection = n, "frontend disconnected"),
-            Err(e) => tracing::warn!(connection = n, error = %e, "frontend connection ended with an error"),
+            Err(e) => {
+                tracing::warn!(connection = n, error = %e, "frontend connection ended with an error")
+            }
         }
         if let Err(e) = shared.executor.disk().flush() {
             tracing::error!(error = %e, "flushing the image after disconnect failed");
@@ -251,7 +255,10 @@ pub fn install_signal_handler(shutdown: Shutdown) -> io::Result<()> {
             let mut sig: libc::c_int = 0;
             // SAFETY: `set` is a valid signal set and `sig` a valid out pointer.
             if unsafe { libc::sigwait(&set, &mut sig) } == 0 {
-                tracing::info!(signal = sig, "signal received, stopping after in-flight requests");
+                tracing::info!(
+                    signal = sig,
+                    "signal received, stopping after in-flight requests"
+                );
                 shutdown.request();
             }
         })?;

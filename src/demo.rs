@@ -28,7 +28,11 @@ pub fn run(args: DemoArgs) -> anyhow::Result<()> {
     let disk = dir.join("primary.img");
     let socket = dir.join("primary.sock");
     let _ = std::fs::remove_file(&disk);
-    println!("drblk demo: serving a {} MiB sparse image {}", args.size >> 20, disk.display());
+    println!(
+        "drblk demo: serving a {} MiB sparse image {}",
+        args.size >> 20,
+        disk.display()
+    );
     let serve = ServeArgs {
         disk: disk.clone(),
         socket: socket.clone(),
@@ -79,7 +83,15 @@ pub fn run(args: DemoArgs) -> anyhow::Result<()> {
                 let gen = generation[blk as usize] + 1;
                 let buf_off = (q * DEPTH + slot) * BLOCK;
                 stamp(&mut client.buf()[buf_off..buf_off + BLOCK], blk, gen);
-                client.submit(q, Op::Write { offset: blk * BLOCK as u64, buf: buf_off, len: BLOCK }, slot);
+                client.submit(
+                    q,
+                    Op::Write {
+                        offset: blk * BLOCK as u64,
+                        buf: buf_off,
+                        len: BLOCK,
+                    },
+                    slot,
+                );
                 inflight.push((blk, gen));
             }
             for (_, ret) in client.wait(q, inflight.len())? {
@@ -94,7 +106,14 @@ pub fn run(args: DemoArgs) -> anyhow::Result<()> {
             // Read back one block of the batch and check it.
             let (blk, gen) = inflight[0];
             let buf_off = q * DEPTH * BLOCK;
-            client.run(q, Op::Read { offset: blk * BLOCK as u64, buf: buf_off, len: BLOCK })?;
+            client.run(
+                q,
+                Op::Read {
+                    offset: blk * BLOCK as u64,
+                    buf: buf_off,
+                    len: BLOCK,
+                },
+            )?;
             check(&client.buf()[buf_off..buf_off + BLOCK], blk, gen)?;
             reads += 1;
         }

@@ -103,7 +103,6 @@ impl Executor {
         match &req.kind {
             RequestKind::In => {
                 let iov = host_buffers(mem, req)?;
-                let iov: Vec<(*mut u8, usize)> = iov.into_iter().map(|(p, l)| (p, l)).collect();
                 // SAFETY: every buffer was resolved from guest memory that stays mapped while
                 // `mem` (a snapshot of the memory table) is alive; the parser checked that each
                 // descriptor is write-only (device-writable) and lies inside guest memory.

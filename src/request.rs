@@ -63,7 +63,10 @@ pub struct Segment {
 impl Segment {
     /// Byte offset and length on the disk.
     pub fn byte_range(&self) -> (u64, u64) {
-        (self.sector * SECTOR_SIZE, u64::from(self.sectors) * SECTOR_SIZE)
+        (
+            self.sector * SECTOR_SIZE,
+            u64::from(self.sectors) * SECTOR_SIZE,
+        )
     }
 }
 

@@ -246,7 +246,12 @@ impl Disk {
     ///
     /// # Safety
     /// The iovecs must point to memory valid for the transfer's direction.
-    unsafe fn vectored(&self, iovecs: &mut [libc::iovec], offset: u64, read: bool) -> io::Result<()> {
+    unsafe fn vectored(
+        &self,
+        iovecs: &mut [libc::iovec],
+        offset: u64,
+        read: bool,
+    ) -> io::Result<()> {
         let fd = self.file.as_raw_fd();
         let mut start = 0usize;
         let mut pos = offset;
@@ -344,7 +349,9 @@ impl Disk {
         match self.fallocate(mode, offset, len) {
             Ok(()) => Ok(()),
             // Filesystems without ZERO_RANGE (or PUNCH_HOLE): write zeroes by hand.
-            Err(e) if e.raw_os_error() == Some(libc::EOPNOTSUPP) => self.write_zeroes_slow(offset, len),
+            Err(e) if e.raw_os_error() == Some(libc::EOPNOTSUPP) => {
+                self.write_zeroes_slow(offset, len)
+            }
             Err(e) => Err(e),
         }
     }

@@ -42,11 +42,19 @@ pub struct Desc {
 impl Desc {
     /// A device-readable descriptor.
     pub fn r(addr: u64, len: u32) -> Self {
-        Desc { addr, len, write: false }
+        Desc {
+            addr,
+            len,
+            write: false,
+        }
     }
     /// A device-writable descriptor.
     pub fn w(addr: u64, len: u32) -> Self {
-        Desc { addr, len, write: true }
+        Desc {
+            addr,
+            len,
+            write: true,
+        }
     }
 }
 
@@ -95,7 +103,12 @@ fn memfd(size: u64) -> anyhow::Result<File> {
 
 impl TestFrontend {
     /// Connects to `socket`, negotiates, sets up `num_queues` queues of `queue_size`.
-    pub fn connect(socket: &Path, num_queues: usize, queue_size: u16, event_idx: bool) -> anyhow::Result<Self> {
+    pub fn connect(
+        socket: &Path,
+        num_queues: usize,
+        queue_size: u16,
+        event_idx: bool,
+    ) -> anyhow::Result<Self> {
         let file = memfd(MEM_SIZE)?;
         let mem = GuestMemoryMmap::<()>::from_ranges_with_files(&[(
             GuestAddress(0),
@@ -150,7 +163,9 @@ impl TestFrontend {
     }
 
     fn host_addr(&self, gpa: u64) -> u64 {
-        self.mem.get_host_address(GuestAddress(gpa)).expect("in memory") as u64
+        self.mem
+            .get_host_address(GuestAddress(gpa))
+            .expect("in memory") as u64
     }
 
     /// The memory region description of `[gpa, gpa+len)` of the guest memory memfd.
@@ -173,7 +188,8 @@ impl TestFrontend {
     fn start_queue(&mut self, q: usize) -> anyhow::Result<()> {
         let tq = &self.queues[q];
         // Zero the ring area so a restarted queue starts clean.
-        self.mem.write_slice(&vec![0u8; 0x30000], GuestAddress(tq.base))?;
+        self.mem
+            .write_slice(&vec![0u8; 0x30000], GuestAddress(tq.base))?;
         self.frontend.set_vring_num(q, tq.size)?;
         let cfg = VringConfigData {
             queue_max_size: tq.size,
@@ -205,9 +221,9 @@ impl TestFrontend {
     /// Reads `len` config-space bytes at `offset`.
     pub fn config(&mut self, offset: u32, len: u32) -> anyhow::Result<Vec<u8>> {
         let buf = vec![0u8; len as usize];
-        let (_, data) = self
-            .frontend
-            .get_config(offset, len, VhostUserConfigFlags::WRITABLE, &buf)?;
+        let (_, data) =
+            self.frontend
+                .get_config(offset, len, VhostUserConfigFlags::WRITABLE, &buf)?;
         Ok(data)
     }
 
@@ -220,25 +236,45 @@ impl TestFrontend {
     }
 
     /// Places `descs` in an indirect table at `table_gpa`, referenced by one descriptor.
-    pub fn submit_indirect(&mut self, q: usize, descs: &[Desc], table_gpa: u64) -> anyhow::Result<u16> {
+    pub fn submit_indirect(
+        &mut self,
+        q: usize,
+        descs: &[Desc],
+        table_gpa: u64,
+    ) -> anyhow::Result<u16> {
         for (i, d) in descs.iter().enumerate() {
-            let next = if i + 1 < descs.len() { (i + 1) as u16 } else { 0 };
+            let next = if i + 1 < descs.len() {
+                (i + 1) as u16
+            } else {
+                0
+            };
             self.write_desc(table_gpa, i as u16, d, next, i + 1 < descs.len())?;
         }
         let table = Desc::r(table_gpa, (descs.len() * 16) as u32);
         let head = self.alloc_descs(q, 1);
         let base = self.queues[q].desc();
-        self.mem.write_obj(table.addr, GuestAddress(base + u64::from(head) * 16))?;
-        self.mem.write_obj(table.len, GuestAddress(base + u64::from(head) * 16 + 8))?;
-        self.mem.write_obj(VIRTQ_DESC_F_INDIRECT, GuestAddress(base + u64::from(head) * 16 + 12))?;
-        self.mem.write_obj(0u16, GuestAddress(base + u64::from(head) * 16 + 14))?;
+        self.mem
+            .write_obj(table.addr, GuestAddress(base + u64::from(head) * 16))?;
+        self.mem
+            .write_obj(table.len, GuestAddress(base + u64::from(head) * 16 + 8))?;
+        self.mem.write_obj(
+            VIRTQ_DESC_F_INDIRECT,
+            GuestAddress(base + u64::from(head) * 16 + 12),
+        )?;
+        self.mem
+            .write_obj(0u16, GuestAddress(base + u64::from(head) * 16 + 14))?;
         self.publish(q, head)?;
         Ok(head)
     }
 
     /// Writes raw descriptor-table entries starting at index `first` of queue `q` (for chains
     /// with loops or bad `next` fields) and publishes `first` as a head.
-    pub fn submit_raw(&mut self, q: usize, first: u16, entries: &[(u64, u32, u16, u16)]) -> anyhow::Result<u16> {
+    pub fn submit_raw(
+        &mut self,
+        q: usize,
+        first: u16,
+        entries: &[(u64, u32, u16, u16)],
+    ) -> anyhow::Result<u16> {
         let base = self.queues[q].desc();
         for (i, &(addr, len, flags, next)) in entries.iter().enumerate() {
             let at = base + (u64::from(first) + i as u64) * 16;
@@ -261,7 +297,14 @@ impl TestFrontend {
         head
     }
 
-    fn write_desc(&self, table: u64, idx: u16, d: &Desc, next: u16, has_next: bool) -> anyhow::Result<()> {
+    fn write_desc(
+        &self,
+        table: u64,
+        idx: u16,
+        d: &Desc,
+        next: u16,
+        has_next: bool,
+    ) -> anyhow::Result<()> {
         let at = table + u64::from(idx) * 16;
         let mut flags = 0u16;
         if d.write {
@@ -290,14 +333,20 @@ impl TestFrontend {
     fn publish(&mut self, q: usize, head: u16) -> anyhow::Result<()> {
         let tq = &mut self.queues[q];
         let slot = u64::from(tq.next_avail % tq.size);
-        self.mem.write_obj(head, GuestAddress(tq.avail() + 4 + slot * 2))?;
+        self.mem
+            .write_obj(head, GuestAddress(tq.avail() + 4 + slot * 2))?;
         tq.next_avail = tq.next_avail.wrapping_add(1);
         // Ask for a notification on every completion (EVENT_IDX: used_event = last seen).
-        self.mem
-            .write_obj(tq.last_used, GuestAddress(tq.avail() + 4 + u64::from(tq.size) * 2))?;
+        self.mem.write_obj(
+            tq.last_used,
+            GuestAddress(tq.avail() + 4 + u64::from(tq.size) * 2),
+        )?;
         // Release: the ring entry is visible before the index that publishes it.
-        self.mem
-            .store(tq.next_avail, GuestAddress(tq.avail() + 2), Ordering::Release)?;
+        self.mem.store(
+            tq.next_avail,
+            GuestAddress(tq.avail() + 2),
+            Ordering::Release,
+        )?;
         tq.kick.write(1)?;
         Ok(())
     }
@@ -311,7 +360,12 @@ impl TestFrontend {
     }
 
     /// Waits up to `timeout` for `n` new used entries on queue `q`; returns (head, len) pairs.
-    pub fn wait_used(&mut self, q: usize, n: usize, timeout: Duration) -> anyhow::Result<Vec<(u16, u32)>> {
+    pub fn wait_used(
+        &mut self,
+        q: usize,
+        n: usize,
+        timeout: Duration,
+    ) -> anyhow::Result<Vec<(u16, u32)>> {
         let deadline = Instant::now() + timeout;
         let mut out = Vec::new();
         while out.len() < n {
@@ -329,7 +383,10 @@ impl TestFrontend {
                 break;
             }
             if Instant::now() >= deadline {
-                bail!("queue {q}: {} of {n} completions after {timeout:?}", out.len());
+                bail!(
+                    "queue {q}: {} of {n} completions after {timeout:?}",
+                    out.len()
+                );
             }
             let _ = tq.call.read();
             std::thread::sleep(Duration::from_micros(100));
@@ -339,7 +396,13 @@ impl TestFrontend {
 
     /// Submits one request (header, data descriptors, 1-byte status) and waits for it.
     /// Returns (status byte, used length).
-    pub fn request(&mut self, q: usize, req_type: u32, sector: u64, data: &[Desc]) -> anyhow::Result<(u8, u32)> {
+    pub fn request(
+        &mut self,
+        q: usize,
+        req_type: u32,
+        sector: u64,
+        data: &[Desc],
+    ) -> anyhow::Result<(u8, u32)> {
         let hdr = DATA_BASE - 4096 * (q as u64 + 1);
         let status = hdr + 64;
         self.mem.write_obj(req_type, GuestAddress(hdr))?;

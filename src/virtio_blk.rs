@@ -41,7 +41,13 @@ pub struct DeviceLimits {
 
 impl DeviceLimits {
     /// Limits for a disk of `size` bytes served on `num_queues` queues of `queue_size` entries.
-    pub fn new(size: u64, logical_block_size: u32, num_queues: u16, queue_size: u16, readonly: bool) -> Self {
+    pub fn new(
+        size: u64,
+        logical_block_size: u32,
+        num_queues: u16,
+        queue_size: u16,
+        readonly: bool,
+    ) -> Self {
         DeviceLimits {
             capacity_sectors: size / SECTOR_SIZE,
             logical_block_size,
@@ -114,7 +120,10 @@ mod tests {
         assert_eq!(offset_of!(virtio_blk_config, blk_size), 20);
         assert_eq!(offset_of!(virtio_blk_config, min_io_size), 26);
         assert_eq!(offset_of!(virtio_blk_config, opt_io_size), 28);
-        assert_eq!(offset_of!(virtio_blk_config, wce), CONFIG_WCE_OFFSET as usize);
+        assert_eq!(
+            offset_of!(virtio_blk_config, wce),
+            CONFIG_WCE_OFFSET as usize
+        );
         assert_eq!(offset_of!(virtio_blk_config, num_queues), 34);
         assert_eq!(offset_of!(virtio_blk_config, max_discard_sectors), 36);
         assert_eq!(offset_of!(virtio_blk_config, max_discard_seg), 40);

@@ -13,7 +13,11 @@ fn wait_for_socket(p: &Path, child: &mut Child) {
         if let Some(st) = child.try_wait().unwrap() {
             panic!("daemon exited early: {st}");
         }
-        assert!(Instant::now() < deadline, "socket {} never appeared", p.display());
+        assert!(
+            Instant::now() < deadline,
+            "socket {} never appeared",
+            p.display()
+        );
         std::thread::sleep(Duration::from_millis(20));
     }
 }
@@ -48,10 +52,26 @@ fn serve(dir: &Path, extra: &[&str]) -> Child {
 
 #[test]
 fn help_explains_every_serve_flag() {
-    let out = Command::new(BIN).args(["serve", "--help"]).output().unwrap();
+    let out = Command::new(BIN)
+        .args(["serve", "--help"])
+        .output()
+        .unwrap();
     assert!(out.status.success());
     let help = String::from_utf8(out.stdout).unwrap();
-    for flag in ["--disk", "--socket", "--size", "--queues", "--queue-size", "--threads", "--readonly", "--direct", "--serial", "--logical-block-size", "--poll-us", "--socket-mode"] {
+    for flag in [
+        "--disk",
+        "--socket",
+        "--size",
+        "--queues",
+        "--queue-size",
+        "--threads",
+        "--readonly",
+        "--direct",
+        "--serial",
+        "--logical-block-size",
+        "--poll-us",
+        "--socket-mode",
+    ] {
         assert!(help.contains(flag), "serve --help lacks {flag}");
     }
     let out = Command::new(BIN).arg("--help").output().unwrap();
@@ -65,7 +85,10 @@ fn missing_image_without_size_is_a_clear_error() {
     let out = serve(dir.path(), &[]).wait_with_output().unwrap();
     assert_eq!(out.status.code(), Some(1));
     let err = String::from_utf8_lossy(&out.stderr);
-    assert!(err.contains("does not exist") && err.contains("--size"), "{err}");
+    assert!(
+        err.contains("does not exist") && err.contains("--size"),
+        "{err}"
+    );
 }
 
 #[test]
@@ -88,10 +111,17 @@ fn socket_is_private_stale_sockets_are_replaced_and_live_ones_refused() {
     let second = serve(dir.path(), &[]).wait_with_output().unwrap();
     assert_eq!(second.status.code(), Some(1));
     let err = String::from_utf8_lossy(&second.stderr);
-    assert!(err.contains("in use"), "second daemon must be refused clearly: {err}");
-    assert!(first.try_wait().unwrap().is_none(), "first daemon still serving");
+    assert!(
+        err.contains("in use"),
+        "second daemon must be refused clearly: {err}"
+    );
+    assert!(
+        first.try_wait().unwrap().is_none(),
+        "first daemon still serving"
+    );
 
     // SIGTERM: clean exit, socket removed.
+    // SAFETY: kill(2) on our own child process.
     unsafe { libc::kill(first.id() as i32, libc::SIGTERM) };
     let st = wait_exit(&mut first, 10);
     assert!(st.success(), "exit status {st}");
@@ -101,13 +131,28 @@ fn socket_is_private_stale_sockets_are_replaced_and_live_ones_refused() {
 #[test]
 fn sigterm_with_a_connected_frontend_flushes_and_exits() {
     let dir = tempfile::tempdir().unwrap();
-    let mut d = serve(dir.path(), &["--size", "4M", "--queues", "2", "--socket-mode", "660"]);
+    let mut d = serve(
+        dir.path(),
+        &["--size", "4M", "--queues", "2", "--socket-mode", "660"],
+    );
     let sock = dir.path().join("d.sock");
     wait_for_socket(&sock, &mut d);
-    assert_eq!(std::fs::metadata(&sock).unwrap().permissions().mode() & 0o777, 0o660);
+    assert_eq!(
+        std::fs::metadata(&sock).unwrap().permissions().mode() & 0o777,
+        0o660
+    );
     let mut c = drblk::blkio_client::BlkioClient::connect(&sock, 2, 65536, false).unwrap();
     c.buf()[..4096].fill(0x3c);
-    c.run(1, drblk::blkio_client::Op::Write { offset: 8192, buf: 0, len: 4096 }).unwrap();
+    c.run(
+        1,
+        drblk::blkio_client::Op::Write {
+            offset: 8192,
+            buf: 0,
+            len: 4096,
+        },
+    )
+    .unwrap();
+    // SAFETY: kill(2) on our own child process.
     unsafe { libc::kill(d.id() as i32, libc::SIGTERM) };
     let st = wait_exit(&mut d, 10);
     assert!(st.success(), "{st}");

@@ -105,7 +105,12 @@ fn wait_socket(p: &Path, child: &mut Child) -> anyhow::Result<()> {
     Ok(())
 }
 
-fn start_backend(name: &'static str, drblk: &Path, image: &Path, dir: &Path) -> anyhow::Result<Backend> {
+fn start_backend(
+    name: &'static str,
+    drblk: &Path,
+    image: &Path,
+    dir: &Path,
+) -> anyhow::Result<Backend> {
     let socket = dir.join(format!("{name}.sock"));
     let _ = std::fs::remove_file(&socket);
     let mut cmd = Command::new("taskset");
@@ -122,7 +127,11 @@ fn start_backend(name: &'static str, drblk: &Path, image: &Path, dir: &Path) -> 
             }
         }
         _ => {
-            let aio = if name == "qsd-threads" { "threads" } else { "io_uring" };
+            let aio = if name == "qsd-threads" {
+                "threads"
+            } else {
+                "io_uring"
+            };
             cmd.arg("qemu-storage-daemon")
                 .arg("--blockdev")
                 .arg(format!(
@@ -142,7 +151,11 @@ fn start_backend(name: &'static str, drblk: &Path, image: &Path, dir: &Path) -> 
         .spawn()
         .with_context(|| format!("starting {name}"))?;
     wait_socket(&socket, &mut child)?;
-    Ok(Backend { name, child, socket })
+    Ok(Backend {
+        name,
+        child,
+        socket,
+    })
 }
 
 fn run_cell(b: &Backend, cell: &Cell, secs: u64, blocks: u64) -> anyhow::Result<Figures> {
@@ -159,15 +172,23 @@ fn run_cell(b: &Backend, cell: &Cell, secs: u64, blocks: u64) -> anyhow::Result<
         rng % blocks
     };
     let op = |slot: usize, blk: u64| match cell.rw {
-        Rw::RandRead => Op::Read { offset: blk * BS as u64, buf: slot * BS, len: BS },
-        Rw::RandWrite => Op::Write { offset: blk * BS as u64, buf: slot * BS, len: BS },
+        Rw::RandRead => Op::Read {
+            offset: blk * BS as u64,
+            buf: slot * BS,
+            len: BS,
+        },
+        Rw::RandWrite => Op::Write {
+            offset: blk * BS as u64,
+            buf: slot * BS,
+            len: BS,
+        },
     };
     // Slot s belongs to queue s % queues.
     let warmup = Instant::now() + Duration::from_millis(300);
     let mut measuring = false;
     let (mut done, mut cpu0, mut t0) = (0u64, 0.0, Instant::now());
-    for slot in 0..cell.qd {
-        started[slot] = Instant::now();
+    for (slot, t) in started.iter_mut().enumerate() {
+        *t = Instant::now();
         c.submit(slot % cell.queues, op(slot, next_block()), slot);
     }
     let end_at = warmup + Duration::from_secs(secs);
@@ -215,7 +236,11 @@ fn run_cell(b: &Backend, cell: &Cell, secs: u64, blocks: u64) -> anyhow::Result<
         iops,
         p50_us: hist.value_at_quantile(0.5) as f64 / 1000.0,
         p99_us: hist.value_at_quantile(0.99) as f64 / 1000.0,
-        cpu_per_100k: if done > 0 { cpu / (done as f64 / 100_000.0) } else { 0.0 },
+        cpu_per_100k: if done > 0 {
+            cpu / (done as f64 / 100_000.0)
+        } else {
+            0.0
+        },
     })
 }
 
@@ -246,9 +271,14 @@ fn main() -> anyhow::Result<()> {
     };
     let image = dir.join("bench.img");
     let size = args.size_mib << 20;
-    eprintln!("filling a {} MiB image with 4 KiB writes ...", args.size_mib);
+    eprintln!(
+        "filling a {} MiB image with 4 KiB writes ...",
+        args.size_mib
+    );
     fill_image(&image, size)?;
-    let qsd = Command::new("qemu-storage-daemon").arg("--version").output();
+    let qsd = Command::new("qemu-storage-daemon")
+        .arg("--version")
+        .output();
     let qsd_version = qsd
         .ok()
         .and_then(|o| String::from_utf8(o.stdout).ok())
@@ -264,7 +294,9 @@ fn main() -> anyhow::Result<()> {
         .into_iter()
         .flat_map(|rw| {
             [1usize, 32].into_iter().flat_map(move |qd| {
-                [1usize, 2].into_iter().map(move |queues| Cell { rw, qd, queues })
+                [1usize, 2]
+                    .into_iter()
+                    .map(move |queues| Cell { rw, qd, queues })
             })
         })
         .collect();
@@ -299,7 +331,11 @@ fn main() -> anyhow::Result<()> {
     }
     println!();
     for (ci, cell) in cells.iter().enumerate() {
-        let rw = if cell.rw == Rw::RandRead { "randread" } else { "randwrite" };
+        let rw = if cell.rw == Rw::RandRead {
+            "randread"
+        } else {
+            "randwrite"
+        };
         print!("{:<22}", format!("{rw} qd{} q{}", cell.qd, cell.queues));
         for row in &results {
             match &row[ci] {
