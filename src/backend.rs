@@ -173,8 +173,20 @@ impl VhostUserBackend for BlkBackend {
     fn stop_vring(&self, queue_index: u32) -> io::Result<()> {
         // Taking the worker's lock waits for a batch in progress: every request it popped
         // is completed before GET_VRING_BASE reports the next avail index.
-        if let Some(w) = self.workers.get(queue_index as usize) {
+        let q = queue_index as usize;
+        if let Some(w) = self.workers.get(q) {
             drop(w.lock().expect("worker lock"));
+        }
+        // Completions held by a freeze are published at "run", within the coordination
+        // limit: wait for them so the frontend's view of the used ring is final.
+        if let Some(engine) = self.shared.executor.engine() {
+            let deadline = std::time::Instant::now() + Duration::from_secs(1);
+            while q < self.num_queues()
+                && engine.held(q) > 0
+                && std::time::Instant::now() < deadline
+            {
+                std::thread::sleep(Duration::from_micros(50));
+            }
         }
         Ok(())
     }

@@ -83,6 +83,82 @@ pub struct ServeArgs {
     /// Permissions of the socket file (octal).
     #[arg(long, default_value = "600", value_parser = parse_mode)]
     pub socket_mode: u32,
+
+    /// Consistency-group options (used when the disk is replicated).
+    #[command(flatten)]
+    pub cg: CgArgs,
+}
+
+/// How consistency groups are formed.
+#[derive(Debug, Args, Clone)]
+#[command(next_help_heading = "Consistency groups")]
+pub struct CgArgs {
+    /// Track writes and form consistency groups (implied by replication).
+    #[arg(long)]
+    pub consistency_groups: bool,
+
+    /// Change-tracking granularity: one bit per chunk of this size (power of two).
+    #[arg(long, default_value = "64K", value_parser = parse_size)]
+    pub chunk_size: u64,
+
+    /// Form a consistency group this often (e.g. 100ms, 1s). Shorter means a smaller RPO
+    /// and more freezes.
+    #[arg(long, default_value = "100ms", value_parser = parse_duration)]
+    pub cg_interval: Duration,
+
+    /// Longest acceptable freeze of write completions while a consistency group is formed;
+    /// a formation that takes longer is undone and the guest resumed.
+    #[arg(long, default_value = "10ms", value_parser = parse_duration)]
+    pub max_coordination_time: Duration,
+
+    /// Longest acceptable drain of a strict consistency group; past it the group is
+    /// abandoned (the secondary stays at its last one) and a later group is formed.
+    #[arg(long, default_value = "60s", value_parser = parse_duration)]
+    pub max_drain_time: Duration,
+
+    /// Memory limit of the copy-on-write cache of chunks the forming group still has to
+    /// ship; at the limit the strict group is abandoned instead of stalling the guest.
+    #[arg(long, default_value = "256M", value_parser = parse_size)]
+    pub cow_cache_limit: u64,
+}
+
+impl Default for CgArgs {
+    fn default() -> Self {
+        CgArgs {
+            consistency_groups: false,
+            chunk_size: 64 << 10,
+            cg_interval: Duration::from_millis(100),
+            max_coordination_time: Duration::from_millis(10),
+            max_drain_time: Duration::from_secs(60),
+            cow_cache_limit: 256 << 20,
+        }
+    }
+}
+
+/// Parses "250us", "10ms", "2s", "1m" (a bare number is milliseconds).
+pub fn parse_duration(s: &str) -> Result<Duration, String> {
+    let s = s.trim();
+    let split = s.find(|c: char| c.is_ascii_alphabetic()).unwrap_or(s.len());
+    let (num, unit) = s.split_at(split);
+    let n: f64 = num
+        .trim()
+        .parse()
+        .map_err(|_| format!("{s:?} is not a duration (e.g. 500us, 10ms, 2s)"))?;
+    if !(n.is_finite() && n >= 0.0) {
+        return Err(format!("{s:?} is not a duration"));
+    }
+    let secs = match unit {
+        "us" | "µs" => n / 1e6,
+        "ms" | "" => n / 1e3,
+        "s" => n,
+        "m" | "min" => n * 60.0,
+        other => {
+            return Err(format!(
+                "unknown duration unit {other:?} (use us, ms, s or m)"
+            ))
+        }
+    };
+    Ok(Duration::from_secs_f64(secs))
 }
 
 /// `drblk demo` options.
@@ -207,5 +283,15 @@ mod tests {
         assert_eq!(parse_size("1g").unwrap(), 1 << 30);
         assert!(parse_size("1Q").is_err());
         assert!(parse_size("99999999999T").is_err());
+    }
+
+    #[test]
+    fn durations() {
+        assert_eq!(parse_duration("10ms").unwrap(), Duration::from_millis(10));
+        assert_eq!(parse_duration("250us").unwrap(), Duration::from_micros(250));
+        assert_eq!(parse_duration("2s").unwrap(), Duration::from_secs(2));
+        assert_eq!(parse_duration("5").unwrap(), Duration::from_millis(5));
+        assert!(parse_duration("fast").is_err());
+        assert!(parse_duration("-1s").is_err());
     }
 }

@@ -208,6 +208,21 @@ pub fn serve(
         shutdown.set_current(None);
         // Dropping the daemon stops the queue workers after the requests they hold.
         drop(daemon);
+        if let Some(engine) = shared.executor.engine() {
+            // Completions held for the gone connection are dropped: the frontend restarts
+            // each ring at its used index and resubmits those requests.
+            for q in 0..usize::from(shared.limits.num_queues) {
+                engine.set_publisher(q, None);
+                let n = engine.discard_held(q);
+                if n > 0 {
+                    tracing::info!(
+                        queue = q,
+                        requests = n,
+                        "dropped completions held for the disconnected frontend"
+                    );
+                }
+            }
+        }
         match result {
             Ok(())
             | Err(vhost_user_backend::Error::HandleRequest(

@@ -46,6 +46,7 @@ pub fn run(args: DemoArgs) -> anyhow::Result<()> {
         logical_block_size: 512,
         poll_us: 0,
         socket_mode: 0o600,
+        cg: Default::default(),
     };
     let server = Server::start(&serve)?;
 

@@ -6,21 +6,10 @@ use std::sync::Arc;
 
 use vm_memory::{Bytes, GuestMemoryBackend, GuestMemoryMmap};
 
+use crate::cg::{Engine, WriteTicket};
 use crate::request::{status, Request, RequestKind};
 use crate::storage::Disk;
 use crate::virtio_blk::{ID_BYTES, SECTOR_SIZE};
-
-/// Something that must see every write before it reaches the disk (the replication engine).
-///
-/// `begin_write` is called before the disk range `[offset, offset+len)` is modified; the
-/// returned guard is dropped once the modification has finished.
-pub trait WriteRecorder: Send + Sync {
-    /// Records the write; may preserve data it still needs before returning.
-    fn begin_write(&self, queue: usize, offset: u64, len: u64) -> io::Result<WriteGuard>;
-}
-
-/// Held while a recorded write is modifying the disk.
-pub type WriteGuard = Box<dyn Send>;
 
 /// State shared by every queue of one disk: the image and its identity.
 pub struct Executor {
@@ -29,7 +18,9 @@ pub struct Executor {
     /// Writeback cache enabled (virtio CONFIG_WCE). When off, every write is made durable
     /// before its completion (write-through).
     writeback: AtomicBool,
-    recorder: Option<Arc<dyn WriteRecorder>>,
+    /// The consistency-group engine, when changes are tracked for replication: it sees every
+    /// write before the write touches the disk.
+    engine: Option<Arc<Engine>>,
 }
 
 /// Outcome of one request: its status byte and how many bytes were written to the guest.
@@ -43,7 +34,7 @@ pub struct Outcome {
 
 impl Executor {
     /// Creates an executor for `disk` with GET_ID answering `serial` (truncated to 20 bytes).
-    pub fn new(disk: Arc<Disk>, serial: &str, recorder: Option<Arc<dyn WriteRecorder>>) -> Self {
+    pub fn new(disk: Arc<Disk>, serial: &str, engine: Option<Arc<Engine>>) -> Self {
         let mut id = [0u8; ID_BYTES];
         let n = serial.len().min(ID_BYTES);
         id[..n].copy_from_slice(&serial.as_bytes()[..n]);
@@ -51,7 +42,7 @@ impl Executor {
             disk,
             serial: id,
             writeback: AtomicBool::new(true),
-            recorder,
+            engine,
         }
     }
 
@@ -91,9 +82,17 @@ impl Executor {
         }
     }
 
-    fn record(&self, queue: usize, offset: u64, len: u64) -> io::Result<Option<WriteGuard>> {
-        match &self.recorder {
-            Some(r) => r.begin_write(queue, offset, len).map(Some),
+    /// The consistency-group engine, if changes are tracked.
+    pub fn engine(&self) -> Option<&Arc<Engine>> {
+        self.engine.as_ref()
+    }
+
+    /// Records a write of `[offset, offset+len)` before it touches the disk. The ticket is
+    /// dropped once the disk write has finished (successfully or not): until then the drain
+    /// does not read the chunks it covers.
+    fn record(&self, queue: usize, offset: u64, len: u64) -> io::Result<Option<WriteTicket>> {
+        match &self.engine {
+            Some(e) => e.begin_write(queue, offset, len).map(Some),
             None => Ok(None),
         }
     }

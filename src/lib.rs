@@ -10,7 +10,9 @@
 
 pub mod backend;
 pub mod blkio_client;
+pub mod cg;
 pub mod cli;
+pub mod cycle;
 pub mod daemon;
 pub mod demo;
 pub mod executor;

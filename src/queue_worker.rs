@@ -15,6 +15,7 @@ use virtio_queue::QueueT;
 use vm_memory::{Bytes, GuestAddressSpace, GuestMemoryAtomic, GuestMemoryMmap};
 
 use crate::backend::DeviceShared;
+use crate::cg::Completion;
 use crate::request;
 
 /// Options of every queue worker.
@@ -25,15 +26,14 @@ pub struct WorkerOptions {
     pub poll: Option<Duration>,
 }
 
-/// A completion to publish: descriptor head and bytes written to the guest.
-pub type Completion = (u16, u32);
-
 /// Worker state of one queue (per connection).
 pub struct QueueWorker {
     queue: usize,
     shared: Arc<DeviceShared>,
     event_idx: bool,
     completions: Vec<Completion>,
+    /// Whether the engine has this connection's publisher for held completions.
+    publisher_installed: bool,
 }
 
 impl QueueWorker {
@@ -44,6 +44,7 @@ impl QueueWorker {
             shared,
             event_idx: false,
             completions: Vec::new(),
+            publisher_installed: false,
         }
     }
 
@@ -59,6 +60,19 @@ impl QueueWorker {
         vring: &VringRwLock,
         mem: &GuestMemoryAtomic<GuestMemoryMmap<()>>,
     ) -> io::Result<()> {
+        if let (Some(engine), false) = (self.shared.executor.engine(), self.publisher_installed) {
+            // At "run" the engine publishes what it held during a freeze through this vring.
+            let v = vring.clone();
+            engine.set_publisher(
+                self.queue,
+                Some(Arc::new(move |items: &[Completion]| {
+                    if let Err(e) = publish_completions(&v, items) {
+                        tracing::warn!(error = %e, "publishing held completions failed");
+                    }
+                })),
+            );
+            self.publisher_installed = true;
+        }
         let poll = self.shared.worker.poll;
         let mut idle_since = Instant::now();
         loop {
@@ -121,7 +135,10 @@ impl QueueWorker {
                     }
                 }
             };
-            self.completions.push((head, used_len));
+            self.completions.push(Completion {
+                head,
+                len: used_len,
+            });
             n += 1;
             // Publish in batches so a long ring does not delay the first completions.
             if self.completions.len() >= 32 {
@@ -141,17 +158,31 @@ impl QueueWorker {
             .stats
             .requests
             .fetch_add(self.completions.len() as u64, Ordering::Relaxed);
-        publish_completions(vring, &self.completions)?;
-        self.completions.clear();
-        Ok(())
+        match self.shared.executor.engine() {
+            // The engine's per-queue gate publishes now, or holds the completions (in order)
+            // while a consistency group is being frozen.
+            Some(engine) => {
+                let result = std::cell::Cell::new(Ok(()));
+                engine.complete(self.queue, &mut self.completions, &|items| {
+                    result.set(publish_completions(vring, items));
+                });
+                self.completions.clear();
+                result.into_inner()
+            }
+            None => {
+                let r = publish_completions(vring, &self.completions);
+                self.completions.clear();
+                r
+            }
+        }
     }
 }
 
 /// Adds `items` to the used ring in order and signals the guest if it wants a notification.
 pub fn publish_completions(vring: &VringRwLock, items: &[Completion]) -> io::Result<()> {
     let mut state = vring.get_mut();
-    for &(head, len) in items {
-        state.add_used(head, len).map_err(io::Error::other)?;
+    for c in items {
+        state.add_used(c.head, c.len).map_err(io::Error::other)?;
     }
     if state.needs_notification().map_err(io::Error::other)? {
         state.signal_used_queue()?;

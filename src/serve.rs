@@ -6,7 +6,9 @@ use std::thread::JoinHandle;
 use anyhow::Context;
 
 use crate::backend::{DeviceShared, DeviceStats};
+use crate::cg::{CgConfig, ChunkSource, Engine};
 use crate::cli::ServeArgs;
+use crate::cycle::{ChunkSink, Cycle};
 use crate::daemon::{self, BoundSocket, Shutdown};
 use crate::executor::Executor;
 use crate::queue_worker::WorkerOptions;
@@ -32,7 +34,20 @@ impl Server {
             args.queue_size,
             disk.readonly(),
         );
-        let executor = Arc::new(Executor::new(disk.clone(), &args.serial(), None));
+        let engine = if args.cg.consistency_groups {
+            let cfg = CgConfig {
+                disk_size: disk.size(),
+                chunk_size: args.cg.chunk_size,
+                max_coordination_time: args.cg.max_coordination_time,
+                max_drain_time: args.cg.max_drain_time,
+                cow_cache_limit: usize::try_from(args.cg.cow_cache_limit).unwrap_or(usize::MAX),
+            };
+            let source: Arc<dyn ChunkSource> = disk.clone();
+            Some(Engine::new(cfg, usize::from(args.queues), source).context("consistency groups")?)
+        } else {
+            None
+        };
+        let executor = Arc::new(Executor::new(disk.clone(), &args.serial(), engine));
         let shared = Arc::new(DeviceShared {
             executor,
             limits,
@@ -69,6 +84,23 @@ impl Server {
     /// The device state (counters, executor).
     pub fn shared(&self) -> &Arc<DeviceShared> {
         &self.shared
+    }
+
+    /// The consistency-group engine (with `--consistency-groups` or replication).
+    pub fn engine(&self) -> Option<&Arc<Engine>> {
+        self.shared.executor.engine()
+    }
+
+    /// Starts forming consistency groups every `interval`, draining them into `sink`.
+    pub fn start_cycle(
+        &self,
+        sink: Box<dyn ChunkSink>,
+        interval: std::time::Duration,
+    ) -> anyhow::Result<Cycle> {
+        let engine = self
+            .engine()
+            .context("consistency groups are not enabled on this server")?;
+        Ok(Cycle::start(engine.clone(), sink, interval))
     }
 
     /// A handle that stops the server.

@@ -155,15 +155,11 @@ impl Disk {
     pub fn read_at(&self, buf: &mut [u8], offset: u64) -> io::Result<()> {
         self.check_range(offset, buf.len() as u64)?;
         if self.direct && !is_aligned(buf.as_ptr() as usize, buf.len(), offset) {
-            let mut bounce = AlignedBuf::new(buf.len());
             let (a_off, a_len) = align_out(offset, buf.len());
             let mut big = AlignedBuf::new(a_len);
             self.pread_exact_raw(big.as_mut_ptr(), a_len, a_off)?;
             let skip = (offset - a_off) as usize;
-            bounce
-                .as_mut_slice()
-                .copy_from_slice(&big.as_slice()[skip..skip + buf.len()]);
-            buf.copy_from_slice(bounce.as_slice());
+            buf.copy_from_slice(&big.as_slice()[skip..skip + buf.len()]);
             return Ok(());
         }
         self.pread_exact_raw(buf.as_mut_ptr(), buf.len(), offset)
@@ -385,6 +381,12 @@ impl Disk {
             return Err(io::Error::last_os_error());
         }
         Ok(())
+    }
+}
+
+impl crate::cg::ChunkSource for Disk {
+    fn read_at(&self, buf: &mut [u8], offset: u64) -> io::Result<()> {
+        Disk::read_at(self, buf, offset)
     }
 }
 

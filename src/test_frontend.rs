@@ -351,6 +351,61 @@ impl TestFrontend {
         Ok(())
     }
 
+    /// Guest address of queue `q`'s used index (read it through a clone of [`Self::mem`] to
+    /// watch completions from another thread).
+    pub fn used_idx_addr(&self, q: usize) -> GuestAddress {
+        GuestAddress(self.queues[q].used() + 2)
+    }
+
+    /// Submits a request (header, data descriptors, 1-byte status) on queue `q` without
+    /// waiting. `slot` picks a private header/status area (0..64 per queue).
+    pub fn submit_request(
+        &mut self,
+        q: usize,
+        slot: usize,
+        req_type: u32,
+        sector: u64,
+        data: &[Desc],
+    ) -> anyhow::Result<u16> {
+        let hdr = self.slot_header(q, slot);
+        self.mem.write_obj(req_type, GuestAddress(hdr))?;
+        self.mem.write_obj(0u32, GuestAddress(hdr + 4))?;
+        self.mem.write_obj(sector, GuestAddress(hdr + 8))?;
+        self.mem.write_obj(0xffu8, GuestAddress(hdr + 16))?;
+        let mut chain = vec![Desc::r(hdr, 16)];
+        chain.extend_from_slice(data);
+        chain.push(Desc::w(hdr + 16, 1));
+        self.submit(q, &chain)
+    }
+
+    /// Status byte of the request last submitted in `slot` of queue `q`.
+    pub fn slot_status(&self, q: usize, slot: usize) -> u8 {
+        self.mem
+            .read_obj(GuestAddress(self.slot_header(q, slot) + 16))
+            .unwrap_or(0xff)
+    }
+
+    fn slot_header(&self, q: usize, slot: usize) -> u64 {
+        assert!(slot < 64);
+        self.queues[q].base + 0x30000 + slot as u64 * 64
+    }
+
+    /// Polls queue `q` once: completions seen since the last call, without waiting.
+    pub fn poll_used(&mut self, q: usize) -> anyhow::Result<Vec<(u16, u32)>> {
+        let idx = self.used_idx(q);
+        let tq = &mut self.queues[q];
+        let mut out = Vec::new();
+        while tq.last_used != idx {
+            let slot = u64::from(tq.last_used % tq.size);
+            let at = tq.used() + 4 + slot * 8;
+            let id: u32 = self.mem.read_obj(GuestAddress(at))?;
+            let len: u32 = self.mem.read_obj(GuestAddress(at + 4))?;
+            out.push((id as u16, len));
+            tq.last_used = tq.last_used.wrapping_add(1);
+        }
+        Ok(out)
+    }
+
     /// The device's used index of queue `q`, as the guest would read it.
     pub fn used_idx(&self, q: usize) -> u16 {
         let tq = &self.queues[q];

@@ -354,7 +354,7 @@ cp "$KROOT/boot/vmlinuz-$KVER" "$OUT/vmlinuz.tmp"
 # which skips the in-guest decompression of the bzImage (about 4-5 s under TCG).
 extract_vmlinux() {   # bzImage -> ELF on stdout (like the kernel's scripts/extract-vmlinux)
     local img=$1 magic cmd off
-    for magic in $'\xfd7zXZ\x00:xz -dc --single-stream' $'\x28\xb5\x2f\xfd:zstd -qdc' \
+    for magic in $'\xfd7zXZ:xz -dc --single-stream' $'\x28\xb5\x2f\xfd:zstd -qdc' \
                  $'\x1f\x8b\x08:gzip -dc'; do
         cmd=${magic#*:}; magic=${magic%%:*}
         command -v "${cmd%% *}" >/dev/null || continue

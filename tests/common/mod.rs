@@ -28,6 +28,7 @@ pub fn serve_args(dir: &Path, size: u64) -> ServeArgs {
         logical_block_size: 512,
         poll_us: 0,
         socket_mode: 0o600,
+        cg: Default::default(),
     }
 }
 

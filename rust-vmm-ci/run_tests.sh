@@ -1,0 +1,43 @@
+#!/usr/bin/env bash
+# The whole test suite, in rust-vmm-ci's spirit: format, lints, docs, unit + integration tests
+# (protocol, blkio frontend, QEMU guests), a bounded fuzz run, and coverage held against
+# coverage_config_x86_64.json. Installs what it needs first (deps.sh).
+#
+#   bash rust-vmm-ci/run_tests.sh            # everything
+#   DRBLK_SKIP_VM=1 ...                       # skip the QEMU guest tests
+#   DRBLK_SKIP_COVERAGE=1 / DRBLK_SKIP_FUZZ=1 # skip those stages
+set -euo pipefail
+cd "$(dirname "$0")/.."
+export CARGO_TERM_COLOR=never
+
+stage() { echo; echo "=== $* ==="; date -u +%T; }
+
+stage "installing dependencies"
+bash rust-vmm-ci/deps.sh
+
+stage "cargo fmt --check"
+cargo fmt --all -- --check
+
+stage "cargo clippy -D warnings"
+cargo clippy --locked --all-targets -- -D warnings -D clippy::undocumented_unsafe_blocks
+
+stage "cargo doc -D warnings"
+RUSTDOCFLAGS="-D warnings" cargo doc --locked --no-deps --quiet
+
+stage "build (release binaries used by guest tests and benchmarks)"
+cargo build --locked --release --bins
+
+stage "tests"
+cargo test --locked --release --all-targets
+
+if [ "${DRBLK_SKIP_FUZZ:-0}" != 1 ] && command -v cargo-fuzz >/dev/null 2>&1; then
+    stage "fuzz request parsing (bounded)"
+    bash rust-vmm-ci/fuzz.sh "${DRBLK_FUZZ_SECONDS:-60}"
+fi
+
+if [ "${DRBLK_SKIP_COVERAGE:-0}" != 1 ]; then
+    stage "coverage"
+    bash rust-vmm-ci/coverage.sh
+fi
+
+stage "all checks passed"

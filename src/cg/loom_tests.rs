@@ -1,0 +1,220 @@
+//! Loom model checks of the interleavings that matter. Run with
+//! `RUSTFLAGS="--cfg loom" cargo test --release --lib cg::loom_tests`
+//! (add `LOOM_MAX_PREEMPTIONS=2` or `3` to bound the search).
+
+use std::sync::Arc;
+use std::time::Duration;
+
+use loom::sync::atomic::{AtomicBool, Ordering};
+use loom::sync::Mutex;
+use loom::thread;
+
+use super::*;
+
+struct Disk(Mutex<Vec<u8>>);
+
+impl Disk {
+    fn write(&self, off: usize, data: &[u8]) {
+        self.0.lock().expect("disk")[off..off + data.len()].copy_from_slice(data);
+    }
+    fn snapshot(&self) -> Vec<u8> {
+        self.0.lock().expect("disk").clone()
+    }
+}
+
+impl ChunkSource for Disk {
+    fn read_at(&self, buf: &mut [u8], offset: u64) -> std::io::Result<()> {
+        let d = self.0.lock().expect("disk");
+        buf.copy_from_slice(&d[offset as usize..offset as usize + buf.len()]);
+        Ok(())
+    }
+}
+
+const CHUNK: usize = 4;
+
+fn setup(queues: usize) -> (Arc<Engine>, Arc<Disk>) {
+    let disk = Arc::new(Disk(Mutex::new(vec![0; 2 * CHUNK])));
+    let cfg = CgConfig {
+        disk_size: 2 * CHUNK as u64,
+        chunk_size: CHUNK as u64,
+        max_coordination_time: Duration::from_secs(3600),
+        max_drain_time: Duration::from_secs(3600),
+        cow_cache_limit: 1 << 20,
+    };
+    (
+        Engine::new(cfg, queues, disk.clone()).expect("engine"),
+        disk,
+    )
+}
+
+fn write(e: &Engine, d: &Disk, q: usize, chunk: usize, v: u8) {
+    let t = e
+        .begin_write(q, (chunk * CHUNK) as u64, CHUNK as u64)
+        .expect("begin_write");
+    d.write(chunk * CHUNK, &[v; CHUNK]);
+    drop(t);
+}
+
+/// Drains and commits the strict CG `cg` into `img`.
+fn drain_commit(e: &Engine, cg: u64, img: &mut [u8]) {
+    while let Some(c) = e.next_chunk().expect("read") {
+        assert_eq!(c.cg, cg);
+        let off = c.index as usize * CHUNK;
+        img[off..off + c.data.len()].copy_from_slice(&c.data);
+        e.confirm(c.cg, c.index);
+    }
+    assert_eq!(e.try_commit(cg), CommitOutcome::Committed);
+}
+
+/// A write racing the swap, and its completion racing the freeze; a second write on another
+/// queue depends on the first. CG 1 never holds W2 without W1, and nothing is lost.
+#[test]
+fn write_and_completion_race_formation() {
+    loom::model(|| {
+        let (e, d) = setup(2);
+        let published = Arc::new(AtomicBool::new(false));
+        let p = published.clone();
+        e.set_publisher(
+            0,
+            Some(Arc::new(move |_: &[Completion]| {
+                p.store(true, Ordering::SeqCst)
+            })),
+        );
+        let (e2, d2, p2) = (e.clone(), d.clone(), published.clone());
+        let t = thread::spawn(move || {
+            write(&e2, &d2, 0, 0, 1);
+            let p3 = p2.clone();
+            e2.complete(0, &mut vec![Completion { head: 1, len: 0 }], &move |_| {
+                p3.store(true, Ordering::SeqCst)
+            });
+            while !p2.load(Ordering::SeqCst) {
+                thread::yield_now();
+            }
+            // Issued only once W1's completion is visible: a dependent write.
+            write(&e2, &d2, 1, 1, 2);
+        });
+        let f = e.form_cg().expect("form");
+        let mut img = vec![0u8; 2 * CHUNK];
+        drain_commit(&e, f.cg, &mut img);
+        if img[CHUNK] == 2 {
+            assert_eq!(img[0], 1, "CG holds W2 without W1");
+        }
+        t.join().expect("join");
+        let f = e.form_cg().expect("form");
+        drain_commit(&e, f.cg, &mut img);
+        assert_eq!(img, d.snapshot(), "a write was lost");
+    });
+}
+
+/// The drain's read of a chunk racing a copy-on-write of the same chunk: the CG ships the
+/// pre-swap content either way.
+#[test]
+fn drain_read_races_copy_on_write() {
+    loom::model(|| {
+        let (e, d) = setup(1);
+        write(&e, &d, 0, 0, 1);
+        let f = e.form_cg().expect("form");
+        let (e2, d2) = (e.clone(), d.clone());
+        let t = thread::spawn(move || write(&e2, &d2, 0, 0, 2));
+        let c = e.next_chunk().expect("read").expect("chunk 0");
+        assert_eq!(c.data, vec![1; CHUNK]);
+        e.confirm(c.cg, c.index);
+        t.join().expect("join");
+        assert_eq!(e.try_commit(f.cg), CommitOutcome::Committed);
+        assert_eq!(e.stats().cow_bytes, 0);
+    });
+}
+
+/// Completions racing a formation: each is published exactly once, in order, never lost.
+#[test]
+fn completions_race_freeze_in_order() {
+    loom::model(|| {
+        let (e, _) = setup(1);
+        let log = Arc::new(Mutex::new(Vec::new()));
+        let l = log.clone();
+        e.set_publisher(
+            0,
+            Some(Arc::new(move |c: &[Completion]| {
+                l.lock().expect("log").extend(c.iter().map(|c| c.head))
+            })),
+        );
+        let (e2, l2) = (e.clone(), log.clone());
+        let t = thread::spawn(move || {
+            for head in 1..=2 {
+                let l3 = l2.clone();
+                e2.complete(0, &mut vec![Completion { head, len: 0 }], &move |c| {
+                    l3.lock().expect("log").extend(c.iter().map(|c| c.head))
+                });
+            }
+        });
+        e.form_cg().expect("form");
+        t.join().expect("join");
+        assert_eq!(*log.lock().expect("log"), vec![1, 2]);
+    });
+}
+
+/// A write recorded in CR still in flight when the CG is lost: CR is forwarded into OOS and
+/// the next CG waits for the write and ships its data.
+#[test]
+fn in_flight_cr_write_survives_link_loss() {
+    loom::model(|| {
+        let (e, d) = setup(1);
+        e.form_cg().expect("form");
+        // Recorded in CG 1's CR; the disk write and the ticket drop race the link loss.
+        let ticket = e
+            .begin_write(0, CHUNK as u64, CHUNK as u64)
+            .expect("begin_write");
+        let d2 = d.clone();
+        let t = thread::spawn(move || {
+            d2.write(CHUNK, &[7; CHUNK]);
+            drop(ticket);
+        });
+        e.link_lost();
+        let f = e.form_cg().expect("form");
+        let mut img = vec![0u8; 2 * CHUNK];
+        // Recorded before CG 2's swap: CG 2 waits for it and carries it.
+        drain_commit(&e, f.cg, &mut img);
+        assert_eq!(img[CHUNK], 7);
+        t.join().expect("join");
+    });
+}
+
+/// A CR write in flight while the strict CG is abandoned (cache full) and its chunk is handed
+/// out: the write's re-mark reaches OOS through the forwarding, so the final data is shipped.
+#[test]
+fn in_flight_cr_write_remarks_through_forwarding() {
+    loom::model(|| {
+        let disk = Arc::new(Disk(Mutex::new(vec![0; 2 * CHUNK])));
+        let cfg = CgConfig {
+            disk_size: 2 * CHUNK as u64,
+            chunk_size: CHUNK as u64,
+            max_coordination_time: Duration::from_secs(3600),
+            max_drain_time: Duration::from_secs(3600),
+            cow_cache_limit: CHUNK, // one image
+        };
+        let e = Engine::new(cfg, 1, disk.clone()).expect("engine");
+        write(&e, &disk, 0, 0, 1);
+        write(&e, &disk, 0, 1, 1);
+        e.form_cg().expect("form");
+        let ticket = e.begin_write(0, 0, CHUNK as u64).expect("begin_write"); // preserves chunk 0
+        let d2 = disk.clone();
+        let t = thread::spawn(move || {
+            d2.write(0, &[7; CHUNK]);
+            drop(ticket);
+        });
+        write(&e, &disk, 0, 1, 2); // cache full: abandon, CR forwarded into OOS
+        assert!(matches!(e.phase(), CgPhase::Abandoned { .. }));
+        let mut img = vec![0u8; 2 * CHUNK];
+        let drain = |img: &mut Vec<u8>| {
+            while let Some(c) = e.next_chunk().expect("read") {
+                let off = c.index as usize * CHUNK;
+                img[off..off + c.data.len()].copy_from_slice(&c.data);
+                e.confirm(c.cg, c.index);
+            }
+        };
+        drain(&mut img);
+        t.join().expect("join");
+        drain(&mut img);
+        assert_eq!(img, disk.snapshot(), "a write was lost");
+    });
+}

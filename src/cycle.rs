@@ -1,0 +1,245 @@
+//! The consistency-group cycle: form a CG on a timer (or on demand), drain it into a sink,
+//! commit it when the sink has made it durable, and keep figures (coordination time, RPO).
+//!
+//! The sink is where chunks go: the QUIC link to a secondary, or [`LocalReplica`], an
+//! in-process replica image used by the tests and the benchmark.
+
+use std::collections::HashMap;
+use std::fs::File;
+use std::io;
+use std::os::unix::fs::FileExt;
+use std::path::Path;
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::sync::{Arc, Condvar, Mutex};
+use std::thread::JoinHandle;
+use std::time::{Duration, Instant, SystemTime};
+
+use crate::cg::{ChunkImage, CommitOutcome, Engine, FormError};
+
+/// Where the chunks of each CG go.
+pub trait ChunkSink: Send {
+    /// Takes one chunk of CG `img.cg`. Returning Ok means the sink has it (the engine may
+    /// forget it); it need not be durable until [`ChunkSink::commit`].
+    fn chunk(&mut self, img: ChunkImage) -> io::Result<()>;
+    /// Makes CG `cg` durable and visible as a whole; returns once it is.
+    fn commit(&mut self, cg: u64, frozen_at: SystemTime) -> io::Result<()>;
+}
+
+/// Figures of the cycle, readable while it runs.
+#[derive(Default)]
+pub struct CycleStats {
+    /// Last committed CG.
+    pub last_committed: AtomicU64,
+    /// Wall-clock time (µs since the epoch) of the freeze of the last committed CG: the
+    /// secondary holds the primary's state as of then. RPO = now - this.
+    pub last_commit_frozen_us: AtomicU64,
+    /// Chunks shipped.
+    pub chunks_shipped: AtomicU64,
+    /// Bytes shipped.
+    pub bytes_shipped: AtomicU64,
+    /// Formations that failed (busy, or coordination too slow).
+    pub form_failures: AtomicU64,
+}
+
+/// A running cycle thread.
+pub struct Cycle {
+    stop: Arc<AtomicBool>,
+    trigger: Arc<(Mutex<u64>, Condvar)>,
+    stats: Arc<CycleStats>,
+    thread: Option<JoinHandle<io::Result<()>>>,
+}
+
+impl Cycle {
+    /// Starts forming a CG every `interval` from `engine`, draining into `sink`.
+    pub fn start(engine: Arc<Engine>, mut sink: Box<dyn ChunkSink>, interval: Duration) -> Cycle {
+        let stop = Arc::new(AtomicBool::new(false));
+        let trigger = Arc::new((Mutex::new(0u64), Condvar::new()));
+        let stats = Arc::new(CycleStats::default());
+        let (st, tr, sa) = (stop.clone(), trigger.clone(), stats.clone());
+        let thread = std::thread::Builder::new()
+            .name("drblk-cg-cycle".into())
+            .spawn(move || run(&engine, sink.as_mut(), interval, &st, &tr, &sa))
+            .expect("spawning the CG cycle thread");
+        Cycle {
+            stop,
+            trigger,
+            stats,
+            thread: Some(thread),
+        }
+    }
+
+    /// The cycle's figures.
+    pub fn stats(&self) -> &Arc<CycleStats> {
+        &self.stats
+    }
+
+    /// Forms a CG now instead of waiting for the timer.
+    pub fn trigger(&self) {
+        let (m, cv) = &*self.trigger;
+        *m.lock().expect("trigger lock") += 1;
+        cv.notify_all();
+    }
+
+    /// Stops the cycle (after the CG in progress, if its drain finishes) and returns how it
+    /// ended.
+    pub fn stop(mut self) -> io::Result<()> {
+        self.stop.store(true, Ordering::SeqCst);
+        self.trigger();
+        match self.thread.take() {
+            Some(t) => t
+                .join()
+                .unwrap_or_else(|_| Err(io::Error::other("CG cycle panicked"))),
+            None => Ok(()),
+        }
+    }
+}
+
+impl Drop for Cycle {
+    fn drop(&mut self) {
+        self.stop.store(true, Ordering::SeqCst);
+        self.trigger();
+        if let Some(t) = self.thread.take() {
+            let _ = t.join();
+        }
+    }
+}
+
+fn run(
+    engine: &Engine,
+    sink: &mut dyn ChunkSink,
+    interval: Duration,
+    stop: &AtomicBool,
+    trigger: &(Mutex<u64>, Condvar),
+    stats: &CycleStats,
+) -> io::Result<()> {
+    let mut seen_trigger = 0u64;
+    let mut next_tick = Instant::now() + interval;
+    while !stop.load(Ordering::SeqCst) {
+        // Wait for the timer or a trigger.
+        {
+            let (m, cv) = trigger;
+            let mut g = m.lock().expect("trigger lock");
+            while *g == seen_trigger && Instant::now() < next_tick && !stop.load(Ordering::SeqCst) {
+                let wait = next_tick.saturating_duration_since(Instant::now());
+                g = cv.wait_timeout(g, wait).expect("trigger lock").0;
+            }
+            seen_trigger = *g;
+        }
+        next_tick = Instant::now() + interval;
+        if stop.load(Ordering::SeqCst) {
+            break;
+        }
+        let frozen_at = SystemTime::now();
+        let formed = match engine.form_cg() {
+            Ok(f) => f,
+            Err(e @ (FormError::Busy { .. } | FormError::CoordinationTimeout { .. })) => {
+                stats.form_failures.fetch_add(1, Ordering::Relaxed);
+                tracing::debug!(error = %e, "no CG formed this tick");
+                continue;
+            }
+        };
+        drain_and_commit(engine, sink, formed.cg, frozen_at, stats)?;
+    }
+    Ok(())
+}
+
+/// Ships every chunk of CG `cg` into `sink` and commits it; if the CG was abandoned, ships
+/// what is dirty and returns (the next formation produces a committable CG).
+pub fn drain_and_commit(
+    engine: &Engine,
+    sink: &mut dyn ChunkSink,
+    cg: u64,
+    frozen_at: SystemTime,
+    stats: &CycleStats,
+) -> io::Result<()> {
+    loop {
+        while let Some(img) = engine.next_chunk()? {
+            let (icg, index, len) = (img.cg, img.index, img.data.len() as u64);
+            sink.chunk(img)?;
+            engine.confirm(icg, index);
+            stats.chunks_shipped.fetch_add(1, Ordering::Relaxed);
+            stats.bytes_shipped.fetch_add(len, Ordering::Relaxed);
+        }
+        if engine.is_ready(cg) {
+            sink.commit(cg, frozen_at)?;
+            match engine.try_commit(cg) {
+                CommitOutcome::Committed => {
+                    stats.last_committed.store(cg, Ordering::SeqCst);
+                    let us = frozen_at
+                        .duration_since(SystemTime::UNIX_EPOCH)
+                        .map(|d| d.as_micros() as u64)
+                        .unwrap_or(0);
+                    stats.last_commit_frozen_us.store(us, Ordering::SeqCst);
+                    return Ok(());
+                }
+                other => {
+                    return Err(io::Error::other(format!(
+                        "CG {cg} was ready but did not commit: {other:?}"
+                    )))
+                }
+            }
+        }
+        match engine.try_commit(cg) {
+            CommitOutcome::Abandoned | CommitOutcome::Unknown => return Ok(()),
+            CommitOutcome::Committed => return Ok(()),
+            CommitOutcome::Pending { .. } => std::thread::sleep(Duration::from_micros(200)),
+        }
+    }
+}
+
+/// An in-process replica: stages each CG's chunks (one version per chunk, the newest CG
+/// wins) and applies them to a replica image only when the CG commits. The image therefore
+/// only ever holds committed CGs.
+pub struct LocalReplica {
+    image: File,
+    chunk_size: u64,
+    staged: HashMap<u64, (u64, Vec<u8>)>,
+    on_commit: Option<Box<dyn FnMut(u64, &File) + Send>>,
+}
+
+impl LocalReplica {
+    /// A replica image at `path` (created/truncated to `size`), with chunks of `chunk_size`.
+    pub fn create(path: &Path, size: u64, chunk_size: u64) -> io::Result<Self> {
+        let image = File::options()
+            .read(true)
+            .write(true)
+            .create(true)
+            .truncate(false)
+            .open(path)?;
+        image.set_len(size)?;
+        Ok(LocalReplica {
+            image,
+            chunk_size,
+            staged: HashMap::new(),
+            on_commit: None,
+        })
+    }
+
+    /// Calls `f(cg, image)` after each commit has been applied (tests check the image there).
+    pub fn on_commit(mut self, f: impl FnMut(u64, &File) + Send + 'static) -> Self {
+        self.on_commit = Some(Box::new(f));
+        self
+    }
+}
+
+impl ChunkSink for LocalReplica {
+    fn chunk(&mut self, img: ChunkImage) -> io::Result<()> {
+        match self.staged.get(&img.index) {
+            Some((cg, _)) if *cg > img.cg => {}
+            _ => {
+                self.staged.insert(img.index, (img.cg, img.data));
+            }
+        }
+        Ok(())
+    }
+
+    fn commit(&mut self, cg: u64, _frozen_at: SystemTime) -> io::Result<()> {
+        for (index, (_, data)) in self.staged.drain() {
+            self.image.write_all_at(&data, index * self.chunk_size)?;
+        }
+        if let Some(f) = self.on_commit.as_mut() {
+            f(cg, &self.image);
+        }
+        Ok(())
+    }
+}
