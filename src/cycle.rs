@@ -194,8 +194,11 @@ pub struct LocalReplica {
     image: File,
     chunk_size: u64,
     staged: HashMap<u64, (u64, Vec<u8>)>,
-    on_commit: Option<Box<dyn FnMut(u64, &File) + Send>>,
+    on_commit: Option<CommitHook>,
 }
+
+/// Called after a commit was applied to the replica image.
+pub type CommitHook = Box<dyn FnMut(u64, &File) + Send>;
 
 impl LocalReplica {
     /// A replica image at `path` (created/truncated to `size`), with chunks of `chunk_size`.

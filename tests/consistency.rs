@@ -4,6 +4,8 @@
 //! A freeze observer checks that no used-ring update reaches the frontend between freeze and
 //! run.
 
+#![allow(clippy::needless_range_loop)] // the workload indexes queues and slots side by side
+
 mod common;
 
 use std::collections::HashSet;
