@@ -10,7 +10,7 @@ exclude=$(python3 -c "import json;print(json.load(open('$cfg')).get('exclude_pat
 out=$(mktemp)
 # The guest tests run QEMU for minutes; coverage is measured on the library, the protocol,
 # blkio and CLI tests.
-DRBLK_QUICK=1 DRBLK_SKIP_VM=1 cargo tarpaulin --locked --skip-clean --engine ptrace --timeout 600 \
+DRBLK_QUICK=1 DRBLK_SKIP_VM=1 cargo tarpaulin --locked --skip-clean --target-dir target/tarpaulin --engine ptrace --timeout 600 \
     --exclude-files "$exclude" --lib --tests --out Stdout 2>&1 | tee "$out" | tail -n 3
 got=$(grep -oE '^[0-9]+\.[0-9]+% coverage' "$out" | tail -1 | cut -d% -f1)
 [ -n "$got" ] || { echo "coverage: no figure in tarpaulin's output"; exit 1; }

@@ -25,7 +25,7 @@ install_tool() {  # crate version binary
     fi
 }
 if [ "${DRBLK_SKIP_COVERAGE:-0}" != 1 ]; then
-    install_tool cargo-tarpaulin 0.35.1 cargo-tarpaulin
+    install_tool cargo-tarpaulin 0.37.5 cargo-tarpaulin
 fi
 if [ "${DRBLK_SKIP_FUZZ:-0}" != 1 ] && cargo +nightly --version >/dev/null 2>&1; then
     install_tool cargo-fuzz 0.13.2 cargo-fuzz

@@ -9,6 +9,7 @@
 #![deny(missing_docs)]
 
 pub mod backend;
+pub mod bench;
 pub mod blkio_client;
 pub mod cg;
 pub mod cli;

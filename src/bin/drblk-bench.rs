@@ -4,17 +4,14 @@
 //! Backends run pinned to CPU 0 and the client to CPU 1 (cross-CPU wakeups are what a real
 //! VM pays, and pinning makes QD1 figures repeatable). Nothing is asserted: it prints figures.
 
-use std::mem::MaybeUninit;
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Stdio};
 use std::time::{Duration, Instant};
 
 use anyhow::{bail, Context};
-use blkio::Completion;
 use clap::Parser;
-use hdrhistogram::Histogram;
 
-use drblk::blkio_client::{BlkioClient, Op};
+use drblk::bench::{fill_image, pin_self, run_cell, Cell, Figures, Rw};
 
 /// Benchmark drblk against qemu-storage-daemon over vhost-user-blk.
 #[derive(Parser, Debug)]
@@ -37,27 +34,7 @@ struct Args {
     drblk: Option<PathBuf>,
 }
 
-#[derive(Clone, Copy, PartialEq)]
-enum Rw {
-    RandRead,
-    RandWrite,
-}
-
-struct Cell {
-    rw: Rw,
-    qd: usize,
-    queues: usize,
-}
-
-struct Figures {
-    iops: f64,
-    p50_us: f64,
-    p99_us: f64,
-    cpu_per_100k: f64,
-}
-
 struct Backend {
-    name: &'static str,
     child: Child,
     socket: PathBuf,
 }
@@ -66,28 +43,6 @@ impl Drop for Backend {
     fn drop(&mut self) {
         let _ = self.child.kill();
         let _ = self.child.wait();
-    }
-}
-
-fn cpu_seconds(pid: u32) -> f64 {
-    // utime + stime of all threads, in clock ticks (fields 14 and 15 of /proc/pid/stat).
-    let Ok(stat) = std::fs::read_to_string(format!("/proc/{pid}/stat")) else {
-        return 0.0;
-    };
-    let after = stat.rsplit(')').next().unwrap_or("");
-    let f: Vec<&str> = after.split_whitespace().collect();
-    let ticks: f64 = f.get(11).and_then(|s| s.parse().ok()).unwrap_or(0.0)
-        + f.get(12).and_then(|s| s.parse().ok()).unwrap_or(0.0);
-    // SAFETY: sysconf has no memory-safety preconditions.
-    ticks / unsafe { libc::sysconf(libc::_SC_CLK_TCK) } as f64
-}
-
-fn pin_self(cpu: usize) {
-    // SAFETY: a zeroed cpu_set_t is valid; sched_setaffinity on the calling thread.
-    unsafe {
-        let mut set: libc::cpu_set_t = std::mem::zeroed();
-        libc::CPU_SET(cpu, &mut set);
-        libc::sched_setaffinity(0, std::mem::size_of::<libc::cpu_set_t>(), &set);
     }
 }
 
@@ -151,112 +106,7 @@ fn start_backend(
         .spawn()
         .with_context(|| format!("starting {name}"))?;
     wait_socket(&socket, &mut child)?;
-    Ok(Backend {
-        name,
-        child,
-        socket,
-    })
-}
-
-fn run_cell(b: &Backend, cell: &Cell, secs: u64, blocks: u64) -> anyhow::Result<Figures> {
-    const BS: usize = 4096;
-    let mut c = BlkioClient::connect(&b.socket, cell.queues, BS * cell.qd, false)?;
-    let mut hist = Histogram::<u64>::new_with_bounds(1, 10_000_000_000, 3)?;
-    let mut comps: Vec<MaybeUninit<Completion>> = (0..64).map(|_| MaybeUninit::uninit()).collect();
-    let mut started = vec![Instant::now(); cell.qd];
-    let mut rng = 0x2545f4914f6cdd1du64;
-    let mut next_block = move || {
-        rng ^= rng << 13;
-        rng ^= rng >> 7;
-        rng ^= rng << 17;
-        rng % blocks
-    };
-    let op = |slot: usize, blk: u64| match cell.rw {
-        Rw::RandRead => Op::Read {
-            offset: blk * BS as u64,
-            buf: slot * BS,
-            len: BS,
-        },
-        Rw::RandWrite => Op::Write {
-            offset: blk * BS as u64,
-            buf: slot * BS,
-            len: BS,
-        },
-    };
-    // Slot s belongs to queue s % queues.
-    let warmup = Instant::now() + Duration::from_millis(300);
-    let mut measuring = false;
-    let (mut done, mut cpu0, mut t0) = (0u64, 0.0, Instant::now());
-    for (slot, t) in started.iter_mut().enumerate() {
-        *t = Instant::now();
-        c.submit(slot % cell.queues, op(slot, next_block()), slot);
-    }
-    let end_at = warmup + Duration::from_secs(secs);
-    loop {
-        let now = Instant::now();
-        if !measuring && now >= warmup {
-            measuring = true;
-            cpu0 = cpu_seconds(b.child.id());
-            t0 = now;
-        }
-        if now >= end_at {
-            break;
-        }
-        for q in 0..cell.queues {
-            let n = c.poll(q, &mut comps, 0)?;
-            for comp in &comps[..n] {
-                // SAFETY: do_io initialised the first n entries.
-                let comp = unsafe { comp.assume_init_ref() };
-                if comp.ret != 0 {
-                    bail!("{}: request failed: errno {}", b.name, -comp.ret);
-                }
-                let slot = comp.user_data;
-                let t = Instant::now();
-                if measuring {
-                    hist.record((t - started[slot]).as_nanos() as u64)?;
-                    done += 1;
-                }
-                started[slot] = t;
-                c.submit(q, op(slot, next_block()), slot);
-            }
-        }
-    }
-    let elapsed = t0.elapsed().as_secs_f64();
-    let cpu = cpu_seconds(b.child.id()) - cpu0;
-    // Drain what is still in flight before disconnecting.
-    let mut left = cell.qd;
-    let deadline = Instant::now() + Duration::from_secs(5);
-    while left > 0 && Instant::now() < deadline {
-        for q in 0..cell.queues {
-            left -= left.min(c.poll(q, &mut comps, 0)?);
-        }
-    }
-    let iops = done as f64 / elapsed;
-    Ok(Figures {
-        iops,
-        p50_us: hist.value_at_quantile(0.5) as f64 / 1000.0,
-        p99_us: hist.value_at_quantile(0.99) as f64 / 1000.0,
-        cpu_per_100k: if done > 0 {
-            cpu / (done as f64 / 100_000.0)
-        } else {
-            0.0
-        },
-    })
-}
-
-fn fill_image(path: &Path, size: u64) -> anyhow::Result<()> {
-    // 4 KiB writes: an image written with large blocks sits in the page cache as large
-    // folios and makes buffered 4k random writes slower for every backend.
-    use std::io::Write;
-    let mut f = std::fs::File::create(path)?;
-    let mut block = vec![0u8; 4096];
-    for b in 0..size / 4096 {
-        block[..8].copy_from_slice(&b.to_le_bytes());
-        block[8] = 1;
-        f.write_all(&block)?;
-    }
-    f.sync_all()?;
-    Ok(())
+    Ok(Backend { child, socket })
 }
 
 fn main() -> anyhow::Result<()> {
@@ -312,7 +162,13 @@ fn main() -> anyhow::Result<()> {
         };
         let mut row = Vec::new();
         for cell in &cells {
-            let f = run_cell(&backend, cell, args.seconds, size / 4096);
+            let f = run_cell(
+                &backend.socket,
+                backend.child.id(),
+                cell,
+                args.seconds,
+                size / 4096,
+            );
             if let Err(e) = &f {
                 eprintln!("{name}: cell failed: {e:#}");
             }

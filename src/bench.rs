@@ -1,0 +1,180 @@
+//! Shared benchmark machinery: a libblkio workload with latency histograms and backend CPU
+//! accounting, used by `drblk-bench` (drblk versus qemu-storage-daemon) and `drblk-cg-bench`
+//! (consistency groups on versus off).
+
+use std::mem::MaybeUninit;
+use std::path::Path;
+use std::time::{Duration, Instant};
+
+use anyhow::bail;
+use blkio::Completion;
+use hdrhistogram::Histogram;
+
+use crate::blkio_client::{BlkioClient, Op};
+
+/// Read or write.
+#[derive(Clone, Copy, PartialEq, Eq, Debug)]
+pub enum Rw {
+    /// 4 KiB random reads.
+    RandRead,
+    /// 4 KiB random writes.
+    RandWrite,
+}
+
+/// One workload.
+#[derive(Clone, Copy, Debug)]
+pub struct Cell {
+    /// Read or write.
+    pub rw: Rw,
+    /// Requests in flight (spread over the queues).
+    pub qd: usize,
+    /// Queues used.
+    pub queues: usize,
+}
+
+/// What a cell measured.
+#[derive(Clone, Copy, Debug)]
+pub struct Figures {
+    /// Completed requests per second.
+    pub iops: f64,
+    /// Median latency, µs.
+    pub p50_us: f64,
+    /// 99th percentile latency, µs.
+    pub p99_us: f64,
+    /// Backend CPU-seconds per 100k requests.
+    pub cpu_per_100k: f64,
+}
+
+/// CPU seconds (user + system) used so far by process `pid`.
+pub fn cpu_seconds(pid: u32) -> f64 {
+    // utime + stime of all threads, in clock ticks (fields 14 and 15 of /proc/pid/stat).
+    let Ok(stat) = std::fs::read_to_string(format!("/proc/{pid}/stat")) else {
+        return 0.0;
+    };
+    let after = stat.rsplit(')').next().unwrap_or("");
+    let f: Vec<&str> = after.split_whitespace().collect();
+    let ticks: f64 = f.get(11).and_then(|s| s.parse().ok()).unwrap_or(0.0)
+        + f.get(12).and_then(|s| s.parse().ok()).unwrap_or(0.0);
+    // SAFETY: sysconf has no memory-safety preconditions.
+    ticks / unsafe { libc::sysconf(libc::_SC_CLK_TCK) } as f64
+}
+
+/// Pins the calling thread to `cpu`.
+pub fn pin_self(cpu: usize) {
+    // SAFETY: a zeroed cpu_set_t is valid; sched_setaffinity on the calling thread.
+    unsafe {
+        let mut set: libc::cpu_set_t = std::mem::zeroed();
+        libc::CPU_SET(cpu, &mut set);
+        libc::sched_setaffinity(0, std::mem::size_of::<libc::cpu_set_t>(), &set);
+    }
+}
+
+/// Runs `cell` against the backend at `socket` (process `pid`, for CPU accounting) for
+/// `secs` seconds after a 300 ms warm-up.
+pub fn run_cell(
+    socket: &Path,
+    pid: u32,
+    cell: &Cell,
+    secs: u64,
+    blocks: u64,
+) -> anyhow::Result<Figures> {
+    const BS: usize = 4096;
+    let mut c = BlkioClient::connect(socket, cell.queues, BS * cell.qd, false)?;
+    let mut hist = Histogram::<u64>::new_with_bounds(1, 10_000_000_000, 3)?;
+    let mut comps: Vec<MaybeUninit<Completion>> = (0..64).map(|_| MaybeUninit::uninit()).collect();
+    let mut started = vec![Instant::now(); cell.qd];
+    let mut rng = 0x2545f4914f6cdd1du64;
+    let mut next_block = move || {
+        rng ^= rng << 13;
+        rng ^= rng >> 7;
+        rng ^= rng << 17;
+        rng % blocks
+    };
+    let op = |slot: usize, blk: u64| match cell.rw {
+        Rw::RandRead => Op::Read {
+            offset: blk * BS as u64,
+            buf: slot * BS,
+            len: BS,
+        },
+        Rw::RandWrite => Op::Write {
+            offset: blk * BS as u64,
+            buf: slot * BS,
+            len: BS,
+        },
+    };
+    // Slot s belongs to queue s % queues.
+    let warmup = Instant::now() + Duration::from_millis(300);
+    let mut measuring = false;
+    let (mut done, mut cpu0, mut t0) = (0u64, 0.0, Instant::now());
+    for (slot, t) in started.iter_mut().enumerate() {
+        *t = Instant::now();
+        c.submit(slot % cell.queues, op(slot, next_block()), slot);
+    }
+    let end_at = warmup + Duration::from_secs(secs);
+    loop {
+        let now = Instant::now();
+        if !measuring && now >= warmup {
+            measuring = true;
+            cpu0 = cpu_seconds(pid);
+            t0 = now;
+        }
+        if now >= end_at {
+            break;
+        }
+        for q in 0..cell.queues {
+            let n = c.poll(q, &mut comps, 0)?;
+            for comp in &comps[..n] {
+                // SAFETY: do_io initialised the first n entries.
+                let comp = unsafe { comp.assume_init_ref() };
+                if comp.ret != 0 {
+                    bail!("request failed: errno {}", -comp.ret);
+                }
+                let slot = comp.user_data;
+                let t = Instant::now();
+                if measuring {
+                    hist.record((t - started[slot]).as_nanos() as u64)?;
+                    done += 1;
+                }
+                started[slot] = t;
+                c.submit(q, op(slot, next_block()), slot);
+            }
+        }
+    }
+    let elapsed = t0.elapsed().as_secs_f64();
+    let cpu = cpu_seconds(pid) - cpu0;
+    // Drain what is still in flight before disconnecting.
+    let mut left = cell.qd;
+    let deadline = Instant::now() + Duration::from_secs(5);
+    while left > 0 && Instant::now() < deadline {
+        for q in 0..cell.queues {
+            left -= left.min(c.poll(q, &mut comps, 0)?);
+        }
+    }
+    let iops = done as f64 / elapsed;
+    Ok(Figures {
+        iops,
+        p50_us: hist.value_at_quantile(0.5) as f64 / 1000.0,
+        p99_us: hist.value_at_quantile(0.99) as f64 / 1000.0,
+        cpu_per_100k: if done > 0 {
+            cpu / (done as f64 / 100_000.0)
+        } else {
+            0.0
+        },
+    })
+}
+
+/// Creates `path` with `size` bytes written 4 KiB at a time.
+pub fn fill_image(path: &Path, size: u64) -> anyhow::Result<()> {
+    // 4 KiB writes: an image written with large blocks sits in the page cache as large
+    // folios and makes buffered 4k random writes slower for every backend.
+    use std::io::Write;
+    let mut f = std::fs::File::create(path)?;
+    let mut block = vec![0u8; 4096];
+    for b in 0..size / 4096 {
+        block[..8].copy_from_slice(&b.to_le_bytes());
+        block[8] = 1;
+        f.write_all(&block)?;
+    }
+    f.sync_all()?;
+    Ok(())
+}
