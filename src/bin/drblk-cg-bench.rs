@@ -179,7 +179,7 @@ fn main() -> anyhow::Result<()> {
             c.stop()?;
         }
         server.stop()?;
-        let rpo = (rpo.len() > 0).then(|| {
+        let rpo = (!rpo.is_empty()).then(|| {
             (
                 rpo.value_at_quantile(0.5) as f64 / 1000.0,
                 rpo.value_at_quantile(0.99) as f64 / 1000.0,
