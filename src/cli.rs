@@ -26,6 +26,8 @@ pub struct Cli {
 pub enum Command {
     /// Serve a raw disk image to a hypervisor over a vhost-user-blk socket.
     Serve(ServeArgs),
+    /// Talk to a running daemon through its control socket (<socket>.ctl).
+    Ctl(CtlArgs),
     /// Run the built-in demonstration: create a sparse image in a temporary directory, serve
     /// it, drive a short workload through a real vhost-user frontend, and print what happened.
     Demo(DemoArgs),
@@ -97,6 +99,11 @@ pub struct CgArgs {
     #[arg(long)]
     pub consistency_groups: bool,
 
+    /// Keep a crash-consistent replica image on this host: every consistency group is
+    /// applied to PATH when it commits (implies --consistency-groups).
+    #[arg(long, value_name = "PATH")]
+    pub local_replica: Option<PathBuf>,
+
     /// Change-tracking granularity: one bit per chunk of this size (power of two).
     #[arg(long, default_value = "64K", value_parser = parse_size)]
     pub chunk_size: u64,
@@ -126,6 +133,7 @@ impl Default for CgArgs {
     fn default() -> Self {
         CgArgs {
             consistency_groups: false,
+            local_replica: None,
             chunk_size: 64 << 10,
             cg_interval: Duration::from_millis(100),
             max_coordination_time: Duration::from_millis(10),
@@ -159,6 +167,18 @@ pub fn parse_duration(s: &str) -> Result<Duration, String> {
         }
     };
     Ok(Duration::from_secs_f64(secs))
+}
+
+/// `drblk ctl` options.
+#[derive(Debug, Args, Clone)]
+pub struct CtlArgs {
+    /// The daemon's vhost-user socket (its control socket is this path + ".ctl").
+    #[arg(long, value_name = "PATH")]
+    pub socket: PathBuf,
+    /// status: print the daemon's state and figures as JSON; form-cg: form a consistency
+    /// group now; drain: form one last group and wait until it has committed.
+    #[arg(value_parser = ["status", "form-cg", "drain"])]
+    pub command: String,
 }
 
 /// `drblk demo` options.

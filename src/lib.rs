@@ -13,6 +13,7 @@ pub mod bench;
 pub mod blkio_client;
 pub mod cg;
 pub mod cli;
+pub mod control;
 pub mod cycle;
 pub mod daemon;
 pub mod demo;

@@ -19,6 +19,9 @@ fn main() {
     })) {
         Command::Serve(args) => drblk::serve::run(args),
         Command::Demo(args) => drblk::demo::run(args),
+        Command::Ctl(args) => drblk::control::request(&args.socket, &args.command).map(|v| {
+            println!("{}", serde_json::to_string_pretty(&v).unwrap_or_default());
+        }),
     };
     if let Err(e) = result {
         tracing::error!("{e:#}");

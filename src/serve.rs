@@ -8,7 +8,8 @@ use anyhow::Context;
 use crate::backend::{DeviceShared, DeviceStats};
 use crate::cg::{CgConfig, ChunkSource, Engine};
 use crate::cli::ServeArgs;
-use crate::cycle::{ChunkSink, Cycle};
+use crate::control::{control_path, ControlServer, ControlState};
+use crate::cycle::{ChunkSink, Cycle, LocalReplica};
 use crate::daemon::{self, BoundSocket, Shutdown};
 use crate::executor::Executor;
 use crate::queue_worker::WorkerOptions;
@@ -18,6 +19,8 @@ use crate::virtio_blk::DeviceLimits;
 /// A daemon running in a thread of this process (the CLI, the demo and tests use it).
 pub struct Server {
     shared: Arc<DeviceShared>,
+    control: Arc<ControlState>,
+    _control_server: ControlServer,
     shutdown: Shutdown,
     thread: Option<JoinHandle<anyhow::Result<()>>>,
 }
@@ -34,7 +37,7 @@ impl Server {
             args.queue_size,
             disk.readonly(),
         );
-        let engine = if args.cg.consistency_groups {
+        let engine = if args.cg.consistency_groups || args.cg.local_replica.is_some() {
             let cfg = CgConfig {
                 disk_size: disk.size(),
                 chunk_size: args.cg.chunk_size,
@@ -68,6 +71,18 @@ impl Server {
             socket = %args.socket.display(),
             "serving"
         );
+        let control = Arc::new(ControlState {
+            shared: shared.clone(),
+            cycle: std::sync::Mutex::new(None),
+        });
+        if let (Some(path), Some(engine)) = (&args.cg.local_replica, shared.executor.engine()) {
+            let replica = LocalReplica::create(path, disk.size(), args.cg.chunk_size)
+                .with_context(|| format!("creating the local replica {}", path.display()))?;
+            tracing::info!(replica = %path.display(), interval = ?args.cg.cg_interval, "keeping a local crash-consistent replica");
+            let cycle = Cycle::start(engine.clone(), Box::new(replica), args.cg.cg_interval);
+            *control.cycle.lock().expect("cycle lock") = Some(cycle);
+        }
+        let control_server = ControlServer::start(&control_path(&args.socket), control.clone())?;
         let shutdown = Shutdown::default();
         let (s2, sd2) = (shared.clone(), shutdown.clone());
         let thread = std::thread::Builder::new()
@@ -76,6 +91,8 @@ impl Server {
             .context("spawning the accept thread")?;
         Ok(Server {
             shared,
+            control,
+            _control_server: control_server,
             shutdown,
             thread: Some(thread),
         })
@@ -108,6 +125,11 @@ impl Server {
         self.shutdown.clone()
     }
 
+    /// The daemon's status (what `drblk ctl status` prints).
+    pub fn status(&self) -> serde_json::Value {
+        crate::control::status(&self.control)
+    }
+
     /// Waits until the server stops (after a shutdown request).
     pub fn join(mut self) -> anyhow::Result<()> {
         match self.thread.take() {
@@ -115,7 +137,11 @@ impl Server {
                 .join()
                 .map_err(|_| anyhow::anyhow!("the accept thread panicked"))?,
             None => Ok(()),
+        }?;
+        if let Some(c) = self.control.cycle.lock().expect("cycle lock").take() {
+            c.stop()?;
         }
+        Ok(())
     }
 
     /// Stops the server and waits for it.

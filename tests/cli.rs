@@ -160,3 +160,86 @@ fn sigterm_with_a_connected_frontend_flushes_and_exits() {
     let image = std::fs::read(dir.path().join("d.img")).unwrap();
     assert_eq!(&image[8192..12288], &[0x3cu8; 4096][..]);
 }
+
+#[test]
+fn local_replica_drain_makes_it_identical_and_status_reports_figures() {
+    let dir = tempfile::tempdir().unwrap();
+    let replica = dir.path().join("replica.img");
+    let mut d = serve(
+        dir.path(),
+        &[
+            "--size",
+            "8M",
+            "--queues",
+            "2",
+            "--local-replica",
+            replica.to_str().unwrap(),
+            "--cg-interval",
+            "20ms",
+        ],
+    );
+    let sock = dir.path().join("d.sock");
+    wait_for_socket(&sock, &mut d);
+    let mut c = drblk::blkio_client::BlkioClient::connect(&sock, 2, 1 << 20, false).unwrap();
+    for i in 0..64u64 {
+        c.buf()[..65536].fill(i as u8 + 1);
+        let q = (i % 2) as usize;
+        c.run(
+            q,
+            drblk::blkio_client::Op::Write {
+                offset: (i * 7919 % 120) * 65536,
+                buf: 0,
+                len: 65536,
+            },
+        )
+        .unwrap();
+    }
+    let ctl = |cmd: &str| {
+        let out = Command::new(BIN)
+            .args(["ctl", "--socket"])
+            .arg(&sock)
+            .arg(cmd)
+            .output()
+            .unwrap();
+        assert!(
+            out.status.success(),
+            "ctl {cmd}: {}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+        serde_json::from_slice::<serde_json::Value>(&out.stdout).unwrap()
+    };
+    let drained = ctl("drain");
+    assert!(drained["cg"].as_u64().unwrap() >= 1, "{drained}");
+    assert_eq!(
+        std::fs::read(dir.path().join("d.img")).unwrap(),
+        std::fs::read(&replica).unwrap(),
+        "after a drain the replica equals the primary"
+    );
+    let status = ctl("status");
+    assert!(status["cg"]["committed"].as_u64().unwrap() >= 1, "{status}");
+    assert!(
+        status["cg"]["freeze_us"]["max"].as_f64().is_some(),
+        "{status}"
+    );
+    assert!(
+        status["replication"]["rpo_ms"].as_f64().is_some(),
+        "{status}"
+    );
+    drop(c);
+    // SAFETY: kill(2) on our own child process.
+    unsafe { libc::kill(d.id() as i32, libc::SIGTERM) };
+    assert!(wait_exit(&mut d, 10).success());
+}
+
+#[test]
+fn ctl_without_a_daemon_says_what_to_do() {
+    let dir = tempfile::tempdir().unwrap();
+    let out = Command::new(BIN)
+        .args(["ctl", "--socket"])
+        .arg(dir.path().join("none.sock"))
+        .arg("status")
+        .output()
+        .unwrap();
+    assert_eq!(out.status.code(), Some(1));
+    assert!(String::from_utf8_lossy(&out.stderr).contains("is `drblk serve"));
+}
