@@ -12,7 +12,9 @@ use std::sync::atomic::Ordering;
 use std::time::{Duration, Instant};
 
 use anyhow::{bail, Context};
-use vhost::vhost_user::message::{VhostUserConfigFlags, VhostUserProtocolFeatures};
+use vhost::vhost_user::message::{
+    VhostUserConfigFlags, VhostUserHeaderFlag, VhostUserProtocolFeatures,
+};
 use vhost::vhost_user::{Frontend, VhostUserFrontend};
 use vhost::{VhostBackend, VhostUserMemoryRegionInfo, VringConfigData};
 use virtio_bindings::virtio_ring::VIRTIO_RING_F_EVENT_IDX;
@@ -132,6 +134,9 @@ impl TestFrontend {
                     | VhostUserProtocolFeatures::REPLY_ACK
                     | VhostUserProtocolFeatures::CONFIGURE_MEM_SLOTS),
         )?;
+        // Every later message waits for the backend's acknowledgement (REPLY_ACK), so a test's
+        // next step never races the backend's handling of the previous message.
+        frontend.set_hdr_flags(VhostUserHeaderFlag::NEED_REPLY);
         frontend.set_owner()?;
         let mut tf = TestFrontend {
             frontend,
