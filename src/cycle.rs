@@ -23,6 +23,13 @@ pub trait ChunkSink: Send {
     fn chunk(&mut self, img: ChunkImage) -> io::Result<()>;
     /// Makes CG `cg` durable and visible as a whole; returns once it is.
     fn commit(&mut self, cg: u64, frozen_at: SystemTime) -> io::Result<()>;
+    /// Called after `chunk` or `commit` failed (the engine has already merged everything
+    /// uncommitted back into its dirty set): get ready to ship again, e.g. reconnect with
+    /// backoff. Return an error to end the cycle; check `stop` while waiting.
+    fn recover(&mut self, error: &io::Error, stop: &AtomicBool) -> io::Result<()> {
+        let _ = stop;
+        Err(io::Error::new(error.kind(), error.to_string()))
+    }
 }
 
 /// Figures of the cycle, readable while it runs.
@@ -138,7 +145,12 @@ fn run(
                 continue;
             }
         };
-        drain_and_commit(engine, sink, formed.cg, frozen_at, stats)?;
+        if let Err(e) = drain_and_commit(engine, sink, formed.cg, frozen_at, stats) {
+            tracing::warn!(cg = formed.cg, error = %e, "shipping the consistency group failed");
+            // Everything not committed goes back into the dirty set and ships again later.
+            engine.link_lost();
+            sink.recover(&e, stop)?;
+        }
     }
     Ok(())
 }

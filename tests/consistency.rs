@@ -244,10 +244,12 @@ fn a_thousand_cgs_of_dependent_writes_are_all_consistent() {
         "only {} CGs committed in time",
         o.commits
     );
-    assert!(
-        o.stats.chunks_preserved > 0,
-        "the workload must exercise copy-on-write"
-    );
+    if !quick() {
+        assert!(
+            o.stats.chunks_preserved > 0,
+            "the workload must exercise copy-on-write"
+        );
+    }
     assert_eq!(
         o.frozen_used_changes, 0,
         "a used-ring update reached the frontend during a freeze"
@@ -268,10 +270,12 @@ fn a_tiny_cow_cache_abandons_cgs_but_commits_stay_consistent() {
         "{:#?}",
         &o.violations[..o.violations.len().min(5)]
     );
-    assert!(
-        o.stats.abandoned_cache_full > 0,
-        "the tiny cache must force abandonments"
-    );
+    if !quick() {
+        assert!(
+            o.stats.abandoned_cache_full > 0,
+            "the tiny cache must force abandonments"
+        );
+    }
     assert!(o.commits >= min_cgs(100));
 }
 

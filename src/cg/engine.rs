@@ -841,6 +841,18 @@ impl Engine {
         );
     }
 
+    /// Continues CG numbering after `last_committed`, the last CG the secondary committed
+    /// (a restarted primary, or a secondary that was ahead): the next CG formed is numbered
+    /// above it, so the secondary never mistakes new data for a CG it already has.
+    pub fn resume_numbering(&self, last_committed: u64) {
+        let mut c = lock(&self.central);
+        if c.next_cg <= last_committed {
+            c.next_cg = last_committed + 1;
+            c.first_uncommitted = c.next_cg;
+            c.last_committed = last_committed;
+        }
+    }
+
     /// Marks every chunk dirty (initial full copy, or resynchronisation from scratch). During
     /// a strict CG the chunks are marked in CR (the next CG ships them), keeping the CG
     /// consistent.
