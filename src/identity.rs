@@ -1,0 +1,78 @@
+//! A disk's replication identity: a random UUID kept next to the image
+//! (`<image>.drblk-id`), so a secondary can tell "the same disk" from "another disk that
+//! happens to have the same size" and refuse to overwrite the wrong one.
+
+use std::io;
+use std::path::{Path, PathBuf};
+
+/// The identity file of an image.
+pub fn identity_path(image: &Path) -> PathBuf {
+    let mut p = image.as_os_str().to_owned();
+    p.push(".drblk-id");
+    PathBuf::from(p)
+}
+
+/// Formats a UUID as 32 hex digits.
+pub fn uuid_hex(uuid: &[u8; 16]) -> String {
+    uuid.iter().map(|b| format!("{b:02x}")).collect()
+}
+
+/// Parses 32 hex digits.
+pub fn parse_uuid(s: &str) -> Option<[u8; 16]> {
+    let s = s.trim();
+    if s.len() != 32 {
+        return None;
+    }
+    let mut out = [0u8; 16];
+    for (i, b) in out.iter_mut().enumerate() {
+        *b = u8::from_str_radix(s.get(i * 2..i * 2 + 2)?, 16).ok()?;
+    }
+    Some(out)
+}
+
+/// Reads the image's identity, creating a fresh random one if it has none.
+pub fn load_or_create(image: &Path) -> io::Result<[u8; 16]> {
+    let path = identity_path(image);
+    match std::fs::read_to_string(&path) {
+        Ok(s) => parse_uuid(&s).ok_or_else(|| {
+            io::Error::new(
+                io::ErrorKind::InvalidData,
+                format!(
+                    "{} does not hold a disk identity (32 hex digits)",
+                    path.display()
+                ),
+            )
+        }),
+        Err(e) if e.kind() == io::ErrorKind::NotFound => {
+            let mut uuid = [0u8; 16];
+            // SAFETY: getrandom writes at most 16 bytes into the 16-byte buffer.
+            let n = unsafe { libc::getrandom(uuid.as_mut_ptr().cast(), 16, 0) };
+            if n != 16 {
+                return Err(io::Error::last_os_error());
+            }
+            let tmp = path.with_extension("drblk-id.tmp");
+            std::fs::write(&tmp, uuid_hex(&uuid) + "\n")?;
+            std::fs::rename(&tmp, &path)?;
+            tracing::info!(disk = %image.display(), id = %uuid_hex(&uuid), "new disk identity");
+            Ok(uuid)
+        }
+        Err(e) => Err(e),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn identity_is_created_once_and_kept() {
+        let dir = tempfile::tempdir().unwrap();
+        let img = dir.path().join("d.img");
+        let a = load_or_create(&img).unwrap();
+        let b = load_or_create(&img).unwrap();
+        assert_eq!(a, b);
+        assert_eq!(parse_uuid(&uuid_hex(&a)), Some(a));
+        std::fs::write(identity_path(&img), "junk").unwrap();
+        assert!(load_or_create(&img).is_err());
+    }
+}
