@@ -26,6 +26,10 @@ pub struct Cli {
 pub enum Command {
     /// Serve a raw disk image to a hypervisor over a vhost-user-blk socket.
     Serve(ServeArgs),
+    /// Receive a replicated disk from a primary and keep a crash-consistent replica.
+    Secondary(SecondaryArgs),
+    /// Create a CA and per-site certificates for the replication link (quick start).
+    Cert(CertArgs),
     /// Talk to a running daemon through its control socket (<socket>.ctl).
     Ctl(CtlArgs),
     /// Run the built-in demonstration: create a sparse image in a temporary directory, serve
@@ -89,6 +93,44 @@ pub struct ServeArgs {
     /// Consistency-group options (used when the disk is replicated).
     #[command(flatten)]
     pub cg: CgArgs,
+
+    /// Replication options.
+    #[command(flatten)]
+    pub replication: ReplicationArgs,
+}
+
+/// Where and how the primary replicates.
+#[derive(Debug, Args, Clone, Default)]
+#[command(next_help_heading = "Replication")]
+pub struct ReplicationArgs {
+    /// Replicate the disk to the secondary listening at HOST:PORT (UDP, QUIC). Implies
+    /// --consistency-groups.
+    #[arg(long, value_name = "HOST:PORT")]
+    pub replicate_to: Option<String>,
+
+    /// Directory with ca.pem and this site's <site>.pem/<site>.key (see `drblk cert`).
+    #[arg(long, value_name = "DIR", default_value = "drblk-certs")]
+    pub certs: PathBuf,
+
+    /// This site's name (its certificate's name).
+    #[arg(long, default_value = "primary")]
+    pub site: String,
+
+    /// The secondary's site name: its certificate must carry it.
+    #[arg(long, default_value = "secondary")]
+    pub peer_site: String,
+
+    /// Limit replication traffic to this many bytes per second (K/M/G suffixes).
+    #[arg(long, value_name = "RATE", value_parser = parse_size)]
+    pub max_rate: Option<u64>,
+
+    /// Compress chunk data (lz4) on the link.
+    #[arg(long)]
+    pub compress: bool,
+
+    /// Parallel QUIC streams for chunk data.
+    #[arg(long, default_value_t = 4, value_parser = clap::value_parser!(u8).range(1..=16))]
+    pub data_streams: u8,
 }
 
 /// How consistency groups are formed.
@@ -167,6 +209,62 @@ pub fn parse_duration(s: &str) -> Result<Duration, String> {
         }
     };
     Ok(Duration::from_secs_f64(secs))
+}
+
+/// `drblk secondary` options.
+#[derive(Debug, Args, Clone)]
+pub struct SecondaryArgs {
+    /// UDP address to listen on for the primary.
+    #[arg(long, value_name = "ADDR", default_value = "0.0.0.0:7700")]
+    pub listen: String,
+
+    /// The replica image (created sparse at the primary's disk size).
+    #[arg(long, value_name = "PATH")]
+    pub disk: PathBuf,
+
+    /// Directory for the staging journal and the replica's state (default: <disk>.state).
+    #[arg(long, value_name = "DIR")]
+    pub state_dir: Option<PathBuf>,
+
+    /// Directory with ca.pem and this site's <site>.pem/<site>.key (see `drblk cert`).
+    #[arg(long, value_name = "DIR", default_value = "drblk-certs")]
+    pub certs: PathBuf,
+
+    /// This site's name (its certificate's name).
+    #[arg(long, default_value = "secondary")]
+    pub site: String,
+
+    /// Accept only a primary whose certificate carries this site name.
+    #[arg(long, default_value = "primary")]
+    pub peer_site: String,
+}
+
+impl SecondaryArgs {
+    /// The state directory.
+    pub fn state_dir(&self) -> PathBuf {
+        self.state_dir.clone().unwrap_or_else(|| {
+            let mut p = self.disk.as_os_str().to_owned();
+            p.push(".state");
+            PathBuf::from(p)
+        })
+    }
+}
+
+/// `drblk cert` options.
+#[derive(Debug, Args, Clone)]
+pub struct CertArgs {
+    /// Directory to write ca.pem/ca.key and <site>.pem/<site>.key into (an existing CA in it
+    /// is reused).
+    #[arg(long, value_name = "DIR", default_value = "drblk-certs")]
+    pub dir: PathBuf,
+
+    /// Sites to issue certificates for.
+    #[arg(long, value_delimiter = ',', default_value = "primary,secondary")]
+    pub sites: Vec<String>,
+
+    /// Replace existing site certificates.
+    #[arg(long)]
+    pub overwrite: bool,
 }
 
 /// `drblk ctl` options.

@@ -17,6 +17,7 @@ use serde_json::{json, Value};
 
 use crate::backend::DeviceShared;
 use crate::cycle::Cycle;
+use crate::replication::LinkStatus;
 
 /// The control socket path for a vhost-user socket path.
 pub fn control_path(socket: &Path) -> PathBuf {
@@ -31,6 +32,8 @@ pub struct ControlState {
     pub shared: Arc<DeviceShared>,
     /// The consistency-group cycle, if one runs.
     pub cycle: Mutex<Option<Cycle>>,
+    /// The replication link, if the disk is replicated.
+    pub link: Mutex<Option<Arc<LinkStatus>>>,
 }
 
 /// A running control socket; removed on drop.
@@ -159,6 +162,14 @@ pub fn status(state: &ControlState) -> Value {
             "rpo_ms": if frozen > 0 { Some(now.saturating_sub(frozen) as f64 / 1e3) } else { None },
             "chunks_shipped": cs.chunks_shipped.load(Ordering::Relaxed),
             "bytes_shipped": cs.bytes_shipped.load(Ordering::Relaxed),
+        });
+    }
+    if let Some(link) = state.link.lock().expect("link lock").as_ref() {
+        v["link"] = json!({
+            "connected": link.connected.load(Ordering::SeqCst),
+            "secondary": link.remote_state.lock().expect("status lock").clone(),
+            "connects": link.connects.load(Ordering::Relaxed),
+            "full_resyncs": link.full_resyncs.load(Ordering::Relaxed),
         });
     }
     v

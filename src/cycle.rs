@@ -149,7 +149,12 @@ fn run(
             tracing::warn!(cg = formed.cg, error = %e, "shipping the consistency group failed");
             // Everything not committed goes back into the dirty set and ships again later.
             engine.link_lost();
-            sink.recover(&e, stop)?;
+            if let Err(e) = sink.recover(&e, stop) {
+                if stop.load(Ordering::SeqCst) {
+                    break;
+                }
+                return Err(e);
+            }
         }
     }
     Ok(())

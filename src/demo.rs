@@ -47,6 +47,7 @@ pub fn run(args: DemoArgs) -> anyhow::Result<()> {
         poll_us: 0,
         socket_mode: 0o600,
         cg: Default::default(),
+        replication: Default::default(),
     };
     let server = Server::start(&serve)?;
 

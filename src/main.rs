@@ -19,6 +19,24 @@ fn main() {
     })) {
         Command::Serve(args) => drblk::serve::run(args),
         Command::Demo(args) => drblk::demo::run(args),
+        Command::Secondary(args) => drblk::secondary_site::run(args),
+        Command::Cert(args) => {
+            let sites: Vec<&str> = args.sites.iter().map(String::as_str).collect();
+            drblk::link::certs::generate(&args.dir, &sites, args.overwrite)
+                .map(|g| {
+                    println!(
+                        "{} CA in {}; wrote {}",
+                        if g.new_ca { "created a" } else { "reused the" },
+                        args.dir.display(),
+                        g.files
+                            .iter()
+                            .map(|f| f.display().to_string())
+                            .collect::<Vec<_>>()
+                            .join(", ")
+                    );
+                })
+                .map_err(anyhow::Error::from)
+        }
         Command::Ctl(args) => drblk::control::request(&args.socket, &args.command).map(|v| {
             println!("{}", serde_json::to_string_pretty(&v).unwrap_or_default());
         }),

@@ -12,7 +12,9 @@ use crate::control::{control_path, ControlServer, ControlState};
 use crate::cycle::{ChunkSink, Cycle, LocalReplica};
 use crate::daemon::{self, BoundSocket, Shutdown};
 use crate::executor::Executor;
+use crate::link::{ClientConfig, DiskInfo, SiteIdentity};
 use crate::queue_worker::WorkerOptions;
+use crate::replication::{LinkStatus, Replicator};
 use crate::storage::Disk;
 use crate::virtio_blk::DeviceLimits;
 
@@ -37,7 +39,8 @@ impl Server {
             args.queue_size,
             disk.readonly(),
         );
-        let engine = if args.cg.consistency_groups || args.cg.local_replica.is_some() {
+        let replicate = args.replication.replicate_to.is_some();
+        let engine = if args.cg.consistency_groups || args.cg.local_replica.is_some() || replicate {
             let cfg = CgConfig {
                 disk_size: disk.size(),
                 chunk_size: args.cg.chunk_size,
@@ -74,6 +77,7 @@ impl Server {
         let control = Arc::new(ControlState {
             shared: shared.clone(),
             cycle: std::sync::Mutex::new(None),
+            link: std::sync::Mutex::new(None),
         });
         if let (Some(path), Some(engine)) = (&args.cg.local_replica, shared.executor.engine()) {
             let replica = LocalReplica::create(path, disk.size(), args.cg.chunk_size)
@@ -81,6 +85,15 @@ impl Server {
             tracing::info!(replica = %path.display(), interval = ?args.cg.cg_interval, "keeping a local crash-consistent replica");
             let cycle = Cycle::start(engine.clone(), Box::new(replica), args.cg.cg_interval);
             *control.cycle.lock().expect("cycle lock") = Some(cycle);
+        }
+        if let (Some(target), Some(engine)) =
+            (&args.replication.replicate_to, shared.executor.engine())
+        {
+            let (replicator, link) = replicator_for(args, &disk, target, engine.clone())?;
+            tracing::info!(secondary = %replicator.peer(), interval = ?args.cg.cg_interval, "replicating");
+            let cycle = Cycle::start(engine.clone(), Box::new(replicator), args.cg.cg_interval);
+            *control.cycle.lock().expect("cycle lock") = Some(cycle);
+            *control.link.lock().expect("link lock") = Some(link);
         }
         let control_server = ControlServer::start(&control_path(&args.socket), control.clone())?;
         let shutdown = Shutdown::default();
@@ -158,6 +171,41 @@ impl Drop for Server {
             let _ = t.join();
         }
     }
+}
+
+/// Builds the link client for `--replicate-to`.
+fn replicator_for(
+    args: &ServeArgs,
+    disk: &Disk,
+    target: &str,
+    engine: Arc<Engine>,
+) -> anyhow::Result<(Replicator, Arc<LinkStatus>)> {
+    let r = &args.replication;
+    let addr = crate::secondary_site::resolve(target)?;
+    let identity = SiteIdentity::load(&r.certs, &r.site).with_context(|| {
+        format!(
+            "loading this site's certificate ({}/{}.pem); create one with `drblk cert --dir {} --sites {},{}`",
+            r.certs.display(),
+            r.site,
+            r.certs.display(),
+            r.site,
+            r.peer_site
+        )
+    })?;
+    let uuid = crate::identity::load_or_create(disk.path())?;
+    let info = DiskInfo {
+        uuid,
+        size: disk.size(),
+        chunk_size: u32::try_from(args.cg.chunk_size).context("--chunk-size is too large")?,
+    };
+    info.validate()?;
+    let mut cfg = ClientConfig::new(identity, addr, &r.peer_site, info);
+    cfg.max_rate = r.max_rate;
+    cfg.compress = r.compress;
+    cfg.data_streams = usize::from(r.data_streams);
+    let rep = Replicator::new(cfg, engine);
+    let status = rep.status();
+    Ok((rep, status))
 }
 
 /// Runs `drblk serve` until SIGINT/SIGTERM.

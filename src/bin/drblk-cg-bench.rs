@@ -107,6 +107,7 @@ fn main() -> anyhow::Result<()> {
                 consistency_groups: mode.is_some(),
                 ..CgArgs::default()
             },
+            replication: Default::default(),
         };
         let server = Server::start(&serve)?;
         let cycle = match mode {

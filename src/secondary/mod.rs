@@ -818,3 +818,30 @@ impl ReplicaStore {
         }
     }
 }
+
+/// Identity of the replica stored in `state_dir`, if there is one.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct StoredIdentity {
+    /// Disk identity.
+    pub uuid: [u8; 16],
+    /// Disk size.
+    pub disk_size: u64,
+    /// Chunk size.
+    pub chunk_size: u64,
+}
+
+/// Reads the identity of the replica kept in `state_dir` (None: no replica there yet).
+pub fn stored_identity(state_dir: &Path) -> Result<Option<StoredIdentity>> {
+    let Some(st) = state::read(state_dir)? else {
+        return Ok(None);
+    };
+    let uuid = crate::identity::parse_uuid(&st.disk_uuid).ok_or_else(|| Error::StateFile {
+        path: state_dir.join(state::STATE_FILE),
+        detail: format!("bad disk uuid {:?}", st.disk_uuid),
+    })?;
+    Ok(Some(StoredIdentity {
+        uuid,
+        disk_size: st.disk_size,
+        chunk_size: st.chunk_size,
+    }))
+}

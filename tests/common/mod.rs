@@ -29,6 +29,7 @@ pub fn serve_args(dir: &Path, size: u64) -> ServeArgs {
         poll_us: 0,
         socket_mode: 0o600,
         cg: Default::default(),
+        replication: Default::default(),
     }
 }
 

@@ -1,0 +1,559 @@
+//! Wire protocol of the replication link: messages, framing and limits.
+//!
+//! # Framing
+//!
+//! Every message travels in one frame:
+//!
+//! ```text
+//! +----------------+---------------------------+-------------------------+
+//! | len: u32 LE    | payload: `len` bytes      | crc32c(payload): u32 LE |
+//! +----------------+---------------------------+-------------------------+
+//! ```
+//!
+//! The payload is a [`Message`] encoded with `postcard` (compact, varint integers, enum
+//! variants as a varint index, byte strings as length + raw bytes so chunk data is copied
+//! once and can be borrowed on decode). A frame whose `len` exceeds the limit of the stream
+//! it arrives on (at most [`MAX_FRAME_LEN`]), whose checksum does not match, or whose payload
+//! does not decode is a protocol error: the receiver logs it and closes the connection.
+//!
+//! # Streams
+//!
+//! * **Control stream** — one bidirectional stream opened by the primary. It carries
+//!   `Hello` → `HelloAck`/`Reject`, then `Commit` → `CommitAck`/`CommitFailed`,
+//!   `StatusRequest` → `Status`, `Heartbeat` → `HeartbeatAck`, and `Progress`.
+//! * **Data streams** — N unidirectional streams opened by the primary after `HelloAck`,
+//!   carrying only `Chunk` frames. A chunk goes on stream `index % N`, so two versions of the
+//!   same chunk are always delivered in the order they were sent.
+//!
+//! # Ordering of chunks and commits
+//!
+//! Streams are independent, so a `Commit` may overtake chunks sent before it. The rule:
+//! `Commit { cg, chunk_count }` covers every chunk labelled with a CG `<= cg` that was sent on
+//! this connection and not covered by an earlier commit, and `chunk_count` is their number.
+//! The secondary processes the commit only once it has handed exactly that many such chunks
+//! to its sink (it waits for stragglers, bounded in time); receiving more is a protocol
+//! error. Chunks labelled with a later CG may arrive meanwhile and are not counted. This also
+//! covers an abandoned CG: its chunks simply ride along with the next commit.
+//!
+//! # Versioning
+//!
+//! `Hello` is variant 0 of [`Message`] and its first two fields (`magic`, `protocol_version`)
+//! are frozen forever, so a peer of any version can read them and answer a mismatch with a
+//! clear `Reject` (the reason is also carried in the QUIC close reason as plain UTF-8).
+//! New messages are appended as new variants and require a protocol version bump.
+
+use serde::{Deserialize, Serialize};
+
+/// Version of this wire protocol; both sides must use the same one.
+pub const PROTOCOL_VERSION: u16 = 1;
+
+/// Magic number at the start of `Hello` ("DRBK").
+pub const HELLO_MAGIC: u32 = 0x4452_424B;
+
+/// ALPN protocol identifier negotiated by TLS on both sides.
+pub const ALPN: &[u8] = b"drblk/1";
+
+/// Hard upper bound of any frame payload (64 MiB).
+pub const MAX_FRAME_LEN: usize = 64 << 20;
+
+/// Upper bound of a frame on the control stream (control messages are small).
+pub const MAX_CONTROL_FRAME_LEN: usize = 64 << 10;
+
+/// Largest chunk size the link accepts (16 MiB).
+pub const MAX_CHUNK_SIZE: u32 = 16 << 20;
+
+/// Smallest chunk size the link accepts (4 KiB).
+pub const MIN_CHUNK_SIZE: u32 = 4 << 10;
+
+/// Bytes of a frame around its payload (length prefix and checksum).
+pub const FRAME_OVERHEAD: usize = 8;
+
+/// Bytes a `Chunk` message adds to its data, at most (variant, cg, index, tags, lengths).
+pub const CHUNK_HEADER_MAX: usize = 48;
+
+/// Longest site name or reason string carried on the wire.
+pub const MAX_TEXT_LEN: usize = 1024;
+
+/// QUIC application close codes used by the link.
+pub mod close_code {
+    /// Orderly shutdown by either side.
+    pub const NORMAL: u32 = 0;
+    /// The secondary rejected the handshake (reason in the close reason).
+    pub const REJECTED: u32 = 1;
+    /// A peer sent a malformed or unexpected message.
+    pub const PROTOCOL_ERROR: u32 = 2;
+    /// The secondary's storage failed to accept data.
+    pub const SINK_ERROR: u32 = 3;
+    /// The server is shutting down.
+    pub const SHUTDOWN: u32 = 4;
+    /// The peer's certificate is not for the expected site.
+    pub const UNAUTHORIZED: u32 = 5;
+}
+
+/// Replication state of the secondary.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+pub enum ReplicaState {
+    /// Initial full copy in progress: inconsistent, `done` of `total` chunks received.
+    Syncing {
+        /// Chunks of the initial copy received so far.
+        done: u64,
+        /// Chunks of the initial copy in total.
+        total: u64,
+    },
+    /// Holds a crash-consistent image as of CG `cg`.
+    Consistent {
+        /// Last committed consistency group.
+        cg: u64,
+    },
+    /// Promoted to a writable primary; it no longer accepts replication.
+    Promoted,
+}
+
+impl ReplicaState {
+    /// Progress of an initial sync in percent (100 when not syncing).
+    pub fn percent(&self) -> f64 {
+        match *self {
+            ReplicaState::Syncing { done, total } if total > 0 => {
+                (done.min(total) as f64) * 100.0 / total as f64
+            }
+            ReplicaState::Syncing { .. } => 0.0,
+            _ => 100.0,
+        }
+    }
+}
+
+impl std::fmt::Display for ReplicaState {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self {
+            ReplicaState::Syncing { .. } => write!(f, "syncing {:.1} %", self.percent()),
+            ReplicaState::Consistent { cg } => write!(f, "consistent at CG {cg}"),
+            ReplicaState::Promoted => write!(f, "promoted"),
+        }
+    }
+}
+
+/// The primary's opening message on the control stream.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Hello {
+    /// Always [`HELLO_MAGIC`]. Frozen: must stay the first field.
+    pub magic: u32,
+    /// Always [`PROTOCOL_VERSION`] of the sender. Frozen: must stay the second field.
+    pub protocol_version: u16,
+    /// Identity of the replicated disk.
+    pub disk_uuid: [u8; 16],
+    /// Disk size in bytes.
+    pub disk_size: u64,
+    /// Tracking/shipping granularity in bytes.
+    pub chunk_size: u32,
+    /// Last CG the primary knows to be committed on the secondary (`None`: never).
+    pub last_committed_cg: Option<u64>,
+    /// Name of the sending site (as in its certificate).
+    pub site: String,
+}
+
+/// The secondary's acceptance of a `Hello`.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct HelloAck {
+    /// The secondary's protocol version (equal to the primary's when accepted).
+    pub protocol_version: u16,
+    /// Last CG committed on the secondary (`None`: never).
+    pub last_committed_cg: Option<u64>,
+    /// The secondary's replication state.
+    pub state: ReplicaState,
+    /// Name of the answering site.
+    pub site: String,
+}
+
+/// Why a secondary refused a connection.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub enum RejectReason {
+    /// The peers speak different protocol versions.
+    VersionMismatch {
+        /// Version of the secondary.
+        ours: u16,
+        /// Version of the primary.
+        theirs: u16,
+    },
+    /// The primary replicates a different disk.
+    DiskUuidMismatch {
+        /// Disk identity held by the secondary.
+        ours: [u8; 16],
+        /// Disk identity announced by the primary.
+        theirs: [u8; 16],
+    },
+    /// The disk sizes differ.
+    DiskSizeMismatch {
+        /// Size held by the secondary.
+        ours: u64,
+        /// Size announced by the primary.
+        theirs: u64,
+    },
+    /// The chunk sizes differ.
+    ChunkSizeMismatch {
+        /// Chunk size of the secondary.
+        ours: u32,
+        /// Chunk size announced by the primary.
+        theirs: u32,
+    },
+    /// The secondary already serves a primary connection.
+    Busy,
+    /// The secondary was promoted and no longer accepts replication.
+    Promoted,
+    /// Anything else, explained in text.
+    Other(String),
+}
+
+fn hex(u: &[u8; 16]) -> String {
+    u.iter().map(|b| format!("{b:02x}")).collect()
+}
+
+impl std::fmt::Display for RejectReason {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self {
+            RejectReason::VersionMismatch { ours, theirs } => write!(
+                f,
+                "protocol version mismatch: secondary speaks v{ours}, primary v{theirs}"
+            ),
+            RejectReason::DiskUuidMismatch { ours, theirs } => write!(
+                f,
+                "disk uuid mismatch: secondary holds {}, primary sends {}",
+                hex(ours),
+                hex(theirs)
+            ),
+            RejectReason::DiskSizeMismatch { ours, theirs } => write!(
+                f,
+                "disk size mismatch: secondary holds {ours} bytes, primary sends {theirs} bytes"
+            ),
+            RejectReason::ChunkSizeMismatch { ours, theirs } => write!(
+                f,
+                "chunk size mismatch: secondary uses {ours} bytes, primary {theirs} bytes"
+            ),
+            RejectReason::Busy => write!(f, "secondary already serves a primary connection"),
+            RejectReason::Promoted => write!(f, "secondary was promoted; replication refused"),
+            RejectReason::Other(s) => write!(f, "{s}"),
+        }
+    }
+}
+
+/// Chunk content as carried on the wire.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+pub enum WirePayload<'a> {
+    /// Uncompressed bytes.
+    Raw(#[serde(with = "serde_bytes", borrow)] &'a [u8]),
+    /// LZ4 block-compressed bytes (no size prefix); decompresses to the chunk's length.
+    Lz4(#[serde(with = "serde_bytes", borrow)] &'a [u8]),
+    /// The chunk is all zeroes.
+    Zero,
+}
+
+/// One message of the link protocol. See the module documentation for who sends what.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub enum Message<'a> {
+    /// Primary → secondary, first frame of the control stream. Must stay variant 0.
+    Hello(Hello),
+    /// Secondary → primary: handshake accepted.
+    HelloAck(HelloAck),
+    /// Secondary → primary: handshake refused; the connection is closed afterwards.
+    Reject(RejectReason),
+    /// Primary → secondary on a data stream: one chunk shipped for CG `cg`.
+    Chunk {
+        /// CG the chunk is shipped for.
+        cg: u64,
+        /// Chunk index (offset / chunk_size).
+        index: u64,
+        /// Content.
+        #[serde(borrow)]
+        payload: WirePayload<'a>,
+    },
+    /// Primary → secondary: CG `cg` is complete (see the ordering rule).
+    Commit {
+        /// The CG to make visible.
+        cg: u64,
+        /// When the CG was frozen on the primary, µs since the Unix epoch.
+        frozen_at_unix_us: u64,
+        /// Number of chunks with a CG label `<= cg` sent since the previous commit.
+        chunk_count: u64,
+    },
+    /// Secondary → primary: CG `cg` is durable and visible on the secondary.
+    CommitAck {
+        /// The committed CG.
+        cg: u64,
+    },
+    /// Secondary → primary: CG `cg` could not be committed.
+    CommitFailed {
+        /// The CG that failed.
+        cg: u64,
+        /// Why.
+        reason: String,
+    },
+    /// Primary → secondary: ask for a `Status` report.
+    StatusRequest {
+        /// Echoed in the answer.
+        seq: u64,
+    },
+    /// Secondary → primary: state report.
+    Status {
+        /// The request's sequence number.
+        seq: u64,
+        /// Current state of the secondary.
+        state: ReplicaState,
+        /// Last committed CG on the secondary.
+        last_committed_cg: Option<u64>,
+    },
+    /// Either direction: liveness probe at application level.
+    Heartbeat {
+        /// Echoed in the answer.
+        seq: u64,
+        /// Sender's clock, µs since the Unix epoch.
+        sent_at_unix_us: u64,
+    },
+    /// Answer to `Heartbeat`.
+    HeartbeatAck {
+        /// The heartbeat's sequence number.
+        seq: u64,
+        /// The heartbeat's `sent_at_unix_us`, echoed.
+        sent_at_unix_us: u64,
+    },
+    /// Primary → secondary: progress of the initial full copy.
+    Progress {
+        /// Chunks of the initial copy shipped so far.
+        done: u64,
+        /// Chunks of the initial copy in total.
+        total: u64,
+    },
+}
+
+impl Message<'_> {
+    /// Short name of the message kind, for logs.
+    pub fn kind(&self) -> &'static str {
+        match self {
+            Message::Hello(_) => "Hello",
+            Message::HelloAck(_) => "HelloAck",
+            Message::Reject(_) => "Reject",
+            Message::Chunk { .. } => "Chunk",
+            Message::Commit { .. } => "Commit",
+            Message::CommitAck { .. } => "CommitAck",
+            Message::CommitFailed { .. } => "CommitFailed",
+            Message::StatusRequest { .. } => "StatusRequest",
+            Message::Status { .. } => "Status",
+            Message::Heartbeat { .. } => "Heartbeat",
+            Message::HeartbeatAck { .. } => "HeartbeatAck",
+            Message::Progress { .. } => "Progress",
+        }
+    }
+}
+
+/// A malformed frame or message.
+#[derive(Debug, thiserror::Error)]
+pub enum FrameError {
+    /// The length prefix exceeds the stream's limit.
+    #[error("frame too large: {len} bytes (limit {limit})")]
+    Oversize {
+        /// Announced length.
+        len: usize,
+        /// Limit of the stream.
+        limit: usize,
+    },
+    /// The checksum does not match the payload.
+    #[error("frame checksum mismatch: got {got:#010x}, computed {computed:#010x}")]
+    BadChecksum {
+        /// Checksum in the frame.
+        got: u32,
+        /// Checksum of the received payload.
+        computed: u32,
+    },
+    /// The payload is not a valid message.
+    #[error("undecodable message: {0}")]
+    Decode(#[from] postcard::Error),
+    /// The stream ended in the middle of a frame.
+    #[error("stream ended inside a frame")]
+    Truncated,
+    /// Reading the stream failed.
+    #[error("stream read failed: {0}")]
+    Read(String),
+}
+
+/// Encodes `msg` as one complete frame (length, payload, checksum).
+pub fn encode_frame(msg: &Message<'_>) -> Result<Vec<u8>, postcard::Error> {
+    let hint = match msg {
+        Message::Chunk {
+            payload: WirePayload::Raw(d) | WirePayload::Lz4(d),
+            ..
+        } => d.len() + CHUNK_HEADER_MAX + FRAME_OVERHEAD,
+        _ => 256,
+    };
+    let mut buf = Vec::with_capacity(hint);
+    buf.extend_from_slice(&[0u8; 4]);
+    let mut buf = postcard::to_io(msg, buf)?;
+    let len = buf.len() - 4;
+    let crc = crc32c::crc32c(&buf[4..]);
+    buf.extend_from_slice(&crc.to_le_bytes());
+    let len32 = u32::try_from(len).map_err(|_| postcard::Error::SerializeBufferFull)?;
+    buf[..4].copy_from_slice(&len32.to_le_bytes());
+    Ok(buf)
+}
+
+/// Decodes a frame payload (already checked) into a message borrowing from it.
+pub fn decode_payload(payload: &[u8]) -> Result<Message<'_>, FrameError> {
+    Ok(postcard::from_bytes(payload)?)
+}
+
+/// Checks the checksum of a received payload.
+pub fn check_crc(payload: &[u8], crc: u32) -> Result<(), FrameError> {
+    let computed = crc32c::crc32c(payload);
+    if computed != crc {
+        return Err(FrameError::BadChecksum { got: crc, computed });
+    }
+    Ok(())
+}
+
+/// The frozen prefix of a `Hello` payload: variant index, magic and protocol version.
+#[derive(Deserialize)]
+struct HelloPrefix {
+    variant: u32,
+    magic: u32,
+    protocol_version: u16,
+}
+
+/// Reads the frozen prefix of a first control frame: `Some(version)` if it is a `Hello`
+/// with the right magic, whatever the rest of it looks like.
+pub fn peek_hello_version(payload: &[u8]) -> Option<u16> {
+    let (p, _) = postcard::take_from_bytes::<HelloPrefix>(payload).ok()?;
+    (p.variant == 0 && p.magic == HELLO_MAGIC).then_some(p.protocol_version)
+}
+
+/// Reads one frame from a QUIC receive stream into `buf` (reused between calls).
+///
+/// Returns `Ok(false)` if the stream ended cleanly before a new frame, `Ok(true)` when `buf`
+/// holds a checked payload.
+pub async fn read_frame(
+    stream: &mut quinn::RecvStream,
+    buf: &mut Vec<u8>,
+    limit: usize,
+) -> Result<bool, FrameError> {
+    let mut hdr = [0u8; 4];
+    match stream.read_exact(&mut hdr).await {
+        Ok(()) => {}
+        Err(quinn::ReadExactError::FinishedEarly(0)) => return Ok(false),
+        Err(quinn::ReadExactError::FinishedEarly(_)) => return Err(FrameError::Truncated),
+        Err(quinn::ReadExactError::ReadError(e)) => return Err(FrameError::Read(e.to_string())),
+    }
+    let len = u32::from_le_bytes(hdr) as usize;
+    let limit = limit.min(MAX_FRAME_LEN);
+    if len > limit {
+        return Err(FrameError::Oversize { len, limit });
+    }
+    buf.clear();
+    buf.resize(len + 4, 0);
+    match stream.read_exact(&mut buf[..]).await {
+        Ok(()) => {}
+        Err(quinn::ReadExactError::FinishedEarly(_)) => return Err(FrameError::Truncated),
+        Err(quinn::ReadExactError::ReadError(e)) => return Err(FrameError::Read(e.to_string())),
+    }
+    let mut crc = [0u8; 4];
+    crc.copy_from_slice(&buf[len..]);
+    buf.truncate(len);
+    check_crc(buf, u32::from_le_bytes(crc))?;
+    Ok(true)
+}
+
+/// Number of chunks of a disk of `disk_size` bytes.
+pub fn chunk_count(disk_size: u64, chunk_size: u32) -> u64 {
+    disk_size.div_ceil(u64::from(chunk_size.max(1)))
+}
+
+/// Length in bytes of chunk `index` (the last chunk may be short); `None` if out of range.
+pub fn chunk_len(disk_size: u64, chunk_size: u32, index: u64) -> Option<usize> {
+    let cs = u64::from(chunk_size);
+    let start = index.checked_mul(cs)?;
+    if start >= disk_size {
+        return None;
+    }
+    usize::try_from((disk_size - start).min(cs)).ok()
+}
+
+/// Microseconds since the Unix epoch, now.
+pub fn now_unix_us() -> u64 {
+    std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map(|d| d.as_micros() as u64)
+        .unwrap_or(0)
+}
+
+/// Truncates a string to at most [`MAX_TEXT_LEN`] bytes on a char boundary.
+pub fn clip(s: &str) -> String {
+    if s.len() <= MAX_TEXT_LEN {
+        return s.to_string();
+    }
+    let mut end = MAX_TEXT_LEN;
+    while !s.is_char_boundary(end) {
+        end -= 1;
+    }
+    s[..end].to_string()
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn frame_roundtrip_and_hello_prefix() {
+        let hello = Message::Hello(Hello {
+            magic: HELLO_MAGIC,
+            protocol_version: 7,
+            disk_uuid: [1; 16],
+            disk_size: 1 << 30,
+            chunk_size: 65536,
+            last_committed_cg: Some(3),
+            site: "primary".into(),
+        });
+        let f = encode_frame(&hello).unwrap();
+        let len = u32::from_le_bytes(f[..4].try_into().unwrap()) as usize;
+        assert_eq!(f.len(), len + 8);
+        let payload = &f[4..4 + len];
+        check_crc(
+            payload,
+            u32::from_le_bytes(f[4 + len..].try_into().unwrap()),
+        )
+        .unwrap();
+        assert_eq!(decode_payload(payload).unwrap(), hello);
+        assert_eq!(peek_hello_version(payload), Some(7));
+        // A chunk never passes for a Hello.
+        let data = vec![9u8; 1000];
+        let c = Message::Chunk {
+            cg: 1,
+            index: 2,
+            payload: WirePayload::Raw(&data),
+        };
+        let f = encode_frame(&c).unwrap();
+        assert!(f.len() <= data.len() + CHUNK_HEADER_MAX + FRAME_OVERHEAD);
+        assert_eq!(peek_hello_version(&f[4..f.len() - 4]), None);
+        assert_eq!(decode_payload(&f[4..f.len() - 4]).unwrap(), c);
+    }
+
+    #[test]
+    fn garbage_never_panics() {
+        let mut x: u32 = 12345;
+        for n in 0..2000usize {
+            let v: Vec<u8> = (0..(n % 97))
+                .map(|_| {
+                    x ^= x << 13;
+                    x ^= x >> 17;
+                    x ^= x << 5;
+                    x as u8
+                })
+                .collect();
+            let _ = decode_payload(&v);
+            let _ = peek_hello_version(&v);
+        }
+    }
+
+    #[test]
+    fn chunk_geometry() {
+        assert_eq!(chunk_count(10, 4096), 1);
+        assert_eq!(chunk_len(10, 4096, 0), Some(10));
+        assert_eq!(chunk_len(10, 4096, 1), None);
+        assert_eq!(chunk_len(8192, 4096, 1), Some(4096));
+        assert_eq!(chunk_len(u64::MAX, 4096, u64::MAX), None);
+    }
+}

@@ -1,0 +1,173 @@
+//! The primary's side of replication: ships consistency groups over the QUIC link.
+//!
+//! [`Replicator`] is the [`ChunkSink`] of the CG cycle. On every (re)connection it reads
+//! the secondary's state from the handshake and decides what must be shipped:
+//! - a secondary that is new or still syncing gets a full copy (every chunk marked dirty;
+//!   zero chunks travel as markers); it reports itself as syncing until the copy's group
+//!   commits;
+//! - a secondary consistent at the group this primary last committed gets only what changed
+//!   since (the engine merged every uncommitted chunk back into its dirty set when the link
+//!   was lost): an incremental resync;
+//! - a secondary consistent at any other group (this primary restarted and lost its
+//!   bitmaps) gets every chunk again, staged as one group above its last, so it stays
+//!   consistent at its old group until the new one commits.
+
+use std::io;
+use std::net::SocketAddr;
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant, SystemTime};
+
+use crate::cg::{ChunkImage, Engine};
+use crate::cycle::ChunkSink;
+use crate::link::{ClientConfig, LinkClient, ReplicaState};
+
+/// What the operator sees of the link.
+#[derive(Default)]
+pub struct LinkStatus {
+    /// Connected to the secondary.
+    pub connected: AtomicBool,
+    /// The secondary's state as last reported ("syncing 42.0 %", "consistent at CG 7").
+    pub remote_state: Mutex<String>,
+    /// Connections made (1 = the first).
+    pub connects: AtomicU64,
+    /// Chunks marked for shipping by full resyncs.
+    pub full_resyncs: AtomicU64,
+}
+
+/// Ships groups to a secondary; reconnects with backoff when the link is lost.
+pub struct Replicator {
+    cfg: ClientConfig,
+    engine: Arc<Engine>,
+    client: Option<LinkClient>,
+    status: Arc<LinkStatus>,
+}
+
+impl Replicator {
+    /// A replicator for `engine`, connecting with `cfg` (the first connection happens on
+    /// the first group; failures are retried with backoff).
+    pub fn new(cfg: ClientConfig, engine: Arc<Engine>) -> Self {
+        Replicator {
+            cfg,
+            engine,
+            client: None,
+            status: Arc::new(LinkStatus::default()),
+        }
+    }
+
+    /// The link's status, shared with the control socket.
+    pub fn status(&self) -> Arc<LinkStatus> {
+        self.status.clone()
+    }
+
+    /// The secondary's address.
+    pub fn peer(&self) -> SocketAddr {
+        self.cfg.server_addr
+    }
+
+    fn connect(&mut self) -> io::Result<()> {
+        let mut cfg = self.cfg.clone();
+        let last = self.engine.stats().last_committed;
+        cfg.last_committed_cg = (last > 0).then_some(last);
+        let client = LinkClient::connect(cfg).map_err(|e| io::Error::other(e.to_string()))?;
+        let ack = client.hello_ack().clone();
+        self.status.connects.fetch_add(1, Ordering::Relaxed);
+        match (ack.state, ack.last_committed_cg) {
+            (ReplicaState::Consistent { cg }, _) if cg == last && last > 0 => {
+                tracing::info!(secondary = %self.cfg.server_addr, cg, "secondary consistent at our last group: incremental resync");
+            }
+            (ReplicaState::Consistent { cg }, _) => {
+                tracing::info!(secondary = %self.cfg.server_addr, cg, our_last = last, "secondary holds another group: full resync, staged above it");
+                self.engine.resume_numbering(cg);
+                self.engine.mark_all();
+                self.status.full_resyncs.fetch_add(1, Ordering::Relaxed);
+            }
+            (ReplicaState::Syncing { .. }, committed) => {
+                tracing::info!(secondary = %self.cfg.server_addr, "secondary is new or syncing: full copy");
+                if let Some(cg) = committed {
+                    self.engine.resume_numbering(cg);
+                }
+                self.engine.mark_all();
+                self.status.full_resyncs.fetch_add(1, Ordering::Relaxed);
+            }
+            (ReplicaState::Promoted, _) => {
+                return Err(io::Error::other(
+                    "the secondary was promoted and accepts no replication",
+                ))
+            }
+        }
+        *self.status.remote_state.lock().expect("status lock") = ack.state.to_string();
+        self.status.connected.store(true, Ordering::SeqCst);
+        self.client = Some(client);
+        Ok(())
+    }
+
+    /// The connected client. Connecting happens only in [`ChunkSink::recover`], between
+    /// groups: a connection decides what the next group must contain (a full copy, say), so
+    /// a group formed before it cannot be completed over it.
+    fn client(&mut self) -> io::Result<&LinkClient> {
+        self.client.as_ref().ok_or_else(|| {
+            io::Error::new(
+                io::ErrorKind::NotConnected,
+                "not connected to the secondary",
+            )
+        })
+    }
+
+    fn lost(&mut self, e: impl std::fmt::Display) -> io::Error {
+        self.status.connected.store(false, Ordering::SeqCst);
+        if let Some(c) = self.client.take() {
+            c.close();
+        }
+        io::Error::new(io::ErrorKind::ConnectionAborted, e.to_string())
+    }
+}
+
+impl ChunkSink for Replicator {
+    fn chunk(&mut self, img: ChunkImage) -> io::Result<()> {
+        let r = self.client()?.send_chunk(img.cg, img.index, &img.data);
+        r.map_err(|e| self.lost(e))
+    }
+
+    fn commit(&mut self, cg: u64, frozen_at: SystemTime) -> io::Result<()> {
+        let us = frozen_at
+            .duration_since(SystemTime::UNIX_EPOCH)
+            .map(|d| d.as_micros() as u64)
+            .unwrap_or(0);
+        let r = self.client()?.commit(cg, us);
+        match r {
+            Ok(()) => {
+                *self.status.remote_state.lock().expect("status lock") =
+                    ReplicaState::Consistent { cg }.to_string();
+                Ok(())
+            }
+            Err(e) => Err(self.lost(e)),
+        }
+    }
+
+    fn recover(&mut self, error: &io::Error, stop: &AtomicBool) -> io::Result<()> {
+        let _ = self.lost(error);
+        let mut backoff = Duration::from_millis(100);
+        let mut next_log = Instant::now();
+        while !stop.load(Ordering::SeqCst) {
+            match self.connect() {
+                Ok(()) => {
+                    tracing::info!(secondary = %self.cfg.server_addr, "link re-established");
+                    return Ok(());
+                }
+                Err(e) => {
+                    if Instant::now() >= next_log {
+                        tracing::warn!(secondary = %self.cfg.server_addr, error = %e, retry_in = ?backoff, "secondary unreachable; the guest is unaffected, changes are tracked");
+                        next_log = Instant::now() + Duration::from_secs(10);
+                    }
+                    let until = Instant::now() + backoff;
+                    while Instant::now() < until && !stop.load(Ordering::SeqCst) {
+                        std::thread::sleep(Duration::from_millis(20));
+                    }
+                    backoff = (backoff * 2).min(Duration::from_secs(5));
+                }
+            }
+        }
+        Err(io::Error::other("stopped"))
+    }
+}

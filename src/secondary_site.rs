@@ -1,0 +1,317 @@
+//! `drblk secondary`: the site that receives consistency groups over the link and keeps the
+//! replica in a [`ReplicaStore`]. Only committed groups ever reach the image.
+//!
+//! The replica is opened at the first `Hello` (a new secondary adopts the primary's disk
+//! identity; an existing one refuses any other disk). While the replica is syncing, chunks
+//! are written straight into the image and the first committed group ends the sync; after
+//! that every group is staged in the journal and applied when it commits.
+
+use std::net::SocketAddr;
+use std::path::{Path, PathBuf};
+use std::sync::{Arc, Mutex};
+
+use anyhow::Context;
+
+use crate::identity::uuid_hex;
+use crate::link::server::PeerInfo;
+use crate::link::{
+    ChunkData as WireChunk, Hello, HelloAck, LinkServer, RejectReason, ReplicaSink,
+    ReplicaState as WireState, ServerConfig, SiteIdentity, PROTOCOL_VERSION,
+};
+use crate::secondary::{ChunkData, Error as StoreError, ReplicaState, ReplicaStore};
+
+/// Where the secondary keeps its replica.
+#[derive(Clone, Debug)]
+pub struct SecondaryPaths {
+    /// The replica image.
+    pub image: PathBuf,
+    /// Journal, state file and lock.
+    pub state_dir: PathBuf,
+}
+
+/// The link-facing side of a replica store.
+pub struct StoreSink {
+    paths: SecondaryPaths,
+    site: String,
+    store: Mutex<Option<ReplicaStore>>,
+}
+
+impl StoreSink {
+    /// A sink that opens the replica at `paths` on the first `Hello`.
+    pub fn new(paths: SecondaryPaths, site: &str) -> Arc<Self> {
+        Arc::new(StoreSink {
+            paths,
+            site: site.to_owned(),
+            store: Mutex::new(None),
+        })
+    }
+
+    /// Opens an existing replica now (a restarted secondary reports its state at once).
+    pub fn open_existing(&self) -> anyhow::Result<()> {
+        let Some(info) = crate::secondary::stored_identity(&self.paths.state_dir)? else {
+            return Ok(());
+        };
+        let (store, report) = ReplicaStore::open(
+            &self.paths.image,
+            &self.paths.state_dir,
+            info.disk_size,
+            info.chunk_size,
+            info.uuid,
+        )?;
+        tracing::info!(?report, state = ?store.state(), "replica recovered");
+        *self.store.lock().expect("store lock") = Some(store);
+        Ok(())
+    }
+
+    fn wire_state(store: &ReplicaStore) -> WireState {
+        match store.state() {
+            ReplicaState::Syncing {
+                done_chunks,
+                total_chunks,
+            } => WireState::Syncing {
+                done: done_chunks,
+                total: total_chunks,
+            },
+            ReplicaState::Consistent { cg, .. } => WireState::Consistent { cg },
+            ReplicaState::Promoted => WireState::Promoted,
+        }
+    }
+
+    fn with_store<T>(
+        &self,
+        f: impl FnOnce(&mut ReplicaStore) -> anyhow::Result<T>,
+    ) -> anyhow::Result<T> {
+        let mut g = self.store.lock().expect("store lock");
+        let store = g.as_mut().context("no replica open (no Hello yet)")?;
+        match f(store) {
+            Ok(v) => Ok(v),
+            Err(e) => {
+                // A failed store call poisons it: drop it so the next Hello reopens it, which
+                // runs recovery.
+                if e.downcast_ref::<StoreError>().is_some() {
+                    *g = None;
+                }
+                Err(e)
+            }
+        }
+    }
+}
+
+impl ReplicaSink for StoreSink {
+    fn hello(&self, hello: &Hello, peer: &PeerInfo) -> Result<HelloAck, RejectReason> {
+        let mut g = self.store.lock().expect("store lock");
+        if g.is_none() {
+            if let Err(e) = ensure_image(&self.paths.image, hello.disk_size) {
+                tracing::error!(error = %e, "cannot prepare the replica image");
+                return Err(RejectReason::Other(format!("{e:#}")));
+            }
+            match ReplicaStore::open(
+                &self.paths.image,
+                &self.paths.state_dir,
+                hello.disk_size,
+                u64::from(hello.chunk_size),
+                hello.disk_uuid,
+            ) {
+                Ok((store, report)) => {
+                    tracing::info!(?report, state = ?store.state(), disk = %uuid_hex(&hello.disk_uuid), "replica opened");
+                    *g = Some(store);
+                }
+                Err(e) => {
+                    tracing::error!(peer = %peer.addr, error = %e, "refusing primary");
+                    return Err(RejectReason::Other(e.to_string()));
+                }
+            }
+        }
+        let store = g.as_mut().expect("opened above");
+        if store.state() == ReplicaState::Promoted {
+            return Err(RejectReason::Promoted);
+        }
+        // Anything staged by an earlier connection belongs to an abandoned group.
+        if !matches!(store.state(), ReplicaState::Syncing { .. }) {
+            let _ = store.discard_uncommitted();
+        }
+        tracing::info!(peer = %peer.addr, site = %peer.site, state = ?store.state(), "primary connected");
+        Ok(HelloAck {
+            protocol_version: PROTOCOL_VERSION,
+            last_committed_cg: store.last_committed_cg(),
+            state: Self::wire_state(store),
+            site: self.site.clone(),
+        })
+    }
+
+    fn chunk(&self, cg: u64, index: u64, data: WireChunk<'_>) -> anyhow::Result<()> {
+        self.with_store(|s| {
+            if let ReplicaState::Syncing { .. } = s.state() {
+                match data {
+                    WireChunk::Data(d) => s.sync_chunk(index, d)?,
+                    WireChunk::Zero { .. } => s.sync_zero(index)?,
+                }
+            } else {
+                let d = match data {
+                    WireChunk::Data(d) => ChunkData::Bytes(d),
+                    WireChunk::Zero { .. } => ChunkData::Zero,
+                };
+                s.stage_chunk(cg, index, d)?;
+            }
+            Ok(())
+        })
+    }
+
+    fn commit(&self, cg: u64, frozen_at_unix_us: u64, _chunk_count: u64) -> anyhow::Result<()> {
+        self.with_store(|s| {
+            match s.state() {
+                ReplicaState::Syncing { total_chunks, .. } => {
+                    s.finish_sync(cg, frozen_at_unix_us)?;
+                    tracing::info!(
+                        cg,
+                        chunks = total_chunks,
+                        "initial synchronisation complete: consistent"
+                    );
+                }
+                _ => {
+                    s.commit(cg, frozen_at_unix_us)?;
+                    tracing::debug!(cg, "consistency group committed");
+                }
+            }
+            Ok(())
+        })
+    }
+
+    fn status(&self) -> (WireState, Option<u64>) {
+        match self.store.lock().expect("store lock").as_ref() {
+            Some(s) => (Self::wire_state(s), s.last_committed_cg()),
+            None => (WireState::Syncing { done: 0, total: 0 }, None),
+        }
+    }
+
+    fn disconnected(&self, reason: &str) {
+        tracing::warn!(reason, "primary disconnected; uncommitted data discarded");
+        if let Some(s) = self.store.lock().expect("store lock").as_mut() {
+            if !matches!(s.state(), ReplicaState::Syncing { .. }) {
+                let _ = s.discard_uncommitted();
+            }
+        }
+    }
+}
+
+/// Creates the replica image (sparse) at `size` if it is missing or shorter.
+fn ensure_image(path: &Path, size: u64) -> anyhow::Result<()> {
+    let f = std::fs::OpenOptions::new()
+        .create(true)
+        .truncate(false)
+        .write(true)
+        .open(path)
+        .with_context(|| format!("opening {}", path.display()))?;
+    if f.metadata()?.len() < size {
+        f.set_len(size)?;
+    }
+    Ok(())
+}
+
+/// A running secondary.
+pub struct Secondary {
+    server: LinkServer,
+    sink: Arc<StoreSink>,
+}
+
+impl Secondary {
+    /// Opens (recovers) the replica if it exists and listens for the primary.
+    pub fn start(
+        paths: SecondaryPaths,
+        identity: SiteIdentity,
+        listen: SocketAddr,
+        expected_peer: Option<String>,
+    ) -> anyhow::Result<Secondary> {
+        std::fs::create_dir_all(&paths.state_dir)
+            .with_context(|| format!("creating {}", paths.state_dir.display()))?;
+        let site = identity.site.clone();
+        let sink = StoreSink::new(paths, &site);
+        sink.open_existing()?;
+        let mut cfg = ServerConfig::new(identity, listen);
+        cfg.expected_peer = expected_peer;
+        let server = LinkServer::start(cfg, SinkRef(sink.clone()))?;
+        tracing::info!(listen = %server.local_addr()?, site, "secondary listening");
+        Ok(Secondary { server, sink })
+    }
+
+    /// The UDP address the secondary listens on.
+    pub fn local_addr(&self) -> anyhow::Result<SocketAddr> {
+        Ok(self.server.local_addr()?)
+    }
+
+    /// The replica's state and last committed CG.
+    pub fn status(&self) -> (WireState, Option<u64>) {
+        self.sink.status()
+    }
+
+    /// Stops listening (dropping the server closes its endpoint).
+    pub fn stop(self) {
+        drop(self.server);
+    }
+}
+
+/// Shares one sink between the server and [`Secondary::status`].
+struct SinkRef(Arc<StoreSink>);
+
+impl ReplicaSink for SinkRef {
+    fn hello(&self, hello: &Hello, peer: &PeerInfo) -> Result<HelloAck, RejectReason> {
+        self.0.hello(hello, peer)
+    }
+    fn chunk(&self, cg: u64, index: u64, data: WireChunk<'_>) -> anyhow::Result<()> {
+        self.0.chunk(cg, index, data)
+    }
+    fn commit(&self, cg: u64, frozen_at_unix_us: u64, chunk_count: u64) -> anyhow::Result<()> {
+        self.0.commit(cg, frozen_at_unix_us, chunk_count)
+    }
+    fn status(&self) -> (WireState, Option<u64>) {
+        self.0.status()
+    }
+    fn disconnected(&self, reason: &str) {
+        self.0.disconnected(reason)
+    }
+}
+
+/// Runs `drblk secondary` until SIGINT/SIGTERM, logging the replica's state when it
+/// changes.
+pub fn run(args: crate::cli::SecondaryArgs) -> anyhow::Result<()> {
+    let shutdown = crate::daemon::Shutdown::default();
+    crate::daemon::install_signal_handler(shutdown.clone())
+        .context("installing signal handlers")?;
+    let listen: SocketAddr = resolve(&args.listen)?;
+    let identity = SiteIdentity::load(&args.certs, &args.site).with_context(|| {
+        format!(
+            "loading this site's certificate ({}/{}.pem); create one with `drblk cert --dir {} --sites primary,{}`",
+            args.certs.display(),
+            args.site,
+            args.certs.display(),
+            args.site
+        )
+    })?;
+    let paths = SecondaryPaths {
+        image: args.disk.clone(),
+        state_dir: args.state_dir(),
+    };
+    let secondary = Secondary::start(paths, identity, listen, Some(args.peer_site.clone()))?;
+    let mut last = String::new();
+    while !shutdown.requested() {
+        let (state, _) = secondary.status();
+        let s = state.to_string();
+        if s != last {
+            tracing::info!(state = %s, "replica state");
+            last = s;
+        }
+        std::thread::sleep(std::time::Duration::from_millis(200));
+    }
+    tracing::info!("secondary stopping");
+    secondary.stop();
+    Ok(())
+}
+
+/// Resolves "host:port" to one socket address.
+pub fn resolve(addr: &str) -> anyhow::Result<SocketAddr> {
+    use std::net::ToSocketAddrs;
+    addr.to_socket_addrs()
+        .with_context(|| format!("resolving {addr:?} (expected HOST:PORT)"))?
+        .next()
+        .with_context(|| format!("{addr:?} resolves to no address"))
+}
