@@ -8,81 +8,18 @@
 
 mod common;
 
-use std::collections::HashSet;
 use std::fs::File;
 use std::os::unix::fs::FileExt;
-use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
+use common::dw::History;
 use drblk::cycle::LocalReplica;
-use drblk::test_frontend::{Desc, TestFrontend, DATA_BASE};
-use virtio_bindings::virtio_blk::VIRTIO_BLK_T_OUT;
+use drblk::test_frontend::TestFrontend;
 use vm_memory::{Bytes, GuestMemoryMmap};
 
 const SIZE: u64 = 2 << 20;
-const BLOCK: u64 = 4096;
-const BLOCKS: u64 = SIZE / BLOCK;
-const DEPTH: usize = 6;
-
-/// What the workload did, in the order the frontend saw it.
-#[derive(Default)]
-struct History {
-    /// Block of each write, by id (ids start at 1).
-    block: Vec<u64>,
-    /// For each write id: how many completions the frontend had seen when it issued it.
-    seen_at_issue: Vec<usize>,
-    /// Completed write ids in the order the frontend saw their completions.
-    completions: Vec<u64>,
-}
-
-impl History {
-    /// Checks a replica image: every block holds one whole write, and for the newest write
-    /// W* in the image, every write completed before W* was issued is in the image (or was
-    /// overwritten by a later write to its block). Writes to one block are never in flight
-    /// together, so ids per block grow with time.
-    fn check(&self, image: &[u8]) -> Result<usize, String> {
-        let mut visible = vec![0u64; BLOCKS as usize];
-        for b in 0..BLOCKS as usize {
-            let blk = &image[b * BLOCK as usize..(b + 1) * BLOCK as usize];
-            let id = u64::from_le_bytes(blk[..8].try_into().unwrap());
-            if blk
-                .chunks_exact(8)
-                .any(|w| u64::from_le_bytes(w.try_into().unwrap()) != id)
-            {
-                return Err(format!("block {b} is torn"));
-            }
-            if id != 0
-                && (id as usize > self.block.len() || self.block[id as usize - 1] != b as u64)
-            {
-                return Err(format!(
-                    "block {b} holds write {id}, which was not written there"
-                ));
-            }
-            visible[b] = id;
-        }
-        let Some(&newest) = visible.iter().max() else {
-            return Ok(0);
-        };
-        if newest == 0 {
-            return Ok(0);
-        }
-        let mut required = vec![0u64; BLOCKS as usize];
-        for &d in &self.completions[..self.seen_at_issue[newest as usize - 1]] {
-            let b = self.block[d as usize - 1] as usize;
-            required[b] = required[b].max(d);
-        }
-        for b in 0..BLOCKS as usize {
-            if visible[b] < required[b] {
-                return Err(format!(
-                    "dependent-write violation: write {newest} is in the CG but write {} (block {b}), completed before it was issued, is not (block holds {})",
-                    required[b], visible[b]
-                ));
-            }
-        }
-        Ok(visible.iter().filter(|&&v| v != 0).count())
-    }
-}
 
 struct Outcome {
     commits: u64,
@@ -128,7 +65,7 @@ fn run_workload(min_cgs: u64, cow_limit: u64, chunk: u64) -> Outcome {
         }
     })));
 
-    let history = Arc::new(Mutex::new(History::default()));
+    let history = Arc::new(Mutex::new(History::new(SIZE)));
     let violations = Arc::new(Mutex::new(Vec::new()));
     let commits = Arc::new(AtomicU64::new(0));
     let (h2, v2, k2) = (history.clone(), violations.clone(), commits.clone());
@@ -146,73 +83,10 @@ fn run_workload(min_cgs: u64, cow_limit: u64, chunk: u64) -> Outcome {
         .start_cycle(Box::new(replica), Duration::from_millis(2))
         .unwrap();
 
-    // The workload: DEPTH writes in flight per queue, each to a block with no write in flight.
-    let mut rng = 0x853c49e6748fea9bu64;
-    let mut next = move || {
-        rng ^= rng << 13;
-        rng ^= rng >> 7;
-        rng ^= rng << 17;
-        rng
-    };
-    let mut inflight: Vec<Vec<Option<u64>>> = vec![vec![None; DEPTH]; 2];
-    let mut busy_blocks = HashSet::new();
     let deadline = Instant::now() + Duration::from_secs(90);
-    let mut writes = 0u64;
-    let stop = AtomicBool::new(false);
-    while !stop.load(Ordering::Relaxed) {
-        // Consume used entries (the device's view); a slot whose status byte is set is done.
-        for q in 0..2 {
-            f.poll_used(q).unwrap();
-        }
-        for q in 0..2 {
-            for slot in 0..DEPTH {
-                if let Some(id) = inflight[q][slot] {
-                    let st = f.slot_status(q, slot);
-                    if st != 0xff {
-                        assert_eq!(st, 0, "write {id} failed");
-                        let mut h = history.lock().unwrap();
-                        h.completions.push(id);
-                        busy_blocks.remove(&h.block[id as usize - 1]);
-                        inflight[q][slot] = None;
-                    }
-                }
-                if inflight[q][slot].is_none() {
-                    let b = loop {
-                        let b = next() % BLOCKS;
-                        if !busy_blocks.contains(&b) {
-                            break b;
-                        }
-                    };
-                    busy_blocks.insert(b);
-                    let id = {
-                        let mut h = history.lock().unwrap();
-                        h.block.push(b);
-                        let seen = h.completions.len();
-                        h.seen_at_issue.push(seen);
-                        h.block.len() as u64
-                    };
-                    let buf = DATA_BASE + ((q * DEPTH + slot) as u64) * BLOCK;
-                    let data: Vec<u8> = std::iter::repeat_n(id.to_le_bytes(), (BLOCK / 8) as usize)
-                        .flatten()
-                        .collect();
-                    f.write_mem(buf, &data).unwrap();
-                    f.submit_request(
-                        q,
-                        slot,
-                        VIRTIO_BLK_T_OUT,
-                        b * BLOCK / 512,
-                        &[Desc::r(buf, BLOCK as u32)],
-                    )
-                    .unwrap();
-                    inflight[q][slot] = Some(id);
-                    writes += 1;
-                }
-            }
-        }
-        if commits.load(Ordering::SeqCst) >= min_cgs || Instant::now() > deadline {
-            stop.store(true, Ordering::Relaxed);
-        }
-    }
+    let writes = common::dw::drive(&mut f, &history, SIZE, || {
+        commits.load(Ordering::SeqCst) >= min_cgs || Instant::now() > deadline
+    });
     cycle.stop().unwrap();
     let stats = engine.stats();
     engine.set_freeze_observer(None);

@@ -759,6 +759,13 @@ impl LinkClient {
         let Some(rt) = self.rt.take() else {
             return;
         };
+        {
+            let mut l = lock(&self.shared.lost);
+            if l.is_none() {
+                *l = Some("client closed".into());
+            }
+        }
+        self.shared.inflight.close();
         let s = self.shared.clone();
         let fut = async move {
             {

@@ -27,7 +27,7 @@ use super::certs::SiteIdentity;
 use super::proto::{self, close_code, encode_frame, Hello, HelloAck, Message, RejectReason};
 use super::proto::{ReplicaState, WirePayload};
 use super::tls::{self, Tuning};
-use super::{DiskInfo, LinkError};
+use super::LinkError;
 
 /// Content of a received chunk, as handed to the sink.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -58,7 +58,7 @@ pub struct PeerInfo {
 pub trait ReplicaSink: Send + Sync + 'static {
     /// Accepts or refuses a primary. The link already checked the protocol version and
     /// that the peer's certificate matches `hello.site`; the sink checks the disk identity
-    /// and geometry (see [`DiskInfo::check`]) and answers with its
+    /// and geometry (see [`DiskInfo::check`](super::DiskInfo::check)) and answers with its
     /// state.
     fn hello(&self, hello: &Hello, peer: &PeerInfo) -> Result<HelloAck, RejectReason>;
 

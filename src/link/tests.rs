@@ -656,7 +656,11 @@ fn throughput_loopback() {
         st: Mutex::default(),
     });
     let srv = start_server(dir.path(), sink);
-    for (streams, mtu) in [(4usize, 1452u16), (1, 1452), (4, 9000)] {
+    for (round, (streams, mtu)) in [(4usize, 1452u16), (1, 1452), (4, 9000)]
+        .into_iter()
+        .enumerate()
+    {
+        let cg = round as u64 + 1;
         let mut cfg = client_cfg(dir.path(), srv.local_addr().unwrap(), disk);
         cfg.data_streams = streams;
         cfg.detect_zero = false;
@@ -667,9 +671,9 @@ fn throughput_loopback() {
         let n = total / CHUNK as u64;
         let t = Instant::now();
         for i in 0..n {
-            c.send_chunk(1, i, &d).unwrap();
+            c.send_chunk(cg, i, &d).unwrap();
         }
-        c.commit(1, 0).unwrap();
+        c.commit(cg, 0).unwrap();
         let s = t.elapsed().as_secs_f64();
         eprintln!(
             "QUIC loopback ceiling: {streams} streams, MTU bound {mtu}: {:.0} MB/s ({:.0} MiB/s), {n} x 64 KiB in {s:.2} s",

@@ -1,6 +1,6 @@
 //! QUIC endpoints with mutual TLS 1.3 (rustls, `ring` provider) and throughput tuning.
 //!
-//! * TLS 1.3 only, ALPN [`ALPN`](super::proto::ALPN) on both sides.
+//! * TLS 1.3 only, ALPN `drblk/1` ([`ALPN`]) on both sides.
 //! * Server: a client certificate is required and verified against the site CA
 //!   ([`WebPkiClientVerifier`]); optionally it must also be valid for an expected peer
 //!   site name (checked after the handshake).

@@ -1,6 +1,8 @@
 //! Helpers shared by the integration tests: a served image in a temp dir.
 #![allow(dead_code)]
 
+pub mod dw;
+
 use std::path::{Path, PathBuf};
 
 use drblk::cli::ServeArgs;

@@ -1,0 +1,176 @@
+//! A dependent-write workload and its checker, shared by the consistency and replication
+//! tests. Each write fills one 4 KiB block with its id; writes to one block are never in
+//! flight together; the history records what the frontend saw complete before each issue.
+
+#![allow(clippy::needless_range_loop)] // queues and slots are indexed side by side
+
+use std::collections::HashSet;
+use std::sync::{Arc, Mutex};
+
+use drblk::test_frontend::{Desc, TestFrontend, DATA_BASE};
+use virtio_bindings::virtio_blk::VIRTIO_BLK_T_OUT;
+
+/// Block size of the workload.
+pub const BLOCK: u64 = 4096;
+/// Writes in flight per queue.
+pub const DEPTH: usize = 6;
+
+/// What the workload did, in the order the frontend saw it.
+#[derive(Default)]
+pub struct History {
+    /// Blocks of the disk.
+    pub blocks: u64,
+    /// Block of each write, by id (ids start at 1).
+    pub block: Vec<u64>,
+    /// For each write id: how many completions the frontend had seen when it issued it.
+    pub seen_at_issue: Vec<usize>,
+    /// Completed write ids in the order the frontend saw their completions.
+    pub completions: Vec<u64>,
+}
+
+impl History {
+    /// An empty history for a disk of `size` bytes.
+    pub fn new(size: u64) -> Self {
+        History {
+            blocks: size / BLOCK,
+            ..Default::default()
+        }
+    }
+
+    /// Checks a replica image: every block holds one whole write, and for the newest write
+    /// W* in the image, every write completed before W* was issued is in the image (or was
+    /// overwritten by a later write to its block). Writes to one block are never in flight
+    /// together, so ids per block grow with time.
+    pub fn check(&self, image: &[u8]) -> Result<usize, String> {
+        let mut visible = vec![0u64; self.blocks as usize];
+        for b in 0..self.blocks as usize {
+            let blk = &image[b * BLOCK as usize..(b + 1) * BLOCK as usize];
+            let id = u64::from_le_bytes(blk[..8].try_into().unwrap());
+            if blk
+                .chunks_exact(8)
+                .any(|w| u64::from_le_bytes(w.try_into().unwrap()) != id)
+            {
+                return Err(format!("block {b} is torn"));
+            }
+            if id != 0
+                && (id as usize > self.block.len() || self.block[id as usize - 1] != b as u64)
+            {
+                return Err(format!(
+                    "block {b} holds write {id}, which was not written there"
+                ));
+            }
+            visible[b] = id;
+        }
+        let Some(&newest) = visible.iter().max() else {
+            return Ok(0);
+        };
+        if newest == 0 {
+            return Ok(0);
+        }
+        let mut required = vec![0u64; self.blocks as usize];
+        for &d in &self.completions[..self.seen_at_issue[newest as usize - 1]] {
+            let b = self.block[d as usize - 1] as usize;
+            required[b] = required[b].max(d);
+        }
+        for b in 0..self.blocks as usize {
+            if visible[b] < required[b] {
+                return Err(format!(
+                    "dependent-write violation: write {newest} is in the CG but write {} (block {b}), completed before it was issued, is not (block holds {})",
+                    required[b], visible[b]
+                ));
+            }
+        }
+        Ok(visible.iter().filter(|&&v| v != 0).count())
+    }
+}
+
+/// Drives the workload on queues 0 and 1 of `f` until `done()`; returns the writes issued.
+pub fn drive(
+    f: &mut TestFrontend,
+    history: &Arc<Mutex<History>>,
+    size: u64,
+    mut done: impl FnMut() -> bool,
+) -> u64 {
+    let blocks = size / BLOCK;
+    // The workload: DEPTH writes in flight per queue, each to a block with no write in flight.
+    let mut rng = 0x853c49e6748fea9bu64;
+    let mut next = move || {
+        rng ^= rng << 13;
+        rng ^= rng >> 7;
+        rng ^= rng << 17;
+        rng
+    };
+    let mut inflight: Vec<Vec<Option<u64>>> = vec![vec![None; DEPTH]; 2];
+    let mut busy_blocks = HashSet::new();
+    let mut writes = 0u64;
+    loop {
+        // Consume used entries (the device's view); a slot whose status byte is set is done.
+        for q in 0..2 {
+            f.poll_used(q).unwrap();
+        }
+        for q in 0..2 {
+            for slot in 0..DEPTH {
+                if let Some(id) = inflight[q][slot] {
+                    let st = f.slot_status(q, slot);
+                    if st != 0xff {
+                        assert_eq!(st, 0, "write {id} failed");
+                        let mut h = history.lock().unwrap();
+                        h.completions.push(id);
+                        busy_blocks.remove(&h.block[id as usize - 1]);
+                        inflight[q][slot] = None;
+                    }
+                }
+                if inflight[q][slot].is_none() {
+                    let b = loop {
+                        let b = next() % blocks;
+                        if !busy_blocks.contains(&b) {
+                            break b;
+                        }
+                    };
+                    busy_blocks.insert(b);
+                    let id = {
+                        let mut h = history.lock().unwrap();
+                        h.block.push(b);
+                        let seen = h.completions.len();
+                        h.seen_at_issue.push(seen);
+                        h.block.len() as u64
+                    };
+                    let buf = DATA_BASE + ((q * DEPTH + slot) as u64) * BLOCK;
+                    let data: Vec<u8> = std::iter::repeat_n(id.to_le_bytes(), (BLOCK / 8) as usize)
+                        .flatten()
+                        .collect();
+                    f.write_mem(buf, &data).unwrap();
+                    f.submit_request(
+                        q,
+                        slot,
+                        VIRTIO_BLK_T_OUT,
+                        b * BLOCK / 512,
+                        &[Desc::r(buf, BLOCK as u32)],
+                    )
+                    .unwrap();
+                    inflight[q][slot] = Some(id);
+                    writes += 1;
+                }
+            }
+        }
+        if done() {
+            break;
+        }
+    }
+    // Let the writes in flight finish, so the history is complete.
+    for q in 0..2 {
+        for slot in 0..DEPTH {
+            if let Some(id) = inflight[q][slot] {
+                let t = std::time::Instant::now();
+                while f.slot_status(q, slot) == 0xff
+                    && t.elapsed() < std::time::Duration::from_secs(10)
+                {
+                    std::thread::sleep(std::time::Duration::from_micros(50));
+                }
+                let mut h = history.lock().unwrap();
+                h.completions.push(id);
+            }
+        }
+    }
+    writes
+}
