@@ -34,15 +34,21 @@ pub struct StoreSink {
     paths: SecondaryPaths,
     site: String,
     store: Mutex<Option<ReplicaStore>>,
+    on_commit: Option<CommitObserver>,
 }
+
+/// Called after each group was committed and applied, with its number and the image path
+/// (tests check the image there; nothing else touches it meanwhile).
+pub type CommitObserver = Box<dyn Fn(u64, &Path) + Send + Sync>;
 
 impl StoreSink {
     /// A sink that opens the replica at `paths` on the first `Hello`.
-    pub fn new(paths: SecondaryPaths, site: &str) -> Arc<Self> {
+    pub fn new(paths: SecondaryPaths, site: &str, on_commit: Option<CommitObserver>) -> Arc<Self> {
         Arc::new(StoreSink {
             paths,
             site: site.to_owned(),
             store: Mutex::new(None),
+            on_commit,
         })
     }
 
@@ -173,6 +179,9 @@ impl ReplicaSink for StoreSink {
                     tracing::debug!(cg, "consistency group committed");
                 }
             }
+            if let Some(f) = &self.on_commit {
+                f(cg, &self.paths.image);
+            }
             Ok(())
         })
     }
@@ -221,11 +230,12 @@ impl Secondary {
         identity: SiteIdentity,
         listen: SocketAddr,
         expected_peer: Option<String>,
+        on_commit: Option<CommitObserver>,
     ) -> anyhow::Result<Secondary> {
         std::fs::create_dir_all(&paths.state_dir)
             .with_context(|| format!("creating {}", paths.state_dir.display()))?;
         let site = identity.site.clone();
-        let sink = StoreSink::new(paths, &site);
+        let sink = StoreSink::new(paths, &site, on_commit);
         sink.open_existing()?;
         let mut cfg = ServerConfig::new(identity, listen);
         cfg.expected_peer = expected_peer;
@@ -291,7 +301,7 @@ pub fn run(args: crate::cli::SecondaryArgs) -> anyhow::Result<()> {
         image: args.disk.clone(),
         state_dir: args.state_dir(),
     };
-    let secondary = Secondary::start(paths, identity, listen, Some(args.peer_site.clone()))?;
+    let secondary = Secondary::start(paths, identity, listen, Some(args.peer_site.clone()), None)?;
     let mut last = String::new();
     while !shutdown.requested() {
         let (state, _) = secondary.status();
