@@ -291,8 +291,12 @@ pub struct DemoArgs {
     pub size: u64,
 
     /// How long to run the workload.
-    #[arg(long, default_value = "3", value_name = "SECONDS")]
+    #[arg(long, default_value = "5", value_name = "SECONDS")]
     pub seconds: u64,
+
+    /// Guest write rate of the workload (a busy VM; 0 = as fast as possible).
+    #[arg(long, default_value_t = 5000)]
+    pub iops: u64,
 }
 
 impl ServeArgs {

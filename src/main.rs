@@ -15,7 +15,8 @@ fn main() {
     let result = match cli.command.unwrap_or(Command::Demo(DemoArgs {
         dir: None,
         size: 256 << 20,
-        seconds: 3,
+        seconds: 5,
+        iops: 5000,
     })) {
         Command::Serve(args) => drblk::serve::run(args),
         Command::Demo(args) => drblk::demo::run(args),

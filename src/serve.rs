@@ -138,6 +138,13 @@ impl Server {
         self.shutdown.clone()
     }
 
+    /// Forms a consistency group now (if a cycle runs).
+    pub fn trigger_cycle(&self) {
+        if let Some(c) = self.control.cycle.lock().expect("cycle lock").as_ref() {
+            c.trigger();
+        }
+    }
+
     /// The daemon's status (what `drblk ctl status` prints).
     pub fn status(&self) -> serde_json::Value {
         crate::control::status(&self.control)

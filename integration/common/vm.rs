@@ -73,7 +73,11 @@ impl GuestImage {
         let bzimage = dir.join("vmlinuz");
         let vmlinux = dir.join("vmlinux");
         let img = GuestImage {
-            kernel: if vmlinux.is_file() { vmlinux } else { bzimage.clone() },
+            kernel: if vmlinux.is_file() {
+                vmlinux
+            } else {
+                bzimage.clone()
+            },
             bzimage,
             initrd: dir.join("initramfs.img"),
             dir,
@@ -119,7 +123,12 @@ fn build_guest_image() -> Result<GuestImage, String> {
     match status {
         Some(st) if st.success() => {}
         Some(st) => return Err(format!("{} failed: {st}", script.display())),
-        None => return Err(format!("{} timed out after {BUILD_TIMEOUT:?}", script.display())),
+        None => {
+            return Err(format!(
+                "{} timed out after {BUILD_TIMEOUT:?}",
+                script.display()
+            ))
+        }
     }
     let dir = out
         .lines()
@@ -161,7 +170,11 @@ pub fn qemu_binary() -> String {
 pub fn qemu_version() -> Option<(u32, u32)> {
     static VERSION: OnceLock<Option<(u32, u32)>> = OnceLock::new();
     *VERSION.get_or_init(|| {
-        let out = Command::new(qemu_binary()).arg("--version").stdin(Stdio::null()).output().ok()?;
+        let out = Command::new(qemu_binary())
+            .arg("--version")
+            .stdin(Stdio::null())
+            .output()
+            .ok()?;
         let text = String::from_utf8_lossy(&out.stdout).into_owned();
         // "QEMU emulator version 7.2.22 (Debian ...)"
         let v = text.split("version ").nth(1)?.split_whitespace().next()?;
@@ -225,7 +238,10 @@ impl VhostUserBlkDisk {
     }
 
     fn device_arg_string(&self, chardev: &str) -> String {
-        let mut s = format!("vhost-user-blk-pci,chardev={chardev},num-queues={}", self.num_queues);
+        let mut s = format!(
+            "vhost-user-blk-pci,chardev={chardev},num-queues={}",
+            self.num_queues
+        );
         if let Some(q) = self.queue_size {
             write!(s, ",queue-size={q}").unwrap();
         }
@@ -327,7 +343,10 @@ impl VmBuilder {
     /// Passes a file to the guest as fw_cfg blob `opt/drblk/<name>`; the job reads it from
     /// `$(drblk_fwcfg <name>)`. (`job` is taken by the job script itself.)
     pub fn fw_cfg_file(mut self, name: &str, contents: impl Into<Vec<u8>>) -> Self {
-        assert!(name != "job" && !name.contains(',') && !name.contains('/'), "bad fw_cfg name {name}");
+        assert!(
+            name != "job" && !name.contains(',') && !name.contains('/'),
+            "bad fw_cfg name {name}"
+        );
         self.fw_cfg.push((name.to_string(), contents.into()));
         self
     }
@@ -343,27 +362,61 @@ impl VmBuilder {
         // `quiet`: only kernel errors go to the console during boot (saves ~0.5 s under
         // TCG); the guest prints its full kernel log as section "dmesg" at the end anyway.
         // `kernel_arg("loglevel=7")` brings the boot messages back.
-        let mut cmdline: Vec<String> = ["console=ttyS0", "panic=-1", "quiet"].map(String::from).to_vec();
+        let mut cmdline: Vec<String> = ["console=ttyS0", "panic=-1", "quiet"]
+            .map(String::from)
+            .to_vec();
         if let Some(s) = self.guest_timeout_secs {
             cmdline.push(format!("drblk.timeout={s}"));
         }
         cmdline.extend(self.kernel_args.iter().cloned());
         let mut a: Vec<String> = Vec::new();
         let mut push = |xs: &[&str]| a.extend(xs.iter().map(|s| s.to_string()));
-        push(&["-nodefaults", "-no-user-config", "-machine", "q35", "-accel", "tcg"]);
+        push(&[
+            "-nodefaults",
+            "-no-user-config",
+            "-machine",
+            "q35",
+            "-accel",
+            "tcg",
+        ]);
         push(&["-m", &format!("{m}M"), "-smp", &self.smp.to_string()]);
-        push(&["-object", &format!("memory-backend-memfd,id=mem,size={m}M,share=on")]);
+        push(&[
+            "-object",
+            &format!("memory-backend-memfd,id=mem,size={m}M,share=on"),
+        ]);
         push(&["-numa", "node,memdev=mem"]);
         push(&["-display", "none", "-serial", "stdio", "-no-reboot"]);
-        push(&["-kernel", &image.kernel.to_string_lossy(), "-initrd", &image.initrd.to_string_lossy()]);
+        push(&[
+            "-kernel",
+            &image.kernel.to_string_lossy(),
+            "-initrd",
+            &image.initrd.to_string_lossy(),
+        ]);
         push(&["-append", &cmdline.join(" ")]);
-        push(&["-fw_cfg", &format!("name=opt/drblk/job,file={}", workdir.join("job.sh").display())]);
+        push(&[
+            "-fw_cfg",
+            &format!(
+                "name=opt/drblk/job,file={}",
+                workdir.join("job.sh").display()
+            ),
+        ]);
         for (name, _) in &self.fw_cfg {
-            push(&["-fw_cfg", &format!("name=opt/drblk/{name},file={}", workdir.join(format!("fw-{name}")).display())]);
+            push(&[
+                "-fw_cfg",
+                &format!(
+                    "name=opt/drblk/{name},file={}",
+                    workdir.join(format!("fw-{name}")).display()
+                ),
+            ]);
         }
         for (i, d) in self.disks.iter().enumerate() {
             let id = format!("vub{i}");
-            push(&["-chardev", &d.chardev_arg(&id), "-device", &d.device_arg_string(&id)]);
+            push(&[
+                "-chardev",
+                &d.chardev_arg(&id),
+                "-device",
+                &d.device_arg_string(&id),
+            ]);
         }
         a.extend(self.qemu_args.iter().cloned());
         a
@@ -405,8 +458,16 @@ impl VmBuilder {
         let serial = Arc::new(Stream::default());
         let stderr = Arc::new(Stream::default());
         let threads = vec![
-            Stream::pump(serial.clone(), child.stdout.take().unwrap(), self.echo.then_some("guest")),
-            Stream::pump(stderr.clone(), child.stderr.take().unwrap(), self.echo.then_some("qemu")),
+            Stream::pump(
+                serial.clone(),
+                child.stdout.take().unwrap(),
+                self.echo.then_some("guest"),
+            ),
+            Stream::pump(
+                stderr.clone(),
+                child.stderr.take().unwrap(),
+                self.echo.then_some("qemu"),
+            ),
         ];
         Ok(Vm {
             child: Some(child),
@@ -430,7 +491,10 @@ impl VmBuilder {
 }
 
 fn shell_quote(s: &str) -> String {
-    if !s.is_empty() && s.chars().all(|c| c.is_ascii_alphanumeric() || "-_=.,/:+@%".contains(c)) {
+    if !s.is_empty()
+        && s.chars()
+            .all(|c| c.is_ascii_alphanumeric() || "-_=.,/:+@%".contains(c))
+    {
         s.to_string()
     } else {
         format!("'{}'", s.replace('\'', r"'\''"))
@@ -445,7 +509,11 @@ struct Stream {
 }
 
 impl Stream {
-    fn pump(this: Arc<Stream>, mut pipe: impl Read + Send + 'static, echo: Option<&'static str>) -> JoinHandle<()> {
+    fn pump(
+        this: Arc<Stream>,
+        mut pipe: impl Read + Send + 'static,
+        echo: Option<&'static str>,
+    ) -> JoinHandle<()> {
         thread::spawn(move || {
             let mut buf = [0u8; 8192];
             let mut pending = String::new();
@@ -615,7 +683,11 @@ impl VmOutput {
         if !self.success() {
             panic!(
                 "guest job failed: exit={:?} timed_out={} qemu={:?} after {:?}\n{}",
-                self.exit, self.timed_out, self.qemu_status, self.elapsed, self.diagnostics()
+                self.exit,
+                self.timed_out,
+                self.qemu_status,
+                self.elapsed,
+                self.diagnostics()
             );
         }
         self
@@ -652,12 +724,19 @@ impl VmOutput {
 
     /// Body of the first section called `name`.
     pub fn section(&self, name: &str) -> Option<&str> {
-        self.sections.iter().find(|(n, _)| n == name).map(|(_, b)| b.as_str())
+        self.sections
+            .iter()
+            .find(|(n, _)| n == name)
+            .map(|(_, b)| b.as_str())
     }
 
     /// Bodies of all sections called `name`, in order.
     pub fn sections_named(&self, name: &str) -> Vec<&str> {
-        self.sections.iter().filter(|(n, _)| n == name).map(|(_, b)| b.as_str()).collect()
+        self.sections
+            .iter()
+            .filter(|(n, _)| n == name)
+            .map(|(_, b)| b.as_str())
+            .collect()
     }
 
     /// Status of the command run by `drblk_section <name> ...` (its `DRBLK-RC` line).
@@ -683,7 +762,11 @@ impl VmOutput {
 
     /// Guest uptime (s) when init was about to start the job, i.e. the guest boot time.
     pub fn guest_boot_secs(&self) -> Option<f64> {
-        self.marker_lines("DRBLK-BOOTED ").next()?.trim().parse().ok()
+        self.marker_lines("DRBLK-BOOTED ")
+            .next()?
+            .trim()
+            .parse()
+            .ok()
     }
 
     /// Parses section `name` as fio `--output-format=json` output; panics if it cannot.
@@ -695,12 +778,16 @@ impl VmOutput {
     }
 
     pub fn try_fio(&self, name: &str) -> Result<FioReport, String> {
-        let body = self.section(name).ok_or_else(|| format!("no section {name:?} in the serial log"))?;
+        let body = self
+            .section(name)
+            .ok_or_else(|| format!("no section {name:?} in the serial log"))?;
         parse_fio_json(body)
     }
 
     fn marker_lines<'a>(&'a self, marker: &'a str) -> impl Iterator<Item = &'a str> + 'a {
-        self.serial.lines().filter_map(move |l| l.find(marker).map(|p| l[p + marker.len()..].trim_end()))
+        self.serial
+            .lines()
+            .filter_map(move |l| l.find(marker).map(|p| l[p + marker.len()..].trim_end()))
     }
 }
 
@@ -710,7 +797,7 @@ pub fn parse_exit(serial: &str) -> Option<i32> {
         .lines()
         .filter_map(|l| l.find("DRBLK-EXIT ").map(|p| &l[p + "DRBLK-EXIT ".len()..]))
         .filter_map(|s| s.split_whitespace().next()?.parse().ok())
-        .last()
+        .next_back()
 }
 
 /// All `DRBLK-BEGIN <name>` ... `DRBLK-END <name>` sections of a serial log, in order.
@@ -732,7 +819,10 @@ pub fn parse_sections(serial: &str) -> Vec<(String, String)> {
             body.push_str(line);
             body.push('\n');
         } else if let Some(p) = line.find("DRBLK-BEGIN ") {
-            cur = Some((line[p + "DRBLK-BEGIN ".len()..].trim().to_string(), String::new()));
+            cur = Some((
+                line[p + "DRBLK-BEGIN ".len()..].trim().to_string(),
+                String::new(),
+            ));
         }
     }
     out
@@ -816,7 +906,11 @@ pub fn parse_fio_json(text: &str) -> Result<FioReport, String> {
         .ok_or("fio JSON has no \"jobs\" array")?
         .iter()
         .map(|j| FioJob {
-            name: j.get("jobname").and_then(|v| v.as_str()).unwrap_or("").to_string(),
+            name: j
+                .get("jobname")
+                .and_then(|v| v.as_str())
+                .unwrap_or("")
+                .to_string(),
             error: j.get("error").and_then(|v| v.as_i64()).unwrap_or(0),
             read: fio_stats(j.get("read")),
             write: fio_stats(j.get("write")),
@@ -827,13 +921,19 @@ pub fn parse_fio_json(text: &str) -> Result<FioReport, String> {
 }
 
 fn fio_stats(v: Option<&serde_json::Value>) -> FioStats {
-    let Some(v) = v else { return FioStats::default() };
+    let Some(v) = v else {
+        return FioStats::default();
+    };
     let num = |v: Option<&serde_json::Value>| -> f64 { v.and_then(|x| x.as_f64()).unwrap_or(0.0) };
     let clat = v.get("clat_ns");
     let clat_percentiles_ns = clat
         .and_then(|c| c.get("percentile"))
         .and_then(|p| p.as_object())
-        .map(|m| m.iter().map(|(k, x)| (k.clone(), x.as_f64().unwrap_or(0.0) as u64)).collect())
+        .map(|m| {
+            m.iter()
+                .map(|(k, x)| (k.clone(), x.as_f64().unwrap_or(0.0) as u64))
+                .collect()
+        })
         .unwrap_or_default();
     FioStats {
         io_bytes: num(v.get("io_bytes")) as u64,
@@ -857,7 +957,10 @@ mod tests {
         let log = "boot\r\nDRBLK-BEGIN a\r\nx\r\n\r\ny\r\nDRBLK-END a\r\nDRBLK-RC a 3\r\n\
                    [  1.0] DRBLK-BEGIN b\nz\nDRBLK-END b\nDRBLK-VALUE size 42 1\nDRBLK-BEGIN c\nq\nDRBLK-EXIT 7\n";
         let s = parse_sections(log);
-        assert_eq!(s, vec![("a".into(), "x\n\ny\n".into()), ("b".into(), "z\n".into())]);
+        assert_eq!(
+            s,
+            vec![("a".into(), "x\n\ny\n".into()), ("b".into(), "z\n".into())]
+        );
         assert_eq!(parse_exit(log), Some(7));
     }
 }

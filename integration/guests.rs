@@ -1,0 +1,552 @@
+//! Guest integration tests: the real `drblk` binary serving disks to a Linux guest under
+//! QEMU (TCG), checked from inside the guest (sysfs, dd, blkdiscard, fio --verify) and from
+//! the host (the image file).
+//!
+//! Each test is one guest boot; the tests run one at a time (a process-wide lock), since two
+//! TCG guests on a small machine would only slow each other down and stretch fio timings.
+//! `DRBLK_SKIP_VM=1` makes every test return at once. `DRBLK_VM_ECHO=1` shows the guest
+//! console live; the kill drill prints a line per kill.
+//!
+//! Run: `cargo test --release --test guests` (add `-- --nocapture` to see the reports).
+
+#[path = "common/daemons.rs"]
+mod daemons;
+#[path = "common/vm.rs"]
+mod vm;
+
+use std::sync::Mutex;
+use std::time::{Duration, Instant};
+
+use daemons::{
+    allocated_bytes, create_image, pattern, read_at, sha256, skip_vm, write_at, Backend,
+    FIND_DISK_SH,
+};
+use vm::{VhostUserBlkDisk, VmBuilder, VmOutput};
+
+const MIB: u64 = 1 << 20;
+
+/// One guest at a time.
+static GUEST: Mutex<()> = Mutex::new(());
+
+fn guest_lock() -> std::sync::MutexGuard<'static, ()> {
+    GUEST.lock().unwrap_or_else(|e| e.into_inner())
+}
+
+fn value<'a>(out: &'a VmOutput, name: &str) -> &'a str {
+    out.value(name)
+        .unwrap_or_else(|| panic!("guest printed no value {name:?}\n{}", out.diagnostics()))
+}
+
+fn rc(out: &VmOutput, name: &str) -> i32 {
+    out.section_rc(name).unwrap_or_else(|| {
+        panic!(
+            "guest printed no status for {name:?}\n{}",
+            out.diagnostics()
+        )
+    })
+}
+
+fn assert_rc0(out: &VmOutput, name: &str) {
+    let r = rc(out, name);
+    assert_eq!(
+        r,
+        0,
+        "guest step {name} failed (status {r}); stderr: {:?}\n{}",
+        out.section(&format!("{name}.stderr")),
+        out.diagnostics()
+    );
+}
+
+fn assert_no_guest_io_errors(out: &VmOutput) {
+    let dmesg = out
+        .section("dmesg")
+        .unwrap_or_else(|| panic!("no dmesg section\n{}", out.diagnostics()));
+    let bad: Vec<&str> = dmesg
+        .lines()
+        .filter(|l| {
+            let l = l.to_ascii_lowercase();
+            l.contains("i/o error") || l.contains("blk_update_request") || l.contains("buffer i/o")
+        })
+        .collect();
+    assert!(
+        bad.is_empty(),
+        "I/O errors in the guest kernel log:\n{}",
+        bad.join("\n")
+    );
+}
+
+/// fio report of section `name`: status 0, no job error, and every job wrote and verified
+/// (read back) `bytes_per_job`.
+fn assert_fio_verified(out: &VmOutput, name: &str, jobs: usize, bytes_per_job: u64) {
+    assert_rc0(out, name);
+    let fio = out.fio(name);
+    assert_eq!(fio.jobs.len(), jobs, "fio {name}: job count");
+    for j in &fio.jobs {
+        assert_eq!(
+            j.error, 0,
+            "fio {name}: job {} reported error {}",
+            j.name, j.error
+        );
+        assert_eq!(
+            j.write.io_bytes, bytes_per_job,
+            "fio {name}: job {} bytes written",
+            j.name
+        );
+        // With --verify the verification reads are reported as reads.
+        assert_eq!(
+            j.read.io_bytes, bytes_per_job,
+            "fio {name}: job {} bytes verified",
+            j.name
+        );
+    }
+    // fio also reports per-job verify/IO errors in "total_err" (continue_on_error).
+    for j in fio.json["jobs"].as_array().unwrap() {
+        let total_err = j.get("total_err").and_then(|v| v.as_i64()).unwrap_or(0);
+        assert_eq!(total_err, 0, "fio {name}: total_err");
+    }
+}
+
+/// Size, read-only flag, queue count, serial; host→guest and guest→host data; discard →
+/// holes; fio write+verify over both queues. One boot, two drblk disks (read-write and
+/// read-only), found in the guest by serial number.
+#[test]
+fn device_properties_data_discard_and_fio_verify() {
+    if skip_vm("device_properties_data_discard_and_fio_verify") {
+        return;
+    }
+    let _g = guest_lock();
+    let dir = tempfile::tempdir().unwrap();
+    let (rw_img, ro_img) = (dir.path().join("rw.img"), dir.path().join("ro.img"));
+    let rw_size = 256 * MIB;
+    // Not a power of two, to catch a size taken from anywhere but the image.
+    let ro_size = 48 * MIB + 5 * 4096;
+
+    let host_pat = pattern(1, MIB as usize); // host writes at 0, guest reads
+    let discard_pat = pattern(3, 8 * MIB as usize); // host writes 8M..16M, guest discards 9M..13M
+    create_image(&rw_img, rw_size);
+    write_at(&rw_img, 0, &host_pat);
+    write_at(&rw_img, 8 * MIB, &discard_pat);
+    assert_eq!(allocated_bytes(&rw_img, 8 * MIB, 16 * MIB), 8 * MIB);
+    let ro_pat = pattern(7, ro_size as usize);
+    create_image(&ro_img, ro_size);
+    write_at(&ro_img, 0, &ro_pat);
+
+    let rw = Backend::drblk(
+        "rw",
+        &rw_img,
+        &dir.path().join("rw.sock"),
+        &["--queues", "2", "--serial", "drblk-rw"],
+        None,
+    );
+    let ro = Backend::drblk(
+        "ro",
+        &ro_img,
+        &dir.path().join("ro.sock"),
+        &["--queues", "2", "--serial", "drblk-ro", "--readonly"],
+        None,
+    );
+
+    let job = format!(
+        r#"{FIND_DISK_SH}
+drblk_wait_dev vda || exit 1
+drblk_wait_dev vdb || exit 1
+RW=$(find_disk drblk-rw) || exit 1
+RO=$(find_disk drblk-ro) || exit 1
+for x in rw:$RW ro:$RO; do
+    n=${{x%%:*}}; d=${{x#*:}}
+    drblk_value ${{n}}_dev $d
+    drblk_value ${{n}}_size $(cat /sys/block/$d/size)
+    drblk_value ${{n}}_ro $(cat /sys/block/$d/ro)
+    drblk_value ${{n}}_nr_mq $(ls /sys/block/$d/mq | wc -l)
+    drblk_value ${{n}}_discard_max $(cat /sys/block/$d/queue/discard_max_bytes)
+    drblk_section ${{n}}_mq ls /sys/block/$d/mq
+done
+dd if=/dev/zero of=/tmp/zero bs=64k count=64 2>/dev/null
+# 1 MiB the host does not know: the guest writes it and prints its hash.
+dd if=/dev/urandom of=/tmp/guestpat bs=64k count=16 2>/dev/null
+drblk_value guestpat_sha $(sha256sum < /tmp/guestpat)
+
+# host -> guest (both disks): hashes of the first MiB, compared by the host
+drblk_value host_to_guest_sha $(dd if=/dev/$RW bs=64k count=16 iflag=direct 2>/dev/null | sha256sum)
+drblk_value ro_read_sha $(dd if=/dev/$RO bs=64k count=16 iflag=direct 2>/dev/null | sha256sum)
+
+# read-only disk: a write must fail
+drblk_section ro_write dd if=/tmp/guestpat of=/dev/$RO bs=64k count=1 oflag=direct
+
+# guest -> host: 1 MiB at 4 MiB, flushed
+drblk_section guest_write dd if=/tmp/guestpat of=/dev/$RW bs=64k seek=64 oflag=direct conv=fsync
+
+# discard 9M..13M, then it reads as zeroes
+drblk_section discard blkdiscard -o $((9 << 20)) -l $((4 << 20)) /dev/$RW
+dd if=/dev/$RW of=/tmp/got bs=64k skip=144 count=64 iflag=direct 2>/dev/null
+drblk_section discard_reads_zero cmp /tmp/got /tmp/zero
+
+# fio: 2 jobs (one per vCPU, so both queues), 4k random writes QD16, then crc32c verify
+drblk_section fio fio --name=verify --filename=/dev/$RW --ioengine=libaio --direct=1 \
+    --rw=randwrite --bs=4k --iodepth=16 --numjobs=2 --offset=32M --offset_increment=32M \
+    --size=32M --verify=crc32c --verify_fatal=1 --output-format=json
+exit 0
+"#
+    );
+    let out = VmBuilder::new()
+        .disk_with(VhostUserBlkDisk::new(dir.path().join("rw.sock")))
+        .disk_with(VhostUserBlkDisk::new(dir.path().join("ro.sock")))
+        .job(job)
+        .timeout(Duration::from_secs(180))
+        .guest_timeout_secs(150)
+        .run();
+    let diag = || format!("{}\n{}{}", out.diagnostics(), rw.all_logs(), ro.all_logs());
+    assert!(out.success(), "guest job failed\n{}", diag());
+    eprintln!(
+        "guest: booted in {:?} s, run {:?}",
+        out.guest_boot_secs(),
+        out.elapsed
+    );
+
+    // Device properties.
+    assert_eq!(
+        value(&out, "rw_size"),
+        (rw_size / 512).to_string(),
+        "rw disk size (sectors)"
+    );
+    assert_eq!(
+        value(&out, "ro_size"),
+        (ro_size / 512).to_string(),
+        "ro disk size (sectors)"
+    );
+    assert_eq!(value(&out, "rw_ro"), "0");
+    assert_eq!(
+        value(&out, "ro_ro"),
+        "1",
+        "--readonly must make the guest disk read-only"
+    );
+    assert_eq!(
+        value(&out, "rw_nr_mq"),
+        "2",
+        "queues: {:?}",
+        out.section("rw_mq")
+    );
+    assert_eq!(
+        value(&out, "ro_nr_mq"),
+        "2",
+        "queues: {:?}",
+        out.section("ro_mq")
+    );
+    assert_eq!(
+        out.section("rw_mq")
+            .map(|s| s.split_whitespace().collect::<Vec<_>>()),
+        Some(vec!["0", "1"])
+    );
+    let discard_max: u64 = value(&out, "rw_discard_max").parse().unwrap();
+    assert!(discard_max > 0, "the rw disk does not offer discard");
+    assert_eq!(
+        value(&out, "ro_discard_max"),
+        "0",
+        "a read-only disk offers discard"
+    );
+
+    // Data paths.
+    let first_word = |name: &str| {
+        value(&out, name)
+            .split_whitespace()
+            .next()
+            .unwrap_or("")
+            .to_string()
+    };
+    assert_eq!(
+        first_word("host_to_guest_sha"),
+        sha256(&host_pat),
+        "guest read other data than the host wrote"
+    );
+    assert_eq!(
+        first_word("ro_read_sha"),
+        sha256(&ro_pat[..MIB as usize]),
+        "read-only disk: wrong data"
+    );
+    assert_ne!(
+        rc(&out, "ro_write"),
+        0,
+        "a write to the read-only disk succeeded\n{}",
+        diag()
+    );
+    eprintln!(
+        "write to the read-only disk: {:?}",
+        out.section("ro_write.stderr")
+    );
+    assert_rc0(&out, "guest_write");
+    assert_eq!(
+        sha256(&read_at(&rw_img, 4 * MIB, MIB as usize)),
+        first_word("guestpat_sha"),
+        "the guest's 1 MiB at 4 MiB is not in the image"
+    );
+    assert!(
+        read_at(&rw_img, 0, MIB as usize) == host_pat,
+        "the host's data at 0 changed"
+    );
+    assert!(
+        read_at(&ro_img, 0, ro_size as usize) == ro_pat,
+        "the read-only image changed"
+    );
+
+    // Discard → holes in the image, the rest of the range intact.
+    assert_rc0(&out, "discard");
+    assert_rc0(&out, "discard_reads_zero");
+    let alloc = allocated_bytes(&rw_img, 8 * MIB, 16 * MIB);
+    assert_eq!(
+        alloc,
+        4 * MIB,
+        "allocated bytes in 8M..16M after discarding 9M..13M"
+    );
+    assert_eq!(
+        allocated_bytes(&rw_img, 9 * MIB, 13 * MIB),
+        0,
+        "9M..13M still allocated"
+    );
+    assert!(read_at(&rw_img, 9 * MIB, 4 * MIB as usize)
+        .iter()
+        .all(|&b| b == 0));
+    assert!(read_at(&rw_img, 8 * MIB, MIB as usize) == discard_pat[..MIB as usize]);
+    assert!(read_at(&rw_img, 13 * MIB, 3 * MIB as usize) == discard_pat[5 * MIB as usize..]);
+
+    // fio write + verify.
+    assert_fio_verified(&out, "fio", 2, 32 * MIB);
+    assert_no_guest_io_errors(&out);
+}
+
+/// Data the guest wrote and flushed survives `kill -9` of drblk: the guest (same boot)
+/// reads it back through the restarted daemon after QEMU reconnects, and keeps writing.
+#[test]
+fn flushed_data_survives_daemon_kill_and_restart() {
+    if skip_vm("flushed_data_survives_daemon_kill_and_restart") {
+        return;
+    }
+    let _g = guest_lock();
+    let dir = tempfile::tempdir().unwrap();
+    let img = dir.path().join("d.img");
+    let sock = dir.path().join("d.sock");
+    create_image(&img, 64 * MIB);
+    let mut d = Backend::drblk("d", &img, &sock, &["--queues", "2"], None);
+
+    let job = r#"
+drblk_wait_dev vda || exit 1
+dd if=/dev/urandom of=/tmp/pat bs=64k count=32 2>/dev/null
+drblk_value pat_sha $(sha256sum < /tmp/pat)
+drblk_section write dd if=/tmp/pat of=/dev/vda bs=64k seek=32 oflag=direct || exit 1
+sync
+drblk_value phase written
+# The host kills and restarts drblk now; QEMU reconnects (reconnect=1).
+sleep 4
+drblk_value phase reading
+dd if=/dev/vda of=/tmp/got bs=64k skip=32 count=32 iflag=direct 2>/dev/null
+drblk_section readback cmp /tmp/got /tmp/pat
+drblk_section write_after dd if=/tmp/pat of=/dev/vda bs=64k seek=128 oflag=direct conv=fsync
+exit 0
+"#;
+    let vm = VmBuilder::new()
+        .disk(&sock)
+        .job(job)
+        .timeout(Duration::from_secs(120))
+        .guest_timeout_secs(100)
+        .spawn()
+        .unwrap();
+    assert!(
+        vm.wait_for("DRBLK-VALUE phase written", Duration::from_secs(60)),
+        "guest never wrote\n{}\n{}",
+        vm.serial(),
+        d.all_logs()
+    );
+    d.kill9();
+    let serial = vm.serial();
+    assert!(
+        !serial.contains("phase reading"),
+        "the guest read before the daemon was killed"
+    );
+    let pat_sha = serial
+        .lines()
+        .find_map(|l| l.split("DRBLK-VALUE pat_sha ").nth(1))
+        .and_then(|v| v.split_whitespace().next())
+        .expect("pat_sha")
+        .to_string();
+    // Between the kill and the restart the image on the host already holds the data.
+    assert_eq!(
+        sha256(&read_at(&img, 2 * MIB, 2 * MIB as usize)),
+        pat_sha,
+        "flushed data not in the image after kill -9"
+    );
+    d.start();
+    assert!(
+        d.wait_log("frontend connected", Duration::from_secs(20)),
+        "QEMU did not reconnect to the restarted daemon\n{}",
+        d.all_logs()
+    );
+    let out = vm.wait();
+    assert!(
+        out.success(),
+        "guest job failed\n{}\n{}",
+        out.diagnostics(),
+        d.all_logs()
+    );
+    assert_rc0(&out, "write");
+    assert_rc0(&out, "readback");
+    assert_rc0(&out, "write_after");
+    assert_eq!(
+        sha256(&read_at(&img, 8 * MIB, 2 * MIB as usize)),
+        pat_sha,
+        "write after the restart not in the image"
+    );
+    assert_no_guest_io_errors(&out);
+    assert!(
+        d.stop(),
+        "drblk did not exit cleanly on SIGTERM\n{}",
+        d.all_logs()
+    );
+}
+
+/// The restart drill: `kill -9` drblk again and again while the guest runs fio random
+/// writes with crc32c verification; each time a new drblk is started on the same socket and
+/// image, QEMU reconnects and restarts the rings at their used index. Every fio run must
+/// verify, with no I/O error in the guest.
+#[test]
+fn fio_verify_survives_repeated_kill9_of_drblk() {
+    if skip_vm("fio_verify_survives_repeated_kill9_of_drblk") {
+        return;
+    }
+    const MIN_KILLS: usize = 10;
+    /// How long (guest uptime seconds) the guest keeps starting fio runs.
+    const GUEST_FIO_SECS: u32 = 36;
+    let _g = guest_lock();
+    let dir = tempfile::tempdir().unwrap();
+    let img = dir.path().join("d.img");
+    let sock = dir.path().join("d.sock");
+    create_image(&img, 128 * MIB);
+    let mut d = Backend::drblk("d", &img, &sock, &["--queues", "2"], None);
+
+    // fio runs back to back until GUEST_FIO_SECS of uptime; each run rewrites the two
+    // 32 MiB regions with a new random seed (so a lost write leaves a block of the previous
+    // run, which fails the header's seed/offset check) and then verifies them.
+    let job = format!(
+        r#"
+drblk_wait_dev vda || exit 1
+end=$(( $(cut -d. -f1 /proc/uptime) + {GUEST_FIO_SECS} ))
+drblk_value phase fio-start
+i=0
+st=0
+while :; do
+    drblk_value fio-run-start $i
+    drblk_section fio.$i fio --name=drill --filename=/dev/vda --ioengine=libaio --direct=1 \
+        --rw=randwrite --bs=4k --iodepth=16 --numjobs=2 --offset_increment=32M --size=32M \
+        --randseed=$((1000 + i)) --verify=crc32c --verify_fatal=1 --output-format=json || st=1
+    i=$((i + 1))
+    [ $st -eq 0 ] || break
+    [ $(cut -d. -f1 /proc/uptime) -lt $end ] || break
+done
+drblk_value fio_runs $i
+drblk_value phase drill-done
+exit $st
+"#
+    );
+    let vm = VmBuilder::new()
+        .disk(&sock)
+        .job(job)
+        .timeout(Duration::from_secs(240))
+        .guest_timeout_secs(200)
+        .spawn()
+        .unwrap();
+    assert!(
+        vm.wait_for("DRBLK-VALUE phase fio-start", Duration::from_secs(60)),
+        "guest never started fio\n{}",
+        vm.serial()
+    );
+    assert!(d.wait_log("frontend connected", Duration::from_secs(5)));
+
+    let t0 = Instant::now();
+    let mut kills_during_fio = 0usize;
+    // Dwell after each reconnection before the next kill: cycles through 0.4..1.6 s so the
+    // kills land in different phases (writes, verification reads, between runs).
+    let dwell_ms = [900u64, 400, 1300, 700, 1600, 1100, 500, 1500, 800, 1200];
+    let mut i = 0usize;
+    let mut reconnect_ms = Vec::new();
+    // A lost request leaves fio waiting forever (the guest's virtio-blk has no timeout), so
+    // a guest that starts no new fio run for this long counts as hung.
+    const STALL: Duration = Duration::from_secs(60);
+    let mut progress = (0usize, Instant::now());
+    while i < 40 {
+        std::thread::sleep(Duration::from_millis(dwell_ms[i % dwell_ms.len()]));
+        if vm.serial().contains("phase drill-done") {
+            break;
+        }
+        let serial = vm.serial();
+        let runs_started = serial.matches("DRBLK-VALUE fio-run-start").count();
+        let runs_finished = serial.matches("DRBLK-RC fio.").count();
+        if runs_started != progress.0 {
+            progress = (runs_started, Instant::now());
+        }
+        assert!(
+            progress.1.elapsed() < STALL,
+            "guest I/O stalled: no new fio run for {STALL:?} after {i} kills (lost request?)\n...{}\n{}",
+            &serial[serial.len().saturating_sub(4000)..],
+            d.all_logs()
+        );
+        d.kill9();
+        let killed = Instant::now();
+        if runs_started > runs_finished {
+            kills_during_fio += 1;
+        }
+        i += 1;
+        d.start();
+        // QEMU retries every second; wait for it (or for the guest to finish).
+        let ok = daemons::wait_until(Duration::from_secs(20), || {
+            d.log_text().contains("frontend connected") || vm.serial().contains("phase drill-done")
+        });
+        let rc_ms = killed.elapsed().as_millis();
+        let reconnected = d.log_text().contains("frontend connected");
+        if reconnected {
+            reconnect_ms.push(rc_ms);
+        }
+        eprintln!(
+            "kill #{i} at {:.1}s ({}): {}",
+            t0.elapsed().as_secs_f64(),
+            if runs_started > runs_finished {
+                format!("during fio run {}", runs_started - 1)
+            } else {
+                "between fio runs".to_string()
+            },
+            if reconnected {
+                format!("QEMU back after {rc_ms} ms")
+            } else {
+                format!("guest finished {rc_ms} ms later, before QEMU reconnected")
+            }
+        );
+        assert!(
+            ok,
+            "QEMU did not reconnect within 20 s after kill #{i}\n{}\n{}",
+            vm.serial(),
+            d.all_logs()
+        );
+    }
+    let out = vm.wait();
+    let diag = || format!("{}\n{}", out.diagnostics(), d.all_logs());
+    assert!(
+        out.success(),
+        "guest job failed after {kills_during_fio} kills\n{}",
+        diag()
+    );
+    let runs: usize = value(&out, "fio_runs").parse().unwrap();
+    eprintln!(
+        "drill: {i} kills of drblk ({kills_during_fio} during fio) over {runs} fio runs ({:?} total); reconnect ms: {reconnect_ms:?}",
+        t0.elapsed()
+    );
+    assert!(
+        kills_during_fio >= MIN_KILLS,
+        "only {kills_during_fio} kills landed while fio ran (want ≥ {MIN_KILLS})"
+    );
+    for r in 0..runs {
+        assert_fio_verified(&out, &format!("fio.{r}"), 2, 32 * MIB);
+    }
+    assert_no_guest_io_errors(&out);
+    assert!(
+        d.stop(),
+        "drblk did not exit cleanly on SIGTERM\n{}",
+        d.all_logs()
+    );
+}
