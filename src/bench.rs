@@ -30,6 +30,20 @@ pub struct Cell {
     pub qd: usize,
     /// Queues used.
     pub queues: usize,
+    /// Hold this many requests per second (None: as fast as possible).
+    pub rate: Option<f64>,
+}
+
+impl Cell {
+    /// An unthrottled cell.
+    pub fn new(rw: Rw, qd: usize, queues: usize) -> Cell {
+        Cell {
+            rw,
+            qd,
+            queues,
+            rate: None,
+        }
+    }
 }
 
 /// What a cell measured.
@@ -83,6 +97,8 @@ pub fn run_cell(
     let mut hist = Histogram::<u64>::new_with_bounds(1, 10_000_000_000, 3)?;
     let mut comps: Vec<MaybeUninit<Completion>> = (0..64).map(|_| MaybeUninit::uninit()).collect();
     let mut started = vec![Instant::now(); cell.qd];
+    let t_start = Instant::now();
+    let mut submitted = cell.qd as u64;
     let mut rng = 0x2545f4914f6cdd1du64;
     let mut next_block = move || {
         rng ^= rng << 13;
@@ -135,7 +151,15 @@ pub fn run_cell(
                     hist.record((t - started[slot]).as_nanos() as u64)?;
                     done += 1;
                 }
-                started[slot] = t;
+                if let Some(rate) = cell.rate {
+                    // Throttle: the next request is due at submitted / rate.
+                    submitted += 1;
+                    let due = t_start + Duration::from_secs_f64(submitted as f64 / rate);
+                    if let Some(wait) = due.checked_duration_since(Instant::now()) {
+                        std::thread::sleep(wait);
+                    }
+                }
+                started[slot] = Instant::now();
                 c.submit(q, op(slot, next_block()), slot);
             }
         }

@@ -30,7 +30,7 @@ pub enum Command {
     Secondary(SecondaryArgs),
     /// Create a CA and per-site certificates for the replication link (quick start).
     Cert(CertArgs),
-    /// Talk to a running daemon through its control socket (<socket>.ctl).
+    /// Talk to a running daemon through its control socket (SOCKET.ctl).
     Ctl(CtlArgs),
     /// Run the built-in demonstration: create a sparse image in a temporary directory, serve
     /// it, drive a short workload through a real vhost-user frontend, and print what happened.
@@ -108,7 +108,7 @@ pub struct ReplicationArgs {
     #[arg(long, value_name = "HOST:PORT")]
     pub replicate_to: Option<String>,
 
-    /// Directory with ca.pem and this site's <site>.pem/<site>.key (see `drblk cert`).
+    /// Directory with ca.pem and this site's SITE.pem/SITE.key (see `drblk cert`).
     #[arg(long, value_name = "DIR", default_value = "drblk-certs")]
     pub certs: PathBuf,
 
@@ -222,11 +222,11 @@ pub struct SecondaryArgs {
     #[arg(long, value_name = "PATH")]
     pub disk: PathBuf,
 
-    /// Directory for the staging journal and the replica's state (default: <disk>.state).
+    /// Directory for the staging journal and the replica's state (default: DISK.state).
     #[arg(long, value_name = "DIR")]
     pub state_dir: Option<PathBuf>,
 
-    /// Directory with ca.pem and this site's <site>.pem/<site>.key (see `drblk cert`).
+    /// Directory with ca.pem and this site's SITE.pem/SITE.key (see `drblk cert`).
     #[arg(long, value_name = "DIR", default_value = "drblk-certs")]
     pub certs: PathBuf,
 
@@ -253,7 +253,7 @@ impl SecondaryArgs {
 /// `drblk cert` options.
 #[derive(Debug, Args, Clone)]
 pub struct CertArgs {
-    /// Directory to write ca.pem/ca.key and <site>.pem/<site>.key into (an existing CA in it
+    /// Directory to write ca.pem/ca.key and SITE.pem/SITE.key into (an existing CA in it
     /// is reused).
     #[arg(long, value_name = "DIR", default_value = "drblk-certs")]
     pub dir: PathBuf,

@@ -146,7 +146,7 @@ fn main() -> anyhow::Result<()> {
             [1usize, 32].into_iter().flat_map(move |qd| {
                 [1usize, 2]
                     .into_iter()
-                    .map(move |queues| Cell { rw, qd, queues })
+                    .map(move |queues| Cell::new(rw, qd, queues))
             })
         })
         .collect();

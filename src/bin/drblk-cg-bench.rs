@@ -63,21 +63,9 @@ fn main() -> anyhow::Result<()> {
     );
     fill_image(&image, size)?;
     let cells = [
-        Cell {
-            rw: Rw::RandWrite,
-            qd: 16,
-            queues: 2,
-        },
-        Cell {
-            rw: Rw::RandWrite,
-            qd: 1,
-            queues: 1,
-        },
-        Cell {
-            rw: Rw::RandRead,
-            qd: 16,
-            queues: 2,
-        },
+        Cell::new(Rw::RandWrite, 16, 2),
+        Cell::new(Rw::RandWrite, 1, 1),
+        Cell::new(Rw::RandRead, 16, 2),
     ];
     let mut modes: Vec<Option<Duration>> = vec![None];
     modes.extend(

@@ -1,0 +1,282 @@
+//! drblk-repl-bench: replication figures, in one run on loopback.
+//!
+//! 1. The QUIC loopback ceiling: this binary's link client sending 64 KiB chunks to a link
+//!    server that discards them.
+//! 2. Replication throughput: the initial full copy of an image filled with non-zero data,
+//!    from `drblk serve --replicate-to` (in process) to a secondary with its journal.
+//! 3. Guest IOPS and p99 with replication off and on (same workload, same image).
+//! 4. RPO p50/p99 (age of the newest committed group, sampled every 10 ms) and freeze time
+//!    under a sustained write load below the link rate.
+
+use std::net::SocketAddr;
+use std::path::Path;
+use std::time::{Duration, Instant};
+
+use clap::Parser;
+use hdrhistogram::Histogram;
+
+use drblk::bench::{fill_image, pin_self, run_cell, Cell, Figures, Rw};
+use drblk::cli::{CgArgs, ReplicationArgs, ServeArgs};
+use drblk::link::server::PeerInfo;
+use drblk::link::{
+    ChunkData, ClientConfig, DiskInfo, Hello, HelloAck, LinkClient, LinkServer, RejectReason,
+    ReplicaSink, ReplicaState, ServerConfig, SiteIdentity, PROTOCOL_VERSION,
+};
+use drblk::secondary_site::{Secondary, SecondaryPaths};
+use drblk::serve::Server;
+
+/// Replication benchmark.
+#[derive(Parser, Debug)]
+#[command(version)]
+struct Args {
+    /// Seconds per measurement.
+    #[arg(long, default_value_t = 5)]
+    seconds: u64,
+    /// Image size in MiB.
+    #[arg(long, default_value_t = 512)]
+    size_mib: u64,
+    /// Guest write rate for the RPO measurement (4 KiB random writes per second).
+    #[arg(long, default_value_t = 2000.0)]
+    rpo_iops: f64,
+}
+
+/// A sink that accepts everything and keeps nothing: measures the link alone.
+struct NullSink;
+
+impl ReplicaSink for NullSink {
+    fn hello(&self, _hello: &Hello, _peer: &PeerInfo) -> Result<HelloAck, RejectReason> {
+        Ok(HelloAck {
+            protocol_version: PROTOCOL_VERSION,
+            last_committed_cg: None,
+            state: ReplicaState::Syncing { done: 0, total: 0 },
+            site: "secondary".into(),
+        })
+    }
+    fn chunk(&self, _cg: u64, _index: u64, _data: ChunkData<'_>) -> anyhow::Result<()> {
+        Ok(())
+    }
+    fn commit(&self, _cg: u64, _frozen: u64, _count: u64) -> anyhow::Result<()> {
+        Ok(())
+    }
+    fn status(&self) -> (ReplicaState, Option<u64>) {
+        (ReplicaState::Syncing { done: 0, total: 0 }, None)
+    }
+}
+
+fn link_ceiling(certs: &Path, secs: u64) -> anyhow::Result<f64> {
+    let server = LinkServer::start(
+        ServerConfig::new(
+            SiteIdentity::load(certs, "secondary")?,
+            "127.0.0.1:0".parse()?,
+        ),
+        NullSink,
+    )?;
+    let addr: SocketAddr = server.local_addr()?;
+    let disk = DiskInfo {
+        uuid: [7; 16],
+        size: 1 << 40,
+        chunk_size: 64 << 10,
+    };
+    let client = LinkClient::connect(ClientConfig::new(
+        SiteIdentity::load(certs, "primary")?,
+        addr,
+        "secondary",
+        disk,
+    ))?;
+    let mut data = vec![0u8; 64 << 10];
+    for (i, b) in data.iter_mut().enumerate() {
+        *b = (i * 131 % 251) as u8 + 1;
+    }
+    let t = Instant::now();
+    let mut sent = 0u64;
+    let mut cg = 1;
+    while t.elapsed() < Duration::from_secs(secs) {
+        for _ in 0..256 {
+            client.send_chunk(cg, sent % (1 << 20), &data)?;
+            sent += 1;
+        }
+        client.commit(cg, 0)?;
+        cg += 1;
+    }
+    Ok(sent as f64 * data.len() as f64 / t.elapsed().as_secs_f64() / 1e6)
+}
+
+fn serve_args(dir: &Path, image: &Path, target: Option<SocketAddr>, certs: &Path) -> ServeArgs {
+    ServeArgs {
+        disk: image.to_owned(),
+        socket: dir.join("bench.sock"),
+        size: None,
+        queues: 2,
+        queue_size: 256,
+        threads: None,
+        readonly: false,
+        direct: false,
+        serial: None,
+        logical_block_size: 512,
+        poll_us: 0,
+        socket_mode: 0o600,
+        cg: CgArgs::default(),
+        replication: ReplicationArgs {
+            replicate_to: target.map(|a| a.to_string()),
+            certs: certs.to_owned(),
+            site: "primary".into(),
+            peer_site: "secondary".into(),
+            max_rate: None,
+            compress: false,
+            data_streams: 4,
+        },
+    }
+}
+
+fn last_committed(server: &Server) -> u64 {
+    server.status()["replication"]["last_committed_cg"]
+        .as_u64()
+        .unwrap_or(0)
+}
+
+fn run_client(socket: &Path, cell: Cell, secs: u64, blocks: u64) -> anyhow::Result<Figures> {
+    let sock = socket.to_owned();
+    std::thread::spawn(move || {
+        pin_self(1);
+        run_cell(&sock, std::process::id(), &cell, secs, blocks)
+    })
+    .join()
+    .map_err(|_| anyhow::anyhow!("client panicked"))?
+}
+
+fn main() -> anyhow::Result<()> {
+    let args = Args::parse();
+    let tmp = tempfile::Builder::new()
+        .prefix("drblk-repl-bench-")
+        .tempdir()?;
+    let dir = tmp.path();
+    let certs = dir.join("certs");
+    drblk::link::certs::generate(&certs, &["primary", "secondary"], true)?;
+    let size = args.size_mib << 20;
+    let blocks = size / 4096;
+    let image = dir.join("primary.img");
+    eprintln!(
+        "filling a {} MiB image with 4 KiB writes ...",
+        args.size_mib
+    );
+    fill_image(&image, size)?;
+
+    eprintln!("measuring the QUIC loopback ceiling ...");
+    let ceiling = link_ceiling(&certs, args.seconds)?;
+
+    // Replication off.
+    pin_self(0);
+    let write = Cell::new(Rw::RandWrite, 16, 2);
+    let off = {
+        let server = Server::start(&serve_args(dir, &image, None, &certs))?;
+        let f = run_client(&server_socket(dir), write, args.seconds, blocks)?;
+        server.stop()?;
+        f
+    };
+
+    // Replication on: initial copy first, then the same workload.
+    let secondary = Secondary::start(
+        SecondaryPaths {
+            image: dir.join("secondary.img"),
+            state_dir: dir.join("secondary.state"),
+        },
+        SiteIdentity::load(&certs, "secondary")?,
+        "127.0.0.1:0".parse()?,
+        None,
+        None,
+    )?;
+    pin_self(0);
+    let server = Server::start(&serve_args(
+        dir,
+        &image,
+        Some(secondary.local_addr()?),
+        &certs,
+    ))?;
+    let t = Instant::now();
+    while last_committed(&server) == 0 {
+        anyhow::ensure!(
+            t.elapsed() < Duration::from_secs(300),
+            "initial copy did not finish"
+        );
+        std::thread::sleep(Duration::from_millis(5));
+    }
+    let sync_secs = t.elapsed().as_secs_f64();
+    let sync_mbs = size as f64 / sync_secs / 1e6;
+    let on = run_client(&server_socket(dir), write, args.seconds, blocks)?;
+
+    // RPO under a sustained load below the link rate.
+    let mut rpo = Histogram::<u64>::new_with_bounds(1, 3_600_000_000, 3)?;
+    let cell = Cell {
+        rate: Some(args.rpo_iops),
+        ..Cell::new(Rw::RandWrite, 16, 2)
+    };
+    let sock = server_socket(dir);
+    let client = std::thread::spawn(move || {
+        pin_self(1);
+        run_cell(&sock, std::process::id(), &cell, args.seconds * 2, blocks)
+    });
+    let until = Instant::now() + Duration::from_secs(args.seconds * 2) + Duration::from_millis(300);
+    std::thread::sleep(Duration::from_millis(500));
+    while Instant::now() < until {
+        std::thread::sleep(Duration::from_millis(10));
+        if let Some(ms) = server.status()["replication"]["rpo_ms"].as_f64() {
+            rpo.record((ms * 1000.0).max(1.0) as u64)?;
+        }
+    }
+    let rated = client
+        .join()
+        .map_err(|_| anyhow::anyhow!("client panicked"))??;
+    let st = server.status();
+    server.stop()?;
+    secondary.stop();
+
+    println!();
+    println!(
+        "replication over QUIC on loopback (TLS 1.3, 4 data streams), {} s per measurement",
+        args.seconds
+    );
+    println!("  QUIC loopback ceiling (this binary, 64 KiB chunks, discarding sink): {ceiling:>8.1} MB/s");
+    println!(
+        "  initial copy of {} MiB (journaled secondary):                      {sync_mbs:>8.1} MB/s ({:.0} % of the ceiling, {sync_secs:.1} s)",
+        args.size_mib,
+        sync_mbs / ceiling * 100.0
+    );
+    println!("  guest 4k randwrite QD16 on 2 queues:");
+    println!(
+        "      replication off: {:>8.0} IOPS, p50 {:>7.1} µs, p99 {:>8.1} µs",
+        off.iops, off.p50_us, off.p99_us
+    );
+    println!(
+        "      replication on:  {:>8.0} IOPS, p50 {:>7.1} µs, p99 {:>8.1} µs  ({:+.1} % IOPS)",
+        on.iops,
+        on.p50_us,
+        on.p99_us,
+        (on.iops / off.iops - 1.0) * 100.0
+    );
+    println!(
+        "  sustained {:.0} IOPS of 4k random writes ({:.0} IOPS reached, p99 {:.1} µs): RPO p50 {:.1} ms, p99 {:.1} ms, max {:.1} ms",
+        args.rpo_iops,
+        rated.iops,
+        rated.p99_us,
+        rpo.value_at_quantile(0.5) as f64 / 1000.0,
+        rpo.value_at_quantile(0.99) as f64 / 1000.0,
+        rpo.max() as f64 / 1000.0
+    );
+    println!(
+        "  freeze (coordination) time over the run: p50 {} µs, p99 {} µs, max {} µs; groups formed {}, committed {}, abandoned {}",
+        st["cg"]["freeze_us"]["p50"],
+        st["cg"]["freeze_us"]["p99"],
+        st["cg"]["freeze_us"]["max"],
+        st["cg"]["formed"],
+        st["cg"]["committed"],
+        ["cache_full", "drain_timeout", "preserve_failed", "link_lost"]
+            .iter()
+            .map(|k| st["cg"]["abandoned"][k].as_u64().unwrap_or(0))
+            .sum::<u64>()
+    );
+    Ok(())
+}
+
+fn server_socket(dir: &Path) -> std::path::PathBuf {
+    dir.join("bench.sock")
+}
