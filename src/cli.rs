@@ -100,7 +100,7 @@ pub struct ServeArgs {
 }
 
 /// Where and how the primary replicates.
-#[derive(Debug, Args, Clone, Default)]
+#[derive(Debug, Args, Clone)]
 #[command(next_help_heading = "Replication")]
 pub struct ReplicationArgs {
     /// Replicate the disk to the secondary listening at HOST:PORT (UDP, QUIC). Implies
@@ -169,6 +169,20 @@ pub struct CgArgs {
     /// ship; at the limit the strict group is abandoned instead of stalling the guest.
     #[arg(long, default_value = "256M", value_parser = parse_size)]
     pub cow_cache_limit: u64,
+}
+
+impl Default for ReplicationArgs {
+    fn default() -> Self {
+        ReplicationArgs {
+            replicate_to: None,
+            certs: PathBuf::from("drblk-certs"),
+            site: "primary".into(),
+            peer_site: "secondary".into(),
+            max_rate: None,
+            compress: false,
+            data_streams: 4,
+        }
+    }
 }
 
 impl Default for CgArgs {
@@ -300,6 +314,26 @@ pub struct DemoArgs {
 }
 
 impl ServeArgs {
+    /// The options `drblk serve --disk DISK --socket SOCKET` has, for library users.
+    pub fn new(disk: PathBuf, socket: PathBuf) -> Self {
+        ServeArgs {
+            disk,
+            socket,
+            size: None,
+            queues: 1,
+            queue_size: 256,
+            threads: None,
+            readonly: false,
+            direct: false,
+            serial: None,
+            logical_block_size: 512,
+            poll_us: 0,
+            socket_mode: 0o600,
+            cg: CgArgs::default(),
+            replication: ReplicationArgs::default(),
+        }
+    }
+
     /// The image options these arguments describe.
     pub fn disk_options(&self) -> DiskOptions {
         DiskOptions {
@@ -396,6 +430,16 @@ mod tests {
     #[test]
     fn cli_is_consistent() {
         Cli::command().debug_assert();
+    }
+
+    #[test]
+    fn library_defaults_match_the_command_line() {
+        let parsed = Cli::parse_from(["drblk", "serve", "--disk", "d", "--socket", "s"]);
+        let Some(Command::Serve(a)) = parsed.command else {
+            panic!("not serve")
+        };
+        let b = ServeArgs::new("d".into(), "s".into());
+        assert_eq!(format!("{a:?}"), format!("{b:?}"));
     }
 
     #[test]

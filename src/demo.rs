@@ -13,7 +13,7 @@ use anyhow::{bail, Context};
 use serde_json::Value;
 
 use crate::blkio_client::{BlkioClient, Op};
-use crate::cli::{CgArgs, DemoArgs, ReplicationArgs, ServeArgs};
+use crate::cli::{DemoArgs, ServeArgs};
 use crate::secondary_site::{Secondary, SecondaryPaths};
 use crate::serve::Server;
 
@@ -66,30 +66,12 @@ pub fn run(args: DemoArgs) -> anyhow::Result<()> {
     println!("  secondary: listening on {sec_addr} (QUIC, mutual TLS)");
 
     // 3. The primary: serves the disk and replicates it.
-    let serve = ServeArgs {
-        disk: disk.clone(),
-        socket: socket.clone(),
-        size: Some(args.size),
-        queues: 2,
-        queue_size: 256,
-        threads: None,
-        readonly: false,
-        direct: false,
-        serial: Some("drblk-demo".into()),
-        logical_block_size: 512,
-        poll_us: 0,
-        socket_mode: 0o600,
-        cg: CgArgs::default(),
-        replication: ReplicationArgs {
-            replicate_to: Some(sec_addr.to_string()),
-            certs: certs.clone(),
-            site: "primary".into(),
-            peer_site: "secondary".into(),
-            max_rate: None,
-            compress: false,
-            data_streams: 4,
-        },
-    };
+    let mut serve = ServeArgs::new(disk.clone(), socket.clone());
+    serve.size = Some(args.size);
+    serve.queues = 2;
+    serve.serial = Some("drblk-demo".into());
+    serve.replication.replicate_to = Some(sec_addr.to_string());
+    serve.replication.certs = certs.clone();
     let server = Server::start(&serve)?;
     println!(
         "  primary: serving a {} MiB sparse image on {}, consistency group every {:?}",

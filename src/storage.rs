@@ -186,27 +186,8 @@ impl Disk {
     /// # Safety
     /// Every `(ptr, len)` must be valid for writes for the duration of the call.
     pub unsafe fn readv_at(&self, iov: &[(*mut u8, usize)], offset: u64) -> io::Result<()> {
-        let total: usize = iov.iter().map(|v| v.1).sum();
-        self.check_range(offset, total as u64)?;
-        if self.direct && !iov.iter().all(|v| is_aligned(v.0 as usize, v.1, 0)) {
-            let mut pos = offset;
-            for &(ptr, len) in iov {
-                // SAFETY: the caller guarantees (ptr, len) is valid for writes.
-                let s = unsafe { std::slice::from_raw_parts_mut(ptr, len) };
-                self.read_at(s, pos)?;
-                pos += len as u64;
-            }
-            return Ok(());
-        }
-        let mut iovecs: Vec<libc::iovec> = iov
-            .iter()
-            .map(|&(p, l)| libc::iovec {
-                iov_base: p as *mut libc::c_void,
-                iov_len: l,
-            })
-            .collect();
-        // SAFETY: the caller guarantees the buffers are valid for writes.
-        unsafe { self.vectored(&mut iovecs, offset, true) }
+        // SAFETY: forwarded from the caller.
+        unsafe { self.transfer_at(iov, offset, true) }
     }
 
     /// Writes the host buffers `iov` (each `(ptr, len)`) starting at `offset`.
@@ -215,14 +196,34 @@ impl Disk {
     /// Every `(ptr, len)` must be valid for reads for the duration of the call.
     pub unsafe fn writev_at(&self, iov: &[(*const u8, usize)], offset: u64) -> io::Result<()> {
         self.check_writable()?;
+        let iov: Vec<(*mut u8, usize)> = iov.iter().map(|&(p, l)| (p.cast_mut(), l)).collect();
+        // SAFETY: forwarded from the caller; a write only reads the buffers.
+        unsafe { self.transfer_at(&iov, offset, false) }
+    }
+
+    /// One vectored transfer, bounds-checked; with O_DIRECT, unaligned guest buffers go
+    /// through the aligned bounce path one buffer at a time.
+    ///
+    /// # Safety
+    /// Every `(ptr, len)` must be valid for the transfer's direction during the call.
+    unsafe fn transfer_at(
+        &self,
+        iov: &[(*mut u8, usize)],
+        offset: u64,
+        read: bool,
+    ) -> io::Result<()> {
         let total: usize = iov.iter().map(|v| v.1).sum();
         self.check_range(offset, total as u64)?;
         if self.direct && !iov.iter().all(|v| is_aligned(v.0 as usize, v.1, 0)) {
             let mut pos = offset;
             for &(ptr, len) in iov {
-                // SAFETY: the caller guarantees (ptr, len) is valid for reads.
-                let s = unsafe { std::slice::from_raw_parts(ptr, len) };
-                self.write_at(s, pos)?;
+                if read {
+                    // SAFETY: the caller guarantees (ptr, len) is valid for writes.
+                    self.read_at(unsafe { std::slice::from_raw_parts_mut(ptr, len) }, pos)?;
+                } else {
+                    // SAFETY: the caller guarantees (ptr, len) is valid for reads.
+                    self.write_at(unsafe { std::slice::from_raw_parts(ptr, len) }, pos)?;
+                }
                 pos += len as u64;
             }
             return Ok(());
@@ -230,12 +231,12 @@ impl Disk {
         let mut iovecs: Vec<libc::iovec> = iov
             .iter()
             .map(|&(p, l)| libc::iovec {
-                iov_base: p as *mut libc::c_void,
+                iov_base: p.cast(),
                 iov_len: l,
             })
             .collect();
-        // SAFETY: the caller guarantees the buffers are valid for reads; pwritev only reads them.
-        unsafe { self.vectored(&mut iovecs, offset, false) }
+        // SAFETY: the caller guarantees the buffers are valid for this direction.
+        unsafe { self.vectored(&mut iovecs, offset, read) }
     }
 
     /// Runs preadv/pwritev until every byte is transferred (short transfers are resumed).

@@ -13,7 +13,7 @@ use clap::Parser;
 use hdrhistogram::Histogram;
 
 use drblk::bench::{fill_image, pin_self, run_cell, Cell, Figures, Rw};
-use drblk::cli::{CgArgs, ServeArgs};
+use drblk::cli::ServeArgs;
 use drblk::cycle::LocalReplica;
 use drblk::serve::Server;
 
@@ -78,25 +78,9 @@ fn main() -> anyhow::Result<()> {
         // Server threads inherit the CPU of the thread that starts them.
         pin_self(0);
         let socket = tmp.path().join("bench.sock");
-        let serve = ServeArgs {
-            disk: image.clone(),
-            socket: socket.clone(),
-            size: None,
-            queues: 2,
-            queue_size: 256,
-            threads: None,
-            readonly: false,
-            direct: false,
-            serial: None,
-            logical_block_size: 512,
-            poll_us: 0,
-            socket_mode: 0o600,
-            cg: CgArgs {
-                consistency_groups: mode.is_some(),
-                ..CgArgs::default()
-            },
-            replication: Default::default(),
-        };
+        let mut serve = ServeArgs::new(image.clone(), socket.clone());
+        serve.queues = 2;
+        serve.cg.consistency_groups = mode.is_some();
         let server = Server::start(&serve)?;
         let cycle = match mode {
             Some(interval) => {

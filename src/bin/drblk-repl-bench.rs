@@ -16,7 +16,7 @@ use clap::Parser;
 use hdrhistogram::Histogram;
 
 use drblk::bench::{fill_image, pin_self, run_cell, Cell, Figures, Rw};
-use drblk::cli::{CgArgs, ReplicationArgs, ServeArgs};
+use drblk::cli::ServeArgs;
 use drblk::link::server::PeerInfo;
 use drblk::link::{
     ChunkData, ClientConfig, DiskInfo, Hello, HelloAck, LinkClient, LinkServer, RejectReason,
@@ -102,30 +102,11 @@ fn link_ceiling(certs: &Path, secs: u64) -> anyhow::Result<f64> {
 }
 
 fn serve_args(dir: &Path, image: &Path, target: Option<SocketAddr>, certs: &Path) -> ServeArgs {
-    ServeArgs {
-        disk: image.to_owned(),
-        socket: dir.join("bench.sock"),
-        size: None,
-        queues: 2,
-        queue_size: 256,
-        threads: None,
-        readonly: false,
-        direct: false,
-        serial: None,
-        logical_block_size: 512,
-        poll_us: 0,
-        socket_mode: 0o600,
-        cg: CgArgs::default(),
-        replication: ReplicationArgs {
-            replicate_to: target.map(|a| a.to_string()),
-            certs: certs.to_owned(),
-            site: "primary".into(),
-            peer_site: "secondary".into(),
-            max_rate: None,
-            compress: false,
-            data_streams: 4,
-        },
-    }
+    let mut a = ServeArgs::new(image.to_owned(), server_socket(dir));
+    a.queues = 2;
+    a.replication.replicate_to = target.map(|t| t.to_string());
+    a.replication.certs = certs.to_owned();
+    a
 }
 
 fn last_committed(server: &Server) -> u64 {

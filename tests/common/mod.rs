@@ -17,22 +17,11 @@ pub struct Served {
 }
 
 pub fn serve_args(dir: &Path, size: u64) -> ServeArgs {
-    ServeArgs {
-        disk: dir.join("disk.img"),
-        socket: dir.join("disk.sock"),
-        size: Some(size),
-        queues: 2,
-        queue_size: 256,
-        threads: None,
-        readonly: false,
-        direct: false,
-        serial: Some("drblk-test-serial".into()),
-        logical_block_size: 512,
-        poll_us: 0,
-        socket_mode: 0o600,
-        cg: Default::default(),
-        replication: Default::default(),
-    }
+    let mut a = ServeArgs::new(dir.join("disk.img"), dir.join("disk.sock"));
+    a.size = Some(size);
+    a.queues = 2;
+    a.serial = Some("drblk-test-serial".into());
+    a
 }
 
 /// Fills `path` (created with `size`) with a recognisable pattern, 4 KiB at a time.
