@@ -254,6 +254,41 @@ impl Secondary {
         self.sink.status()
     }
 
+    /// A line for operators: "syncing 42.0 %", "consistent at CG 7 (primary's state as of
+    /// 0.3 s ago)", or why there is no replica yet.
+    pub fn describe(&self) -> String {
+        match self.sink.store.lock().expect("store lock").as_ref() {
+            None => "no replica yet: waiting for the primary's first connection".into(),
+            Some(s) => match s.state() {
+                ReplicaState::Syncing {
+                    done_chunks,
+                    total_chunks,
+                } => format!(
+                    "inconsistent, syncing {:.1} % ({done_chunks} of {total_chunks} chunks)",
+                    if total_chunks > 0 {
+                        done_chunks as f64 * 100.0 / total_chunks as f64
+                    } else {
+                        0.0
+                    }
+                ),
+                ReplicaState::Consistent {
+                    cg,
+                    frozen_at_unix_us,
+                } => {
+                    let now = std::time::SystemTime::now()
+                        .duration_since(std::time::UNIX_EPOCH)
+                        .map(|d| d.as_micros() as u64)
+                        .unwrap_or(0);
+                    format!(
+                        "consistent at CG {cg} (the primary's state as of {:.1} s ago)",
+                        now.saturating_sub(frozen_at_unix_us) as f64 / 1e6
+                    )
+                }
+                ReplicaState::Promoted => "promoted".into(),
+            },
+        }
+    }
+
     /// Stops listening (dropping the server closes its endpoint).
     pub fn stop(self) {
         drop(self.server);
@@ -302,13 +337,16 @@ pub fn run(args: crate::cli::SecondaryArgs) -> anyhow::Result<()> {
         state_dir: args.state_dir(),
     };
     let secondary = Secondary::start(paths, identity, listen, Some(args.peer_site.clone()), None)?;
-    let mut last = String::new();
+    // Log the state when it changes kind, and every 10 s while it does not.
+    let mut last_kind = String::new();
+    let mut next_log = std::time::Instant::now();
     while !shutdown.requested() {
-        let (state, _) = secondary.status();
-        let s = state.to_string();
-        if s != last {
-            tracing::info!(state = %s, "replica state");
-            last = s;
+        let line = secondary.describe();
+        let kind: String = line.split(' ').take(2).collect();
+        if kind != last_kind || std::time::Instant::now() >= next_log {
+            tracing::info!("replica: {line}");
+            last_kind = kind;
+            next_log = std::time::Instant::now() + std::time::Duration::from_secs(10);
         }
         std::thread::sleep(std::time::Duration::from_millis(200));
     }
