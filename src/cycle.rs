@@ -253,6 +253,12 @@ impl ChunkSink for LocalReplica {
         Ok(())
     }
 
+    fn recover(&mut self, _error: &io::Error, _stop: &AtomicBool) -> io::Result<()> {
+        // The engine merged everything uncommitted back into its dirty set: it ships again.
+        self.staged.clear();
+        Ok(())
+    }
+
     fn commit(&mut self, cg: u64, _frozen_at: SystemTime) -> io::Result<()> {
         for (index, (_, data)) in self.staged.drain() {
             self.image.write_all_at(&data, index * self.chunk_size)?;

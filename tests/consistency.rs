@@ -31,6 +31,10 @@ struct Outcome {
 }
 
 fn run_workload(min_cgs: u64, cow_limit: u64, chunk: u64) -> Outcome {
+    let _ = tracing_subscriber::fmt()
+        .with_env_filter("drblk=warn")
+        .with_test_writer()
+        .try_init();
     let s = common::start(SIZE, |a| {
         a.cg.consistency_groups = true;
         a.cg.chunk_size = chunk;

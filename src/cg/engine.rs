@@ -612,9 +612,23 @@ impl Engine {
     }
 
     /// Abandons CG `cg` if it is the strict one.
+    ///
+    /// Not if the CG has meanwhile become ready (every chunk captured, nothing left to
+    /// protect): a writer decides to abandon under the cache lock and takes the central lock
+    /// only afterwards, and the drain may have captured its chunk — and the shipper seen
+    /// `is_ready` and sent the commit — in between. Its chunk bit is then clear, so the write
+    /// may proceed unpreserved. `is_ready` and this check both hold the central lock, and a
+    /// ready CG stays ready (no bit of its OOS can be set once it is quiesced), so a CG that
+    /// `is_ready` reported is never abandoned afterwards except by `link_lost`.
     fn abandon(&self, cg: u64, reason: AbandonReason) {
         let mut c = lock(&self.central);
-        if matches!(&c.mode, Mode::Strict { drain, .. } if drain.cg == cg) {
+        let ready = match &c.mode {
+            Mode::Strict { drain, .. } if drain.cg == cg => {
+                drain.is_quiesced() && c.oos.bits.count() == 0
+            }
+            _ => return,
+        };
+        if !ready {
             self.abandon_locked(&mut c, reason);
         }
     }
@@ -661,8 +675,18 @@ impl Engine {
                 }
                 Mode::Strict { drain, .. } => Arc::clone(drain),
             };
-            if !drain.wait_quiesced() {
-                self.abandon_locked(&mut c, AbandonReason::DrainTimeout);
+            if !drain.is_quiesced() {
+                // Wait for the pre-swap writes WITHOUT the central lock: a writer holding a
+                // pre-swap ticket may need that lock (to abandon a CG whose cache filled up)
+                // before it can finish its write and drop the ticket. Quiescence is
+                // monotonic, so re-checking the mode after re-locking is enough.
+                drop(c);
+                let quiesced = drain.wait_quiesced();
+                c = lock(&self.central);
+                if !quiesced && matches!(&c.mode, Mode::Strict { drain: d, .. } if d.cg == drain.cg)
+                {
+                    self.abandon_locked(&mut c, AbandonReason::DrainTimeout);
+                }
                 continue;
             }
             let start = c.cursor;
