@@ -130,7 +130,7 @@ impl Bitmap {
     }
 }
 
-#[cfg(all(test, not(loom)))]
+#[cfg(all(test, not(drblk_loom)))]
 mod tests {
     use super::*;
 

@@ -924,7 +924,7 @@ impl Engine {
     }
 }
 
-#[cfg(all(test, not(loom)))]
+#[cfg(all(test, not(drblk_loom)))]
 impl Engine {
     /// The per-queue gates, for tests that need to freeze a queue by hand.
     pub(crate) fn queues_for_test(&self) -> &[Mutex<QueueState>] {

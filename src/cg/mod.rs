@@ -42,11 +42,11 @@ mod engine;
 mod record;
 mod sync;
 
-#[cfg(all(test, loom))]
+#[cfg(all(test, drblk_loom))]
 mod loom_tests;
-#[cfg(all(test, not(loom)))]
+#[cfg(all(test, not(drblk_loom)))]
 mod model_tests;
-#[cfg(all(test, not(loom)))]
+#[cfg(all(test, not(drblk_loom)))]
 mod tests;
 
 use std::sync::Arc;

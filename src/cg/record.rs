@@ -128,7 +128,7 @@ impl Record {
     }
 }
 
-#[cfg(all(test, not(loom)))]
+#[cfg(all(test, not(drblk_loom)))]
 mod tests {
     use super::*;
     use std::time::Duration;
