@@ -30,6 +30,10 @@ cargo build --locked --release --bins
 stage "tests"
 cargo test --locked --release --all-targets
 
+stage "loom models of the consistency-group synchronisation"
+RUSTFLAGS="--cfg drblk_loom" CARGO_TARGET_DIR=target/loom \
+    cargo test --locked --release --lib cg::loom_tests
+
 if [ "${DRBLK_SKIP_FUZZ:-0}" != 1 ] && command -v cargo-fuzz >/dev/null 2>&1; then
     stage "fuzz request parsing (bounded)"
     bash rust-vmm-ci/fuzz.sh "${DRBLK_FUZZ_SECONDS:-60}"
