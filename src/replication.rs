@@ -5,9 +5,10 @@
 //! - a secondary that is new or still syncing gets a full copy (every chunk marked dirty;
 //!   zero chunks travel as markers); it reports itself as syncing until the copy's group
 //!   commits;
-//! - a secondary consistent at the group this primary last committed gets only what changed
-//!   since (the engine merged every uncommitted chunk back into its dirty set when the link
-//!   was lost): an incremental resync;
+//! - a secondary consistent at the group this primary last committed — or at a later group
+//!   of this primary whose acknowledgement the link lost — gets only what changed since (the
+//!   engine merged every uncommitted chunk back into its dirty set when the link was lost):
+//!   an incremental resync;
 //! - a secondary consistent at any other group (this primary restarted and lost its
 //!   bitmaps) gets every chunk again, staged as one group above its last, so it stays
 //!   consistent at its old group until the new one commits.
@@ -72,9 +73,14 @@ impl Replicator {
         let client = LinkClient::connect(cfg).map_err(|e| io::Error::other(e.to_string()))?;
         let ack = client.hello_ack().clone();
         self.status.connects.fetch_add(1, Ordering::Relaxed);
+        let next = self.engine.next_cg();
         match (ack.state, ack.last_committed_cg) {
-            (ReplicaState::Consistent { cg }, _) if cg == last && last > 0 => {
-                tracing::info!(secondary = %self.cfg.server_addr, cg, "secondary consistent at our last group: incremental resync");
+            // The secondary holds our last committed group, or a later one we formed whose
+            // acknowledgement the link lost. Either way everything changed since our last
+            // committed group is dirty again (`link_lost` merged what was shipped since back
+            // into the dirty set), so shipping it on top of the secondary's group is exact.
+            (ReplicaState::Consistent { cg }, _) if last > 0 && cg >= last && cg < next => {
+                tracing::info!(secondary = %self.cfg.server_addr, cg, our_last = last, "secondary consistent at a group of ours: incremental resync");
             }
             (ReplicaState::Consistent { cg }, _) => {
                 tracing::info!(secondary = %self.cfg.server_addr, cg, our_last = last, "secondary holds another group: full resync, staged above it");

@@ -865,6 +865,11 @@ impl Engine {
         );
     }
 
+    /// The number the next CG formed will get (CGs below it were formed, committed or not).
+    pub fn next_cg(&self) -> u64 {
+        lock(&self.central).next_cg
+    }
+
     /// Continues CG numbering after `last_committed`, the last CG the secondary committed
     /// (a restarted primary, or a secondary that was ahead): the next CG formed is numbered
     /// above it, so the secondary never mistakes new data for a CG it already has.
