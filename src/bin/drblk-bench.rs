@@ -26,7 +26,7 @@ struct Args {
     /// Working directory (default: a temporary directory).
     #[arg(long)]
     dir: Option<PathBuf>,
-    /// Only these backends (comma separated: drblk,drblk-poll,qsd-threads,qsd-io_uring).
+    /// Only these backends (comma separated: drblk,drblk-nopoll,drblk-poll,qsd-threads,qsd-io_uring).
     #[arg(long, value_delimiter = ',')]
     only: Vec<String>,
     /// drblk binary (default: the one next to this benchmark).
@@ -71,15 +71,17 @@ fn start_backend(
     let mut cmd = Command::new("taskset");
     cmd.args(["-c", "0"]);
     match name {
-        "drblk" | "drblk-poll" => {
+        "drblk" | "drblk-nopoll" | "drblk-poll" => {
             cmd.arg(drblk)
                 .args(["serve", "--queues", "2", "--log", "warn", "--disk"])
                 .arg(image)
                 .arg("--socket")
                 .arg(&socket);
-            if name == "drblk-poll" {
-                cmd.args(["--poll-us", "50"]);
-            }
+            match name {
+                "drblk-poll" => cmd.args(["--poll-us", "200"]),
+                "drblk-nopoll" => cmd.args(["--poll-us", "0"]),
+                _ => &mut cmd,
+            };
         }
         _ => {
             let aio = if name == "qsd-threads" {
@@ -136,7 +138,13 @@ fn main() -> anyhow::Result<()> {
         .unwrap_or_else(|| "not installed".into());
     eprintln!("peer: {qsd_version}");
 
-    let mut names: Vec<&'static str> = vec!["drblk", "drblk-poll", "qsd-threads", "qsd-io_uring"];
+    let mut names: Vec<&'static str> = vec![
+        "drblk",
+        "drblk-nopoll",
+        "drblk-poll",
+        "qsd-threads",
+        "qsd-io_uring",
+    ];
     if !args.only.is_empty() {
         names.retain(|n| args.only.iter().any(|o| o == n));
     }
