@@ -91,7 +91,8 @@ fn link_ceiling(certs: &Path, secs: u64) -> anyhow::Result<f64> {
     let mut sent = 0u64;
     let mut cg = 1;
     while t.elapsed() < Duration::from_secs(secs) {
-        for _ in 0..256 {
+        // Large groups, as the initial copy sends them: one acknowledgement per 4096 chunks.
+        for _ in 0..4096 {
             client.send_chunk(cg, sent % (1 << 20), &data)?;
             sent += 1;
         }
@@ -185,6 +186,14 @@ fn main() -> anyhow::Result<()> {
     let sync_mbs = size as f64 / sync_secs / 1e6;
     let on = run_client(&server_socket(dir), write, args.seconds, blocks)?;
 
+    // Let replication catch up with the full-speed run before measuring the RPO.
+    let settle = Instant::now();
+    let target = server.status()["cg"]["formed"].as_u64().unwrap_or(0) + 2;
+    while last_committed(&server) < target && settle.elapsed() < Duration::from_secs(60) {
+        server.trigger_cycle();
+        std::thread::sleep(Duration::from_millis(10));
+    }
+
     // RPO under a sustained load below the link rate.
     let mut rpo = Histogram::<u64>::new_with_bounds(1, 3_600_000_000, 3)?;
     let cell = Cell {
@@ -235,10 +244,9 @@ fn main() -> anyhow::Result<()> {
         (on.iops / off.iops - 1.0) * 100.0
     );
     println!(
-        "  sustained {:.0} IOPS of 4k random writes ({:.0} IOPS reached, p99 {:.1} µs): RPO p50 {:.1} ms, p99 {:.1} ms, max {:.1} ms",
+        "  sustained {:.0} IOPS of 4k random writes ({:.0} IOPS reached): RPO p50 {:.1} ms, p99 {:.1} ms, max {:.1} ms",
         args.rpo_iops,
         rated.iops,
-        rated.p99_us,
         rpo.value_at_quantile(0.5) as f64 / 1000.0,
         rpo.value_at_quantile(0.99) as f64 / 1000.0,
         rpo.max() as f64 / 1000.0
