@@ -110,8 +110,6 @@ impl Executor {
             }
             RequestKind::Out => {
                 let iov = host_buffers(mem, req)?;
-                let iov: Vec<(*const u8, usize)> =
-                    iov.into_iter().map(|(p, l)| (p as *const u8, l)).collect();
                 let _guard = self.record(queue, offset, req.data_len)?;
                 // SAFETY: as above; pwritev only reads the guest buffers.
                 unsafe { self.disk.writev_at(&iov, offset)? };

@@ -190,15 +190,16 @@ impl Disk {
         unsafe { self.transfer_at(iov, offset, true) }
     }
 
-    /// Writes the host buffers `iov` (each `(ptr, len)`) starting at `offset`.
+    /// Writes the host buffers `iov` (each `(ptr, len)`) starting at `offset`. The buffers
+    /// are only read; they are `*mut` because guest memory hands out one pointer type and a
+    /// conversion would cost an allocation per request.
     ///
     /// # Safety
     /// Every `(ptr, len)` must be valid for reads for the duration of the call.
-    pub unsafe fn writev_at(&self, iov: &[(*const u8, usize)], offset: u64) -> io::Result<()> {
+    pub unsafe fn writev_at(&self, iov: &[(*mut u8, usize)], offset: u64) -> io::Result<()> {
         self.check_writable()?;
-        let iov: Vec<(*mut u8, usize)> = iov.iter().map(|&(p, l)| (p.cast_mut(), l)).collect();
         // SAFETY: forwarded from the caller; a write only reads the buffers.
-        unsafe { self.transfer_at(&iov, offset, false) }
+        unsafe { self.transfer_at(iov, offset, false) }
     }
 
     /// One vectored transfer, bounds-checked; with O_DIRECT, unaligned guest buffers go

@@ -463,19 +463,11 @@ impl TestFrontend {
         sector: u64,
         data: &[Desc],
     ) -> anyhow::Result<(u8, u32)> {
-        let hdr = DATA_BASE - 4096 * (q as u64 + 1);
-        let status = hdr + 64;
-        self.mem.write_obj(req_type, GuestAddress(hdr))?;
-        self.mem.write_obj(0u32, GuestAddress(hdr + 4))?;
-        self.mem.write_obj(sector, GuestAddress(hdr + 8))?;
-        self.mem.write_obj(0xffu8, GuestAddress(status))?;
-        let mut chain = vec![Desc::r(hdr, 16)];
-        chain.extend_from_slice(data);
-        chain.push(Desc::w(status, 1));
-        self.submit(q, &chain)?;
+        // The last header slot of the queue: workloads using submit_request keep to lower ones.
+        const SLOT: usize = 63;
+        self.submit_request(q, SLOT, req_type, sector, data)?;
         let used = self.wait_used(q, 1, Duration::from_secs(10))?;
-        let st: u8 = self.mem.read_obj(GuestAddress(status))?;
-        Ok((st, used[0].1))
+        Ok((self.slot_status(q, SLOT), used[0].1))
     }
 
     /// Writes `data` into guest memory at `gpa`.
