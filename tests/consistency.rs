@@ -135,9 +135,11 @@ fn a_thousand_cgs_of_dependent_writes_are_all_consistent() {
 }
 
 #[test]
-fn a_tiny_cow_cache_abandons_cgs_but_commits_stay_consistent() {
-    // A 64 KiB cache holds one chunk: strict CGs are abandoned whenever two chunks need
-    // preserving; later CGs still commit, and every commit passes the check.
+fn a_tiny_cow_cache_keeps_commits_consistent_under_load() {
+    // A 64 KiB cache holds one chunk: whenever the guest rewrites two chunks the drain has
+    // not shipped yet, the strict CG is abandoned. How often that happens under this load
+    // depends on scheduling, so this test asserts consistency only; the abandonment itself
+    // is driven deterministically below.
     let o = run_workload(min_cgs(100), 64 << 10, 64 << 10);
     println!(
         "{} writes, {} CGs committed, {} abandoned (cache full)",
@@ -148,13 +150,98 @@ fn a_tiny_cow_cache_abandons_cgs_but_commits_stay_consistent() {
         "{:#?}",
         &o.violations[..o.violations.len().min(5)]
     );
-    if !quick() {
-        assert!(
-            o.stats.abandoned_cache_full > 0,
-            "the tiny cache must force abandonments"
-        );
-    }
     assert!(o.commits >= min_cgs(100));
+}
+
+#[test]
+fn a_full_cow_cache_abandons_the_cg_without_stalling_and_the_next_cg_commits() {
+    // Deterministic: form CG n over three dirty chunks, then (before any drain) the guest
+    // rewrites two of them through the real connection. The first rewrite preserves its
+    // chunk (filling the one-chunk cache), the second would exceed the limit: CG n is
+    // abandoned, the write still completes at once, nothing of CG n is committed, and the
+    // next CG brings the replica to the primary's image.
+    use drblk::cg::{CgPhase, CommitOutcome};
+    use drblk::cycle::{drain_and_commit, CycleStats};
+    use drblk::test_frontend::{Desc, DATA_BASE};
+    use std::time::SystemTime;
+    use virtio_bindings::virtio_blk::VIRTIO_BLK_T_OUT;
+
+    const CHUNK: u64 = 64 << 10;
+    let s = common::start(SIZE, |a| {
+        a.cg.consistency_groups = true;
+        a.cg.chunk_size = CHUNK;
+        a.cg.cow_cache_limit = CHUNK;
+    });
+    let server = s.server.as_ref().unwrap();
+    let engine = server.engine().unwrap().clone();
+    let mut f = TestFrontend::connect(&s.socket, 2, 256, true).unwrap();
+    let mut write = |q: usize, chunk: u64, byte: u8| {
+        f.write_mem(DATA_BASE, &[byte; 4096]).unwrap();
+        let (st, _) = f
+            .request(
+                q,
+                VIRTIO_BLK_T_OUT,
+                chunk * CHUNK / 512,
+                &[Desc::r(DATA_BASE, 4096)],
+            )
+            .unwrap();
+        assert_eq!(st, 0, "write to chunk {chunk}");
+    };
+    let commits = Arc::new(Mutex::new(Vec::new()));
+    let k2 = commits.clone();
+    let mut replica = LocalReplica::create(&s.dir.path().join("replica.img"), SIZE, CHUNK)
+        .unwrap()
+        .on_commit(move |cg, _| k2.lock().unwrap().push(cg));
+    let stats = CycleStats::default();
+
+    // The first CG ships the whole initial image, as an initial sync does.
+    engine.mark_all();
+    let first = engine.form_cg().unwrap().cg;
+    drain_and_commit(&engine, &mut replica, first, SystemTime::now(), &stats).unwrap();
+    assert_eq!(*commits.lock().unwrap(), vec![first]);
+
+    for (q, chunk) in [(0, 1), (1, 2), (0, 3)] {
+        write(q, chunk, 0xa1);
+    }
+    let cg = engine.form_cg().unwrap().cg;
+    assert_eq!(engine.phase(), CgPhase::Strict { cg });
+    write(1, 1, 0xb2); // preserves chunk 1: the cache is now full
+    assert_eq!(engine.stats().chunks_preserved, 1);
+    assert_eq!(engine.phase(), CgPhase::Strict { cg });
+    write(0, 2, 0xb2); // chunk 2 would not fit: CG abandoned, the write is not held up
+    let st = engine.stats();
+    assert_eq!(st.abandoned_cache_full, 1, "{st:?}");
+    assert_eq!(engine.phase(), CgPhase::Abandoned { cg });
+    assert_eq!(
+        st.cow_bytes, 0,
+        "preserved images are dropped on abandonment"
+    );
+
+    // Draining the abandoned CG ships what is dirty but commits nothing.
+    drain_and_commit(&engine, &mut replica, cg, SystemTime::now(), &stats).unwrap();
+    assert_eq!(engine.try_commit(cg), CommitOutcome::Abandoned);
+    assert_eq!(*commits.lock().unwrap(), vec![first]);
+
+    // A later CG commits and holds every write, the abandoned CG's included.
+    let next = engine.form_cg().unwrap().cg;
+    assert!(next > cg);
+    drain_and_commit(&engine, &mut replica, next, SystemTime::now(), &stats).unwrap();
+    assert_eq!(*commits.lock().unwrap(), vec![first, next]);
+    drop(f);
+    let primary = std::fs::read(&s.disk).unwrap();
+    let copy = std::fs::read(s.dir.path().join("replica.img")).unwrap();
+    let differ: Vec<u64> = (0..SIZE / CHUNK)
+        .filter(|&c| {
+            let r = (c * CHUNK) as usize..((c + 1) * CHUNK) as usize;
+            primary[r.clone()] != copy[r]
+        })
+        .collect();
+    assert!(
+        differ.is_empty(),
+        "chunks {differ:?} of the replica differ from the primary"
+    );
+    assert_eq!(primary[(CHUNK + 100) as usize], 0xb2);
+    assert_eq!(primary[(3 * CHUNK) as usize], 0xa1);
 }
 
 /// CG counts to reach; the coverage run (instrumented, much slower) sets DRBLK_QUICK=1.
