@@ -136,11 +136,11 @@ fn a_thousand_cgs_of_dependent_writes_are_all_consistent() {
 
 #[test]
 fn a_tiny_cow_cache_keeps_commits_consistent_under_load() {
-    // A 64 KiB cache holds one chunk: whenever the guest rewrites two chunks the drain has
-    // not shipped yet, the strict CG is abandoned. How often that happens under this load
+    // A 4 KiB cache holds one preserved 4 KiB write: when the guest rewrites more of the
+    // chunks the drain has not shipped yet, the strict CG is abandoned. How often that happens under this load
     // depends on scheduling, so this test asserts consistency only; the abandonment itself
     // is driven deterministically below.
-    let o = run_workload(min_cgs(100), 64 << 10, 64 << 10);
+    let o = run_workload(min_cgs(100), 4096, 64 << 10);
     println!(
         "{} writes, {} CGs committed, {} abandoned (cache full)",
         o.writes, o.commits, o.stats.abandoned_cache_full
@@ -156,8 +156,8 @@ fn a_tiny_cow_cache_keeps_commits_consistent_under_load() {
 #[test]
 fn a_full_cow_cache_abandons_the_cg_without_stalling_and_the_next_cg_commits() {
     // Deterministic: form CG n over three dirty chunks, then (before any drain) the guest
-    // rewrites two of them through the real connection. The first rewrite preserves its
-    // chunk (filling the one-chunk cache), the second would exceed the limit: CG n is
+    // rewrites two of them (4 KiB each) through the real connection. The first rewrite
+    // preserves what it overwrites (filling the 4 KiB cache), the second would exceed it: CG n is
     // abandoned, the write still completes at once, nothing of CG n is committed, and the
     // next CG brings the replica to the primary's image.
     use drblk::cg::{CgPhase, CommitOutcome};
@@ -170,7 +170,7 @@ fn a_full_cow_cache_abandons_the_cg_without_stalling_and_the_next_cg_commits() {
     let s = common::start(SIZE, |a| {
         a.cg.consistency_groups = true;
         a.cg.chunk_size = CHUNK;
-        a.cg.cow_cache_limit = CHUNK;
+        a.cg.cow_cache_limit = 4096;
     });
     let server = s.server.as_ref().unwrap();
     let engine = server.engine().unwrap().clone();
@@ -205,7 +205,7 @@ fn a_full_cow_cache_abandons_the_cg_without_stalling_and_the_next_cg_commits() {
     }
     let cg = engine.form_cg().unwrap().cg;
     assert_eq!(engine.phase(), CgPhase::Strict { cg });
-    write(1, 1, 0xb2); // preserves chunk 1: the cache is now full
+    write(1, 1, 0xb2); // preserves 4 KiB of chunk 1: the cache is now full
     assert_eq!(engine.stats().chunks_preserved, 1);
     assert_eq!(engine.phase(), CgPhase::Strict { cg });
     write(0, 2, 0xb2); // chunk 2 would not fit: CG abandoned, the write is not held up

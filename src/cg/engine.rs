@@ -68,21 +68,42 @@ pub(crate) struct QueueState {
     publisher: Option<Publisher>,
 }
 
-/// A preserved-image cache slot.
-enum Slot {
-    /// A writer is reading the chunk to preserve it; other writers of the chunk wait.
-    Reading { token: u64, len: usize },
-    /// The preserved image.
-    Ready(Vec<u8>),
-    /// The image was handed out; its bytes count against the limit until confirmed.
-    Shipped { len: usize },
+/// Granules per chunk: copy-on-write preserves the granules a write overwrites, not the
+/// whole chunk (a 4 KiB write into a 64 KiB chunk copies 4 KiB, not 64 KiB).
+const GRANULES: u64 = 64;
+
+/// The preserved parts of one chunk not yet handed out. Invariants (under the cache lock):
+/// `have` and `reading` are disjoint; each granule in `have` is in exactly one piece and holds
+/// the chunk's content at the freeze; no write recorded in CR has touched a granule that is in
+/// neither (such a write preserves first), nor one in `reading` (its writer has not started
+/// the disk write, and other writers of it wait).
+struct Slot {
+    /// Identifies this slot: a writer stores what it read only into the slot it reserved in.
+    token: u64,
+    /// Granules preserved.
+    have: u64,
+    /// Granules a writer is reading right now.
+    reading: u64,
+    /// (granules it supplies, byte offset in the chunk, bytes read from there).
+    pieces: Vec<(u64, usize, Vec<u8>)>,
+    /// Bytes counted against the cache limit (pieces and reads in progress).
+    reserved: usize,
 }
 
 impl Slot {
-    fn len(&self) -> usize {
-        match self {
-            Slot::Reading { len, .. } | Slot::Shipped { len } => *len,
-            Slot::Ready(v) => v.len(),
+    /// Overlays the preserved granules onto `buf`, a read of the whole chunk.
+    fn overlay(&self, buf: &mut [u8], granule: usize) {
+        for (mask, at, data) in &self.pieces {
+            let mut m = *mask;
+            while m != 0 {
+                let g = m.trailing_zeros() as usize;
+                m &= m - 1;
+                let lo = (g * granule).max(*at);
+                let hi = ((g + 1) * granule).min(at + data.len()).min(buf.len());
+                if lo < hi {
+                    buf[lo..hi].copy_from_slice(&data[lo - at..hi - at]);
+                }
+            }
         }
     }
 }
@@ -268,7 +289,7 @@ impl Engine {
     /// `[offset, offset + len)`.
     ///
     /// Records the chunks in this queue's current structure and, if the forming CG still has
-    /// to ship one of them, preserves it first (copy-on-write). May block while writes recorded
+    /// to ship one of them, preserves the part it overwrites first (copy-on-write). May block while writes recorded
     /// before the last swap finish (bounded by `max_drain_time`): so a caller must not hold
     /// another unfinished `WriteTicket` when it calls this (a synchronous per-queue data path
     /// never does). Fails only for an invalid queue or range. `len == 0` records nothing.
@@ -306,13 +327,21 @@ impl Engine {
             last,
         };
         if let Some(d) = drain {
-            self.preserve_range(&d, first, last);
+            self.preserve_range(&d, offset, end);
         }
         Ok(ticket)
     }
 
-    /// Copy-on-write for a write recorded in the CR of the strict CG `d`.
-    fn preserve_range(&self, d: &Drain, first: u64, last: u64) {
+    /// Bytes per copy-on-write granule.
+    fn granule(&self) -> usize {
+        // Fits: chunk_size fits in usize (checked in `new`).
+        (self.cfg.chunk_size / GRANULES).max(1) as usize
+    }
+
+    /// Copy-on-write for a write of `[offset, end)` recorded in the CR of the strict CG `d`.
+    fn preserve_range(&self, d: &Drain, offset: u64, end: u64) {
+        let cs = self.cfg.chunk_size;
+        let (first, last) = (offset / cs, (end - 1) / cs);
         if !d.strict.load(Ordering::SeqCst) {
             return;
         }
@@ -328,18 +357,30 @@ impl Engine {
         if !d.oos.bits.any_in(first, last) {
             return;
         }
+        let g = self.granule() as u64;
         for i in first..=last {
-            if !self.preserve_chunk(d, i) {
+            // The granules of chunk i this write overwrites.
+            let base = i * cs;
+            let lo = (offset.max(base) - base) / g;
+            let hi = (end.min(base + cs) - base).div_ceil(g);
+            let mask = if hi - lo >= 64 {
+                u64::MAX
+            } else {
+                ((1u64 << (hi - lo)) - 1) << lo
+            };
+            if !self.preserve_granules(d, i, mask) {
                 return;
             }
         }
     }
 
-    /// Preserves chunk `i` for the strict CG `d` unless it is already preserved or captured.
-    /// Returns false when `d` is no longer strict (nothing more to preserve).
-    fn preserve_chunk(&self, d: &Drain, i: u64) -> bool {
-        let len = self.chunk_len(i);
-        let token = {
+    /// Preserves the granules `mask` of chunk `i` for the strict CG `d`, except those already
+    /// preserved, unless the chunk was captured. Returns false when `d` is no longer strict
+    /// (nothing more to preserve).
+    fn preserve_granules(&self, d: &Drain, i: u64, mask: u64) -> bool {
+        let granule = self.granule();
+        let chunk_len = self.chunk_len(i);
+        let (token, need, at, len) = {
             let mut c = lock(&self.cache);
             loop {
                 if !d.strict.load(Ordering::SeqCst) || c.cg != d.cg {
@@ -349,58 +390,65 @@ impl Engine {
                 if !d.oos.bits.test(i) {
                     return true;
                 }
-                match c.slots.get(&i) {
-                    Some(Slot::Reading { .. }) => {
-                        // Another writer is preserving it; our write must wait for the image.
-                        c = self.cache_cv.wait(c).expect("cg: cache lock poisoned");
-                        continue;
-                    }
-                    Some(_) => return true,
-                    None => {}
+                let (have, reading) = c.slots.get(&i).map_or((0, 0), |s| (s.have, s.reading));
+                let need = mask & !have;
+                if need == 0 {
+                    return true;
                 }
+                if need & reading != 0 {
+                    // Another writer is preserving some of them; our write must wait for it.
+                    c = self.cache_cv.wait(c).expect("cg: cache lock poisoned");
+                    continue;
+                }
+                // One read spans the needed granules (granules between them that are already
+                // preserved are read too, but only `need` is taken from this read).
+                let at = need.trailing_zeros() as usize * granule;
+                let to = ((64 - need.leading_zeros()) as usize * granule).min(chunk_len);
+                let len = to - at;
                 if c.bytes + len > self.cfg.cow_cache_limit {
                     drop(c);
                     self.abandon(d.cg, AbandonReason::CacheFull);
                     return false;
                 }
-                let token = c.next_token;
-                c.next_token += 1;
-                c.slots.insert(i, Slot::Reading { token, len });
                 c.bytes += len;
                 c.peak = c.peak.max(c.bytes);
-                break token;
+                let token = c.next_token;
+                let slot = c.slots.entry(i).or_insert_with(|| Slot {
+                    token,
+                    have: 0,
+                    reading: 0,
+                    pieces: Vec::new(),
+                    reserved: 0,
+                });
+                if slot.token == token {
+                    c.next_token += 1;
+                }
+                let slot = c.slots.get_mut(&i).expect("slot just inserted");
+                slot.reading |= need;
+                slot.reserved += len;
+                break (slot.token, need, at, len);
             }
         };
         // Writes recorded before the swap may still be writing this chunk: reading it before
         // they finish would preserve a torn chunk.
         if !d.wait_quiesced() {
-            self.drop_reading(i, token);
+            self.end_reading(i, token, need, len, None);
             self.abandon(d.cg, AbandonReason::DrainTimeout);
             return false;
         }
         let mut buf = vec![0u8; len];
-        let res = self.source.read_at(&mut buf, i * self.cfg.chunk_size);
-        let mut c = lock(&self.cache);
-        let mine = matches!(c.slots.get(&i), Some(Slot::Reading { token: t, .. }) if *t == token);
-        match res {
+        match self
+            .source
+            .read_at(&mut buf, i * self.cfg.chunk_size + at as u64)
+        {
+            // The piece is in the cache before this write touches the disk: a drain that
+            // reads the disk and then (under the cache lock) finds it overlays it.
             Ok(()) => {
-                // The image is in the cache before this write touches the disk: a drain that
-                // reads the disk and then (under this lock) finds the image ships the image.
-                if mine {
-                    c.slots.insert(i, Slot::Ready(buf));
-                    c.preserved += 1;
-                }
-                drop(c);
-                self.cache_cv.notify_all();
+                self.end_reading(i, token, need, len, Some((at, buf)));
                 true
             }
             Err(e) => {
-                if mine {
-                    c.slots.remove(&i);
-                    c.bytes -= len;
-                }
-                drop(c);
-                self.cache_cv.notify_all();
+                self.end_reading(i, token, need, len, None);
                 warn!(cg = d.cg, chunk = i, error = %e, "cg: cannot preserve chunk");
                 self.abandon(d.cg, AbandonReason::PreserveFailed);
                 false
@@ -408,11 +456,36 @@ impl Engine {
         }
     }
 
-    fn drop_reading(&self, i: u64, token: u64) {
+    /// A preserving read of granules `need` of chunk `i` ended: store the piece (`Some`) or
+    /// give its reservation back. Nothing to do if the slot is gone (the chunk was handed
+    /// out, or the CG stopped being strict: its reservation went with it).
+    fn end_reading(
+        &self,
+        i: u64,
+        token: u64,
+        need: u64,
+        len: usize,
+        piece: Option<(usize, Vec<u8>)>,
+    ) {
         let mut c = lock(&self.cache);
-        if matches!(c.slots.get(&i), Some(Slot::Reading { token: t, .. }) if *t == token) {
-            if let Some(s) = c.slots.remove(&i) {
-                c.bytes -= s.len();
+        let cache = &mut *c;
+        if let Some(slot) = cache.slots.get_mut(&i).filter(|s| s.token == token) {
+            slot.reading &= !need;
+            match piece {
+                Some((at, data)) => {
+                    if slot.have == 0 {
+                        cache.preserved += 1;
+                    }
+                    slot.have |= need;
+                    slot.pieces.push((need, at, data));
+                }
+                None => {
+                    slot.reserved -= len;
+                    cache.bytes -= len;
+                    if slot.have == 0 && slot.reading == 0 {
+                        cache.slots.remove(&i);
+                    }
+                }
             }
         }
         drop(c);
@@ -703,30 +776,23 @@ impl Engine {
                 continue;
             }
             let len = self.chunk_len(i);
-            let mut buf = vec![0u8; len];
-            self.source.read_at(&mut buf, i * self.cfg.chunk_size)?;
-            let data = {
+            let mut data = vec![0u8; len];
+            self.source.read_at(&mut data, i * self.cfg.chunk_size)?;
+            {
                 let mut cache = lock(&self.cache);
-                // Happens-before: a writer puts the image in the cache (under this lock)
-                // before its disk write starts. If our read saw any of that write, the
-                // insertion preceded our lock here and we ship the image; if we find no Ready
-                // image, no write of this chunk recorded in CR has started, so `buf` is pure.
-                let data = match cache.slots.remove(&i) {
-                    Some(Slot::Ready(img)) => {
-                        cache.slots.insert(i, Slot::Shipped { len: img.len() });
-                        img
-                    }
-                    Some(other) => {
-                        cache.slots.insert(i, other);
-                        buf
-                    }
-                    None => buf,
-                };
+                // Happens-before: a writer puts its piece in the cache (under this lock)
+                // before its disk write starts. If our read saw any of that write, the piece
+                // was stored before our lock here and we overlay it; a granule that is not
+                // preserved (or only being read) has not been written since the swap, so
+                // what we read of it is its content at the freeze.
+                if let Some(slot) = cache.slots.remove(&i) {
+                    slot.overlay(&mut data, self.granule());
+                    cache.bytes -= slot.reserved;
+                }
                 // Cleared under the cache lock: a writer that sees it clear knows the chunk
                 // is captured and may write without preserving.
                 c.oos.bits.clear(i);
-                data
-            };
+            }
             c.cursor = i + 1;
             c.shipped.set(i);
             c.outstanding.insert(i, drain.cg);
@@ -772,22 +838,12 @@ impl Engine {
     }
 
     /// The consumer has chunk `index` of CG `cg` (the secondary acknowledged it): it no longer
-    /// counts as unconfirmed, and its preserved image is dropped. Stale or duplicate
-    /// confirmations are ignored.
+    /// counts as unconfirmed. Stale or duplicate confirmations are ignored.
     pub fn confirm(&self, cg: u64, index: u64) {
         let mut c = lock(&self.central);
-        if c.outstanding.get(&index) != Some(&cg) {
-            return;
+        if c.outstanding.get(&index) == Some(&cg) {
+            c.outstanding.remove(&index);
         }
-        c.outstanding.remove(&index);
-        let mut cache = lock(&self.cache);
-        if cache.cg == cg {
-            if let Some(s) = cache.slots.remove(&index) {
-                cache.bytes -= s.len();
-            }
-        }
-        drop(cache);
-        self.cache_cv.notify_all();
     }
 
     /// Whether every chunk of the strict CG `cg` has been handed out and confirmed, i.e. the

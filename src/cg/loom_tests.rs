@@ -125,6 +125,34 @@ fn drain_read_races_copy_on_write() {
     });
 }
 
+/// Two writers preserving overlapping granules of one chunk (bytes 0..2 and 1..4) race each
+/// other and the drain's read: the CG ships every byte as it was at the freeze, whichever
+/// writer reads byte 1 and whenever the drain reads.
+#[test]
+fn granule_copy_on_write_overlapping_writers_race_drain() {
+    loom::model(|| {
+        let (e, d) = setup(2);
+        write(&e, &d, 0, 0, 1);
+        let f = e.form_cg().expect("form");
+        let partial = |e: &Engine, d: &Disk, q: usize, off: usize, len: usize, v: u8| {
+            let t = e
+                .begin_write(q, off as u64, len as u64)
+                .expect("begin_write");
+            d.write(off, &vec![v; len]);
+            drop(t);
+        };
+        let (e2, d2) = (e.clone(), d.clone());
+        let t = thread::spawn(move || partial(&e2, &d2, 1, 0, 2, 2));
+        partial(&e, &d, 0, 1, 3, 3);
+        let c = e.next_chunk().expect("read").expect("chunk 0");
+        assert_eq!(c.data, vec![1; CHUNK]);
+        e.confirm(c.cg, c.index);
+        t.join().expect("join");
+        assert_eq!(e.try_commit(f.cg), CommitOutcome::Committed);
+        assert_eq!(e.stats().cow_bytes, 0);
+    });
+}
+
 /// Completions racing a formation: each is published exactly once, in order, never lost.
 #[test]
 fn completions_race_freeze_in_order() {

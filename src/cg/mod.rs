@@ -26,11 +26,11 @@
 //!   ("quiescence") before it reads the disk or preserves a chunk, so it never ships a torn
 //!   chunk.
 //! * Copy-on-write: a write recorded in CR to a chunk whose OOS bit is still set preserves the
-//!   chunk (reads it into the cache) before it proceeds. The drain reads the disk, then checks
-//!   the cache under the cache lock, and clears the OOS bit under that lock: a writer that
-//!   finds the bit clear may write freely; a writer that finds it set preserves first, and its
-//!   disk write cannot start before the image is in the cache, so a drain that read any of
-//!   the new data finds the image and ships it instead.
+//!   granules (1/64 of a chunk) it overwrites, unless already preserved, before it proceeds.
+//!   The drain reads the disk, then under the cache lock overlays the preserved granules and
+//!   clears the OOS bit: a writer that finds the bit clear may write freely; a writer that
+//!   finds it set preserves first, and its disk write cannot start before its piece is in the
+//!   cache, so a drain that read any of the new data finds the piece and overlays it.
 //! * Abandonment (cache full, drain too long, preservation failed, link lost) never stalls the
 //!   guest: queues switch to recording into OOS, CR is *forwarded* into OOS
 //!   (`Record::forward_into`), preserved images are dropped, chunks keep being handed
@@ -235,12 +235,12 @@ pub struct CgStats {
     pub coordination_ns: Vec<u64>,
     /// Longest coordination time seen (ns).
     pub coordination_max_ns: u64,
-    /// Bytes currently held by the copy-on-write cache (including images handed out and not
-    /// yet confirmed).
+    /// Bytes currently held by the copy-on-write cache (preserved granules of chunks not yet
+    /// handed out, and preserving reads in progress).
     pub cow_bytes: usize,
     /// Highest `cow_bytes` seen.
     pub cow_peak_bytes: usize,
-    /// Chunks preserved by copy-on-write.
+    /// Chunks of which copy-on-write preserved at least one granule.
     pub chunks_preserved: u64,
     /// Chunks handed out by `next_chunk`.
     pub chunks_handed_out: u64,
