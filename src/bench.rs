@@ -57,7 +57,49 @@ pub struct Figures {
     pub p99_us: f64,
     /// Backend CPU-seconds per 100k requests.
     pub cpu_per_100k: f64,
+    /// CPU used by the backend's queue workers (`vring_worker` threads), in CPUs (1.0 = one
+    /// CPU busy the whole time). With replication on, shipping competes with them for CPU.
+    pub io_cpus: f64,
 }
+
+impl Figures {
+    /// Requests per CPU-second of the queue workers: the cost of the I/O path itself,
+    /// whatever CPU other work (shipping a consistency group) takes from it.
+    pub fn iops_per_io_cpu(&self) -> f64 {
+        if self.io_cpus > 0.0 {
+            self.iops / self.io_cpus
+        } else {
+            0.0
+        }
+    }
+}
+
+/// CPU seconds (user + system) used so far by the threads of process `pid` named `name`.
+pub fn thread_cpu_seconds(pid: u32, name: &str) -> f64 {
+    let Ok(tasks) = std::fs::read_dir(format!("/proc/{pid}/task")) else {
+        return 0.0;
+    };
+    let mut ticks = 0.0;
+    for t in tasks.flatten() {
+        let Ok(stat) = std::fs::read_to_string(t.path().join("stat")) else {
+            continue;
+        };
+        let (Some(open), Some(close)) = (stat.find('('), stat.rfind(')')) else {
+            continue;
+        };
+        if &stat[open + 1..close] != name {
+            continue;
+        }
+        let f: Vec<&str> = stat[close + 1..].split_whitespace().collect();
+        ticks += f.get(11).and_then(|s| s.parse::<f64>().ok()).unwrap_or(0.0)
+            + f.get(12).and_then(|s| s.parse::<f64>().ok()).unwrap_or(0.0);
+    }
+    // SAFETY: sysconf has no memory-safety preconditions.
+    ticks / unsafe { libc::sysconf(libc::_SC_CLK_TCK) } as f64
+}
+
+/// Name of the backend's queue worker threads (vhost-user-backend names them).
+const IO_THREAD: &str = "vring_worker";
 
 /// CPU seconds (user + system) used so far by process `pid`.
 pub fn cpu_seconds(pid: u32) -> f64 {
@@ -121,7 +163,7 @@ pub fn run_cell(
     // Slot s belongs to queue s % queues.
     let warmup = Instant::now() + Duration::from_millis(300);
     let mut measuring = false;
-    let (mut done, mut cpu0, mut t0) = (0u64, 0.0, Instant::now());
+    let (mut done, mut cpu0, mut io0, mut t0) = (0u64, 0.0, 0.0, Instant::now());
     for (slot, t) in started.iter_mut().enumerate() {
         *t = Instant::now();
         c.submit(slot % cell.queues, op(slot, next_block()), slot);
@@ -132,6 +174,7 @@ pub fn run_cell(
         if !measuring && now >= warmup {
             measuring = true;
             cpu0 = cpu_seconds(pid);
+            io0 = thread_cpu_seconds(pid, IO_THREAD);
             t0 = now;
         }
         if now >= end_at {
@@ -166,6 +209,7 @@ pub fn run_cell(
     }
     let elapsed = t0.elapsed().as_secs_f64();
     let cpu = cpu_seconds(pid) - cpu0;
+    let io_cpu = thread_cpu_seconds(pid, IO_THREAD) - io0;
     // Drain what is still in flight before disconnecting.
     let mut left = cell.qd;
     let deadline = Instant::now() + Duration::from_secs(5);
@@ -184,6 +228,7 @@ pub fn run_cell(
         } else {
             0.0
         },
+        io_cpus: io_cpu / elapsed,
     })
 }
 

@@ -171,6 +171,12 @@ pub struct CgArgs {
     /// ship; at the limit the strict group is abandoned instead of stalling the guest.
     #[arg(long, default_value = "256M", value_parser = parse_size)]
     pub cow_cache_limit: u64,
+
+    /// Niceness (0-19) of the threads that drain and ship consistency groups. Above 0, the
+    /// guest's I/O goes first when the CPUs are saturated and the RPO grows instead; freezes
+    /// are still done at normal priority.
+    #[arg(long, default_value_t = 0, value_parser = clap::value_parser!(i32).range(0..=19))]
+    pub ship_nice: i32,
 }
 
 impl Default for ReplicationArgs {
@@ -197,6 +203,7 @@ impl Default for CgArgs {
             max_coordination_time: Duration::from_millis(10),
             max_drain_time: Duration::from_secs(60),
             cow_cache_limit: 256 << 20,
+            ship_nice: 0,
         }
     }
 }

@@ -14,7 +14,7 @@ use std::sync::{Arc, Condvar, Mutex};
 use std::thread::JoinHandle;
 use std::time::{Duration, Instant, SystemTime};
 
-use crate::cg::{ChunkImage, CommitOutcome, Engine, FormError};
+use crate::cg::{CgFormed, ChunkImage, CommitOutcome, Engine, FormError};
 
 /// Where the chunks of each CG go.
 pub trait ChunkSink: Send {
@@ -57,16 +57,38 @@ pub struct Cycle {
 }
 
 impl Cycle {
-    /// Starts forming a CG every `interval` from `engine`, draining into `sink`.
-    pub fn start(engine: Arc<Engine>, mut sink: Box<dyn ChunkSink>, interval: Duration) -> Cycle {
+    /// Starts forming a CG every `interval` from `engine`, draining into `sink`. The drain
+    /// runs at niceness `ship_nice` (see [`crate::priority`]); formation does not: a freeze
+    /// must not wait behind busy queue workers, so with `ship_nice > 0` a small thread at
+    /// normal priority forms the CGs on the drain thread's request.
+    pub fn start(
+        engine: Arc<Engine>,
+        mut sink: Box<dyn ChunkSink>,
+        interval: Duration,
+        ship_nice: i32,
+    ) -> Cycle {
         let stop = Arc::new(AtomicBool::new(false));
         let trigger = Arc::new((Mutex::new(0u64), Condvar::new()));
         let stats = Arc::new(CycleStats::default());
         let (st, tr, sa) = (stop.clone(), trigger.clone(), stats.clone());
+        let former = (ship_nice != 0).then(|| Former::start(engine.clone()));
+        // Returns once the thread runs at its priority (so its state is observable at once).
+        let (ready_tx, ready) = std::sync::mpsc::channel();
         let thread = std::thread::Builder::new()
             .name("drblk-cg-cycle".into())
-            .spawn(move || run(&engine, sink.as_mut(), interval, &st, &tr, &sa))
+            .spawn(move || {
+                if let Err(e) = crate::priority::set_current_thread_nice(ship_nice) {
+                    tracing::warn!(error = %e, ship_nice, "cannot lower the shipping thread's priority");
+                }
+                let _ = ready_tx.send(());
+                let form = || match &former {
+                    Some(f) => f.form(),
+                    None => engine.form_cg(),
+                };
+                run(&engine, &form, sink.as_mut(), interval, &st, &tr, &sa)
+            })
             .expect("spawning the CG cycle thread");
+        let _ = ready.recv();
         Cycle {
             stop,
             trigger,
@@ -111,8 +133,43 @@ impl Drop for Cycle {
     }
 }
 
+/// Forms CGs at normal priority for a niced drain thread: one request at a time.
+struct Former {
+    requests: std::sync::mpsc::Sender<std::sync::mpsc::Sender<Result<CgFormed, FormError>>>,
+}
+
+impl Former {
+    fn start(engine: Arc<Engine>) -> Former {
+        let (tx, rx) =
+            std::sync::mpsc::channel::<std::sync::mpsc::Sender<Result<CgFormed, FormError>>>();
+        let (ready_tx, ready) = std::sync::mpsc::channel();
+        std::thread::Builder::new()
+            .name("drblk-cg-form".into())
+            // Ends when the drain thread drops the Former (the channel closes).
+            .spawn(move || {
+                let _ = ready_tx.send(());
+                for reply in rx {
+                    let _ = reply.send(engine.form_cg());
+                }
+            })
+            .expect("spawning the CG formation thread");
+        let _ = ready.recv();
+        Former { requests: tx }
+    }
+
+    fn form(&self) -> Result<CgFormed, FormError> {
+        let (tx, rx) = std::sync::mpsc::channel();
+        self.requests
+            .send(tx)
+            .expect("the CG formation thread lives as long as the cycle");
+        rx.recv()
+            .expect("the CG formation thread answers every request")
+    }
+}
+
 fn run(
     engine: &Engine,
+    form: &dyn Fn() -> Result<CgFormed, FormError>,
     sink: &mut dyn ChunkSink,
     interval: Duration,
     stop: &AtomicBool,
@@ -137,7 +194,7 @@ fn run(
             break;
         }
         let frozen_at = SystemTime::now();
-        let formed = match engine.form_cg() {
+        let formed = match form() {
             Ok(f) => f,
             Err(e @ (FormError::Busy { .. } | FormError::CoordinationTimeout { .. })) => {
                 stats.form_failures.fetch_add(1, Ordering::Relaxed);

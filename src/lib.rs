@@ -20,6 +20,7 @@ pub mod demo;
 pub mod executor;
 pub mod identity;
 pub mod link;
+pub mod priority;
 pub mod queue_worker;
 pub mod replication;
 pub mod request;

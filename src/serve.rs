@@ -25,6 +25,7 @@ pub struct Server {
     _control_server: ControlServer,
     shutdown: Shutdown,
     thread: Option<JoinHandle<anyhow::Result<()>>>,
+    ship_nice: i32,
 }
 
 impl Server {
@@ -83,7 +84,12 @@ impl Server {
             let replica = LocalReplica::create(path, disk.size(), args.cg.chunk_size)
                 .with_context(|| format!("creating the local replica {}", path.display()))?;
             tracing::info!(replica = %path.display(), interval = ?args.cg.cg_interval, "keeping a local crash-consistent replica");
-            let cycle = Cycle::start(engine.clone(), Box::new(replica), args.cg.cg_interval);
+            let cycle = Cycle::start(
+                engine.clone(),
+                Box::new(replica),
+                args.cg.cg_interval,
+                args.cg.ship_nice,
+            );
             *control.cycle.lock().expect("cycle lock") = Some(cycle);
         }
         if let (Some(target), Some(engine)) =
@@ -91,7 +97,12 @@ impl Server {
         {
             let (replicator, link) = replicator_for(args, &disk, target, engine.clone())?;
             tracing::info!(secondary = %replicator.peer(), interval = ?args.cg.cg_interval, "replicating");
-            let cycle = Cycle::start(engine.clone(), Box::new(replicator), args.cg.cg_interval);
+            let cycle = Cycle::start(
+                engine.clone(),
+                Box::new(replicator),
+                args.cg.cg_interval,
+                args.cg.ship_nice,
+            );
             *control.cycle.lock().expect("cycle lock") = Some(cycle);
             *control.link.lock().expect("link lock") = Some(link);
         }
@@ -108,6 +119,7 @@ impl Server {
             _control_server: control_server,
             shutdown,
             thread: Some(thread),
+            ship_nice: args.cg.ship_nice,
         })
     }
 
@@ -130,7 +142,7 @@ impl Server {
         let engine = self
             .engine()
             .context("consistency groups are not enabled on this server")?;
-        Ok(Cycle::start(engine.clone(), sink, interval))
+        Ok(Cycle::start(engine.clone(), sink, interval, self.ship_nice))
     }
 
     /// A handle that stops the server.
@@ -210,6 +222,7 @@ fn replicator_for(
     cfg.max_rate = r.max_rate;
     cfg.compress = r.compress;
     cfg.data_streams = usize::from(r.data_streams);
+    cfg.thread_nice = args.cg.ship_nice;
     let rep = Replicator::new(cfg, engine);
     let status = rep.status();
     Ok((rep, status))

@@ -176,10 +176,41 @@ fn local_replica_drain_makes_it_identical_and_status_reports_figures() {
             replica.to_str().unwrap(),
             "--cg-interval",
             "20ms",
+            "--ship-nice",
+            "19",
         ],
     );
     let sock = dir.path().join("d.sock");
     wait_for_socket(&sock, &mut d);
+    // The drain runs niced, the formation (freezes) at the daemon's own priority.
+    let nice_of = |name: &str| -> Vec<i64> {
+        let mut v = Vec::new();
+        for t in std::fs::read_dir(format!("/proc/{}/task", d.id())).unwrap() {
+            let stat = std::fs::read_to_string(t.unwrap().path().join("stat")).unwrap_or_default();
+            let (Some(a), Some(b)) = (stat.find('('), stat.rfind(')')) else {
+                continue;
+            };
+            if &stat[a + 1..b] == name {
+                // Field 19 of /proc/<pid>/task/<tid>/stat is the niceness.
+                v.push(
+                    stat[b + 2..]
+                        .split_whitespace()
+                        .nth(16)
+                        .unwrap()
+                        .parse()
+                        .unwrap(),
+                );
+            }
+        }
+        v
+    };
+    let own = nice_of("drblk")[0];
+    assert_eq!(
+        nice_of("drblk-cg-cycle"),
+        vec![19],
+        "the shipping thread is niced"
+    );
+    assert_eq!(nice_of("drblk-cg-form"), vec![own], "freezes are not niced");
     let mut c = drblk::blkio_client::BlkioClient::connect(&sock, 2, 1 << 20, false).unwrap();
     for i in 0..64u64 {
         c.buf()[..65536].fill(i as u8 + 1);

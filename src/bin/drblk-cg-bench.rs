@@ -30,11 +30,15 @@ struct Args {
     /// Consistency-group intervals to compare with "off" (milliseconds).
     #[arg(long, value_delimiter = ',', default_value = "100,20")]
     intervals_ms: Vec<u64>,
+    /// Niceness of the shipping thread (`drblk serve --ship-nice`).
+    #[arg(long, default_value_t = 0)]
+    ship_nice: i32,
     /// Tracking granularity (chunk size) in KiB.
     #[arg(long, default_value_t = drblk::cg::DEFAULT_CHUNK_SIZE / 1024)]
     chunk_kib: u64,
-    /// Request rate of the rate-limited write cell (requests per second).
-    #[arg(long, default_value_t = 50_000.0)]
+    /// Request rate of the rate-limited write cell (requests per second, at QD1 so that the
+    /// latency is the service time).
+    #[arg(long, default_value_t = 20_000.0)]
     rate: f64,
 }
 
@@ -68,14 +72,15 @@ fn main() -> anyhow::Result<()> {
         args.size_mib
     );
     fill_image(&image, size)?;
-    // Unthrottled writes are the worst case (every interval dirties most chunks); the
-    // rate-limited cell is a busy guest, where the cost shows as latency, not IOPS.
+    // Unthrottled writes are the worst case (every interval dirties most chunks, and the
+    // drain competes with the queue workers for the CPU); the rate-limited cell is a busy
+    // guest that leaves CPU to spare, where the cost shows as latency, not IOPS.
     let cells = [
         Cell::new(Rw::RandWrite, 16, 2),
         Cell::new(Rw::RandWrite, 1, 1),
         Cell {
             rate: Some(args.rate),
-            ..Cell::new(Rw::RandWrite, 16, 2)
+            ..Cell::new(Rw::RandWrite, 1, 1)
         },
         Cell::new(Rw::RandRead, 16, 2),
     ];
@@ -94,6 +99,7 @@ fn main() -> anyhow::Result<()> {
         serve.queues = 2;
         serve.cg.consistency_groups = mode.is_some();
         serve.cg.chunk_size = args.chunk_kib << 10;
+        serve.cg.ship_nice = args.ship_nice;
         let server = Server::start(&serve)?;
         let cycle = match mode {
             Some(interval) => {
@@ -183,23 +189,26 @@ fn main() -> anyhow::Result<()> {
 
     println!();
     println!(
-        "libblkio over vhost-user, 2-queue drblk, {} MiB image, {} KiB chunks, {} s per cell; backend on CPU 0, client on CPU 1",
-        args.size_mib, args.chunk_kib, args.seconds
+        "libblkio over vhost-user, 2-queue drblk, {} MiB image, {} KiB chunks, ship-nice {}, {} s per cell; backend on CPU 0, client on CPU 1",
+        args.size_mib, args.chunk_kib, args.ship_nice, args.seconds
     );
+    let names: Vec<String> = cells
+        .iter()
+        .map(|c| {
+            let rw = if c.rw == Rw::RandRead {
+                "randread"
+            } else {
+                "randwrite"
+            };
+            let rate = c
+                .rate
+                .map_or(String::new(), |r| format!(" @{:.0}k", r / 1000.0));
+            format!("{rw} qd{} q{}{rate}", c.qd, c.queues)
+        })
+        .collect();
     print!("{:<16}", "mode");
-    for c in &cells {
-        let rw = if c.rw == Rw::RandRead {
-            "randread"
-        } else {
-            "randwrite"
-        };
-        let rate = c
-            .rate
-            .map_or(String::new(), |r| format!(" @{:.0}k", r / 1000.0));
-        print!(
-            " | {:^26}",
-            format!("{rw} qd{} q{}{rate}: IOPS p99µs", c.qd, c.queues)
-        );
+    for n in &names {
+        print!(" | {:^26}", format!("{n}: IOPS p99µs"));
     }
     println!(" | freeze p50/p99/max µs  | formed/committed/abandoned | CoW peak | RPO p50/p99 ms");
     let base: Vec<Option<f64>> = rows[0].figures.iter().map(|f| f.map(|f| f.iops)).collect();
@@ -230,6 +239,40 @@ fn main() -> anyhow::Result<()> {
             Some((a, b)) => println!(" | {a:>6.1}/{b:>6.1}"),
             None => println!(" | -"),
         }
+    }
+    // The drain competes with the queue workers for the backend's CPU; per CPU-second of
+    // the workers, the I/O path's own cost shows.
+    println!();
+    println!("I/O path cost: CPUs used by the queue workers, and requests per worker CPU-second");
+    print!("{:<16}", "mode");
+    for n in &names {
+        print!(" | {n:^26}");
+    }
+    println!();
+    let base: Vec<Option<f64>> = rows[0]
+        .figures
+        .iter()
+        .map(|f| f.map(|f| f.iops_per_io_cpu()))
+        .collect();
+    for r in &rows {
+        print!("{:<16}", r.label);
+        for (i, f) in r.figures.iter().enumerate() {
+            match (f, base[i]) {
+                (Some(f), Some(b)) if b > 0.0 && r.label != "CG off" => print!(
+                    " | {:>4.2} CPU {:>7.0}/s ({:+5.1}%)",
+                    f.io_cpus,
+                    f.iops_per_io_cpu(),
+                    (f.iops_per_io_cpu() / b - 1.0) * 100.0
+                ),
+                (Some(f), _) => print!(
+                    " | {:>4.2} CPU {:>7.0}/s         ",
+                    f.io_cpus,
+                    f.iops_per_io_cpu()
+                ),
+                _ => print!(" | {:^26}", "-"),
+            }
+        }
+        println!();
     }
     Ok(())
 }

@@ -62,6 +62,8 @@ pub struct ClientConfig {
     pub commit_timeout: Duration,
     /// Bound of `status` and `ping`.
     pub request_timeout: Duration,
+    /// Niceness of the link's threads (see [`crate::priority`]).
+    pub thread_nice: i32,
 }
 
 impl ClientConfig {
@@ -95,6 +97,7 @@ impl ClientConfig {
             connect_timeout: Duration::from_secs(10),
             commit_timeout: Duration::from_secs(300),
             request_timeout: Duration::from_secs(10),
+            thread_nice: 0,
         }
     }
 }
@@ -661,9 +664,15 @@ impl LinkClient {
         if tokio::runtime::Handle::try_current().is_ok() {
             return Err(LinkError::InsideRuntime);
         }
+        let nice = cfg.thread_nice;
         let rt = tokio::runtime::Builder::new_multi_thread()
             .worker_threads(2)
             .thread_name("drblk-link")
+            .on_thread_start(move || {
+                if let Err(e) = crate::priority::set_current_thread_nice(nice) {
+                    tracing::warn!(error = %e, nice, "cannot lower the link threads' priority");
+                }
+            })
             .enable_all()
             .build()
             .map_err(|e| LinkError::Io(format!("tokio runtime: {e}")))?;
