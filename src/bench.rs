@@ -74,45 +74,51 @@ impl Figures {
     }
 }
 
+/// A `/proc/.../stat` line split into the command name and the fields after it (field 3 on).
+fn parse_stat(stat: &str) -> Option<(&str, Vec<&str>)> {
+    let (open, close) = (stat.find('(')?, stat.rfind(')')?);
+    Some((
+        &stat[open + 1..close],
+        stat[close + 1..].split_whitespace().collect(),
+    ))
+}
+
+/// utime + stime (fields 14 and 15 of a stat line), in seconds.
+fn stat_cpu_seconds(fields: &[&str]) -> f64 {
+    let ticks = |i: usize| {
+        fields
+            .get(i)
+            .and_then(|s| s.parse::<f64>().ok())
+            .unwrap_or(0.0)
+    };
+    // SAFETY: sysconf has no memory-safety preconditions.
+    (ticks(11) + ticks(12)) / unsafe { libc::sysconf(libc::_SC_CLK_TCK) } as f64
+}
+
 /// CPU seconds (user + system) used so far by the threads of process `pid` named `name`.
 pub fn thread_cpu_seconds(pid: u32, name: &str) -> f64 {
     let Ok(tasks) = std::fs::read_dir(format!("/proc/{pid}/task")) else {
         return 0.0;
     };
-    let mut ticks = 0.0;
-    for t in tasks.flatten() {
-        let Ok(stat) = std::fs::read_to_string(t.path().join("stat")) else {
-            continue;
-        };
-        let (Some(open), Some(close)) = (stat.find('('), stat.rfind(')')) else {
-            continue;
-        };
-        if &stat[open + 1..close] != name {
-            continue;
-        }
-        let f: Vec<&str> = stat[close + 1..].split_whitespace().collect();
-        ticks += f.get(11).and_then(|s| s.parse::<f64>().ok()).unwrap_or(0.0)
-            + f.get(12).and_then(|s| s.parse::<f64>().ok()).unwrap_or(0.0);
-    }
-    // SAFETY: sysconf has no memory-safety preconditions.
-    ticks / unsafe { libc::sysconf(libc::_SC_CLK_TCK) } as f64
+    tasks
+        .flatten()
+        .filter_map(|t| std::fs::read_to_string(t.path().join("stat")).ok())
+        .filter_map(|stat| {
+            let (comm, fields) = parse_stat(&stat)?;
+            (comm == name).then(|| stat_cpu_seconds(&fields))
+        })
+        .sum()
 }
 
 /// Name of the backend's queue worker threads (vhost-user-backend names them).
 const IO_THREAD: &str = "vring_worker";
 
-/// CPU seconds (user + system) used so far by process `pid`.
+/// CPU seconds (user + system) used so far by process `pid` (all its threads).
 pub fn cpu_seconds(pid: u32) -> f64 {
-    // utime + stime of all threads, in clock ticks (fields 14 and 15 of /proc/pid/stat).
-    let Ok(stat) = std::fs::read_to_string(format!("/proc/{pid}/stat")) else {
-        return 0.0;
-    };
-    let after = stat.rsplit(')').next().unwrap_or("");
-    let f: Vec<&str> = after.split_whitespace().collect();
-    let ticks: f64 = f.get(11).and_then(|s| s.parse().ok()).unwrap_or(0.0)
-        + f.get(12).and_then(|s| s.parse().ok()).unwrap_or(0.0);
-    // SAFETY: sysconf has no memory-safety preconditions.
-    ticks / unsafe { libc::sysconf(libc::_SC_CLK_TCK) } as f64
+    std::fs::read_to_string(format!("/proc/{pid}/stat"))
+        .ok()
+        .and_then(|stat| parse_stat(&stat).map(|(_, f)| stat_cpu_seconds(&f)))
+        .unwrap_or(0.0)
 }
 
 /// Pins the calling thread to `cpu`.

@@ -397,18 +397,26 @@ impl TestFrontend {
 
     /// Polls queue `q` once: completions seen since the last call, without waiting.
     pub fn poll_used(&mut self, q: usize) -> anyhow::Result<Vec<(u16, u32)>> {
+        let mut out = Vec::new();
+        self.take_used(q, usize::MAX, &mut out)?;
+        Ok(out)
+    }
+
+    /// Appends to `out` the (head, len) of new used entries of queue `q`, at most `max`.
+    fn take_used(&mut self, q: usize, max: usize, out: &mut Vec<(u16, u32)>) -> anyhow::Result<()> {
         let idx = self.used_idx(q);
         let tq = &mut self.queues[q];
-        let mut out = Vec::new();
-        while tq.last_used != idx {
+        let mut taken = 0;
+        while tq.last_used != idx && taken < max {
             let slot = u64::from(tq.last_used % tq.size);
             let at = tq.used() + 4 + slot * 8;
             let id: u32 = self.mem.read_obj(GuestAddress(at))?;
             let len: u32 = self.mem.read_obj(GuestAddress(at + 4))?;
             out.push((id as u16, len));
             tq.last_used = tq.last_used.wrapping_add(1);
+            taken += 1;
         }
-        Ok(out)
+        Ok(())
     }
 
     /// The device's used index of queue `q`, as the guest would read it.
@@ -429,16 +437,7 @@ impl TestFrontend {
         let deadline = Instant::now() + timeout;
         let mut out = Vec::new();
         while out.len() < n {
-            let idx = self.used_idx(q);
-            let tq = &mut self.queues[q];
-            while tq.last_used != idx && out.len() < n {
-                let slot = u64::from(tq.last_used % tq.size);
-                let at = tq.used() + 4 + slot * 8;
-                let id: u32 = self.mem.read_obj(GuestAddress(at))?;
-                let len: u32 = self.mem.read_obj(GuestAddress(at + 4))?;
-                out.push((id as u16, len));
-                tq.last_used = tq.last_used.wrapping_add(1);
-            }
+            self.take_used(q, n - out.len(), &mut out)?;
             if out.len() >= n {
                 break;
             }
@@ -448,7 +447,7 @@ impl TestFrontend {
                     out.len()
                 );
             }
-            let _ = tq.call.read();
+            let _ = self.queues[q].call.read();
             std::thread::sleep(Duration::from_micros(100));
         }
         Ok(out)

@@ -1,5 +1,7 @@
 //! The `drblk` binary as a user runs it: help, errors, socket handling, signals.
 
+mod common;
+
 use std::os::unix::fs::PermissionsExt;
 use std::path::Path;
 use std::process::{Child, Command, Stdio};
@@ -225,20 +227,7 @@ fn local_replica_drain_makes_it_identical_and_status_reports_figures() {
         )
         .unwrap();
     }
-    let ctl = |cmd: &str| {
-        let out = Command::new(BIN)
-            .args(["ctl", "--socket"])
-            .arg(&sock)
-            .arg(cmd)
-            .output()
-            .unwrap();
-        assert!(
-            out.status.success(),
-            "ctl {cmd}: {}",
-            String::from_utf8_lossy(&out.stderr)
-        );
-        serde_json::from_slice::<serde_json::Value>(&out.stdout).unwrap()
-    };
+    let ctl = |cmd: &str| common::ctl(&sock, cmd);
     let drained = ctl("drain");
     assert!(drained["cg"].as_u64().unwrap() >= 1, "{drained}");
     assert_eq!(

@@ -11,6 +11,7 @@ use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
+use common::ctl;
 use common::dw::History;
 use drblk::blkio_client::{BlkioClient, Op};
 use drblk::link::impair::ImpairProxy;
@@ -103,21 +104,6 @@ fn primary(dir: &Path, size: &str, target: &str, certs: &Path, extra: &[&str]) -
 
 fn log_of(dir: &Path, who: &str) -> String {
     std::fs::read_to_string(dir.join(format!("{who}.log"))).unwrap_or_default()
-}
-
-fn ctl(sock: &Path, cmd: &str) -> Value {
-    let out = Command::new(BIN)
-        .args(["ctl", "--socket"])
-        .arg(sock)
-        .arg(cmd)
-        .output()
-        .unwrap();
-    assert!(
-        out.status.success(),
-        "ctl {cmd}: {}",
-        String::from_utf8_lossy(&out.stderr)
-    );
-    serde_json::from_slice(&out.stdout).unwrap()
 }
 
 fn wait_until(what: &str, secs: u64, mut f: impl FnMut() -> bool) {

@@ -412,7 +412,9 @@ impl Engine {
                 }
                 c.bytes += len;
                 c.peak = c.peak.max(c.bytes);
+                // Tokens only need to be unique: a new slot takes the next one.
                 let token = c.next_token;
+                c.next_token += 1;
                 let slot = c.slots.entry(i).or_insert_with(|| Slot {
                     token,
                     have: 0,
@@ -420,10 +422,6 @@ impl Engine {
                     pieces: Vec::new(),
                     reserved: 0,
                 });
-                if slot.token == token {
-                    c.next_token += 1;
-                }
-                let slot = c.slots.get_mut(&i).expect("slot just inserted");
                 slot.reading |= need;
                 slot.reserved += len;
                 break (slot.token, need, at, len);

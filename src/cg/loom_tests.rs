@@ -48,10 +48,15 @@ fn setup(queues: usize) -> (Arc<Engine>, Arc<Disk>) {
 }
 
 fn write(e: &Engine, d: &Disk, q: usize, chunk: usize, v: u8) {
+    write_at(e, d, q, chunk * CHUNK, CHUNK, v);
+}
+
+/// Records, writes `len` bytes of `v` at `off`, finishes.
+fn write_at(e: &Engine, d: &Disk, q: usize, off: usize, len: usize, v: u8) {
     let t = e
-        .begin_write(q, (chunk * CHUNK) as u64, CHUNK as u64)
+        .begin_write(q, off as u64, len as u64)
         .expect("begin_write");
-    d.write(chunk * CHUNK, &[v; CHUNK]);
+    d.write(off, &vec![v; len]);
     drop(t);
 }
 
@@ -134,16 +139,9 @@ fn granule_copy_on_write_overlapping_writers_race_drain() {
         let (e, d) = setup(2);
         write(&e, &d, 0, 0, 1);
         let f = e.form_cg().expect("form");
-        let partial = |e: &Engine, d: &Disk, q: usize, off: usize, len: usize, v: u8| {
-            let t = e
-                .begin_write(q, off as u64, len as u64)
-                .expect("begin_write");
-            d.write(off, &vec![v; len]);
-            drop(t);
-        };
         let (e2, d2) = (e.clone(), d.clone());
-        let t = thread::spawn(move || partial(&e2, &d2, 1, 0, 2, 2));
-        partial(&e, &d, 0, 1, 3, 3);
+        let t = thread::spawn(move || write_at(&e2, &d2, 1, 0, 2, 2));
+        write_at(&e, &d, 0, 1, 3, 3);
         let c = e.next_chunk().expect("read").expect("chunk 0");
         assert_eq!(c.data, vec![1; CHUNK]);
         e.confirm(c.cg, c.index);

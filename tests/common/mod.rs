@@ -54,3 +54,19 @@ pub fn start(size: u64, tweak: impl FnOnce(&mut ServeArgs)) -> Served {
 pub fn checksum(path: &Path) -> u32 {
     crc32c::crc32c(&std::fs::read(path).unwrap())
 }
+
+/// Runs `drblk ctl --socket SOCK CMD` and returns its JSON answer (the command must succeed).
+pub fn ctl(sock: &Path, cmd: &str) -> serde_json::Value {
+    let out = std::process::Command::new(env!("CARGO_BIN_EXE_drblk"))
+        .args(["ctl", "--socket"])
+        .arg(sock)
+        .arg(cmd)
+        .output()
+        .unwrap();
+    assert!(
+        out.status.success(),
+        "ctl {cmd}: {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    serde_json::from_slice(&out.stdout).unwrap()
+}
