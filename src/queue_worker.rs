@@ -80,12 +80,22 @@ impl QueueWorker {
             // arrived in between, so nothing is missed (the standard virtio pattern; with
             // EVENT_IDX this moves avail_event, without it toggles VRING_USED_F_NO_NOTIFY).
             vring.disable_notification().map_err(io::Error::other)?;
+            if !vring.get_ref().is_enabled() {
+                // Disabled while we were busy: stop, with notifications on so that a kick
+                // after re-enabling resumes.
+                vring.enable_notification().map_err(io::Error::other)?;
+                return Ok(());
+            }
             if self.drain(vring, mem)? > 0 {
                 idle_since = Instant::now();
                 continue;
             }
             if let Some(budget) = poll {
-                if idle_since.elapsed() < budget && vring.get_ref().get_queue().ready() {
+                let live = {
+                    let v = vring.get_ref();
+                    v.is_enabled() && v.get_queue().ready()
+                };
+                if idle_since.elapsed() < budget && live {
                     std::hint::spin_loop();
                     continue;
                 }
@@ -108,10 +118,15 @@ impl QueueWorker {
         let exec = &shared.executor;
         let mut n = 0;
         loop {
-            let chain = vring
-                .get_mut()
-                .get_queue_mut()
-                .pop_descriptor_chain(mem.clone());
+            // vhost-user-backend checks "enabled" only when a kick arrives; a worker still
+            // busy with an earlier kick (or polling) must stop as soon as the ring is disabled.
+            let chain = {
+                let mut v = vring.get_mut();
+                if !v.is_enabled() {
+                    break;
+                }
+                v.get_queue_mut().pop_descriptor_chain(mem.clone())
+            };
             let Some(chain) = chain else { break };
             let head = chain.head_index();
             let used_len = match request::parse(chain, &*mem, limits) {
