@@ -5,7 +5,7 @@ use std::time::Duration;
 
 use clap::{Args, Parser, Subcommand};
 
-use crate::storage::DiskOptions;
+use crate::blk::disk::DiskOptions;
 
 /// drblk: a vhost-user-blk disk for QEMU and cloud-hypervisor, replicated asynchronously
 /// over QUIC to a secondary site that always holds a crash-consistent copy.
@@ -16,9 +16,9 @@ pub struct Cli {
     #[arg(long, global = true, default_value = "info")]
     pub log: String,
 
-    /// What to do. Without a command, `drblk demo` runs.
+    /// What to do.
     #[command(subcommand)]
-    pub command: Option<Command>,
+    pub command: Command,
 }
 
 /// drblk's commands.
@@ -32,9 +32,6 @@ pub enum Command {
     Cert(CertArgs),
     /// Talk to a running daemon through its control socket (SOCKET.ctl).
     Ctl(CtlArgs),
-    /// Run the built-in demonstration: create a sparse image in a temporary directory, serve
-    /// it, drive a short workload through a real vhost-user frontend, and print what happened.
-    Demo(DemoArgs),
 }
 
 /// `drblk serve` options.
@@ -302,26 +299,6 @@ pub struct CtlArgs {
     pub command: String,
 }
 
-/// `drblk demo` options.
-#[derive(Debug, Args, Clone)]
-pub struct DemoArgs {
-    /// Directory for the demo's image and socket (default: a fresh temporary directory).
-    #[arg(long, value_name = "DIR")]
-    pub dir: Option<PathBuf>,
-
-    /// Size of the demo disk.
-    #[arg(long, default_value = "256M", value_parser = parse_size)]
-    pub size: u64,
-
-    /// How long to run the workload.
-    #[arg(long, default_value = "5", value_name = "SECONDS")]
-    pub seconds: u64,
-
-    /// Guest write rate of the workload (a busy VM; 0 = as fast as possible).
-    #[arg(long, default_value_t = 5000)]
-    pub iops: u64,
-}
-
 impl ServeArgs {
     /// The options `drblk serve --disk DISK --socket SOCKET` has, for library users.
     pub fn new(disk: PathBuf, socket: PathBuf) -> Self {
@@ -444,7 +421,7 @@ mod tests {
     #[test]
     fn library_defaults_match_the_command_line() {
         let parsed = Cli::parse_from(["drblk", "serve", "--disk", "d", "--socket", "s"]);
-        let Some(Command::Serve(a)) = parsed.command else {
+        let Command::Serve(a) = parsed.command else {
             panic!("not serve")
         };
         let b = ServeArgs::new("d".into(), "s".into());

@@ -8,26 +8,12 @@
 
 #![deny(missing_docs)]
 
-pub mod backend;
-pub mod bench;
-pub mod blkio_client;
+pub mod blk;
 pub mod cg;
 pub mod cli;
 pub mod control;
-pub mod cycle;
-pub mod daemon;
-pub mod demo;
-pub mod executor;
-pub mod identity;
 pub mod link;
-pub mod priority;
-pub mod queue_worker;
-pub mod replication;
-pub mod request;
-pub mod secondary;
-pub mod secondary_site;
-pub mod serve;
-pub mod storage;
-pub mod test_frontend;
-
-pub mod virtio_blk;
+pub mod replica;
+pub mod replicate;
+pub mod site;
+pub mod sys;

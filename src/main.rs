@@ -3,7 +3,7 @@
 use clap::Parser;
 use tracing_subscriber::EnvFilter;
 
-use drblk::cli::{Cli, Command, DemoArgs};
+use drblk::cli::{Cli, Command};
 
 fn main() {
     let cli = Cli::parse();
@@ -12,15 +12,9 @@ fn main() {
         .with_env_filter(filter)
         .with_writer(std::io::stderr)
         .init();
-    let result = match cli.command.unwrap_or(Command::Demo(DemoArgs {
-        dir: None,
-        size: 256 << 20,
-        seconds: 5,
-        iops: 5000,
-    })) {
-        Command::Serve(args) => drblk::serve::run(args),
-        Command::Demo(args) => drblk::demo::run(args),
-        Command::Secondary(args) => drblk::secondary_site::run(args),
+    let result = match cli.command {
+        Command::Serve(args) => drblk::site::primary::run(args),
+        Command::Secondary(args) => drblk::site::secondary::run(args),
         Command::Cert(args) => {
             let sites: Vec<&str> = args.sites.iter().map(String::as_str).collect();
             drblk::link::certs::generate(&args.dir, &sites, args.overwrite)

@@ -5,7 +5,7 @@ mod common;
 
 use std::os::unix::fs::MetadataExt;
 
-use drblk::blkio_client::{BlkioClient, Op};
+use drblk_testkit::blkio_client::{BlkioClient, Op};
 
 const SIZE: u64 = 16 << 20;
 

@@ -78,7 +78,7 @@ fn help_explains_every_serve_flag() {
     }
     let out = Command::new(BIN).arg("--help").output().unwrap();
     let help = String::from_utf8(out.stdout).unwrap();
-    assert!(help.contains("serve") && help.contains("demo"));
+    assert!(help.contains("serve") && help.contains("secondary") && help.contains("ctl"));
 }
 
 #[test]
@@ -143,11 +143,11 @@ fn sigterm_with_a_connected_frontend_flushes_and_exits() {
         std::fs::metadata(&sock).unwrap().permissions().mode() & 0o777,
         0o660
     );
-    let mut c = drblk::blkio_client::BlkioClient::connect(&sock, 2, 65536, false).unwrap();
+    let mut c = drblk_testkit::blkio_client::BlkioClient::connect(&sock, 2, 65536, false).unwrap();
     c.buf()[..4096].fill(0x3c);
     c.run(
         1,
-        drblk::blkio_client::Op::Write {
+        drblk_testkit::blkio_client::Op::Write {
             offset: 8192,
             buf: 0,
             len: 4096,
@@ -207,19 +207,24 @@ fn local_replica_drain_makes_it_identical_and_status_reports_figures() {
         v
     };
     let own = nice_of("drblk")[0];
+    // The socket is bound before the cycle starts: wait for its thread to exist.
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(60);
+    while nice_of("drblk-cg-cycle").is_empty() && std::time::Instant::now() < deadline {
+        std::thread::sleep(std::time::Duration::from_millis(10));
+    }
     assert_eq!(
         nice_of("drblk-cg-cycle"),
         vec![19],
         "the shipping thread is niced"
     );
     assert_eq!(nice_of("drblk-cg-form"), vec![own], "freezes are not niced");
-    let mut c = drblk::blkio_client::BlkioClient::connect(&sock, 2, 1 << 20, false).unwrap();
+    let mut c = drblk_testkit::blkio_client::BlkioClient::connect(&sock, 2, 1 << 20, false).unwrap();
     for i in 0..64u64 {
         c.buf()[..65536].fill(i as u8 + 1);
         let q = (i % 2) as usize;
         c.run(
             q,
-            drblk::blkio_client::Op::Write {
+            drblk_testkit::blkio_client::Op::Write {
                 offset: (i * 7919 % 120) * 65536,
                 buf: 0,
                 len: 65536,

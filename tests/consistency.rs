@@ -15,8 +15,8 @@ use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
 use common::dw::History;
-use drblk::cycle::LocalReplica;
-use drblk::test_frontend::TestFrontend;
+use drblk::replicate::local::LocalReplica;
+use drblk_testkit::test_frontend::TestFrontend;
 use vm_memory::{Bytes, GuestMemoryMmap};
 
 const SIZE: u64 = 2 << 20;
@@ -161,8 +161,8 @@ fn a_full_cow_cache_abandons_the_cg_without_stalling_and_the_next_cg_commits() {
     // abandoned, the write still completes at once, nothing of CG n is committed, and the
     // next CG brings the replica to the primary's image.
     use drblk::cg::{CgPhase, CommitOutcome};
-    use drblk::cycle::{drain_and_commit, CycleStats};
-    use drblk::test_frontend::{Desc, DATA_BASE};
+    use drblk::replicate::cycle::{drain_and_commit, CycleStats};
+    use drblk_testkit::test_frontend::{Desc, DATA_BASE};
     use std::time::SystemTime;
     use virtio_bindings::virtio_blk::VIRTIO_BLK_T_OUT;
 

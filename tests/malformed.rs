@@ -6,7 +6,7 @@ mod common;
 
 use std::time::Duration;
 
-use drblk::test_frontend::{Desc, TestFrontend, DATA_BASE, MEM_SIZE};
+use drblk_testkit::test_frontend::{Desc, TestFrontend, DATA_BASE, MEM_SIZE};
 use virtio_bindings::virtio_blk::*;
 
 const SIZE: u64 = 4 << 20;

@@ -5,7 +5,7 @@ mod common;
 
 use std::time::Duration;
 
-use drblk::test_frontend::{Desc, TestFrontend, DATA_BASE};
+use drblk_testkit::test_frontend::{Desc, TestFrontend, DATA_BASE};
 use vhost::vhost_user::VhostUserFrontend;
 use vhost::VhostBackend;
 use virtio_bindings::virtio_blk::*;

@@ -13,9 +13,9 @@ use std::time::{Duration, Instant};
 
 use common::ctl;
 use common::dw::History;
-use drblk::blkio_client::{BlkioClient, Op};
-use drblk::link::impair::ImpairProxy;
-use drblk::test_frontend::TestFrontend;
+use drblk_testkit::blkio_client::{BlkioClient, Op};
+use drblk_testkit::impair::ImpairProxy;
+use drblk_testkit::test_frontend::TestFrontend;
 use serde_json::Value;
 
 const BIN: &str = env!("CARGO_BIN_EXE_drblk");
@@ -238,8 +238,8 @@ fn every_group_committed_on_the_secondary_is_dependent_write_consistent() {
     let checks = Arc::new(AtomicU64::new(0));
     let (h2, v2, c2) = (history.clone(), violations.clone(), checks.clone());
     let identity = drblk::link::SiteIdentity::load(&certs, "secondary").unwrap();
-    let sec = drblk::secondary_site::Secondary::start(
-        drblk::secondary_site::SecondaryPaths {
+    let sec = drblk::site::secondary::Secondary::start(
+        drblk::site::secondary::SecondaryPaths {
             image: dir.path().join("secondary.img"),
             state_dir: dir.path().join("secondary.state"),
         },
@@ -323,10 +323,10 @@ fn a_secondary_killed_twenty_times_always_recovers_consistent() {
             drop(sec); // SIGKILL
         }
         // Recovery is what `drblk secondary` runs when it starts: run it here and check.
-        let id = drblk::secondary::stored_identity(&state_dir)
+        let id = drblk::replica::stored_identity(&state_dir)
             .unwrap()
             .unwrap();
-        let (store, report) = drblk::secondary::ReplicaStore::open(
+        let (store, report) = drblk::replica::ReplicaStore::open(
             &dir.path().join("secondary.img"),
             &state_dir,
             id.disk_size,

@@ -3,8 +3,8 @@
 //! guest memory and inside the disk.
 #![no_main]
 
-use drblk::request::{parse, RequestKind};
-use drblk::virtio_blk::DeviceLimits;
+use drblk::blk::request::{parse, RequestKind};
+use drblk::blk::virtio::DeviceLimits;
 use libfuzzer_sys::fuzz_target;
 use virtio_queue::{Queue, QueueT};
 use vm_memory::{Bytes, GuestAddress, GuestMemoryBackend, GuestMemoryMmap};

@@ -9,6 +9,7 @@ use std::time::{Duration, Instant};
 use tracing::{info, warn};
 
 use super::bitmap::Bitmap;
+use crate::blk::tracking::{Tracking, WriteEnd, WriteGuard};
 use super::record::Record;
 use super::sync::{lock, AtomicBool, Condvar, Mutex, MutexGuard, Ordering};
 use super::{
@@ -168,29 +169,13 @@ pub struct Engine {
 /// Called while every queue is frozen; see [`Engine::set_freeze_observer`].
 pub type FreezeObserver = Arc<dyn Fn() + Send + Sync>;
 
-/// Proof that a write was recorded; drop it when the disk write has finished (successfully
-/// or not). Until then, the drain does not read the chunks it recorded before a swap.
-#[must_use = "drop the ticket when the disk write has finished"]
-pub struct WriteTicket {
-    rec: Option<Arc<Record>>,
-    first: u64,
-    last: u64,
-}
+/// Proof that a write was recorded: the data path's [`WriteGuard`]. Until it is dropped, the
+/// drain does not read the chunks it recorded before a swap.
+pub type WriteTicket = WriteGuard;
 
-impl Drop for WriteTicket {
-    fn drop(&mut self) {
-        if let Some(rec) = self.rec.take() {
-            rec.exit(self.first, self.last);
-        }
-    }
-}
-
-impl std::fmt::Debug for WriteTicket {
-    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        f.debug_struct("WriteTicket")
-            .field("chunks", &(self.first..=self.last))
-            .field("recorded", &self.rec.is_some())
-            .finish()
+impl WriteEnd for Record {
+    fn end_write(&self, first: u64, last: u64) {
+        self.exit(first, last);
     }
 }
 
@@ -303,11 +288,7 @@ impl Engine {
             .filter(|&e| e <= self.cfg.disk_size)
             .ok_or_else(|| invalid("cg: write beyond the end of the disk"))?;
         if len == 0 {
-            return Ok(WriteTicket {
-                rec: None,
-                first: 0,
-                last: 0,
-            });
+            return Ok(WriteGuard::untracked());
         }
         let (first, last) = (
             offset / self.cfg.chunk_size,
@@ -321,11 +302,7 @@ impl Engine {
             g.target.enter(first, last);
             (Arc::clone(&g.target), g.drain.clone())
         };
-        let ticket = WriteTicket {
-            rec: Some(rec),
-            first,
-            last,
-        };
+        let ticket = WriteGuard::new(rec, first, last);
         if let Some(d) = drain {
             self.preserve_range(&d, offset, end);
         }
@@ -980,6 +957,24 @@ impl Engine {
             shipped_uncommitted: c.shipped.count(),
             unconfirmed: c.outstanding.len() as u64,
         }
+    }
+}
+
+impl Tracking for Engine {
+    fn begin_write(&self, queue: usize, offset: u64, len: u64) -> io::Result<WriteGuard> {
+        Engine::begin_write(self, queue, offset, len)
+    }
+    fn complete(&self, queue: usize, items: &mut Vec<Completion>, publish: &dyn Fn(&[Completion])) {
+        Engine::complete(self, queue, items, publish)
+    }
+    fn set_publisher(&self, queue: usize, publisher: Option<Publisher>) {
+        Engine::set_publisher(self, queue, publisher)
+    }
+    fn held(&self, queue: usize) -> usize {
+        Engine::held(self, queue)
+    }
+    fn discard_held(&self, queue: usize) -> usize {
+        Engine::discard_held(self, queue)
     }
 }
 

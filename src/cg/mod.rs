@@ -49,9 +49,9 @@ mod model_tests;
 #[cfg(all(test, not(drblk_loom)))]
 mod tests;
 
-use std::sync::Arc;
 use std::time::Duration;
 
+pub use crate::blk::tracking::{Completion, Publisher};
 pub use engine::{Engine, FreezeObserver, WriteTicket};
 
 /// Default tracking granularity: 64 KiB.
@@ -91,19 +91,6 @@ pub trait ChunkSource: Send + Sync {
     /// Fills `buf` with the disk's bytes at `offset..offset + buf.len()`.
     fn read_at(&self, buf: &mut [u8], offset: u64) -> std::io::Result<()>;
 }
-
-/// A used-ring entry to publish; opaque to the engine, which only holds and orders them.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub struct Completion {
-    /// Head descriptor index of the request.
-    pub head: u16,
-    /// Bytes written into guest memory.
-    pub len: u32,
-}
-
-/// Publishes used-ring entries and notifies the guest. Called under the queue's lock: it must
-/// not call back into the [`Engine`].
-pub type Publisher = Arc<dyn Fn(&[Completion]) + Send + Sync>;
 
 /// A CG was formed.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]

@@ -62,7 +62,7 @@ pub struct ClientConfig {
     pub commit_timeout: Duration,
     /// Bound of `status` and `ping`.
     pub request_timeout: Duration,
-    /// Niceness of the link's threads (see [`crate::priority`]).
+    /// Niceness of the link's threads (see [`crate::sys::priority`]).
     pub thread_nice: i32,
 }
 
@@ -669,7 +669,7 @@ impl LinkClient {
             .worker_threads(2)
             .thread_name("drblk-link")
             .on_thread_start(move || {
-                if let Err(e) = crate::priority::set_current_thread_nice(nice) {
+                if let Err(e) = crate::sys::priority::set_current_thread_nice(nice) {
                     tracing::warn!(error = %e, nice, "cannot lower the link threads' priority");
                 }
             })

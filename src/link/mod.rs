@@ -15,12 +15,10 @@
 //! * An acknowledgement ([`LinkClient::commit`] returning `Ok`) means the secondary's sink
 //!   returned from [`ReplicaSink::commit`], i.e. the CG is durable there; QUIC delivery
 //!   alone is never taken as durability.
-//! * [`impair`]: a loopback UDP proxy adding delay, loss, reordering or a blackhole, for
-//!   tests.
+//! * Bad links are simulated in tests by the impairment proxy of `drblk-testkit`.
 
 pub mod certs;
 pub mod client;
-pub mod impair;
 pub mod proto;
 pub mod ratelimit;
 pub mod server;

@@ -8,7 +8,7 @@ use std::sync::{Arc, Mutex, Once};
 use std::time::{Duration, Instant};
 
 use super::certs::{self, SiteIdentity};
-use super::impair::ImpairProxy;
+use drblk_testkit::impair::ImpairProxy;
 use super::proto::{self, encode_frame, Hello, HelloAck, Message, ReplicaState};
 use super::server::PeerInfo;
 use super::*;

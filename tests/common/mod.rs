@@ -1,12 +1,13 @@
 //! Helpers shared by the integration tests: a served image in a temp dir.
 #![allow(dead_code)]
 
-pub mod dw;
+#[allow(unused_imports)]
+pub use drblk_testkit::workload as dw;
 
 use std::path::{Path, PathBuf};
 
 use drblk::cli::ServeArgs;
-use drblk::serve::Server;
+use drblk::site::primary::Server;
 
 /// A temp dir with an image (pre-filled with a pattern) served on a socket.
 pub struct Served {

@@ -11,7 +11,7 @@ use std::time::{Duration, Instant};
 use anyhow::{bail, Context};
 use clap::Parser;
 
-use drblk::bench::{fill_image, pin_self, run_cell, Cell, Figures, Rw};
+use drblk_testkit::bench::{fill_image, pin_self, run_cell, Cell, Figures, Rw};
 
 /// Benchmark drblk against qemu-storage-daemon over vhost-user-blk.
 #[derive(Parser, Debug)]

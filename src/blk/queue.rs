@@ -14,9 +14,9 @@ use vhost_user_backend::{VringRwLock, VringT};
 use virtio_queue::QueueT;
 use vm_memory::{Bytes, GuestAddressSpace, GuestMemoryAtomic, GuestMemoryMmap};
 
-use crate::backend::DeviceShared;
-use crate::cg::Completion;
-use crate::request;
+use crate::blk::device::DeviceShared;
+use crate::blk::tracking::Completion;
+use crate::blk::request;
 
 /// Options of every queue worker.
 #[derive(Clone, Copy, Debug, Default)]
@@ -60,7 +60,7 @@ impl QueueWorker {
         vring: &VringRwLock,
         mem: &GuestMemoryAtomic<GuestMemoryMmap<()>>,
     ) -> io::Result<()> {
-        if let (Some(engine), false) = (self.shared.executor.engine(), self.publisher_installed) {
+        if let (Some(engine), false) = (self.shared.executor.tracking(), self.publisher_installed) {
             // At "run" the engine publishes what it held during a freeze through this vring.
             let v = vring.clone();
             engine.set_publisher(
@@ -173,7 +173,7 @@ impl QueueWorker {
             .stats
             .requests
             .fetch_add(self.completions.len() as u64, Ordering::Relaxed);
-        match self.shared.executor.engine() {
+        match self.shared.executor.tracking() {
             // The engine's per-queue gate publishes now, or holds the completions (in order)
             // while a consistency group is being frozen.
             Some(engine) => {

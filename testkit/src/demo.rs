@@ -1,4 +1,4 @@
-//! `drblk demo` (also `drblk` with no command): the whole product on one machine.
+//! The demo (`cargo run --release`): the whole product on one machine.
 //!
 //! Creates certificates, a secondary listening on loopback and a primary serving a sparse
 //! image over vhost-user and replicating it to the secondary over QUIC. A real vhost-user
@@ -7,15 +7,38 @@
 //! time); a final drain is then checked: the secondary's image equals the primary's, and
 //! every block holds the last write the guest made to it.
 
+use std::path::PathBuf;
 use std::time::{Duration, Instant};
 
 use anyhow::{bail, Context};
 use serde_json::Value;
 
+use drblk::cli::{parse_size, ServeArgs};
+use drblk::site::primary::Server;
+use drblk::site::secondary::{Secondary, SecondaryPaths};
+
 use crate::blkio_client::{BlkioClient, Op};
-use crate::cli::{DemoArgs, ServeArgs};
-use crate::secondary_site::{Secondary, SecondaryPaths};
-use crate::serve::Server;
+
+/// The demo's options.
+#[derive(Debug, clap::Parser, Clone)]
+#[command(name = "drblk-demo", version, about = "drblk on one machine: a primary replicating a disk to a secondary over QUIC on loopback, a verified write workload through a real vhost-user frontend, and a final consistency check.")]
+pub struct DemoArgs {
+    /// Directory for the demo's image and socket (default: a fresh temporary directory).
+    #[arg(long, value_name = "DIR")]
+    pub dir: Option<PathBuf>,
+
+    /// Size of the demo disk.
+    #[arg(long, default_value = "256M", value_parser = parse_size)]
+    pub size: u64,
+
+    /// How long to run the workload.
+    #[arg(long, default_value = "5", value_name = "SECONDS")]
+    pub seconds: u64,
+
+    /// Guest write rate of the workload (a busy VM; 0 = as fast as possible).
+    #[arg(long, default_value_t = 5000)]
+    pub iops: u64,
+}
 
 const BLOCK: usize = 4096;
 const DEPTH: usize = 16;
@@ -44,14 +67,14 @@ pub fn run(args: DemoArgs) -> anyhow::Result<()> {
 
     // 1. Certificates for both sites, from a private CA.
     let certs = dir.join("certs");
-    crate::link::certs::generate(&certs, &["primary", "secondary"], true)?;
+    drblk::link::certs::generate(&certs, &["primary", "secondary"], true)?;
     println!(
         "  certificates: CA + primary + secondary in {}",
         certs.display()
     );
 
     // 2. The secondary site.
-    let identity = crate::link::SiteIdentity::load(&certs, "secondary")?;
+    let identity = drblk::link::SiteIdentity::load(&certs, "secondary")?;
     let secondary = Secondary::start(
         SecondaryPaths {
             image: replica.clone(),

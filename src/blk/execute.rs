@@ -6,10 +6,10 @@ use std::sync::Arc;
 
 use vm_memory::{Bytes, GuestMemoryBackend, GuestMemoryMmap};
 
-use crate::cg::{Engine, WriteTicket};
-use crate::request::{status, Request, RequestKind};
-use crate::storage::Disk;
-use crate::virtio_blk::{ID_BYTES, SECTOR_SIZE};
+use crate::blk::request::{status, Request, RequestKind};
+use crate::blk::disk::Disk;
+use crate::blk::tracking::{Tracking, WriteGuard};
+use crate::blk::virtio::{ID_BYTES, SECTOR_SIZE};
 
 /// State shared by every queue of one disk: the image and its identity.
 pub struct Executor {
@@ -18,9 +18,9 @@ pub struct Executor {
     /// Writeback cache enabled (virtio CONFIG_WCE). When off, every write is made durable
     /// before its completion (write-through).
     writeback: AtomicBool,
-    /// The consistency-group engine, when changes are tracked for replication: it sees every
+    /// Write tracking and the completion gate, when the disk is replicated: it sees every
     /// write before the write touches the disk.
-    engine: Option<Arc<Engine>>,
+    tracking: Option<Arc<dyn Tracking>>,
 }
 
 /// Outcome of one request: its status byte and how many bytes were written to the guest.
@@ -34,7 +34,7 @@ pub struct Outcome {
 
 impl Executor {
     /// Creates an executor for `disk` with GET_ID answering `serial` (truncated to 20 bytes).
-    pub fn new(disk: Arc<Disk>, serial: &str, engine: Option<Arc<Engine>>) -> Self {
+    pub fn new(disk: Arc<Disk>, serial: &str, tracking: Option<Arc<dyn Tracking>>) -> Self {
         let mut id = [0u8; ID_BYTES];
         let n = serial.len().min(ID_BYTES);
         id[..n].copy_from_slice(&serial.as_bytes()[..n]);
@@ -42,7 +42,7 @@ impl Executor {
             disk,
             serial: id,
             writeback: AtomicBool::new(true),
-            engine,
+            tracking,
         }
     }
 
@@ -82,16 +82,16 @@ impl Executor {
         }
     }
 
-    /// The consistency-group engine, if changes are tracked.
-    pub fn engine(&self) -> Option<&Arc<Engine>> {
-        self.engine.as_ref()
+    /// Write tracking and the completion gate, if the disk is replicated.
+    pub fn tracking(&self) -> Option<&Arc<dyn Tracking>> {
+        self.tracking.as_ref()
     }
 
     /// Records a write of `[offset, offset+len)` before it touches the disk. The ticket is
     /// dropped once the disk write has finished (successfully or not): until then the drain
     /// does not read the chunks it covers.
-    fn record(&self, queue: usize, offset: u64, len: u64) -> io::Result<Option<WriteTicket>> {
-        match &self.engine {
+    fn record(&self, queue: usize, offset: u64, len: u64) -> io::Result<Option<WriteGuard>> {
+        match &self.tracking {
             Some(e) => e.begin_write(queue, offset, len).map(Some),
             None => Ok(None),
         }

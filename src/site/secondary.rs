@@ -12,13 +12,13 @@ use std::sync::{Arc, Mutex};
 
 use anyhow::Context;
 
-use crate::identity::uuid_hex;
+use crate::replica::identity::uuid_hex;
 use crate::link::server::PeerInfo;
 use crate::link::{
     ChunkData as WireChunk, Hello, HelloAck, LinkServer, RejectReason, ReplicaSink,
     ReplicaState as WireState, ServerConfig, SiteIdentity, PROTOCOL_VERSION,
 };
-use crate::secondary::{ChunkData, Error as StoreError, ReplicaState, ReplicaStore};
+use crate::replica::{ChunkData, Error as StoreError, ReplicaState, ReplicaStore};
 
 /// Where the secondary keeps its replica.
 #[derive(Clone, Debug)]
@@ -54,7 +54,7 @@ impl StoreSink {
 
     /// Opens an existing replica now (a restarted secondary reports its state at once).
     pub fn open_existing(&self) -> anyhow::Result<()> {
-        let Some(info) = crate::secondary::stored_identity(&self.paths.state_dir)? else {
+        let Some(info) = crate::replica::stored_identity(&self.paths.state_dir)? else {
             return Ok(());
         };
         let (store, report) = ReplicaStore::open(
@@ -319,8 +319,8 @@ impl ReplicaSink for SinkRef {
 /// Runs `drblk secondary` until SIGINT/SIGTERM, logging the replica's state when it
 /// changes.
 pub fn run(args: crate::cli::SecondaryArgs) -> anyhow::Result<()> {
-    let shutdown = crate::daemon::Shutdown::default();
-    crate::daemon::install_signal_handler(shutdown.clone())
+    let shutdown = crate::blk::daemon::Shutdown::default();
+    crate::blk::daemon::install_signal_handler(shutdown.clone())
         .context("installing signal handlers")?;
     let listen: SocketAddr = resolve(&args.listen)?;
     let identity = SiteIdentity::load(&args.certs, &args.site).with_context(|| {

@@ -20,7 +20,7 @@ use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant, SystemTime};
 
 use crate::cg::{ChunkImage, Engine};
-use crate::cycle::ChunkSink;
+use crate::replicate::cycle::ChunkSink;
 use crate::link::{ClientConfig, LinkClient, ReplicaState};
 
 /// What the operator sees of the link.

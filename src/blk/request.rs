@@ -12,7 +12,7 @@ use virtio_bindings::virtio_blk::*;
 use virtio_queue::desc::split::Descriptor;
 use vm_memory::{Bytes, GuestAddress, GuestMemoryBackend};
 
-use crate::virtio_blk::{DeviceLimits, ID_BYTES, SECTOR_SIZE};
+use crate::blk::virtio::{DeviceLimits, ID_BYTES, SECTOR_SIZE};
 
 /// virtio-blk request header length (type, reserved, sector).
 const HEADER_LEN: u32 = 16;

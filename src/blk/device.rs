@@ -19,9 +19,9 @@ use vmm_sys_util::event::{
     new_event_consumer_and_notifier, EventConsumer, EventFlag, EventNotifier,
 };
 
-use crate::executor::Executor;
-use crate::queue_worker::{QueueWorker, WorkerOptions};
-use crate::virtio_blk::{DeviceLimits, CONFIG_SPACE_SIZE, CONFIG_WCE_OFFSET};
+use crate::blk::execute::Executor;
+use crate::blk::queue::{QueueWorker, WorkerOptions};
+use crate::blk::virtio::{DeviceLimits, CONFIG_SPACE_SIZE, CONFIG_WCE_OFFSET};
 
 /// Device state that survives frontend reconnections.
 pub struct DeviceShared {
@@ -179,7 +179,7 @@ impl VhostUserBackend for BlkBackend {
         }
         // Completions held by a freeze are published at "run", within the coordination
         // limit: wait for them so the frontend's view of the used ring is final.
-        if let Some(engine) = self.shared.executor.engine() {
+        if let Some(engine) = self.shared.executor.tracking() {
             let deadline = std::time::Instant::now() + Duration::from_secs(1);
             while q < self.num_queues()
                 && engine.held(q) > 0

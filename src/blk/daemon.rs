@@ -16,7 +16,7 @@ use vhost::vhost_user::Listener;
 use vhost_user_backend::{ShutdownHandle, VhostUserDaemon};
 use vm_memory::{GuestMemoryAtomic, GuestMemoryMmap};
 
-use crate::backend::{BlkBackend, DeviceShared};
+use crate::blk::device::{BlkBackend, DeviceShared};
 
 /// Errors of the socket/daemon layer.
 #[derive(Debug, Error)]
@@ -208,7 +208,7 @@ pub fn serve(
         shutdown.set_current(None);
         // Dropping the daemon stops the queue workers after the requests they hold.
         drop(daemon);
-        if let Some(engine) = shared.executor.engine() {
+        if let Some(engine) = shared.executor.tracking() {
             // Completions held for the gone connection are dropped: the frontend restarts
             // each ring at its used index and resubmits those requests.
             for q in 0..usize::from(shared.limits.num_queues) {

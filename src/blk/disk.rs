@@ -386,11 +386,6 @@ impl Disk {
     }
 }
 
-impl crate::cg::ChunkSource for Disk {
-    fn read_at(&self, buf: &mut [u8], offset: u64) -> io::Result<()> {
-        Disk::read_at(self, buf, offset)
-    }
-}
 
 fn is_aligned(addr: usize, len: usize, offset: u64) -> bool {
     addr % DIRECT_ALIGN == 0 && len % DIRECT_ALIGN == 0 && offset % DIRECT_ALIGN as u64 == 0

@@ -15,15 +15,15 @@ use std::time::{Duration, Instant};
 use clap::Parser;
 use hdrhistogram::Histogram;
 
-use drblk::bench::{fill_image, pin_self, run_cell, Cell, Figures, Rw};
+use drblk_testkit::bench::{fill_image, pin_self, run_cell, Cell, Figures, Rw};
 use drblk::cli::ServeArgs;
 use drblk::link::server::PeerInfo;
 use drblk::link::{
     ChunkData, ClientConfig, DiskInfo, Hello, HelloAck, LinkClient, LinkServer, RejectReason,
     ReplicaSink, ReplicaState, ServerConfig, SiteIdentity, PROTOCOL_VERSION,
 };
-use drblk::secondary_site::{Secondary, SecondaryPaths};
-use drblk::serve::Server;
+use drblk::site::secondary::{Secondary, SecondaryPaths};
+use drblk::site::primary::Server;
 
 /// Replication benchmark.
 #[derive(Parser, Debug)]

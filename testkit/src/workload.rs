@@ -7,7 +7,7 @@
 use std::collections::HashSet;
 use std::sync::{Arc, Mutex};
 
-use drblk::test_frontend::{Desc, TestFrontend, DATA_BASE};
+use crate::test_frontend::{Desc, TestFrontend, DATA_BASE};
 use virtio_bindings::virtio_blk::VIRTIO_BLK_T_OUT;
 
 /// Block size of the workload.

@@ -5,22 +5,25 @@ use std::thread::JoinHandle;
 
 use anyhow::Context;
 
-use crate::backend::{DeviceShared, DeviceStats};
+use crate::blk::device::{DeviceShared, DeviceStats};
 use crate::cg::{CgConfig, ChunkSource, Engine};
 use crate::cli::ServeArgs;
 use crate::control::{control_path, ControlServer, ControlState};
-use crate::cycle::{ChunkSink, Cycle, LocalReplica};
-use crate::daemon::{self, BoundSocket, Shutdown};
-use crate::executor::Executor;
+use crate::replicate::cycle::{ChunkSink, Cycle};
+use crate::replicate::local::LocalReplica;
+use crate::blk::daemon::{self, BoundSocket, Shutdown};
+use crate::blk::execute::Executor;
 use crate::link::{ClientConfig, DiskInfo, SiteIdentity};
-use crate::queue_worker::WorkerOptions;
-use crate::replication::{LinkStatus, Replicator};
-use crate::storage::Disk;
-use crate::virtio_blk::DeviceLimits;
+use crate::blk::queue::WorkerOptions;
+use crate::replicate::shipper::{LinkStatus, Replicator};
+use crate::blk::disk::Disk;
+use crate::blk::tracking::Tracking;
+use crate::blk::virtio::DeviceLimits;
 
 /// A daemon running in a thread of this process (the CLI, the demo and tests use it).
 pub struct Server {
     shared: Arc<DeviceShared>,
+    engine: Option<Arc<Engine>>,
     control: Arc<ControlState>,
     _control_server: ControlServer,
     shutdown: Shutdown,
@@ -54,7 +57,8 @@ impl Server {
         } else {
             None
         };
-        let executor = Arc::new(Executor::new(disk.clone(), &args.serial(), engine));
+        let tracking = engine.clone().map(|e| e as Arc<dyn Tracking>);
+        let executor = Arc::new(Executor::new(disk.clone(), &args.serial(), tracking));
         let shared = Arc::new(DeviceShared {
             executor,
             limits,
@@ -77,10 +81,11 @@ impl Server {
         );
         let control = Arc::new(ControlState {
             shared: shared.clone(),
+            engine: engine.clone(),
             cycle: std::sync::Mutex::new(None),
             link: std::sync::Mutex::new(None),
         });
-        if let (Some(path), Some(engine)) = (&args.cg.local_replica, shared.executor.engine()) {
+        if let (Some(path), Some(engine)) = (&args.cg.local_replica, &engine) {
             let replica = LocalReplica::create(path, disk.size(), args.cg.chunk_size)
                 .with_context(|| format!("creating the local replica {}", path.display()))?;
             tracing::info!(replica = %path.display(), interval = ?args.cg.cg_interval, "keeping a local crash-consistent replica");
@@ -93,7 +98,7 @@ impl Server {
             *control.cycle.lock().expect("cycle lock") = Some(cycle);
         }
         if let (Some(target), Some(engine)) =
-            (&args.replication.replicate_to, shared.executor.engine())
+            (&args.replication.replicate_to, &engine)
         {
             let (replicator, link) = replicator_for(args, &disk, target, engine.clone())?;
             tracing::info!(secondary = %replicator.peer(), interval = ?args.cg.cg_interval, "replicating");
@@ -115,6 +120,7 @@ impl Server {
             .context("spawning the accept thread")?;
         Ok(Server {
             shared,
+            engine,
             control,
             _control_server: control_server,
             shutdown,
@@ -130,7 +136,7 @@ impl Server {
 
     /// The consistency-group engine (with `--consistency-groups` or replication).
     pub fn engine(&self) -> Option<&Arc<Engine>> {
-        self.shared.executor.engine()
+        self.engine.as_ref()
     }
 
     /// Starts forming consistency groups every `interval`, draining them into `sink`.
@@ -200,7 +206,7 @@ fn replicator_for(
     engine: Arc<Engine>,
 ) -> anyhow::Result<(Replicator, Arc<LinkStatus>)> {
     let r = &args.replication;
-    let addr = crate::secondary_site::resolve(target)?;
+    let addr = crate::site::secondary::resolve(target)?;
     let identity = SiteIdentity::load(&r.certs, &r.site).with_context(|| {
         format!(
             "loading this site's certificate ({}/{}.pem); create one with `drblk cert --dir {} --sites {},{}`",
@@ -211,7 +217,7 @@ fn replicator_for(
             r.peer_site
         )
     })?;
-    let uuid = crate::identity::load_or_create(disk.path())?;
+    let uuid = crate::replica::identity::load_or_create(disk.path())?;
     let info = DiskInfo {
         uuid,
         size: disk.size(),

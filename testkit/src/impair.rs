@@ -18,7 +18,6 @@ use tokio::net::UdpSocket;
 use tokio::sync::mpsc;
 use tokio::time::Instant;
 
-use super::LinkError;
 
 /// Most datagrams queued per direction.
 pub const QUEUE_PACKETS: usize = 16384;
@@ -172,9 +171,9 @@ impl Rng {
     }
 }
 
-fn udp_socket(bind: SocketAddr) -> Result<UdpSocket, LinkError> {
+fn udp_socket(bind: SocketAddr) -> std::io::Result<UdpSocket> {
     use socket2::{Domain, Protocol, Socket, Type};
-    let e = |e: std::io::Error| LinkError::Io(format!("impair proxy socket: {e}"));
+    let e = |e: std::io::Error| std::io::Error::other(format!("impair proxy socket: {e}"));
     let s = Socket::new(Domain::for_address(bind), Type::DGRAM, Some(Protocol::UDP)).map_err(e)?;
     let _ = s.set_recv_buffer_size(8 << 20);
     let _ = s.set_send_buffer_size(8 << 20);
@@ -291,13 +290,13 @@ async fn receiver(
 
 impl ImpairProxy {
     /// Starts a proxy on `127.0.0.1:0` relaying to `upstream`.
-    pub fn start(upstream: SocketAddr) -> Result<ImpairProxy, LinkError> {
+    pub fn start(upstream: SocketAddr) -> std::io::Result<ImpairProxy> {
         let rt = tokio::runtime::Builder::new_multi_thread()
             .worker_threads(1)
             .thread_name("drblk-impair")
             .enable_all()
             .build()
-            .map_err(|e| LinkError::Io(format!("tokio runtime: {e}")))?;
+            .map_err(|e| std::io::Error::other(format!("tokio runtime: {e}")))?;
         let shared = Arc::new(Shared {
             imp: Mutex::new(Impairment::default()),
             counters: Counters::default(),
@@ -313,10 +312,10 @@ impl ImpairProxy {
             let front = Arc::new(udp_socket(local_ip)?);
             let back = udp_socket(local_ip)?;
             rt.block_on(back.connect(upstream))
-                .map_err(|e| LinkError::Io(format!("impair proxy connect: {e}")))?;
+                .map_err(|e| std::io::Error::other(format!("impair proxy connect: {e}")))?;
             let local = front
                 .local_addr()
-                .map_err(|e| LinkError::Io(e.to_string()))?;
+                .map_err(|e| std::io::Error::other(e.to_string()))?;
             (front, Arc::new(back), local)
         };
         let (up_tx, up_rx) = mpsc::channel(QUEUE_PACKETS);

@@ -101,13 +101,22 @@ impl Fault {
         self.armed = point;
     }
 
-    /// Arm from `DRBLK_SECONDARY_CRASH_AT` (always with [`CrashMode::Abort`]), if set.
+    /// Arm from `DRBLK_SECONDARY_CRASH_AT` (always with [`CrashMode::Abort`]), if set. Only in
+    /// test builds and with the `fault-injection` feature: a release binary never aborts
+    /// because of its environment.
+    #[cfg(any(test, feature = "fault-injection"))]
     pub fn from_env() -> Fault {
         let armed = std::env::var("DRBLK_SECONDARY_CRASH_AT")
             .ok()
             .and_then(|s| CrashPoint::parse(&s))
             .map(|p| (p, CrashMode::Abort));
         Fault { armed }
+    }
+
+    /// Nothing armed (builds without fault injection).
+    #[cfg(not(any(test, feature = "fault-injection")))]
+    pub fn from_env() -> Fault {
+        Fault::default()
     }
 
     pub fn is_armed(&self, p: CrashPoint) -> bool {

@@ -1,14 +1,10 @@
 //! The consistency-group cycle: form a CG on a timer (or on demand), drain it into a sink,
 //! commit it when the sink has made it durable, and keep figures (coordination time, RPO).
 //!
-//! The sink is where chunks go: the QUIC link to a secondary, or [`LocalReplica`], an
+//! The sink is where chunks go: the QUIC link to a secondary, or [`LocalReplica`](super::local::LocalReplica), an
 //! in-process replica image used by the tests and the benchmark.
 
-use std::collections::HashMap;
-use std::fs::File;
 use std::io;
-use std::os::unix::fs::FileExt;
-use std::path::Path;
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::{Arc, Condvar, Mutex};
 use std::thread::JoinHandle;
@@ -58,7 +54,7 @@ pub struct Cycle {
 
 impl Cycle {
     /// Starts forming a CG every `interval` from `engine`, draining into `sink`. The drain
-    /// runs at niceness `ship_nice` (see [`crate::priority`]); formation does not: a freeze
+    /// runs at niceness `ship_nice` (see [`crate::sys::priority`]); formation does not: a freeze
     /// must not wait behind busy queue workers, so with `ship_nice > 0` a small thread at
     /// normal priority forms the CGs on the drain thread's request.
     pub fn start(
@@ -77,7 +73,7 @@ impl Cycle {
         let thread = std::thread::Builder::new()
             .name("drblk-cg-cycle".into())
             .spawn(move || {
-                if let Err(e) = crate::priority::set_current_thread_nice(ship_nice) {
+                if let Err(e) = crate::sys::priority::set_current_thread_nice(ship_nice) {
                     tracing::warn!(error = %e, ship_nice, "cannot lower the shipping thread's priority");
                 }
                 let _ = ready_tx.send(());
@@ -258,71 +254,5 @@ pub fn drain_and_commit(
             CommitOutcome::Committed => return Ok(()),
             CommitOutcome::Pending { .. } => std::thread::sleep(Duration::from_micros(200)),
         }
-    }
-}
-
-/// An in-process replica: stages each CG's chunks (one version per chunk, the newest CG
-/// wins) and applies them to a replica image only when the CG commits. The image therefore
-/// only ever holds committed CGs.
-pub struct LocalReplica {
-    image: File,
-    chunk_size: u64,
-    staged: HashMap<u64, (u64, Vec<u8>)>,
-    on_commit: Option<CommitHook>,
-}
-
-/// Called after a commit was applied to the replica image.
-pub type CommitHook = Box<dyn FnMut(u64, &File) + Send>;
-
-impl LocalReplica {
-    /// A replica image at `path` (created/truncated to `size`), with chunks of `chunk_size`.
-    pub fn create(path: &Path, size: u64, chunk_size: u64) -> io::Result<Self> {
-        let image = File::options()
-            .read(true)
-            .write(true)
-            .create(true)
-            .truncate(false)
-            .open(path)?;
-        image.set_len(size)?;
-        Ok(LocalReplica {
-            image,
-            chunk_size,
-            staged: HashMap::new(),
-            on_commit: None,
-        })
-    }
-
-    /// Calls `f(cg, image)` after each commit has been applied (tests check the image there).
-    pub fn on_commit(mut self, f: impl FnMut(u64, &File) + Send + 'static) -> Self {
-        self.on_commit = Some(Box::new(f));
-        self
-    }
-}
-
-impl ChunkSink for LocalReplica {
-    fn chunk(&mut self, img: ChunkImage) -> io::Result<()> {
-        match self.staged.get(&img.index) {
-            Some((cg, _)) if *cg > img.cg => {}
-            _ => {
-                self.staged.insert(img.index, (img.cg, img.data));
-            }
-        }
-        Ok(())
-    }
-
-    fn recover(&mut self, _error: &io::Error, _stop: &AtomicBool) -> io::Result<()> {
-        // The engine merged everything uncommitted back into its dirty set: it ships again.
-        self.staged.clear();
-        Ok(())
-    }
-
-    fn commit(&mut self, cg: u64, _frozen_at: SystemTime) -> io::Result<()> {
-        for (index, (_, data)) in self.staged.drain() {
-            self.image.write_all_at(&data, index * self.chunk_size)?;
-        }
-        if let Some(f) = self.on_commit.as_mut() {
-            f(cg, &self.image);
-        }
-        Ok(())
     }
 }

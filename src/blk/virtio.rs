@@ -1,6 +1,6 @@
 //! The virtio-blk device model: feature bits, limits and the config space drblk advertises.
 //!
-//! What is advertised here and what [`crate::request`] accepts come from the same
+//! What is advertised here and what [`crate::blk::request`] accepts come from the same
 //! [`DeviceLimits`], so the two cannot drift apart.
 
 use virtio_bindings::virtio_blk::*;

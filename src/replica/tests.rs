@@ -856,7 +856,7 @@ fn spawn_child(dir: &Path, crash_at: Option<&str>) -> std::process::Child {
     let mut c = std::process::Command::new(std::env::current_exe().unwrap());
     c.args([
         "--exact",
-        "secondary::tests::child_process_writer",
+        "replica::tests::child_process_writer",
         "--nocapture",
         "--test-threads=1",
     ])

@@ -15,9 +15,10 @@ use std::time::{Duration, Instant, SystemTime};
 use anyhow::{bail, Context};
 use serde_json::{json, Value};
 
-use crate::backend::DeviceShared;
-use crate::cycle::Cycle;
-use crate::replication::LinkStatus;
+use crate::blk::device::DeviceShared;
+use crate::cg::Engine;
+use crate::replicate::cycle::Cycle;
+use crate::replicate::shipper::LinkStatus;
 
 /// The control socket path for a vhost-user socket path.
 pub fn control_path(socket: &Path) -> PathBuf {
@@ -30,6 +31,8 @@ pub fn control_path(socket: &Path) -> PathBuf {
 pub struct ControlState {
     /// The device.
     pub shared: Arc<DeviceShared>,
+    /// The consistency-group engine, if writes are tracked.
+    pub engine: Option<Arc<Engine>>,
     /// The consistency-group cycle, if one runs.
     pub cycle: Mutex<Option<Cycle>>,
     /// The replication link, if the disk is replicated.
@@ -123,7 +126,7 @@ pub fn status(state: &ControlState) -> Value {
         "requests": s.stats.requests.load(Ordering::Relaxed),
         "rejected": s.stats.rejected.load(Ordering::Relaxed),
     });
-    if let Some(e) = s.executor.engine() {
+    if let Some(e) = state.engine.as_ref() {
         let st = e.stats();
         let mut c = st.coordination_ns.clone();
         c.sort_unstable();
@@ -197,11 +200,7 @@ fn handle(req: &Value, state: &ControlState) -> anyhow::Result<Value> {
                 cycle.trigger();
                 cycle.stats().clone()
             };
-            let engine = state
-                .shared
-                .executor
-                .engine()
-                .context("no consistency groups")?;
+            let engine = state.engine.as_ref().context("no consistency groups")?;
             let target = engine.stats().formed + 1;
             let deadline = Instant::now() + Duration::from_secs(300);
             loop {

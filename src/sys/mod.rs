@@ -1,0 +1,3 @@
+//! Small operating-system helpers shared by both sites.
+
+pub mod priority;
