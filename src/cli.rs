@@ -6,6 +6,7 @@ use std::time::Duration;
 use clap::{Args, Parser, Subcommand};
 
 use crate::blk::disk::DiskOptions;
+use crate::blk::virtio::ID_BYTES;
 
 /// drblk: a vhost-user-blk disk for QEMU and cloud-hypervisor, replicated asynchronously
 /// over QUIC to a secondary site that always holds a crash-consistent copy.
@@ -339,9 +340,14 @@ impl ServeArgs {
                 .file_stem()
                 .map(|s| s.to_string_lossy().into_owned())
                 .unwrap_or_default();
-            let mut s = format!("drblk-{name}");
-            s.truncate(20);
-            s
+            let s = format!("drblk-{name}");
+            // GET_ID holds 20 bytes: cut at the last character boundary that fits (a byte
+            // index inside a multi-byte character would panic).
+            let end = (0..=s.len().min(ID_BYTES))
+                .rev()
+                .find(|&i| s.is_char_boundary(i))
+                .unwrap_or(0);
+            s[..end].to_string()
         })
     }
 
@@ -426,6 +432,17 @@ mod tests {
         };
         let b = ServeArgs::new("d".into(), "s".into());
         assert_eq!(format!("{a:?}"), format!("{b:?}"));
+    }
+
+    #[test]
+    fn default_serial_of_a_non_ascii_image_name_is_cut_at_a_character_boundary() {
+        // "drblk-" + 13 × 'a' puts byte 20 inside the two-byte 'é'.
+        let a = ServeArgs::new("aaaaaaaaaaaaaé.img".into(), "s".into());
+        let serial = a.serial();
+        assert_eq!(serial, "drblk-aaaaaaaaaaaaa");
+        assert!(serial.len() <= ID_BYTES);
+        let b = ServeArgs::new("ééééééééééé.img".into(), "s".into());
+        assert_eq!(b.serial(), "drblk-ééééééé");
     }
 
     #[test]
