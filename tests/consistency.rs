@@ -171,6 +171,8 @@ fn a_full_cow_cache_abandons_the_cg_without_stalling_and_the_next_cg_commits() {
         a.cg.consistency_groups = true;
         a.cg.chunk_size = CHUNK;
         a.cg.cow_cache_limit = 4096;
+        // Groups are formed by hand and must form: no machine takes a minute to freeze.
+        a.cg.max_coordination_time = Duration::from_secs(60);
     });
     let server = s.server.as_ref().unwrap();
     let engine = server.engine().unwrap().clone();

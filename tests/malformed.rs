@@ -229,7 +229,7 @@ fn broken_headers_and_status_descriptors() {
         ],
     )
     .unwrap();
-    let used = f.wait_used(0, 1, Duration::from_secs(5)).unwrap();
+    let used = f.wait_used(0, 1, Duration::from_secs(60)).unwrap();
     assert_eq!(
         f.read_mem(status, 1).unwrap()[0],
         IOERR,
@@ -244,7 +244,7 @@ fn broken_headers_and_status_descriptors() {
         &[Desc::r(hdr, 8), Desc::r(DATA_BASE, 512), Desc::w(status, 1)],
     )
     .unwrap();
-    f.wait_used(0, 1, Duration::from_secs(5)).unwrap();
+    f.wait_used(0, 1, Duration::from_secs(60)).unwrap();
     assert_eq!(f.read_mem(status, 1).unwrap()[0], IOERR, "short header");
 
     // Header outside guest memory.
@@ -258,7 +258,7 @@ fn broken_headers_and_status_descriptors() {
         ],
     )
     .unwrap();
-    f.wait_used(0, 1, Duration::from_secs(5)).unwrap();
+    f.wait_used(0, 1, Duration::from_secs(60)).unwrap();
     assert_eq!(
         f.read_mem(status, 1).unwrap()[0],
         IOERR,
@@ -276,7 +276,7 @@ fn broken_headers_and_status_descriptors() {
         ],
     )
     .unwrap();
-    let used = f.wait_used(0, 1, Duration::from_secs(5)).unwrap();
+    let used = f.wait_used(0, 1, Duration::from_secs(60)).unwrap();
     assert_eq!(used[0].1, 0, "read-only status: used length 0");
     assert_eq!(
         f.read_mem(status, 1).unwrap()[0],
@@ -286,7 +286,7 @@ fn broken_headers_and_status_descriptors() {
 
     // Missing status (chain is just the header).
     f.submit(0, &[Desc::r(hdr, 16)]).unwrap();
-    let used = f.wait_used(0, 1, Duration::from_secs(5)).unwrap();
+    let used = f.wait_used(0, 1, Duration::from_secs(60)).unwrap();
     assert_eq!(used[0].1, 0, "missing status: used length 0");
 
     // Zero-length status descriptor.
@@ -299,7 +299,7 @@ fn broken_headers_and_status_descriptors() {
         ],
     )
     .unwrap();
-    let used = f.wait_used(0, 1, Duration::from_secs(5)).unwrap();
+    let used = f.wait_used(0, 1, Duration::from_secs(60)).unwrap();
     assert_eq!(used[0].1, 0);
 
     // Status outside guest memory.
@@ -312,17 +312,17 @@ fn broken_headers_and_status_descriptors() {
         ],
     )
     .unwrap();
-    let used = f.wait_used(0, 1, Duration::from_secs(5)).unwrap();
+    let used = f.wait_used(0, 1, Duration::from_secs(60)).unwrap();
     assert_eq!(used[0].1, 0);
 
     // A descriptor loop (next points back to itself) terminates.
     f.submit_raw(1, 100, &[(hdr, 16, 1 /* NEXT */, 100)])
         .unwrap();
-    let used = f.wait_used(1, 1, Duration::from_secs(5)).unwrap();
+    let used = f.wait_used(1, 1, Duration::from_secs(60)).unwrap();
     assert_eq!(used[0].0, 100);
     // A `next` index past the table.
     f.submit_raw(1, 120, &[(hdr, 16, 1, 4000)]).unwrap();
-    f.wait_used(1, 1, Duration::from_secs(5)).unwrap();
+    f.wait_used(1, 1, Duration::from_secs(60)).unwrap();
 
     assert_eq!(common::checksum(&s.disk), before, "image changed");
     assert_queue_alive(&mut f, 0, true);
@@ -387,7 +387,7 @@ fn valid_requests_through_direct_and_indirect_chains() {
         DATA_BASE + (4 << 20),
     )
     .unwrap();
-    f.wait_used(0, 1, Duration::from_secs(5)).unwrap();
+    f.wait_used(0, 1, Duration::from_secs(60)).unwrap();
     assert_eq!(f.read_mem(status, 1).unwrap()[0], OK);
     let image = std::fs::read(&s.disk).unwrap();
     assert_eq!(&image[16 * 512..16 * 512 + 8192], &payload[..]);

@@ -122,7 +122,7 @@ fn disabled_vring_is_not_processed_until_enabled() {
         ],
     )
     .unwrap();
-    assert_eq!(f.wait_used(1, 2, Duration::from_secs(5)).unwrap().len(), 2);
+    assert_eq!(f.wait_used(1, 2, Duration::from_secs(60)).unwrap().len(), 2);
 }
 
 #[test]

@@ -89,7 +89,7 @@ fn primary(dir: &Path, size: &str, target: &str, certs: &Path, extra: &[&str]) -
         .spawn()
         .unwrap();
     let mut p = Proc(child);
-    let deadline = Instant::now() + Duration::from_secs(15);
+    let deadline = Instant::now() + Duration::from_secs(120);
     while std::os::unix::net::UnixStream::connect(&sock).is_err() {
         assert!(
             p.0.try_wait().unwrap().is_none(),
@@ -406,7 +406,9 @@ fn a_thirty_second_blackhole_under_load_converges_with_an_incremental_resync() {
         )
         .unwrap();
         assert!(
-            t.elapsed() < Duration::from_secs(2),
+            // A write blocked on the link would wait until the drain limit (60 s): the
+            // margin separates that from a slow machine.
+            t.elapsed() < Duration::from_secs(30),
             "a guest write stalled during the outage"
         );
         changed.insert(off / (64 << 10));

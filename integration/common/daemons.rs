@@ -225,7 +225,7 @@ impl Backend {
         let mut child = cmd
             .spawn()
             .unwrap_or_else(|e| panic!("cannot start {:?}: {e}", self.spawn.program));
-        let ready = wait_until(Duration::from_secs(15), || {
+        let ready = wait_until(Duration::from_secs(120), || {
             if let Ok(Some(_)) = child.try_wait() {
                 return true;
             }
@@ -269,7 +269,7 @@ impl Backend {
         };
         // SAFETY: signalling our own child.
         unsafe { libc::kill(c.id() as libc::pid_t, libc::SIGTERM) };
-        let deadline = Instant::now() + Duration::from_secs(10);
+        let deadline = Instant::now() + Duration::from_secs(120);
         loop {
             if let Ok(Some(st)) = c.try_wait() {
                 return st.success();
