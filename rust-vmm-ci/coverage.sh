@@ -10,8 +10,18 @@ exclude=$(python3 -c "import json;print(json.load(open('$cfg')).get('exclude_pat
 out=$(mktemp)
 # The guest tests run QEMU for minutes; coverage is measured on the library, the protocol,
 # blkio and CLI tests.
+status=0
 DRBLK_QUICK=1 DRBLK_SKIP_VM=1 cargo tarpaulin --locked --skip-clean --target-dir target/tarpaulin --engine ptrace --timeout 600 \
-    --exclude-files "$exclude" --lib --tests --out Stdout 2>&1 | tee "$out" | tail -n 3
+    -p drblk --exclude-files "$exclude" --lib --tests --out Stdout >"$out" 2>&1 || status=$?
+if [ "$status" -ne 0 ]; then
+    # Show why: every failing test's own output, then the end of the run.
+    echo "coverage: tarpaulin failed (exit $status); failing tests' output:"
+    awk '/^failures:$/{f=1} f' "$out" | head -n 400
+    echo "--- last lines of the run ---"
+    tail -n 60 "$out"
+    exit "$status"
+fi
+tail -n 3 "$out"
 got=$(grep -oE '^[0-9]+\.[0-9]+% coverage' "$out" | tail -1 | cut -d% -f1)
 [ -n "$got" ] || { echo "coverage: no figure in tarpaulin's output"; exit 1; }
 echo "coverage: ${got}% (recorded: ${want}%)"

@@ -19,20 +19,20 @@ stage "cargo fmt --check"
 cargo fmt --all -- --check
 
 stage "cargo clippy -D warnings"
-cargo clippy --locked --all-targets -- -D warnings -D clippy::undocumented_unsafe_blocks
+cargo clippy --locked --workspace --all-targets -- -D warnings
 
 stage "cargo doc -D warnings"
-RUSTDOCFLAGS="-D warnings" cargo doc --locked --no-deps --quiet
+RUSTDOCFLAGS="-D warnings" cargo doc --locked --workspace --no-deps --quiet
 
 stage "build (release binaries used by guest tests and benchmarks)"
-cargo build --locked --release --bins
+cargo build --locked --release --workspace --bins
 
 stage "tests"
-cargo test --locked --release --all-targets
+cargo test --locked --release --workspace --all-targets
 
 stage "loom models of the consistency-group synchronisation"
 RUSTFLAGS="--cfg drblk_loom" CARGO_TARGET_DIR=target/loom \
-    cargo test --locked --release --lib cg::loom_tests
+    cargo test --locked --release -p drblk --lib cg::loom_tests
 
 if [ "${DRBLK_SKIP_FUZZ:-0}" != 1 ] && command -v cargo-fuzz >/dev/null 2>&1; then
     stage "fuzz request parsing (bounded)"

@@ -67,10 +67,10 @@
 //! - No power-loss model in the tests (only process crashes); the fsync ordering is what
 //!   makes power loss safe and is argued above, not tested.
 
-pub mod identity;
 mod error;
 mod fault;
 mod format;
+pub mod identity;
 mod journal;
 mod state;
 #[cfg(test)]
@@ -836,10 +836,11 @@ pub fn stored_identity(state_dir: &Path) -> Result<Option<StoredIdentity>> {
     let Some(st) = state::read(state_dir)? else {
         return Ok(None);
     };
-    let uuid = crate::replica::identity::parse_uuid(&st.disk_uuid).ok_or_else(|| Error::StateFile {
-        path: state_dir.join(state::STATE_FILE),
-        detail: format!("bad disk uuid {:?}", st.disk_uuid),
-    })?;
+    let uuid =
+        crate::replica::identity::parse_uuid(&st.disk_uuid).ok_or_else(|| Error::StateFile {
+            path: state_dir.join(state::STATE_FILE),
+            detail: format!("bad disk uuid {:?}", st.disk_uuid),
+        })?;
     Ok(Some(StoredIdentity {
         uuid,
         disk_size: st.disk_size,

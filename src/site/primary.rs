@@ -5,20 +5,20 @@ use std::thread::JoinHandle;
 
 use anyhow::Context;
 
+use crate::blk::daemon::{self, BoundSocket, Shutdown};
 use crate::blk::device::{DeviceShared, DeviceStats};
+use crate::blk::disk::Disk;
+use crate::blk::execute::Executor;
+use crate::blk::queue::WorkerOptions;
+use crate::blk::tracking::Tracking;
+use crate::blk::virtio::DeviceLimits;
 use crate::cg::{CgConfig, ChunkSource, Engine};
 use crate::cli::ServeArgs;
 use crate::control::{control_path, ControlServer, ControlState};
+use crate::link::{ClientConfig, DiskInfo, SiteIdentity};
 use crate::replicate::cycle::{ChunkSink, Cycle};
 use crate::replicate::local::LocalReplica;
-use crate::blk::daemon::{self, BoundSocket, Shutdown};
-use crate::blk::execute::Executor;
-use crate::link::{ClientConfig, DiskInfo, SiteIdentity};
-use crate::blk::queue::WorkerOptions;
 use crate::replicate::shipper::{LinkStatus, Replicator};
-use crate::blk::disk::Disk;
-use crate::blk::tracking::Tracking;
-use crate::blk::virtio::DeviceLimits;
 
 /// A daemon running in a thread of this process (the CLI, the demo and tests use it).
 pub struct Server {
@@ -97,9 +97,7 @@ impl Server {
             );
             *control.cycle.lock().expect("cycle lock") = Some(cycle);
         }
-        if let (Some(target), Some(engine)) =
-            (&args.replication.replicate_to, &engine)
-        {
+        if let (Some(target), Some(engine)) = (&args.replication.replicate_to, &engine) {
             let (replicator, link) = replicator_for(args, &disk, target, engine.clone())?;
             tracing::info!(secondary = %replicator.peer(), interval = ?args.cg.cg_interval, "replicating");
             let cycle = Cycle::start(
