@@ -12,7 +12,7 @@ out=$(mktemp)
 # blkio and CLI tests.
 status=0
 DRBLK_QUICK=1 DRBLK_SKIP_VM=1 cargo tarpaulin --locked --skip-clean --target-dir target/tarpaulin --engine ptrace --timeout 600 \
-    -p drblk --exclude-files "$exclude" --lib --tests --out Stdout >"$out" 2>&1 || status=$?
+    -p drblk --features fault-injection --exclude-files "$exclude" --lib --tests --out Stdout >"$out" 2>&1 || status=$?
 if [ "$status" -ne 0 ]; then
     # Show why: every failing test's own output, then the end of the run.
     echo "coverage: tarpaulin failed (exit $status); failing tests' output:"

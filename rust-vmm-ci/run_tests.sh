@@ -28,7 +28,7 @@ stage "build (release binaries used by guest tests and benchmarks)"
 cargo build --locked --release --workspace --bins
 
 stage "tests"
-cargo test --locked --release --workspace --all-targets
+cargo test --locked --release --workspace --all-targets --features drblk/fault-injection
 
 stage "loom models of the consistency-group synchronisation"
 RUSTFLAGS="--cfg drblk_loom" CARGO_TARGET_DIR=target/loom \
