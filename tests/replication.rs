@@ -142,6 +142,27 @@ fn write_burst(c: &mut BlkioClient, n: u64, span: u64, seed: u64) {
 }
 
 #[test]
+fn a_healthy_start_connects_before_the_first_group_and_logs_no_warning() {
+    let dir = tempfile::tempdir().unwrap();
+    let certs = make_certs(dir.path());
+    let port = free_udp_port();
+    let _sec = secondary(dir.path(), port, &certs, &[]);
+    wait_until("the secondary to listen", 120, || {
+        log_of(dir.path(), "secondary").contains("secondary listening")
+    });
+    let (_p, sock) = primary(dir.path(), "4M", &format!("127.0.0.1:{port}"), &certs, &[]);
+    wait_until("the initial sync", 120, || committed(&sock) > 0);
+    let log = log_of(dir.path(), "primary");
+    assert!(log.contains("connected to the secondary"), "{log}");
+    for level in ["WARN", "ERROR"] {
+        assert!(
+            !log.contains(level),
+            "a healthy start logged a {level}:\n{log}"
+        );
+    }
+}
+
+#[test]
 fn replicates_through_an_impaired_link_and_a_final_drain_makes_the_images_identical() {
     let dir = tempfile::tempdir().unwrap();
     let certs = make_certs(dir.path());

@@ -81,19 +81,19 @@ impl Shutdown {
     }
 }
 
-/// A bound vhost-user socket plus the lock file that makes it ours.
-pub struct BoundSocket {
-    listener: Listener,
-    raw_fd: i32,
+/// The lock file that makes a socket path ours, taken before anything else of the daemon is
+/// set up (its control socket, SOCKET.ctl, belongs to whoever holds it), and before the
+/// socket listens: a frontend that can connect finds the daemon fully started.
+pub struct SocketLock {
     path: PathBuf,
     lock_path: PathBuf,
-    _lock: File,
+    lock: File,
 }
 
-impl BoundSocket {
-    /// Binds `path` with permissions `mode`. Refuses when another daemon holds the socket's
-    /// lock file or something answers on it; replaces a stale socket file.
-    pub fn bind(path: &Path, mode: u32) -> Result<Self, DaemonError> {
+impl SocketLock {
+    /// Takes `path`'s lock file. Refuses when another daemon holds it or something answers
+    /// on the socket; a stale socket file is replaced later, by [`SocketLock::bind`].
+    pub fn acquire(path: &Path) -> Result<Self, DaemonError> {
         let sock_err = |source| DaemonError::Socket {
             path: path.to_owned(),
             source,
@@ -111,11 +111,25 @@ impl BoundSocket {
         }
         lock.set_len(0).map_err(sock_err)?;
         writeln!(&lock, "{}", std::process::id()).map_err(sock_err)?;
+        if path.exists() && UnixStream::connect(path).is_ok() {
+            return Err(DaemonError::LiveSocket(path.to_owned()));
+        }
+        Ok(SocketLock {
+            path: path.to_owned(),
+            lock_path,
+            lock,
+        })
+    }
 
+    /// Binds and listens on the locked path with permissions `mode`, replacing a stale
+    /// socket file.
+    pub fn bind(self, mode: u32) -> Result<BoundSocket, DaemonError> {
+        let path = self.path.as_path();
+        let sock_err = |source| DaemonError::Socket {
+            path: path.to_owned(),
+            source,
+        };
         if path.exists() {
-            if UnixStream::connect(path).is_ok() {
-                return Err(DaemonError::LiveSocket(path.to_owned()));
-            }
             tracing::info!(socket = %path.display(), "replacing stale socket file");
             std::fs::remove_file(path).map_err(sock_err)?;
         }
@@ -132,10 +146,26 @@ impl BoundSocket {
         Ok(BoundSocket {
             listener: Listener::from(ul),
             raw_fd,
-            path: path.to_owned(),
-            lock_path,
-            _lock: lock,
+            path: self.path,
+            lock_path: self.lock_path,
+            _lock: self.lock,
         })
+    }
+}
+
+/// A bound vhost-user socket plus the lock file that makes it ours.
+pub struct BoundSocket {
+    listener: Listener,
+    raw_fd: i32,
+    path: PathBuf,
+    lock_path: PathBuf,
+    _lock: File,
+}
+
+impl BoundSocket {
+    /// Locks, binds and listens on `path` with permissions `mode` (see [`SocketLock`]).
+    pub fn bind(path: &Path, mode: u32) -> Result<Self, DaemonError> {
+        SocketLock::acquire(path)?.bind(mode)
     }
 
     /// Waits up to `timeout` for a connection to be pending.

@@ -19,6 +19,14 @@ pub trait ChunkSink: Send {
     fn chunk(&mut self, img: ChunkImage) -> io::Result<()>;
     /// Makes CG `cg` durable and visible as a whole; returns once it is.
     fn commit(&mut self, cg: u64, frozen_at: SystemTime) -> io::Result<()>;
+    /// Called before each group is formed: get ready to take one (e.g. connect, with
+    /// backoff, if not connected). A group formed before a connection could not be shipped
+    /// over it, since the connection decides what the group must contain. Return an error
+    /// to end the cycle; check `stop` while waiting.
+    fn prepare(&mut self, stop: &AtomicBool) -> io::Result<()> {
+        let _ = stop;
+        Ok(())
+    }
     /// Called after `chunk` or `commit` failed (the engine has already merged everything
     /// uncommitted back into its dirty set): get ready to ship again, e.g. reconnect with
     /// backoff. Return an error to end the cycle; check `stop` while waiting.
@@ -188,6 +196,12 @@ fn run(
         next_tick = Instant::now() + interval;
         if stop.load(Ordering::SeqCst) {
             break;
+        }
+        if let Err(e) = sink.prepare(stop) {
+            if stop.load(Ordering::SeqCst) {
+                break;
+            }
+            return Err(e);
         }
         let frozen_at = SystemTime::now();
         let formed = match form() {

@@ -45,8 +45,8 @@ pub struct Replicator {
 }
 
 impl Replicator {
-    /// A replicator for `engine`, connecting with `cfg` (the first connection happens on
-    /// the first group; failures are retried with backoff).
+    /// A replicator for `engine`, connecting with `cfg` (the first connection is made by the
+    /// cycle before its first group; failures are retried with backoff).
     pub fn new(cfg: ClientConfig, engine: Arc<Engine>) -> Self {
         Replicator {
             cfg,
@@ -108,7 +108,7 @@ impl Replicator {
         Ok(())
     }
 
-    /// The connected client. Connecting happens only in [`ChunkSink::recover`], between
+    /// The connected client. Connecting happens only in [`ChunkSink::prepare`], between
     /// groups: a connection decides what the next group must contain (a full copy, say), so
     /// a group formed before it cannot be completed over it.
     fn client(&mut self) -> io::Result<&LinkClient> {
@@ -151,14 +151,21 @@ impl ChunkSink for Replicator {
         }
     }
 
-    fn recover(&mut self, error: &io::Error, stop: &AtomicBool) -> io::Result<()> {
-        let _ = self.lost(error);
+    fn prepare(&mut self, stop: &AtomicBool) -> io::Result<()> {
+        if self.client.is_some() {
+            return Ok(());
+        }
+        let first = self.status.connects.load(Ordering::Relaxed) == 0;
         let mut backoff = Duration::from_millis(100);
         let mut next_log = Instant::now();
         while !stop.load(Ordering::SeqCst) {
             match self.connect() {
                 Ok(()) => {
-                    tracing::info!(secondary = %self.cfg.server_addr, "link re-established");
+                    if first {
+                        tracing::info!(secondary = %self.cfg.server_addr, "connected to the secondary");
+                    } else {
+                        tracing::info!(secondary = %self.cfg.server_addr, "link re-established");
+                    }
                     return Ok(());
                 }
                 Err(e) => {
@@ -175,5 +182,10 @@ impl ChunkSink for Replicator {
             }
         }
         Err(io::Error::other("stopped"))
+    }
+
+    fn recover(&mut self, error: &io::Error, stop: &AtomicBool) -> io::Result<()> {
+        let _ = self.lost(error);
+        self.prepare(stop)
     }
 }

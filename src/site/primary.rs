@@ -5,7 +5,7 @@ use std::thread::JoinHandle;
 
 use anyhow::Context;
 
-use crate::blk::daemon::{self, BoundSocket, Shutdown};
+use crate::blk::daemon::{self, Shutdown, SocketLock};
 use crate::blk::device::{DeviceShared, DeviceStats};
 use crate::blk::disk::Disk;
 use crate::blk::execute::Executor;
@@ -67,7 +67,7 @@ impl Server {
             worker: WorkerOptions { poll: args.poll() },
             stats: DeviceStats::default(),
         });
-        let socket = BoundSocket::bind(&args.socket, args.socket_mode)?;
+        let socket_lock = SocketLock::acquire(&args.socket)?;
         tracing::info!(
             disk = %disk.path().display(),
             size = disk.size(),
@@ -110,6 +110,9 @@ impl Server {
             *control.link.lock().expect("link lock") = Some(link);
         }
         let control_server = ControlServer::start(&control_path(&args.socket), control.clone())?;
+        // Listen last: a frontend (or a script waiting for the socket) that can connect finds
+        // the control socket and the replication cycle running.
+        let socket = socket_lock.bind(args.socket_mode)?;
         let shutdown = Shutdown::default();
         let (s2, sd2) = (shared.clone(), shutdown.clone());
         let thread = std::thread::Builder::new()
