@@ -15,6 +15,7 @@ use common::ctl;
 use common::dw::History;
 use drblk_testkit::blkio_client::{BlkioClient, Op};
 use drblk_testkit::impair::ImpairProxy;
+use drblk_testkit::rng::RngExt;
 use drblk_testkit::test_frontend::TestFrontend;
 use serde_json::Value;
 
@@ -122,11 +123,9 @@ fn committed(sock: &Path) -> u64 {
 
 /// Random 64 KiB-aligned 4 KiB writes over the first `span` bytes, on two queues.
 fn write_burst(c: &mut BlkioClient, n: u64, span: u64, seed: u64) {
-    let mut x = seed | 1;
+    let mut rng = drblk_testkit::rng::seeded(seed);
     for i in 0..n {
-        x ^= x << 13;
-        x ^= x >> 7;
-        x ^= x << 17;
+        let x: u64 = rng.random();
         let off = (x % (span / 4096)) * 4096;
         c.buf()[..4096].fill((x >> 8) as u8);
         c.run(
@@ -411,12 +410,10 @@ fn a_thirty_second_blackhole_under_load_converges_with_an_incremental_resync() {
     h.set_blackhole(true);
     let t0 = Instant::now();
     let mut changed = std::collections::HashSet::new();
-    let mut x = 99u64;
+    let mut rng = drblk_testkit::rng::seeded(99);
     let mut writes = 0u64;
     while t0.elapsed() < Duration::from_secs(30) {
-        x ^= x << 13;
-        x ^= x >> 7;
-        x ^= x << 17;
+        let x: u64 = rng.random();
         let off = (x % (SPAN / 4096)) * 4096;
         c.buf()[..4096].fill(x as u8);
         let t = Instant::now();

@@ -105,8 +105,7 @@ impl SocketLock {
             .write(true)
             .open(&lock_path)
             .map_err(sock_err)?;
-        // SAFETY: flock on an fd we own.
-        if unsafe { libc::flock(lock.as_raw_fd(), libc::LOCK_EX | libc::LOCK_NB) } != 0 {
+        if !crate::sys::file::try_lock_exclusive(&lock).map_err(sock_err)? {
             return Err(DaemonError::InUse(path.to_owned(), lock_path));
         }
         lock.set_len(0).map_err(sock_err)?;

@@ -328,11 +328,7 @@ impl Disk {
     pub fn discard(&self, offset: u64, len: u64) -> io::Result<()> {
         self.check_writable()?;
         self.check_range(offset, len)?;
-        self.fallocate(
-            libc::FALLOC_FL_PUNCH_HOLE | libc::FALLOC_FL_KEEP_SIZE,
-            offset,
-            len,
-        )
+        crate::sys::file::punch_hole(&self.file, offset, len)
     }
 
     /// Makes `[offset, offset+len)` read as zeroes; with `unmap` the range may be deallocated.
@@ -344,12 +340,10 @@ impl Disk {
         } else {
             libc::FALLOC_FL_ZERO_RANGE | libc::FALLOC_FL_KEEP_SIZE
         };
-        match self.fallocate(mode, offset, len) {
+        match crate::sys::file::fallocate(&self.file, mode, offset, len) {
             Ok(()) => Ok(()),
             // Filesystems without ZERO_RANGE (or PUNCH_HOLE): write zeroes by hand.
-            Err(e) if e.raw_os_error() == Some(libc::EOPNOTSUPP) => {
-                self.write_zeroes_slow(offset, len)
-            }
+            Err(e) if crate::sys::file::is_unsupported(&e) => self.write_zeroes_slow(offset, len),
             Err(e) => Err(e),
         }
     }
@@ -362,25 +356,6 @@ impl Disk {
             let n = ((end - offset) as usize).min(STEP);
             self.pwrite_all_raw(zero.as_slice().as_ptr(), n, offset)?;
             offset += n as u64;
-        }
-        Ok(())
-    }
-
-    fn fallocate(&self, mode: libc::c_int, offset: u64, len: u64) -> io::Result<()> {
-        if len == 0 {
-            return Ok(());
-        }
-        // SAFETY: fallocate on an fd we own; the range was checked against the image size.
-        let r = unsafe {
-            libc::fallocate(
-                self.file.as_raw_fd(),
-                mode,
-                offset as libc::off_t,
-                len as libc::off_t,
-            )
-        };
-        if r < 0 {
-            return Err(io::Error::last_os_error());
         }
         Ok(())
     }

@@ -472,13 +472,7 @@ pub fn chunk_len(disk_size: u64, chunk_size: u32, index: u64) -> Option<usize> {
     usize::try_from((disk_size - start).min(cs)).ok()
 }
 
-/// Microseconds since the Unix epoch, now.
-pub fn now_unix_us() -> u64 {
-    std::time::SystemTime::now()
-        .duration_since(std::time::UNIX_EPOCH)
-        .map(|d| d.as_micros() as u64)
-        .unwrap_or(0)
-}
+pub use crate::sys::clock::now_unix_micros as now_unix_us;
 
 /// Truncates a string to at most [`MAX_TEXT_LEN`] bytes on a char boundary.
 pub fn clip(s: &str) -> String {
@@ -533,16 +527,8 @@ mod tests {
 
     #[test]
     fn garbage_never_panics() {
-        let mut x: u32 = 12345;
         for n in 0..2000usize {
-            let v: Vec<u8> = (0..(n % 97))
-                .map(|_| {
-                    x ^= x << 13;
-                    x ^= x >> 17;
-                    x ^= x << 5;
-                    x as u8
-                })
-                .collect();
+            let v = drblk_testkit::rng::pattern(n as u64, n % 97);
             let _ = decode_payload(&v);
             let _ = peek_hello_version(&v);
         }

@@ -151,17 +151,7 @@ fn client_cfg(dir: &Path, addr: SocketAddr, disk: DiskInfo) -> ClientConfig {
 }
 
 fn pattern(index: u64, cg: u64, len: usize) -> Vec<u8> {
-    let mut x = index.wrapping_mul(0x9E37_79B9_7F4A_7C15) ^ cg ^ 1;
-    (0..len)
-        .map(|i| {
-            if i % 8 == 0 {
-                x ^= x << 13;
-                x ^= x >> 7;
-                x ^= x << 17;
-            }
-            (x >> ((i % 8) * 8)) as u8
-        })
-        .collect()
+    drblk_testkit::rng::pattern(index << 20 ^ cg, len)
 }
 
 /// Waits (bounded) until `f` holds.

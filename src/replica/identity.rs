@@ -5,6 +5,8 @@
 use std::io;
 use std::path::{Path, PathBuf};
 
+use uuid::Uuid;
+
 /// The identity file of an image.
 pub fn identity_path(image: &Path) -> PathBuf {
     let mut p = image.as_os_str().to_owned();
@@ -12,22 +14,19 @@ pub fn identity_path(image: &Path) -> PathBuf {
     PathBuf::from(p)
 }
 
-/// Formats a UUID as 32 hex digits.
+/// Formats a UUID as 32 hex digits (the identity file's and the state file's form).
 pub fn uuid_hex(uuid: &[u8; 16]) -> String {
-    uuid.iter().map(|b| format!("{b:02x}")).collect()
+    Uuid::from_bytes(*uuid).simple().to_string()
 }
 
-/// Parses 32 hex digits.
+/// Parses 32 hex digits (surrounding white space is ignored).
 pub fn parse_uuid(s: &str) -> Option<[u8; 16]> {
     let s = s.trim();
-    if s.len() != 32 {
-        return None;
-    }
-    let mut out = [0u8; 16];
-    for (i, b) in out.iter_mut().enumerate() {
-        *b = u8::from_str_radix(s.get(i * 2..i * 2 + 2)?, 16).ok()?;
-    }
-    Some(out)
+    // Only the simple form: the files this reads are written by `uuid_hex`.
+    (s.len() == 32)
+        .then(|| Uuid::try_parse(s).ok())
+        .flatten()
+        .map(Uuid::into_bytes)
 }
 
 /// Reads the image's identity, creating a fresh random one if it has none.
@@ -44,12 +43,7 @@ pub fn load_or_create(image: &Path) -> io::Result<[u8; 16]> {
             )
         }),
         Err(e) if e.kind() == io::ErrorKind::NotFound => {
-            let mut uuid = [0u8; 16];
-            // SAFETY: getrandom writes at most 16 bytes into the 16-byte buffer.
-            let n = unsafe { libc::getrandom(uuid.as_mut_ptr().cast(), 16, 0) };
-            if n != 16 {
-                return Err(io::Error::last_os_error());
-            }
+            let uuid = Uuid::new_v4().into_bytes();
             let tmp = path.with_extension("drblk-id.tmp");
             std::fs::write(&tmp, uuid_hex(&uuid) + "\n")?;
             std::fs::rename(&tmp, &path)?;

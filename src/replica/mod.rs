@@ -79,7 +79,6 @@ mod tests;
 use std::collections::HashMap;
 use std::fs::{self, File, OpenOptions};
 use std::io::{Seek, SeekFrom};
-use std::os::fd::AsRawFd;
 use std::os::unix::fs::FileExt;
 use std::path::{Path, PathBuf};
 
@@ -188,13 +187,8 @@ fn lock_dir(dir: &Path) -> Result<File> {
     // moment by a child being spawned concurrently (fork copies the fd; it is closed only
     // at exec), so retry briefly before reporting a real second opener.
     for attempt in 0.. {
-        // SAFETY: flock on a valid fd we own.
-        if unsafe { libc::flock(f.as_raw_fd(), libc::LOCK_EX | libc::LOCK_NB) } == 0 {
+        if crate::sys::file::try_lock_exclusive(&f).map_err(error::io("flock", &p))? {
             return Ok(f);
-        }
-        let e = std::io::Error::last_os_error();
-        if e.raw_os_error() != Some(libc::EWOULDBLOCK) {
-            return Err(error::io("flock", &p)(e));
         }
         if attempt == 100 {
             return Err(Error::Locked(dir.to_path_buf()));
@@ -791,24 +785,12 @@ impl ReplicaStore {
                 .map_err(error::io("write image", &self.image_path)),
             ChunkData::Zero => {
                 if self.image_is_file {
-                    // SAFETY: fallocate on a valid fd; range inside the image.
-                    let r = unsafe {
-                        libc::fallocate(
-                            self.image.as_raw_fd(),
-                            libc::FALLOC_FL_PUNCH_HOLE | libc::FALLOC_FL_KEEP_SIZE,
-                            off as libc::off_t,
-                            len as libc::off_t,
-                        )
-                    };
-                    if r == 0 {
-                        return Ok(());
-                    }
-                    let e = std::io::Error::last_os_error();
-                    if !matches!(
-                        e.raw_os_error(),
-                        Some(libc::EOPNOTSUPP) | Some(libc::ENOSYS)
-                    ) {
-                        return Err(error::io("punch hole in image", &self.image_path)(e));
+                    match crate::sys::file::punch_hole(&self.image, off, len) {
+                        Ok(()) => return Ok(()),
+                        Err(e) if crate::sys::file::is_unsupported(&e) => {}
+                        Err(e) => {
+                            return Err(error::io("punch hole in image", &self.image_path)(e))
+                        }
                     }
                 }
                 let zeros = vec![0u8; len as usize];

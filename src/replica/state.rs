@@ -35,9 +35,7 @@ pub struct StateFile {
     pub frozen_at_unix_us: u64,
 }
 
-pub fn uuid_hex(u: &[u8; 16]) -> String {
-    u.iter().map(|b| format!("{b:02x}")).collect()
-}
+pub use super::identity::uuid_hex;
 
 pub fn read(dir: &Path) -> Result<Option<StateFile>> {
     let path = dir.join(STATE_FILE);

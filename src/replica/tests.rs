@@ -42,18 +42,10 @@ fn chunk_len(i: u64) -> usize {
 
 /// Deterministic chunk content; `seed == 0` gives zeros.
 fn content(seed: u64, i: u64) -> Vec<u8> {
-    let mut x = seed.wrapping_mul(0x9E37_79B9_7F4A_7C15) ^ i.wrapping_mul(0xD1B5_4A32_D192_ED03);
-    (0..chunk_len(i))
-        .map(|_| {
-            if seed == 0 {
-                return 0;
-            }
-            x ^= x << 13;
-            x ^= x >> 7;
-            x ^= x << 17;
-            x as u8
-        })
-        .collect()
+    if seed == 0 {
+        return vec![0; chunk_len(i)];
+    }
+    drblk_testkit::rng::pattern(seed << 24 ^ i, chunk_len(i))
 }
 
 fn read_image(d: &Dirs) -> Vec<u8> {

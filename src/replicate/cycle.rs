@@ -11,6 +11,7 @@ use std::thread::JoinHandle;
 use std::time::{Duration, Instant, SystemTime};
 
 use crate::cg::{CgFormed, ChunkImage, CommitOutcome, Engine, FormError};
+use crate::sys::clock::unix_micros;
 
 /// Where the chunks of each CG go.
 pub trait ChunkSink: Send {
@@ -249,11 +250,9 @@ pub fn drain_and_commit(
             match engine.try_commit(cg) {
                 CommitOutcome::Committed => {
                     stats.last_committed.store(cg, Ordering::SeqCst);
-                    let us = frozen_at
-                        .duration_since(SystemTime::UNIX_EPOCH)
-                        .map(|d| d.as_micros() as u64)
-                        .unwrap_or(0);
-                    stats.last_commit_frozen_us.store(us, Ordering::SeqCst);
+                    stats
+                        .last_commit_frozen_us
+                        .store(unix_micros(frozen_at), Ordering::SeqCst);
                     return Ok(());
                 }
                 other => {

@@ -22,6 +22,7 @@ use std::time::{Duration, Instant, SystemTime};
 use crate::cg::{ChunkImage, Engine};
 use crate::link::{ClientConfig, LinkClient, ReplicaState};
 use crate::replicate::cycle::ChunkSink;
+use crate::sys::clock::unix_micros;
 
 /// What the operator sees of the link.
 #[derive(Default)]
@@ -136,11 +137,7 @@ impl ChunkSink for Replicator {
     }
 
     fn commit(&mut self, cg: u64, frozen_at: SystemTime) -> io::Result<()> {
-        let us = frozen_at
-            .duration_since(SystemTime::UNIX_EPOCH)
-            .map(|d| d.as_micros() as u64)
-            .unwrap_or(0);
-        let r = self.client()?.commit(cg, us);
+        let r = self.client()?.commit(cg, unix_micros(frozen_at));
         match r {
             Ok(()) => {
                 *self.status.remote_state.lock().expect("status lock") =

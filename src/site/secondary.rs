@@ -275,10 +275,7 @@ impl Secondary {
                     cg,
                     frozen_at_unix_us,
                 } => {
-                    let now = std::time::SystemTime::now()
-                        .duration_since(std::time::UNIX_EPOCH)
-                        .map(|d| d.as_micros() as u64)
-                        .unwrap_or(0);
+                    let now = crate::sys::clock::now_unix_micros();
                     format!(
                         "consistent at CG {cg} (the primary's state as of {:.1} s ago)",
                         now.saturating_sub(frozen_at_unix_us) as f64 / 1e6

@@ -1,3 +1,6 @@
-//! Small operating-system helpers shared by both sites.
+//! Small operating-system helpers shared by both sites: wall-clock times, lock files and
+//! `fallocate`, thread priority.
 
+pub mod clock;
+pub mod file;
 pub mod priority;

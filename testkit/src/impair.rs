@@ -149,25 +149,12 @@ impl std::fmt::Debug for ImpairProxy {
     }
 }
 
-struct Rng(u64);
+/// The proxy's random decisions (loss, jitter, reordering), seeded from the clock.
+type Rng = crate::rng::TestRng;
 
-impl Rng {
-    fn seeded() -> Rng {
-        let t = std::time::SystemTime::now()
-            .duration_since(std::time::UNIX_EPOCH)
-            .map(|d| d.as_nanos() as u64)
-            .unwrap_or(0x9E37_79B9_7F4A_7C15);
-        Rng(t | 1)
-    }
-
-    /// Uniform in `[0, 1)` (xorshift64*).
-    fn next_f64(&mut self) -> f64 {
-        self.0 ^= self.0 >> 12;
-        self.0 ^= self.0 << 25;
-        self.0 ^= self.0 >> 27;
-        let v = self.0.wrapping_mul(0x2545_F491_4F6C_DD1D);
-        (v >> 11) as f64 / (1u64 << 53) as f64
-    }
+fn next_f64(rng: &mut Rng) -> f64 {
+    use crate::rng::RngExt;
+    rng.random::<f64>()
 }
 
 fn udp_socket(bind: SocketAddr) -> std::io::Result<UdpSocket> {
@@ -189,15 +176,15 @@ fn judge(shared: &Shared, rng: &mut Rng) -> Option<Duration> {
         c.blackholed.fetch_add(1, Ordering::Relaxed);
         return None;
     }
-    if imp.loss > 0.0 && rng.next_f64() < imp.loss {
+    if imp.loss > 0.0 && next_f64(rng) < imp.loss {
         c.lost.fetch_add(1, Ordering::Relaxed);
         return None;
     }
     let mut d = imp.delay;
     if !imp.jitter.is_zero() {
-        d += imp.jitter.mul_f64(rng.next_f64());
+        d += imp.jitter.mul_f64(next_f64(rng));
     }
-    if imp.reorder > 0.0 && rng.next_f64() < imp.reorder {
+    if imp.reorder > 0.0 && next_f64(rng) < imp.reorder {
         c.reordered.fetch_add(1, Ordering::Relaxed);
         d += imp.reorder_delay;
     }
@@ -261,7 +248,7 @@ async fn receiver(
     from_client: bool,
     tx: mpsc::Sender<Packet>,
 ) {
-    let mut rng = Rng::seeded();
+    let mut rng = crate::rng::seeded(drblk::sys::clock::now_unix_micros());
     let mut buf = vec![0u8; 65536];
     loop {
         let (n, from) = match sock.recv_from(&mut buf).await {

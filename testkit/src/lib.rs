@@ -7,6 +7,7 @@
 //! - [`impair`]: a loopback UDP proxy adding delay, loss, reordering or a blackhole to the
 //!   replication link.
 //! - [`workload`]: the dependent-write workload and its consistency checker.
+//! - [`rng`]: seeded pseudo-random numbers and byte patterns.
 //! - [`bench`]: figures of a benchmark cell (IOPS, latency, CPU).
 //! - [`demo`]: what `cargo run --release` shows.
 
@@ -16,5 +17,6 @@ pub mod bench;
 pub mod blkio_client;
 pub mod demo;
 pub mod impair;
+pub mod rng;
 pub mod test_frontend;
 pub mod workload;

@@ -1,0 +1,97 @@
+//! File helpers shared by the data path and the replica store: exclusive lock files and
+//! `fallocate` (holes, zeroed ranges).
+
+use std::fs::File;
+use std::io;
+use std::os::unix::io::AsRawFd;
+
+/// Takes an exclusive, non-blocking `flock` on `f`. `Ok(false)`: another open file holds it.
+pub fn try_lock_exclusive(f: &File) -> io::Result<bool> {
+    // SAFETY: flock on a valid fd that `f` owns.
+    if unsafe { libc::flock(f.as_raw_fd(), libc::LOCK_EX | libc::LOCK_NB) } == 0 {
+        return Ok(true);
+    }
+    let e = io::Error::last_os_error();
+    if e.raw_os_error() == Some(libc::EWOULDBLOCK) {
+        Ok(false)
+    } else {
+        Err(e)
+    }
+}
+
+/// `fallocate(2)` on `f` with `mode` over `[offset, offset + len)`; nothing for `len == 0`.
+pub fn fallocate(f: &File, mode: libc::c_int, offset: u64, len: u64) -> io::Result<()> {
+    if len == 0 {
+        return Ok(());
+    }
+    let (off, n) = (
+        libc::off_t::try_from(offset).map_err(|_| io::Error::from(io::ErrorKind::InvalidInput))?,
+        libc::off_t::try_from(len).map_err(|_| io::Error::from(io::ErrorKind::InvalidInput))?,
+    );
+    // SAFETY: fallocate on a valid fd that `f` owns; the kernel checks the range.
+    if unsafe { libc::fallocate(f.as_raw_fd(), mode, off, n) } < 0 {
+        return Err(io::Error::last_os_error());
+    }
+    Ok(())
+}
+
+/// Deallocates `[offset, offset + len)` of `f` (later reads return zeroes), keeping its size.
+pub fn punch_hole(f: &File, offset: u64, len: u64) -> io::Result<()> {
+    fallocate(
+        f,
+        libc::FALLOC_FL_PUNCH_HOLE | libc::FALLOC_FL_KEEP_SIZE,
+        offset,
+        len,
+    )
+}
+
+/// Whether `e` says the filesystem cannot do this `fallocate` mode (the caller writes
+/// zeroes instead).
+pub fn is_unsupported(e: &io::Error) -> bool {
+    matches!(
+        e.raw_os_error(),
+        Some(libc::EOPNOTSUPP) | Some(libc::ENOSYS)
+    )
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use std::io::Write;
+    use std::os::unix::fs::FileExt;
+
+    #[test]
+    fn lock_is_exclusive_between_open_files() {
+        let dir = tempfile::tempdir().unwrap();
+        let p = dir.path().join("lock");
+        let a = File::create(&p).unwrap();
+        let b = File::options().write(true).open(&p).unwrap();
+        assert!(try_lock_exclusive(&a).unwrap());
+        assert!(!try_lock_exclusive(&b).unwrap());
+        drop(a);
+        assert!(try_lock_exclusive(&b).unwrap());
+    }
+
+    #[test]
+    fn a_punched_hole_reads_as_zeroes() {
+        let dir = tempfile::tempdir().unwrap();
+        let mut f = File::options()
+            .read(true)
+            .write(true)
+            .create(true)
+            .truncate(true)
+            .open(dir.path().join("f"))
+            .unwrap();
+        f.write_all(&[7u8; 16384]).unwrap();
+        match punch_hole(&f, 4096, 8192) {
+            Err(e) if is_unsupported(&e) => return,
+            r => r.unwrap(),
+        }
+        let mut buf = [1u8; 16384];
+        f.read_exact_at(&mut buf, 0).unwrap();
+        assert!(buf[..4096].iter().all(|&b| b == 7));
+        assert!(buf[4096..12288].iter().all(|&b| b == 0));
+        assert!(buf[12288..].iter().all(|&b| b == 7));
+        assert_eq!(f.metadata().unwrap().len(), 16384);
+    }
+}
