@@ -12,6 +12,7 @@ pub mod blk;
 pub mod cg;
 pub mod cli;
 pub mod control;
+pub mod geometry;
 pub mod link;
 pub mod replica;
 pub mod replicate;

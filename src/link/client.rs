@@ -216,7 +216,7 @@ impl Shared {
     async fn send_chunk(&self, cg: u64, index: u64, data: Option<&[u8]>) -> Result<(), LinkError> {
         self.check_alive()?;
         let d = &self.cfg.disk;
-        let want = proto::chunk_len(d.size, d.chunk_size, index).ok_or_else(|| {
+        let want = d.geometry()?.chunk_len(index).ok_or_else(|| {
             LinkError::InvalidArgument(format!("chunk index {index} beyond the disk"))
         })?;
         if let Some(data) = data {

@@ -121,19 +121,15 @@ impl DiskInfo {
 
     /// Checks the geometry is one the link supports.
     pub fn validate(&self) -> Result<(), LinkError> {
-        if !(proto::MIN_CHUNK_SIZE..=proto::MAX_CHUNK_SIZE).contains(&self.chunk_size)
-            || self.chunk_size % 512 != 0
-        {
-            return Err(LinkError::InvalidArgument(format!(
-                "chunk size {} not a multiple of 512 in [{}, {}]",
-                self.chunk_size,
-                proto::MIN_CHUNK_SIZE,
-                proto::MAX_CHUNK_SIZE
-            )));
-        }
-        if self.size == 0 {
-            return Err(LinkError::InvalidArgument("disk size 0".into()));
-        }
-        Ok(())
+        self.geometry().map(|_| ())
+    }
+
+    /// The disk's chunk geometry, if the link supports it.
+    pub fn geometry(&self) -> Result<crate::geometry::Geometry, LinkError> {
+        let g = crate::geometry::Geometry::new(self.size, u64::from(self.chunk_size))
+            .map_err(|e| LinkError::InvalidArgument(e.to_string()))?;
+        g.check_replicable()
+            .map_err(|e| LinkError::InvalidArgument(e.to_string()))?;
+        Ok(g)
     }
 }

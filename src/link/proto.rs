@@ -59,11 +59,8 @@ pub const MAX_FRAME_LEN: usize = 64 << 20;
 /// Upper bound of a frame on the control stream (control messages are small).
 pub const MAX_CONTROL_FRAME_LEN: usize = 64 << 10;
 
-/// Largest chunk size the link accepts (16 MiB).
-pub const MAX_CHUNK_SIZE: u32 = 16 << 20;
-
-/// Smallest chunk size the link accepts (4 KiB).
-pub const MIN_CHUNK_SIZE: u32 = 4 << 10;
+/// Largest chunk size the link accepts (16 MiB; see [`crate::geometry`]).
+pub const MAX_CHUNK_SIZE: u32 = crate::geometry::MAX_CHUNK_SIZE as u32;
 
 /// Bytes of a frame around its payload (length prefix and checksum).
 pub const FRAME_OVERHEAD: usize = 8;
@@ -457,21 +454,6 @@ pub async fn read_frame(
     Ok(true)
 }
 
-/// Number of chunks of a disk of `disk_size` bytes.
-pub fn chunk_count(disk_size: u64, chunk_size: u32) -> u64 {
-    disk_size.div_ceil(u64::from(chunk_size.max(1)))
-}
-
-/// Length in bytes of chunk `index` (the last chunk may be short); `None` if out of range.
-pub fn chunk_len(disk_size: u64, chunk_size: u32, index: u64) -> Option<usize> {
-    let cs = u64::from(chunk_size);
-    let start = index.checked_mul(cs)?;
-    if start >= disk_size {
-        return None;
-    }
-    usize::try_from((disk_size - start).min(cs)).ok()
-}
-
 pub use crate::sys::clock::now_unix_micros as now_unix_us;
 
 /// Truncates a string to at most [`MAX_TEXT_LEN`] bytes on a char boundary.
@@ -532,14 +514,5 @@ mod tests {
             let _ = decode_payload(&v);
             let _ = peek_hello_version(&v);
         }
-    }
-
-    #[test]
-    fn chunk_geometry() {
-        assert_eq!(chunk_count(10, 4096), 1);
-        assert_eq!(chunk_len(10, 4096, 0), Some(10));
-        assert_eq!(chunk_len(10, 4096, 1), None);
-        assert_eq!(chunk_len(8192, 4096, 1), Some(4096));
-        assert_eq!(chunk_len(u64::MAX, 4096, u64::MAX), None);
     }
 }

@@ -15,6 +15,7 @@
 //! server keeps accepting the next connection. Sink methods are called from runtime
 //! threads via `block_in_place`/`spawn_blocking`, so they may block on disk I/O.
 
+use crate::geometry::Geometry;
 use std::collections::BTreeMap;
 use std::net::SocketAddr;
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
@@ -202,7 +203,9 @@ impl Session {
         let Message::Chunk { cg, index, payload } = msg else {
             return Err(format!("unexpected {} on a data stream", msg.kind()));
         };
-        let len = proto::chunk_len(self.disk_size, self.chunk_size, index)
+        let len = Geometry::new(self.disk_size, u64::from(self.chunk_size))
+            .ok()
+            .and_then(|g| g.chunk_len(index))
             .ok_or_else(|| format!("chunk index {index} beyond the disk"))?;
         if lock(&self.counts).1.is_some_and(|c| cg <= c) {
             return Err(format!(

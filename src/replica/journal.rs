@@ -30,22 +30,7 @@ impl Entry {
     }
 }
 
-/// Geometry needed to validate records.
-#[derive(Clone, Copy, Debug)]
-pub struct Geometry {
-    pub disk_size: u64,
-    pub chunk_size: u64,
-}
-
-impl Geometry {
-    pub fn nchunks(&self) -> u64 {
-        self.disk_size.div_ceil(self.chunk_size)
-    }
-    pub fn chunk_len(&self, index: u64) -> u64 {
-        self.chunk_size
-            .min(self.disk_size - index * self.chunk_size)
-    }
-}
+pub use crate::geometry::Geometry;
 
 pub struct Journal {
     pub path: PathBuf,
@@ -281,10 +266,8 @@ impl Journal {
                     break 'rec Some("record extends past end of file".into());
                 }
                 let len_ok = match h.rtype {
-                    RecordType::Data => {
-                        h.arg < geo.nchunks() && h.len as u64 == geo.chunk_len(h.arg)
-                    }
-                    RecordType::Zero => h.arg < geo.nchunks() && h.len == 0,
+                    RecordType::Data => geo.chunk_len(h.arg) == Some(h.len as usize),
+                    RecordType::Zero => h.arg < geo.chunks() && h.len == 0,
                     RecordType::Commit | RecordType::Checkpoint => h.len == 0,
                 };
                 if !len_ok {

@@ -90,9 +90,6 @@ use format::{Header, RecordType};
 use journal::{Entry, Geometry, Journal, JOURNAL_FILE, JOURNAL_NEW};
 use state::{Mode, StateFile, STATE_FORMAT, STATE_TMP};
 
-/// Largest chunk size accepted (payload length is a u32 on disk; keep records sane).
-pub const MAX_CHUNK_SIZE: u64 = 64 << 20;
-
 /// The replica's state as reported to the link and to operators.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub enum ReplicaState {
@@ -214,15 +211,11 @@ impl ReplicaStore {
         chunk_size: u64,
         disk_uuid: [u8; 16],
     ) -> Result<(Self, RecoveryReport)> {
-        if disk_size == 0 || chunk_size == 0 || chunk_size > MAX_CHUNK_SIZE {
-            return Err(Error::InvalidArgument(format!(
-                "disk size {disk_size} / chunk size {chunk_size} (1..={MAX_CHUNK_SIZE})"
-            )));
-        }
-        let geo = Geometry {
-            disk_size,
-            chunk_size,
-        };
+        let geo = Geometry::new(disk_size, chunk_size).map_err(|e| {
+            Error::InvalidArgument(format!(
+                "disk size {disk_size} / chunk size {chunk_size}: {e}"
+            ))
+        })?;
         fs::create_dir_all(state_dir).map_err(error::io("create directory", state_dir))?;
         let lock = lock_dir(state_dir)?;
         state::remove_if_exists(&state_dir.join(STATE_TMP))?;
@@ -269,7 +262,7 @@ impl ReplicaStore {
                     disk_size,
                     chunk_size,
                     mode: Mode::Syncing {
-                        total_chunks: geo.nchunks(),
+                        total_chunks: geo.chunks(),
                     },
                     last_committed_cg: 0,
                     frozen_at_unix_us: 0,
@@ -315,7 +308,7 @@ impl ReplicaStore {
             live_bytes: 0,
             compact_min_dead: 64 << 20,
             pending_apply: None,
-            sync_done: vec![0; geo.nchunks().div_ceil(64) as usize],
+            sync_done: vec![0; geo.chunks().div_ceil(64) as usize],
             sync_done_count: 0,
             fault: Fault::from_env(),
             poisoned: false,
@@ -380,12 +373,12 @@ impl ReplicaStore {
             path: state_dir.join(state::STATE_FILE),
             detail: "missing".into(),
         })?;
-        let geo = Geometry {
-            disk_size: st.disk_size,
-            chunk_size: st.chunk_size,
-        };
+        let geo = Geometry::new(st.disk_size, st.chunk_size).map_err(|e| Error::StateFile {
+            path: state_dir.join(state::STATE_FILE),
+            detail: e.to_string(),
+        })?;
         st.mode = Mode::Syncing {
-            total_chunks: geo.nchunks(),
+            total_chunks: geo.chunks(),
         };
         st.last_committed_cg = 0;
         state::write_atomic(state_dir, &st, || Ok(()))?;
@@ -427,15 +420,15 @@ impl ReplicaStore {
     }
     /// Disk size in bytes.
     pub fn disk_size(&self) -> u64 {
-        self.geo.disk_size
+        self.geo.disk_size()
     }
     /// Chunk size in bytes.
     pub fn chunk_size(&self) -> u64 {
-        self.geo.chunk_size
+        self.geo.chunk_size()
     }
     /// Number of chunks.
     pub fn nchunks(&self) -> u64 {
-        self.geo.nchunks()
+        self.geo.chunks()
     }
     /// Number of chunks staged for the next commit.
     pub fn staged_chunks(&self) -> u64 {
@@ -721,18 +714,18 @@ impl ReplicaStore {
     }
 
     fn check_chunk(&self, index: u64, data: &ChunkData<'_>) -> Result<()> {
-        if index >= self.geo.nchunks() {
+        if index >= self.geo.chunks() {
             return Err(Error::InvalidArgument(format!(
                 "chunk {index} beyond the disk ({} chunks)",
-                self.geo.nchunks()
+                self.geo.chunks()
             )));
         }
         if let ChunkData::Bytes(b) = data {
-            if b.len() as u64 != self.geo.chunk_len(index) {
+            if Some(b.len()) != self.geo.chunk_len(index) {
                 return Err(Error::InvalidArgument(format!(
                     "chunk {index} has {} bytes, expected {}",
                     b.len(),
-                    self.geo.chunk_len(index)
+                    self.geo.chunk_len(index).unwrap_or(0)
                 )));
             }
         }
@@ -776,8 +769,8 @@ impl ReplicaStore {
     }
 
     fn write_image(&self, index: u64, data: ChunkData<'_>) -> Result<()> {
-        let off = index * self.geo.chunk_size;
-        let len = self.geo.chunk_len(index);
+        let off = self.geo.chunk_offset(index);
+        let len = self.geo.chunk_len(index).unwrap_or(0) as u64;
         match data {
             ChunkData::Bytes(b) => self
                 .image
