@@ -38,8 +38,14 @@
 //!   written is shipped again.
 
 mod bitmap;
+mod commit;
+mod cow;
+mod drain;
 mod engine;
+mod formation;
+mod gate;
 mod record;
+mod recording;
 mod sync;
 
 #[cfg(all(test, drblk_loom))]

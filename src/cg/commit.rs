@@ -1,0 +1,117 @@
+//! Commit of a strict CG (its CR becomes the new OOS), link loss, CG numbering and full
+//! resynchronisation.
+
+use std::mem;
+use std::sync::Arc;
+use std::time::Instant;
+
+use tracing::info;
+
+use super::engine::{Engine, Mode};
+use super::sync::lock;
+use super::{AbandonReason, CommitOutcome};
+
+impl Engine {
+    /// Whether every chunk of the strict CG `cg` has been handed out and confirmed, i.e. the
+    /// consumer may send "CG `cg` complete" to the secondary.
+    pub fn is_ready(&self, cg: u64) -> bool {
+        let c = lock(&self.central);
+        match &c.mode {
+            Mode::Strict { drain, .. } if drain.cg == cg => {
+                drain.is_quiesced() && c.oos.bits.count() == 0 && c.outstanding.is_empty()
+            }
+            _ => false,
+        }
+    }
+
+    /// Commits CG `cg` if all its chunks were handed out and confirmed: its CR becomes the new
+    /// OOS. Call it once the secondary acknowledged "CG `cg` complete" (use
+    /// [`Engine::is_ready`] to know when to send that); if the link is lost before that
+    /// acknowledgement, call [`Engine::link_lost`] instead. A strict CG with chunks left to
+    /// hand out past `max_drain_time` is abandoned here.
+    pub fn try_commit(&self, cg: u64) -> CommitOutcome {
+        let mut c = lock(&self.central);
+        if cg < c.first_uncommitted || cg >= c.next_cg {
+            return CommitOutcome::Unknown;
+        }
+        let drain = match &c.mode {
+            Mode::Strict { drain, .. } if drain.cg == cg => Arc::clone(drain),
+            _ => return CommitOutcome::Abandoned,
+        };
+        let to_ship = c.oos.bits.count();
+        let unconfirmed = c.outstanding.len() as u64;
+        let quiesced = drain.is_quiesced();
+        if quiesced && to_ship == 0 && unconfirmed == 0 {
+            let Mode::Strict { drain, cr } = mem::replace(&mut c.mode, Mode::Idle) else {
+                return CommitOutcome::Unknown;
+            };
+            self.stop_cow(&drain);
+            for gate in self.queues.iter() {
+                lock(gate).drain = None;
+            }
+            // CR becomes OOS; the queues already record into it. Every record forwarded into
+            // the old OOS was idle before the first hand-out (pre_swap), so nothing is lost.
+            c.oos = cr;
+            c.retired.clear();
+            c.shipped.clear_all();
+            c.first_uncommitted = cg + 1;
+            c.last_committed = cg;
+            c.committed += 1;
+            info!(cg, "cg: committed");
+            return CommitOutcome::Committed;
+        }
+        if (to_ship > 0 || !quiesced) && Instant::now() > drain.deadline {
+            self.abandon_locked(&mut c, AbandonReason::DrainTimeout);
+            return CommitOutcome::Abandoned;
+        }
+        CommitOutcome::Pending {
+            to_ship,
+            unconfirmed,
+        }
+    }
+
+    /// The link to the secondary is lost: the uncommitted CG is abandoned and everything not
+    /// committed — including chunks handed out or confirmed since the last commit, which the
+    /// secondary discards — is merged back into OOS. Back to idle: form a CG on reconnect.
+    pub fn link_lost(&self) {
+        let mut c = lock(&self.central);
+        self.abandon_locked(&mut c, AbandonReason::LinkLost);
+        c.oos.bits.or_from(&c.shipped);
+        c.shipped.clear_all();
+        c.outstanding.clear();
+        c.mode = Mode::Idle;
+        c.first_uncommitted = c.next_cg;
+        info!(
+            last_committed = c.last_committed,
+            "cg: link lost, uncommitted chunks merged into OOS"
+        );
+    }
+
+    /// The number the next CG formed will get (CGs below it were formed, committed or not).
+    pub fn next_cg(&self) -> u64 {
+        lock(&self.central).next_cg
+    }
+
+    /// Continues CG numbering after `last_committed`, the last CG the secondary committed
+    /// (a restarted primary, or a secondary that was ahead): the next CG formed is numbered
+    /// above it, so the secondary never mistakes new data for a CG it already has.
+    pub fn resume_numbering(&self, last_committed: u64) {
+        let mut c = lock(&self.central);
+        if c.next_cg <= last_committed {
+            c.next_cg = last_committed + 1;
+            c.first_uncommitted = c.next_cg;
+            c.last_committed = last_committed;
+        }
+    }
+
+    /// Marks every chunk dirty (initial full copy, or resynchronisation from scratch). During
+    /// a strict CG the chunks are marked in CR (the next CG ships them), keeping the CG
+    /// consistent.
+    pub fn mark_all(&self) {
+        let c = lock(&self.central);
+        match &c.mode {
+            Mode::Strict { cr, .. } => cr.bits.set_all(),
+            _ => c.oos.bits.set_all(),
+        }
+    }
+}
