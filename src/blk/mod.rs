@@ -15,5 +15,7 @@ pub mod disk;
 pub mod execute;
 pub mod queue;
 pub mod request;
+#[cfg(test)]
+pub(crate) mod testing;
 pub mod tracking;
 pub mod virtio;

@@ -204,3 +204,6 @@ pub fn publish_completions(vring: &VringRwLock, items: &[Completion]) -> io::Res
     }
     Ok(())
 }
+
+#[cfg(all(test, not(drblk_loom)))]
+mod tests;

@@ -327,3 +327,6 @@ pub fn parse<M: GuestMemoryBackend>(
         status_addr,
     })
 }
+
+#[cfg(test)]
+mod tests;

@@ -245,27 +245,57 @@ pub fn drain_and_commit(
             stats.chunks_shipped.fetch_add(1, Ordering::Relaxed);
             stats.bytes_shipped.fetch_add(len, Ordering::Relaxed);
         }
-        if engine.is_ready(cg) {
+        let ready = engine.is_ready(cg);
+        if ready {
             sink.commit(cg, frozen_at)?;
-            match engine.try_commit(cg) {
-                CommitOutcome::Committed => {
-                    stats.last_committed.store(cg, Ordering::SeqCst);
-                    stats
-                        .last_commit_frozen_us
-                        .store(unix_micros(frozen_at), Ordering::SeqCst);
-                    return Ok(());
-                }
-                other => {
-                    return Err(io::Error::other(format!(
-                        "CG {cg} was ready but did not commit: {other:?}"
-                    )))
-                }
-            }
         }
-        match engine.try_commit(cg) {
-            CommitOutcome::Abandoned | CommitOutcome::Unknown => return Ok(()),
-            CommitOutcome::Committed => return Ok(()),
-            CommitOutcome::Pending { .. } => std::thread::sleep(Duration::from_micros(200)),
+        let outcome = engine.try_commit(cg);
+        match settle(ready, outcome) {
+            Settle::Committed => {
+                stats.last_committed.store(cg, Ordering::SeqCst);
+                stats
+                    .last_commit_frozen_us
+                    .store(unix_micros(frozen_at), Ordering::SeqCst);
+                return Ok(());
+            }
+            Settle::Done => return Ok(()),
+            Settle::Wait => std::thread::sleep(Duration::from_micros(200)),
+            Settle::NotCommitted => {
+                return Err(io::Error::other(format!(
+                    "CG {cg} was ready but did not commit: {outcome:?}"
+                )))
+            }
         }
     }
 }
+
+/// What the drain of a CG does once it has handed out every chunk it could.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Settle {
+    /// The sink committed the CG and so did the engine: record it, done.
+    Committed,
+    /// The sink committed the CG but the engine did not: an error (the link is treated as
+    /// lost, so everything uncommitted ships again).
+    NotCommitted,
+    /// Nothing to commit now (abandoned, unknown, or committed elsewhere): done.
+    Done,
+    /// Chunks still to hand out or to be confirmed: wait a little and drain again.
+    Wait,
+}
+
+/// The decision after a drain pass: `ready` is what [`Engine::is_ready`] said before the
+/// sink was asked to commit (only then is it asked), `outcome` what [`Engine::try_commit`]
+/// answered next.
+fn settle(ready: bool, outcome: CommitOutcome) -> Settle {
+    match (ready, outcome) {
+        (true, CommitOutcome::Committed) => Settle::Committed,
+        (true, _) => Settle::NotCommitted,
+        (false, CommitOutcome::Abandoned | CommitOutcome::Unknown | CommitOutcome::Committed) => {
+            Settle::Done
+        }
+        (false, CommitOutcome::Pending { .. }) => Settle::Wait,
+    }
+}
+
+#[cfg(all(test, not(drblk_loom)))]
+mod tests;
