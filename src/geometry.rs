@@ -17,7 +17,7 @@ pub struct Geometry {
 }
 
 /// A geometry that cannot be used.
-#[derive(Debug, Error, PartialEq, Eq)]
+#[derive(Debug, Clone, Error, PartialEq, Eq)]
 pub enum GeometryError {
     /// The disk has no bytes.
     #[error("the disk size is 0")]

@@ -166,7 +166,7 @@ impl Engine {
         let mut buf = vec![0u8; len];
         match self
             .source
-            .read_at(&mut buf, i * self.cfg.chunk_size + at as u64)
+            .read_at(&mut buf, self.geometry.chunk_offset(i) + at as u64)
         {
             // The piece is in the cache before this write touches the disk: a drain that
             // reads the disk and then (under the cache lock) finds it overlays it.

@@ -144,7 +144,8 @@ impl Engine {
             }
             let len = self.chunk_len(i);
             let mut data = vec![0u8; len];
-            self.source.read_at(&mut data, i * self.cfg.chunk_size)?;
+            self.source
+                .read_at(&mut data, self.geometry.chunk_offset(i))?;
             {
                 let mut cache = lock(&self.cache);
                 // Happens-before: a writer puts its piece in the cache (under this lock)
@@ -186,7 +187,7 @@ impl Engine {
                 }
                 c.oos.bits.clear(i);
                 let mut buf = vec![0u8; self.chunk_len(i)];
-                if let Err(e) = self.source.read_at(&mut buf, i * self.cfg.chunk_size) {
+                if let Err(e) = self.source.read_at(&mut buf, self.geometry.chunk_offset(i)) {
                     c.oos.bits.set(i);
                     return Err(e);
                 }

@@ -14,6 +14,7 @@ use super::{
     AbandonReason, CgConfig, CgError, CgPhase, CgStats, ChunkSource, Completion, Publisher,
 };
 use crate::blk::tracking::WriteGuard;
+use crate::geometry::Geometry;
 
 /// State of one queue, guarded by that queue's own lock.
 pub(crate) struct QueueState {
@@ -66,6 +67,7 @@ pub(super) struct Central {
 pub struct Engine {
     pub(super) cfg: CgConfig,
     pub(super) chunks: u64,
+    pub(super) geometry: Geometry,
     pub(super) source: Arc<dyn ChunkSource>,
     pub(super) queues: Box<[Mutex<QueueState>]>,
     pub(super) central: Mutex<Central>,
@@ -89,19 +91,11 @@ impl Engine {
         num_queues: usize,
         source: Arc<dyn ChunkSource>,
     ) -> Result<Arc<Self>, CgError> {
-        if cfg.chunk_size == 0 || !cfg.chunk_size.is_power_of_two() {
-            return Err(CgError::InvalidConfig("chunk_size must be a power of two"));
-        }
-        if cfg.disk_size == 0 {
-            return Err(CgError::InvalidConfig("disk_size must not be 0"));
-        }
-        if usize::try_from(cfg.chunk_size).is_err() {
-            return Err(CgError::InvalidConfig("chunk_size does not fit in memory"));
-        }
+        let geometry = Geometry::new(cfg.disk_size, cfg.chunk_size)?;
         if num_queues == 0 {
             return Err(CgError::InvalidConfig("at least one queue is needed"));
         }
-        let chunks = cfg.disk_size.div_ceil(cfg.chunk_size);
+        let chunks = geometry.chunks();
         let oos = Arc::new(Record::new(chunks));
         let queues = (0..num_queues)
             .map(|_| {
@@ -116,6 +110,7 @@ impl Engine {
             .collect();
         Ok(Arc::new(Engine {
             chunks,
+            geometry,
             source,
             queues,
             central: Mutex::new(Central {
@@ -160,12 +155,9 @@ impl Engine {
         &self.cfg
     }
 
+    /// Bytes of chunk `i` (`i` below [`Engine::num_chunks`]).
     pub(super) fn chunk_len(&self, i: u64) -> usize {
-        // Fits: chunk_size fits in usize (checked in `new`).
-        (self
-            .cfg
-            .chunk_size
-            .min(self.cfg.disk_size - i * self.cfg.chunk_size)) as usize
+        self.geometry.chunk_len(i).unwrap_or(0)
     }
 
     /// The current phase.

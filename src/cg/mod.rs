@@ -165,6 +165,9 @@ pub enum CgError {
     /// The configuration cannot be used.
     #[error("invalid CG configuration: {0}")]
     InvalidConfig(&'static str),
+    /// The disk cannot be cut into chunks of this size.
+    #[error("invalid CG configuration: {0}")]
+    Geometry(#[from] crate::geometry::GeometryError),
 }
 
 impl From<CgError> for std::io::Error {

@@ -40,10 +40,7 @@ impl Engine {
         if len == 0 {
             return Ok(WriteGuard::untracked());
         }
-        let (first, last) = (
-            offset / self.cfg.chunk_size,
-            (end - 1) / self.cfg.chunk_size,
-        );
+        let (first, last) = self.geometry.chunks_of(offset, len);
         // Recording happens under the queue lock, like the swap of this queue's target: the
         // write is counted and marked either in the old structure (before the swap: shipped in
         // the CG being formed, and the drain waits for this ticket) or in the new one.
