@@ -5,8 +5,11 @@ use std::time::Duration;
 
 use clap::{Args, Parser, Subcommand};
 
-use crate::blk::disk::DiskOptions;
-use crate::blk::virtio::ID_BYTES;
+use crate::config::defaults;
+
+/// A duration on the command line ("250us", "10ms", "2s", "1m"; a bare number is
+/// milliseconds), shown in `--help` the same way.
+pub type CliDuration = humantime::Duration;
 
 /// drblk: a vhost-user-blk disk for QEMU and cloud-hypervisor, replicated asynchronously
 /// over QUIC to a secondary site that always holds a crash-consistent copy.
@@ -52,11 +55,11 @@ pub struct ServeArgs {
     pub size: Option<u64>,
 
     /// Number of request queues offered to the guest (virtio-blk multi-queue).
-    #[arg(long, default_value_t = 1, value_parser = clap::value_parser!(u16).range(1..=64))]
+    #[arg(long, default_value_t = defaults::QUEUES, value_parser = clap::value_parser!(u16).range(1..=64))]
     pub queues: u16,
 
     /// Maximum virtqueue size (entries per queue); a power of two.
-    #[arg(long, default_value_t = 256, value_parser = parse_queue_size)]
+    #[arg(long, default_value_t = defaults::QUEUE_SIZE, value_parser = parse_queue_size)]
     pub queue_size: u16,
 
     /// Worker threads; queues are spread over them round-robin (default: one per queue).
@@ -76,18 +79,18 @@ pub struct ServeArgs {
     pub serial: Option<String>,
 
     /// Logical block size in bytes advertised to the guest (512 or 4096).
-    #[arg(long, default_value_t = 512, value_parser = parse_block_size)]
+    #[arg(long, default_value_t = defaults::LOGICAL_BLOCK_SIZE, value_parser = parse_block_size)]
     pub logical_block_size: u32,
 
     /// Busy-poll each queue for this many microseconds after its last request before waiting
     /// for a kick. A kick costs a cross-CPU wakeup (tens of µs): a short poll catches the
     /// guest's next request without it, as QEMU's own event loop does (poll-max-ns 32 µs).
     /// Raise it for lowest latency at the cost of CPU; 0 disables polling.
-    #[arg(long, value_name = "MICROSECONDS", default_value_t = 32)]
+    #[arg(long, value_name = "MICROSECONDS", default_value_t = defaults::POLL_US)]
     pub poll_us: u64,
 
     /// Permissions of the socket file (octal).
-    #[arg(long, default_value = "600", value_parser = parse_mode)]
+    #[arg(long, default_value = "600", value_parser = parse_mode)] // defaults::SOCKET_MODE
     pub socket_mode: u32,
 
     /// Consistency-group options (used when the disk is replicated).
@@ -109,15 +112,15 @@ pub struct ReplicationArgs {
     pub replicate_to: Option<String>,
 
     /// Directory with ca.pem and this site's SITE.pem/SITE.key (see `drblk cert`).
-    #[arg(long, value_name = "DIR", default_value = "drblk-certs")]
+    #[arg(long, value_name = "DIR", default_value = defaults::CERTS)]
     pub certs: PathBuf,
 
     /// This site's name (its certificate's name).
-    #[arg(long, default_value = "primary")]
+    #[arg(long, default_value = defaults::PRIMARY_SITE)]
     pub site: String,
 
     /// The secondary's site name: its certificate must carry it.
-    #[arg(long, default_value = "secondary")]
+    #[arg(long, default_value = defaults::SECONDARY_SITE)]
     pub peer_site: String,
 
     /// Limit replication traffic to this many bytes per second (K/M/G suffixes).
@@ -129,7 +132,7 @@ pub struct ReplicationArgs {
     pub compress: bool,
 
     /// Parallel QUIC streams for chunk data.
-    #[arg(long, default_value_t = 4, value_parser = clap::value_parser!(u8).range(1..=16))]
+    #[arg(long, default_value_t = defaults::DATA_STREAMS, value_parser = clap::value_parser!(u8).range(1..=16))]
     pub data_streams: u8,
 }
 
@@ -146,97 +149,68 @@ pub struct CgArgs {
     #[arg(long, value_name = "PATH")]
     pub local_replica: Option<PathBuf>,
 
-    /// Change-tracking granularity: one bit per chunk of this size (power of two).
-    #[arg(long, default_value = "64K", value_parser = parse_size)]
+    /// Change-tracking granularity: one bit per chunk of this size (a power of two from 4K to
+    /// 16M).
+    #[arg(long, default_value = "64K", value_parser = parse_size)] // defaults::CHUNK_SIZE
     pub chunk_size: u64,
 
     /// Form a consistency group this often (e.g. 100ms, 1s). Shorter means a smaller RPO
     /// and more freezes.
-    #[arg(long, default_value = "100ms", value_parser = parse_duration)]
-    pub cg_interval: Duration,
+    #[arg(long, default_value_t = defaults::CG_INTERVAL.into(), value_parser = parse_duration)]
+    pub cg_interval: CliDuration,
 
     /// Longest acceptable freeze of write completions while a consistency group is formed;
     /// a formation that takes longer is undone and the guest resumed.
-    #[arg(long, default_value = "10ms", value_parser = parse_duration)]
-    pub max_coordination_time: Duration,
+    #[arg(long, default_value_t = defaults::MAX_COORDINATION_TIME.into(), value_parser = parse_duration)]
+    pub max_coordination_time: CliDuration,
 
     /// Longest acceptable drain of a strict consistency group; past it the group is
     /// abandoned (the secondary stays at its last one) and a later group is formed.
-    #[arg(long, default_value = "60s", value_parser = parse_duration)]
-    pub max_drain_time: Duration,
+    #[arg(long, default_value_t = defaults::MAX_DRAIN_TIME.into(), value_parser = parse_duration)]
+    pub max_drain_time: CliDuration,
 
     /// Memory limit of the copy-on-write cache of chunks the forming group still has to
     /// ship; at the limit the strict group is abandoned instead of stalling the guest.
     #[arg(long, default_value = "256M", value_parser = parse_size)]
+    // defaults::COW_CACHE_LIMIT
     pub cow_cache_limit: u64,
 
     /// Niceness (0-19) of the threads that drain and ship consistency groups. Above 0, the
     /// guest's I/O goes first when the CPUs are saturated and the RPO grows instead; freezes
     /// are still done at normal priority.
-    #[arg(long, default_value_t = 0, value_parser = clap::value_parser!(i32).range(0..=19))]
+    #[arg(long, default_value_t = defaults::SHIP_NICE, value_parser = clap::value_parser!(i32).range(0..=19))]
     pub ship_nice: i32,
 }
 
 impl Default for ReplicationArgs {
+    /// The command line's defaults.
     fn default() -> Self {
-        ReplicationArgs {
-            replicate_to: None,
-            certs: PathBuf::from("drblk-certs"),
-            site: "primary".into(),
-            peer_site: "secondary".into(),
-            max_rate: None,
-            compress: false,
-            data_streams: 4,
-        }
+        ServeArgs::new("disk".into(), "socket".into()).replication
     }
 }
 
 impl Default for CgArgs {
+    /// The command line's defaults.
     fn default() -> Self {
-        CgArgs {
-            consistency_groups: false,
-            local_replica: None,
-            chunk_size: 64 << 10,
-            cg_interval: Duration::from_millis(100),
-            max_coordination_time: Duration::from_millis(10),
-            max_drain_time: Duration::from_secs(60),
-            cow_cache_limit: 256 << 20,
-            ship_nice: 0,
-        }
+        ServeArgs::new("disk".into(), "socket".into()).cg
     }
 }
 
-/// Parses "250us", "10ms", "2s", "1m" (a bare number is milliseconds).
-pub fn parse_duration(s: &str) -> Result<Duration, String> {
+/// Parses "250us", "10ms", "2s", "1m", "1h 5m" (humantime); a bare number is milliseconds.
+pub fn parse_duration(s: &str) -> Result<CliDuration, String> {
     let s = s.trim();
-    let split = s.find(|c: char| c.is_ascii_alphabetic()).unwrap_or(s.len());
-    let (num, unit) = s.split_at(split);
-    let n: f64 = num
-        .trim()
-        .parse()
-        .map_err(|_| format!("{s:?} is not a duration (e.g. 500us, 10ms, 2s)"))?;
-    if !(n.is_finite() && n >= 0.0) {
-        return Err(format!("{s:?} is not a duration"));
+    if let Ok(ms) = s.parse::<u64>() {
+        return Ok(Duration::from_millis(ms).into());
     }
-    let secs = match unit {
-        "us" | "µs" => n / 1e6,
-        "ms" | "" => n / 1e3,
-        "s" => n,
-        "m" | "min" => n * 60.0,
-        other => {
-            return Err(format!(
-                "unknown duration unit {other:?} (use us, ms, s or m)"
-            ))
-        }
-    };
-    Ok(Duration::from_secs_f64(secs))
+    s.parse::<CliDuration>()
+        .map_err(|e| format!("{s:?} is not a duration (e.g. 500us, 10ms, 2s): {e}"))
 }
 
 /// `drblk secondary` options.
 #[derive(Debug, Args, Clone)]
 pub struct SecondaryArgs {
     /// UDP address to listen on for the primary.
-    #[arg(long, value_name = "ADDR", default_value = "0.0.0.0:7700")]
+    #[arg(long, value_name = "ADDR", default_value = defaults::LISTEN)]
     pub listen: String,
 
     /// The replica image (created sparse at the primary's disk size).
@@ -248,15 +222,15 @@ pub struct SecondaryArgs {
     pub state_dir: Option<PathBuf>,
 
     /// Directory with ca.pem and this site's SITE.pem/SITE.key (see `drblk cert`).
-    #[arg(long, value_name = "DIR", default_value = "drblk-certs")]
+    #[arg(long, value_name = "DIR", default_value = defaults::CERTS)]
     pub certs: PathBuf,
 
     /// This site's name (its certificate's name).
-    #[arg(long, default_value = "secondary")]
+    #[arg(long, default_value = defaults::SECONDARY_SITE)]
     pub site: String,
 
     /// Accept only a primary whose certificate carries this site name.
-    #[arg(long, default_value = "primary")]
+    #[arg(long, default_value = defaults::PRIMARY_SITE)]
     pub peer_site: String,
 }
 
@@ -276,7 +250,7 @@ impl SecondaryArgs {
 pub struct CertArgs {
     /// Directory to write ca.pem/ca.key and SITE.pem/SITE.key into (an existing CA in it
     /// is reused).
-    #[arg(long, value_name = "DIR", default_value = "drblk-certs")]
+    #[arg(long, value_name = "DIR", default_value = defaults::CERTS)]
     pub dir: PathBuf,
 
     /// Sites to issue certificates for.
@@ -301,66 +275,22 @@ pub struct CtlArgs {
 }
 
 impl ServeArgs {
-    /// The options `drblk serve --disk DISK --socket SOCKET` has, for library users.
+    /// The options `drblk serve --disk DISK --socket SOCKET` has (the command line's
+    /// defaults), for library users.
     pub fn new(disk: PathBuf, socket: PathBuf) -> Self {
-        ServeArgs {
-            disk,
-            socket,
-            size: None,
-            queues: 1,
-            queue_size: 256,
-            threads: None,
-            readonly: false,
-            direct: false,
-            serial: None,
-            logical_block_size: 512,
-            poll_us: 32,
-            socket_mode: 0o600,
-            cg: CgArgs::default(),
-            replication: ReplicationArgs::default(),
+        let cli = Cli::try_parse_from([
+            "drblk".as_ref(),
+            "serve".as_ref(),
+            "--disk".as_ref(),
+            disk.as_os_str(),
+            "--socket".as_ref(),
+            socket.as_os_str(),
+        ] as [&std::ffi::OsStr; 6])
+        .expect("the default serve arguments parse");
+        match cli.command {
+            Command::Serve(a) => a,
+            _ => unreachable!("parsed a serve command"),
         }
-    }
-
-    /// The image options these arguments describe.
-    pub fn disk_options(&self) -> DiskOptions {
-        DiskOptions {
-            path: self.disk.clone(),
-            create_size: self.size,
-            readonly: self.readonly,
-            direct: self.direct,
-            logical_block_size: self.logical_block_size,
-        }
-    }
-
-    /// The serial number (GET_ID answer).
-    pub fn serial(&self) -> String {
-        self.serial.clone().unwrap_or_else(|| {
-            let name = self
-                .disk
-                .file_stem()
-                .map(|s| s.to_string_lossy().into_owned())
-                .unwrap_or_default();
-            let s = format!("drblk-{name}");
-            // GET_ID holds 20 bytes: cut at the last character boundary that fits (a byte
-            // index inside a multi-byte character would panic).
-            let end = (0..=s.len().min(ID_BYTES))
-                .rev()
-                .find(|&i| s.is_char_boundary(i))
-                .unwrap_or(0);
-            s[..end].to_string()
-        })
-    }
-
-    /// Busy-poll budget, if enabled.
-    pub fn poll(&self) -> Option<Duration> {
-        (self.poll_us > 0).then(|| Duration::from_micros(self.poll_us))
-    }
-
-    /// Worker thread count.
-    pub fn threads(&self) -> usize {
-        self.threads
-            .unwrap_or(usize::from(self.queues))
-            .clamp(1, usize::from(self.queues))
     }
 }
 
@@ -425,24 +355,22 @@ mod tests {
     }
 
     #[test]
-    fn library_defaults_match_the_command_line() {
+    fn library_defaults_match_the_command_line_and_the_typed_defaults() {
         let parsed = Cli::parse_from(["drblk", "serve", "--disk", "d", "--socket", "s"]);
         let Command::Serve(a) = parsed.command else {
             panic!("not serve")
         };
         let b = ServeArgs::new("d".into(), "s".into());
         assert_eq!(format!("{a:?}"), format!("{b:?}"));
-    }
-
-    #[test]
-    fn default_serial_of_a_non_ascii_image_name_is_cut_at_a_character_boundary() {
-        // "drblk-" + 13 × 'a' puts byte 20 inside the two-byte 'é'.
-        let a = ServeArgs::new("aaaaaaaaaaaaaé.img".into(), "s".into());
-        let serial = a.serial();
-        assert_eq!(serial, "drblk-aaaaaaaaaaaaa");
-        assert!(serial.len() <= ID_BYTES);
-        let b = ServeArgs::new("ééééééééééé.img".into(), "s".into());
-        assert_eq!(b.serial(), "drblk-ééééééé");
+        // The string defaults clap shows agree with the typed ones.
+        assert_eq!(a.cg.chunk_size, defaults::CHUNK_SIZE);
+        assert_eq!(a.cg.cow_cache_limit, defaults::COW_CACHE_LIMIT);
+        assert_eq!(a.socket_mode, defaults::SOCKET_MODE);
+        assert_eq!(*a.cg.max_drain_time, defaults::MAX_DRAIN_TIME);
+        let cg = crate::cg::CgConfig::new(1 << 20);
+        assert_eq!(cg.chunk_size, defaults::CHUNK_SIZE);
+        assert_eq!(cg.max_drain_time, defaults::MAX_DRAIN_TIME);
+        assert_eq!(cg.max_coordination_time, defaults::MAX_COORDINATION_TIME);
     }
 
     #[test]
@@ -456,10 +384,12 @@ mod tests {
 
     #[test]
     fn durations() {
-        assert_eq!(parse_duration("10ms").unwrap(), Duration::from_millis(10));
-        assert_eq!(parse_duration("250us").unwrap(), Duration::from_micros(250));
-        assert_eq!(parse_duration("2s").unwrap(), Duration::from_secs(2));
-        assert_eq!(parse_duration("5").unwrap(), Duration::from_millis(5));
+        let d = |s| *parse_duration(s).unwrap();
+        assert_eq!(d("10ms"), Duration::from_millis(10));
+        assert_eq!(d("250us"), Duration::from_micros(250));
+        assert_eq!(d("2s"), Duration::from_secs(2));
+        assert_eq!(d("5"), Duration::from_millis(5));
+        assert_eq!(d("1m"), Duration::from_secs(60));
         assert!(parse_duration("fast").is_err());
         assert!(parse_duration("-1s").is_err());
     }

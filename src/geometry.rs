@@ -30,6 +30,18 @@ pub enum GeometryError {
     OutOfRange(u64),
 }
 
+/// Whether `chunk_size` is one the command line and the link accept: a power of two in
+/// [`MIN_CHUNK_SIZE`]..=[`MAX_CHUNK_SIZE`].
+pub fn check_chunk_size(chunk_size: u64) -> Result<(), GeometryError> {
+    if !chunk_size.is_power_of_two() {
+        return Err(GeometryError::NotPowerOfTwo(chunk_size));
+    }
+    if !(MIN_CHUNK_SIZE..=MAX_CHUNK_SIZE).contains(&chunk_size) {
+        return Err(GeometryError::OutOfRange(chunk_size));
+    }
+    Ok(())
+}
+
 impl Geometry {
     /// A geometry; any power-of-two chunk size (tests and models use tiny chunks). Use
     /// [`Geometry::check_replicable`] for what the product accepts.
@@ -48,11 +60,7 @@ impl Geometry {
 
     /// Whether the chunk size is one the command line and the link accept.
     pub fn check_replicable(&self) -> Result<(), GeometryError> {
-        if (MIN_CHUNK_SIZE..=MAX_CHUNK_SIZE).contains(&self.chunk_size) {
-            Ok(())
-        } else {
-            Err(GeometryError::OutOfRange(self.chunk_size))
-        }
+        check_chunk_size(self.chunk_size)
     }
 
     /// Bytes of the disk.

@@ -11,6 +11,7 @@
 pub mod blk;
 pub mod cg;
 pub mod cli;
+pub mod config;
 pub mod control;
 pub mod geometry;
 pub mod link;

@@ -39,7 +39,7 @@ fn run_workload(min_cgs: u64, cow_limit: u64, chunk: u64) -> Outcome {
         a.cg.consistency_groups = true;
         a.cg.chunk_size = chunk;
         a.cg.cow_cache_limit = cow_limit;
-        a.cg.max_coordination_time = Duration::from_millis(200);
+        a.cg.max_coordination_time = Duration::from_millis(200).into();
     });
     // The initial content is zeroes (block id 0): start from a zeroed image.
     std::fs::write(&s.disk, vec![0u8; SIZE as usize]).unwrap();
@@ -172,7 +172,7 @@ fn a_full_cow_cache_abandons_the_cg_without_stalling_and_the_next_cg_commits() {
         a.cg.chunk_size = CHUNK;
         a.cg.cow_cache_limit = 4096;
         // Groups are formed by hand and must form: no machine takes a minute to freeze.
-        a.cg.max_coordination_time = Duration::from_secs(60);
+        a.cg.max_coordination_time = Duration::from_secs(60).into();
     });
     let server = s.server.as_ref().unwrap();
     let engine = server.engine().unwrap().clone();

@@ -60,8 +60,8 @@ use std::time::Duration;
 pub use crate::blk::tracking::{Completion, Publisher};
 pub use engine::{Engine, FreezeObserver, WriteTicket};
 
-/// Default tracking granularity: 64 KiB.
-pub const DEFAULT_CHUNK_SIZE: u64 = 64 * 1024;
+/// Default tracking granularity (64 KiB).
+pub const DEFAULT_CHUNK_SIZE: u64 = crate::config::defaults::CHUNK_SIZE;
 
 /// Configuration of a CG [`Engine`].
 #[derive(Debug, Clone)]
@@ -79,15 +79,16 @@ pub struct CgConfig {
 }
 
 impl CgConfig {
-    /// A configuration for a disk of `disk_size` bytes with default limits: 64 KiB chunks,
-    /// 10 ms coordination, 5 min drain, 256 MiB cache.
+    /// A configuration for a disk of `disk_size` bytes with the defaults of
+    /// [`crate::config::defaults`] (those of the command line).
     pub fn new(disk_size: u64) -> Self {
+        use crate::config::defaults;
         CgConfig {
             disk_size,
-            chunk_size: DEFAULT_CHUNK_SIZE,
-            max_coordination_time: Duration::from_millis(10),
-            max_drain_time: Duration::from_secs(300),
-            cow_cache_limit: 256 << 20,
+            chunk_size: defaults::CHUNK_SIZE,
+            max_coordination_time: defaults::MAX_COORDINATION_TIME,
+            max_drain_time: defaults::MAX_DRAIN_TIME,
+            cow_cache_limit: usize::try_from(defaults::COW_CACHE_LIMIT).unwrap_or(usize::MAX),
         }
     }
 }

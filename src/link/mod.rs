@@ -133,3 +133,13 @@ impl DiskInfo {
         Ok(g)
     }
 }
+
+/// Resolves "host:port" to one socket address.
+pub fn resolve(addr: &str) -> anyhow::Result<std::net::SocketAddr> {
+    use anyhow::Context;
+    use std::net::ToSocketAddrs;
+    addr.to_socket_addrs()
+        .with_context(|| format!("resolving {addr:?} (expected HOST:PORT)"))?
+        .next()
+        .with_context(|| format!("{addr:?} resolves to no address"))
+}

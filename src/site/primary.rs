@@ -12,8 +12,9 @@ use crate::blk::execute::Executor;
 use crate::blk::queue::WorkerOptions;
 use crate::blk::tracking::Tracking;
 use crate::blk::virtio::DeviceLimits;
-use crate::cg::{CgConfig, ChunkSource, Engine};
+use crate::cg::{ChunkSource, Engine};
 use crate::cli::ServeArgs;
+use crate::config::{CgSettings, ReplicationConfig, ServeConfig};
 use crate::control::{control_path, ControlServer, ControlState};
 use crate::link::{ClientConfig, DiskInfo, SiteIdentity};
 use crate::replicate::cycle::{ChunkSink, Cycle};
@@ -35,48 +36,53 @@ impl Server {
     /// Opens the image, binds the socket and starts serving; returns once the socket accepts
     /// connections.
     pub fn start(args: &ServeArgs) -> anyhow::Result<Server> {
-        let disk = Arc::new(Disk::open(&args.disk_options())?);
+        Self::start_with(ServeConfig::try_from(args)?)
+    }
+
+    /// [`Server::start`] with a validated configuration.
+    pub fn start_with(cfg: ServeConfig) -> anyhow::Result<Server> {
+        // Locked first: whoever holds the socket's lock owns its control socket too.
+        let socket_lock = SocketLock::acquire(&cfg.socket)?;
+        let disk = Arc::new(Disk::open(&cfg.disk)?);
         let limits = DeviceLimits::new(
             disk.size(),
-            args.logical_block_size,
-            args.queues,
-            args.queue_size,
+            cfg.disk.logical_block_size,
+            cfg.queues,
+            cfg.queue_size,
             disk.readonly(),
         );
-        let replicate = args.replication.replicate_to.is_some();
-        let engine = if args.cg.consistency_groups || args.cg.local_replica.is_some() || replicate {
-            let cfg = CgConfig {
-                disk_size: disk.size(),
-                chunk_size: args.cg.chunk_size,
-                max_coordination_time: args.cg.max_coordination_time,
-                max_drain_time: args.cg.max_drain_time,
-                cow_cache_limit: usize::try_from(args.cg.cow_cache_limit).unwrap_or(usize::MAX),
-            };
-            let source: Arc<dyn ChunkSource> = disk.clone();
-            Some(Engine::new(cfg, usize::from(args.queues), source).context("consistency groups")?)
-        } else {
-            None
+        let engine = match &cfg.cg {
+            Some(cg) => {
+                let source: Arc<dyn ChunkSource> = disk.clone();
+                let engine = Engine::new(
+                    cg.engine_config(disk.size()),
+                    usize::from(cfg.queues),
+                    source,
+                )
+                .context("consistency groups")?;
+                Some(engine)
+            }
+            None => None,
         };
         let tracking = engine.clone().map(|e| e as Arc<dyn Tracking>);
-        let executor = Arc::new(Executor::new(disk.clone(), &args.serial(), tracking));
+        let executor = Arc::new(Executor::new(disk.clone(), &cfg.serial, tracking));
         let shared = Arc::new(DeviceShared {
             executor,
             limits,
-            queue_size: args.queue_size,
-            threads: args.threads(),
-            worker: WorkerOptions { poll: args.poll() },
+            queue_size: cfg.queue_size,
+            threads: cfg.threads,
+            worker: WorkerOptions { poll: cfg.poll },
             stats: DeviceStats::default(),
         });
-        let socket_lock = SocketLock::acquire(&args.socket)?;
         tracing::info!(
             disk = %disk.path().display(),
             size = disk.size(),
-            queues = args.queues,
-            queue_size = args.queue_size,
+            queues = cfg.queues,
+            queue_size = cfg.queue_size,
             readonly = disk.readonly(),
             direct = disk.direct(),
-            poll_us = args.poll_us,
-            socket = %args.socket.display(),
+            poll_us = cfg.poll.map_or(0, |p| p.as_micros()),
+            socket = %cfg.socket.display(),
             "serving"
         );
         let control = Arc::new(ControlState {
@@ -85,34 +91,25 @@ impl Server {
             cycle: std::sync::Mutex::new(None),
             link: std::sync::Mutex::new(None),
         });
-        if let (Some(path), Some(engine)) = (&args.cg.local_replica, &engine) {
-            let replica = LocalReplica::create(path, disk.size(), args.cg.chunk_size)
+        let ship_nice = cfg.cg.as_ref().map_or(0, |c| c.ship_nice);
+        if let (Some(path), Some(engine), Some(cg)) = (&cfg.local_replica, &engine, &cfg.cg) {
+            let replica = LocalReplica::create(path, disk.size(), cg.chunk_size)
                 .with_context(|| format!("creating the local replica {}", path.display()))?;
-            tracing::info!(replica = %path.display(), interval = ?args.cg.cg_interval, "keeping a local crash-consistent replica");
-            let cycle = Cycle::start(
-                engine.clone(),
-                Box::new(replica),
-                args.cg.cg_interval,
-                args.cg.ship_nice,
-            );
+            tracing::info!(replica = %path.display(), interval = ?cg.interval, "keeping a local crash-consistent replica");
+            let cycle = Cycle::start(engine.clone(), Box::new(replica), cg.interval, ship_nice);
             *control.cycle.lock().expect("cycle lock") = Some(cycle);
         }
-        if let (Some(target), Some(engine)) = (&args.replication.replicate_to, &engine) {
-            let (replicator, link) = replicator_for(args, &disk, target, engine.clone())?;
-            tracing::info!(secondary = %replicator.peer(), interval = ?args.cg.cg_interval, "replicating");
-            let cycle = Cycle::start(
-                engine.clone(),
-                Box::new(replicator),
-                args.cg.cg_interval,
-                args.cg.ship_nice,
-            );
+        if let (Some(r), Some(engine), Some(cg)) = (&cfg.replication, &engine, &cfg.cg) {
+            let (replicator, link) = replicator_for(r, cg, &disk, engine.clone())?;
+            tracing::info!(secondary = %replicator.peer(), interval = ?cg.interval, "replicating");
+            let cycle = Cycle::start(engine.clone(), Box::new(replicator), cg.interval, ship_nice);
             *control.cycle.lock().expect("cycle lock") = Some(cycle);
             *control.link.lock().expect("link lock") = Some(link);
         }
-        let control_server = ControlServer::start(&control_path(&args.socket), control.clone())?;
+        let control_server = ControlServer::start(&control_path(&cfg.socket), control.clone())?;
         // Listen last: a frontend (or a script waiting for the socket) that can connect finds
         // the control socket and the replication cycle running.
-        let socket = socket_lock.bind(args.socket_mode)?;
+        let socket = socket_lock.bind(cfg.socket_mode)?;
         let shutdown = Shutdown::default();
         let (s2, sd2) = (shared.clone(), shutdown.clone());
         let thread = std::thread::Builder::new()
@@ -126,7 +123,7 @@ impl Server {
             _control_server: control_server,
             shutdown,
             thread: Some(thread),
-            ship_nice: args.cg.ship_nice,
+            ship_nice,
         })
     }
 
@@ -201,13 +198,12 @@ impl Drop for Server {
 
 /// Builds the link client for `--replicate-to`.
 fn replicator_for(
-    args: &ServeArgs,
+    r: &ReplicationConfig,
+    cg: &CgSettings,
     disk: &Disk,
-    target: &str,
     engine: Arc<Engine>,
 ) -> anyhow::Result<(Replicator, Arc<LinkStatus>)> {
-    let r = &args.replication;
-    let addr = crate::site::secondary::resolve(target)?;
+    let addr = crate::link::resolve(&r.target)?;
     let identity = SiteIdentity::load(&r.certs, &r.site).with_context(|| {
         format!(
             "loading this site's certificate ({}/{}.pem); create one with `drblk cert --dir {} --sites {},{}`",
@@ -222,14 +218,15 @@ fn replicator_for(
     let info = DiskInfo {
         uuid,
         size: disk.size(),
-        chunk_size: u32::try_from(args.cg.chunk_size).context("--chunk-size is too large")?,
+        // Fits: checked against the link's 16 MiB limit by the configuration.
+        chunk_size: u32::try_from(cg.chunk_size).context("--chunk-size is too large")?,
     };
     info.validate()?;
     let mut cfg = ClientConfig::new(identity, addr, &r.peer_site, info);
     cfg.max_rate = r.max_rate;
     cfg.compress = r.compress;
-    cfg.data_streams = usize::from(r.data_streams);
-    cfg.thread_nice = args.cg.ship_nice;
+    cfg.data_streams = r.data_streams;
+    cfg.thread_nice = cg.ship_nice;
     let rep = Replicator::new(cfg, engine);
     let status = rep.status();
     Ok((rep, status))

@@ -319,7 +319,7 @@ pub fn run(args: crate::cli::SecondaryArgs) -> anyhow::Result<()> {
     let shutdown = crate::blk::daemon::Shutdown::default();
     crate::blk::daemon::install_signal_handler(shutdown.clone())
         .context("installing signal handlers")?;
-    let listen: SocketAddr = resolve(&args.listen)?;
+    let listen: SocketAddr = crate::link::resolve(&args.listen)?;
     let identity = SiteIdentity::load(&args.certs, &args.site).with_context(|| {
         format!(
             "loading this site's certificate ({}/{}.pem); create one with `drblk cert --dir {} --sites primary,{}`",
@@ -350,13 +350,4 @@ pub fn run(args: crate::cli::SecondaryArgs) -> anyhow::Result<()> {
     tracing::info!("secondary stopping");
     secondary.stop();
     Ok(())
-}
-
-/// Resolves "host:port" to one socket address.
-pub fn resolve(addr: &str) -> anyhow::Result<SocketAddr> {
-    use std::net::ToSocketAddrs;
-    addr.to_socket_addrs()
-        .with_context(|| format!("resolving {addr:?} (expected HOST:PORT)"))?
-        .next()
-        .with_context(|| format!("{addr:?} resolves to no address"))
 }

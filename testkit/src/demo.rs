@@ -101,7 +101,7 @@ pub fn run(args: DemoArgs) -> anyhow::Result<()> {
     serve.replication.certs = certs.clone();
     let server = Server::start(&serve)?;
     println!(
-        "  primary: serving a {} MiB sparse image on {}, consistency group every {:?}",
+        "  primary: serving a {} MiB sparse image on {}, consistency group every {}",
         args.size >> 20,
         socket.display(),
         serve.cg.cg_interval
