@@ -3,7 +3,8 @@
 use clap::Parser;
 use tracing_subscriber::EnvFilter;
 
-use drblk::cli::{Cli, Command};
+use drblk::cli::{Cli, Command, CtlArgs};
+use drblk::control::{client, Done, Drained, Reply, Request};
 
 fn main() {
     let cli = Cli::parse();
@@ -32,13 +33,29 @@ fn main() {
                 })
                 .map_err(anyhow::Error::from)
         }
-        Command::Ctl(args) => drblk::control::request(&args.socket, &args.command).map(|v| {
-            println!("{}", serde_json::to_string_pretty(&v).unwrap_or_default());
-        }),
+        Command::Ctl(args) => ctl(&args),
     };
     if let Err(e) = result {
         tracing::error!("{e:#}");
         eprintln!("drblk: error: {e:#}");
         std::process::exit(1);
     }
+}
+
+/// `drblk ctl`: sends the command and prints the daemon's answer as JSON.
+fn ctl(args: &CtlArgs) -> anyhow::Result<()> {
+    let socket = &args.socket;
+    let answer = match args.command.parse::<Request>()? {
+        Request::Status => serde_json::to_string_pretty(&Reply::ok(client::status(socket)?)),
+        Request::FormCg => {
+            client::form_cg(socket)?;
+            serde_json::to_string_pretty(&Reply::ok(Done {}))
+        }
+        Request::Drain => {
+            let cg = client::drain(socket)?;
+            serde_json::to_string_pretty(&Reply::ok(Drained { cg }))
+        }
+    }?;
+    println!("{answer}");
+    Ok(())
 }

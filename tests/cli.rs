@@ -255,24 +255,19 @@ fn local_replica_drain_makes_it_identical_and_status_reports_figures() {
         )
         .unwrap();
     }
-    let ctl = |cmd: &str| common::ctl(&sock, cmd);
-    let drained = ctl("drain");
-    assert!(drained["cg"].as_u64().unwrap() >= 1, "{drained}");
+    let drained: drblk::control::Drained = common::ctl(&sock, "drain");
+    assert!(drained.cg >= 1, "{drained:?}");
     assert_eq!(
         std::fs::read(dir.path().join("d.img")).unwrap(),
         std::fs::read(&replica).unwrap(),
         "after a drain the replica equals the primary"
     );
-    let status = ctl("status");
-    assert!(status["cg"]["committed"].as_u64().unwrap() >= 1, "{status}");
-    assert!(
-        status["cg"]["freeze_us"]["max"].as_f64().is_some(),
-        "{status}"
-    );
-    assert!(
-        status["replication"]["rpo_ms"].as_f64().is_some(),
-        "{status}"
-    );
+    let status = common::ctl_status(&sock);
+    let cg = status.cg.as_ref().expect("consistency groups");
+    assert!(cg.committed >= 1, "{status:?}");
+    assert!(cg.freeze_us.max.is_finite(), "{status:?}");
+    let rpo_ms = status.replication.and_then(|r| r.rpo_ms);
+    assert!(rpo_ms.is_some(), "{status:?}");
     drop(c);
     // SAFETY: kill(2) on our own child process.
     unsafe { libc::kill(d.id() as i32, libc::SIGTERM) };
@@ -290,4 +285,50 @@ fn ctl_without_a_daemon_says_what_to_do() {
         .unwrap();
     assert_eq!(out.status.code(), Some(1));
     assert!(String::from_utf8_lossy(&out.stderr).contains("is `drblk serve"));
+}
+
+#[test]
+fn the_control_socket_answers_garbage_with_errors_and_keeps_serving() {
+    use std::io::{BufRead, BufReader, Write};
+    use std::os::unix::net::UnixStream;
+
+    use drblk::control::{control_path, ErrorReply, PrimaryStatus, Reply, MAX_REQUEST_BYTES};
+
+    let s = common::start(1 << 20, |_| {});
+    let path = control_path(&s.socket);
+    let conn = UnixStream::connect(&path).unwrap();
+    let mut w = conn.try_clone().unwrap();
+    let mut r = BufReader::new(conn);
+    let mut ask = |req: &[u8]| {
+        // A write may fail once the daemon has closed the connection; the answer tells.
+        let _ = w.write_all(req);
+        let mut line = String::new();
+        r.read_line(&mut line).unwrap();
+        line
+    };
+    for garbage in [
+        &b"\xff\x00garbage\n"[..],
+        b"{\"cmd\":\"reboot\"}\n",
+        b"{}\n",
+    ] {
+        let e: ErrorReply = serde_json::from_str(&ask(garbage)).unwrap();
+        assert!(!e.ok && !e.error.is_empty(), "{e:?}");
+    }
+    // Without consistency groups there is nothing to form, and the status says so.
+    let e: ErrorReply = serde_json::from_str(&ask(b"{\"cmd\":\"form-cg\"}\n")).unwrap();
+    assert!(e.error.contains("no consistency-group cycle"), "{e:?}");
+    let st: Reply<PrimaryStatus> = serde_json::from_str(&ask(b"{\"cmd\":\"status\"}\n")).unwrap();
+    assert!(st.ok);
+    assert_eq!((st.body.size, st.body.queues), (1 << 20, 2));
+    assert!(st.body.cg.is_none() && st.body.replication.is_none() && st.body.link.is_none());
+
+    // An oversized line is answered with an error and the connection closed; the daemon
+    // goes on serving others.
+    let mut big = vec![b'x'; MAX_REQUEST_BYTES + 10];
+    big.push(b'\n');
+    let e: ErrorReply = serde_json::from_str(&ask(&big)).unwrap();
+    assert!(e.error.contains("longer than"), "{e:?}");
+    assert_eq!(ask(b""), "", "the connection is closed");
+    let status: PrimaryStatus = common::ctl(&s.socket, "status");
+    assert_eq!((&status.disk, status.size), (&st.body.disk, st.body.size));
 }

@@ -11,13 +11,13 @@ use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
-use common::ctl;
 use common::dw::History;
+use common::{ctl, ctl_status};
+use drblk::control::{Drained, LinkStatusView, PrimaryStatus, ReplicationStatus, Reply};
 use drblk_testkit::blkio_client::{BlkioClient, Op};
 use drblk_testkit::impair::ImpairProxy;
 use drblk_testkit::rng::RngExt;
 use drblk_testkit::test_frontend::TestFrontend;
-use serde_json::Value;
 
 const BIN: &str = env!("CARGO_BIN_EXE_drblk");
 
@@ -115,10 +115,25 @@ fn wait_until(what: &str, secs: u64, mut f: impl FnMut() -> bool) {
     }
 }
 
+/// The status's link section (a replicating primary has one).
+fn link(status: &PrimaryStatus) -> &LinkStatusView {
+    status
+        .link
+        .as_ref()
+        .unwrap_or_else(|| panic!("no link in the status: {status:?}"))
+}
+
+/// The status's replication section (a replicating primary has one).
+fn replication(status: &PrimaryStatus) -> ReplicationStatus {
+    status
+        .replication
+        .unwrap_or_else(|| panic!("no replication in the status: {status:?}"))
+}
+
 fn committed(sock: &Path) -> u64 {
-    ctl(sock, "status")["replication"]["last_committed_cg"]
-        .as_u64()
-        .unwrap_or(0)
+    ctl_status(sock)
+        .replication
+        .map_or(0, |r| r.last_committed_cg)
 }
 
 /// Random 64 KiB-aligned 4 KiB writes over the first `span` bytes, on two queues.
@@ -186,10 +201,10 @@ fn replicates_through_an_impaired_link_and_a_final_drain_makes_the_images_identi
         std::thread::sleep(Duration::from_millis(100));
     }
     c.run(0, Op::Flush).unwrap();
-    let drained = ctl(&sock, "drain");
-    let status = ctl(&sock, "status");
-    println!("drain: {drained}\nstatus: {status}");
-    assert_eq!(status["link"]["connected"], Value::Bool(true));
+    let drained: Drained = ctl(&sock, "drain");
+    let status = ctl_status(&sock);
+    println!("drain: {drained:?}\nstatus: {status:?}");
+    assert!(link(&status).connected, "{status:?}");
     let a = std::fs::read(dir.path().join("primary.img")).unwrap();
     let b = std::fs::read(dir.path().join("secondary.img")).unwrap();
     assert!(
@@ -210,9 +225,9 @@ fn a_primary_with_a_certificate_from_another_ca_is_refused_and_changes_nothing()
     let _sec = secondary(dir.path(), port, &certs, &[]);
     let (_pri, sock) = primary(dir.path(), "8M", &format!("127.0.0.1:{port}"), &rogue, &[]);
     std::thread::sleep(Duration::from_secs(3));
-    let status = ctl(&sock, "status");
-    assert_eq!(status["link"]["connected"], Value::Bool(false), "{status}");
-    assert_eq!(status["replication"]["last_committed_cg"], 0);
+    let status = ctl_status(&sock);
+    assert!(!link(&status).connected, "{status:?}");
+    assert_eq!(replication(&status).last_committed_cg, 0, "{status:?}");
     let sec_log = log_of(dir.path(), "secondary");
     assert!(
         sec_log.contains("UnknownIssuer") || sec_log.contains("certificate"),
@@ -371,8 +386,8 @@ fn a_secondary_killed_twenty_times_always_recovers_consistent() {
     // The pair converges afterwards.
     stop.store(true, Ordering::SeqCst);
     w.join().unwrap();
-    let drained = ctl(&sock, "drain");
-    assert!(drained["ok"].as_bool().unwrap());
+    let drained: Reply<Drained> = ctl(&sock, "drain");
+    assert!(drained.ok, "{drained:?}");
     assert!(
         std::fs::read(dir.path().join("primary.img")).unwrap()
             == std::fs::read(dir.path().join("secondary.img")).unwrap(),
@@ -402,10 +417,8 @@ fn a_thirty_second_blackhole_under_load_converges_with_an_incremental_resync() {
     let mut c = BlkioClient::connect(&sock, 2, 65536, false).unwrap();
     wait_until("the initial sync", 60, || committed(&sock) > 0);
     write_burst(&mut c, 200, SPAN, 7);
-    ctl(&sock, "drain");
-    let shipped_before = ctl(&sock, "status")["replication"]["chunks_shipped"]
-        .as_u64()
-        .unwrap();
+    let _: Drained = ctl(&sock, "drain");
+    let shipped_before = replication(&ctl_status(&sock)).chunks_shipped;
 
     h.set_blackhole(true);
     let t0 = Instant::now();
@@ -438,26 +451,26 @@ fn a_thirty_second_blackhole_under_load_converges_with_an_incremental_resync() {
             std::thread::sleep(Duration::from_millis(20));
         }
     }
-    let during = ctl(&sock, "status");
-    assert_eq!(
-        during["link"]["connected"],
-        Value::Bool(false),
-        "the outage must be detected: {during}"
+    let during = ctl_status(&sock);
+    assert!(
+        !link(&during).connected,
+        "the outage must be detected: {during:?}"
     );
     h.set_blackhole(false);
-    let drained = ctl(&sock, "drain");
-    let after = ctl(&sock, "status");
-    let shipped = after["replication"]["chunks_shipped"].as_u64().unwrap() - shipped_before;
+    let drained: Drained = ctl(&sock, "drain");
+    let after = ctl_status(&sock);
+    let shipped = replication(&after).chunks_shipped - shipped_before;
     println!(
-        "outage: {writes} guest writes changed {} chunks; after the link came back {shipped} chunks were shipped (disk: {} chunks); {drained}",
+        "outage: {writes} guest writes changed {} chunks; after the link came back {shipped} chunks were shipped (disk: {} chunks); {drained:?}",
         changed.len(),
         SIZE / (64 << 10)
     );
     assert_eq!(
-        after["link"]["full_resyncs"], 1,
-        "only the initial copy may be a full one: {after}"
+        link(&after).full_resyncs,
+        1,
+        "only the initial copy may be a full one: {after:?}"
     );
-    assert!(after["link"]["connects"].as_u64().unwrap() >= 2);
+    assert!(link(&after).connects >= 2, "{after:?}");
     assert!(
         shipped >= changed.len() as u64,
         "every changed chunk must ship"

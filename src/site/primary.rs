@@ -162,8 +162,8 @@ impl Server {
     }
 
     /// The daemon's status (what `drblk ctl status` prints).
-    pub fn status(&self) -> serde_json::Value {
-        crate::control::status(&self.control)
+    pub fn status(&self) -> crate::control::PrimaryStatus {
+        self.control.status()
     }
 
     /// Waits until the server stops (after a shutdown request).

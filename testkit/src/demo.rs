@@ -11,9 +11,9 @@ use std::path::PathBuf;
 use std::time::{Duration, Instant};
 
 use anyhow::{bail, Context};
-use serde_json::Value;
 
 use drblk::cli::{parse_size, ServeArgs};
+use drblk::control::PrimaryStatus;
 use drblk::site::primary::Server;
 use drblk::site::secondary::{Secondary, SecondaryPaths};
 
@@ -116,7 +116,7 @@ pub fn run(args: DemoArgs) -> anyhow::Result<()> {
         client.num_queues()
     );
     wait_for(&server, "the initial copy", Duration::from_secs(60), |s| {
-        s["replication"]["last_committed_cg"].as_u64().unwrap_or(0) > 0
+        last_committed(s) > 0
     })?;
     println!("  initial copy done: {}", secondary.status().0);
 
@@ -179,17 +179,18 @@ pub fn run(args: DemoArgs) -> anyhow::Result<()> {
         }
         if Instant::now() >= next_status {
             let s = server.status();
-            let bytes = s["replication"]["bytes_shipped"].as_u64().unwrap_or(0);
+            let rep = s.replication.unwrap_or_default();
+            let bytes = rep.bytes_shipped;
             let dt = last_t.elapsed().as_secs_f64();
             println!(
                 "  [{:>4.1}s] guest {:>6.0} IOPS | CG {:>4} committed | RPO {:>6.1} ms | shipped {:>6.1} MB/s | freeze p99 {:>5.1} µs | secondary: {}",
                 start.elapsed().as_secs_f64(),
                 (writes - last_writes) as f64 / dt,
-                s["replication"]["last_committed_cg"],
-                s["replication"]["rpo_ms"].as_f64().unwrap_or(f64::NAN),
+                rep.last_committed_cg,
+                rep.rpo_ms.unwrap_or(f64::NAN),
                 (bytes - last_bytes) as f64 / dt / 1e6,
-                s["cg"]["freeze_us"]["p99"].as_f64().unwrap_or(f64::NAN),
-                s["link"]["secondary"].as_str().unwrap_or("?"),
+                s.cg.as_ref().map_or(f64::NAN, |c| c.freeze_us.p99),
+                s.link.as_ref().map_or("?", |l| l.secondary.as_str()),
             );
             (last_writes, last_bytes, last_t) = (writes, bytes, Instant::now());
             next_status += Duration::from_secs(1);
@@ -202,22 +203,20 @@ pub fn run(args: DemoArgs) -> anyhow::Result<()> {
     );
 
     // 6. Final drain: one last group, committed on the secondary.
-    let target = server.status()["cg"]["formed"].as_u64().unwrap_or(0) + 1;
+    let target = server.status().cg.map_or(0, |c| c.formed) + 1;
     server.trigger_cycle();
     wait_for(&server, "the final group", Duration::from_secs(120), |s| {
-        s["replication"]["last_committed_cg"].as_u64().unwrap_or(0) >= target
+        last_committed(s) >= target
     })?;
     let s = server.status();
+    let rep = s.replication.unwrap_or_default();
     println!(
         "  final drain: CG {} committed on the secondary; {} chunks ({:.1} MiB) shipped in all; freeze max {:.1} µs; {} groups abandoned",
-        s["replication"]["last_committed_cg"],
-        s["replication"]["chunks_shipped"],
-        s["replication"]["bytes_shipped"].as_f64().unwrap_or(0.0) / (1 << 20) as f64,
-        s["cg"]["freeze_us"]["max"].as_f64().unwrap_or(f64::NAN),
-        ["cache_full", "drain_timeout", "preserve_failed", "link_lost"]
-            .iter()
-            .map(|k| s["cg"]["abandoned"][k].as_u64().unwrap_or(0))
-            .sum::<u64>(),
+        rep.last_committed_cg,
+        rep.chunks_shipped,
+        rep.bytes_shipped as f64 / (1 << 20) as f64,
+        s.cg.as_ref().map_or(f64::NAN, |c| c.freeze_us.max),
+        s.cg.as_ref().map_or(0, |c| c.abandoned.total()),
     );
     drop(client);
 
@@ -245,11 +244,15 @@ pub fn run(args: DemoArgs) -> anyhow::Result<()> {
     Ok(())
 }
 
+fn last_committed(s: &PrimaryStatus) -> u64 {
+    s.replication.map_or(0, |r| r.last_committed_cg)
+}
+
 fn wait_for(
     server: &Server,
     what: &str,
     limit: Duration,
-    f: impl Fn(&Value) -> bool,
+    f: impl Fn(&PrimaryStatus) -> bool,
 ) -> anyhow::Result<()> {
     let t = Instant::now();
     loop {
@@ -258,7 +261,7 @@ fn wait_for(
             return Ok(());
         }
         if t.elapsed() > limit {
-            bail!("timed out waiting for {what}; status: {s}");
+            bail!("timed out waiting for {what}; status: {s:?}");
         }
         server.trigger_cycle();
         std::thread::sleep(Duration::from_millis(20));

@@ -56,8 +56,9 @@ pub fn checksum(path: &Path) -> u32 {
     crc32c::crc32c(&std::fs::read(path).unwrap())
 }
 
-/// Runs `drblk ctl --socket SOCK CMD` and returns its JSON answer (the command must succeed).
-pub fn ctl(sock: &Path, cmd: &str) -> serde_json::Value {
+/// Runs `drblk ctl --socket SOCK CMD` and returns its JSON answer read as a `T` (the command
+/// must succeed): `drblk::control::PrimaryStatus` for `status`, `Reply<Drained>` for `drain`.
+pub fn ctl<T: serde::de::DeserializeOwned>(sock: &Path, cmd: &str) -> T {
     let out = std::process::Command::new(env!("CARGO_BIN_EXE_drblk"))
         .args(["ctl", "--socket"])
         .arg(sock)
@@ -69,5 +70,15 @@ pub fn ctl(sock: &Path, cmd: &str) -> serde_json::Value {
         "ctl {cmd}: {}",
         String::from_utf8_lossy(&out.stderr)
     );
-    serde_json::from_slice(&out.stdout).unwrap()
+    serde_json::from_slice(&out.stdout).unwrap_or_else(|e| {
+        panic!(
+            "ctl {cmd}: unexpected answer ({e}): {}",
+            String::from_utf8_lossy(&out.stdout)
+        )
+    })
+}
+
+/// `drblk ctl status`, typed.
+pub fn ctl_status(sock: &Path) -> drblk::control::PrimaryStatus {
+    ctl(sock, "status")
 }

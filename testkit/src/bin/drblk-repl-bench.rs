@@ -111,9 +111,10 @@ fn serve_args(dir: &Path, image: &Path, target: Option<SocketAddr>, certs: &Path
 }
 
 fn last_committed(server: &Server) -> u64 {
-    server.status()["replication"]["last_committed_cg"]
-        .as_u64()
-        .unwrap_or(0)
+    server
+        .status()
+        .replication
+        .map_or(0, |r| r.last_committed_cg)
 }
 
 fn run_client(socket: &Path, cell: Cell, secs: u64, blocks: u64) -> anyhow::Result<Figures> {
@@ -188,7 +189,7 @@ fn main() -> anyhow::Result<()> {
 
     // Let replication catch up with the full-speed run before measuring the RPO.
     let settle = Instant::now();
-    let target = server.status()["cg"]["formed"].as_u64().unwrap_or(0) + 2;
+    let target = server.status().cg.map_or(0, |c| c.formed) + 2;
     while last_committed(&server) < target && settle.elapsed() < Duration::from_secs(60) {
         server.trigger_cycle();
         std::thread::sleep(Duration::from_millis(10));
@@ -209,7 +210,7 @@ fn main() -> anyhow::Result<()> {
     std::thread::sleep(Duration::from_millis(500));
     while Instant::now() < until {
         std::thread::sleep(Duration::from_millis(10));
-        if let Some(ms) = server.status()["replication"]["rpo_ms"].as_f64() {
+        if let Some(ms) = server.status().replication.and_then(|r| r.rpo_ms) {
             rpo.record((ms * 1000.0).max(1.0) as u64)?;
         }
     }
@@ -219,6 +220,9 @@ fn main() -> anyhow::Result<()> {
     let st = server.status();
     server.stop()?;
     secondary.stop();
+    let cg = st
+        .cg
+        .ok_or_else(|| anyhow::anyhow!("no consistency groups in the status"))?;
 
     println!();
     println!(
@@ -253,15 +257,12 @@ fn main() -> anyhow::Result<()> {
     );
     println!(
         "  freeze (coordination) time over the run: p50 {} µs, p99 {} µs, max {} µs; groups formed {}, committed {}, abandoned {}",
-        st["cg"]["freeze_us"]["p50"],
-        st["cg"]["freeze_us"]["p99"],
-        st["cg"]["freeze_us"]["max"],
-        st["cg"]["formed"],
-        st["cg"]["committed"],
-        ["cache_full", "drain_timeout", "preserve_failed", "link_lost"]
-            .iter()
-            .map(|k| st["cg"]["abandoned"][k].as_u64().unwrap_or(0))
-            .sum::<u64>()
+        cg.freeze_us.p50,
+        cg.freeze_us.p99,
+        cg.freeze_us.max,
+        cg.formed,
+        cg.committed,
+        cg.abandoned.total()
     );
     Ok(())
 }

@@ -1,0 +1,314 @@
+//! The daemon's status as typed values — what `{"cmd":"status"}` answers, what `drblk ctl
+//! status` prints and what tests and metrics read — and the other answers of the control
+//! socket.
+//!
+//! On the wire a status is one JSON object: [`PrimaryStatus`]'s fields next to `"ok": true`
+//! (see [`Reply`]); a failure is an [`ErrorReply`]. Sections that do not apply (no consistency groups, no replication, no
+//! link) are left out of the object. Units are in the field names (`rpo_ms`,
+//! `bytes_shipped`, `freeze_us`); counters count since the daemon started.
+
+use serde::{Deserialize, Serialize};
+
+use crate::cg::CgPhase;
+
+/// The status of a primary (`drblk serve`).
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct PrimaryStatus {
+    /// The image served (its path as given).
+    pub disk: String,
+    /// The capacity the guest sees, in bytes.
+    pub size: u64,
+    /// The disk is served read-only.
+    pub readonly: bool,
+    /// Virtqueues offered to the frontend.
+    pub queues: u16,
+    /// Frontend connections served (the current one included).
+    pub connections: u64,
+    /// Requests completed (any status).
+    pub requests: u64,
+    /// Requests rejected by validation.
+    pub rejected: u64,
+    /// The consistency-group engine, if writes are tracked.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub cg: Option<CgStatus>,
+    /// The consistency-group cycle and what it shipped, if one runs.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub replication: Option<ReplicationStatus>,
+    /// The link to the secondary, if the disk is replicated over the network.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub link: Option<LinkStatusView>,
+}
+
+/// The consistency-group engine.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct CgStatus {
+    /// The engine's phase, as text: `Idle`, `Strict { cg: N }` or `Abandoned { cg: N }`.
+    #[serde(with = "phase_text")]
+    pub phase: CgPhase,
+    /// The last committed group, 0 if none.
+    pub last_committed: u64,
+    /// Groups formed (freeze, swap and run completed).
+    pub formed: u64,
+    /// Groups committed.
+    pub committed: u64,
+    /// Formations undone because coordinating the queues took too long.
+    pub coordination_aborts: u64,
+    /// Groups abandoned, by reason.
+    pub abandoned: AbandonedCounts,
+    /// How long the queues were frozen to form a group (the recent formations' percentiles
+    /// and the longest ever), in microseconds.
+    pub freeze_us: FreezeTimes,
+    /// Bytes the copy-on-write cache holds now.
+    pub cow_bytes: u64,
+    /// The most bytes the copy-on-write cache has held.
+    pub cow_peak_bytes: u64,
+    /// Chunks (of `--chunk-size`) marked to be shipped: those still to ship of the group
+    /// being drained (OOS) plus those written since for the next group (CR).
+    pub dirty_chunks: u64,
+}
+
+/// Groups abandoned, by reason (counts since start).
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub struct AbandonedCounts {
+    /// Because the copy-on-write cache was full.
+    pub cache_full: u64,
+    /// Because draining the group took longer than `--max-drain-time`.
+    pub drain_timeout: u64,
+    /// Because a chunk could not be read to preserve it.
+    pub preserve_failed: u64,
+    /// Because the link to the secondary was lost while the group was strict.
+    pub link_lost: u64,
+}
+
+impl AbandonedCounts {
+    /// All abandoned groups, whatever the reason.
+    pub fn total(&self) -> u64 {
+        self.cache_full + self.drain_timeout + self.preserve_failed + self.link_lost
+    }
+}
+
+/// Freeze (coordination) times, in microseconds.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Serialize, Deserialize)]
+pub struct FreezeTimes {
+    /// Median over the most recent formations (at most 1024), µs; 0 before the first.
+    pub p50: f64,
+    /// 99th percentile over the most recent formations, µs; 0 before the first.
+    pub p99: f64,
+    /// Longest since start, µs.
+    pub max: f64,
+}
+
+/// The consistency-group cycle: what has been committed where the groups go.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Serialize, Deserialize)]
+pub struct ReplicationStatus {
+    /// The last group committed by the sink (the secondary or local replica), 0 if none.
+    pub last_committed_cg: u64,
+    /// Recovery point: milliseconds between the freeze of the last committed group and
+    /// now; `null` until a group has committed.
+    pub rpo_ms: Option<f64>,
+    /// Chunks shipped (re-shipments after a link loss count again).
+    pub chunks_shipped: u64,
+    /// Bytes shipped (chunk payloads).
+    pub bytes_shipped: u64,
+}
+
+/// The replication link as the operator sees it.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct LinkStatusView {
+    /// Connected to the secondary now.
+    pub connected: bool,
+    /// The secondary's state as it last reported it (`syncing 42.0 %`, `consistent at CG
+    /// 7`); empty before the first connection.
+    pub secondary: String,
+    /// Connections made (1 = the first).
+    pub connects: u64,
+    /// Full resyncs started (the initial copy counts as one).
+    pub full_resyncs: u64,
+}
+
+/// A successful answer on the control socket: `{"ok": true, ...body}`, the body's fields
+/// flattened next to `ok`.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct Reply<T> {
+    /// Always `true` (failures are [`ErrorReply`]).
+    pub ok: bool,
+    /// The answer's fields.
+    #[serde(flatten)]
+    pub body: T,
+}
+
+impl<T> Reply<T> {
+    /// A successful answer carrying `body`.
+    pub fn ok(body: T) -> Self {
+        Reply { ok: true, body }
+    }
+}
+
+/// A failed request: `{"ok": false, "error": "..."}`.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct ErrorReply {
+    /// Always `false`.
+    pub ok: bool,
+    /// What went wrong.
+    pub error: String,
+}
+
+impl ErrorReply {
+    /// A failure saying `error`.
+    pub fn new(error: impl Into<String>) -> Self {
+        ErrorReply {
+            ok: false,
+            error: error.into(),
+        }
+    }
+}
+
+/// The body of the answer to `drain`.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Drained {
+    /// The last committed group: it holds every write completed before the request.
+    pub cg: u64,
+}
+
+/// An answer without fields (`form-cg`).
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Done {}
+
+/// [`CgPhase`] as the text it has always had in the status (its `Debug` form).
+mod phase_text {
+    use serde::{de::Error, Deserialize, Deserializer, Serializer};
+
+    use crate::cg::CgPhase;
+
+    pub fn serialize<S: Serializer>(phase: &CgPhase, s: S) -> Result<S::Ok, S::Error> {
+        s.collect_str(&format_args!("{phase:?}"))
+    }
+
+    pub fn deserialize<'de, D: Deserializer<'de>>(d: D) -> Result<CgPhase, D::Error> {
+        let text = String::deserialize(d)?;
+        parse(&text).ok_or_else(|| D::Error::custom(format!("not a CG phase: {text:?}")))
+    }
+
+    fn parse(text: &str) -> Option<CgPhase> {
+        let text = text.trim();
+        if text == "Idle" {
+            return Some(CgPhase::Idle);
+        }
+        let (name, rest) = text.split_once('{')?;
+        let cg = rest
+            .trim()
+            .strip_suffix('}')?
+            .trim()
+            .strip_prefix("cg:")?
+            .trim()
+            .parse()
+            .ok()?;
+        match name.trim() {
+            "Strict" => Some(CgPhase::Strict { cg }),
+            "Abandoned" => Some(CgPhase::Abandoned { cg }),
+            _ => None,
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn sample() -> PrimaryStatus {
+        PrimaryStatus {
+            disk: "/var/lib/vm/disk.img".into(),
+            size: 8 << 30,
+            readonly: false,
+            queues: 4,
+            connections: 1,
+            requests: 123_456,
+            rejected: 2,
+            cg: Some(CgStatus {
+                phase: CgPhase::Strict { cg: 42 },
+                last_committed: 41,
+                formed: 42,
+                committed: 41,
+                coordination_aborts: 1,
+                abandoned: AbandonedCounts {
+                    cache_full: 1,
+                    drain_timeout: 2,
+                    preserve_failed: 3,
+                    link_lost: 4,
+                },
+                freeze_us: FreezeTimes {
+                    p50: 12.5,
+                    p99: 80.25,
+                    max: 300.0,
+                },
+                cow_bytes: 65536,
+                cow_peak_bytes: 1 << 20,
+                dirty_chunks: 17,
+            }),
+            replication: Some(ReplicationStatus {
+                last_committed_cg: 41,
+                rpo_ms: Some(73.5),
+                chunks_shipped: 9000,
+                bytes_shipped: 9000 << 16,
+            }),
+            link: Some(LinkStatusView {
+                connected: true,
+                secondary: "consistent at CG 41".into(),
+                connects: 2,
+                full_resyncs: 1,
+            }),
+        }
+    }
+
+    #[test]
+    fn a_status_round_trips_through_json() {
+        let s = sample();
+        let text = serde_json::to_string(&Reply::ok(&s)).unwrap();
+        let back: PrimaryStatus = serde_json::from_str(&text).unwrap();
+        assert_eq!(back, s);
+        let reply: Reply<PrimaryStatus> = serde_json::from_str(&text).unwrap();
+        assert!(reply.ok);
+        assert_eq!(reply.body, s);
+
+        // The field names and shapes readers of the JSON rely on.
+        let v: serde_json::Value = serde_json::from_str(&text).unwrap();
+        assert_eq!(v["ok"], true);
+        assert_eq!(v["size"], 8u64 << 30);
+        assert_eq!(v["cg"]["phase"], "Strict { cg: 42 }");
+        assert_eq!(v["cg"]["abandoned"]["link_lost"], 4);
+        assert_eq!(v["cg"]["freeze_us"]["p99"], 80.25);
+        assert_eq!(v["replication"]["last_committed_cg"], 41);
+        assert_eq!(v["replication"]["rpo_ms"], 73.5);
+        assert_eq!(v["link"]["secondary"], "consistent at CG 41");
+    }
+
+    #[test]
+    fn absent_sections_are_left_out_and_a_missing_rpo_is_null() {
+        let mut s = sample();
+        s.cg = None;
+        s.link = None;
+        s.replication.as_mut().unwrap().rpo_ms = None;
+        let v = serde_json::to_value(&s).unwrap();
+        assert!(v.get("cg").is_none() && v.get("link").is_none());
+        assert!(v["replication"]["rpo_ms"].is_null());
+        assert_eq!(serde_json::from_value::<PrimaryStatus>(v).unwrap(), s);
+    }
+
+    #[test]
+    fn every_phase_round_trips_as_its_text() {
+        for phase in [
+            CgPhase::Idle,
+            CgPhase::Strict { cg: 7 },
+            CgPhase::Abandoned { cg: u64::MAX },
+        ] {
+            let mut s = sample();
+            s.cg.as_mut().unwrap().phase = phase;
+            let v = serde_json::to_value(&s).unwrap();
+            assert_eq!(v["cg"]["phase"], format!("{phase:?}"));
+            assert_eq!(serde_json::from_value::<PrimaryStatus>(v).unwrap(), s);
+        }
+        let mut v = serde_json::to_value(sample()).unwrap();
+        v["cg"]["phase"] = "Melting { cg: 1 }".into();
+        assert!(serde_json::from_value::<PrimaryStatus>(v).is_err());
+    }
+}
