@@ -218,7 +218,8 @@ fn local_replica_drain_makes_it_identical_and_status_reports_figures() {
         "the shipping thread is niced"
     );
     assert_eq!(nice_of("drblk-cg-form"), vec![own], "freezes are not niced");
-    let mut c = drblk_testkit::blkio_client::BlkioClient::connect(&sock, 2, 1 << 20, false).unwrap();
+    let mut c =
+        drblk_testkit::blkio_client::BlkioClient::connect(&sock, 2, 1 << 20, false).unwrap();
     for i in 0..64u64 {
         c.buf()[..65536].fill(i as u8 + 1);
         let q = (i % 2) as usize;

@@ -386,7 +386,6 @@ impl Disk {
     }
 }
 
-
 fn is_aligned(addr: usize, len: usize, offset: u64) -> bool {
     addr % DIRECT_ALIGN == 0 && len % DIRECT_ALIGN == 0 && offset % DIRECT_ALIGN as u64 == 0
 }

@@ -6,8 +6,8 @@ use std::sync::Arc;
 
 use vm_memory::{Bytes, GuestMemoryBackend, GuestMemoryMmap};
 
-use crate::blk::request::{status, Request, RequestKind};
 use crate::blk::disk::Disk;
+use crate::blk::request::{status, Request, RequestKind};
 use crate::blk::tracking::{Tracking, WriteGuard};
 use crate::blk::virtio::{ID_BYTES, SECTOR_SIZE};
 

@@ -15,8 +15,8 @@ use virtio_queue::QueueT;
 use vm_memory::{Bytes, GuestAddressSpace, GuestMemoryAtomic, GuestMemoryMmap};
 
 use crate::blk::device::DeviceShared;
-use crate::blk::tracking::Completion;
 use crate::blk::request;
+use crate::blk::tracking::Completion;
 
 /// Options of every queue worker.
 #[derive(Clone, Copy, Debug, Default)]

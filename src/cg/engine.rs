@@ -9,13 +9,13 @@ use std::time::{Duration, Instant};
 use tracing::{info, warn};
 
 use super::bitmap::Bitmap;
-use crate::blk::tracking::{Tracking, WriteEnd, WriteGuard};
 use super::record::Record;
 use super::sync::{lock, AtomicBool, Condvar, Mutex, MutexGuard, Ordering};
 use super::{
     AbandonReason, CgConfig, CgError, CgFormed, CgPhase, CgStats, ChunkImage, ChunkSource,
     CommitOutcome, Completion, FormError, Publisher,
 };
+use crate::blk::tracking::{Tracking, WriteEnd, WriteGuard};
 
 /// How many coordination samples [`CgStats::coordination_ns`] keeps.
 const COORDINATION_SAMPLES: usize = 1024;

@@ -8,10 +8,10 @@ use std::sync::{Arc, Mutex, Once};
 use std::time::{Duration, Instant};
 
 use super::certs::{self, SiteIdentity};
-use drblk_testkit::impair::ImpairProxy;
 use super::proto::{self, encode_frame, Hello, HelloAck, Message, ReplicaState};
 use super::server::PeerInfo;
 use super::*;
+use drblk_testkit::impair::ImpairProxy;
 
 const CHUNK: u32 = 64 << 10;
 const DISK: DiskInfo = DiskInfo {

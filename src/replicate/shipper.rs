@@ -20,8 +20,8 @@ use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant, SystemTime};
 
 use crate::cg::{ChunkImage, Engine};
-use crate::replicate::cycle::ChunkSink;
 use crate::link::{ClientConfig, LinkClient, ReplicaState};
+use crate::replicate::cycle::ChunkSink;
 
 /// What the operator sees of the link.
 #[derive(Default)]

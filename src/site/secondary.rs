@@ -12,12 +12,12 @@ use std::sync::{Arc, Mutex};
 
 use anyhow::Context;
 
-use crate::replica::identity::uuid_hex;
 use crate::link::server::PeerInfo;
 use crate::link::{
     ChunkData as WireChunk, Hello, HelloAck, LinkServer, RejectReason, ReplicaSink,
     ReplicaState as WireState, ServerConfig, SiteIdentity, PROTOCOL_VERSION,
 };
+use crate::replica::identity::uuid_hex;
 use crate::replica::{ChunkData, Error as StoreError, ReplicaState, ReplicaStore};
 
 /// Where the secondary keeps its replica.

@@ -21,7 +21,11 @@ use crate::blkio_client::{BlkioClient, Op};
 
 /// The demo's options.
 #[derive(Debug, clap::Parser, Clone)]
-#[command(name = "drblk-demo", version, about = "drblk on one machine: a primary replicating a disk to a secondary over QUIC on loopback, a verified write workload through a real vhost-user frontend, and a final consistency check.")]
+#[command(
+    name = "drblk-demo",
+    version,
+    about = "drblk on one machine: a primary replicating a disk to a secondary over QUIC on loopback, a verified write workload through a real vhost-user frontend, and a final consistency check."
+)]
 pub struct DemoArgs {
     /// Directory for the demo's image and socket (default: a fresh temporary directory).
     #[arg(long, value_name = "DIR")]

@@ -18,7 +18,6 @@ use tokio::net::UdpSocket;
 use tokio::sync::mpsc;
 use tokio::time::Instant;
 
-
 /// Most datagrams queued per direction.
 pub const QUEUE_PACKETS: usize = 16384;
 

@@ -12,10 +12,10 @@ use std::time::{Duration, Instant, SystemTime};
 use clap::Parser;
 use hdrhistogram::Histogram;
 
-use drblk_testkit::bench::{fill_image, pin_self, run_cell, Cell, Figures, Rw};
 use drblk::cli::ServeArgs;
 use drblk::replicate::local::LocalReplica;
 use drblk::site::primary::Server;
+use drblk_testkit::bench::{fill_image, pin_self, run_cell, Cell, Figures, Rw};
 
 /// Benchmark consistency-group formation on versus off.
 #[derive(Parser, Debug)]

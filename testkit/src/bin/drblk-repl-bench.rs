@@ -15,15 +15,15 @@ use std::time::{Duration, Instant};
 use clap::Parser;
 use hdrhistogram::Histogram;
 
-use drblk_testkit::bench::{fill_image, pin_self, run_cell, Cell, Figures, Rw};
 use drblk::cli::ServeArgs;
 use drblk::link::server::PeerInfo;
 use drblk::link::{
     ChunkData, ClientConfig, DiskInfo, Hello, HelloAck, LinkClient, LinkServer, RejectReason,
     ReplicaSink, ReplicaState, ServerConfig, SiteIdentity, PROTOCOL_VERSION,
 };
-use drblk::site::secondary::{Secondary, SecondaryPaths};
 use drblk::site::primary::Server;
+use drblk::site::secondary::{Secondary, SecondaryPaths};
+use drblk_testkit::bench::{fill_image, pin_self, run_cell, Cell, Figures, Rw};
 
 /// Replication benchmark.
 #[derive(Parser, Debug)]
