@@ -201,7 +201,9 @@ fn handle(req: &Value, state: &ControlState) -> anyhow::Result<Value> {
                 cycle.stats().clone()
             };
             let engine = state.engine.as_ref().context("no consistency groups")?;
-            let target = engine.stats().formed + 1;
+            // CG numbers need not start at 1 (a restarted primary continues above what its
+            // replica holds): the first CG formed from now on gets the next number.
+            let target = engine.next_cg();
             let deadline = Instant::now() + Duration::from_secs(300);
             loop {
                 let committed = stats.last_committed.load(Ordering::SeqCst);

@@ -67,10 +67,10 @@
 //! - No power-loss model in the tests (only process crashes); the fsync ordering is what
 //!   makes power loss safe and is argued above, not tested.
 
-pub mod identity;
 mod error;
 mod fault;
 mod format;
+pub mod identity;
 mod journal;
 mod state;
 #[cfg(test)]
@@ -430,6 +430,11 @@ impl ReplicaStore {
     /// The replica image.
     pub fn image_path(&self) -> &Path {
         &self.image_path
+    }
+    /// The open replica image, for reading it (tests check it after a commit). Writing to it
+    /// behind the store's back voids its guarantees.
+    pub fn image_file(&self) -> &File {
+        &self.image
     }
     /// Disk size in bytes.
     pub fn disk_size(&self) -> u64 {
@@ -820,6 +825,13 @@ impl ReplicaStore {
     }
 }
 
+/// The state directory of the replica image `image` unless one is given: `<image>.state`.
+pub fn default_state_dir(image: &Path) -> PathBuf {
+    let mut p = image.as_os_str().to_owned();
+    p.push(".state");
+    PathBuf::from(p)
+}
+
 /// Identity of the replica stored in `state_dir`, if there is one.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub struct StoredIdentity {
@@ -836,10 +848,11 @@ pub fn stored_identity(state_dir: &Path) -> Result<Option<StoredIdentity>> {
     let Some(st) = state::read(state_dir)? else {
         return Ok(None);
     };
-    let uuid = crate::replica::identity::parse_uuid(&st.disk_uuid).ok_or_else(|| Error::StateFile {
-        path: state_dir.join(state::STATE_FILE),
-        detail: format!("bad disk uuid {:?}", st.disk_uuid),
-    })?;
+    let uuid =
+        crate::replica::identity::parse_uuid(&st.disk_uuid).ok_or_else(|| Error::StateFile {
+            path: state_dir.join(state::STATE_FILE),
+            detail: format!("bad disk uuid {:?}", st.disk_uuid),
+        })?;
     Ok(Some(StoredIdentity {
         uuid,
         disk_size: st.disk_size,

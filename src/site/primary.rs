@@ -5,20 +5,20 @@ use std::thread::JoinHandle;
 
 use anyhow::Context;
 
+use crate::blk::daemon::{self, BoundSocket, Shutdown};
 use crate::blk::device::{DeviceShared, DeviceStats};
+use crate::blk::disk::Disk;
+use crate::blk::execute::Executor;
+use crate::blk::queue::WorkerOptions;
+use crate::blk::tracking::Tracking;
+use crate::blk::virtio::DeviceLimits;
 use crate::cg::{CgConfig, ChunkSource, Engine};
 use crate::cli::ServeArgs;
 use crate::control::{control_path, ControlServer, ControlState};
+use crate::link::{ClientConfig, DiskInfo, SiteIdentity};
 use crate::replicate::cycle::{ChunkSink, Cycle};
 use crate::replicate::local::LocalReplica;
-use crate::blk::daemon::{self, BoundSocket, Shutdown};
-use crate::blk::execute::Executor;
-use crate::link::{ClientConfig, DiskInfo, SiteIdentity};
-use crate::blk::queue::WorkerOptions;
 use crate::replicate::shipper::{LinkStatus, Replicator};
-use crate::blk::disk::Disk;
-use crate::blk::tracking::Tracking;
-use crate::blk::virtio::DeviceLimits;
 
 /// A daemon running in a thread of this process (the CLI, the demo and tests use it).
 pub struct Server {
@@ -86,9 +86,15 @@ impl Server {
             link: std::sync::Mutex::new(None),
         });
         if let (Some(path), Some(engine)) = (&args.cg.local_replica, &engine) {
-            let replica = LocalReplica::create(path, disk.size(), args.cg.chunk_size)
-                .with_context(|| format!("creating the local replica {}", path.display()))?;
-            tracing::info!(replica = %path.display(), interval = ?args.cg.cg_interval, "keeping a local crash-consistent replica");
+            // Like a secondary's: journal, state and lock in `<replica>.state`, bound to the
+            // disk's identity so a replica of another disk is refused.
+            let uuid = crate::replica::identity::load_or_create(disk.path())
+                .with_context(|| format!("reading the identity of {}", disk.path().display()))?;
+            let state_dir = crate::replica::default_state_dir(path);
+            let replica =
+                LocalReplica::open(path, &state_dir, disk.size(), args.cg.chunk_size, uuid)
+                    .with_context(|| format!("opening the local replica {}", path.display()))?;
+            tracing::info!(replica = %path.display(), state_dir = %state_dir.display(), interval = ?args.cg.cg_interval, "keeping a local crash-consistent replica");
             let cycle = Cycle::start(
                 engine.clone(),
                 Box::new(replica),
@@ -97,9 +103,7 @@ impl Server {
             );
             *control.cycle.lock().expect("cycle lock") = Some(cycle);
         }
-        if let (Some(target), Some(engine)) =
-            (&args.replication.replicate_to, &engine)
-        {
+        if let (Some(target), Some(engine)) = (&args.replication.replicate_to, &engine) {
             let (replicator, link) = replicator_for(args, &disk, target, engine.clone())?;
             tracing::info!(secondary = %replicator.peer(), interval = ?args.cg.cg_interval, "replicating");
             let cycle = Cycle::start(
