@@ -145,7 +145,8 @@ pub struct CgArgs {
     pub consistency_groups: bool,
 
     /// Keep a crash-consistent replica image on this host: every consistency group is
-    /// applied to PATH when it commits (implies --consistency-groups).
+    /// journaled in PATH.state and applied to PATH when it commits, so a crash recovers the
+    /// replica to a whole group (implies --consistency-groups).
     #[arg(long, value_name = "PATH")]
     pub local_replica: Option<PathBuf>,
 
@@ -237,11 +238,9 @@ pub struct SecondaryArgs {
 impl SecondaryArgs {
     /// The state directory.
     pub fn state_dir(&self) -> PathBuf {
-        self.state_dir.clone().unwrap_or_else(|| {
-            let mut p = self.disk.as_os_str().to_owned();
-            p.push(".state");
-            PathBuf::from(p)
-        })
+        self.state_dir
+            .clone()
+            .unwrap_or_else(|| crate::replica::default_state_dir(&self.disk))
     }
 }
 

@@ -12,7 +12,7 @@ use std::path::{Path, PathBuf};
 use std::str::FromStr;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex};
-use std::time::{Duration, Instant, SystemTime};
+use std::time::{Duration, Instant};
 
 use anyhow::{bail, Context};
 use serde::{Deserialize, Serialize};
@@ -131,7 +131,10 @@ impl ControlState {
             cycle.stats().clone()
         };
         let engine = self.engine.as_ref().context("no consistency groups")?;
-        let target = engine.stats().formed + 1;
+        // CG numbers need not start at 1 (a restarted primary continues above what its replica
+        // holds): any group numbered from the engine's next number on was formed after this
+        // call began.
+        let target = engine.next_cg();
         let deadline = Instant::now() + Duration::from_secs(300);
         loop {
             let committed = stats.last_committed.load(Ordering::SeqCst);
@@ -184,10 +187,7 @@ fn cg_status(engine: &Engine) -> CgStatus {
 fn replication_status(cycle: &Cycle) -> ReplicationStatus {
     let cs = cycle.stats();
     let frozen = cs.last_commit_frozen_us.load(Ordering::SeqCst);
-    let now = SystemTime::now()
-        .duration_since(SystemTime::UNIX_EPOCH)
-        .map(|d| d.as_micros() as u64)
-        .unwrap_or(0);
+    let now = crate::sys::clock::now_unix_micros();
     ReplicationStatus {
         last_committed_cg: cs.last_committed.load(Ordering::SeqCst),
         rpo_ms: (frozen > 0).then(|| now.saturating_sub(frozen) as f64 / 1e3),

@@ -418,6 +418,11 @@ impl ReplicaStore {
     pub fn image_path(&self) -> &Path {
         &self.image_path
     }
+    /// The open replica image, for reading it (tests check it after a commit). Writing to it
+    /// behind the store's back voids its guarantees.
+    pub fn image_file(&self) -> &File {
+        &self.image
+    }
     /// Disk size in bytes.
     pub fn disk_size(&self) -> u64 {
         self.geo.disk_size()
@@ -793,6 +798,13 @@ impl ReplicaStore {
             }
         }
     }
+}
+
+/// The state directory of the replica image `image` unless one is given: `<image>.state`.
+pub fn default_state_dir(image: &Path) -> PathBuf {
+    let mut p = image.as_os_str().to_owned();
+    p.push(".state");
+    PathBuf::from(p)
 }
 
 /// Identity of the replica stored in `state_dir`, if there is one.

@@ -15,6 +15,12 @@ use crate::sys::clock::unix_micros;
 
 /// Where the chunks of each CG go.
 pub trait ChunkSink: Send {
+    /// Called once by [`Cycle::start`], before the first CG is formed: a sink that knows
+    /// what it holds tells the engine what the first CGs must ship (e.g. everything, with
+    /// [`Engine::mark_all`]) and where numbering continues ([`Engine::resume_numbering`]).
+    fn attach(&mut self, engine: &Engine) {
+        let _ = engine;
+    }
     /// Takes one chunk of CG `img.cg`. Returning Ok means the sink has it (the engine may
     /// forget it); it need not be durable until [`ChunkSink::commit`].
     fn chunk(&mut self, img: ChunkImage) -> io::Result<()>;
@@ -62,7 +68,8 @@ pub struct Cycle {
 }
 
 impl Cycle {
-    /// Starts forming a CG every `interval` from `engine`, draining into `sink`. The drain
+    /// Starts forming a CG every `interval` from `engine`, draining into `sink` (attached
+    /// to the engine first, see [`ChunkSink::attach`]). The drain
     /// runs at niceness `ship_nice` (see [`crate::sys::priority`]); formation does not: a freeze
     /// must not wait behind busy queue workers, so with `ship_nice > 0` a small thread at
     /// normal priority forms the CGs on the drain thread's request.
@@ -72,6 +79,7 @@ impl Cycle {
         interval: Duration,
         ship_nice: i32,
     ) -> Cycle {
+        sink.attach(&engine);
         let stop = Arc::new(AtomicBool::new(false));
         let trigger = Arc::new((Mutex::new(0u64), Condvar::new()));
         let stats = Arc::new(CycleStats::default());

@@ -93,9 +93,14 @@ impl Server {
         });
         let ship_nice = cfg.cg.as_ref().map_or(0, |c| c.ship_nice);
         if let (Some(path), Some(engine), Some(cg)) = (&cfg.local_replica, &engine, &cfg.cg) {
-            let replica = LocalReplica::create(path, disk.size(), cg.chunk_size)
-                .with_context(|| format!("creating the local replica {}", path.display()))?;
-            tracing::info!(replica = %path.display(), interval = ?cg.interval, "keeping a local crash-consistent replica");
+            // Like a secondary's: journal, state and lock in `<replica>.state`, bound to the
+            // disk's identity so a replica of another disk is refused.
+            let uuid = crate::replica::identity::load_or_create(disk.path())
+                .with_context(|| format!("reading the identity of {}", disk.path().display()))?;
+            let state_dir = crate::replica::default_state_dir(path);
+            let replica = LocalReplica::open(path, &state_dir, disk.size(), cg.chunk_size, uuid)
+                .with_context(|| format!("opening the local replica {}", path.display()))?;
+            tracing::info!(replica = %path.display(), state_dir = %state_dir.display(), interval = ?cg.interval, "keeping a local crash-consistent replica");
             let cycle = Cycle::start(engine.clone(), Box::new(replica), cg.interval, ship_nice);
             *control.cycle.lock().expect("cycle lock") = Some(cycle);
         }
