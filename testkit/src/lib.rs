@@ -8,7 +8,7 @@
 //!   replication link.
 //! - [`workload`]: the dependent-write workload and its consistency checker.
 //! - [`rng`]: seeded pseudo-random numbers and byte patterns.
-//! - [`bench`]: figures of a benchmark cell (IOPS, latency, CPU).
+//! - [`bench`](mod@bench): figures of a benchmark cell (IOPS, latency, CPU).
 //! - [`demo`]: what `cargo run --release` shows.
 
 #![deny(missing_docs)]
