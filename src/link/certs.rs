@@ -256,6 +256,18 @@ fn load_certs(path: &Path) -> Result<Vec<CertificateDer<'static>>, CertError> {
 }
 
 impl SiteIdentity {
+    /// [`SiteIdentity::load`] for a daemon of site `site` talking to `peer_site`: the error
+    /// names the files and the command that creates them.
+    pub fn load_for_daemon(dir: &Path, site: &str, peer_site: &str) -> anyhow::Result<Self> {
+        Self::load(dir, site).map_err(|e| {
+            anyhow::anyhow!(e).context(format!(
+                "loading this site's certificate ({}/{site}.pem); create one with `drblk cert --dir {} --sites {site},{peer_site}`",
+                dir.display(),
+                dir.display(),
+            ))
+        })
+    }
+
     /// Loads `ca.pem`, `<site>.pem` and `<site>.key` from `dir`.
     ///
     /// Warns (log) if the key file is readable by group or others.

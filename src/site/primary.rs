@@ -209,16 +209,7 @@ fn replicator_for(
     engine: Arc<Engine>,
 ) -> anyhow::Result<(Replicator, Arc<LinkStatus>)> {
     let addr = crate::link::resolve(&r.target)?;
-    let identity = SiteIdentity::load(&r.certs, &r.site).with_context(|| {
-        format!(
-            "loading this site's certificate ({}/{}.pem); create one with `drblk cert --dir {} --sites {},{}`",
-            r.certs.display(),
-            r.site,
-            r.certs.display(),
-            r.site,
-            r.peer_site
-        )
-    })?;
+    let identity = SiteIdentity::load_for_daemon(&r.certs, &r.site, &r.peer_site)?;
     let uuid = crate::replica::identity::load_or_create(disk.path())?;
     let info = DiskInfo {
         uuid,

@@ -320,15 +320,7 @@ pub fn run(args: crate::cli::SecondaryArgs) -> anyhow::Result<()> {
     crate::blk::daemon::install_signal_handler(shutdown.clone())
         .context("installing signal handlers")?;
     let listen: SocketAddr = crate::link::resolve(&args.listen)?;
-    let identity = SiteIdentity::load(&args.certs, &args.site).with_context(|| {
-        format!(
-            "loading this site's certificate ({}/{}.pem); create one with `drblk cert --dir {} --sites primary,{}`",
-            args.certs.display(),
-            args.site,
-            args.certs.display(),
-            args.site
-        )
-    })?;
+    let identity = SiteIdentity::load_for_daemon(&args.certs, &args.site, &args.peer_site)?;
     let paths = SecondaryPaths {
         image: args.disk.clone(),
         state_dir: args.state_dir(),
