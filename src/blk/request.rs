@@ -1,6 +1,6 @@
 //! Parsing and validating one virtio-blk request from a descriptor chain.
 //!
-//! The checklist (every item is one [`RejectReason`]): the header is readable and long
+//! The checklist (every item is one [`ChainError`]): the header is readable and long
 //! enough; the status descriptor is the last one, writable and at least one byte; every data
 //! descriptor lies in guest memory and points the way its request type needs; data lengths
 //! are multiples of 512; `sector + sectors` fits the disk with checked arithmetic; GET_ID's
@@ -97,7 +97,7 @@ impl Request {
 
 /// Why a chain was rejected.
 #[derive(Clone, Copy, Debug, Error, PartialEq, Eq)]
-pub enum RejectReason {
+pub enum ChainError {
     /// The chain has no descriptor at all or cannot be walked.
     #[error("empty or unreadable descriptor chain")]
     EmptyChain,
@@ -142,11 +142,11 @@ pub enum RejectReason {
     UnsupportedType,
 }
 
-impl RejectReason {
+impl ChainError {
     /// The status byte the guest gets for this rejection.
     pub fn status(self) -> u8 {
         match self {
-            RejectReason::UnsupportedType | RejectReason::UnsupportedFlags => status::UNSUPP,
+            ChainError::UnsupportedType | ChainError::UnsupportedFlags => status::UNSUPP,
             _ => status::IOERR,
         }
     }
@@ -157,7 +157,7 @@ impl RejectReason {
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub struct Rejected {
     /// Why.
-    pub reason: RejectReason,
+    pub reason: ChainError,
     /// A valid status location, if the chain has one.
     pub status_addr: Option<GuestAddress>,
 }
@@ -176,7 +176,7 @@ pub fn parse<M: GuestMemoryBackend>(
     };
     let (header, rest) = descs
         .split_first()
-        .ok_or(reject(RejectReason::EmptyChain, None))?;
+        .ok_or(reject(ChainError::EmptyChain, None))?;
 
     // The status descriptor first, so every later rejection can be reported to the guest.
     let status_addr = match rest.last() {
@@ -186,17 +186,17 @@ pub fn parse<M: GuestMemoryBackend>(
         _ => None,
     };
     let Some(status_addr) = status_addr else {
-        return Err(reject(RejectReason::BadStatus, None));
+        return Err(reject(ChainError::BadStatus, None));
     };
     let data_descs = &rest[..rest.len() - 1];
     let fail = |reason| Err(reject(reason, Some(status_addr)));
 
     if header.is_write_only() || header.len() < HEADER_LEN {
-        return fail(RejectReason::BadHeader);
+        return fail(ChainError::BadHeader);
     }
     let mut hdr = [0u8; HEADER_LEN as usize];
     if mem.read_slice(&mut hdr, header.addr()).is_err() {
-        return fail(RejectReason::HeaderOutsideMemory);
+        return fail(ChainError::HeaderOutsideMemory);
     }
     let req_type = u32::from_le_bytes(hdr[0..4].try_into().expect("4 bytes"));
     let sector = u64::from_le_bytes(hdr[8..16].try_into().expect("8 bytes"));
@@ -208,25 +208,25 @@ pub fn parse<M: GuestMemoryBackend>(
         VIRTIO_BLK_T_GET_ID => (VIRTIO_BLK_T_GET_ID, Some(true)),
         VIRTIO_BLK_T_DISCARD => (VIRTIO_BLK_T_DISCARD, Some(false)),
         VIRTIO_BLK_T_WRITE_ZEROES => (VIRTIO_BLK_T_WRITE_ZEROES, Some(false)),
-        _ => return fail(RejectReason::UnsupportedType),
+        _ => return fail(ChainError::UnsupportedType),
     };
 
     if data_descs.len() > limits.seg_max as usize {
-        return fail(RejectReason::TooManySegments);
+        return fail(ChainError::TooManySegments);
     }
     let mut data = Vec::with_capacity(data_descs.len());
     let mut data_len: u64 = 0;
     for d in data_descs {
         if let Some(w) = wants_write_only {
             if d.is_write_only() != w {
-                return fail(RejectReason::WrongDirection);
+                return fail(ChainError::WrongDirection);
             }
         }
         if d.len() == 0 {
             continue;
         }
         if !mem.check_range(d.addr(), d.len() as usize) {
-            return fail(RejectReason::DataOutsideMemory);
+            return fail(ChainError::DataOutsideMemory);
         }
         data_len += u64::from(d.len());
         data.push((d.addr(), d.len()));
@@ -236,14 +236,14 @@ pub fn parse<M: GuestMemoryBackend>(
     let kind = match kind_tag {
         VIRTIO_BLK_T_IN | VIRTIO_BLK_T_OUT => {
             if readonly_write(kind_tag == VIRTIO_BLK_T_OUT) {
-                return fail(RejectReason::ReadOnly);
+                return fail(ChainError::ReadOnly);
             }
             if data_len % SECTOR_SIZE != 0 {
-                return fail(RejectReason::Unaligned);
+                return fail(ChainError::Unaligned);
             }
             let end = sector.checked_add(data_len / SECTOR_SIZE);
             if end.is_none_or(|e| e > limits.capacity_sectors) {
-                return fail(RejectReason::OutOfRange);
+                return fail(ChainError::OutOfRange);
             }
             if kind_tag == VIRTIO_BLK_T_IN {
                 RequestKind::In
@@ -254,14 +254,14 @@ pub fn parse<M: GuestMemoryBackend>(
         VIRTIO_BLK_T_FLUSH => RequestKind::Flush,
         VIRTIO_BLK_T_GET_ID => {
             if data_len < ID_BYTES as u64 {
-                return fail(RejectReason::ShortIdBuffer);
+                return fail(ChainError::ShortIdBuffer);
             }
             RequestKind::GetId
         }
         _ => {
             let is_discard = kind_tag == VIRTIO_BLK_T_DISCARD;
             if limits.readonly {
-                return fail(RejectReason::ReadOnly);
+                return fail(ChainError::ReadOnly);
             }
             let (max_seg, max_sectors) = if is_discard {
                 (limits.max_discard_seg, limits.max_discard_sectors)
@@ -272,7 +272,7 @@ pub fn parse<M: GuestMemoryBackend>(
                 || data_len % u64::from(SEGMENT_LEN) != 0
                 || data_len / u64::from(SEGMENT_LEN) > u64::from(max_seg)
             {
-                return fail(RejectReason::BadSegments);
+                return fail(ChainError::BadSegments);
             }
             let mut raw = vec![0u8; data_len as usize];
             let mut pos = 0usize;
@@ -281,7 +281,7 @@ pub fn parse<M: GuestMemoryBackend>(
                     .read_slice(&mut raw[pos..pos + len as usize], addr)
                     .is_err()
                 {
-                    return fail(RejectReason::DataOutsideMemory);
+                    return fail(ChainError::DataOutsideMemory);
                 }
                 pos += len as usize;
             }
@@ -293,17 +293,17 @@ pub fn parse<M: GuestMemoryBackend>(
                 let flags = u32::from_le_bytes(s[12..16].try_into().expect("4 bytes"));
                 let allowed = if is_discard { 0 } else { SEGMENT_FLAG_UNMAP };
                 if flags & !allowed != 0 {
-                    return fail(RejectReason::UnsupportedFlags);
+                    return fail(ChainError::UnsupportedFlags);
                 }
                 if sectors > max_sectors
                     || seg_sector % block_sectors != 0
                     || u64::from(sectors) % block_sectors != 0
                 {
-                    return fail(RejectReason::BadSegments);
+                    return fail(ChainError::BadSegments);
                 }
                 let end = seg_sector.checked_add(u64::from(sectors));
                 if end.is_none_or(|e| e > limits.capacity_sectors) {
-                    return fail(RejectReason::OutOfRange);
+                    return fail(ChainError::OutOfRange);
                 }
                 segs.push(Segment {
                     sector: seg_sector,

@@ -55,7 +55,7 @@ fn request(mem: &GuestMemoryMmap<()>, req_type: u32, sector: u64, data: &[Buf]) 
     v
 }
 
-fn rejected(reason: RejectReason) -> Result<Request, Rejected> {
+fn rejected(reason: ChainError) -> Result<Request, Rejected> {
     Err(Rejected {
         reason,
         status_addr: Some(GuestAddress(STATUS)),
@@ -215,7 +215,7 @@ fn indirect_chain_is_checked_like_a_direct_one() {
     assert_eq!(
         parse_raw(&mem, &[head], &limits()),
         Err(Rejected {
-            reason: RejectReason::BadStatus,
+            reason: ChainError::BadStatus,
             status_addr: None
         })
     );
@@ -236,13 +236,13 @@ fn malformed_indirect_table_is_an_empty_chain() {
     assert_eq!(
         reject,
         Err(Rejected {
-            reason: RejectReason::EmptyChain,
+            reason: ChainError::EmptyChain,
             status_addr: None
         })
     );
     assert_eq!(
         parse(std::iter::empty(), &mem, &limits()).map_err(|r| r.reason),
-        Err(RejectReason::EmptyChain)
+        Err(ChainError::EmptyChain)
     );
 }
 
@@ -254,20 +254,20 @@ fn header_not_readable_or_too_short() {
     let bufs = [wo(HDR, 16), wo(DATA, 512), wo(STATUS, 1)];
     assert_eq!(
         parse_bufs(&mem, &bufs, &limits()),
-        rejected(RejectReason::BadHeader)
+        rejected(ChainError::BadHeader)
     );
     // Shorter than 16 bytes.
     let bufs = [ro(HDR, 15), wo(DATA, 512), wo(STATUS, 1)];
     assert_eq!(
         parse_bufs(&mem, &bufs, &limits()),
-        rejected(RejectReason::BadHeader)
+        rejected(ChainError::BadHeader)
     );
     // Outside guest memory, or running off its end.
     for addr in [OUTSIDE, MEM_SIZE - 8] {
         let bufs = [ro(addr, 16), wo(DATA, 512), wo(STATUS, 1)];
         assert_eq!(
             parse_bufs(&mem, &bufs, &limits()),
-            rejected(RejectReason::HeaderOutsideMemory),
+            rejected(ChainError::HeaderOutsideMemory),
             "header at {addr:#x}"
         );
     }
@@ -278,7 +278,7 @@ fn status_missing_read_only_empty_or_outside_memory() {
     let mem = guest_memory();
     put_header(&mem, HDR, VIRTIO_BLK_T_FLUSH, 0);
     let no_status = Err(Rejected {
-        reason: RejectReason::BadStatus,
+        reason: ChainError::BadStatus,
         status_addr: None,
     });
     let cases: &[(&str, Vec<Buf>)] = &[
@@ -314,7 +314,7 @@ fn data_length_not_a_multiple_of_512() {
         let bufs = request(&mem, req_type, 0, &[data]);
         assert_eq!(
             parse_bufs(&mem, &bufs, &limits()),
-            rejected(RejectReason::Unaligned),
+            rejected(ChainError::Unaligned),
             "type {req_type}, {data:?}"
         );
     }
@@ -357,7 +357,7 @@ fn sector_range_past_the_end_of_the_disk() {
             } else {
                 assert_eq!(
                     r,
-                    rejected(RejectReason::OutOfRange),
+                    rejected(ChainError::OutOfRange),
                     "sector {sector}, {bytes} bytes"
                 );
             }
@@ -381,7 +381,7 @@ fn segment_range_past_the_end_of_the_disk() {
         let bufs = request(&mem, req_type, 0, &[ro(SEGS, len)]);
         assert_eq!(
             parse_bufs(&mem, &bufs, &limits()),
-            rejected(RejectReason::OutOfRange),
+            rejected(ChainError::OutOfRange),
             "type {req_type}, segment {seg:?}"
         );
     }
@@ -398,7 +398,7 @@ fn get_id_buffer_under_20_bytes() {
         let bufs = request(&mem, VIRTIO_BLK_T_GET_ID, 0, &data);
         assert_eq!(
             parse_bufs(&mem, &bufs, &limits()),
-            rejected(RejectReason::ShortIdBuffer),
+            rejected(ChainError::ShortIdBuffer),
             "{data:?}"
         );
     }
@@ -406,7 +406,7 @@ fn get_id_buffer_under_20_bytes() {
     let bufs = request(&mem, VIRTIO_BLK_T_GET_ID, 0, &[ro(DATA, 20)]);
     assert_eq!(
         parse_bufs(&mem, &bufs, &limits()),
-        rejected(RejectReason::WrongDirection)
+        rejected(ChainError::WrongDirection)
     );
 }
 
@@ -422,7 +422,7 @@ fn writes_on_a_read_only_device() {
         let bufs = request(&mem, req_type, 0, &[data]);
         assert_eq!(
             parse_bufs(&mem, &bufs, &readonly()),
-            rejected(RejectReason::ReadOnly),
+            rejected(ChainError::ReadOnly),
             "type {req_type}"
         );
         assert!(
@@ -448,42 +448,42 @@ fn writes_on_a_read_only_device() {
 fn data_descriptors_direction_placement_and_count() {
     let mem = guest_memory();
     let len = put_segments(&mem, SEGS, &[(0, 8, 0)]);
-    let cases: &[(&str, u32, Vec<Buf>, RejectReason)] = &[
+    let cases: &[(&str, u32, Vec<Buf>, ChainError)] = &[
         (
             "read into a device-readable buffer",
             VIRTIO_BLK_T_IN,
             vec![ro(DATA, 512)],
-            RejectReason::WrongDirection,
+            ChainError::WrongDirection,
         ),
         (
             "write from a device-writable buffer",
             VIRTIO_BLK_T_OUT,
             vec![ro(DATA, 512), wo(DATA + 512, 512)],
-            RejectReason::WrongDirection,
+            ChainError::WrongDirection,
         ),
         (
             "discard segments device-writable",
             VIRTIO_BLK_T_DISCARD,
             vec![wo(SEGS, len)],
-            RejectReason::WrongDirection,
+            ChainError::WrongDirection,
         ),
         (
             "data outside memory",
             VIRTIO_BLK_T_IN,
             vec![wo(OUTSIDE, 512)],
-            RejectReason::DataOutsideMemory,
+            ChainError::DataOutsideMemory,
         ),
         (
             "data running off the end of memory",
             VIRTIO_BLK_T_OUT,
             vec![ro(MEM_SIZE - 512, 1024)],
-            RejectReason::DataOutsideMemory,
+            ChainError::DataOutsideMemory,
         ),
         (
             "unknown type",
             99,
             vec![wo(DATA, 512)],
-            RejectReason::UnsupportedType,
+            ChainError::UnsupportedType,
         ),
     ];
     for (what, req_type, data, reason) in cases {
@@ -508,7 +508,7 @@ fn data_descriptors_direction_placement_and_count() {
     };
     assert_eq!(
         parse_bufs(&mem, &bufs, &small),
-        rejected(RejectReason::TooManySegments)
+        rejected(ChainError::TooManySegments)
     );
 }
 
@@ -526,7 +526,7 @@ fn malformed_discard_and_write_zeroes_payloads() {
         Vec<(u64, u32, u32)>,
         Option<u32>,
         DeviceLimits,
-        RejectReason,
+        ChainError,
     );
     let block_4k = DeviceLimits {
         logical_block_size: 4096,
@@ -539,7 +539,7 @@ fn malformed_discard_and_write_zeroes_payloads() {
             vec![],
             None,
             l,
-            RejectReason::BadSegments,
+            ChainError::BadSegments,
         ),
         (
             "payload not a whole number of segments",
@@ -547,7 +547,7 @@ fn malformed_discard_and_write_zeroes_payloads() {
             vec![(0, 8, 0), (8, 8, 0)],
             Some(24),
             l,
-            RejectReason::BadSegments,
+            ChainError::BadSegments,
         ),
         (
             "more segments than advertised",
@@ -555,7 +555,7 @@ fn malformed_discard_and_write_zeroes_payloads() {
             too_many,
             None,
             l,
-            RejectReason::BadSegments,
+            ChainError::BadSegments,
         ),
         (
             "segment longer than advertised",
@@ -566,7 +566,7 @@ fn malformed_discard_and_write_zeroes_payloads() {
                 capacity_sectors: u64::MAX,
                 ..l
             },
-            RejectReason::BadSegments,
+            ChainError::BadSegments,
         ),
         (
             "start not on a logical block",
@@ -574,7 +574,7 @@ fn malformed_discard_and_write_zeroes_payloads() {
             vec![(4, 8, 0)],
             None,
             block_4k,
-            RejectReason::BadSegments,
+            ChainError::BadSegments,
         ),
         (
             "length not whole logical blocks",
@@ -582,7 +582,7 @@ fn malformed_discard_and_write_zeroes_payloads() {
             vec![(8, 4, 0)],
             None,
             block_4k,
-            RejectReason::BadSegments,
+            ChainError::BadSegments,
         ),
         (
             "unmap flag on a discard",
@@ -590,7 +590,7 @@ fn malformed_discard_and_write_zeroes_payloads() {
             vec![(0, 8, SEGMENT_FLAG_UNMAP)],
             None,
             l,
-            RejectReason::UnsupportedFlags,
+            ChainError::UnsupportedFlags,
         ),
         (
             "reserved flag on a write-zeroes",
@@ -598,7 +598,7 @@ fn malformed_discard_and_write_zeroes_payloads() {
             vec![(0, 8, 2)],
             None,
             l,
-            RejectReason::UnsupportedFlags,
+            ChainError::UnsupportedFlags,
         ),
     ];
     for (what, req_type, segs, len, limits, reason) in cases {
@@ -614,7 +614,7 @@ fn malformed_discard_and_write_zeroes_payloads() {
 
 #[test]
 fn rejection_status_bytes() {
-    use RejectReason::*;
+    use ChainError::*;
     let all = [
         (EmptyChain, status::IOERR),
         (BadHeader, status::IOERR),
