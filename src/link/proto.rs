@@ -45,7 +45,7 @@
 use serde::{Deserialize, Serialize};
 
 /// Version of this wire protocol; both sides must use the same one.
-pub const PROTOCOL_VERSION: u16 = 1;
+pub const PROTOCOL_VERSION: u16 = 2;
 
 /// Magic number at the start of `Hello` ("DRBK").
 pub const HELLO_MAGIC: u32 = 0x4452_424B;
@@ -87,47 +87,8 @@ pub mod close_code {
     pub const UNAUTHORIZED: u32 = 5;
 }
 
-/// Replication state of the secondary.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
-pub enum ReplicaState {
-    /// Initial full copy in progress: inconsistent, `done` of `total` chunks received.
-    Syncing {
-        /// Chunks of the initial copy received so far.
-        done: u64,
-        /// Chunks of the initial copy in total.
-        total: u64,
-    },
-    /// Holds a crash-consistent image as of CG `cg`.
-    Consistent {
-        /// Last committed consistency group.
-        cg: u64,
-    },
-    /// Promoted to a writable primary; it no longer accepts replication.
-    Promoted,
-}
-
-impl ReplicaState {
-    /// Progress of an initial sync in percent (100 when not syncing).
-    pub fn percent(&self) -> f64 {
-        match *self {
-            ReplicaState::Syncing { done, total } if total > 0 => {
-                (done.min(total) as f64) * 100.0 / total as f64
-            }
-            ReplicaState::Syncing { .. } => 0.0,
-            _ => 100.0,
-        }
-    }
-}
-
-impl std::fmt::Display for ReplicaState {
-    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        match self {
-            ReplicaState::Syncing { .. } => write!(f, "syncing {:.1} %", self.percent()),
-            ReplicaState::Consistent { cg } => write!(f, "consistent at CG {cg}"),
-            ReplicaState::Promoted => write!(f, "promoted"),
-        }
-    }
-}
+/// The secondary's state as its handshake reports it: the replica store's own type.
+pub use crate::replica::ReplicaState;
 
 /// The primary's opening message on the control stream.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]

@@ -75,8 +75,14 @@ impl ReplicaSink for Arc<MemSink> {
             protocol_version: PROTOCOL_VERSION,
             last_committed_cg: last,
             state: match last {
-                Some(cg) => ReplicaState::Consistent { cg },
-                None => ReplicaState::Syncing { done: 0, total: 1 },
+                Some(cg) => ReplicaState::Consistent {
+                    cg,
+                    frozen_at_unix_us: 0,
+                },
+                None => ReplicaState::Syncing {
+                    done_chunks: 0,
+                    total_chunks: 1,
+                },
             },
             site: "secondary".into(),
         })
@@ -104,8 +110,20 @@ impl ReplicaSink for Arc<MemSink> {
     fn status(&self) -> (ReplicaState, Option<u64>) {
         let last = self.st().last;
         match last {
-            Some(cg) => (ReplicaState::Consistent { cg }, last),
-            None => (ReplicaState::Syncing { done: 0, total: 1 }, None),
+            Some(cg) => (
+                ReplicaState::Consistent {
+                    cg,
+                    frozen_at_unix_us: 0,
+                },
+                last,
+            ),
+            None => (
+                ReplicaState::Syncing {
+                    done_chunks: 0,
+                    total_chunks: 1,
+                },
+                None,
+            ),
         }
     }
     fn progress(&self, done: u64, total: u64) {
@@ -182,7 +200,13 @@ fn handshake_status_commit() {
     c.commit(1, proto::now_unix_us()).unwrap();
     let st = c.status().unwrap();
     assert_eq!(st.last_committed_cg, Some(1));
-    assert_eq!(st.state, ReplicaState::Consistent { cg: 1 });
+    assert_eq!(
+        st.state,
+        ReplicaState::Consistent {
+            cg: 1,
+            frozen_at_unix_us: 0,
+        }
+    );
     assert_eq!(sink.st().image.len(), 9);
     assert_eq!(sink.st().progress, Some((3, 10)));
     assert_eq!(sink.st().image[&8], vec![0; CHUNK as usize]);

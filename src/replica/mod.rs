@@ -90,8 +90,10 @@ use format::{Header, RecordType};
 use journal::{Entry, Geometry, Journal, JOURNAL_FILE, JOURNAL_NEW};
 use state::{Mode, StateFile, STATE_FORMAT, STATE_TMP};
 
-/// The replica's state as reported to the link and to operators.
-#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+/// The replica's state: what the store holds, what the secondary reports to the primary in
+/// its handshake, and what operators see. (The state file persists it in its own form, see
+/// `state.rs`: progress of a sync is not persisted.)
+#[derive(Clone, Copy, Debug, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
 pub enum ReplicaState {
     /// Initial or re-synchronisation: the image is knowingly inconsistent.
     Syncing {
@@ -109,6 +111,32 @@ pub enum ReplicaState {
     },
     /// The replica was promoted to a writable primary; replication into it has stopped.
     Promoted,
+}
+
+impl ReplicaState {
+    /// Progress of a sync in percent (100 when not syncing).
+    pub fn percent(&self) -> f64 {
+        match *self {
+            ReplicaState::Syncing {
+                done_chunks,
+                total_chunks,
+            } if total_chunks > 0 => {
+                (done_chunks.min(total_chunks) as f64) * 100.0 / total_chunks as f64
+            }
+            ReplicaState::Syncing { .. } => 0.0,
+            _ => 100.0,
+        }
+    }
+}
+
+impl std::fmt::Display for ReplicaState {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self {
+            ReplicaState::Syncing { .. } => write!(f, "syncing {:.1} %", self.percent()),
+            ReplicaState::Consistent { cg, .. } => write!(f, "consistent at CG {cg}"),
+            ReplicaState::Promoted => write!(f, "promoted"),
+        }
+    }
 }
 
 /// Chunk content handed to [`ReplicaStore::stage_chunk`].

@@ -80,10 +80,10 @@ impl Replicator {
             // acknowledgement the link lost. Either way everything changed since our last
             // committed group is dirty again (`link_lost` merged what was shipped since back
             // into the dirty set), so shipping it on top of the secondary's group is exact.
-            (ReplicaState::Consistent { cg }, _) if last > 0 && cg >= last && cg < next => {
+            (ReplicaState::Consistent { cg, .. }, _) if last > 0 && cg >= last && cg < next => {
                 tracing::info!(secondary = %self.cfg.server_addr, cg, our_last = last, "secondary consistent at a group of ours: incremental resync");
             }
-            (ReplicaState::Consistent { cg }, _) => {
+            (ReplicaState::Consistent { cg, .. }, _) => {
                 tracing::info!(secondary = %self.cfg.server_addr, cg, our_last = last, "secondary holds another group: full resync, staged above it");
                 self.engine.resume_numbering(cg);
                 self.engine.mark_all();
@@ -140,8 +140,11 @@ impl ChunkSink for Replicator {
         let r = self.client()?.commit(cg, unix_micros(frozen_at));
         match r {
             Ok(()) => {
-                *self.status.remote_state.lock().expect("status lock") =
-                    ReplicaState::Consistent { cg }.to_string();
+                *self.status.remote_state.lock().expect("status lock") = ReplicaState::Consistent {
+                    cg,
+                    frozen_at_unix_us: unix_micros(frozen_at),
+                }
+                .to_string();
                 Ok(())
             }
             Err(e) => Err(self.lost(e)),

@@ -14,8 +14,8 @@ use anyhow::Context;
 
 use crate::link::server::PeerInfo;
 use crate::link::{
-    ChunkData as WireChunk, Hello, HelloAck, LinkServer, RejectReason, ReplicaSink,
-    ReplicaState as WireState, ServerConfig, SiteIdentity, PROTOCOL_VERSION,
+    ChunkData as WireChunk, Hello, HelloAck, LinkServer, RejectReason, ReplicaSink, ServerConfig,
+    SiteIdentity, PROTOCOL_VERSION,
 };
 use crate::replica::identity::uuid_hex;
 use crate::replica::{ChunkData, Error as StoreError, ReplicaState, ReplicaStore};
@@ -67,20 +67,6 @@ impl StoreSink {
         tracing::info!(?report, state = ?store.state(), "replica recovered");
         *self.store.lock().expect("store lock") = Some(store);
         Ok(())
-    }
-
-    fn wire_state(store: &ReplicaStore) -> WireState {
-        match store.state() {
-            ReplicaState::Syncing {
-                done_chunks,
-                total_chunks,
-            } => WireState::Syncing {
-                done: done_chunks,
-                total: total_chunks,
-            },
-            ReplicaState::Consistent { cg, .. } => WireState::Consistent { cg },
-            ReplicaState::Promoted => WireState::Promoted,
-        }
     }
 
     fn with_store<T>(
@@ -140,7 +126,7 @@ impl ReplicaSink for StoreSink {
         Ok(HelloAck {
             protocol_version: PROTOCOL_VERSION,
             last_committed_cg: store.last_committed_cg(),
-            state: Self::wire_state(store),
+            state: store.state(),
             site: self.site.clone(),
         })
     }
@@ -186,10 +172,16 @@ impl ReplicaSink for StoreSink {
         })
     }
 
-    fn status(&self) -> (WireState, Option<u64>) {
+    fn status(&self) -> (ReplicaState, Option<u64>) {
         match self.store.lock().expect("store lock").as_ref() {
-            Some(s) => (Self::wire_state(s), s.last_committed_cg()),
-            None => (WireState::Syncing { done: 0, total: 0 }, None),
+            Some(s) => (s.state(), s.last_committed_cg()),
+            None => (
+                ReplicaState::Syncing {
+                    done_chunks: 0,
+                    total_chunks: 0,
+                },
+                None,
+            ),
         }
     }
 
@@ -250,7 +242,7 @@ impl Secondary {
     }
 
     /// The replica's state and last committed CG.
-    pub fn status(&self) -> (WireState, Option<u64>) {
+    pub fn status(&self) -> (ReplicaState, Option<u64>) {
         self.sink.status()
     }
 
@@ -305,7 +297,7 @@ impl ReplicaSink for SinkRef {
     fn commit(&self, cg: u64, frozen_at_unix_us: u64, chunk_count: u64) -> anyhow::Result<()> {
         self.0.commit(cg, frozen_at_unix_us, chunk_count)
     }
-    fn status(&self) -> (WireState, Option<u64>) {
+    fn status(&self) -> (ReplicaState, Option<u64>) {
         self.0.status()
     }
     fn disconnected(&self, reason: &str) {

@@ -48,7 +48,10 @@ impl ReplicaSink for NullSink {
         Ok(HelloAck {
             protocol_version: PROTOCOL_VERSION,
             last_committed_cg: None,
-            state: ReplicaState::Syncing { done: 0, total: 0 },
+            state: ReplicaState::Syncing {
+                done_chunks: 0,
+                total_chunks: 0,
+            },
             site: "secondary".into(),
         })
     }
@@ -59,7 +62,13 @@ impl ReplicaSink for NullSink {
         Ok(())
     }
     fn status(&self) -> (ReplicaState, Option<u64>) {
-        (ReplicaState::Syncing { done: 0, total: 0 }, None)
+        (
+            ReplicaState::Syncing {
+                done_chunks: 0,
+                total_chunks: 0,
+            },
+            None,
+        )
     }
 }
 
