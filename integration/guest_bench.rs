@@ -21,8 +21,7 @@
 
 #[path = "common/daemons.rs"]
 mod daemons;
-#[path = "common/vm.rs"]
-mod vm;
+use drblk_testkit::vm;
 
 use std::collections::BTreeMap;
 use std::time::Duration;

@@ -11,8 +11,7 @@
 
 #[path = "common/daemons.rs"]
 mod daemons;
-#[path = "common/vm.rs"]
-mod vm;
+use drblk_testkit::vm;
 
 use std::sync::Mutex;
 use std::time::{Duration, Instant};

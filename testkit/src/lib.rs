@@ -6,6 +6,8 @@
 //! - [`blkio_client`]: libblkio's virtio-blk driver as a real frontend (demo, benchmarks).
 //! - [`impair`]: a loopback UDP proxy adding delay, loss, reordering or a blackhole to the
 //!   replication link.
+//! - [`vm`]: QEMU guests booted from `vm-images/` with a job script, results read from the
+//!   serial console.
 //! - [`workload`]: the dependent-write workload and its consistency checker.
 //! - [`rng`]: seeded pseudo-random numbers and byte patterns.
 //! - [`bench`](mod@bench): figures of a benchmark cell (IOPS, latency, CPU).
@@ -19,4 +21,5 @@ pub mod demo;
 pub mod impair;
 pub mod rng;
 pub mod test_frontend;
+pub mod vm;
 pub mod workload;

@@ -1,7 +1,4 @@
-//! QEMU guest harness for drblk integration tests.
-//!
-//! Self-contained (std + serde_json); include it from an integration test with
-//! `#[path = "common/vm.rs"] mod vm;` (or via a `common/mod.rs`).
+//! QEMU guest harness for drblk integration tests (`drblk_testkit::vm`).
 //!
 //! ```ignore
 //! let out = vm::VmBuilder::new()
@@ -32,7 +29,7 @@
 //! - `DRBLK_VM_ECHO=1`: copy the guest's serial console to stderr as it arrives.
 //! - `DRBLK_VM_KEEP=1`: keep the per-VM work directory (job script, command line).
 
-#![allow(dead_code)]
+#![allow(missing_docs)] // a test harness; its items are documented where it helps
 
 use std::collections::BTreeMap;
 use std::fmt::Write as _;
@@ -104,7 +101,7 @@ fn build_guest_image() -> Result<GuestImage, String> {
     if let Some(dir) = std::env::var_os("DRBLK_VM_IMAGE_DIR") {
         return GuestImage::from_dir(PathBuf::from(dir));
     }
-    let script = Path::new(env!("CARGO_MANIFEST_DIR")).join("vm-images/build.sh");
+    let script = Path::new(env!("CARGO_MANIFEST_DIR")).join("../vm-images/build.sh");
     let mut child = Command::new("bash")
         .arg(&script)
         .stdin(Stdio::null())
