@@ -1,0 +1,406 @@
+//! The running session of a connected client: chunks queued onto the data streams, commits
+//! and their acknowledgements, status requests and heartbeats on the control stream, and
+//! loss detection (the first failure anywhere marks the link lost and wakes every waiter).
+//!
+//! Memory bound (see the module docs of `client`): `send_chunk` takes one permit of
+//! `inflight` per frame byte before queuing a frame; `data_writer` gives them back only once
+//! quinn has taken the frame into its send buffer (bounded by `send_window`).
+
+use std::collections::{BTreeMap, HashMap};
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+
+use tokio::sync::{mpsc, oneshot, OwnedSemaphorePermit, Semaphore};
+
+use super::connect::Established;
+use super::{describe_close, lock, ClientConfig, ReplicaStatus};
+use crate::link::proto::{self, close_code, encode_frame, HelloAck, Message, WirePayload};
+use crate::link::ratelimit::TokenBucket;
+use crate::link::LinkError;
+
+type Job = (Vec<u8>, OwnedSemaphorePermit);
+
+#[derive(Default)]
+struct Pending {
+    commits: HashMap<u64, oneshot::Sender<Result<(), String>>>,
+    status: HashMap<u64, oneshot::Sender<ReplicaStatus>>,
+    pings: HashMap<u64, oneshot::Sender<()>>,
+}
+
+#[derive(Default)]
+pub(super) struct Counters {
+    pub(super) chunks: AtomicU64,
+    pub(super) zero: AtomicU64,
+    pub(super) lz4: AtomicU64,
+    pub(super) data: AtomicU64,
+    pub(super) wire: AtomicU64,
+    pub(super) acked: AtomicU64,
+}
+
+/// State of one connected link, shared by the blocking API and the link's tasks.
+pub(super) struct Shared {
+    pub(super) conn: quinn::Connection,
+    pub(super) endpoint: quinn::Endpoint,
+    pub(super) ctrl: tokio::sync::Mutex<quinn::SendStream>,
+    data: Vec<mpsc::Sender<Job>>,
+    pub(super) inflight: Arc<Semaphore>,
+    max_inflight: usize,
+    bucket: Option<TokenBucket>,
+    pub(super) lost: Mutex<Option<String>>,
+    pending: Mutex<Pending>,
+    /// Chunks sent per CG label, not yet covered by a commit.
+    uncommitted: Mutex<(BTreeMap<u64, u64>, Option<u64>)>,
+    seq: AtomicU64,
+    pub(super) counters: Counters,
+    pub(super) cfg: ClientConfig,
+    pub(super) ack: HelloAck,
+}
+
+impl Shared {
+    /// Starts the session on a link that passed the handshake: one writer task per data
+    /// stream, the control stream reader, and a task marking the link lost when the
+    /// connection closes. Must run inside the link's runtime.
+    pub(super) fn start(cfg: ClientConfig, link: Established) -> Arc<Shared> {
+        let Established {
+            endpoint,
+            conn,
+            ctrl_send: send,
+            ctrl_recv: recv,
+            data: streams,
+            ack,
+        } = link;
+        let max_frame =
+            cfg.disk.chunk_size as usize + proto::CHUNK_HEADER_MAX + proto::FRAME_OVERHEAD;
+        let max_inflight = cfg
+            .max_inflight_bytes
+            .max(2 * max_frame)
+            .min(u32::MAX as usize / 2);
+        let mut txs = Vec::new();
+        let mut rxs = Vec::new();
+        for _ in 0..cfg.data_streams {
+            let (tx, rx) = mpsc::channel(1024);
+            txs.push(tx);
+            rxs.push(rx);
+        }
+        let bucket = cfg
+            .max_rate
+            .map(|r| TokenBucket::new(r, (r / 10).max(2 * max_frame as u64)));
+        let last = ack.last_committed_cg;
+        let shared = Arc::new(Shared {
+            conn,
+            endpoint,
+            ctrl: tokio::sync::Mutex::new(send),
+            data: txs,
+            inflight: Arc::new(Semaphore::new(max_inflight)),
+            max_inflight,
+            bucket,
+            lost: Mutex::new(None),
+            pending: Mutex::new(Pending::default()),
+            uncommitted: Mutex::new((BTreeMap::new(), last)),
+            seq: AtomicU64::new(1),
+            counters: Counters::default(),
+            cfg,
+            ack,
+        });
+        for (stream, rx) in streams.into_iter().zip(rxs) {
+            tokio::spawn(data_writer(shared.clone(), stream, rx));
+        }
+        tokio::spawn(control_reader(shared.clone(), recv));
+        let s = shared.clone();
+        tokio::spawn(async move {
+            let e = s.conn.closed().await;
+            s.mark_lost(describe_close(&e));
+        });
+        shared
+    }
+
+    fn lost_error(&self) -> LinkError {
+        LinkError::LinkLost(
+            lock(&self.lost)
+                .clone()
+                .unwrap_or_else(|| "connection closed".into()),
+        )
+    }
+
+    pub(super) fn check_alive(&self) -> Result<(), LinkError> {
+        if lock(&self.lost).is_some() {
+            return Err(self.lost_error());
+        }
+        Ok(())
+    }
+
+    /// Records the first reason the link was lost and wakes every waiter.
+    fn mark_lost(&self, reason: String) {
+        {
+            let mut l = lock(&self.lost);
+            if l.is_none() {
+                tracing::warn!(peer = %self.cfg.server_addr, "replication link lost: {reason}");
+                *l = Some(reason);
+            }
+        }
+        self.inflight.close();
+        let mut p = lock(&self.pending);
+        p.commits.clear();
+        p.status.clear();
+        p.pings.clear();
+    }
+
+    pub(super) async fn send_ctrl(&self, msg: &Message<'_>) -> Result<(), LinkError> {
+        let frame = encode_frame(msg).map_err(|e| LinkError::Protocol(format!("encode: {e}")))?;
+        let mut s = self.ctrl.lock().await;
+        s.write_all(&frame)
+            .await
+            .map_err(|e| LinkError::LinkLost(format!("control stream: {e}")))
+    }
+
+    pub(super) async fn send_chunk(
+        &self,
+        cg: u64,
+        index: u64,
+        data: Option<&[u8]>,
+    ) -> Result<(), LinkError> {
+        self.check_alive()?;
+        let d = &self.cfg.disk;
+        let want = d.geometry()?.chunk_len(index).ok_or_else(|| {
+            LinkError::InvalidArgument(format!("chunk index {index} beyond the disk"))
+        })?;
+        if let Some(data) = data {
+            if data.len() != want {
+                return Err(LinkError::InvalidArgument(format!(
+                    "chunk {index}: {} bytes, expected {want}",
+                    data.len()
+                )));
+            }
+        }
+        {
+            let u = lock(&self.uncommitted);
+            if u.1.is_some_and(|c| cg <= c) {
+                return Err(LinkError::InvalidArgument(format!(
+                    "chunk labelled CG {cg}, but CG {} was already committed",
+                    u.1.unwrap_or(0)
+                )));
+            }
+        }
+        // Encode on the caller's thread (compression, checksum).
+        let mut compressed = Vec::new();
+        let payload = match data {
+            None => WirePayload::Zero,
+            Some(d) if self.cfg.detect_zero && d.iter().all(|&b| b == 0) => WirePayload::Zero,
+            Some(d) if self.cfg.compress => {
+                compressed = lz4_flex::block::compress(d);
+                if compressed.len() <= d.len() - d.len() / 8 {
+                    WirePayload::Lz4(&compressed)
+                } else {
+                    WirePayload::Raw(d)
+                }
+            }
+            Some(d) => WirePayload::Raw(d),
+        };
+        match payload {
+            WirePayload::Zero => self.counters.zero.fetch_add(1, Ordering::Relaxed),
+            WirePayload::Lz4(_) => self.counters.lz4.fetch_add(1, Ordering::Relaxed),
+            WirePayload::Raw(_) => 0,
+        };
+        let frame = encode_frame(&Message::Chunk { cg, index, payload })
+            .map_err(|e| LinkError::Protocol(format!("encode: {e}")))?;
+        drop(compressed);
+        if let Some(b) = &self.bucket {
+            b.acquire(frame.len() as u64).await;
+        }
+        let n = frame.len().min(self.max_inflight) as u32;
+        let permit = self
+            .inflight
+            .clone()
+            .acquire_many_owned(n)
+            .await
+            .map_err(|_| self.lost_error())?;
+        let stream = (index % self.data.len() as u64) as usize;
+        self.data[stream]
+            .send((frame, permit))
+            .await
+            .map_err(|_| self.lost_error())?;
+        *lock(&self.uncommitted).0.entry(cg).or_insert(0) += 1;
+        self.counters.chunks.fetch_add(1, Ordering::Relaxed);
+        self.counters.data.fetch_add(want as u64, Ordering::Relaxed);
+        Ok(())
+    }
+
+    pub(super) async fn commit(&self, cg: u64, frozen_at_unix_us: u64) -> Result<(), LinkError> {
+        self.check_alive()?;
+        let (tx, rx) = oneshot::channel();
+        let chunk_count = {
+            let mut u = lock(&self.uncommitted);
+            if u.1.is_some_and(|c| cg <= c) {
+                return Err(LinkError::InvalidArgument(format!(
+                    "commit of CG {cg} after CG {} (CGs must increase)",
+                    u.1.unwrap_or(0)
+                )));
+            }
+            let mut pending = lock(&self.pending);
+            if pending.commits.contains_key(&cg) {
+                return Err(LinkError::InvalidArgument(format!(
+                    "commit of CG {cg} already pending"
+                )));
+            }
+            pending.commits.insert(cg, tx);
+            let later = u.0.split_off(&(cg + 1));
+            let count = u.0.values().sum::<u64>();
+            u.0 = later;
+            u.1 = Some(cg);
+            count
+        };
+        tracing::debug!(cg, chunk_count, "sending commit");
+        self.send_ctrl(&Message::Commit {
+            cg,
+            frozen_at_unix_us,
+            chunk_count,
+        })
+        .await?;
+        match tokio::time::timeout(self.cfg.commit_timeout, rx).await {
+            Err(_) => {
+                lock(&self.pending).commits.remove(&cg);
+                Err(LinkError::Timeout(format!("acknowledgement of CG {cg}")))
+            }
+            Ok(Err(_)) => Err(self.lost_error()),
+            Ok(Ok(Err(reason))) => Err(LinkError::CommitFailed { cg, reason }),
+            Ok(Ok(Ok(()))) => {
+                self.counters.acked.fetch_add(1, Ordering::Relaxed);
+                Ok(())
+            }
+        }
+    }
+
+    pub(super) async fn status(&self) -> Result<ReplicaStatus, LinkError> {
+        self.check_alive()?;
+        let seq = self.seq.fetch_add(1, Ordering::Relaxed);
+        let (tx, rx) = oneshot::channel();
+        lock(&self.pending).status.insert(seq, tx);
+        self.send_ctrl(&Message::StatusRequest { seq }).await?;
+        match tokio::time::timeout(self.cfg.request_timeout, rx).await {
+            Err(_) => {
+                lock(&self.pending).status.remove(&seq);
+                Err(LinkError::Timeout("status request".into()))
+            }
+            Ok(Err(_)) => Err(self.lost_error()),
+            Ok(Ok(s)) => Ok(s),
+        }
+    }
+
+    pub(super) async fn ping(&self) -> Result<Duration, LinkError> {
+        self.check_alive()?;
+        let seq = self.seq.fetch_add(1, Ordering::Relaxed);
+        let (tx, rx) = oneshot::channel();
+        lock(&self.pending).pings.insert(seq, tx);
+        let t = tokio::time::Instant::now();
+        self.send_ctrl(&Message::Heartbeat {
+            seq,
+            sent_at_unix_us: proto::now_unix_us(),
+        })
+        .await?;
+        match tokio::time::timeout(self.cfg.request_timeout, rx).await {
+            Err(_) => {
+                lock(&self.pending).pings.remove(&seq);
+                Err(LinkError::Timeout("heartbeat".into()))
+            }
+            Ok(Err(_)) => Err(self.lost_error()),
+            Ok(Ok(())) => Ok(t.elapsed()),
+        }
+    }
+
+    /// Handles one message from the secondary on the control stream.
+    fn on_control(&self, msg: Message<'_>) -> Result<(), String> {
+        match msg {
+            Message::CommitAck { cg } => match lock(&self.pending).commits.remove(&cg) {
+                Some(tx) => {
+                    let _ = tx.send(Ok(()));
+                    Ok(())
+                }
+                None => Err(format!("CommitAck for CG {cg}, which is not pending")),
+            },
+            Message::CommitFailed { cg, reason } => {
+                tracing::error!(cg, "secondary failed to commit CG {cg}: {reason}");
+                if let Some(tx) = lock(&self.pending).commits.remove(&cg) {
+                    let _ = tx.send(Err(reason));
+                }
+                Ok(())
+            }
+            Message::Status {
+                seq,
+                state,
+                last_committed_cg,
+            } => {
+                if let Some(tx) = lock(&self.pending).status.remove(&seq) {
+                    let _ = tx.send(ReplicaStatus {
+                        state,
+                        last_committed_cg,
+                    });
+                }
+                Ok(())
+            }
+            Message::HeartbeatAck { seq, .. } => {
+                if let Some(tx) = lock(&self.pending).pings.remove(&seq) {
+                    let _ = tx.send(());
+                }
+                Ok(())
+            }
+            other => Err(format!("unexpected {} on the control stream", other.kind())),
+        }
+    }
+}
+
+async fn control_reader(shared: Arc<Shared>, mut recv: quinn::RecvStream) {
+    let mut buf = Vec::new();
+    loop {
+        match proto::read_frame(&mut recv, &mut buf, proto::MAX_CONTROL_FRAME_LEN).await {
+            Ok(true) => {}
+            Ok(false) => {
+                shared.mark_lost("secondary closed the control stream".into());
+                shared
+                    .conn
+                    .close(close_code::NORMAL.into(), b"control stream closed");
+                return;
+            }
+            Err(e) => {
+                if shared.conn.close_reason().is_none() {
+                    tracing::error!("malformed frame from the secondary: {e}; closing the link");
+                    shared
+                        .conn
+                        .close(close_code::PROTOCOL_ERROR.into(), b"malformed frame");
+                    shared.mark_lost(format!("malformed frame from the secondary: {e}"));
+                }
+                return;
+            }
+        }
+        let res = proto::decode_payload(&buf)
+            .map_err(|e| e.to_string())
+            .and_then(|m| shared.on_control(m));
+        if let Err(e) = res {
+            tracing::error!("protocol error from the secondary: {e}; closing the link");
+            shared
+                .conn
+                .close(close_code::PROTOCOL_ERROR.into(), b"protocol error");
+            shared.mark_lost(format!("protocol error from the secondary: {e}"));
+            return;
+        }
+    }
+}
+
+async fn data_writer(
+    shared: Arc<Shared>,
+    mut stream: quinn::SendStream,
+    mut rx: mpsc::Receiver<Job>,
+) {
+    while let Some((frame, permit)) = rx.recv().await {
+        if let Err(e) = stream.write_all(&frame).await {
+            shared.mark_lost(format!("data stream: {e}"));
+            return;
+        }
+        shared
+            .counters
+            .wire
+            .fetch_add(frame.len() as u64, Ordering::Relaxed);
+        drop(permit);
+    }
+    let _ = stream.finish();
+}

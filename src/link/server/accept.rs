@@ -1,0 +1,213 @@
+//! Accepting primaries: the accept loop (bounded number of concurrent handshakes), the
+//! QUIC/TLS handshake with the peer certificate check, `Hello` (version, site name, one
+//! primary at a time, [`ReplicaSink::hello`](super::ReplicaSink::hello)), refusing peers
+//! with `Reject`, and the end of a connection (the sink is told, the server freed).
+
+use std::net::SocketAddr;
+use std::sync::atomic::Ordering;
+use std::sync::Arc;
+use std::time::Duration;
+
+use tokio::sync::Semaphore;
+
+use super::session::Session;
+use super::{PeerInfo, ServerShared};
+use crate::link::proto::{self, close_code, encode_frame, HelloAck, Message, RejectReason};
+use crate::link::tls;
+
+/// Accepts connection attempts until the endpoint is closed; each runs in its own task.
+pub(super) async fn accept_loop(srv: Arc<ServerShared>, ep: quinn::Endpoint) {
+    let handshakes = Arc::new(Semaphore::new(srv.cfg.max_handshakes.max(1)));
+    while let Some(incoming) = ep.accept().await {
+        let Ok(permit) = handshakes.clone().try_acquire_owned() else {
+            tracing::warn!(peer = %incoming.remote_address(), "too many handshakes; refused");
+            incoming.refuse();
+            continue;
+        };
+        tokio::spawn(handle_connection(srv.clone(), incoming, permit));
+    }
+}
+
+/// Sends `Reject`, waits (bounded) until the primary has read it, then closes.
+async fn reject(
+    srv: &ServerShared,
+    conn: &quinn::Connection,
+    mut send: quinn::SendStream,
+    addr: SocketAddr,
+    site: &str,
+    r: RejectReason,
+) {
+    srv.counters.rejected.fetch_add(1, Ordering::Relaxed);
+    tracing::warn!(peer = %addr, site, "rejecting primary: {r}");
+    let text = proto::clip(&r.to_string());
+    if let Ok(frame) = encode_frame(&Message::Reject(r)) {
+        let _ = send.write_all(&frame).await;
+        let _ = send.finish();
+        let _ = tokio::time::timeout(Duration::from_secs(2), send.stopped()).await;
+    }
+    conn.close(close_code::REJECTED.into(), text.as_bytes());
+}
+
+async fn handle_connection(
+    srv: Arc<ServerShared>,
+    incoming: quinn::Incoming,
+    handshake_permit: tokio::sync::OwnedSemaphorePermit,
+) {
+    let addr = incoming.remote_address();
+    let connecting = match incoming.accept() {
+        Ok(c) => c,
+        Err(e) => {
+            tracing::warn!(peer = %addr, "connection attempt failed: {e}");
+            return;
+        }
+    };
+    let conn = match tokio::time::timeout(srv.cfg.handshake_timeout, connecting).await {
+        Err(_) => {
+            srv.counters.tls_failures.fetch_add(1, Ordering::Relaxed);
+            tracing::warn!(peer = %addr, "QUIC/TLS handshake timed out");
+            return;
+        }
+        Ok(Err(e)) => {
+            srv.counters.tls_failures.fetch_add(1, Ordering::Relaxed);
+            tracing::warn!(peer = %addr, "QUIC/TLS handshake failed, peer refused: {e}");
+            return;
+        }
+        Ok(Ok(c)) => c,
+    };
+    srv.counters.connections.fetch_add(1, Ordering::Relaxed);
+    let chain = tls::peer_chain(&conn).unwrap_or_default();
+    if let Some(expected) = &srv.cfg.expected_peer {
+        if !tls::cert_matches_site(&chain, expected) {
+            srv.counters.tls_failures.fetch_add(1, Ordering::Relaxed);
+            tracing::warn!(peer = %addr, "peer certificate is not for site {expected:?}; refused");
+            conn.close(
+                close_code::UNAUTHORIZED.into(),
+                b"certificate not for the expected site",
+            );
+            return;
+        }
+    }
+    // Hello, bounded in time.
+    let first = async {
+        let (send, mut recv) = conn.accept_bi().await.map_err(|e| e.to_string())?;
+        let mut buf = Vec::new();
+        match proto::read_frame(&mut recv, &mut buf, proto::MAX_CONTROL_FRAME_LEN).await {
+            Ok(true) => Ok((send, recv, buf)),
+            Ok(false) => Err("control stream ended before Hello".to_string()),
+            Err(e) => Err(format!("malformed first frame: {e}")),
+        }
+    };
+    let (send, recv, buf) = match tokio::time::timeout(srv.cfg.handshake_timeout, first).await {
+        Err(_) => {
+            tracing::warn!(peer = %addr, "no Hello within {:?}; closing", srv.cfg.handshake_timeout);
+            conn.close(close_code::PROTOCOL_ERROR.into(), b"no Hello");
+            return;
+        }
+        Ok(Err(e)) => {
+            srv.counters.protocol_errors.fetch_add(1, Ordering::Relaxed);
+            tracing::warn!(peer = %addr, "handshake failed: {e}; closing");
+            conn.close(
+                close_code::PROTOCOL_ERROR.into(),
+                proto::clip(&e).as_bytes(),
+            );
+            return;
+        }
+        Ok(Ok(x)) => x,
+    };
+    match proto::peek_hello_version(&buf) {
+        Some(proto::PROTOCOL_VERSION) => {}
+        Some(v) => {
+            let r = RejectReason::VersionMismatch {
+                ours: proto::PROTOCOL_VERSION,
+                theirs: v,
+            };
+            return reject(&srv, &conn, send, addr, "?", r).await;
+        }
+        None => {
+            srv.counters.protocol_errors.fetch_add(1, Ordering::Relaxed);
+            tracing::warn!(peer = %addr, "first frame is not a Hello; closing");
+            conn.close(close_code::PROTOCOL_ERROR.into(), b"expected Hello");
+            return;
+        }
+    }
+    let hello = match proto::decode_payload(&buf) {
+        Ok(Message::Hello(h)) => h,
+        Ok(m) => {
+            tracing::warn!(peer = %addr, "expected Hello, got {}; closing", m.kind());
+            conn.close(close_code::PROTOCOL_ERROR.into(), b"expected Hello");
+            return;
+        }
+        Err(e) => {
+            srv.counters.protocol_errors.fetch_add(1, Ordering::Relaxed);
+            tracing::warn!(peer = %addr, "undecodable Hello: {e}; closing");
+            conn.close(close_code::PROTOCOL_ERROR.into(), b"undecodable Hello");
+            return;
+        }
+    };
+    let site = proto::clip(&hello.site);
+    if !tls::cert_matches_site(&chain, &site) {
+        let r = RejectReason::Other(format!(
+            "Hello claims site {site:?}, but the client certificate is not for that name"
+        ));
+        return reject(&srv, &conn, send, addr, &site, r).await;
+    }
+    if srv
+        .busy
+        .compare_exchange(false, true, Ordering::AcqRel, Ordering::Acquire)
+        .is_err()
+    {
+        return reject(&srv, &conn, send, addr, &site, RejectReason::Busy).await;
+    }
+    let peer = PeerInfo {
+        addr,
+        site: site.clone(),
+    };
+    let sink = srv.sink.clone();
+    let ack = match tokio::task::block_in_place(|| sink.hello(&hello, &peer)) {
+        Ok(ack) => ack,
+        Err(r) => {
+            srv.busy.store(false, Ordering::Release);
+            return reject(&srv, &conn, send, addr, &site, r).await;
+        }
+    };
+    let session = Session::new(
+        srv.clone(),
+        conn.clone(),
+        peer,
+        &hello,
+        send,
+        ack.last_committed_cg,
+    );
+    let ack = HelloAck {
+        protocol_version: proto::PROTOCOL_VERSION,
+        ..ack
+    };
+    if let Err(e) = session.send_ctrl(&Message::HelloAck(ack.clone())).await {
+        tracing::warn!(peer = %addr, "sending HelloAck failed: {e}");
+    } else {
+        tracing::info!(
+            peer = %addr, site = %site, state = %ack.state,
+            last_committed_cg = ?ack.last_committed_cg,
+            "primary connected"
+        );
+        session.start(recv);
+    }
+    drop(handshake_permit);
+    let reason = match conn.closed().await {
+        quinn::ConnectionError::ApplicationClosed(c) => format!(
+            "closed by the primary (code {}): {}",
+            c.error_code,
+            String::from_utf8_lossy(&c.reason)
+        ),
+        quinn::ConnectionError::LocallyClosed => "closed locally".into(),
+        quinn::ConnectionError::TimedOut => "idle timeout: no packet from the primary".into(),
+        e => e.to_string(),
+    };
+    tracing::info!(peer = %addr, site = %site, "primary disconnected: {reason}");
+    // Let the session's tasks observe the closed connection before the sink is told.
+    drop(session);
+    let sink = srv.sink.clone();
+    let r2 = reason.clone();
+    let _ = tokio::task::spawn_blocking(move || sink.disconnected(&r2)).await;
+    srv.busy.store(false, Ordering::Release);
+}

@@ -1,0 +1,266 @@
+//! Secondary side of the link: accepts one primary at a time and hands what it receives to
+//! a pluggable [`ReplicaSink`].
+//!
+//! Per connection: the QUIC/TLS handshake (client certificate verified against the CA;
+//! failures are logged with rustls' reason), then `Hello` on the control stream: protocol
+//! version checked by the link, the leaf certificate must be valid for the site name the
+//! primary claims, the server must not already serve a primary (`Busy`), and
+//! [`ReplicaSink::hello`] decides on disk identity and geometry. After `HelloAck` the data
+//! streams are read (one task per stream, one frame at a time; each chunk is validated and
+//! handed to [`ReplicaSink::chunk`]), and commits are processed in order by one task that
+//! first waits until all chunks the commit covers were handed to the sink, then calls
+//! [`ReplicaSink::commit`] and only then sends `CommitAck`.
+//!
+//! Any malformed frame or protocol violation closes the connection with a log line; the
+//! server keeps accepting the next connection. Sink methods are called from runtime
+//! threads via `block_in_place`/`spawn_blocking`, so they may block on disk I/O.
+//!
+//! Files: `accept.rs` accepts and handshakes connections and refuses peers; `session.rs`
+//! runs an accepted connection (data streams, chunk validation, commits); this file holds
+//! the sink interface, the configuration and the [`LinkServer`] owning the runtime.
+
+mod accept;
+mod session;
+
+use std::net::SocketAddr;
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+
+use super::certs::SiteIdentity;
+use super::proto::{close_code, Hello, HelloAck, RejectReason, ReplicaState};
+use super::tls::{self, Tuning};
+use super::LinkError;
+
+/// Content of a received chunk, as handed to the sink.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum ChunkData<'a> {
+    /// The chunk's bytes (already decompressed; exactly the chunk's length).
+    Data(&'a [u8]),
+    /// The chunk is all zeroes; `len` is its length.
+    Zero {
+        /// Length of the chunk in bytes.
+        len: usize,
+    },
+}
+
+/// Who connected, as far as TLS and `Hello` tell.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct PeerInfo {
+    /// UDP address of the primary.
+    pub addr: SocketAddr,
+    /// Site name claimed in `Hello` (verified against the certificate).
+    pub site: String,
+}
+
+/// The secondary's storage, as seen by the link. Implemented by drblk's staging journal.
+///
+/// Calls for one connection: `hello`, then any number of `chunk` (concurrently from
+/// several data streams, but versions of one chunk index arrive in sending order),
+/// `commit` (sequential, in CG order), `progress`, `status`, and finally `disconnected`.
+pub trait ReplicaSink: Send + Sync + 'static {
+    /// Accepts or refuses a primary. The link already checked the protocol version and
+    /// that the peer's certificate matches `hello.site`; the sink checks the disk identity
+    /// and geometry (see [`DiskInfo::check`](super::DiskInfo::check)) and answers with its
+    /// state.
+    fn hello(&self, hello: &Hello, peer: &PeerInfo) -> Result<HelloAck, RejectReason>;
+
+    /// Stages one chunk shipped for CG `cg`. An error closes the connection.
+    fn chunk(&self, cg: u64, index: u64, data: ChunkData<'_>) -> anyhow::Result<()>;
+
+    /// Makes everything staged with a CG label `<= cg` durable and visible atomically.
+    /// The primary gets `CommitAck` only after this returns `Ok`; an error is reported as
+    /// `CommitFailed` and the connection is closed.
+    fn commit(&self, cg: u64, frozen_at_unix_us: u64, chunk_count: u64) -> anyhow::Result<()>;
+
+    /// Current state and last committed CG, for `Status` reports.
+    fn status(&self) -> (ReplicaState, Option<u64>);
+
+    /// Progress of the initial full copy, as reported by the primary.
+    fn progress(&self, _done: u64, _total: u64) {}
+
+    /// The connection ended; chunks staged since the last commit belong to an abandoned CG.
+    fn disconnected(&self, _reason: &str) {}
+}
+
+/// Configuration of the secondary's link server.
+#[derive(Debug, Clone)]
+pub struct ServerConfig {
+    /// This site's certificates.
+    pub identity: SiteIdentity,
+    /// UDP address to listen on.
+    pub listen: SocketAddr,
+    /// If set, only a primary whose certificate is valid for this site name is accepted.
+    pub expected_peer: Option<String>,
+    /// Most data streams a primary may open.
+    pub max_data_streams: u32,
+    /// Transport tuning.
+    pub tuning: Tuning,
+    /// Bound of the QUIC/TLS handshake and of waiting for `Hello`.
+    pub handshake_timeout: Duration,
+    /// How long a commit may wait for its missing chunks with no chunk arriving at all.
+    pub commit_stall_timeout: Duration,
+    /// Most concurrent connection attempts being handshaken.
+    pub max_handshakes: usize,
+}
+
+impl ServerConfig {
+    /// A configuration with defaults: 16 data streams, 10 s handshake, 30 s commit stall,
+    /// 16 concurrent handshakes, default tuning.
+    pub fn new(identity: SiteIdentity, listen: SocketAddr) -> ServerConfig {
+        ServerConfig {
+            identity,
+            listen,
+            expected_peer: None,
+            max_data_streams: 16,
+            tuning: Tuning::default(),
+            handshake_timeout: Duration::from_secs(10),
+            commit_stall_timeout: Duration::from_secs(30),
+            max_handshakes: 16,
+        }
+    }
+}
+
+/// Counters of a server.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct ServerStats {
+    /// Connections whose TLS handshake succeeded.
+    pub connections: u64,
+    /// Connection attempts failing TLS (bad or missing certificate, wrong ALPN, ...).
+    pub tls_failures: u64,
+    /// Handshakes answered with `Reject`.
+    pub rejected: u64,
+    /// Connections closed for a protocol violation or malformed frame.
+    pub protocol_errors: u64,
+    /// Chunks handed to the sink.
+    pub chunks: u64,
+    /// CGs acknowledged.
+    pub commits: u64,
+}
+
+#[derive(Default)]
+struct Counters {
+    connections: AtomicU64,
+    tls_failures: AtomicU64,
+    rejected: AtomicU64,
+    protocol_errors: AtomicU64,
+    chunks: AtomicU64,
+    commits: AtomicU64,
+}
+
+struct ServerShared {
+    cfg: ServerConfig,
+    sink: Arc<dyn ReplicaSink>,
+    busy: AtomicBool,
+    counters: Counters,
+}
+
+fn lock<T>(m: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
+    m.lock().unwrap_or_else(|p| p.into_inner())
+}
+
+/// A running secondary link server (owns its runtime).
+pub struct LinkServer {
+    rt: Option<tokio::runtime::Runtime>,
+    endpoint: quinn::Endpoint,
+    shared: Arc<ServerShared>,
+    accept: Option<tokio::task::JoinHandle<()>>,
+}
+
+impl std::fmt::Debug for LinkServer {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("LinkServer")
+            .field("listen", &self.endpoint.local_addr().ok())
+            .finish()
+    }
+}
+
+impl LinkServer {
+    /// Binds the endpoint and starts accepting primaries in the background.
+    pub fn start(cfg: ServerConfig, sink: impl ReplicaSink) -> Result<LinkServer, LinkError> {
+        if tokio::runtime::Handle::try_current().is_ok() {
+            return Err(LinkError::InsideRuntime);
+        }
+        let rt = tokio::runtime::Builder::new_multi_thread()
+            .worker_threads(2)
+            .thread_name("drblk-link-srv")
+            .enable_all()
+            .build()
+            .map_err(|e| LinkError::Io(format!("tokio runtime: {e}")))?;
+        let sc = tls::server_config(&cfg.identity, &cfg.tuning, cfg.max_data_streams)?;
+        let endpoint = {
+            let _g = rt.enter();
+            tls::endpoint(cfg.listen, Some(sc), &cfg.tuning)?
+        };
+        let shared = Arc::new(ServerShared {
+            cfg,
+            sink: Arc::new(sink),
+            busy: AtomicBool::new(false),
+            counters: Counters::default(),
+        });
+        let accept = rt.spawn(accept::accept_loop(shared.clone(), endpoint.clone()));
+        tracing::info!(listen = ?endpoint.local_addr().ok(), "replication link server listening");
+        Ok(LinkServer {
+            rt: Some(rt),
+            endpoint,
+            shared,
+            accept: Some(accept),
+        })
+    }
+
+    /// Starts a server and blocks the calling thread while it runs (until the endpoint is
+    /// closed; in practice for the life of the daemon).
+    pub fn serve(cfg: ServerConfig, sink: impl ReplicaSink) -> Result<(), LinkError> {
+        let mut s = LinkServer::start(cfg, sink)?;
+        if let (Some(rt), Some(accept)) = (&s.rt, s.accept.take()) {
+            let _ = rt.block_on(accept);
+        }
+        s.stop();
+        Ok(())
+    }
+
+    /// The address the server listens on.
+    pub fn local_addr(&self) -> Result<SocketAddr, LinkError> {
+        self.endpoint
+            .local_addr()
+            .map_err(|e| LinkError::Io(e.to_string()))
+    }
+
+    /// Counters.
+    pub fn stats(&self) -> ServerStats {
+        let c = &self.shared.counters;
+        ServerStats {
+            connections: c.connections.load(Ordering::Relaxed),
+            tls_failures: c.tls_failures.load(Ordering::Relaxed),
+            rejected: c.rejected.load(Ordering::Relaxed),
+            protocol_errors: c.protocol_errors.load(Ordering::Relaxed),
+            chunks: c.chunks.load(Ordering::Relaxed),
+            commits: c.commits.load(Ordering::Relaxed),
+        }
+    }
+
+    /// Closes every connection and stops the server (bounded: about one second).
+    pub fn shutdown(mut self) {
+        self.stop();
+    }
+
+    fn stop(&mut self) {
+        self.endpoint
+            .close(close_code::SHUTDOWN.into(), b"server shutting down");
+        if let Some(rt) = self.rt.take() {
+            if tokio::runtime::Handle::try_current().is_err() {
+                let ep = self.endpoint.clone();
+                rt.block_on(async {
+                    let _ = tokio::time::timeout(Duration::from_secs(1), ep.wait_idle()).await;
+                });
+            }
+            rt.shutdown_background();
+        }
+    }
+}
+
+impl Drop for LinkServer {
+    fn drop(&mut self) {
+        self.stop();
+    }
+}

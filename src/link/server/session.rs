@@ -1,0 +1,332 @@
+//! The running session with one primary, after `HelloAck`: one task per data stream reads
+//! one frame at a time, validates each chunk and hands it to
+//! [`ReplicaSink::chunk`](super::ReplicaSink::chunk); the control stream reader answers
+//! status requests and heartbeats and queues commits; one commit task processes commits in
+//! CG order, first waiting until every chunk a commit covers was handed to the sink, then
+//! calling [`ReplicaSink::commit`](super::ReplicaSink::commit), and only then sending
+//! `CommitAck`.
+
+use crate::geometry::Geometry;
+use std::collections::BTreeMap;
+use std::sync::atomic::Ordering;
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+
+use tokio::sync::{mpsc, watch};
+
+use super::{lock, ChunkData, PeerInfo, ServerShared};
+use crate::link::proto::{self, close_code, encode_frame, Hello, Message, WirePayload};
+
+/// Per-connection state after `HelloAck`.
+pub(super) struct Session {
+    srv: Arc<ServerShared>,
+    conn: quinn::Connection,
+    peer: PeerInfo,
+    disk_size: u64,
+    chunk_size: u32,
+    ctrl: tokio::sync::Mutex<quinn::SendStream>,
+    /// Chunks handed to the sink per CG label, and the last processed commit.
+    counts: Mutex<(BTreeMap<u64, u64>, Option<u64>)>,
+    progress: watch::Sender<u64>,
+}
+
+/// Most distinct uncommitted CG labels a primary may have outstanding.
+const MAX_OPEN_CGS: usize = 4096;
+
+impl Session {
+    /// The session state of a primary whose `Hello` was accepted; `ctrl` is the send half
+    /// of its control stream, `last_committed_cg` the sink's answer to `Hello`.
+    pub(super) fn new(
+        srv: Arc<ServerShared>,
+        conn: quinn::Connection,
+        peer: PeerInfo,
+        hello: &Hello,
+        ctrl: quinn::SendStream,
+        last_committed_cg: Option<u64>,
+    ) -> Arc<Session> {
+        let (progress, _) = watch::channel(0u64);
+        Arc::new(Session {
+            srv,
+            conn,
+            peer,
+            disk_size: hello.disk_size,
+            chunk_size: hello.chunk_size,
+            ctrl: tokio::sync::Mutex::new(ctrl),
+            counts: Mutex::new((BTreeMap::new(), last_committed_cg)),
+            progress,
+        })
+    }
+
+    /// Starts the session's tasks once `HelloAck` was sent: the control stream reader, the
+    /// commit task, and a reader task per data stream the primary opens.
+    pub(super) fn start(self: &Arc<Self>, recv: quinn::RecvStream) {
+        let (ctx, crx) = mpsc::channel(16);
+        tokio::spawn(control_reader(self.clone(), recv, ctx));
+        tokio::spawn(commit_worker(self.clone(), crx));
+        let s = self.clone();
+        tokio::spawn(async move {
+            loop {
+                match s.conn.accept_uni().await {
+                    Ok(r) => {
+                        tokio::spawn(data_reader(s.clone(), r));
+                    }
+                    Err(_) => return,
+                }
+            }
+        });
+    }
+
+    /// Logs a protocol violation and closes the connection.
+    fn protocol_error(&self, what: &str) {
+        if self.conn.close_reason().is_none() {
+            self.srv
+                .counters
+                .protocol_errors
+                .fetch_add(1, Ordering::Relaxed);
+            tracing::error!(
+                peer = %self.peer.addr, site = %self.peer.site,
+                "protocol error from the primary: {what}; closing the connection"
+            );
+            self.conn.close(
+                close_code::PROTOCOL_ERROR.into(),
+                proto::clip(what).as_bytes(),
+            );
+        }
+    }
+
+    pub(super) async fn send_ctrl(&self, msg: &Message<'_>) -> Result<(), String> {
+        let frame = encode_frame(msg).map_err(|e| e.to_string())?;
+        let mut s = self.ctrl.lock().await;
+        s.write_all(&frame).await.map_err(|e| e.to_string())
+    }
+
+    /// Validates one chunk frame and hands it to the sink.
+    fn on_chunk(&self, msg: Message<'_>, scratch: &mut Vec<u8>) -> Result<(), String> {
+        let Message::Chunk { cg, index, payload } = msg else {
+            return Err(format!("unexpected {} on a data stream", msg.kind()));
+        };
+        let len = Geometry::new(self.disk_size, u64::from(self.chunk_size))
+            .ok()
+            .and_then(|g| g.chunk_len(index))
+            .ok_or_else(|| format!("chunk index {index} beyond the disk"))?;
+        if lock(&self.counts).1.is_some_and(|c| cg <= c) {
+            return Err(format!(
+                "chunk {index} for CG {cg}, which is already committed"
+            ));
+        }
+        let data = match payload {
+            WirePayload::Zero => ChunkData::Zero { len },
+            WirePayload::Raw(d) if d.len() == len => ChunkData::Data(d),
+            WirePayload::Raw(d) => {
+                return Err(format!("chunk {index}: {} bytes, expected {len}", d.len()))
+            }
+            WirePayload::Lz4(c) => {
+                scratch.clear();
+                scratch.resize(len, 0);
+                match lz4_flex::block::decompress_into(c, scratch) {
+                    Ok(n) if n == len => ChunkData::Data(scratch),
+                    Ok(n) => {
+                        return Err(format!("chunk {index}: lz4 gave {n} bytes, expected {len}"))
+                    }
+                    Err(e) => return Err(format!("chunk {index}: bad lz4 data: {e}")),
+                }
+            }
+        };
+        let sink = &self.srv.sink;
+        tokio::task::block_in_place(|| sink.chunk(cg, index, data))
+            .map_err(|e| format!("sink failed to stage chunk {index} of CG {cg}: {e:#}"))
+            .map_err(|e| {
+                // A storage failure is not the primary's fault: distinct close code.
+                tracing::error!(peer = %self.peer.addr, "{e}; closing the connection");
+                self.conn
+                    .close(close_code::SINK_ERROR.into(), proto::clip(&e).as_bytes());
+                e
+            })?;
+        {
+            let mut c = lock(&self.counts);
+            if c.1.is_some_and(|last| cg <= last) {
+                return Err(format!(
+                    "chunk {index} for CG {cg} arrived after its commit was complete"
+                ));
+            }
+            if !c.0.contains_key(&cg) && c.0.len() >= MAX_OPEN_CGS {
+                return Err(format!("more than {MAX_OPEN_CGS} uncommitted CGs"));
+            }
+            *c.0.entry(cg).or_insert(0) += 1;
+        }
+        self.srv.counters.chunks.fetch_add(1, Ordering::Relaxed);
+        self.progress.send_modify(|g| *g += 1);
+        Ok(())
+    }
+
+    /// Waits until the chunks a commit covers were all staged, then commits.
+    async fn on_commit(&self, cg: u64, frozen: u64, count: u64) -> Result<(), String> {
+        let mut rx = self.progress.subscribe();
+        loop {
+            rx.borrow_and_update();
+            {
+                let c = lock(&self.counts);
+                if c.1.is_some_and(|last| cg <= last) {
+                    return Err(format!("commit of CG {cg} after CG {:?}", c.1));
+                }
+                let have: u64 = c.0.range(..=cg).map(|(_, n)| *n).sum();
+                if have == count {
+                    break;
+                }
+                if have > count {
+                    return Err(format!(
+                        "commit of CG {cg} announces {count} chunks, {have} received"
+                    ));
+                }
+            }
+            match tokio::time::timeout(self.srv.cfg.commit_stall_timeout, rx.changed()).await {
+                Ok(Ok(())) => {}
+                Ok(Err(_)) => return Err("session ended".into()),
+                Err(_) => {
+                    let reason = format!(
+                        "commit of CG {cg}: chunks missing, none arrived for {:?}",
+                        self.srv.cfg.commit_stall_timeout
+                    );
+                    let _ = self
+                        .send_ctrl(&Message::CommitFailed {
+                            cg,
+                            reason: reason.clone(),
+                        })
+                        .await;
+                    return Err(reason);
+                }
+            }
+        }
+        {
+            let mut c = lock(&self.counts);
+            let later = c.0.split_off(&(cg + 1));
+            c.0 = later;
+            c.1 = Some(cg);
+        }
+        let sink = self.srv.sink.clone();
+        let res = tokio::task::spawn_blocking(move || sink.commit(cg, frozen, count))
+            .await
+            .map_err(|e| anyhow::anyhow!("sink commit panicked: {e}"))
+            .and_then(|r| r);
+        match res {
+            Ok(()) => {
+                self.srv.counters.commits.fetch_add(1, Ordering::Relaxed);
+                tracing::debug!(cg, count, "CG committed");
+                self.send_ctrl(&Message::CommitAck { cg }).await
+            }
+            Err(e) => {
+                let reason = proto::clip(&format!("{e:#}"));
+                tracing::error!(cg, "sink failed to commit CG {cg}: {reason}; closing");
+                let _ = self
+                    .send_ctrl(&Message::CommitFailed {
+                        cg,
+                        reason: reason.clone(),
+                    })
+                    .await;
+                // Give the frame a moment to leave before closing.
+                tokio::time::sleep(Duration::from_millis(50)).await;
+                self.conn
+                    .close(close_code::SINK_ERROR.into(), reason.as_bytes());
+                Ok(())
+            }
+        }
+    }
+}
+
+async fn data_reader(s: Arc<Session>, mut recv: quinn::RecvStream) {
+    let limit = s.chunk_size as usize + proto::CHUNK_HEADER_MAX;
+    let mut buf = Vec::new();
+    let mut scratch = Vec::new();
+    loop {
+        match proto::read_frame(&mut recv, &mut buf, limit).await {
+            Ok(true) => {}
+            Ok(false) => return,
+            Err(proto::FrameError::Read(_)) => return, // connection gone; logged elsewhere
+            Err(e) => return s.protocol_error(&format!("data stream: {e}")),
+        }
+        let res = match proto::decode_payload(&buf) {
+            Ok(m) => s.on_chunk(m, &mut scratch),
+            Err(e) => Err(e.to_string()),
+        };
+        if let Err(e) = res {
+            return s.protocol_error(&e);
+        }
+    }
+}
+
+async fn control_reader(
+    s: Arc<Session>,
+    mut recv: quinn::RecvStream,
+    commits: mpsc::Sender<(u64, u64, u64)>,
+) {
+    let mut buf = Vec::new();
+    loop {
+        match proto::read_frame(&mut recv, &mut buf, proto::MAX_CONTROL_FRAME_LEN).await {
+            Ok(true) => {}
+            Ok(false) => {
+                tracing::info!(peer = %s.peer.addr, "primary closed the control stream");
+                s.conn.close(close_code::NORMAL.into(), b"bye");
+                return;
+            }
+            Err(proto::FrameError::Read(_)) => return,
+            Err(e) => return s.protocol_error(&format!("control stream: {e}")),
+        }
+        let msg = match proto::decode_payload(&buf) {
+            Ok(m) => m,
+            Err(e) => return s.protocol_error(&format!("control stream: {e}")),
+        };
+        let res = match msg {
+            Message::Commit {
+                cg,
+                frozen_at_unix_us,
+                chunk_count,
+            } => commits
+                .send((cg, frozen_at_unix_us, chunk_count))
+                .await
+                .map_err(|_| "commit worker gone".to_string()),
+            Message::StatusRequest { seq } => {
+                let sink = s.srv.sink.clone();
+                let (state, last) = tokio::task::block_in_place(|| sink.status());
+                s.send_ctrl(&Message::Status {
+                    seq,
+                    state,
+                    last_committed_cg: last,
+                })
+                .await
+            }
+            Message::Heartbeat {
+                seq,
+                sent_at_unix_us,
+            } => {
+                s.send_ctrl(&Message::HeartbeatAck {
+                    seq,
+                    sent_at_unix_us,
+                })
+                .await
+            }
+            Message::Progress { done, total } => {
+                let sink = s.srv.sink.clone();
+                tokio::task::block_in_place(|| sink.progress(done, total));
+                Ok(())
+            }
+            other => {
+                return s.protocol_error(&format!(
+                    "unexpected {} on the control stream",
+                    other.kind()
+                ))
+            }
+        };
+        if let Err(e) = res {
+            tracing::debug!("control stream: {e}");
+            return;
+        }
+    }
+}
+
+async fn commit_worker(s: Arc<Session>, mut rx: mpsc::Receiver<(u64, u64, u64)>) {
+    while let Some((cg, frozen, count)) = rx.recv().await {
+        if let Err(e) = s.on_commit(cg, frozen, count).await {
+            return s.protocol_error(&e);
+        }
+    }
+}
