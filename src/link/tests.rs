@@ -66,7 +66,7 @@ impl MemSink {
     }
 }
 
-impl ReplicaSink for Arc<MemSink> {
+impl ReplicaSink for MemSink {
     fn hello(&self, hello: &Hello, _peer: &PeerInfo) -> Result<HelloAck, RejectReason> {
         self.st().hellos += 1;
         self.disk.check(hello)?;

@@ -231,7 +231,7 @@ impl Secondary {
         sink.open_existing()?;
         let mut cfg = ServerConfig::new(identity, listen);
         cfg.expected_peer = expected_peer;
-        let server = LinkServer::start(cfg, SinkRef(sink.clone()))?;
+        let server = LinkServer::start(cfg, sink.clone())?;
         tracing::info!(listen = %server.local_addr()?, site, "secondary listening");
         Ok(Secondary { server, sink })
     }
@@ -281,27 +281,6 @@ impl Secondary {
     /// Stops listening (dropping the server closes its endpoint).
     pub fn stop(self) {
         drop(self.server);
-    }
-}
-
-/// Shares one sink between the server and [`Secondary::status`].
-struct SinkRef(Arc<StoreSink>);
-
-impl ReplicaSink for SinkRef {
-    fn hello(&self, hello: &Hello, peer: &PeerInfo) -> Result<HelloAck, RejectReason> {
-        self.0.hello(hello, peer)
-    }
-    fn chunk(&self, cg: u64, index: u64, data: WireChunk<'_>) -> anyhow::Result<()> {
-        self.0.chunk(cg, index, data)
-    }
-    fn commit(&self, cg: u64, frozen_at_unix_us: u64, chunk_count: u64) -> anyhow::Result<()> {
-        self.0.commit(cg, frozen_at_unix_us, chunk_count)
-    }
-    fn status(&self) -> (ReplicaState, Option<u64>) {
-        self.0.status()
-    }
-    fn disconnected(&self, reason: &str) {
-        self.0.disconnected(reason)
     }
 }
 

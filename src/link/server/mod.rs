@@ -83,6 +83,28 @@ pub trait ReplicaSink: Send + Sync + 'static {
     fn disconnected(&self, _reason: &str) {}
 }
 
+/// A shared sink is a sink (the server holds one reference, its owner another).
+impl<T: ReplicaSink> ReplicaSink for std::sync::Arc<T> {
+    fn hello(&self, hello: &Hello, peer: &PeerInfo) -> Result<HelloAck, RejectReason> {
+        (**self).hello(hello, peer)
+    }
+    fn chunk(&self, cg: u64, index: u64, data: ChunkData<'_>) -> anyhow::Result<()> {
+        (**self).chunk(cg, index, data)
+    }
+    fn commit(&self, cg: u64, frozen_at_unix_us: u64, chunk_count: u64) -> anyhow::Result<()> {
+        (**self).commit(cg, frozen_at_unix_us, chunk_count)
+    }
+    fn status(&self) -> (ReplicaState, Option<u64>) {
+        (**self).status()
+    }
+    fn progress(&self, done: u64, total: u64) {
+        (**self).progress(done, total)
+    }
+    fn disconnected(&self, reason: &str) {
+        (**self).disconnected(reason)
+    }
+}
+
 /// Configuration of the secondary's link server.
 #[derive(Debug, Clone)]
 pub struct ServerConfig {
