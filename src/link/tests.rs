@@ -154,7 +154,7 @@ fn start_server(dir: &Path, sink: Arc<MemSink>) -> LinkServer {
     let mut cfg = ServerConfig::new(id, "127.0.0.1:0".parse().unwrap());
     cfg.expected_peer = Some("primary".into());
     cfg.tuning = fast_tuning();
-    cfg.handshake_timeout = Duration::from_secs(5);
+    cfg.handshake_timeout = Duration::from_secs(30);
     LinkServer::start(cfg, sink).unwrap()
 }
 
@@ -163,7 +163,7 @@ fn client_cfg(dir: &Path, addr: SocketAddr, disk: DiskInfo) -> ClientConfig {
     let mut cfg = ClientConfig::new(id, addr, "secondary", disk);
     cfg.bind = "127.0.0.1:0".parse().unwrap();
     cfg.tuning = fast_tuning();
-    cfg.connect_timeout = Duration::from_secs(5);
+    cfg.connect_timeout = Duration::from_secs(30);
     cfg.commit_timeout = Duration::from_secs(60);
     cfg
 }
@@ -314,7 +314,7 @@ fn raw_connect(id: &SiteIdentity, addr: SocketAddr, with_cert: bool) -> Raw {
     let (ep, conn) = rt.block_on(async {
         let ep = tls::endpoint("127.0.0.1:0".parse().unwrap(), None, &t).unwrap();
         let conn = tokio::time::timeout(
-            Duration::from_secs(5),
+            Duration::from_secs(60),
             ep.connect_with(cc, addr, "secondary").unwrap(),
         )
         .await
