@@ -1,0 +1,254 @@
+//! Opening a replica: identity checks, crash recovery from the journal, and the state
+//! directory helpers (lock, default location, stored identity).
+
+use std::collections::HashMap;
+use std::fs::{self, File, OpenOptions};
+use std::io::{Seek, SeekFrom};
+use std::path::{Path, PathBuf};
+
+use super::fault::Fault;
+use super::journal::{Entry, Geometry, Journal, JOURNAL_FILE, JOURNAL_NEW};
+use super::state::{self, Mode, StateFile, STATE_FORMAT, STATE_TMP};
+use super::{error, Error, RecoveryReport, ReplicaStore, Result, StoredIdentity};
+
+fn lock_dir(dir: &Path) -> Result<File> {
+    let p = dir.join("lock");
+    let f = OpenOptions::new()
+        .read(true)
+        .write(true)
+        .create(true)
+        .truncate(false)
+        .open(&p)
+        .map_err(error::io("open", &p))?;
+    // A lock just released by a previous opener in this process can still be held for a
+    // moment by a child being spawned concurrently (fork copies the fd; it is closed only
+    // at exec), so retry briefly before reporting a real second opener.
+    for attempt in 0.. {
+        if crate::sys::file::try_lock_exclusive(&f).map_err(error::io("flock", &p))? {
+            return Ok(f);
+        }
+        if attempt == 100 {
+            return Err(Error::Locked(dir.to_path_buf()));
+        }
+        std::thread::sleep(std::time::Duration::from_millis(10));
+    }
+    unreachable!()
+}
+
+fn file_size(f: &mut File, p: &Path) -> Result<u64> {
+    // Works for block devices too (their st_size is 0).
+    f.seek(SeekFrom::End(0)).map_err(error::io("seek", p))
+}
+
+impl ReplicaStore {
+    /// Open (or create) the replica of disk `disk_uuid` whose state lives in `state_dir`
+    /// and whose image is `image`, running crash recovery. Refuses if the stored identity
+    /// (uuid, size, chunk size) differs. A new replica starts as `Syncing`.
+    pub fn open(
+        image: &Path,
+        state_dir: &Path,
+        disk_size: u64,
+        chunk_size: u64,
+        disk_uuid: [u8; 16],
+    ) -> Result<(Self, RecoveryReport)> {
+        let geo = Geometry::new(disk_size, chunk_size).map_err(|e| {
+            Error::InvalidArgument(format!(
+                "disk size {disk_size} / chunk size {chunk_size}: {e}"
+            ))
+        })?;
+        fs::create_dir_all(state_dir).map_err(error::io("create directory", state_dir))?;
+        let lock = lock_dir(state_dir)?;
+        state::remove_if_exists(&state_dir.join(STATE_TMP))?;
+        state::remove_if_exists(&state_dir.join(JOURNAL_NEW))?;
+        let mut report = RecoveryReport::default();
+
+        let existing = state::read(state_dir)?;
+        let st = match existing {
+            Some(st) => {
+                let mismatch = |field, stored: String, requested: String| Error::IdentityMismatch {
+                    dir: state_dir.to_path_buf(),
+                    field,
+                    stored,
+                    requested,
+                };
+                if st.disk_uuid != state::uuid_hex(&disk_uuid) {
+                    return Err(mismatch(
+                        "disk uuid",
+                        st.disk_uuid,
+                        state::uuid_hex(&disk_uuid),
+                    ));
+                }
+                if st.disk_size != disk_size {
+                    return Err(mismatch(
+                        "disk size",
+                        st.disk_size.to_string(),
+                        disk_size.to_string(),
+                    ));
+                }
+                if st.chunk_size != chunk_size {
+                    return Err(mismatch(
+                        "chunk size",
+                        st.chunk_size.to_string(),
+                        chunk_size.to_string(),
+                    ));
+                }
+                st
+            }
+            None => {
+                report.created = true;
+                StateFile {
+                    format: STATE_FORMAT,
+                    disk_uuid: state::uuid_hex(&disk_uuid),
+                    disk_size,
+                    chunk_size,
+                    mode: Mode::Syncing {
+                        total_chunks: geo.chunks(),
+                    },
+                    last_committed_cg: 0,
+                    frozen_at_unix_us: 0,
+                }
+            }
+        };
+
+        let mut image_file = OpenOptions::new()
+            .read(true)
+            .write(true)
+            .create(report.created)
+            .truncate(false)
+            .open(image)
+            .map_err(error::io("open image", image))?;
+        let image_is_file = image_file
+            .metadata()
+            .map_err(error::io("stat", image))?
+            .is_file();
+        let size = file_size(&mut image_file, image)?;
+        if size < disk_size {
+            if report.created && image_is_file {
+                image_file
+                    .set_len(disk_size)
+                    .map_err(error::io("extend image", image))?;
+                image_file.sync_all().map_err(error::io("fsync", image))?;
+            } else {
+                return Err(Error::InvalidArgument(format!(
+                    "image {} is {size} bytes, smaller than the disk ({disk_size})",
+                    image.display()
+                )));
+            }
+        }
+
+        let mut store = ReplicaStore {
+            dir: state_dir.to_path_buf(),
+            image_path: image.to_path_buf(),
+            image: image_file,
+            image_is_file,
+            geo,
+            st,
+            journal: Journal::open(state_dir)?,
+            staged: HashMap::new(),
+            live_bytes: 0,
+            compact_min_dead: 64 << 20,
+            pending_apply: None,
+            sync_done: vec![0; geo.chunks().div_ceil(64) as usize],
+            sync_done_count: 0,
+            fault: Fault::from_env(),
+            poisoned: false,
+            _lock: lock,
+        };
+        report.journal_bytes = store.journal.len;
+        if report.created {
+            store.write_state()?;
+        } else if store.st.mode == Mode::Consistent {
+            store.recover(&mut report)?;
+        }
+        let (cg, frozen) = (store.st.last_committed_cg, store.st.frozen_at_unix_us);
+        store.journal.reset(cg, frozen, &store.fault)?;
+        tracing::info!(dir = %state_dir.display(), state = ?store.state(), ?report, "replica opened");
+        Ok((store, report))
+    }
+
+    fn recover(&mut self, report: &mut RecoveryReport) -> Result<()> {
+        let scan = self.journal.scan(self.geo)?;
+        report.discarded_records = scan.uncommitted_records;
+        report.torn_tail_at = scan.torn_at;
+        if scan.base_cg > self.st.last_committed_cg {
+            // Cannot happen with our write order (state before journal reset); trust the
+            // journal, which was only reset after the image was synced.
+            tracing::warn!(
+                journal_base = scan.base_cg,
+                state = self.st.last_committed_cg,
+                "state.json is older than the journal checkpoint"
+            );
+            self.st.last_committed_cg = scan.base_cg;
+            self.st.frozen_at_unix_us = scan.base_frozen;
+        }
+        if let Some((cg, frozen)) = scan.last_commit {
+            let mut entries: Vec<(u64, Entry)> = scan.committed.into_iter().collect();
+            entries.sort_unstable_by_key(|(i, _)| *i);
+            report.replayed_cg = Some(cg);
+            report.chunks_applied = entries.len() as u64;
+            tracing::info!(
+                cg,
+                chunks = entries.len(),
+                "replaying committed CG from the journal"
+            );
+            self.apply_entries(&entries)?;
+            self.image
+                .sync_all()
+                .map_err(error::io("fsync", &self.image_path))?;
+            if cg > self.st.last_committed_cg {
+                self.st.last_committed_cg = cg;
+                self.st.frozen_at_unix_us = frozen;
+            }
+            self.write_state()?;
+        }
+        Ok(())
+    }
+
+    /// Mark a replica whose journal is corrupt (see [`Error::Corrupt`]) as needing a full
+    /// resync: state becomes `Syncing`, the journal is removed. The image is kept (a
+    /// resync overwrites it). The replica must not be opened concurrently.
+    pub fn reset_to_syncing(state_dir: &Path) -> Result<()> {
+        let _lock = lock_dir(state_dir)?;
+        let mut st = state::read(state_dir)?.ok_or_else(|| Error::StateFile {
+            path: state_dir.join(state::STATE_FILE),
+            detail: "missing".into(),
+        })?;
+        let geo = Geometry::new(st.disk_size, st.chunk_size).map_err(|e| Error::StateFile {
+            path: state_dir.join(state::STATE_FILE),
+            detail: e.to_string(),
+        })?;
+        st.mode = Mode::Syncing {
+            total_chunks: geo.chunks(),
+        };
+        st.last_committed_cg = 0;
+        state::write_atomic(state_dir, &st, || Ok(()))?;
+        state::remove_if_exists(&state_dir.join(JOURNAL_FILE))?;
+        state::sync_dir(state_dir)?;
+        tracing::warn!(dir = %state_dir.display(), "replica reset to syncing; a full resync is required");
+        Ok(())
+    }
+}
+
+/// The state directory of the replica image `image` unless one is given: `<image>.state`.
+pub fn default_state_dir(image: &Path) -> PathBuf {
+    let mut p = image.as_os_str().to_owned();
+    p.push(".state");
+    PathBuf::from(p)
+}
+
+/// Reads the identity of the replica kept in `state_dir` (None: no replica there yet).
+pub fn stored_identity(state_dir: &Path) -> Result<Option<StoredIdentity>> {
+    let Some(st) = state::read(state_dir)? else {
+        return Ok(None);
+    };
+    let uuid =
+        crate::replica::identity::parse_uuid(&st.disk_uuid).ok_or_else(|| Error::StateFile {
+            path: state_dir.join(state::STATE_FILE),
+            detail: format!("bad disk uuid {:?}", st.disk_uuid),
+        })?;
+    Ok(Some(StoredIdentity {
+        uuid,
+        disk_size: st.disk_size,
+        chunk_size: st.chunk_size,
+    }))
+}
