@@ -39,17 +39,32 @@ fn wait_exit(child: &mut Child, secs: u64) -> std::process::ExitStatus {
     }
 }
 
-fn serve(dir: &Path, extra: &[&str]) -> Child {
-    Command::new(BIN)
-        .arg("serve")
+fn serve_command(dir: &Path, extra: &[&str]) -> Command {
+    let mut c = Command::new(BIN);
+    c.arg("serve")
         .arg("--disk")
         .arg(dir.join("d.img"))
         .arg("--socket")
         .arg(dir.join("d.sock"))
         .args(extra)
-        .stdout(Stdio::null())
+        .stdout(Stdio::null());
+    c
+}
+
+/// A daemon that keeps running: its log goes to a file in `dir` (a pipe nobody reads would
+/// fill up and block the daemon's next log line).
+fn serve(dir: &Path, extra: &[&str]) -> Child {
+    static N: std::sync::atomic::AtomicUsize = std::sync::atomic::AtomicUsize::new(0);
+    let n = N.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+    let log = std::fs::File::create(dir.join(format!("serve-{n}.log"))).unwrap();
+    serve_command(dir, extra).stderr(log).spawn().unwrap()
+}
+
+/// A daemon expected to exit at once (a refusal): its output.
+fn serve_to_exit(dir: &Path, extra: &[&str]) -> std::process::Output {
+    serve_command(dir, extra)
         .stderr(Stdio::piped())
-        .spawn()
+        .output()
         .unwrap()
 }
 
@@ -93,7 +108,7 @@ fn a_non_ascii_image_name_serves_with_a_truncated_default_serial() {
         .args(["--size", "1M", "--socket"])
         .arg(dir.path().join("d.sock"))
         .stdout(Stdio::null())
-        .stderr(Stdio::piped())
+        .stderr(Stdio::null())
         .spawn()
         .unwrap();
     wait_for_socket(&dir.path().join("d.sock"), &mut d);
@@ -106,7 +121,7 @@ fn a_non_ascii_image_name_serves_with_a_truncated_default_serial() {
 #[test]
 fn missing_image_without_size_is_a_clear_error() {
     let dir = tempfile::tempdir().unwrap();
-    let out = serve(dir.path(), &[]).wait_with_output().unwrap();
+    let out = serve_to_exit(dir.path(), &[]);
     assert_eq!(out.status.code(), Some(1));
     let err = String::from_utf8_lossy(&out.stderr);
     assert!(
@@ -132,7 +147,7 @@ fn socket_is_private_stale_sockets_are_replaced_and_live_ones_refused() {
     let mode = std::fs::metadata(&sock).unwrap().permissions().mode() & 0o777;
     assert_eq!(mode, 0o600);
 
-    let second = serve(dir.path(), &[]).wait_with_output().unwrap();
+    let second = serve_to_exit(dir.path(), &[]);
     assert_eq!(second.status.code(), Some(1));
     let err = String::from_utf8_lossy(&second.stderr);
     assert!(

@@ -57,7 +57,8 @@ impl Engine {
             c.first_uncommitted = cg + 1;
             c.last_committed = cg;
             c.committed += 1;
-            info!(cg, "cg: committed");
+            // One line per group would flood the log at the default interval: debug only.
+            tracing::debug!(cg, "cg: committed");
             return CommitOutcome::Committed;
         }
         if (to_ship > 0 || !quiesced) && Instant::now() > drain.deadline {

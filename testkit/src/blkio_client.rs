@@ -155,13 +155,14 @@ impl BlkioClient {
         }
     }
 
-    /// Submits queued requests on `q` and waits for at least `min` completions (10 s at
-    /// most); returns (user_data, ret) pairs where ret is 0 or a negative errno.
+    /// Submits queued requests on `q` and waits for at least `min` completions; returns
+    /// (user_data, ret) pairs where ret is 0 or a negative errno. The 120 s limit is a hang
+    /// guard: a buffered write on a machine busy with writeback can take seconds.
     pub fn wait(&mut self, q: usize, min: usize) -> anyhow::Result<Vec<(usize, i32)>> {
         let mut comps: Vec<MaybeUninit<Completion>> =
             (0..256.max(min)).map(|_| MaybeUninit::uninit()).collect();
         let mut out = Vec::new();
-        let mut timeout = Duration::from_secs(10);
+        let mut timeout = Duration::from_secs(120);
         while out.len() < min.max(1) || out.is_empty() {
             let want = min.saturating_sub(out.len());
             let n = self.queues[q]

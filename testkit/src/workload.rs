@@ -191,7 +191,7 @@ fn run(
             if let Some(id) = inflight[q][slot] {
                 let t = std::time::Instant::now();
                 while f.slot_status(q, slot) == 0xff
-                    && t.elapsed() < std::time::Duration::from_secs(10)
+                    && t.elapsed() < std::time::Duration::from_secs(120)
                 {
                     std::thread::sleep(std::time::Duration::from_micros(50));
                 }
