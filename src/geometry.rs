@@ -8,6 +8,12 @@ pub const MIN_CHUNK_SIZE: u64 = 4 << 10;
 /// Largest chunk the product accepts (a chunk travels in one link frame).
 pub const MAX_CHUNK_SIZE: u64 = 16 << 20;
 
+/// Longest extent, in bytes, that travels, is journaled and is applied as one unit: the drain
+/// coalesces contiguous dirty chunks into extents of at most this many bytes (or one chunk,
+/// if chunks are larger), aligned so that an extent never crosses a multiple of it. The
+/// alignment keeps every version of a chunk on the same link stream (see `link::proto`).
+pub const MAX_EXTENT_BYTES: u64 = 1 << 20;
+
 /// A disk of `disk_size` bytes in chunks of `chunk_size` (a power of two; the last chunk may
 /// be short).
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -93,6 +99,28 @@ impl Geometry {
         Some((self.disk_size - start).min(self.chunk_size) as usize)
     }
 
+    /// Chunks per extent region: an extent lies inside one aligned run of this many chunks.
+    pub fn extent_chunks(&self) -> u64 {
+        (MAX_EXTENT_BYTES / self.chunk_size).max(1)
+    }
+
+    /// The extent region that chunk `index` lies in.
+    pub fn region_of(&self, index: u64) -> u64 {
+        index / self.extent_chunks()
+    }
+
+    /// Bytes of the extent of `count` chunks from `first`, if it is one the product ships:
+    /// `count >= 1`, inside the disk and inside one extent region.
+    pub fn extent_len(&self, first: u64, count: u64) -> Option<usize> {
+        let last = first.checked_add(count.checked_sub(1)?)?;
+        if last >= self.chunks() || self.region_of(first) != self.region_of(last) {
+            return None;
+        }
+        let end = (self.chunk_offset(last) + self.chunk_len(last)? as u64).min(self.disk_size);
+        // Fits: at most MAX_EXTENT_BYTES or one chunk.
+        Some((end - self.chunk_offset(first)) as usize)
+    }
+
     /// The chunks `first..=last` that bytes `[offset, offset + len)` touch (`len > 0`).
     pub fn chunks_of(&self, offset: u64, len: u64) -> (u64, u64) {
         (
@@ -119,6 +147,18 @@ mod tests {
         assert_eq!(g.chunk_len(u64::MAX), None);
         assert_eq!(g.chunks_of(4095, 2), (0, 1));
         assert_eq!(g.chunk_offset(2), 8192);
+        assert_eq!(g.extent_len(0, 3), Some(8192 + 100));
+        assert_eq!(g.extent_len(2, 1), Some(100));
+        assert_eq!(g.extent_len(2, 2), None);
+        assert_eq!(g.extent_len(0, 0), None);
+        let g = Geometry::new(4 << 20, 4096).unwrap();
+        assert_eq!(g.extent_chunks(), 256);
+        assert_eq!(g.extent_len(0, 256), Some(1 << 20));
+        assert_eq!(g.extent_len(255, 2), None, "crosses a region boundary");
+        assert_eq!(g.extent_len(256, 256), Some(1 << 20));
+        let g = Geometry::new(64 << 20, 16 << 20).unwrap();
+        assert_eq!(g.extent_chunks(), 1);
+        assert_eq!(g.extent_len(1, 1), Some(16 << 20));
     }
 
     #[test]
