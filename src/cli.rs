@@ -150,9 +150,11 @@ pub struct CgArgs {
     #[arg(long, value_name = "PATH")]
     pub local_replica: Option<PathBuf>,
 
-    /// Change-tracking granularity: one bit per chunk of this size (a power of two from 4K to
-    /// 16M).
-    #[arg(long, default_value = "64K", value_parser = parse_size)] // defaults::CHUNK_SIZE
+    /// Change-tracking granularity: one bit per block of this size (a power of two from 4K
+    /// to 16M). Contiguous dirty blocks ship as one extent of up to 1M, so a 4K write ships
+    /// about 4K; a larger size ships the whole block for any write into it. Both sites must
+    /// use the same size.
+    #[arg(long, default_value = "4K", value_parser = parse_size)] // defaults::CHUNK_SIZE
     pub chunk_size: u64,
 
     /// Form a consistency group this often (e.g. 100ms, 1s). Shorter means a smaller RPO

@@ -26,8 +26,9 @@ pub mod defaults {
     pub const POLL_US: u64 = 32;
     /// Permissions of the vhost-user socket.
     pub const SOCKET_MODE: u32 = 0o600;
-    /// Change-tracking granularity.
-    pub const CHUNK_SIZE: u64 = 64 << 10;
+    /// Change-tracking granularity: one 4 KiB block, so a 4 KiB write ships 4 KiB; the
+    /// drain coalesces contiguous dirty blocks into extents of up to 1 MiB.
+    pub const CHUNK_SIZE: u64 = 4 << 10;
     /// How often a consistency group is formed.
     pub const CG_INTERVAL: Duration = Duration::from_millis(100);
     /// Longest acceptable freeze of write completions.

@@ -7,6 +7,7 @@ use std::time::Instant;
 
 use tracing::info;
 
+use super::bitmap::Bitmap;
 use super::engine::{Engine, Mode};
 use super::sync::lock;
 use super::{AbandonReason, CommitOutcome};
@@ -39,7 +40,7 @@ impl Engine {
             _ => return CommitOutcome::Abandoned,
         };
         let to_ship = c.oos.bits.count();
-        let unconfirmed = c.outstanding.len() as u64;
+        let unconfirmed = c.unconfirmed();
         let quiesced = drain.is_quiesced();
         if quiesced && to_ship == 0 && unconfirmed == 0 {
             let Mode::Strict { drain, cr } = mem::replace(&mut c.mode, Mode::Idle) else {
@@ -53,7 +54,8 @@ impl Engine {
             // the old OOS was idle before the first hand-out (pre_swap), so nothing is lost.
             c.oos = cr;
             c.retired.clear();
-            c.shipped.clear_all();
+            // A fresh bitmap, not cleared pages: its memory follows what the next CG ships.
+            c.shipped = Bitmap::new(self.chunks);
             c.first_uncommitted = cg + 1;
             c.last_committed = cg;
             c.committed += 1;
@@ -78,7 +80,7 @@ impl Engine {
         let mut c = lock(&self.central);
         self.abandon_locked(&mut c, AbandonReason::LinkLost);
         c.oos.bits.or_from(&c.shipped);
-        c.shipped.clear_all();
+        c.shipped = Bitmap::new(self.chunks);
         c.outstanding.clear();
         c.mode = Mode::Idle;
         c.first_uncommitted = c.next_cg;

@@ -82,7 +82,7 @@ impl Engine {
         }
         // Fast path: none of the chunks is still to be shipped. A clear bit is final: before
         // the swap this queue's lock chain makes every pre-swap mark visible, and after the
-        // swap a bit is cleared only once its chunk was captured (see `next_chunk`).
+        // swap a bit is cleared only once its chunk was captured (see `next_extent`).
         if !d.oos.bits.any_in(first, last) {
             return;
         }
@@ -115,7 +115,7 @@ impl Engine {
                 if !d.strict.load(Ordering::SeqCst) || c.cg != d.cg {
                     return false;
                 }
-                // Checked under the cache lock, where `next_chunk` clears it after reading.
+                // Checked under the cache lock, where `next_extent` clears it after reading.
                 if !d.oos.bits.test(i) {
                     return true;
                 }

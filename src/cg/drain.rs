@@ -11,7 +11,7 @@ use tracing::warn;
 use super::engine::{Central, Engine, Mode};
 use super::record::Record;
 use super::sync::{lock, AtomicBool, Ordering};
-use super::{AbandonReason, ChunkImage};
+use super::{AbandonReason, Extent};
 
 /// Per-CG drain context, shared with the queue workers that record into its CR.
 pub(super) struct Drain {
@@ -98,20 +98,28 @@ impl Engine {
         );
     }
 
-    /// Hands out the next chunk of the forming CG: `Ok(None)` when nothing is left to hand out
-    /// now (or no CG is forming). Errors are disk read errors (the chunk stays to be shipped).
+    /// Hands out the next extent of the forming CG — a run of contiguous dirty chunks inside
+    /// one extent region ([`Geometry::extent_chunks`](crate::geometry::Geometry::extent_chunks)),
+    /// read with one read into `buf[..extent.len]` (`buf` is grown once to the largest
+    /// extent and reused: nothing is allocated or zeroed per extent). `Ok(None)` when
+    /// nothing is left to hand out now (or no CG is forming). Errors are disk read errors
+    /// (the chunks stay to be shipped).
     ///
     /// Strict CG: waits (once) until writes recorded before the swap have finished, reads the
-    /// chunk, then, under the cache lock, ships the preserved image instead if a writer
-    /// preserved it meanwhile, and clears the OOS bit.
-    pub fn next_chunk(&self) -> io::Result<Option<ChunkImage>> {
+    /// run, then, under the cache lock, overlays the images of chunks a writer preserved
+    /// meanwhile, and clears their OOS bits.
+    pub fn next_extent(&self, buf: &mut Vec<u8>) -> io::Result<Option<Extent>> {
+        let max = self.max_extent_len();
+        if buf.len() < max {
+            buf.resize(max, 0);
+        }
         let mut c = lock(&self.central);
         loop {
             let drain = match &c.mode {
                 Mode::Idle => return Ok(None),
                 Mode::Abandoned { cg } => {
                     let cg = *cg;
-                    return self.next_abandoned(&mut c, cg);
+                    return self.next_abandoned(&mut c, cg, buf);
                 }
                 Mode::Strict { drain, .. } => Arc::clone(drain),
             };
@@ -130,7 +138,7 @@ impl Engine {
                 continue;
             }
             let start = c.cursor;
-            let Some(i) = c
+            let Some(first) = c
                 .oos
                 .bits
                 .next_set_in(start, self.chunks)
@@ -142,10 +150,13 @@ impl Engine {
                 self.abandon_locked(&mut c, AbandonReason::DrainTimeout);
                 continue;
             }
-            let len = self.chunk_len(i);
-            let mut data = vec![0u8; len];
+            // Once quiesced, nothing sets a bit of this OOS any more (writes go to CR): the
+            // run found now is the run we clear below.
+            let count = c.oos.bits.run_len(first, self.region_end(first));
+            let len = self.extent_len(first, count);
+            let data = &mut buf[..len];
             self.source
-                .read_at(&mut data, self.geometry.chunk_offset(i))?;
+                .read_at(data, self.geometry.chunk_offset(first))?;
             {
                 let mut cache = lock(&self.cache);
                 // Happens-before: a writer puts its piece in the cache (under this lock)
@@ -153,64 +164,182 @@ impl Engine {
                 // was stored before our lock here and we overlay it; a granule that is not
                 // preserved (or only being read) has not been written since the swap, so
                 // what we read of it is its content at the freeze.
-                if let Some(slot) = cache.slots.remove(&i) {
-                    slot.overlay(&mut data, self.granule());
-                    cache.bytes -= slot.reserved;
+                if !cache.slots.is_empty() {
+                    let cs = self.cfg.chunk_size as usize;
+                    for i in first..first + count {
+                        if let Some(slot) = cache.slots.remove(&i) {
+                            let at = (i - first) as usize * cs;
+                            let end = (at + self.chunk_len(i)).min(len);
+                            slot.overlay(&mut data[at..end], self.granule());
+                            cache.bytes -= slot.reserved;
+                        }
+                    }
                 }
                 // Cleared under the cache lock: a writer that sees it clear knows the chunk
                 // is captured and may write without preserving.
-                c.oos.bits.clear(i);
+                c.oos.bits.clear_range(first, first + count - 1);
             }
-            c.cursor = i + 1;
-            c.shipped.set(i);
-            c.outstanding.insert(i, drain.cg);
-            c.handed_out += 1;
-            return Ok(Some(ChunkImage {
-                cg: drain.cg,
-                index: i,
-                data,
-            }));
+            return Ok(Some(self.hand_out(&mut c, drain.cg, first, count, len)));
         }
     }
 
-    /// Abandoned CG: hand out OOS chunks while writes keep being recorded there. The bit is
-    /// cleared *before* the read: a write in flight re-marks it when it finishes, so a chunk
-    /// read while being written is handed out again (after its previous hand-out is
+    /// Records the hand-out of an extent (shipped since the last commit, unconfirmed).
+    fn hand_out(&self, c: &mut Central, cg: u64, first: u64, count: u64, len: usize) -> Extent {
+        c.cursor = first + count;
+        c.shipped.set_range(first, first + count - 1);
+        c.outstanding.push((first, count, cg));
+        c.handed_out += count;
+        c.extents_handed_out += 1;
+        Extent {
+            cg,
+            first,
+            count,
+            len,
+        }
+    }
+
+    /// Abandoned CG: hand out OOS runs while writes keep being recorded there. The bits are
+    /// cleared *before* the read: a write in flight re-marks them when it finishes, so a
+    /// chunk read while being written is handed out again (after its previous hand-out is
     /// confirmed, so one CG never has two versions of a chunk in flight).
-    fn next_abandoned(&self, c: &mut Central, cg: u64) -> io::Result<Option<ChunkImage>> {
+    fn next_abandoned(
+        &self,
+        c: &mut Central,
+        cg: u64,
+        buf: &mut [u8],
+    ) -> io::Result<Option<Extent>> {
         let start = c.cursor;
         for (mut from, to) in [(start, self.chunks), (0, start)] {
-            while let Some(i) = c.oos.bits.next_set_in(from, to) {
-                from = i + 1;
-                if c.outstanding.get(&i) == Some(&cg) {
+            while let Some(first) = c.oos.bits.next_set_in(from, to) {
+                from = first + 1;
+                if c.is_outstanding(first, cg) {
                     continue;
                 }
-                c.oos.bits.clear(i);
-                let mut buf = vec![0u8; self.chunk_len(i)];
-                if let Err(e) = self.source.read_at(&mut buf, self.geometry.chunk_offset(i)) {
-                    c.oos.bits.set(i);
+                let mut count = c.oos.bits.run_len(first, self.region_end(first));
+                // Stop before a chunk whose earlier version of this CG is unconfirmed.
+                if let Some(k) = (1..count).find(|&k| c.is_outstanding(first + k, cg)) {
+                    count = k;
+                }
+                let last = first + count - 1;
+                c.oos.bits.clear_range(first, last);
+                let len = self.extent_len(first, count);
+                if let Err(e) = self
+                    .source
+                    .read_at(&mut buf[..len], self.geometry.chunk_offset(first))
+                {
+                    c.oos.bits.set_range(first, last);
                     return Err(e);
                 }
-                c.cursor = i + 1;
-                c.shipped.set(i);
-                c.outstanding.insert(i, cg);
-                c.handed_out += 1;
-                return Ok(Some(ChunkImage {
-                    cg,
-                    index: i,
-                    data: buf,
-                }));
+                return Ok(Some(self.hand_out(c, cg, first, count, len)));
             }
         }
         Ok(None)
     }
 
-    /// The consumer has chunk `index` of CG `cg` (the secondary acknowledged it): it no longer
-    /// counts as unconfirmed. Stale or duplicate confirmations are ignored.
-    pub fn confirm(&self, cg: u64, index: u64) {
+    /// End (exclusive) of the extent region of chunk `i`.
+    fn region_end(&self, i: u64) -> u64 {
+        let per = self.geometry.extent_chunks();
+        ((self.geometry.region_of(i) + 1) * per).min(self.chunks)
+    }
+
+    /// Bytes of a run the drain found (inside one region and the disk by construction).
+    fn extent_len(&self, first: u64, count: u64) -> usize {
+        self.geometry
+            .extent_len(first, count)
+            .expect("cg: a run lies inside one region of the disk")
+    }
+
+    /// Bytes of the largest extent (the size of the drain's buffer).
+    pub fn max_extent_len(&self) -> usize {
+        let per = self.geometry.extent_chunks().min(self.chunks);
+        self.geometry.extent_len(0, per).unwrap_or(0)
+    }
+
+    /// Convenience for tests and simple consumers: [`Engine::next_extent`] into a fresh
+    /// buffer, returned with the extent.
+    pub fn next_extent_owned(&self) -> io::Result<Option<(Extent, Vec<u8>)>> {
+        let mut buf = Vec::new();
+        Ok(self.next_extent(&mut buf)?.map(|e| {
+            buf.truncate(e.len);
+            (e, buf)
+        }))
+    }
+
+    /// The consumer has chunks `first..first + count` of CG `cg` (the sink took them): they
+    /// no longer count as unconfirmed. Usually one whole extent; any part of one works too.
+    /// Stale or duplicate confirmations are ignored.
+    pub fn confirm(&self, cg: u64, first: u64, count: u64) {
+        let end = first.saturating_add(count);
         let mut c = lock(&self.central);
-        if c.outstanding.get(&index) == Some(&cg) {
-            c.outstanding.remove(&index);
+        let mut kept = Vec::with_capacity(c.outstanding.len());
+        for &(f, n, g) in &c.outstanding {
+            if g != cg || f + n <= first || end <= f {
+                kept.push((f, n, g));
+                continue;
+            }
+            // Keep the parts of this hand-out the confirmation does not cover.
+            if f < first {
+                kept.push((f, first - f, g));
+            }
+            if end < f + n {
+                kept.push((end, f + n - end, g));
+            }
         }
+        c.outstanding = kept;
+    }
+}
+
+impl Central {
+    /// Whether chunk `i` was handed out for CG `cg` and not confirmed yet.
+    fn is_outstanding(&self, i: u64, cg: u64) -> bool {
+        self.outstanding
+            .iter()
+            .any(|&(f, n, g)| g == cg && (f..f + n).contains(&i))
+    }
+
+    /// Chunks handed out and not confirmed.
+    pub(super) fn unconfirmed(&self) -> u64 {
+        self.outstanding.iter().map(|&(_, n, _)| n).sum()
+    }
+}
+
+/// One hand-out as the engine's tests look at it: an extent with its bytes.
+#[cfg(test)]
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub(crate) struct ChunkImage {
+    pub(crate) cg: u64,
+    /// First chunk.
+    pub(crate) index: u64,
+    pub(crate) count: u64,
+    pub(crate) data: Vec<u8>,
+}
+
+#[cfg(test)]
+impl Engine {
+    /// [`Engine::next_extent`] into a fresh buffer, as one image.
+    pub(crate) fn next_chunk(&self) -> io::Result<Option<ChunkImage>> {
+        Ok(self.next_extent_owned()?.map(|(e, data)| ChunkImage {
+            cg: e.cg,
+            index: e.first,
+            count: e.count,
+            data,
+        }))
+    }
+}
+
+#[cfg(test)]
+impl ChunkImage {
+    /// The image cut into one image per chunk (`chunk_size` bytes each).
+    pub(crate) fn split(self, chunk_size: u64) -> Vec<ChunkImage> {
+        self.data
+            .chunks(chunk_size as usize)
+            .enumerate()
+            .map(|(k, d)| ChunkImage {
+                cg: self.cg,
+                index: self.index + k as u64,
+                count: 1,
+                data: d.to_vec(),
+            })
+            .collect()
     }
 }

@@ -3,6 +3,7 @@
 //! (copy-on-write), `drain` (hand-out and abandonment) and `commit`.
 
 use std::collections::{HashMap, VecDeque};
+
 use std::sync::Arc;
 
 use super::bitmap::Bitmap;
@@ -43,8 +44,9 @@ pub(super) struct Central {
     pub(super) retired: Vec<Arc<Record>>,
     /// Chunks handed out since the last commit.
     pub(super) shipped: Bitmap,
-    /// Chunk -> CG of its latest hand-out, until confirmed.
-    pub(super) outstanding: HashMap<u64, u64>,
+    /// Extents handed out and not confirmed yet: (first chunk, chunks, CG). The drain
+    /// confirms each before it hands out the next, so this holds one or two entries.
+    pub(super) outstanding: Vec<(u64, u64, u64)>,
     pub(super) cursor: u64,
     pub(super) next_cg: u64,
     pub(super) first_uncommitted: u64,
@@ -56,6 +58,7 @@ pub(super) struct Central {
     pub(super) coordination: VecDeque<u64>,
     pub(super) coordination_max: u64,
     pub(super) handed_out: u64,
+    pub(super) extents_handed_out: u64,
 }
 
 /// The consistency-group engine of one disk. Shared via `Arc` by all queue workers and the
@@ -118,7 +121,7 @@ impl Engine {
                 oos,
                 retired: Vec::new(),
                 shipped: Bitmap::new(chunks),
-                outstanding: HashMap::new(),
+                outstanding: Vec::new(),
                 cursor: 0,
                 next_cg: 1,
                 first_uncommitted: 1,
@@ -130,6 +133,7 @@ impl Engine {
                 coordination: VecDeque::new(),
                 coordination_max: 0,
                 handed_out: 0,
+                extents_handed_out: 0,
             }),
             cache: Mutex::new(Cache {
                 cg: 0,
@@ -185,13 +189,14 @@ impl Engine {
             cow_peak_bytes: cache.peak,
             chunks_preserved: cache.preserved,
             chunks_handed_out: c.handed_out,
+            extents_handed_out: c.extents_handed_out,
             oos_dirty: c.oos.bits.count(),
             cr_dirty: match &c.mode {
                 Mode::Strict { cr, .. } => cr.bits.count(),
                 _ => 0,
             },
             shipped_uncommitted: c.shipped.count(),
-            unconfirmed: c.outstanding.len() as u64,
+            unconfirmed: c.unconfirmed(),
         }
     }
 }

@@ -66,7 +66,7 @@ fn drain_commit(e: &Engine, cg: u64, img: &mut [u8]) {
         assert_eq!(c.cg, cg);
         let off = c.index as usize * CHUNK;
         img[off..off + c.data.len()].copy_from_slice(&c.data);
-        e.confirm(c.cg, c.index);
+        e.confirm(c.cg, c.index, c.count);
     }
     assert_eq!(e.try_commit(cg), CommitOutcome::Committed);
 }
@@ -123,7 +123,7 @@ fn drain_read_races_copy_on_write() {
         let t = thread::spawn(move || write(&e2, &d2, 0, 0, 2));
         let c = e.next_chunk().expect("read").expect("chunk 0");
         assert_eq!(c.data, vec![1; CHUNK]);
-        e.confirm(c.cg, c.index);
+        e.confirm(c.cg, c.index, c.count);
         t.join().expect("join");
         assert_eq!(e.try_commit(f.cg), CommitOutcome::Committed);
         assert_eq!(e.stats().cow_bytes, 0);
@@ -144,7 +144,7 @@ fn granule_copy_on_write_overlapping_writers_race_drain() {
         write_at(&e, &d, 0, 1, 3, 3);
         let c = e.next_chunk().expect("read").expect("chunk 0");
         assert_eq!(c.data, vec![1; CHUNK]);
-        e.confirm(c.cg, c.index);
+        e.confirm(c.cg, c.index, c.count);
         t.join().expect("join");
         assert_eq!(e.try_commit(f.cg), CommitOutcome::Committed);
         assert_eq!(e.stats().cow_bytes, 0);
@@ -235,7 +235,7 @@ fn in_flight_cr_write_remarks_through_forwarding() {
             while let Some(c) = e.next_chunk().expect("read") {
                 let off = c.index as usize * CHUNK;
                 img[off..off + c.data.len()].copy_from_slice(&c.data);
-                e.confirm(c.cg, c.index);
+                e.confirm(c.cg, c.index, c.count);
             }
         };
         drain(&mut img);

@@ -3,7 +3,7 @@
 //!
 //! The engine is independent of vhost: queue workers call [`Engine::begin_write`] before a
 //! write/discard/write-zeroes touches the disk and [`Engine::complete`] for every completion;
-//! the shipper calls [`Engine::form_cg`], [`Engine::next_chunk`], [`Engine::confirm`] and
+//! the shipper calls [`Engine::form_cg`], [`Engine::next_extent`], [`Engine::confirm`] and
 //! [`Engine::try_commit`].
 //!
 //! # Protocol (who may do what, and why it is consistent)
@@ -58,6 +58,8 @@ mod tests;
 use std::time::Duration;
 
 pub use crate::blk::tracking::{Completion, Publisher};
+#[cfg(test)]
+pub(crate) use drain::ChunkImage;
 pub use engine::{Engine, FreezeObserver, WriteTicket};
 
 /// Default tracking granularity (64 KiB).
@@ -108,17 +110,20 @@ pub struct CgFormed {
     pub coordination: Duration,
 }
 
-/// One chunk of the forming CG, for the shipper.
-#[derive(Debug, Clone, PartialEq, Eq)]
-pub struct ChunkImage {
+/// An extent of the forming CG handed out to the shipper: `count` contiguous chunks from
+/// `first`, inside one extent region; its `len` bytes are in the caller's buffer (see
+/// [`Engine::next_extent`]).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Extent {
     /// The CG it belongs to. The secondary keeps, per chunk, the version with the highest CG
     /// number and ignores versions of CGs it has already committed.
     pub cg: u64,
-    /// Chunk index (byte offset = `index * chunk_size`).
-    pub index: u64,
-    /// The chunk's content; shorter than `chunk_size` for the last chunk of a disk whose size
-    /// is not a multiple of it.
-    pub data: Vec<u8>,
+    /// First chunk (byte offset = `first * chunk_size`).
+    pub first: u64,
+    /// Chunks (at least 1).
+    pub count: u64,
+    /// Bytes (shorter than `count * chunk_size` if it ends at a short last chunk).
+    pub len: usize,
 }
 
 /// Result of [`Engine::try_commit`].
@@ -239,8 +244,10 @@ pub struct CgStats {
     pub cow_peak_bytes: usize,
     /// Chunks of which copy-on-write preserved at least one granule.
     pub chunks_preserved: u64,
-    /// Chunks handed out by `next_chunk`.
+    /// Chunks handed out by `next_extent`.
     pub chunks_handed_out: u64,
+    /// Extents handed out by `next_extent` (each one message on the link).
+    pub extents_handed_out: u64,
     /// Chunks set in OOS.
     pub oos_dirty: u64,
     /// Chunks set in CR (0 when no CG is strict).

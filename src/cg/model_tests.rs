@@ -183,11 +183,15 @@ impl Model {
         }
         let c = self.wire.remove(sel % self.wire.len());
         // The secondary keeps the newest version per chunk, never one of a committed CG.
-        let newer = self.staging.get(&c.index).is_none_or(|(cg, _)| *cg <= c.cg);
-        if c.cg > self.sec_cg && newer {
-            self.staging.insert(c.index, (c.cg, c.data.clone()));
+        let cs = self.e.config().chunk_size as usize;
+        for (k, part) in c.data.chunks(cs).enumerate() {
+            let index = c.index + k as u64;
+            let newer = self.staging.get(&index).is_none_or(|(cg, _)| *cg <= c.cg);
+            if c.cg > self.sec_cg && newer {
+                self.staging.insert(index, (c.cg, part.to_vec()));
+            }
         }
-        self.e.confirm(c.cg, c.index);
+        self.e.confirm(c.cg, c.index, c.count);
     }
 
     fn commit(&mut self) {

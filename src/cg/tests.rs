@@ -67,11 +67,12 @@ fn write(e: &Engine, d: &MemDisk, q: usize, off: u64, data: &[u8]) {
     drop(t);
 }
 
-/// Ships everything handed out now: returns the images.
+/// Ships everything handed out now: returns the images, one per chunk (the extents they
+/// were handed out in are cut up; each piece can be confirmed on its own).
 fn ship_all(e: &Engine) -> Vec<ChunkImage> {
     let mut v = Vec::new();
     while let Some(c) = e.next_chunk().expect("next_chunk") {
-        v.push(c);
+        v.extend(c.split(e.config().chunk_size));
     }
     v
 }
@@ -115,7 +116,7 @@ fn full_cycle_with_short_last_chunk() {
             unconfirmed: 1
         }
     );
-    e.confirm(1, 1);
+    e.confirm(1, 1, 1);
     assert!(e.is_ready(1));
     assert_eq!(e.try_commit(1), CommitOutcome::Committed);
     assert_eq!(e.try_commit(1), CommitOutcome::Unknown);
@@ -147,7 +148,7 @@ fn writes_after_swap_go_to_cr_and_become_oos_at_commit() {
     assert_eq!((s.oos_dirty, s.cr_dirty), (1, 1));
     assert_eq!(e.form_cg(), Err(FormError::Busy { cg: 1 }));
     for c in ship_all(&e) {
-        e.confirm(c.cg, c.index);
+        e.confirm(c.cg, c.index, c.count);
     }
     assert_eq!(e.try_commit(1), CommitOutcome::Committed);
     assert_eq!(e.stats().oos_dirty, 1);
@@ -168,7 +169,7 @@ fn copy_on_write_ships_preserved_image() {
     let imgs = ship_all(&e);
     assert_eq!(imgs[0].data, vec![1; 64]);
     assert_eq!(e.stats().cow_bytes, 0, "released when handed out");
-    e.confirm(1, 0);
+    e.confirm(1, 0, 1);
     assert_eq!(e.stats().cow_peak_bytes, 64);
     // A second write to the shipped chunk does not preserve again.
     write(&e, &d, 0, 0, &[3; 64]);
@@ -295,14 +296,14 @@ fn cache_limit_abandons_without_losing_chunks() {
     assert_eq!(imgs[3].data, vec![4; 64]);
     assert_eq!(e.try_commit(1), CommitOutcome::Abandoned);
     for c in &imgs {
-        e.confirm(c.cg, c.index);
+        e.confirm(c.cg, c.index, c.count);
     }
     // The next CG forms normally and commits.
     write(&e, &d, 0, 64, &[5; 1]);
     assert_eq!(e.form_cg().expect("form").cg, 2);
     let imgs = ship_all(&e);
     assert_eq!(imgs.iter().map(|c| c.index).collect::<Vec<_>>(), vec![1]);
-    e.confirm(2, 1);
+    e.confirm(2, 1, 1);
     assert_eq!(e.try_commit(2), CommitOutcome::Committed);
 }
 
@@ -336,10 +337,12 @@ fn preserve_failure_abandons_and_write_proceeds() {
 #[test]
 fn link_lost_reships_uncommitted_chunks() {
     let (e, d) = engine(cfg(256, 64), 1);
-    write(&e, &d, 0, 0, &[1; 128]);
+    // Chunks 0 and 2: two extents (contiguous chunks would travel as one).
+    write(&e, &d, 0, 0, &[1; 64]);
+    write(&e, &d, 0, 128, &[1; 64]);
     e.form_cg().expect("form");
     let a = e.next_chunk().expect("r").expect("c");
-    e.confirm(a.cg, a.index);
+    e.confirm(a.cg, a.index, a.count);
     let _b = e.next_chunk().expect("r").expect("c");
     write(&e, &d, 0, 192, &[2; 1]); // in CR
     e.link_lost();
@@ -354,15 +357,15 @@ fn link_lost_reships_uncommitted_chunks() {
         (CgPhase::Idle, 1, 3, 0)
     );
     assert_eq!(e.try_commit(1), CommitOutcome::Unknown);
-    e.confirm(1, 1); // stale: ignored
+    e.confirm(1, 2, 1); // stale: ignored
     assert_eq!(e.form_cg().expect("form").cg, 2);
     let imgs = ship_all(&e);
     assert_eq!(
         imgs.iter().map(|c| c.index).collect::<Vec<_>>(),
-        vec![0, 1, 3]
+        vec![0, 2, 3]
     );
     for c in &imgs {
-        e.confirm(c.cg, c.index);
+        e.confirm(c.cg, c.index, c.count);
     }
     assert_eq!(e.try_commit(2), CommitOutcome::Committed);
 }
@@ -458,7 +461,7 @@ fn abandoned_drain_reships_chunk_written_during_read() {
         "previous hand-out of chunk 2 not confirmed"
     );
     for c in &imgs {
-        e.confirm(c.cg, c.index);
+        e.confirm(c.cg, c.index, c.count);
     }
     let again = e.next_chunk().expect("r").expect("chunk 2 again");
     assert_eq!((again.index, again.data.clone()), (2, vec![3; 64]));

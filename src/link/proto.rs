@@ -22,18 +22,20 @@
 //!   `Hello` → `HelloAck`/`Reject`, then `Commit` → `CommitAck`/`CommitFailed`,
 //!   `StatusRequest` → `Status`, `Heartbeat` → `HeartbeatAck`, and `Progress`.
 //! * **Data streams** — N unidirectional streams opened by the primary after `HelloAck`,
-//!   carrying only `Chunk` frames. A chunk goes on stream `index % N`, so two versions of the
-//!   same chunk are always delivered in the order they were sent.
+//!   carrying only `Extent` frames: `count` contiguous chunks from `first`, inside one
+//!   extent region ([`crate::geometry::MAX_EXTENT_BYTES`], aligned). An extent goes on
+//!   stream `region % N`, so two versions of the same chunk (whatever extents carry them)
+//!   are always delivered in the order they were sent.
 //!
 //! # Ordering of chunks and commits
 //!
-//! Streams are independent, so a `Commit` may overtake chunks sent before it. The rule:
-//! `Commit { cg, chunk_count }` covers every chunk labelled with a CG `<= cg` that was sent on
-//! this connection and not covered by an earlier commit, and `chunk_count` is their number.
-//! The secondary processes the commit only once it has handed exactly that many such chunks
-//! to its sink (it waits for stragglers, bounded in time); receiving more is a protocol
-//! error. Chunks labelled with a later CG may arrive meanwhile and are not counted. This also
-//! covers an abandoned CG: its chunks simply ride along with the next commit.
+//! Streams are independent, so a `Commit` may overtake extents sent before it. The rule:
+//! `Commit { cg, extent_count }` covers every extent labelled with a CG `<= cg` that was
+//! sent on this connection and not covered by an earlier commit, and `extent_count` is their
+//! number. The secondary processes the commit only once it has handed exactly that many such
+//! extents to its sink (it waits for stragglers, bounded in time); receiving more is a
+//! protocol error. Extents labelled with a later CG may arrive meanwhile and are not counted.
+//! This also covers an abandoned CG: its extents simply ride along with the next commit.
 //!
 //! # Versioning
 //!
@@ -45,7 +47,7 @@
 use serde::{Deserialize, Serialize};
 
 /// Version of this wire protocol; both sides must use the same one.
-pub const PROTOCOL_VERSION: u16 = 2;
+pub const PROTOCOL_VERSION: u16 = 3;
 
 /// Magic number at the start of `Hello` ("DRBK").
 pub const HELLO_MAGIC: u32 = 0x4452_424B;
@@ -65,8 +67,9 @@ pub const MAX_CHUNK_SIZE: u32 = crate::geometry::MAX_CHUNK_SIZE as u32;
 /// Bytes of a frame around its payload (length prefix and checksum).
 pub const FRAME_OVERHEAD: usize = 8;
 
-/// Bytes a `Chunk` message adds to its data, at most (variant, cg, index, tags, lengths).
-pub const CHUNK_HEADER_MAX: usize = 48;
+/// Bytes an `Extent` message adds to its data, at most (variant, cg, first, count, tags,
+/// lengths).
+pub const EXTENT_HEADER_MAX: usize = 48;
 
 /// Longest site name or reason string carried on the wire.
 pub const MAX_TEXT_LEN: usize = 1024;
@@ -193,14 +196,14 @@ impl std::fmt::Display for RejectReason {
     }
 }
 
-/// Chunk content as carried on the wire.
+/// Extent content as carried on the wire.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
 pub enum WirePayload<'a> {
     /// Uncompressed bytes.
     Raw(#[serde(with = "serde_bytes", borrow)] &'a [u8]),
-    /// LZ4 block-compressed bytes (no size prefix); decompresses to the chunk's length.
+    /// LZ4 block-compressed bytes (no size prefix); decompresses to the extent's length.
     Lz4(#[serde(with = "serde_bytes", borrow)] &'a [u8]),
-    /// The chunk is all zeroes.
+    /// The extent is all zeroes.
     Zero,
 }
 
@@ -213,12 +216,14 @@ pub enum Message<'a> {
     HelloAck(HelloAck),
     /// Secondary → primary: handshake refused; the connection is closed afterwards.
     Reject(RejectReason),
-    /// Primary → secondary on a data stream: one chunk shipped for CG `cg`.
-    Chunk {
-        /// CG the chunk is shipped for.
+    /// Primary → secondary on a data stream: one extent shipped for CG `cg`.
+    Extent {
+        /// CG the extent is shipped for.
         cg: u64,
-        /// Chunk index (offset / chunk_size).
-        index: u64,
+        /// First chunk (offset / chunk_size).
+        first: u64,
+        /// Chunks (at least 1, inside one extent region).
+        count: u64,
         /// Content.
         #[serde(borrow)]
         payload: WirePayload<'a>,
@@ -229,8 +234,8 @@ pub enum Message<'a> {
         cg: u64,
         /// When the CG was frozen on the primary, µs since the Unix epoch.
         frozen_at_unix_us: u64,
-        /// Number of chunks with a CG label `<= cg` sent since the previous commit.
-        chunk_count: u64,
+        /// Number of extents with a CG label `<= cg` sent since the previous commit.
+        extent_count: u64,
     },
     /// Secondary → primary: CG `cg` is durable and visible on the secondary.
     CommitAck {
@@ -288,7 +293,7 @@ impl Message<'_> {
             Message::Hello(_) => "Hello",
             Message::HelloAck(_) => "HelloAck",
             Message::Reject(_) => "Reject",
-            Message::Chunk { .. } => "Chunk",
+            Message::Extent { .. } => "Extent",
             Message::Commit { .. } => "Commit",
             Message::CommitAck { .. } => "CommitAck",
             Message::CommitFailed { .. } => "CommitFailed",
@@ -334,10 +339,10 @@ pub enum FrameError {
 /// Encodes `msg` as one complete frame (length, payload, checksum).
 pub fn encode_frame(msg: &Message<'_>) -> Result<Vec<u8>, postcard::Error> {
     let hint = match msg {
-        Message::Chunk {
+        Message::Extent {
             payload: WirePayload::Raw(d) | WirePayload::Lz4(d),
             ..
-        } => d.len() + CHUNK_HEADER_MAX + FRAME_OVERHEAD,
+        } => d.len() + EXTENT_HEADER_MAX + FRAME_OVERHEAD,
         _ => 256,
     };
     let mut buf = Vec::with_capacity(hint);
@@ -455,15 +460,16 @@ mod tests {
         .unwrap();
         assert_eq!(decode_payload(payload).unwrap(), hello);
         assert_eq!(peek_hello_version(payload), Some(7));
-        // A chunk never passes for a Hello.
-        let data = vec![9u8; 1000];
-        let c = Message::Chunk {
-            cg: 1,
-            index: 2,
+        // An extent never passes for a Hello.
+        let data = vec![9u8; 1 << 20];
+        let c = Message::Extent {
+            cg: u64::MAX,
+            first: u64::MAX,
+            count: 256,
             payload: WirePayload::Raw(&data),
         };
         let f = encode_frame(&c).unwrap();
-        assert!(f.len() <= data.len() + CHUNK_HEADER_MAX + FRAME_OVERHEAD);
+        assert!(f.len() <= data.len() + EXTENT_HEADER_MAX + FRAME_OVERHEAD);
         assert_eq!(peek_hello_version(&f[4..f.len() - 4]), None);
         assert_eq!(decode_payload(&f[4..f.len() - 4]).unwrap(), c);
     }

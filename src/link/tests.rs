@@ -87,7 +87,7 @@ impl ReplicaSink for MemSink {
             site: "secondary".into(),
         })
     }
-    fn chunk(&self, _cg: u64, index: u64, data: ChunkData<'_>) -> anyhow::Result<()> {
+    fn extent(&self, _cg: u64, first: u64, count: u64, data: ChunkData<'_>) -> anyhow::Result<()> {
         if self.discard {
             return Ok(());
         }
@@ -95,7 +95,12 @@ impl ReplicaSink for MemSink {
             ChunkData::Data(d) => d.to_vec(),
             ChunkData::Zero { len } => vec![0; len],
         };
-        self.st().staged.insert(index, v);
+        // Kept per chunk, as the replica store does.
+        let _ = count;
+        let cs = self.disk.chunk_size as usize;
+        for (k, part) in v.chunks(cs).enumerate() {
+            self.st().staged.insert(first + k as u64, part.to_vec());
+        }
         Ok(())
     }
     fn commit(&self, cg: u64, _frozen: u64, _count: u64) -> anyhow::Result<()> {
@@ -497,11 +502,12 @@ fn malformed_input_closes_the_connection_only() {
             Message::HelloAck(_)
         ));
         let mut u = conn.open_uni().await.unwrap();
-        // A chunk beyond the disk.
+        // An extent beyond the disk.
         let d = vec![1u8; CHUNK as usize];
-        let f = encode_frame(&Message::Chunk {
+        let f = encode_frame(&Message::Extent {
             cg: 1,
-            index: 10_000,
+            first: 10_000,
+            count: 1,
             payload: proto::WirePayload::Raw(&d),
         })
         .unwrap();
@@ -650,7 +656,8 @@ fn rate_limit_bounds_throughput() {
     }
     c.commit(1, 0).unwrap();
     let s = t.elapsed().as_secs_f64();
-    assert!(s > 1.6 && s < 4.0, "{s}");
+    // At least (8 MiB - one burst of about 1 MiB) / 4 MiB/s; the upper bound is a hang guard.
+    assert!(s > 1.6 && s < 60.0, "{s}");
     srv.shutdown();
 }
 

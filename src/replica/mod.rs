@@ -82,6 +82,7 @@ mod format;
 pub mod identity;
 mod journal;
 mod open;
+mod shim;
 mod stage;
 mod state;
 mod sync;

@@ -10,7 +10,7 @@ use std::sync::{Arc, Condvar, Mutex};
 use std::thread::JoinHandle;
 use std::time::{Duration, Instant, SystemTime};
 
-use crate::cg::{CgFormed, ChunkImage, CommitOutcome, Engine, FormError};
+use crate::cg::{CgFormed, CommitOutcome, Engine, Extent, FormError};
 use crate::sys::clock::unix_micros;
 
 /// Where the chunks of each CG go.
@@ -21,9 +21,10 @@ pub trait ChunkSink: Send {
     fn attach(&mut self, engine: &Engine) {
         let _ = engine;
     }
-    /// Takes one chunk of CG `img.cg`. Returning Ok means the sink has it (the engine may
-    /// forget it); it need not be durable until [`ChunkSink::commit`].
-    fn chunk(&mut self, img: ChunkImage) -> io::Result<()>;
+    /// Takes one extent of CG `ext.cg`, whose bytes are `data` (`ext.len` of them).
+    /// Returning Ok means the sink has it (the engine may forget it); it need not be
+    /// durable until [`ChunkSink::commit`].
+    fn extent(&mut self, ext: Extent, data: &[u8]) -> io::Result<()>;
     /// Makes CG `cg` durable and visible as a whole; returns once it is.
     fn commit(&mut self, cg: u64, frozen_at: SystemTime) -> io::Result<()>;
     /// Called before each group is formed: get ready to take one (e.g. connect, with
@@ -53,6 +54,8 @@ pub struct CycleStats {
     pub last_commit_frozen_us: AtomicU64,
     /// Chunks shipped.
     pub chunks_shipped: AtomicU64,
+    /// Extents shipped (one link message each).
+    pub extents_shipped: AtomicU64,
     /// Bytes shipped.
     pub bytes_shipped: AtomicU64,
     /// Formations that failed (busy, or coordination too slow).
@@ -245,13 +248,18 @@ pub fn drain_and_commit(
     frozen_at: SystemTime,
     stats: &CycleStats,
 ) -> io::Result<()> {
+    // One buffer for the whole drain: extents are read into it and handed to the sink
+    // borrowed, so nothing is allocated or zeroed per extent.
+    let mut buf = Vec::new();
     loop {
-        while let Some(img) = engine.next_chunk()? {
-            let (icg, index, len) = (img.cg, img.index, img.data.len() as u64);
-            sink.chunk(img)?;
-            engine.confirm(icg, index);
-            stats.chunks_shipped.fetch_add(1, Ordering::Relaxed);
-            stats.bytes_shipped.fetch_add(len, Ordering::Relaxed);
+        while let Some(ext) = engine.next_extent(&mut buf)? {
+            sink.extent(ext, &buf[..ext.len])?;
+            engine.confirm(ext.cg, ext.first, ext.count);
+            stats.chunks_shipped.fetch_add(ext.count, Ordering::Relaxed);
+            stats.extents_shipped.fetch_add(1, Ordering::Relaxed);
+            stats
+                .bytes_shipped
+                .fetch_add(ext.len as u64, Ordering::Relaxed);
         }
         let ready = engine.is_ready(cg);
         if ready {

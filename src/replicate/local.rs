@@ -18,7 +18,7 @@ use std::sync::atomic::{AtomicBool, Ordering};
 use std::time::{Duration, Instant, SystemTime};
 
 use super::cycle::ChunkSink;
-use crate::cg::{ChunkImage, Engine};
+use crate::cg::{Engine, Extent};
 use crate::replica::{self, ChunkData, ReplicaState, ReplicaStore};
 
 /// An in-process replica: a [`ReplicaStore`] (image + state directory) fed by the CG cycle.
@@ -150,17 +150,17 @@ impl ChunkSink for LocalReplica {
         }
     }
 
-    fn chunk(&mut self, img: ChunkImage) -> io::Result<()> {
+    fn extent(&mut self, ext: Extent, data: &[u8]) -> io::Result<()> {
         self.with_store(|s| {
-            if let ReplicaState::Syncing { .. } = s.state() {
-                if img.data.iter().all(|&b| b == 0) {
-                    s.sync_zero(img.index)
-                } else {
-                    s.sync_chunk(img.index, &img.data)
-                }
+            let d = if data.iter().all(|&b| b == 0) {
+                ChunkData::Zero
             } else {
-                s.stage_chunk(img.cg, img.index, ChunkData::Bytes(&img.data))
-                    .map(drop)
+                ChunkData::Bytes(data)
+            };
+            if let ReplicaState::Syncing { .. } = s.state() {
+                s.sync_extent(ext.first, ext.count, d)
+            } else {
+                s.stage_extent(ext.cg, ext.first, ext.count, d).map(drop)
             }
         })
     }

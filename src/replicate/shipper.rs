@@ -19,7 +19,7 @@ use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant, SystemTime};
 
-use crate::cg::{ChunkImage, Engine};
+use crate::cg::{Engine, Extent};
 use crate::link::{ClientConfig, LinkClient, ReplicaState};
 use crate::replicate::cycle::ChunkSink;
 use crate::sys::clock::unix_micros;
@@ -131,8 +131,10 @@ impl Replicator {
 }
 
 impl ChunkSink for Replicator {
-    fn chunk(&mut self, img: ChunkImage) -> io::Result<()> {
-        let r = self.client()?.send_chunk(img.cg, img.index, &img.data);
+    fn extent(&mut self, ext: Extent, data: &[u8]) -> io::Result<()> {
+        let r = self
+            .client()?
+            .send_extent(ext.cg, ext.first, ext.count, data);
         r.map_err(|e| self.lost(e))
     }
 

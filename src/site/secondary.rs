@@ -131,25 +131,22 @@ impl ReplicaSink for StoreSink {
         })
     }
 
-    fn chunk(&self, cg: u64, index: u64, data: WireChunk<'_>) -> anyhow::Result<()> {
+    fn extent(&self, cg: u64, first: u64, count: u64, data: WireChunk<'_>) -> anyhow::Result<()> {
         self.with_store(|s| {
+            let d = match data {
+                WireChunk::Data(d) => ChunkData::Bytes(d),
+                WireChunk::Zero { .. } => ChunkData::Zero,
+            };
             if let ReplicaState::Syncing { .. } = s.state() {
-                match data {
-                    WireChunk::Data(d) => s.sync_chunk(index, d)?,
-                    WireChunk::Zero { .. } => s.sync_zero(index)?,
-                }
+                s.sync_extent(first, count, d)?;
             } else {
-                let d = match data {
-                    WireChunk::Data(d) => ChunkData::Bytes(d),
-                    WireChunk::Zero { .. } => ChunkData::Zero,
-                };
-                s.stage_chunk(cg, index, d)?;
+                s.stage_extent(cg, first, count, d)?;
             }
             Ok(())
         })
     }
 
-    fn commit(&self, cg: u64, frozen_at_unix_us: u64, _chunk_count: u64) -> anyhow::Result<()> {
+    fn commit(&self, cg: u64, frozen_at_unix_us: u64, _extent_count: u64) -> anyhow::Result<()> {
         self.with_store(|s| {
             match s.state() {
                 ReplicaState::Syncing { total_chunks, .. } => {

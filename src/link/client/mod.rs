@@ -116,8 +116,10 @@ pub struct ReplicaStatus {
 /// Counters of a client.
 #[derive(Debug, Clone, Default)]
 pub struct ClientStats {
-    /// Chunks queued with `send_chunk`/`send_zero`.
+    /// Chunks queued (in extents).
     pub chunks_sent: u64,
+    /// Extents queued (one message each).
+    pub extents_sent: u64,
     /// Chunks sent as zero markers.
     pub zero_chunks: u64,
     /// Chunks sent LZ4-compressed.
@@ -215,16 +217,34 @@ impl LinkClient {
         &self.shared.ack
     }
 
-    /// Ships chunk `index` for CG `cg`. `data` must be exactly the chunk's length (the last
-    /// chunk of the disk may be short). Blocks while the in-flight bound or the rate limit
-    /// is reached; returns once the chunk is queued (not yet delivered or durable).
+    /// Ships the extent of `count` chunks from `first` for CG `cg`, in one message. It must
+    /// lie inside one extent region ([`crate::geometry::Geometry::extent_len`]) and `data`
+    /// must be exactly its length (the last chunk of the disk may be short). An all-zero
+    /// extent travels as a marker. Blocks while the in-flight bound or the rate limit is
+    /// reached; returns once the extent is queued (not yet delivered or durable).
+    pub fn send_extent(
+        &self,
+        cg: u64,
+        first: u64,
+        count: u64,
+        data: &[u8],
+    ) -> Result<(), LinkError> {
+        self.block(self.shared.send_extent(cg, first, count, Some(data)))?
+    }
+
+    /// Ships the extent of `count` chunks from `first` for CG `cg` as all zeroes.
+    pub fn send_zero_extent(&self, cg: u64, first: u64, count: u64) -> Result<(), LinkError> {
+        self.block(self.shared.send_extent(cg, first, count, None))?
+    }
+
+    /// Ships chunk `index` for CG `cg` (an extent of one chunk).
     pub fn send_chunk(&self, cg: u64, index: u64, data: &[u8]) -> Result<(), LinkError> {
-        self.block(self.shared.send_chunk(cg, index, Some(data)))?
+        self.send_extent(cg, index, 1, data)
     }
 
     /// Ships chunk `index` for CG `cg` as all zeroes (e.g. after a discard).
     pub fn send_zero(&self, cg: u64, index: u64) -> Result<(), LinkError> {
-        self.block(self.shared.send_chunk(cg, index, None))?
+        self.send_zero_extent(cg, index, 1)
     }
 
     /// Commits CG `cg`: every chunk labelled `<= cg` sent since the previous commit. Blocks
@@ -261,6 +281,7 @@ impl LinkClient {
         let ps = self.shared.conn.stats().path;
         ClientStats {
             chunks_sent: c.chunks.load(Ordering::Relaxed),
+            extents_sent: c.extents.load(Ordering::Relaxed),
             zero_chunks: c.zero.load(Ordering::Relaxed),
             compressed_chunks: c.lz4.load(Ordering::Relaxed),
             data_bytes: c.data.load(Ordering::Relaxed),

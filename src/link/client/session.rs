@@ -31,6 +31,7 @@ struct Pending {
 #[derive(Default)]
 pub(super) struct Counters {
     pub(super) chunks: AtomicU64,
+    pub(super) extents: AtomicU64,
     pub(super) zero: AtomicU64,
     pub(super) lz4: AtomicU64,
     pub(super) data: AtomicU64,
@@ -49,7 +50,7 @@ pub(super) struct Shared {
     bucket: Option<TokenBucket>,
     pub(super) lost: Mutex<Option<String>>,
     pending: Mutex<Pending>,
-    /// Chunks sent per CG label, not yet covered by a commit.
+    /// Extents sent per CG label, not yet covered by a commit.
     uncommitted: Mutex<(BTreeMap<u64, u64>, Option<u64>)>,
     seq: AtomicU64,
     pub(super) counters: Counters,
@@ -70,8 +71,9 @@ impl Shared {
             data: streams,
             ack,
         } = link;
-        let max_frame =
-            cfg.disk.chunk_size as usize + proto::CHUNK_HEADER_MAX + proto::FRAME_OVERHEAD;
+        let max_frame = max_extent_bytes(cfg.disk.chunk_size)
+            + proto::EXTENT_HEADER_MAX
+            + proto::FRAME_OVERHEAD;
         let max_inflight = cfg
             .max_inflight_bytes
             .max(2 * max_frame)
@@ -85,7 +87,8 @@ impl Shared {
         }
         let bucket = cfg
             .max_rate
-            .map(|r| TokenBucket::new(r, (r / 10).max(2 * max_frame as u64)));
+            // The burst must hold the largest frame (an extent of up to 1 MiB).
+            .map(|r| TokenBucket::new(r, (r / 10).max(max_frame as u64)));
         let last = ack.last_committed_cg;
         let shared = Arc::new(Shared {
             conn,
@@ -154,21 +157,26 @@ impl Shared {
             .map_err(|e| LinkError::LinkLost(format!("control stream: {e}")))
     }
 
-    pub(super) async fn send_chunk(
+    pub(super) async fn send_extent(
         &self,
         cg: u64,
-        index: u64,
+        first: u64,
+        count: u64,
         data: Option<&[u8]>,
     ) -> Result<(), LinkError> {
         self.check_alive()?;
-        let d = &self.cfg.disk;
-        let want = d.geometry()?.chunk_len(index).ok_or_else(|| {
-            LinkError::InvalidArgument(format!("chunk index {index} beyond the disk"))
+        let geometry = self.cfg.disk.geometry()?;
+        let want = geometry.extent_len(first, count).ok_or_else(|| {
+            LinkError::InvalidArgument(format!(
+                "extent of {count} chunks from {first}: empty, beyond the disk or across an \
+                 extent region ({} chunks)",
+                geometry.extent_chunks()
+            ))
         })?;
         if let Some(data) = data {
             if data.len() != want {
                 return Err(LinkError::InvalidArgument(format!(
-                    "chunk {index}: {} bytes, expected {want}",
+                    "extent of {count} chunks from {first}: {} bytes, expected {want}",
                     data.len()
                 )));
             }
@@ -177,7 +185,7 @@ impl Shared {
             let u = lock(&self.uncommitted);
             if u.1.is_some_and(|c| cg <= c) {
                 return Err(LinkError::InvalidArgument(format!(
-                    "chunk labelled CG {cg}, but CG {} was already committed",
+                    "extent labelled CG {cg}, but CG {} was already committed",
                     u.1.unwrap_or(0)
                 )));
             }
@@ -198,12 +206,17 @@ impl Shared {
             Some(d) => WirePayload::Raw(d),
         };
         match payload {
-            WirePayload::Zero => self.counters.zero.fetch_add(1, Ordering::Relaxed),
-            WirePayload::Lz4(_) => self.counters.lz4.fetch_add(1, Ordering::Relaxed),
+            WirePayload::Zero => self.counters.zero.fetch_add(count, Ordering::Relaxed),
+            WirePayload::Lz4(_) => self.counters.lz4.fetch_add(count, Ordering::Relaxed),
             WirePayload::Raw(_) => 0,
         };
-        let frame = encode_frame(&Message::Chunk { cg, index, payload })
-            .map_err(|e| LinkError::Protocol(format!("encode: {e}")))?;
+        let frame = encode_frame(&Message::Extent {
+            cg,
+            first,
+            count,
+            payload,
+        })
+        .map_err(|e| LinkError::Protocol(format!("encode: {e}")))?;
         drop(compressed);
         if let Some(b) = &self.bucket {
             b.acquire(frame.len() as u64).await;
@@ -215,13 +228,15 @@ impl Shared {
             .acquire_many_owned(n)
             .await
             .map_err(|_| self.lost_error())?;
-        let stream = (index % self.data.len() as u64) as usize;
+        // Every version of a chunk travels on the stream of its region, in order.
+        let stream = (geometry.region_of(first) % self.data.len() as u64) as usize;
         self.data[stream]
             .send((frame, permit))
             .await
             .map_err(|_| self.lost_error())?;
         *lock(&self.uncommitted).0.entry(cg).or_insert(0) += 1;
-        self.counters.chunks.fetch_add(1, Ordering::Relaxed);
+        self.counters.chunks.fetch_add(count, Ordering::Relaxed);
+        self.counters.extents.fetch_add(1, Ordering::Relaxed);
         self.counters.data.fetch_add(want as u64, Ordering::Relaxed);
         Ok(())
     }
@@ -229,7 +244,7 @@ impl Shared {
     pub(super) async fn commit(&self, cg: u64, frozen_at_unix_us: u64) -> Result<(), LinkError> {
         self.check_alive()?;
         let (tx, rx) = oneshot::channel();
-        let chunk_count = {
+        let extent_count = {
             let mut u = lock(&self.uncommitted);
             if u.1.is_some_and(|c| cg <= c) {
                 return Err(LinkError::InvalidArgument(format!(
@@ -250,11 +265,11 @@ impl Shared {
             u.1 = Some(cg);
             count
         };
-        tracing::debug!(cg, chunk_count, "sending commit");
+        tracing::debug!(cg, extent_count, "sending commit");
         self.send_ctrl(&Message::Commit {
             cg,
             frozen_at_unix_us,
-            chunk_count,
+            extent_count,
         })
         .await?;
         match tokio::time::timeout(self.cfg.commit_timeout, rx).await {
@@ -403,4 +418,9 @@ async fn data_writer(
         drop(permit);
     }
     let _ = stream.finish();
+}
+
+/// Bytes of the largest extent for chunks of `chunk_size` bytes.
+pub(super) fn max_extent_bytes(chunk_size: u32) -> usize {
+    crate::geometry::MAX_EXTENT_BYTES.max(u64::from(chunk_size)) as usize
 }

@@ -8,7 +8,7 @@
 //! [`ReplicaSink::hello`] decides on disk identity and geometry. After `HelloAck` the data
 //! streams are read (one task per stream, one frame at a time; each chunk is validated and
 //! handed to [`ReplicaSink::chunk`]), and commits are processed in order by one task that
-//! first waits until all chunks the commit covers were handed to the sink, then calls
+//! first waits until all extents the commit covers were handed to the sink, then calls
 //! [`ReplicaSink::commit`] and only then sends `CommitAck`.
 //!
 //! Any malformed frame or protocol violation closes the connection with a log line; the
@@ -32,14 +32,14 @@ use super::proto::{close_code, Hello, HelloAck, RejectReason, ReplicaState};
 use super::tls::{self, Tuning};
 use super::LinkError;
 
-/// Content of a received chunk, as handed to the sink.
+/// Content of a received extent, as handed to the sink.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum ChunkData<'a> {
-    /// The chunk's bytes (already decompressed; exactly the chunk's length).
+    /// The extent's bytes (already decompressed; exactly the extent's length).
     Data(&'a [u8]),
-    /// The chunk is all zeroes; `len` is its length.
+    /// The extent is all zeroes; `len` is its length.
     Zero {
-        /// Length of the chunk in bytes.
+        /// Length of the extent in bytes.
         len: usize,
     },
 }
@@ -55,8 +55,9 @@ pub struct PeerInfo {
 
 /// The secondary's storage, as seen by the link. Implemented by drblk's staging journal.
 ///
-/// Calls for one connection: `hello`, then any number of `chunk` (concurrently from
-/// several data streams, but versions of one chunk index arrive in sending order),
+/// Calls for one connection: `hello`, then any number of `extent` (concurrently from
+/// several data streams, but versions of one chunk arrive in sending order, whatever
+/// extents carry them),
 /// `commit` (sequential, in CG order), `progress`, `status`, and finally `disconnected`.
 pub trait ReplicaSink: Send + Sync + 'static {
     /// Accepts or refuses a primary. The link already checked the protocol version and
@@ -65,13 +66,14 @@ pub trait ReplicaSink: Send + Sync + 'static {
     /// state.
     fn hello(&self, hello: &Hello, peer: &PeerInfo) -> Result<HelloAck, RejectReason>;
 
-    /// Stages one chunk shipped for CG `cg`. An error closes the connection.
-    fn chunk(&self, cg: u64, index: u64, data: ChunkData<'_>) -> anyhow::Result<()>;
+    /// Stages one extent shipped for CG `cg`: `count` chunks from `first`, inside the disk
+    /// and one extent region (the link checked it). An error closes the connection.
+    fn extent(&self, cg: u64, first: u64, count: u64, data: ChunkData<'_>) -> anyhow::Result<()>;
 
     /// Makes everything staged with a CG label `<= cg` durable and visible atomically.
     /// The primary gets `CommitAck` only after this returns `Ok`; an error is reported as
     /// `CommitFailed` and the connection is closed.
-    fn commit(&self, cg: u64, frozen_at_unix_us: u64, chunk_count: u64) -> anyhow::Result<()>;
+    fn commit(&self, cg: u64, frozen_at_unix_us: u64, extent_count: u64) -> anyhow::Result<()>;
 
     /// Current state and last committed CG, for `Status` reports.
     fn status(&self) -> (ReplicaState, Option<u64>);
@@ -88,11 +90,11 @@ impl<T: ReplicaSink> ReplicaSink for std::sync::Arc<T> {
     fn hello(&self, hello: &Hello, peer: &PeerInfo) -> Result<HelloAck, RejectReason> {
         (**self).hello(hello, peer)
     }
-    fn chunk(&self, cg: u64, index: u64, data: ChunkData<'_>) -> anyhow::Result<()> {
-        (**self).chunk(cg, index, data)
+    fn extent(&self, cg: u64, first: u64, count: u64, data: ChunkData<'_>) -> anyhow::Result<()> {
+        (**self).extent(cg, first, count, data)
     }
-    fn commit(&self, cg: u64, frozen_at_unix_us: u64, chunk_count: u64) -> anyhow::Result<()> {
-        (**self).commit(cg, frozen_at_unix_us, chunk_count)
+    fn commit(&self, cg: u64, frozen_at_unix_us: u64, extent_count: u64) -> anyhow::Result<()> {
+        (**self).commit(cg, frozen_at_unix_us, extent_count)
     }
     fn status(&self) -> (ReplicaState, Option<u64>) {
         (**self).status()
@@ -120,7 +122,7 @@ pub struct ServerConfig {
     pub tuning: Tuning,
     /// Bound of the QUIC/TLS handshake and of waiting for `Hello`.
     pub handshake_timeout: Duration,
-    /// How long a commit may wait for its missing chunks with no chunk arriving at all.
+    /// How long a commit may wait for its missing extents with no extent arriving at all.
     pub commit_stall_timeout: Duration,
     /// Most concurrent connection attempts being handshaken.
     pub max_handshakes: usize,
@@ -154,8 +156,10 @@ pub struct ServerStats {
     pub rejected: u64,
     /// Connections closed for a protocol violation or malformed frame.
     pub protocol_errors: u64,
-    /// Chunks handed to the sink.
+    /// Chunks handed to the sink (in extents).
     pub chunks: u64,
+    /// Extents handed to the sink (one message each).
+    pub extents: u64,
     /// CGs acknowledged.
     pub commits: u64,
 }
@@ -167,6 +171,7 @@ struct Counters {
     rejected: AtomicU64,
     protocol_errors: AtomicU64,
     chunks: AtomicU64,
+    extents: AtomicU64,
     commits: AtomicU64,
 }
 
@@ -257,6 +262,7 @@ impl LinkServer {
             rejected: c.rejected.load(Ordering::Relaxed),
             protocol_errors: c.protocol_errors.load(Ordering::Relaxed),
             chunks: c.chunks.load(Ordering::Relaxed),
+            extents: c.extents.load(Ordering::Relaxed),
             commits: c.commits.load(Ordering::Relaxed),
         }
     }

@@ -1,8 +1,8 @@
 //! The running session with one primary, after `HelloAck`: one task per data stream reads
-//! one frame at a time, validates each chunk and hands it to
-//! [`ReplicaSink::chunk`](super::ReplicaSink::chunk); the control stream reader answers
+//! one frame at a time, validates each extent and hands it to
+//! [`ReplicaSink::extent`](super::ReplicaSink::extent); the control stream reader answers
 //! status requests and heartbeats and queues commits; one commit task processes commits in
-//! CG order, first waiting until every chunk a commit covers was handed to the sink, then
+//! CG order, first waiting until every extent a commit covers was handed to the sink, then
 //! calling [`ReplicaSink::commit`](super::ReplicaSink::commit), and only then sending
 //! `CommitAck`.
 
@@ -22,10 +22,10 @@ pub(super) struct Session {
     srv: Arc<ServerShared>,
     conn: quinn::Connection,
     peer: PeerInfo,
-    disk_size: u64,
-    chunk_size: u32,
+    /// The disk's geometry as `Hello` announced it (the sink accepted it).
+    geometry: Option<Geometry>,
     ctrl: tokio::sync::Mutex<quinn::SendStream>,
-    /// Chunks handed to the sink per CG label, and the last processed commit.
+    /// Extents handed to the sink per CG label, and the last processed commit.
     counts: Mutex<(BTreeMap<u64, u64>, Option<u64>)>,
     progress: watch::Sender<u64>,
 }
@@ -49,8 +49,7 @@ impl Session {
             srv,
             conn,
             peer,
-            disk_size: hello.disk_size,
-            chunk_size: hello.chunk_size,
+            geometry: Geometry::new(hello.disk_size, u64::from(hello.chunk_size)).ok(),
             ctrl: tokio::sync::Mutex::new(ctrl),
             counts: Mutex::new((BTreeMap::new(), last_committed_cg)),
             progress,
@@ -100,41 +99,44 @@ impl Session {
         s.write_all(&frame).await.map_err(|e| e.to_string())
     }
 
-    /// Validates one chunk frame and hands it to the sink.
-    fn on_chunk(&self, msg: Message<'_>, scratch: &mut Vec<u8>) -> Result<(), String> {
-        let Message::Chunk { cg, index, payload } = msg else {
+    /// Validates one extent frame and hands it to the sink.
+    fn on_extent(&self, msg: Message<'_>, scratch: &mut Vec<u8>) -> Result<(), String> {
+        let Message::Extent {
+            cg,
+            first,
+            count,
+            payload,
+        } = msg
+        else {
             return Err(format!("unexpected {} on a data stream", msg.kind()));
         };
-        let len = Geometry::new(self.disk_size, u64::from(self.chunk_size))
-            .ok()
-            .and_then(|g| g.chunk_len(index))
-            .ok_or_else(|| format!("chunk index {index} beyond the disk"))?;
+        let what = format!("extent of {count} chunks from {first}");
+        let len = self
+            .geometry
+            .and_then(|g| g.extent_len(first, count))
+            .ok_or_else(|| format!("{what}: empty, beyond the disk or across an extent region"))?;
         if lock(&self.counts).1.is_some_and(|c| cg <= c) {
-            return Err(format!(
-                "chunk {index} for CG {cg}, which is already committed"
-            ));
+            return Err(format!("{what} for CG {cg}, which is already committed"));
         }
         let data = match payload {
             WirePayload::Zero => ChunkData::Zero { len },
             WirePayload::Raw(d) if d.len() == len => ChunkData::Data(d),
             WirePayload::Raw(d) => {
-                return Err(format!("chunk {index}: {} bytes, expected {len}", d.len()))
+                return Err(format!("{what}: {} bytes, expected {len}", d.len()))
             }
             WirePayload::Lz4(c) => {
                 scratch.clear();
                 scratch.resize(len, 0);
                 match lz4_flex::block::decompress_into(c, scratch) {
                     Ok(n) if n == len => ChunkData::Data(scratch),
-                    Ok(n) => {
-                        return Err(format!("chunk {index}: lz4 gave {n} bytes, expected {len}"))
-                    }
-                    Err(e) => return Err(format!("chunk {index}: bad lz4 data: {e}")),
+                    Ok(n) => return Err(format!("{what}: lz4 gave {n} bytes, expected {len}")),
+                    Err(e) => return Err(format!("{what}: bad lz4 data: {e}")),
                 }
             }
         };
         let sink = &self.srv.sink;
-        tokio::task::block_in_place(|| sink.chunk(cg, index, data))
-            .map_err(|e| format!("sink failed to stage chunk {index} of CG {cg}: {e:#}"))
+        tokio::task::block_in_place(|| sink.extent(cg, first, count, data))
+            .map_err(|e| format!("sink failed to stage the {what} of CG {cg}: {e:#}"))
             .map_err(|e| {
                 // A storage failure is not the primary's fault: distinct close code.
                 tracing::error!(peer = %self.peer.addr, "{e}; closing the connection");
@@ -146,7 +148,7 @@ impl Session {
             let mut c = lock(&self.counts);
             if c.1.is_some_and(|last| cg <= last) {
                 return Err(format!(
-                    "chunk {index} for CG {cg} arrived after its commit was complete"
+                    "{what} for CG {cg} arrived after its commit was complete"
                 ));
             }
             if !c.0.contains_key(&cg) && c.0.len() >= MAX_OPEN_CGS {
@@ -154,12 +156,13 @@ impl Session {
             }
             *c.0.entry(cg).or_insert(0) += 1;
         }
-        self.srv.counters.chunks.fetch_add(1, Ordering::Relaxed);
+        self.srv.counters.chunks.fetch_add(count, Ordering::Relaxed);
+        self.srv.counters.extents.fetch_add(1, Ordering::Relaxed);
         self.progress.send_modify(|g| *g += 1);
         Ok(())
     }
 
-    /// Waits until the chunks a commit covers were all staged, then commits.
+    /// Waits until the extents a commit covers were all staged, then commits.
     async fn on_commit(&self, cg: u64, frozen: u64, count: u64) -> Result<(), String> {
         let mut rx = self.progress.subscribe();
         loop {
@@ -175,7 +178,7 @@ impl Session {
                 }
                 if have > count {
                     return Err(format!(
-                        "commit of CG {cg} announces {count} chunks, {have} received"
+                        "commit of CG {cg} announces {count} extents, {have} received"
                     ));
                 }
             }
@@ -184,7 +187,7 @@ impl Session {
                 Ok(Err(_)) => return Err("session ended".into()),
                 Err(_) => {
                     let reason = format!(
-                        "commit of CG {cg}: chunks missing, none arrived for {:?}",
+                        "commit of CG {cg}: extents missing, none arrived for {:?}",
                         self.srv.cfg.commit_stall_timeout
                     );
                     let _ = self
@@ -234,7 +237,11 @@ impl Session {
 }
 
 async fn data_reader(s: Arc<Session>, mut recv: quinn::RecvStream) {
-    let limit = s.chunk_size as usize + proto::CHUNK_HEADER_MAX;
+    let limit = s.geometry.map_or(0, |g| {
+        g.extent_len(0, g.extent_chunks().min(g.chunks()))
+            .unwrap_or(0)
+            .max(g.chunk_size() as usize)
+    }) + proto::EXTENT_HEADER_MAX;
     let mut buf = Vec::new();
     let mut scratch = Vec::new();
     loop {
@@ -245,7 +252,7 @@ async fn data_reader(s: Arc<Session>, mut recv: quinn::RecvStream) {
             Err(e) => return s.protocol_error(&format!("data stream: {e}")),
         }
         let res = match proto::decode_payload(&buf) {
-            Ok(m) => s.on_chunk(m, &mut scratch),
+            Ok(m) => s.on_extent(m, &mut scratch),
             Err(e) => Err(e.to_string()),
         };
         if let Err(e) = res {
@@ -279,9 +286,9 @@ async fn control_reader(
             Message::Commit {
                 cg,
                 frozen_at_unix_us,
-                chunk_count,
+                extent_count,
             } => commits
-                .send((cg, frozen_at_unix_us, chunk_count))
+                .send((cg, frozen_at_unix_us, extent_count))
                 .await
                 .map_err(|_| "commit worker gone".to_string()),
             Message::StatusRequest { seq } => {

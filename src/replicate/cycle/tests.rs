@@ -10,7 +10,9 @@ use std::sync::{Arc, Condvar, Mutex};
 use std::time::{Duration, Instant, SystemTime};
 
 use super::*;
-use crate::cg::{CgConfig, CgPhase, CgStats, ChunkSource, CommitOutcome, Engine, FormError};
+use crate::cg::{
+    CgConfig, CgPhase, CgStats, ChunkSource, CommitOutcome, Engine, Extent, FormError,
+};
 
 const CHUNK: u64 = 64;
 const CHUNKS: u64 = 4;
@@ -105,7 +107,7 @@ impl MemSink {
 }
 
 impl ChunkSink for MemSink {
-    fn chunk(&mut self, img: ChunkImage) -> io::Result<()> {
+    fn extent(&mut self, ext: Extent, data: &[u8]) -> io::Result<()> {
         let call = self.chunk_calls;
         self.chunk_calls += 1;
         if self.fail_chunk_call == Some(call) {
@@ -113,7 +115,11 @@ impl ChunkSink for MemSink {
             return Err(io::Error::new(io::ErrorKind::ConnectionReset, "chunk lost"));
         }
         let mut log = self.log.lock().expect("log");
-        log.chunks.push((img.cg, img.index, img.data));
+        // Logged per chunk, as the secondary keeps them.
+        for (k, part) in data.chunks(CHUNK as usize).enumerate() {
+            log.chunks
+                .push((ext.cg, ext.first + k as u64, part.to_vec()));
+        }
         Ok(())
     }
 
@@ -290,12 +296,14 @@ fn unknown_cg_returns_without_shipping_or_committing() {
 fn failed_chunk_or_commit_is_an_error_and_nothing_commits() {
     for fail_commit in [false, true] {
         let (e, d) = engine(1 << 20);
-        write(&e, &d, 0, &[1; 256]);
+        // Chunks 0 and 2: two extents.
+        write(&e, &d, 0, &[1; CHUNK as usize]);
+        write(&e, &d, 2 * CHUNK, &[1; CHUNK as usize]);
         let (mut sink, log) = MemSink::new(&e);
         if fail_commit {
             sink.fail_commit = Some(1);
         } else {
-            sink.fail_chunk_call = Some(2);
+            sink.fail_chunk_call = Some(1);
         }
         let stats = CycleStats::default();
         let cg = e.form_cg().expect("form").cg;
@@ -325,9 +333,11 @@ fn assert_merged_back(state: &CgStats, dirty: u64) {
 #[test]
 fn failed_chunk_merges_the_cg_back_recovers_and_ships_it_again() {
     let (e, d) = engine(1 << 20);
-    write(&e, &d, 0, &[1; 256]);
+    // Chunks 0 and 2: two extents. The first goes through, the second fails.
+    write(&e, &d, 0, &[1; CHUNK as usize]);
+    write(&e, &d, 2 * CHUNK, &[1; CHUNK as usize]);
     let (mut sink, log) = MemSink::new(&e);
-    sink.fail_chunk_call = Some(2); // chunks 0 and 1 go through, 2 fails
+    sink.fail_chunk_call = Some(1);
     let (stop, calls, stats) = (
         AtomicBool::new(false),
         AtomicUsize::new(0),
@@ -340,9 +350,8 @@ fn failed_chunk_merges_the_cg_back_recovers_and_ships_it_again() {
     let log = log.lock().expect("log");
     assert_eq!(log.recoveries.len(), 1);
     assert_eq!(log.recoveries[0].0, io::ErrorKind::ConnectionReset);
-    assert_merged_back(&log.recoveries[0].1, CHUNKS);
-    let mut want = vec![(1, 0), (1, 1)];
-    want.extend((0..CHUNKS).map(|i| (2, i)));
+    assert_merged_back(&log.recoveries[0].1, 2);
+    let want = vec![(1, 0), (2, 0), (2, 2)];
     assert_eq!(log.chunk_ids(), want);
     assert_eq!(log.commit_cgs(), vec![2]);
     assert_eq!(stats.last_committed.load(Ordering::SeqCst), 2);
@@ -477,7 +486,7 @@ fn recovery_failure_ends_the_cycle_with_its_error_unless_stopping() {
 fn default_recovery_gives_up_with_the_same_error() {
     struct Plain;
     impl ChunkSink for Plain {
-        fn chunk(&mut self, _: ChunkImage) -> io::Result<()> {
+        fn extent(&mut self, _: Extent, _: &[u8]) -> io::Result<()> {
             Ok(())
         }
         fn commit(&mut self, _: u64, _: SystemTime) -> io::Result<()> {

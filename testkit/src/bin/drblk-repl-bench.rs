@@ -55,7 +55,7 @@ impl ReplicaSink for NullSink {
             site: "secondary".into(),
         })
     }
-    fn chunk(&self, _cg: u64, _index: u64, _data: ChunkData<'_>) -> anyhow::Result<()> {
+    fn extent(&self, _cg: u64, _first: u64, _n: u64, _data: ChunkData<'_>) -> anyhow::Result<()> {
         Ok(())
     }
     fn commit(&self, _cg: u64, _frozen: u64, _count: u64) -> anyhow::Result<()> {
