@@ -192,6 +192,7 @@ fn replication_status(cycle: &Cycle) -> ReplicationStatus {
         last_committed_cg: cs.last_committed.load(Ordering::SeqCst),
         rpo_ms: (frozen > 0).then(|| now.saturating_sub(frozen) as f64 / 1e3),
         chunks_shipped: cs.chunks_shipped.load(Ordering::Relaxed),
+        extents_shipped: cs.extents_shipped.load(Ordering::Relaxed),
         bytes_shipped: cs.bytes_shipped.load(Ordering::Relaxed),
     }
 }
@@ -202,6 +203,7 @@ fn link_status(link: &LinkStatus) -> LinkStatusView {
         secondary: link.remote_state.lock().expect("status lock").clone(),
         connects: link.connects.load(Ordering::Relaxed),
         full_resyncs: link.full_resyncs.load(Ordering::Relaxed),
+        wire_bytes: link.wire_bytes.load(Ordering::Relaxed),
     }
 }
 

@@ -106,8 +106,11 @@ pub struct ReplicationStatus {
     /// Recovery point: milliseconds between the freeze of the last committed group and
     /// now; `null` until a group has committed.
     pub rpo_ms: Option<f64>,
-    /// Chunks shipped (re-shipments after a link loss count again).
+    /// Blocks (chunks) shipped (re-shipments after a link loss count again).
     pub chunks_shipped: u64,
+    /// Extents shipped: runs of contiguous blocks, one link message each.
+    #[serde(default)]
+    pub extents_shipped: u64,
     /// Bytes shipped (chunk payloads).
     pub bytes_shipped: u64,
 }
@@ -124,6 +127,10 @@ pub struct LinkStatusView {
     pub connects: u64,
     /// Full resyncs started (the initial copy counts as one).
     pub full_resyncs: u64,
+    /// Bytes written to the link (extent frames with their headers), over all connections:
+    /// divided by the bytes the guest wrote, the link's write amplification.
+    #[serde(default)]
+    pub wire_bytes: u64,
 }
 
 /// A successful answer on the control socket: `{"ok": true, ...body}`, the body's fields
@@ -249,6 +256,7 @@ mod tests {
                 last_committed_cg: 41,
                 rpo_ms: Some(73.5),
                 chunks_shipped: 9000,
+                extents_shipped: 4000,
                 bytes_shipped: 9000 << 16,
             }),
             link: Some(LinkStatusView {
@@ -256,6 +264,7 @@ mod tests {
                 secondary: "consistent at CG 41".into(),
                 connects: 2,
                 full_resyncs: 1,
+                wire_bytes: 9000 << 12,
             }),
         }
     }

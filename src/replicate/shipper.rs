@@ -35,6 +35,9 @@ pub struct LinkStatus {
     pub connects: AtomicU64,
     /// Chunks marked for shipping by full resyncs.
     pub full_resyncs: AtomicU64,
+    /// Bytes written to the link's data streams over all connections (frames: extents
+    /// with their headers), to compare with what the guest wrote.
+    pub wire_bytes: AtomicU64,
 }
 
 /// Ships groups to a secondary; reconnects with backoff when the link is lost.
@@ -42,6 +45,8 @@ pub struct Replicator {
     cfg: ClientConfig,
     engine: Arc<Engine>,
     client: Option<LinkClient>,
+    /// The current client's wire bytes already added to `status.wire_bytes`.
+    wire_seen: u64,
     status: Arc<LinkStatus>,
 }
 
@@ -53,6 +58,7 @@ impl Replicator {
             cfg,
             engine,
             client: None,
+            wire_seen: 0,
             status: Arc::new(LinkStatus::default()),
         }
     }
@@ -106,6 +112,7 @@ impl Replicator {
         *self.status.remote_state.lock().expect("status lock") = ack.state.to_string();
         self.status.connected.store(true, Ordering::SeqCst);
         self.client = Some(client);
+        self.wire_seen = 0;
         Ok(())
     }
 

@@ -19,6 +19,18 @@ pub enum Rw {
     RandRead,
     /// 4 KiB random writes.
     RandWrite,
+    /// 64 KiB sequential writes (wrapping at the end of the disk).
+    SeqWrite64k,
+}
+
+impl Rw {
+    /// Bytes per request.
+    pub fn block_size(self) -> usize {
+        match self {
+            Rw::RandRead | Rw::RandWrite => 4096,
+            Rw::SeqWrite64k => 64 << 10,
+        }
+    }
 }
 
 /// One workload.
@@ -60,6 +72,10 @@ pub struct Figures {
     /// CPU used by the backend's queue workers (`vring_worker` threads), in CPUs (1.0 = one
     /// CPU busy the whole time). With replication on, shipping competes with them for CPU.
     pub io_cpus: f64,
+    /// Bytes written by every completed write of the run (warm-up and tail included).
+    pub bytes_written: u64,
+    /// CPU-seconds used by the client's own thread over the whole run.
+    pub client_cpu_s: f64,
 }
 
 impl Figures {
@@ -140,32 +156,44 @@ pub fn run_cell(
     secs: u64,
     blocks: u64,
 ) -> anyhow::Result<Figures> {
-    const BS: usize = 4096;
-    let mut c = BlkioClient::connect(socket, cell.queues, BS * cell.qd, false)?;
+    let bs = cell.rw.block_size();
+    let client_cpu0 = this_thread_cpu_seconds();
+    let mut c = BlkioClient::connect(socket, cell.queues, bs * cell.qd, false)?;
     let mut hist = Histogram::<u64>::new_with_bounds(1, 10_000_000_000, 3)?;
     let mut comps: Vec<MaybeUninit<Completion>> = (0..64).map(|_| MaybeUninit::uninit()).collect();
     let mut started = vec![Instant::now(); cell.qd];
     let t_start = Instant::now();
     let mut submitted = cell.qd as u64;
     let mut rng = 0x2545f4914f6cdd1du64;
-    let mut next_block = move || {
-        rng ^= rng << 13;
-        rng ^= rng >> 7;
-        rng ^= rng << 17;
-        rng % blocks
+    // `blocks` counts 4 KiB blocks; requests of `bs` bytes stay aligned to their size.
+    let slots = (blocks * 4096 / bs as u64).max(1);
+    let mut seq = 0u64;
+    let rw = cell.rw;
+    let mut next_block = move || match rw {
+        Rw::SeqWrite64k => {
+            seq += 1;
+            (seq - 1) % slots
+        }
+        _ => {
+            rng ^= rng << 13;
+            rng ^= rng >> 7;
+            rng ^= rng << 17;
+            rng % slots
+        }
     };
     let op = |slot: usize, blk: u64| match cell.rw {
         Rw::RandRead => Op::Read {
-            offset: blk * BS as u64,
-            buf: slot * BS,
-            len: BS,
+            offset: blk * bs as u64,
+            buf: slot * bs,
+            len: bs,
         },
-        Rw::RandWrite => Op::Write {
-            offset: blk * BS as u64,
-            buf: slot * BS,
-            len: BS,
+        Rw::RandWrite | Rw::SeqWrite64k => Op::Write {
+            offset: blk * bs as u64,
+            buf: slot * bs,
+            len: bs,
         },
     };
+    let mut completed = 0u64;
     // Slot s belongs to queue s % queues.
     let warmup = Instant::now() + Duration::from_millis(300);
     let mut measuring = false;
@@ -195,6 +223,7 @@ pub fn run_cell(
                     bail!("request failed: errno {}", -comp.ret);
                 }
                 let slot = comp.user_data;
+                completed += 1;
                 let t = Instant::now();
                 if measuring {
                     hist.record((t - started[slot]).as_nanos() as u64)?;
@@ -221,10 +250,16 @@ pub fn run_cell(
     let deadline = Instant::now() + Duration::from_secs(5);
     while left > 0 && Instant::now() < deadline {
         for q in 0..cell.queues {
-            left -= left.min(c.poll(q, &mut comps, 0)?);
+            let n = c.poll(q, &mut comps, 0)?;
+            completed += n as u64;
+            left -= left.min(n);
         }
     }
     let iops = done as f64 / elapsed;
+    let bytes_written = match cell.rw {
+        Rw::RandRead => 0,
+        _ => completed * bs as u64,
+    };
     Ok(Figures {
         iops,
         p50_us: hist.value_at_quantile(0.5) as f64 / 1000.0,
@@ -235,7 +270,20 @@ pub fn run_cell(
             0.0
         },
         io_cpus: io_cpu / elapsed,
+        bytes_written,
+        client_cpu_s: this_thread_cpu_seconds() - client_cpu0,
     })
+}
+
+/// CPU-seconds used by the calling thread.
+pub fn this_thread_cpu_seconds() -> f64 {
+    let mut ts = libc::timespec {
+        tv_sec: 0,
+        tv_nsec: 0,
+    };
+    // SAFETY: clock_gettime writes the timespec we pass.
+    unsafe { libc::clock_gettime(libc::CLOCK_THREAD_CPUTIME_ID, &mut ts) };
+    ts.tv_sec as f64 + ts.tv_nsec as f64 / 1e9
 }
 
 /// Creates `path` with `size` bytes written 4 KiB at a time.

@@ -19,6 +19,11 @@ use drblk::site::secondary::{Secondary, SecondaryPaths};
 
 use crate::blkio_client::{BlkioClient, Op};
 
+/// Bytes the link has carried (extent frames with their headers).
+fn wire_bytes(s: &PrimaryStatus) -> u64 {
+    s.link.as_ref().map_or(0, |l| l.wire_bytes)
+}
+
 /// The demo's options.
 #[derive(Debug, clap::Parser, Clone)]
 #[command(
@@ -133,7 +138,9 @@ pub fn run(args: DemoArgs) -> anyhow::Result<()> {
     let start = Instant::now();
     let deadline = start + Duration::from_secs(args.seconds);
     let mut next_status = start + Duration::from_secs(1);
+    let wire_at_start = wire_bytes(&server.status());
     let (mut writes, mut last_writes, mut last_bytes, mut last_t) = (0u64, 0u64, 0u64, start);
+    let mut last_wire = wire_at_start;
     println!(
         "  workload: random 4 KiB writes at {} IOPS, {DEPTH} in flight per queue, every write stamped for checking",
         if args.iops > 0 { args.iops.to_string() } else { "full speed".into() }
@@ -181,18 +188,23 @@ pub fn run(args: DemoArgs) -> anyhow::Result<()> {
             let s = server.status();
             let rep = s.replication.unwrap_or_default();
             let bytes = rep.bytes_shipped;
+            let wire = wire_bytes(&s);
             let dt = last_t.elapsed().as_secs_f64();
+            // Wire bytes (frames, headers included) per byte the guest wrote meanwhile.
+            let written = ((writes - last_writes) * BLOCK as u64) as f64;
             println!(
-                "  [{:>4.1}s] guest {:>6.0} IOPS | CG {:>4} committed | RPO {:>6.1} ms | shipped {:>6.1} MB/s | freeze p99 {:>5.1} µs | secondary: {}",
+                "  [{:>4.1}s] guest {:>6.0} IOPS | CG {:>4} committed | RPO {:>6.1} ms | shipped {:>6.1} MB/s, wire x{:.2} of written | freeze p99 {:>5.1} µs | secondary: {}",
                 start.elapsed().as_secs_f64(),
                 (writes - last_writes) as f64 / dt,
                 rep.last_committed_cg,
                 rep.rpo_ms.unwrap_or(f64::NAN),
                 (bytes - last_bytes) as f64 / dt / 1e6,
+                (wire - last_wire) as f64 / written.max(1.0),
                 s.cg.as_ref().map_or(f64::NAN, |c| c.freeze_us.p99),
                 s.link.as_ref().map_or("?", |l| l.secondary.as_str()),
             );
             (last_writes, last_bytes, last_t) = (writes, bytes, Instant::now());
+            last_wire = wire;
             next_status += Duration::from_secs(1);
         }
     }
@@ -209,14 +221,23 @@ pub fn run(args: DemoArgs) -> anyhow::Result<()> {
         last_committed(s) >= target
     })?;
     let s = server.status();
+    let wire = wire_bytes(&s) - wire_at_start;
     let rep = s.replication.unwrap_or_default();
+    let written = writes * BLOCK as u64;
     println!(
-        "  final drain: CG {} committed on the secondary; {} chunks ({:.1} MiB) shipped in all; freeze max {:.1} µs; {} groups abandoned",
+        "  final drain: CG {} committed on the secondary; {} blocks in {} extents ({:.1} MiB) shipped in all; freeze max {:.1} µs; {} groups abandoned",
         rep.last_committed_cg,
         rep.chunks_shipped,
+        rep.extents_shipped,
         rep.bytes_shipped as f64 / (1 << 20) as f64,
         s.cg.as_ref().map_or(f64::NAN, |c| c.freeze_us.max),
         s.cg.as_ref().map_or(0, |c| c.abandoned.total()),
+    );
+    println!(
+        "  the workload wrote {:.1} MiB; the link carried {:.1} MiB for it (x{:.2}, headers included)",
+        written as f64 / (1 << 20) as f64,
+        wire as f64 / (1 << 20) as f64,
+        wire as f64 / written.max(1) as f64,
     );
     drop(client);
 

@@ -270,6 +270,12 @@ impl LinkClient {
         self.block(self.shared.send_ctrl(&Message::Progress { done, total }))?
     }
 
+    /// Encoded frame bytes written to the data streams so far (headers included): what the
+    /// extents cost on the wire. Cheap (one atomic load).
+    pub fn wire_bytes(&self) -> u64 {
+        self.shared.counters.wire.load(Ordering::Relaxed)
+    }
+
     /// `Some(reason)` once the link is lost; every later call fails with `LinkLost`.
     pub fn lost(&self) -> Option<String> {
         lock(&self.shared.lost).clone()

@@ -1,29 +1,36 @@
 //! drblk-repl-bench: replication figures, in one run on loopback.
 //!
-//! 1. The QUIC loopback ceiling: this binary's link client sending 64 KiB chunks to a link
+//! 1. The QUIC loopback ceiling: this binary's link client sending 1 MiB extents to a link
 //!    server that discards them.
-//! 2. Replication throughput: the initial full copy of an image filled with non-zero data,
-//!    from `drblk serve --replicate-to` (in process) to a secondary with its journal.
-//! 3. Guest IOPS and p99 with replication off and on (same workload, same image).
-//! 4. RPO p50/p99 (age of the newest committed group, sampled every 10 ms) and freeze time
-//!    under a sustained write load below the link rate.
+//! 2. The initial full copy of an image filled with non-zero data, from `drblk serve
+//!    --replicate-to` (in process) to a `drblk secondary` child process with its journal.
+//! 3. For each tracking granularity compared (`--chunk-sizes`, default 64K = the old
+//!    tracking, and 4K = block-granular) and each workload (random 4 KiB writes at 5,000
+//!    and 20,000 IOPS and unthrottled; 64 KiB sequential writes unthrottled): guest IOPS
+//!    and p99 with replication on (and off, same workload and image), bytes on the wire ÷
+//!    bytes the guest wrote (headers included, compression off), RPO p50/p99 (age of the
+//!    newest committed group, sampled every 10 ms), and CPU-seconds per GB on the wire for
+//!    the primary (this process minus the client's thread) and the secondary (its process).
+//!
+//! Threads: the client is pinned to CPU 1; the primary's threads (queue workers, drain,
+//! link) and the secondary process run on CPU 0 unless `--spread` lets them float.
 
-use std::net::SocketAddr;
-use std::path::Path;
+use std::net::{SocketAddr, UdpSocket};
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Stdio};
 use std::time::{Duration, Instant};
 
 use clap::Parser;
 use hdrhistogram::Histogram;
 
-use drblk::cli::ServeArgs;
+use drblk::cli::{parse_size, ServeArgs};
 use drblk::link::server::PeerInfo;
 use drblk::link::{
     ChunkData, ClientConfig, DiskInfo, Hello, HelloAck, LinkClient, LinkServer, RejectReason,
     ReplicaSink, ReplicaState, ServerConfig, SiteIdentity, PROTOCOL_VERSION,
 };
 use drblk::site::primary::Server;
-use drblk::site::secondary::{Secondary, SecondaryPaths};
-use drblk_testkit::bench::{fill_image, pin_self, run_cell, Cell, Figures, Rw};
+use drblk_testkit::bench::{cpu_seconds, fill_image, pin_self, run_cell, Cell, Figures, Rw};
 
 /// Replication benchmark.
 #[derive(Parser, Debug)]
@@ -33,11 +40,18 @@ struct Args {
     #[arg(long, default_value_t = 5)]
     seconds: u64,
     /// Image size in MiB.
-    #[arg(long, default_value_t = 512)]
+    #[arg(long, default_value_t = 1024)]
     size_mib: u64,
-    /// Guest write rate for the RPO measurement (4 KiB random writes per second).
-    #[arg(long, default_value_t = 2000.0)]
-    rpo_iops: f64,
+    /// Tracking granularities to compare (comma-separated).
+    #[arg(long, default_value = "64K,4K", value_delimiter = ',', value_parser = parse_size)]
+    chunk_sizes: Vec<u64>,
+    /// The `drblk` binary run as the secondary (default: next to this binary).
+    #[arg(long)]
+    drblk: Option<PathBuf>,
+    /// Let the primary's threads and the secondary run on any CPU (default: CPU 0, the
+    /// client on CPU 1).
+    #[arg(long)]
+    spread: bool,
 }
 
 /// A sink that accepts everything and keeps nothing: measures the link alone.
@@ -84,7 +98,7 @@ fn link_ceiling(certs: &Path, secs: u64) -> anyhow::Result<f64> {
     let disk = DiskInfo {
         uuid: [7; 16],
         size: 1 << 40,
-        chunk_size: 64 << 10,
+        chunk_size: 4096,
     };
     let client = LinkClient::connect(ClientConfig::new(
         SiteIdentity::load(certs, "primary")?,
@@ -92,7 +106,7 @@ fn link_ceiling(certs: &Path, secs: u64) -> anyhow::Result<f64> {
         "secondary",
         disk,
     ))?;
-    let mut data = vec![0u8; 64 << 10];
+    let mut data = vec![0u8; 1 << 20];
     for (i, b) in data.iter_mut().enumerate() {
         *b = (i * 131 % 251) as u8 + 1;
     }
@@ -100,9 +114,9 @@ fn link_ceiling(certs: &Path, secs: u64) -> anyhow::Result<f64> {
     let mut sent = 0u64;
     let mut cg = 1;
     while t.elapsed() < Duration::from_secs(secs) {
-        // Large groups, as the initial copy sends them: one acknowledgement per 4096 chunks.
-        for _ in 0..4096 {
-            client.send_chunk(cg, sent % (1 << 20), &data)?;
+        // Large groups, as the initial copy sends them: one acknowledgement per 256 extents.
+        for _ in 0..256 {
+            client.send_extent(cg, (sent % (1 << 18)) * 256, 256, &data)?;
             sent += 1;
         }
         client.commit(cg, 0)?;
@@ -119,6 +133,10 @@ fn serve_args(dir: &Path, image: &Path, target: Option<SocketAddr>, certs: &Path
     a
 }
 
+fn server_socket(dir: &Path) -> PathBuf {
+    dir.join("bench.sock")
+}
+
 fn last_committed(server: &Server) -> u64 {
     server
         .status()
@@ -126,18 +144,194 @@ fn last_committed(server: &Server) -> u64 {
         .map_or(0, |r| r.last_committed_cg)
 }
 
+fn wire_bytes(server: &Server) -> u64 {
+    server.status().link.map_or(0, |l| l.wire_bytes)
+}
+
+/// Forms groups until one formed after now has committed (the secondary caught up).
+fn catch_up(server: &Server) -> anyhow::Result<()> {
+    let target = server.status().cg.map_or(0, |c| c.formed) + 2;
+    let t = Instant::now();
+    while last_committed(server) < target {
+        anyhow::ensure!(
+            t.elapsed() < Duration::from_secs(600),
+            "replication did not catch up"
+        );
+        server.trigger_cycle();
+        std::thread::sleep(Duration::from_millis(10));
+    }
+    Ok(())
+}
+
+/// A `drblk secondary` child process.
+struct SecondaryProcess {
+    child: Child,
+    addr: SocketAddr,
+}
+
+impl SecondaryProcess {
+    fn start(drblk: &Path, dir: &Path, certs: &Path, pin: bool) -> anyhow::Result<Self> {
+        let addr = UdpSocket::bind("127.0.0.1:0")?.local_addr()?;
+        let mut cmd = if pin {
+            let mut c = Command::new("taskset");
+            c.args(["-c", "0"]).arg(drblk);
+            c
+        } else {
+            Command::new(drblk)
+        };
+        let child = cmd
+            .arg("secondary")
+            .arg("--listen")
+            .arg(addr.to_string())
+            .arg("--disk")
+            .arg(dir.join("replica.img"))
+            .arg("--certs")
+            .arg(certs)
+            .env("RUST_LOG", "warn")
+            .stdout(Stdio::null())
+            .stderr(Stdio::inherit())
+            .spawn()?;
+        Ok(SecondaryProcess { child, addr })
+    }
+
+    fn cpu_seconds(&self) -> f64 {
+        // With `taskset -c 0 drblk`, taskset execs drblk: same pid.
+        cpu_seconds(self.child.id())
+    }
+}
+
+impl Drop for SecondaryProcess {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+/// One workload of the table.
+#[derive(Clone, Copy)]
+struct Workload {
+    name: &'static str,
+    cell: Cell,
+}
+
+fn workloads() -> Vec<Workload> {
+    let rand = Cell::new(Rw::RandWrite, 16, 2);
+    vec![
+        Workload {
+            name: "4k randwrite @5000/s",
+            cell: Cell {
+                rate: Some(5000.0),
+                ..rand
+            },
+        },
+        Workload {
+            name: "4k randwrite @20000/s",
+            cell: Cell {
+                rate: Some(20000.0),
+                ..rand
+            },
+        },
+        Workload {
+            name: "4k randwrite QD16",
+            cell: rand,
+        },
+        Workload {
+            name: "64k seqwrite QD8",
+            cell: Cell::new(Rw::SeqWrite64k, 8, 2),
+        },
+    ]
+}
+
+/// What one workload gave with replication on.
+struct On {
+    fig: Figures,
+    amplification: f64,
+    rpo_p50_ms: f64,
+    rpo_p99_ms: f64,
+    primary_s_per_gb: f64,
+    secondary_s_per_gb: f64,
+    extents: u64,
+    chunks: u64,
+}
+
 fn run_client(socket: &Path, cell: Cell, secs: u64, blocks: u64) -> anyhow::Result<Figures> {
     let sock = socket.to_owned();
-    std::thread::spawn(move || {
-        pin_self(1);
-        run_cell(&sock, std::process::id(), &cell, secs, blocks)
+    std::thread::Builder::new()
+        .name("bench-client".into())
+        .spawn(move || {
+            pin_self(1);
+            run_cell(&sock, std::process::id(), &cell, secs, blocks)
+        })?
+        .join()
+        .map_err(|_| anyhow::anyhow!("client panicked"))?
+}
+
+/// Runs `w` against a replicating primary; samples the RPO meanwhile; waits for the
+/// secondary to catch up before reading the wire and CPU figures.
+fn measure_on(
+    server: &Server,
+    secondary: &SecondaryProcess,
+    socket: &Path,
+    w: Workload,
+    secs: u64,
+    blocks: u64,
+) -> anyhow::Result<On> {
+    catch_up(server)?;
+    let me = std::process::id();
+    let (wire0, cpu0, sec0) = (
+        wire_bytes(server),
+        cpu_seconds(me),
+        secondary.cpu_seconds(),
+    );
+    let rep0 = server.status().replication.unwrap_or_default();
+    let sock = socket.to_owned();
+    let cell = w.cell;
+    let client = std::thread::Builder::new()
+        .name("bench-client".into())
+        .spawn(move || {
+            pin_self(1);
+            run_cell(&sock, std::process::id(), &cell, secs, blocks)
+        })?;
+    let mut rpo = Histogram::<u64>::new_with_bounds(1, 3_600_000_000, 3)?;
+    // Sample once the client runs (its warm-up is 300 ms).
+    std::thread::sleep(Duration::from_millis(300));
+    while !client.is_finished() {
+        std::thread::sleep(Duration::from_millis(10));
+        if let Some(ms) = server.status().replication.and_then(|r| r.rpo_ms) {
+            rpo.record((ms * 1000.0).max(1.0) as u64)?;
+        }
+    }
+    let fig = client
+        .join()
+        .map_err(|_| anyhow::anyhow!("client panicked"))??;
+    catch_up(server)?;
+    let wire = (wire_bytes(server) - wire0) as f64;
+    let gb = wire / 1e9;
+    let primary = cpu_seconds(me) - cpu0 - fig.client_cpu_s;
+    let rep = server.status().replication.unwrap_or_default();
+    Ok(On {
+        amplification: wire / fig.bytes_written.max(1) as f64,
+        rpo_p50_ms: rpo.value_at_quantile(0.5) as f64 / 1000.0,
+        rpo_p99_ms: rpo.value_at_quantile(0.99) as f64 / 1000.0,
+        primary_s_per_gb: primary / gb.max(1e-9),
+        secondary_s_per_gb: (secondary.cpu_seconds() - sec0) / gb.max(1e-9),
+        extents: rep.extents_shipped - rep0.extents_shipped,
+        chunks: rep.chunks_shipped - rep0.chunks_shipped,
+        fig,
     })
-    .join()
-    .map_err(|_| anyhow::anyhow!("client panicked"))?
 }
 
 fn main() -> anyhow::Result<()> {
     let args = Args::parse();
+    let drblk = match &args.drblk {
+        Some(p) => p.clone(),
+        None => std::env::current_exe()?.with_file_name("drblk"),
+    };
+    anyhow::ensure!(
+        drblk.exists(),
+        "{} not found: build it with `cargo build --release --workspace` or pass --drblk",
+        drblk.display()
+    );
     let tmp = tempfile::Builder::new()
         .prefix("drblk-repl-bench-")
         .tempdir()?;
@@ -156,126 +350,123 @@ fn main() -> anyhow::Result<()> {
     eprintln!("measuring the QUIC loopback ceiling ...");
     let ceiling = link_ceiling(&certs, args.seconds)?;
 
-    // Replication off.
-    pin_self(0);
-    let write = Cell::new(Rw::RandWrite, 16, 2);
-    let off = {
+    // The primary's threads inherit this thread's CPU (0); the client pins itself to 1.
+    if !args.spread {
+        pin_self(0);
+    }
+    let loads = workloads();
+    eprintln!("replication off ...");
+    let mut off = Vec::new();
+    {
         let server = Server::start(&serve_args(dir, &image, None, &certs))?;
-        let f = run_client(&server_socket(dir), write, args.seconds, blocks)?;
-        server.stop()?;
-        f
-    };
-
-    // Replication on: initial copy first, then the same workload.
-    let secondary = Secondary::start(
-        SecondaryPaths {
-            image: dir.join("secondary.img"),
-            state_dir: dir.join("secondary.state"),
-        },
-        SiteIdentity::load(&certs, "secondary")?,
-        "127.0.0.1:0".parse()?,
-        None,
-        None,
-    )?;
-    pin_self(0);
-    let server = Server::start(&serve_args(
-        dir,
-        &image,
-        Some(secondary.local_addr()?),
-        &certs,
-    ))?;
-    let t = Instant::now();
-    while last_committed(&server) == 0 {
-        anyhow::ensure!(
-            t.elapsed() < Duration::from_secs(300),
-            "initial copy did not finish"
-        );
-        std::thread::sleep(Duration::from_millis(5));
-    }
-    let sync_secs = t.elapsed().as_secs_f64();
-    let sync_mbs = size as f64 / sync_secs / 1e6;
-    let on = run_client(&server_socket(dir), write, args.seconds, blocks)?;
-
-    // Let replication catch up with the full-speed run before measuring the RPO.
-    let settle = Instant::now();
-    let target = server.status().cg.map_or(0, |c| c.formed) + 2;
-    while last_committed(&server) < target && settle.elapsed() < Duration::from_secs(60) {
-        server.trigger_cycle();
-        std::thread::sleep(Duration::from_millis(10));
-    }
-
-    // RPO under a sustained load below the link rate.
-    let mut rpo = Histogram::<u64>::new_with_bounds(1, 3_600_000_000, 3)?;
-    let cell = Cell {
-        rate: Some(args.rpo_iops),
-        ..Cell::new(Rw::RandWrite, 16, 2)
-    };
-    let sock = server_socket(dir);
-    let client = std::thread::spawn(move || {
-        pin_self(1);
-        run_cell(&sock, std::process::id(), &cell, args.seconds * 2, blocks)
-    });
-    let until = Instant::now() + Duration::from_secs(args.seconds * 2) + Duration::from_millis(300);
-    std::thread::sleep(Duration::from_millis(500));
-    while Instant::now() < until {
-        std::thread::sleep(Duration::from_millis(10));
-        if let Some(ms) = server.status().replication.and_then(|r| r.rpo_ms) {
-            rpo.record((ms * 1000.0).max(1.0) as u64)?;
+        for w in &loads {
+            off.push(run_client(&server_socket(dir), w.cell, args.seconds, blocks)?);
         }
+        server.stop()?;
     }
-    let rated = client
-        .join()
-        .map_err(|_| anyhow::anyhow!("client panicked"))??;
-    let st = server.status();
-    server.stop()?;
-    secondary.stop();
-    let cg = st
-        .cg
-        .ok_or_else(|| anyhow::anyhow!("no consistency groups in the status"))?;
+
+    let mut results = Vec::new();
+    for &chunk in &args.chunk_sizes {
+        eprintln!("replication on, tracking at {} KiB ...", chunk >> 10);
+        let sdir = dir.join(format!("secondary-{chunk}"));
+        std::fs::create_dir_all(&sdir)?;
+        let secondary = SecondaryProcess::start(&drblk, &sdir, &certs, !args.spread)?;
+        let mut sa = serve_args(dir, &image, Some(secondary.addr), &certs);
+        sa.cg.chunk_size = chunk;
+        let server = Server::start(&sa)?;
+        let t = Instant::now();
+        let sec0 = secondary.cpu_seconds();
+        while last_committed(&server) == 0 {
+            anyhow::ensure!(
+                t.elapsed() < Duration::from_secs(600),
+                "initial copy did not finish"
+            );
+            std::thread::sleep(Duration::from_millis(5));
+        }
+        let sync_secs = t.elapsed().as_secs_f64();
+        let sync_sec_cpu = secondary.cpu_seconds() - sec0;
+        let mut rows = Vec::new();
+        for w in &loads {
+            rows.push(measure_on(
+                &server,
+                &secondary,
+                &server_socket(dir),
+                *w,
+                args.seconds,
+                blocks,
+            )?);
+        }
+        let freeze = server.status().cg.map(|c| c.freeze_us);
+        server.stop()?;
+        drop(secondary);
+        results.push((chunk, sync_secs, sync_sec_cpu, rows, freeze));
+    }
 
     println!();
     println!(
-        "replication over QUIC on loopback (TLS 1.3, 4 data streams), {} s per measurement",
-        args.seconds
-    );
-    println!("  QUIC loopback ceiling (this binary, 64 KiB chunks, discarding sink): {ceiling:>8.1} MB/s");
-    println!(
-        "  initial copy of {} MiB (journaled secondary):                      {sync_mbs:>8.1} MB/s ({:.0} % of the ceiling, {sync_secs:.1} s)",
-        args.size_mib,
-        sync_mbs / ceiling * 100.0
-    );
-    println!("  guest 4k randwrite QD16 on 2 queues:");
-    println!(
-        "      replication off: {:>8.0} IOPS, p50 {:>7.1} µs, p99 {:>8.1} µs",
-        off.iops, off.p50_us, off.p99_us
+        "replication over QUIC on loopback (TLS 1.3, 4 data streams, compression off), {} MiB disk, {} s per measurement",
+        args.size_mib, args.seconds
     );
     println!(
-        "      replication on:  {:>8.0} IOPS, p50 {:>7.1} µs, p99 {:>8.1} µs  ({:+.1} % IOPS)",
-        on.iops,
-        on.p50_us,
-        on.p99_us,
-        (on.iops / off.iops - 1.0) * 100.0
+        "threads: client pinned to CPU 1; {}",
+        if args.spread {
+            "primary and secondary unpinned"
+        } else {
+            "primary (queue workers, drain, link) and the secondary process on CPU 0"
+        }
+    );
+    println!("  QUIC loopback ceiling (this binary, 1 MiB extents, discarding sink): {ceiling:>8.1} MB/s");
+    for (chunk, sync_secs, sync_cpu, _, _) in &results {
+        let mbs = size as f64 / sync_secs / 1e6;
+        println!(
+            "  initial copy, tracking {:>2} KiB: {mbs:>8.1} MB/s ({:.0} % of the ceiling, {sync_secs:.1} s; secondary {sync_cpu:.2} CPU-s)",
+            chunk >> 10,
+            mbs / ceiling * 100.0
+        );
+    }
+    println!();
+    println!(
+        "  {:<22} {:>5} | {:>8} {:>9} | {:>8} {:>9} {:>7} | {:>6} {:>8} | {:>8} {:>8} | {:>6} {:>6}",
+        "workload", "track", "off IOPS", "off p99", "on IOPS", "on p99", "on/off", "wire/w", "blk/ext", "RPO p50", "RPO p99", "pri", "sec"
     );
     println!(
-        "  sustained {:.0} IOPS of 4k random writes ({:.0} IOPS reached): RPO p50 {:.1} ms, p99 {:.1} ms, max {:.1} ms",
-        args.rpo_iops,
-        rated.iops,
-        rpo.value_at_quantile(0.5) as f64 / 1000.0,
-        rpo.value_at_quantile(0.99) as f64 / 1000.0,
-        rpo.max() as f64 / 1000.0
+        "  {:<22} {:>5} | {:>8} {:>9} | {:>8} {:>9} {:>7} | {:>6} {:>8} | {:>8} {:>8} | {:>6} {:>6}",
+        "", "", "", "µs", "", "µs", "", "", "", "ms", "ms", "s/GB", "s/GB"
     );
-    println!(
-        "  freeze (coordination) time over the run: p50 {} µs, p99 {} µs, max {} µs; groups formed {}, committed {}, abandoned {}",
-        cg.freeze_us.p50,
-        cg.freeze_us.p99,
-        cg.freeze_us.max,
-        cg.formed,
-        cg.committed,
-        cg.abandoned.total()
-    );
+    for (k, w) in loads.iter().enumerate() {
+        for (chunk, _, _, rows, _) in &results {
+            let on = &rows[k];
+            let f = &off[k];
+            println!(
+                "  {:<22} {:>3}K | {:>8.0} {:>9.1} | {:>8.0} {:>9.1} {:>6.0}% | {:>6.2} {:>8.1} | {:>8.1} {:>8.1} | {:>6.1} {:>6.1}",
+                w.name,
+                chunk >> 10,
+                f.iops,
+                f.p99_us,
+                on.fig.iops,
+                on.fig.p99_us,
+                on.fig.iops / f.iops * 100.0,
+                on.amplification,
+                on.chunks as f64 / on.extents.max(1) as f64,
+                on.rpo_p50_ms,
+                on.rpo_p99_ms,
+                on.primary_s_per_gb,
+                on.secondary_s_per_gb,
+            );
+        }
+    }
+    println!();
+    println!("  wire/w: bytes on the link (frames, headers included) per byte the guest wrote; blk/ext: tracked blocks per extent message; pri/sec: CPU-seconds per GB on the wire (primary: this process minus the client's thread; secondary: its process)");
+    for (chunk, _, _, _, freeze) in &results {
+        if let Some(f) = freeze {
+            println!(
+                "  freeze (coordination) time, tracking {:>2} KiB: p50 {:.1} µs, p99 {:.1} µs, max {:.1} µs",
+                chunk >> 10,
+                f.p50,
+                f.p99,
+                f.max
+            );
+        }
+    }
     Ok(())
-}
-
-fn server_socket(dir: &Path) -> std::path::PathBuf {
-    dir.join("bench.sock")
 }
