@@ -22,7 +22,8 @@ use drblk_testkit::test_frontend::TestFrontend;
 
 const BIN: &str = env!("CARGO_BIN_EXE_drblk");
 const SIZE: u64 = 8 << 20;
-const CHUNK: u64 = 64 << 10;
+/// The daemon's default tracking granularity (the test starts it without --chunk-size).
+const CHUNK: u64 = drblk::config::defaults::CHUNK_SIZE;
 const ROUNDS: u64 = 10;
 
 /// A `drblk serve` child, SIGKILLed on drop.
