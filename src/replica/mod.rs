@@ -82,7 +82,6 @@ mod format;
 pub mod identity;
 mod journal;
 mod open;
-mod shim;
 mod stage;
 mod state;
 mod sync;
