@@ -88,6 +88,8 @@
 mod apply;
 mod commit;
 mod error;
+#[cfg(test)]
+mod extent_tests;
 mod fault;
 mod format;
 pub mod identity;
