@@ -314,6 +314,32 @@ fn overlapping_extents_of_different_cgs_partial_supersede() {
     assert_image(&d, &m, "after reopen");
 }
 
+#[test]
+fn replay_keeps_newer_cg_inside_an_older_extent() {
+    // The journal holds a CG-3 extent followed by an overlapping CG-2 extent; recovery must
+    // expand records with the staging rule (newest CG wins), not "last record wins".
+    let d = dirs();
+    let (mut s, mut m) = synced(&d);
+    for (cg, first, count, kind) in [
+        (3, 2, 3, Kind::Seed(31)),
+        (2, 0, 8, Kind::Seed(21)),
+        (3, 6, 1, Kind::Zero),
+        (2, 5, 3, Kind::Seed(22)),
+    ] {
+        stage_ext(&mut s, cg, first, count, kind).unwrap();
+        m.stage(cg, first, count, kind);
+    }
+    crash(&mut s, CrashPoint::AfterCommitDurable);
+    assert!(s.commit(3, 3000).is_err());
+    drop(s);
+    let (s, rep) = open(&d).unwrap();
+    assert_eq!(rep.replayed_cg, Some(3));
+    assert_eq!(rep.chunks_applied, 8);
+    m.commit(3);
+    assert_eq!(s.last_committed_cg(), Some(3));
+    assert_image(&d, &m, "replayed");
+}
+
 /// Stage CG 2 as a sequence that compacts once (with `compact_min_dead_bytes(0)`) and
 /// leaves exactly 6 runs to apply: [0, 1] and [5, 7] of the compacted record, [2, 4],
 /// [9, 11] (zero), [12, 13] (zero bytes), [16, 18].
