@@ -80,7 +80,7 @@ pub struct Scan {
     pub committed: HashMap<u64, Entry>,
     /// Last valid commit record: (cg, frozen_at).
     pub last_commit: Option<(u64, u64)>,
-    /// Data/zero records after the last commit record (dropped).
+    /// Data/zero records (extents) after the last commit record (dropped).
     pub uncommitted_records: u64,
     /// Offset at which the valid part of the journal ends, if bytes follow it.
     pub torn_at: Option<u64>,

@@ -36,9 +36,10 @@
 //! copied to `journal.new` as one record per run of consecutive chunks of the same record,
 //! fsync, rename, fsync dir). Hence, with `L = nchunks * 48 + disk_size` (every chunk
 //! staged once as its own record, 48-byte headers):
-//! `journal <= 2 L + compact_min_dead_bytes + one record`, plus `<= L` for `journal.new`
-//! while a compaction runs — however many CGs fail. All-zero extents are stored as 48-byte
-//! zero records. The in-memory index is ~40 bytes per staged chunk.
+//! `journal <= 2 L + compact_min_dead_bytes + one record` (a record holds at most one
+//! extent), plus `<= L` for `journal.new` while a compaction runs — however many CGs fail.
+//! All-zero extents are stored as 48-byte zero records. The in-memory index is ~40 bytes
+//! per staged chunk.
 //!
 //! # Recovery (on `open`)
 //! State `consistent`: the journal is scanned from its checkpoint record, verifying every
@@ -193,7 +194,7 @@ pub struct RecoveryReport {
     pub replayed_cg: Option<u64>,
     /// Chunks (re)applied from the journal.
     pub chunks_applied: u64,
-    /// Staged records of an uncommitted CG that were dropped.
+    /// Staged records (one per extent) of an uncommitted CG that were dropped.
     pub discarded_records: u64,
     /// Offset where a torn/corrupt tail (after the last commit) was cut off.
     pub torn_tail_at: Option<u64>,
