@@ -1,10 +1,11 @@
 //! Applying a committed CG: its chunks are written into the image in place, the image is
 //! fsynced, the state advanced and the journal reset.
 
+use std::collections::HashMap;
 use std::os::unix::fs::FileExt;
 
 use super::fault::CrashPoint;
-use super::journal::Entry;
+use super::journal::{self, Entry};
 use super::{error, ChunkData, Error, ReplicaStore, Result};
 
 impl ReplicaStore {
@@ -18,9 +19,11 @@ impl ReplicaStore {
             return Ok(());
         };
         self.guard(|s| {
-            let mut entries: Vec<(u64, Entry)> = s.staged.iter().map(|(&i, &e)| (i, e)).collect();
-            entries.sort_unstable_by_key(|(i, _)| *i);
-            s.apply_entries(&entries)?;
+            let runs = s.apply_entries(&s.staged)?;
+            tracing::trace!(cg, runs, chunks = s.staged.len(), "CG written to the image");
+            // The image is fsynced before the state says `cg`, and the state is written
+            // before the journal (still holding the commit record) is reset: a crash at any
+            // point leaves either the journal to replay or a state that needs none.
             s.fault.hit(CrashPoint::BeforeImageSync)?;
             s.image
                 .sync_all()
@@ -37,29 +40,51 @@ impl ReplicaStore {
         })
     }
 
-    /// Write `entries` (sorted by index) into the image, re-verifying each record.
-    pub(super) fn apply_entries(&mut self, entries: &[(u64, Entry)]) -> Result<()> {
+    /// Write the chunks of `entries` into the image: each distinct record is read (and
+    /// re-verified) once, and its chunks in `entries` are written as runs of consecutive
+    /// chunks, one write (or hole punch, for zeros) per run. Idempotent, in any order
+    /// (every chunk has one entry), so a crash part-way is repaired by doing it again.
+    /// Returns the number of runs written. [`CrashPoint::MidApply`]`(k)` fires before run
+    /// `k` (counting from 0, in apply order: by record, then by chunk).
+    pub(super) fn apply_entries(&self, entries: &HashMap<u64, Entry>) -> Result<u64> {
+        let cs = self.geo.chunk_size();
         let mut buf = Vec::new();
-        for (k, (index, e)) in entries.iter().enumerate() {
-            self.fault.hit(CrashPoint::MidApply(k as u64))?;
-            if e.zero {
-                self.write_image(*index, ChunkData::Zero)?;
-            } else {
-                self.journal.read_entry(*index, e, &mut buf)?;
-                self.write_image(*index, ChunkData::Bytes(&buf))?;
+        let mut k = 0u64;
+        for group in journal::by_record(entries) {
+            let (i0, e0) = group[0];
+            if !e0.zero {
+                self.journal.read_record(i0, &e0, &mut buf)?;
+            }
+            for run in journal::runs(&group) {
+                self.fault.hit(CrashPoint::MidApply(k))?;
+                k += 1;
+                let (first, ef) = run[0];
+                let (_, el) = run[run.len() - 1];
+                let count = run.len() as u64;
+                if ef.zero {
+                    self.write_image(first, count, ChunkData::Zero)?;
+                } else {
+                    let bytes = &buf[ef.payload_range(cs).start..el.payload_range(cs).end];
+                    self.write_image(first, count, ChunkData::Bytes(bytes))?;
+                }
             }
         }
-        Ok(())
+        Ok(k)
     }
 
-    pub(super) fn write_image(&self, index: u64, data: ChunkData<'_>) -> Result<()> {
-        let off = self.geo.chunk_offset(index);
-        let len = self.geo.chunk_len(index).unwrap_or(0) as u64;
+    /// Write `count` chunks from `first` (contiguous, inside the disk) into the image.
+    pub(super) fn write_image(&self, first: u64, count: u64, data: ChunkData<'_>) -> Result<()> {
+        let off = self.geo.chunk_offset(first);
+        let last = first + count - 1;
+        let end = self.geo.chunk_offset(last) + self.geo.chunk_len(last).unwrap_or(0) as u64;
+        let len = end - off;
         match data {
-            ChunkData::Bytes(b) => self
-                .image
-                .write_all_at(b, off)
-                .map_err(error::io("write image", &self.image_path)),
+            ChunkData::Bytes(b) => {
+                debug_assert_eq!(b.len() as u64, len);
+                self.image
+                    .write_all_at(b, off)
+                    .map_err(error::io("write image", &self.image_path))
+            }
             ChunkData::Zero => {
                 if self.image_is_file {
                     match crate::sys::file::punch_hole(&self.image, off, len) {

@@ -3,6 +3,7 @@
 
 use super::fault::CrashPoint;
 use super::format::{Header, RecordType};
+use super::journal;
 use super::state::Mode;
 use super::{Error, ReplicaStore, Result};
 
@@ -16,8 +17,9 @@ impl ReplicaStore {
 
     /// Make CG `cg` durable: verify the staged records, fdatasync, write the commit
     /// record, fdatasync. When this returns Ok the CG survives any crash: acknowledge the
-    /// primary. All staged chunks must belong to CGs `<= cg`. Committing the last committed
-    /// CG again with nothing staged is a no-op (a repeated "complete" after a reconnect).
+    /// primary. The commit record counts the staged chunks (not records). All staged
+    /// chunks must belong to CGs `<= cg`. Committing the last committed CG again with
+    /// nothing staged is a no-op (a repeated "complete" after a reconnect).
     pub fn commit_durable(&mut self, cg: u64, frozen_at_unix_us: u64) -> Result<()> {
         self.check_cycles("commit")?;
         if cg == self.st.last_committed_cg && self.staged.is_empty() {
@@ -36,9 +38,12 @@ impl ReplicaStore {
             )));
         }
         self.guard(|s| {
+            // Every distinct record once (an extent record is shared by its chunks), in
+            // journal order. A bad one fails here, before anything is committed.
             let mut buf = Vec::new();
-            for (&i, e) in &s.staged {
-                s.journal.read_entry(i, e, &mut buf)?;
+            for group in journal::by_record(&s.staged) {
+                let (i, e) = group[0];
+                s.journal.read_record(i, &e, &mut buf)?;
             }
             s.journal.sync()?;
             s.fault.hit(CrashPoint::BeforeCommitRecord)?;

@@ -13,7 +13,7 @@
 /// Where to crash. See the table in `mod.rs` for what recovery does at each.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
 pub enum CrashPoint {
-    /// After a data/zero record was appended by `stage_chunk`.
+    /// After a data/zero record was appended by `stage_extent` / `stage_chunk`.
     AfterStage,
     /// Compaction wrote and fsynced `journal.new` but did not rename it over `journal`.
     MidCompaction,
@@ -26,7 +26,8 @@ pub enum CrashPoint {
     /// `commit`: the commit record is durable; nothing applied yet (the primary may have
     /// been acknowledged).
     AfterCommitDurable,
-    /// `commit`: the first `k` staged chunks (in apply order) were written to the image.
+    /// `commit`: the first `k` runs of staged chunks (in apply order; a run is one image
+    /// write of consecutive chunks from one record) were written to the image.
     MidApply(u64),
     /// `commit`: all chunks written to the image, image not yet fsynced.
     BeforeImageSync,
@@ -36,7 +37,7 @@ pub enum CrashPoint {
     BeforeJournalReset,
     /// journal reset: truncated to zero, new checkpoint record not yet written.
     MidJournalReset,
-    /// `sync_chunk`: after the chunk was written to the image.
+    /// `sync_extent` / `sync_chunk`: after the extent was written to the image.
     AfterSyncChunk,
     /// `finish_sync`: image fsynced, state not yet written.
     BeforeFinishSyncState,

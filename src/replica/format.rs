@@ -5,22 +5,29 @@
 //! | off | size | field                                                            |
 //! |-----|------|------------------------------------------------------------------|
 //! | 0   | 4    | magic `b"DRJL"`                                                  |
-//! | 4   | 2    | format version (1)                                               |
-//! | 6   | 1    | record type: 1 chunk data, 2 zero chunk, 3 commit, 4 checkpoint  |
+//! | 4   | 2    | format version (2; version 1 is still read, see below)           |
+//! | 6   | 1    | record type: 1 extent data, 2 zero extent, 3 commit, 4 checkpoint |
 //! | 7   | 1    | reserved, 0                                                      |
 //! | 8   | 8    | journal generation (random per journal incarnation)              |
 //! | 16  | 8    | cg                                                               |
-//! | 24  | 8    | data/zero: chunk index; commit: number of chunks in the CG; checkpoint: 0 |
-//! | 32  | 8    | commit/checkpoint: frozen_at (µs since the Unix epoch); else 0   |
-//! | 40  | 4    | payload length (data: the chunk's length; others: 0)             |
+//! | 24  | 8    | data/zero: first chunk; commit: number of chunks in the CG; checkpoint: 0 |
+//! | 32  | 8    | data/zero: number of chunks; commit/checkpoint: frozen_at (µs since the Unix epoch) |
+//! | 40  | 4    | payload length (data: the extent's length; others: 0)            |
 //! | 44  | 4    | crc32c over bytes 0..44 of the header followed by the payload     |
 //!
 //! The generation ties records to one incarnation of the journal file, so that bytes that
 //! merely look like records (stale data, a journal stored *inside* a replicated disk) are
 //! not taken for ours when scanning for commit records after a corrupt one.
+//!
+//! A data or zero record holds one *extent*: `count` contiguous chunks from `first`, inside
+//! one extent region (`Geometry::extent_len`). Version 1 journals (one chunk per record,
+//! field 32 always 0) stay readable: a version-1 data/zero record with `aux == 0` decodes as
+//! `count == 1`. New records are always written as version 2.
 
 pub const MAGIC: [u8; 4] = *b"DRJL";
-pub const VERSION: u16 = 1;
+pub const VERSION: u16 = 2;
+/// Oldest version still decoded.
+pub const MIN_VERSION: u16 = 1;
 pub const HEADER_LEN: usize = 48;
 
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -50,9 +57,9 @@ pub struct Header {
     pub rtype: RecordType,
     pub gen: u64,
     pub cg: u64,
-    /// Chunk index (data/zero) or number of chunks (commit).
+    /// First chunk (data/zero) or number of chunks (commit).
     pub arg: u64,
-    /// frozen_at_unix_us (commit/checkpoint).
+    /// Number of chunks (data/zero) or frozen_at_unix_us (commit/checkpoint).
     pub aux: u64,
     pub len: u32,
     pub crc: u32,
@@ -71,10 +78,10 @@ impl Header {
         }
     }
 
-    fn encode_body(&self) -> [u8; HEADER_LEN] {
+    fn encode_body(&self, version: u16) -> [u8; HEADER_LEN] {
         let mut b = [0u8; HEADER_LEN];
         b[0..4].copy_from_slice(&MAGIC);
-        b[4..6].copy_from_slice(&VERSION.to_le_bytes());
+        b[4..6].copy_from_slice(&version.to_le_bytes());
         b[6] = self.rtype as u8;
         b[8..16].copy_from_slice(&self.gen.to_le_bytes());
         b[16..24].copy_from_slice(&self.cg.to_le_bytes());
@@ -86,29 +93,42 @@ impl Header {
 
     /// Encode the header, computing the crc over header and `payload`.
     pub fn encode(&self, payload: &[u8]) -> [u8; HEADER_LEN] {
+        self.encode_version(payload, VERSION)
+    }
+
+    /// [`Header::encode`] in an older format version (tests write version-1 journals).
+    pub fn encode_version(&self, payload: &[u8], version: u16) -> [u8; HEADER_LEN] {
         debug_assert_eq!(payload.len(), self.len as usize);
-        let mut b = self.encode_body();
+        let mut b = self.encode_body(version);
         let crc = crc32c::crc32c_append(crc32c::crc32c(&b[..44]), payload);
         b[44..48].copy_from_slice(&crc.to_le_bytes());
         b
     }
 
     /// Decode a header without checking the crc (which needs the payload).
-    /// `None` if magic, version, type or reserved byte are wrong.
+    /// `None` if magic, version, type or reserved byte are wrong. A version-1 data/zero
+    /// record (one chunk, `aux` 0) decodes with `aux == 1` (the crc is checked over the raw
+    /// bytes, see [`Header::crc_ok`], so this does not affect it).
     pub fn decode(b: &[u8]) -> Option<Header> {
         if b.len() < HEADER_LEN || b[0..4] != MAGIC {
             return None;
         }
-        if u16::from_le_bytes([b[4], b[5]]) != VERSION || b[7] != 0 {
+        let version = u16::from_le_bytes([b[4], b[5]]);
+        if !(MIN_VERSION..=VERSION).contains(&version) || b[7] != 0 {
             return None;
         }
         let u64at = |o: usize| u64::from_le_bytes(b[o..o + 8].try_into().unwrap());
+        let rtype = RecordType::from_u8(b[6])?;
+        let mut aux = u64at(32);
+        if version == 1 && aux == 0 && matches!(rtype, RecordType::Data | RecordType::Zero) {
+            aux = 1;
+        }
         Some(Header {
-            rtype: RecordType::from_u8(b[6])?,
+            rtype,
             gen: u64at(8),
             cg: u64at(16),
             arg: u64at(24),
-            aux: u64at(32),
+            aux,
             len: u32::from_le_bytes(b[40..44].try_into().unwrap()),
             crc: u32::from_le_bytes(b[44..48].try_into().unwrap()),
         })
@@ -144,5 +164,26 @@ mod tests {
         let mut r2 = raw;
         r2[20] ^= 1;
         assert!(!Header::crc_ok(&r2, &payload));
+    }
+
+    #[test]
+    fn version_1_records_decode_as_one_chunk() {
+        let h = Header::new(RecordType::Data, 9, 3, 42, 0, 4);
+        let raw = h.encode_version(&[1, 2, 3, 4], 1);
+        let d = Header::decode(&raw).unwrap();
+        assert_eq!((d.arg, d.aux), (42, 1));
+        assert!(Header::crc_ok(&raw, &[1, 2, 3, 4]));
+        let z =
+            Header::decode(&Header::new(RecordType::Zero, 9, 3, 5, 0, 0).encode_version(&[], 1));
+        assert_eq!(z.map(|z| (z.arg, z.aux)), Some((5, 1)));
+        // Version 2 keeps aux as written (0 is an invalid extent, caught by the scan).
+        let d = Header::decode(&Header::new(RecordType::Zero, 9, 3, 5, 0, 0).encode(&[])).unwrap();
+        assert_eq!(d.aux, 0);
+        // A commit record of version 1 keeps its frozen_at.
+        let c = Header::new(RecordType::Commit, 9, 3, 2, 0, 0).encode_version(&[], 1);
+        assert_eq!(Header::decode(&c).unwrap().aux, 0);
+        // Unknown versions are refused.
+        assert!(Header::decode(&h.encode_version(&[1, 2, 3, 4], 3)).is_none());
+        assert!(Header::decode(&h.encode_version(&[1, 2, 3, 4], 0)).is_none());
     }
 }

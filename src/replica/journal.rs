@@ -13,20 +13,47 @@ use super::state::sync_dir;
 pub const JOURNAL_FILE: &str = "journal";
 pub const JOURNAL_NEW: &str = "journal.new";
 
-/// Where the newest staged version of one chunk lives in the journal.
+/// Where the newest staged version of one chunk lives in the journal: chunk `pos` of the
+/// extent record at `offset` (whose first chunk is therefore `index - pos`).
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub struct Entry {
     pub cg: u64,
     /// Offset of the record's header.
     pub offset: u64,
-    /// Payload length (0 for a zero chunk).
+    /// The record's payload length (0 for a zero extent).
     pub len: u32,
+    /// Chunks in the record.
+    pub count: u32,
+    /// This chunk's position in the record.
+    pub pos: u32,
     pub zero: bool,
 }
 
 impl Entry {
-    pub fn record_len(&self) -> u64 {
-        HEADER_LEN as u64 + self.len as u64
+    /// First chunk of the record, given this entry's chunk `index`.
+    pub fn first(&self, index: u64) -> u64 {
+        index - self.pos as u64
+    }
+
+    /// This chunk's bytes inside the record's payload (empty for a zero record).
+    pub fn payload_range(&self, chunk_size: u64) -> std::ops::Range<usize> {
+        if self.zero {
+            return 0..0;
+        }
+        // Every chunk of an extent but the disk's last one is whole, and that one can only
+        // be the last chunk of its extent.
+        let start = (self.pos as u64 * chunk_size).min(self.len as u64) as usize;
+        let end = ((self.pos as u64 + 1) * chunk_size).min(self.len as u64) as usize;
+        start..end
+    }
+
+    /// Bytes of the journal this chunk keeps alive, for deciding when to compact: its
+    /// payload plus its share of the record header (rounded up, so that the shares of a
+    /// record's chunks add up to at least the header, and never more than one header per
+    /// chunk — which keeps the bound in the module docs).
+    pub fn live_bytes(&self, chunk_size: u64) -> u64 {
+        self.payload_range(chunk_size).len() as u64
+            + (HEADER_LEN as u64).div_ceil(self.count.max(1) as u64)
     }
 }
 
@@ -53,7 +80,7 @@ pub struct Scan {
     pub committed: HashMap<u64, Entry>,
     /// Last valid commit record: (cg, frozen_at).
     pub last_commit: Option<(u64, u64)>,
-    /// Data/zero records after the last commit record (dropped).
+    /// Data/zero records (extents) after the last commit record (dropped).
     pub uncommitted_records: u64,
     /// Offset at which the valid part of the journal ends, if bytes follow it.
     pub torn_at: Option<u64>,
@@ -129,8 +156,9 @@ impl Journal {
             .map_err(io("write", &self.path))
     }
 
-    /// Read and verify the record of `e` for chunk `index`; returns the payload.
-    pub fn read_entry(&self, index: u64, e: &Entry, buf: &mut Vec<u8>) -> Result<()> {
+    /// Read and verify the whole record that `e` (the entry of chunk `index`) points into;
+    /// returns its payload in `buf`.
+    pub fn read_record(&self, index: u64, e: &Entry, buf: &mut Vec<u8>) -> Result<()> {
         let mut hb = [0u8; HEADER_LEN];
         buf.resize(e.len as usize, 0);
         let corrupt = |detail: String| Error::Corrupt {
@@ -155,7 +183,12 @@ impl Journal {
         } else {
             RecordType::Data
         };
-        if h.rtype != want || h.gen != self.gen || h.arg != index || h.cg != e.cg || h.len != e.len
+        if h.rtype != want
+            || h.gen != self.gen
+            || h.arg != e.first(index)
+            || h.aux != e.count as u64
+            || h.cg != e.cg
+            || h.len != e.len
         {
             return Err(corrupt(format!("record is not the staged one: {h:?}")));
         }
@@ -176,11 +209,18 @@ impl Journal {
         self.sync()
     }
 
-    /// Rewrite the journal so that it holds only `live` (one record per chunk): write
-    /// `journal.new` (new generation), fsync, rename over `journal`, fsync the directory.
-    /// Updates the offsets in `live`. A crash at any point leaves either the old or the new
-    /// journal, both of which hold the same uncommitted data (which recovery drops anyway).
-    pub fn compact(&mut self, live: &mut HashMap<u64, Entry>, fault: &Fault) -> Result<()> {
+    /// Rewrite the journal so that it holds only `live`: write `journal.new` (new
+    /// generation) with one record per run of live chunks (consecutive chunks of the same
+    /// old record, hence of the same CG and inside one extent region), fsync, rename over
+    /// `journal`, fsync the directory. Updates the entries in `live` (the caller recomputes
+    /// its live byte count). A crash at any point leaves either the old or the new journal,
+    /// both of which hold the same uncommitted data (which recovery drops anyway).
+    pub fn compact(
+        &mut self,
+        live: &mut HashMap<u64, Entry>,
+        geo: Geometry,
+        fault: &Fault,
+    ) -> Result<()> {
         let new_path = self.dir.join(JOURNAL_NEW);
         let file = OpenOptions::new()
             .read(true)
@@ -209,20 +249,38 @@ impl Journal {
             ),
             &[],
         )?;
-        let mut order: Vec<u64> = live.keys().copied().collect();
-        order.sort_unstable();
+        let cs = geo.chunk_size();
         let mut buf = Vec::new();
-        let mut moved = Vec::with_capacity(order.len());
-        for index in order {
-            let e = live[&index];
-            self.read_entry(index, &e, &mut buf)?;
-            let rt = if e.zero {
+        // (first chunk of the run, new entry for its first chunk)
+        let mut moved: Vec<(u64, Entry)> = Vec::new();
+        for group in by_record(live) {
+            let (index0, e0) = group[0];
+            self.read_record(index0, &e0, &mut buf)?;
+            let rt = if e0.zero {
                 RecordType::Zero
             } else {
                 RecordType::Data
             };
-            let off = newj.append(Header::new(rt, newj.gen, e.cg, index, 0, e.len), &buf)?;
-            moved.push((index, off));
+            for run in runs(&group) {
+                let (first, ef) = run[0];
+                let (_, el) = run[run.len() - 1];
+                let bytes = ef.payload_range(cs).start..el.payload_range(cs).end;
+                let payload = &buf[bytes];
+                let (count, len) = (run.len() as u32, payload.len() as u32);
+                let h = Header::new(rt, newj.gen, ef.cg, first, count as u64, len);
+                let off = newj.append(h, payload)?;
+                moved.push((
+                    first,
+                    Entry {
+                        cg: ef.cg,
+                        offset: off,
+                        len,
+                        count,
+                        pos: 0,
+                        zero: ef.zero,
+                    },
+                ));
+            }
         }
         newj.sync()?;
         fault.hit(CrashPoint::MidCompaction)?;
@@ -230,8 +288,10 @@ impl Journal {
         sync_dir(&self.dir)?;
         newj.path = self.path.clone();
         *self = newj;
-        for (index, off) in moved {
-            live.get_mut(&index).unwrap().offset = off;
+        for (first, e) in moved {
+            for pos in 0..e.count {
+                *live.get_mut(&(first + pos as u64)).unwrap() = Entry { pos, ..e };
+            }
         }
         Ok(())
     }
@@ -266,8 +326,8 @@ impl Journal {
                     break 'rec Some("record extends past end of file".into());
                 }
                 let len_ok = match h.rtype {
-                    RecordType::Data => geo.chunk_len(h.arg) == Some(h.len as usize),
-                    RecordType::Zero => h.arg < geo.chunks() && h.len == 0,
+                    RecordType::Data => geo.extent_len(h.arg, h.aux) == Some(h.len as usize),
+                    RecordType::Zero => geo.extent_len(h.arg, h.aux).is_some() && h.len == 0,
                     RecordType::Commit | RecordType::Checkpoint => h.len == 0,
                 };
                 if !len_ok {
@@ -296,13 +356,24 @@ impl Journal {
                             break 'rec Some("checkpoint not at start".into())
                         }
                         RecordType::Data | RecordType::Zero => {
-                            let e = Entry {
-                                cg: h.cg,
-                                offset: off,
-                                len: h.len,
-                                zero: h.rtype == RecordType::Zero,
-                            };
-                            pending.insert(h.arg, e);
+                            // Same rule as staging: per chunk, the newest CG wins and for
+                            // equal CGs the later record (a chunk of an older CG inside an
+                            // extent is kept out of the index, as `stage_extent` does).
+                            for pos in 0..h.aux as u32 {
+                                let e = Entry {
+                                    cg: h.cg,
+                                    offset: off,
+                                    len: h.len,
+                                    count: h.aux as u32,
+                                    pos,
+                                    zero: h.rtype == RecordType::Zero,
+                                };
+                                let index = h.arg + pos as u64;
+                                if pending.get(&index).is_none_or(|old| old.cg <= h.cg) {
+                                    pending.insert(index, e);
+                                }
+                            }
+                            scan.uncommitted_records += 1;
                         }
                         RecordType::Commit => {
                             let n = pending.values().filter(|e| e.cg <= h.cg).count() as u64;
@@ -319,6 +390,7 @@ impl Journal {
                                     ),
                                 });
                             }
+                            scan.uncommitted_records = 0;
                             pending.retain(|&i, e| {
                                 if e.cg <= h.cg {
                                     scan.committed.insert(i, *e);
@@ -351,7 +423,6 @@ impl Journal {
                 break;
             }
         }
-        scan.uncommitted_records = pending.len() as u64;
         self.gen = scan.gen;
         self.base_cg = scan.base_cg;
         self.base_frozen = scan.base_frozen;
@@ -395,4 +466,25 @@ impl Journal {
         }
         Ok(None)
     }
+}
+
+/// The entries of `live` grouped by the record they point into (in journal order), each
+/// group sorted by chunk index.
+pub fn by_record(live: &HashMap<u64, Entry>) -> Vec<Vec<(u64, Entry)>> {
+    let mut all: Vec<(u64, Entry)> = live.iter().map(|(&i, &e)| (i, e)).collect();
+    all.sort_unstable_by_key(|&(i, e)| (e.offset, i));
+    let mut groups: Vec<Vec<(u64, Entry)>> = Vec::new();
+    for (i, e) in all {
+        match groups.last_mut() {
+            Some(g) if g[0].1.offset == e.offset => g.push((i, e)),
+            _ => groups.push(vec![(i, e)]),
+        }
+    }
+    groups
+}
+
+/// Split the entries of one record (sorted by index) into runs of consecutive chunks
+/// (which then sit at consecutive positions of the record).
+pub fn runs(group: &[(u64, Entry)]) -> impl Iterator<Item = &[(u64, Entry)]> {
+    group.chunk_by(|a, b| a.0 + 1 == b.0 && a.1.offset == b.1.offset)
 }

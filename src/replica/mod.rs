@@ -9,32 +9,42 @@
 //! - The image is a separate path (a file, or a block device).
 //!
 //! # Life of a CG
-//! `stage_chunk` appends a data (or zero) record to the journal (no fsync) and remembers,
-//! per chunk, the newest staged version (newest CG wins; data of CGs `<=` the last committed
-//! CG is ignored). `commit` then:
-//! 1. reads every staged record back and checks its crc (a bad one fails the commit before
-//!    anything is committed);
+//! `stage_extent` appends one data (or zero) record for an extent — `count` contiguous
+//! chunks inside one extent region (`Geometry::extent_len`) — to the journal (no fsync) and
+//! remembers, per chunk, the newest staged version as a position inside its record (newest
+//! CG wins, for equal CGs the later call; chunks of an extent for which a newer CG is
+//! staged keep that version; data of CGs `<=` the last committed CG is ignored).
+//! `stage_chunk` is the one-chunk case. `commit` then:
+//! 1. reads every distinct staged record back once and checks its crc (a bad one fails the
+//!    commit before anything is committed);
 //! 2. fdatasyncs the journal, appends a commit record `(cg, frozen_at, n_chunks)`,
 //!    fdatasyncs again — **the CG is now durable; acknowledge the primary**
 //!    ([`ReplicaStore::commit_durable`] stops here);
-//! 3. applies the staged chunks in place (sorted by chunk index; each record re-verified),
+//! 3. applies the staged chunks in place (each record read and re-verified once, its live
+//!    chunks written as runs of consecutive chunks, one write or hole punch per run),
 //!    fsyncs the image, writes `state.json` (consistent at `cg`), and resets the journal to
 //!    a single checkpoint record (truncate + write + fdatasync)
 //!    ([`ReplicaStore::apply_committed`]).
 //!
 //! # Bound on staging disk use
 //! The journal only ever holds uncommitted data (it is reset at every commit), and the
-//! in-memory index keeps one live record per chunk. Superseded records are dead bytes;
-//! when `dead > live` and `dead >= compact_min_dead_bytes` (default 64 MiB) the journal is
-//! compacted (live records copied to `journal.new`, fsync, rename, fsync dir). Hence, with
-//! `L = nchunks * 48 + disk_size` (every chunk staged once, 48-byte headers):
-//! `journal <= 2 L + compact_min_dead_bytes + one record`, plus `<= L` for `journal.new`
-//! while a compaction runs — however many CGs fail. All-zero chunks are stored as 48-byte
-//! zero records. The in-memory index is ~40 bytes per staged chunk.
+//! in-memory index keeps one live version per chunk. A live chunk counts its payload plus
+//! its share of its record's header (48 bytes divided by the record's chunk count, rounded
+//! up: never more than 48); everything else — superseded records and the superseded chunks
+//! of partly live extent records — is dead. When `dead > live` and
+//! `dead >= compact_min_dead_bytes` (default 64 MiB) the journal is compacted (live chunks
+//! copied to `journal.new` as one record per run of consecutive chunks of the same record,
+//! fsync, rename, fsync dir). Hence, with `L = nchunks * 48 + disk_size` (every chunk
+//! staged once as its own record, 48-byte headers):
+//! `journal <= 2 L + compact_min_dead_bytes + one record` (a record holds at most one
+//! extent), plus `<= L` for `journal.new` while a compaction runs — however many CGs fail.
+//! All-zero extents are stored as 48-byte zero records. The in-memory index is ~40 bytes
+//! per staged chunk.
 //!
 //! # Recovery (on `open`)
 //! State `consistent`: the journal is scanned from its checkpoint record, verifying every
-//! record. Every complete commit record makes its CG's chunks (the newest version per chunk
+//! record. Extent records are expanded into per-chunk versions with the staging rule.
+//! Every complete commit record makes its CG's chunks (the newest version per chunk
 //! up to that record) applied again — idempotently, so a crash mid-apply is repaired; the
 //! image is fsynced and `state.json` advanced. Records after the last commit (a partial or
 //! abandoned CG) are dropped, a torn/corrupt tail is treated as end of journal; then the
@@ -58,6 +68,8 @@
 //! | `BeforeJournalReset`, `MidJournalReset` | this CG (state says so; replay is idempotent) |
 //! | `AfterSyncChunk`, `BeforeFinishSyncState` | still syncing (done count restarts at 0) |
 //!
+//! `MidApply(k)` counts runs (one image write each), not chunks.
+//!
 //! # Limitations
 //! - Sync progress is not persisted: after a restart while syncing the state is
 //!   `Syncing { done_chunks: 0 }` and the primary must resend the whole sync set.
@@ -77,6 +89,8 @@
 mod apply;
 mod commit;
 mod error;
+#[cfg(test)]
+mod extent_tests;
 mod fault;
 mod format;
 pub mod identity;
@@ -149,21 +163,23 @@ impl std::fmt::Display for ReplicaState {
     }
 }
 
-/// Chunk content handed to [`ReplicaStore::stage_chunk`].
+/// Content of a chunk or extent handed to [`ReplicaStore::stage_extent`],
+/// [`ReplicaStore::stage_chunk`] or [`ReplicaStore::sync_extent`].
 #[derive(Clone, Copy, Debug)]
 pub enum ChunkData<'a> {
-    /// Exactly the chunk's length (the last chunk of the disk may be short).
+    /// Exactly the chunk's or extent's length (the last chunk of the disk may be short).
     Bytes(&'a [u8]),
-    /// The chunk reads as zeros.
+    /// The chunk or extent reads as zeros.
     Zero,
 }
 
-/// What `stage_chunk` did with a chunk.
+/// What `stage_extent` / `stage_chunk` did with an extent.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub enum StageOutcome {
-    /// Staged for the next commit.
+    /// Staged for the next commit (possibly only some of its chunks: those for which a
+    /// newer CG is staged keep that version).
     Staged,
-    /// A version of a newer CG is already staged for this chunk; this one was ignored.
+    /// A version of a newer CG is already staged for every chunk; this one was ignored.
     Superseded,
     /// The CG is already committed; ignored.
     AlreadyCommitted,
@@ -178,7 +194,7 @@ pub struct RecoveryReport {
     pub replayed_cg: Option<u64>,
     /// Chunks (re)applied from the journal.
     pub chunks_applied: u64,
-    /// Staged records of an uncommitted CG that were dropped.
+    /// Staged records (one per extent) of an uncommitted CG that were dropped.
     pub discarded_records: u64,
     /// Offset where a torn/corrupt tail (after the last commit) was cut off.
     pub torn_tail_at: Option<u64>,

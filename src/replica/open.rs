@@ -7,7 +7,7 @@ use std::io::{Seek, SeekFrom};
 use std::path::{Path, PathBuf};
 
 use super::fault::Fault;
-use super::journal::{Entry, Geometry, Journal, JOURNAL_FILE, JOURNAL_NEW};
+use super::journal::{Geometry, Journal, JOURNAL_FILE, JOURNAL_NEW};
 use super::state::{self, Mode, StateFile, STATE_FORMAT, STATE_TMP};
 use super::{error, Error, RecoveryReport, ReplicaStore, Result, StoredIdentity};
 
@@ -182,16 +182,14 @@ impl ReplicaStore {
             self.st.frozen_at_unix_us = scan.base_frozen;
         }
         if let Some((cg, frozen)) = scan.last_commit {
-            let mut entries: Vec<(u64, Entry)> = scan.committed.into_iter().collect();
-            entries.sort_unstable_by_key(|(i, _)| *i);
             report.replayed_cg = Some(cg);
-            report.chunks_applied = entries.len() as u64;
+            report.chunks_applied = scan.committed.len() as u64;
             tracing::info!(
                 cg,
-                chunks = entries.len(),
+                chunks = scan.committed.len(),
                 "replaying committed CG from the journal"
             );
-            self.apply_entries(&entries)?;
+            self.apply_entries(&scan.committed)?;
             self.image
                 .sync_all()
                 .map_err(error::io("fsync", &self.image_path))?;

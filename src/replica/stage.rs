@@ -1,4 +1,4 @@
-//! Staging: chunks of a CG are appended to the journal (not synced) until it commits.
+//! Staging: extents of a CG are appended to the journal (not synced) until it commits.
 
 use super::fault::CrashPoint;
 use super::format::{self, Header, RecordType};
@@ -8,23 +8,42 @@ use super::{ChunkData, Error, ReplicaStore, Result, StageOutcome};
 impl ReplicaStore {
     // ----- CG cycles -----
 
-    /// Stage one chunk of CG `cg` in the journal (appended, not synced). Keeps only the
-    /// newest version per chunk (newest CG wins; for equal CGs the later call wins).
+    /// Stage one chunk of CG `cg`: [`stage_extent`](Self::stage_extent) with `count == 1`.
     pub fn stage_chunk(
         &mut self,
         cg: u64,
         index: u64,
         data: ChunkData<'_>,
     ) -> Result<StageOutcome> {
-        self.check_cycles("stage_chunk")?;
+        self.stage_extent(cg, index, 1, data)
+    }
+
+    /// Stage the extent of `count` chunks from chunk `first` of CG `cg` in the journal: one
+    /// record, appended, not synced. The extent must be one the geometry allows
+    /// (`Geometry::extent_len`: inside the disk and inside one extent region), and
+    /// [`ChunkData::Bytes`] must hold exactly its bytes.
+    ///
+    /// Keeps only the newest version per chunk: newest CG wins, for equal CGs the later call
+    /// wins. Chunks for which a newer CG is already staged keep it (the new record's bytes
+    /// for them are dead); the outcome is [`StageOutcome::Superseded`] only if that holds
+    /// for every chunk of the extent (nothing is written then).
+    pub fn stage_extent(
+        &mut self,
+        cg: u64,
+        first: u64,
+        count: u64,
+        data: ChunkData<'_>,
+    ) -> Result<StageOutcome> {
+        self.check_cycles("stage_extent")?;
         if cg == 0 {
             return Err(Error::InvalidArgument("CG numbers start at 1".into()));
         }
-        self.check_chunk(index, &data)?;
+        self.check_extent(first, count, &data)?;
         if cg <= self.st.last_committed_cg {
             return Ok(StageOutcome::AlreadyCommitted);
         }
-        if self.staged.get(&index).is_some_and(|e| e.cg > cg) {
+        let takes = |s: &Self, pos: u64| s.staged.get(&(first + pos)).is_none_or(|e| e.cg <= cg);
+        if !(0..count).any(|pos| takes(self, pos)) {
             return Ok(StageOutcome::Superseded);
         }
         let data = match data {
@@ -36,43 +55,72 @@ impl ReplicaStore {
                 ChunkData::Bytes(b) => (RecordType::Data, b),
                 ChunkData::Zero => (RecordType::Zero, &[]),
             };
+            // Fits: checked by check_extent.
             let len = payload.len() as u32;
-            let off = s
-                .journal
-                .append(Header::new(rt, s.journal.gen, cg, index, 0, len), payload)?;
-            let e = Entry {
-                cg,
-                offset: off,
-                len,
-                zero: rt == RecordType::Zero,
-            };
-            if let Some(old) = s.staged.insert(index, e) {
-                s.live_bytes -= old.record_len();
+            let h = Header::new(rt, s.journal.gen, cg, first, count, len);
+            // The record is appended before the index points at it; a crash in between
+            // loses only uncommitted data, which recovery drops anyway.
+            let off = s.journal.append(h, payload)?;
+            let cs = s.geo.chunk_size();
+            for pos in 0..count {
+                if !takes(s, pos) {
+                    continue;
+                }
+                let e = Entry {
+                    cg,
+                    offset: off,
+                    len,
+                    count: count as u32,
+                    pos: pos as u32,
+                    zero: rt == RecordType::Zero,
+                };
+                if let Some(old) = s.staged.insert(first + pos, e) {
+                    s.live_bytes -= old.live_bytes(cs);
+                }
+                s.live_bytes += e.live_bytes(cs);
             }
-            s.live_bytes += e.record_len();
             s.fault.hit(CrashPoint::AfterStage)?;
-            let dead = s.journal.len - format::HEADER_LEN as u64 - s.live_bytes;
+            // `live_bytes` over-estimates what the live chunks occupy (header shares are
+            // rounded up), so `dead` can only under-estimate: saturate.
+            let dead = (s.journal.len - format::HEADER_LEN as u64).saturating_sub(s.live_bytes);
             if dead > s.live_bytes && dead >= s.compact_min_dead {
                 tracing::debug!(dead, live = s.live_bytes, "compacting staging journal");
-                s.journal.compact(&mut s.staged, &s.fault)?;
+                s.journal.compact(&mut s.staged, s.geo, &s.fault)?;
+                s.live_bytes = s.staged.values().map(|e| e.live_bytes(cs)).sum();
             }
             Ok(StageOutcome::Staged)
         })
     }
 
-    pub(super) fn check_chunk(&self, index: u64, data: &ChunkData<'_>) -> Result<()> {
-        if index >= self.geo.chunks() {
+    /// Check that `count` chunks from `first` form a valid extent and that `data` fits it.
+    pub(super) fn check_extent(&self, first: u64, count: u64, data: &ChunkData<'_>) -> Result<()> {
+        let Some(len) = self.geo.extent_len(first, count) else {
+            let n = self.geo.chunks();
+            let why = if count == 0 {
+                "it is empty".to_string()
+            } else if first >= n || count > n - first {
+                format!("it extends beyond the disk ({n} chunks)")
+            } else {
+                format!(
+                    "it crosses an extent region boundary (regions of {} chunks)",
+                    self.geo.extent_chunks()
+                )
+            };
             return Err(Error::InvalidArgument(format!(
-                "chunk {index} beyond the disk ({} chunks)",
-                self.geo.chunks()
+                "extent of {count} chunks from chunk {first} is invalid: {why}"
+            )));
+        };
+        if u32::try_from(len).is_err() {
+            return Err(Error::InvalidArgument(format!(
+                "extent of {count} chunks from chunk {first} has {len} bytes, too long for a \
+                 journal record"
             )));
         }
         if let ChunkData::Bytes(b) = data {
-            if Some(b.len()) != self.geo.chunk_len(index) {
+            if b.len() != len {
                 return Err(Error::InvalidArgument(format!(
-                    "chunk {index} has {} bytes, expected {}",
-                    b.len(),
-                    self.geo.chunk_len(index).unwrap_or(0)
+                    "extent of {count} chunks from chunk {first} has {} bytes, expected {len}",
+                    b.len()
                 )));
             }
         }

@@ -28,29 +28,34 @@ impl ReplicaStore {
 
     /// Write one chunk of the sync set directly into the image (not synced yet).
     pub fn sync_chunk(&mut self, index: u64, data: &[u8]) -> Result<()> {
-        self.sync_write(index, ChunkData::Bytes(data))
+        self.sync_extent(index, 1, ChunkData::Bytes(data))
     }
 
     /// Sync a chunk that reads as zeros.
     pub fn sync_zero(&mut self, index: u64) -> Result<()> {
-        self.sync_write(index, ChunkData::Zero)
+        self.sync_extent(index, 1, ChunkData::Zero)
     }
 
-    fn sync_write(&mut self, index: u64, data: ChunkData<'_>) -> Result<()> {
+    /// Write the extent of `count` chunks from `first` of the sync set directly into the
+    /// image (not synced yet; `finish_sync` fsyncs) and count its chunks as received. The
+    /// extent must be valid (`Geometry::extent_len`) and `Bytes` must hold exactly its bytes.
+    pub fn sync_extent(&mut self, first: u64, count: u64, data: ChunkData<'_>) -> Result<()> {
         self.check_usable()?;
         if !matches!(self.st.mode, Mode::Syncing { .. }) {
             return Err(Error::InvalidState(format!(
-                "sync_chunk while {:?}",
+                "sync_extent while {:?}",
                 self.state()
             )));
         }
-        self.check_chunk(index, &data)?;
+        self.check_extent(first, count, &data)?;
         self.guard(|s| {
-            s.write_image(index, data)?;
-            let (w, b) = ((index / 64) as usize, 1u64 << (index % 64));
-            if s.sync_done[w] & b == 0 {
-                s.sync_done[w] |= b;
-                s.sync_done_count += 1;
+            s.write_image(first, count, data)?;
+            for index in first..first + count {
+                let (w, b) = ((index / 64) as usize, 1u64 << (index % 64));
+                if s.sync_done[w] & b == 0 {
+                    s.sync_done[w] |= b;
+                    s.sync_done_count += 1;
+                }
             }
             s.fault.hit(CrashPoint::AfterSyncChunk)
         })

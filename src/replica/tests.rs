@@ -495,9 +495,9 @@ fn tail_truncation_at_every_length() {
     let gen = Header::decode(&full[..HEADER_LEN]).unwrap().gen;
     let mut j = full.clone();
     let p = content(33, 8);
-    j.extend_from_slice(&Header::new(RecordType::Data, gen, 3, 8, 0, CHUNK as u32).encode(&p));
+    j.extend_from_slice(&Header::new(RecordType::Data, gen, 3, 8, 1, CHUNK as u32).encode(&p));
     j.extend_from_slice(&p);
-    j.extend_from_slice(&Header::new(RecordType::Zero, gen, 3, 9, 0, 0).encode(&[]));
+    j.extend_from_slice(&Header::new(RecordType::Zero, gen, 3, 9, 1, 0).encode(&[]));
     let commit_end = commit + HEADER_LEN as u64;
     let mut len = j.len() as u64;
     loop {
