@@ -350,7 +350,7 @@ fn a_secondary_killed_twenty_times_always_recovers_consistent() {
                 dir.path(),
                 port,
                 &certs,
-                &[("DRBLK_SECONDARY_CRASH_AT", "MidApply:2")],
+                &[("DRBLK_SECONDARY_CRASH_AT", "MidApply:1")],
             );
             wait_until("the injected crash", 60, || {
                 sec.0.try_wait().unwrap().is_some()
@@ -406,7 +406,9 @@ fn a_thirty_second_blackhole_under_load_converges_with_an_incremental_resync() {
     let proxy = ImpairProxy::start(format!("127.0.0.1:{port}").parse().unwrap()).unwrap();
     let h = proxy.handle();
     const SIZE: u64 = 64 << 20;
-    const SPAN: u64 = 8 << 20; // the workload touches the first 8 MiB: 128 of 1024 chunks
+    const SPAN: u64 = 8 << 20; // the workload touches the first 8 MiB: an eighth of the disk
+                               // The daemon tracks at its default granularity (one chunk per 4 KiB block).
+    const CHUNK: u64 = drblk::config::defaults::CHUNK_SIZE;
     let (_pri, sock) = primary(
         dir.path(),
         "64M",
@@ -445,7 +447,7 @@ fn a_thirty_second_blackhole_under_load_converges_with_an_incremental_resync() {
             t.elapsed() < Duration::from_secs(30),
             "a guest write stalled during the outage"
         );
-        changed.insert(off / (64 << 10));
+        changed.insert(off / CHUNK);
         writes += 1;
         if writes % 64 == 0 {
             std::thread::sleep(Duration::from_millis(20));
@@ -463,7 +465,7 @@ fn a_thirty_second_blackhole_under_load_converges_with_an_incremental_resync() {
     println!(
         "outage: {writes} guest writes changed {} chunks; after the link came back {shipped} chunks were shipped (disk: {} chunks); {drained:?}",
         changed.len(),
-        SIZE / (64 << 10)
+        SIZE / CHUNK
     );
     assert_eq!(
         link(&after).full_resyncs,
@@ -476,7 +478,7 @@ fn a_thirty_second_blackhole_under_load_converges_with_an_incremental_resync() {
         "every changed chunk must ship"
     );
     assert!(
-        shipped < SIZE / (64 << 10) / 2,
+        shipped < SIZE / CHUNK / 2,
         "the resync must be incremental ({shipped} chunks)"
     );
     assert!(

@@ -14,9 +14,10 @@ struct Page {
 }
 
 impl Page {
-    fn new() -> Box<Page> {
+    /// A page whose words all hold `word`.
+    fn new(word: u64) -> Box<Page> {
         Box::new(Page {
-            words: std::array::from_fn(|_| AtomicU64::new(0)),
+            words: std::array::from_fn(|_| AtomicU64::new(word)),
         })
     }
 }
@@ -26,14 +27,16 @@ impl Page {
 /// handshake between bit updates and another flag, it uses read-modify-writes on both sides
 /// (see [`super::record::Record::exit`]).
 ///
-/// Pages are installed with a compare-and-swap and never removed while the bitmap lives, so
-/// a reader that finds a page absent may read its bits as zero: a setter installs the page
-/// (SeqCst) before it sets a bit in it. Under loom every page is allocated up front, so the
-/// models check the word-level handshakes exactly as with a dense bitmap.
+/// A page slot is absent (all clear), `full` (all set, no memory) or a real page. Slots only
+/// change absent → page, absent → full and full → page (compare-and-swap), and real pages
+/// are freed only with the bitmap, so a reader never sees a page freed under it; a setter
+/// installs the page (SeqCst) before it sets a bit in it. Under loom every page is allocated
+/// up front and never `full`, so the models check the word-level handshakes exactly as with
+/// a dense bitmap.
 ///
 /// Memory: a pointer per page (2 TiB at 4 KiB blocks: 64 Ki pages, 512 KiB) plus 1 KiB per
-/// 32 MiB region with a bit set since the bitmap was made; a bitmap with every bit set costs
-/// 1 bit per block (2 TiB: 64 MiB).
+/// 32 MiB region with a bit set since the bitmap was made — or cleared since it was made
+/// full. Even when every page is real, 1 bit per block (2 TiB: 64 MiB).
 pub(crate) struct Bitmap {
     pages: Box<[AtomicPtr<Page>]>,
     bits: u64,
@@ -50,13 +53,27 @@ fn word_mask(lo: u64, hi: u64) -> u64 {
     upper & !((1u64 << lo) - 1)
 }
 
+/// A page slot's content.
+enum Slot<'a> {
+    /// Never written: every bit clear.
+    Absent,
+    /// Every bit set (by `set_all` or a range covering the page), with no memory behind it.
+    Full,
+    Page(&'a Page),
+}
+
+/// The marker of a full page: never dereferenced, never a real allocation's address.
+fn full() -> *mut Page {
+    ptr::dangling_mut::<Page>()
+}
+
 impl Drop for Bitmap {
     fn drop(&mut self) {
         for p in self.pages.iter() {
             let page = p.swap(ptr::null_mut(), Ordering::SeqCst);
-            if !page.is_null() {
-                // SAFETY: every non-null page pointer came from `Box::into_raw` in `page_mut`
-                // (or `new`) and is freed only here, once, with exclusive access.
+            if !page.is_null() && page != full() {
+                // SAFETY: every page pointer other than null and `full()` came from
+                // `Box::into_raw` and is freed only here, once, with exclusive access.
                 drop(unsafe { Box::from_raw(page) });
             }
         }
@@ -70,7 +87,7 @@ impl Bitmap {
         let pages = (0..n)
             .map(|_| {
                 if cfg!(drblk_loom) {
-                    AtomicPtr::new(Box::into_raw(Page::new()))
+                    AtomicPtr::new(Box::into_raw(Page::new(0)))
                 } else {
                     AtomicPtr::new(ptr::null_mut())
                 }
@@ -79,67 +96,124 @@ impl Bitmap {
         Bitmap { pages, bits }
     }
 
-    /// The page of word `w`, if it was ever written.
-    fn page(&self, w: u64) -> Option<&Page> {
-        let p = self.pages[(w / PAGE_WORDS as u64) as usize].load(Ordering::SeqCst);
-        // SAFETY: a non-null page stays allocated until the bitmap is dropped.
-        (!p.is_null()).then(|| unsafe { &*p })
+    fn decode(p: *mut Page) -> Slot<'static> {
+        if p.is_null() {
+            Slot::Absent
+        } else if p == full() {
+            Slot::Full
+        } else {
+            // SAFETY: a real page stays allocated until the bitmap is dropped, and slots only
+            // go null → page/full and full → page, so no page is freed while readable.
+            Slot::Page(unsafe { &*p })
+        }
     }
 
-    /// The page of word `w`, installed if absent.
-    fn page_mut(&self, w: u64) -> &Page {
-        let slot = &self.pages[(w / PAGE_WORDS as u64) as usize];
-        let p = slot.load(Ordering::SeqCst);
-        if !p.is_null() {
-            // SAFETY: as in `page`.
-            return unsafe { &*p };
-        }
-        let fresh = Box::into_raw(Page::new());
-        match slot.compare_exchange(ptr::null_mut(), fresh, Ordering::SeqCst, Ordering::SeqCst) {
-            // SAFETY: installed; lives until drop.
-            Ok(_) => unsafe { &*fresh },
+    fn slot(&self, page: u64) -> Slot<'_> {
+        Self::decode(self.pages[page as usize].load(Ordering::SeqCst))
+    }
+
+    /// Installs `fresh` in slot `page` if it holds `expect`; returns what the slot holds
+    /// afterwards (ours, or what another thread installed first — ours is then freed).
+    fn install(&self, page: u64, expect: *mut Page, fresh: Box<Page>) -> Slot<'_> {
+        let fresh = Box::into_raw(fresh);
+        match self.pages[page as usize].compare_exchange(
+            expect,
+            fresh,
+            Ordering::SeqCst,
+            Ordering::SeqCst,
+        ) {
+            Ok(_) => Self::decode(fresh),
             Err(other) => {
-                // Another thread installed one first: use it, free ours.
                 // SAFETY: `fresh` was never shared.
                 drop(unsafe { Box::from_raw(fresh) });
-                // SAFETY: as in `page`.
-                unsafe { &*other }
+                Self::decode(other)
             }
         }
     }
 
-    fn word(&self, w: u64) -> Option<&AtomicU64> {
-        self.page(w)
-            .map(|p| &p.words[(w % PAGE_WORDS as u64) as usize])
+    /// The page to set bits in: `None` if the page is full (nothing to set).
+    fn page_to_set(&self, page: u64) -> Option<&Page> {
+        match self.slot(page) {
+            Slot::Full => None,
+            Slot::Page(p) => Some(p),
+            Slot::Absent => match self.install(page, ptr::null_mut(), Page::new(0)) {
+                Slot::Page(p) => Some(p),
+                _ => None,
+            },
+        }
+    }
+
+    /// The page to clear bits in: `None` if it has none set. A full page becomes a real page
+    /// of set bits first (`full` → page is the only transition away from `full`).
+    fn page_to_clear(&self, page: u64) -> Option<&Page> {
+        match self.slot(page) {
+            Slot::Absent => None,
+            Slot::Page(p) => Some(p),
+            Slot::Full => match self.install(page, full(), Page::new(u64::MAX)) {
+                Slot::Page(p) => Some(p),
+                // Only `full` → page happens to a full slot: another thread materialised it.
+                _ => None,
+            },
+        }
     }
 
     fn load(&self, w: u64) -> u64 {
-        self.word(w).map_or(0, |a| a.load(Ordering::SeqCst))
+        match self.slot(w / PAGE_WORDS as u64) {
+            Slot::Absent => 0,
+            Slot::Full => u64::MAX,
+            Slot::Page(p) => p.words[(w % PAGE_WORDS as u64) as usize].load(Ordering::SeqCst),
+        }
     }
 
-    /// Sets bits `first..=last` (one `fetch_or` per word touched).
-    pub(crate) fn set_range(&self, first: u64, last: u64) {
-        debug_assert!(first <= last && last < self.bits);
+    /// Calls `f(word, mask)` for every word of bits `first..=last`.
+    fn for_words(first: u64, last: u64, mut f: impl FnMut(u64, u64)) {
         let (fw, lw) = (first / 64, last / 64);
         for w in fw..=lw {
             let lo = if w == fw { first % 64 } else { 0 };
             let hi = if w == lw { last % 64 } else { 63 };
-            self.page_mut(w).words[(w % PAGE_WORDS as u64) as usize]
-                .fetch_or(word_mask(lo, hi), Ordering::SeqCst);
+            f(w, word_mask(lo, hi));
+        }
+    }
+
+    /// Sets bits `first..=last` (one `fetch_or` per word touched; a page the range covers
+    /// whole and that was never written becomes `full`, with no memory).
+    pub(crate) fn set_range(&self, first: u64, last: u64) {
+        debug_assert!(first <= last && last < self.bits);
+        let (fp, lp) = (first / PAGE_BITS, last / PAGE_BITS);
+        for page in fp..=lp {
+            let lo = if page == fp { first } else { page * PAGE_BITS };
+            let hi = if page == lp {
+                last
+            } else {
+                (page + 1) * PAGE_BITS - 1
+            };
+            let whole = lo == page * PAGE_BITS && (hi + 1 == (page + 1) * PAGE_BITS);
+            if whole && !cfg!(drblk_loom) {
+                let slot = &self.pages[page as usize];
+                if slot
+                    .compare_exchange(ptr::null_mut(), full(), Ordering::SeqCst, Ordering::SeqCst)
+                    .is_ok()
+                {
+                    continue;
+                }
+            }
+            let Some(p) = self.page_to_set(page) else {
+                continue;
+            };
+            Self::for_words(lo, hi, |w, m| {
+                p.words[(w % PAGE_WORDS as u64) as usize].fetch_or(m, Ordering::SeqCst);
+            });
         }
     }
 
     /// Clears bits `first..=last` (one `fetch_and` per word touched).
     pub(crate) fn clear_range(&self, first: u64, last: u64) {
         debug_assert!(first <= last && last < self.bits);
-        let (fw, lw) = (first / 64, last / 64);
-        for w in fw..=lw {
-            let lo = if w == fw { first % 64 } else { 0 };
-            let hi = if w == lw { last % 64 } else { 63 };
-            if let Some(a) = self.word(w) {
-                a.fetch_and(!word_mask(lo, hi), Ordering::SeqCst);
+        Self::for_words(first, last, |w, m| {
+            if let Some(p) = self.page_to_clear(w / PAGE_WORDS as u64) {
+                p.words[(w % PAGE_WORDS as u64) as usize].fetch_and(!m, Ordering::SeqCst);
             }
-        }
+        });
     }
 
     /// Sets bit `i`.
@@ -155,36 +229,40 @@ impl Bitmap {
 
     /// Whether any bit in `first..=last` is set.
     pub(crate) fn any_in(&self, first: u64, last: u64) -> bool {
-        let (fw, lw) = (first / 64, last / 64);
-        (fw..=lw).any(|w| {
-            let lo = if w == fw { first % 64 } else { 0 };
-            let hi = if w == lw { last % 64 } else { 63 };
-            self.load(w) & word_mask(lo, hi) != 0
-        })
+        let mut any = false;
+        Self::for_words(first, last, |w, m| any |= self.load(w) & m != 0);
+        any
     }
 
     /// Clears bit `i`; returns whether it was set.
     #[cfg(test)]
     pub(crate) fn clear(&self, i: u64) -> bool {
         let m = 1u64 << (i % 64);
-        self.word(i / 64)
-            .is_some_and(|a| a.fetch_and(!m, Ordering::SeqCst) & m != 0)
+        self.page_to_clear(i / PAGE_BITS).is_some_and(|p| {
+            p.words[((i / 64) % PAGE_WORDS as u64) as usize].fetch_and(!m, Ordering::SeqCst) & m
+                != 0
+        })
     }
 
-    /// Sets every bit.
+    /// Sets every bit (pages never written cost no memory).
     pub(crate) fn set_all(&self) {
         if self.bits > 0 {
             self.set_range(0, self.bits - 1);
         }
     }
 
-    /// Calls `f` with the first word index and the page of every allocated page.
-    fn each_page(&self, mut f: impl FnMut(u64, &Page)) {
-        for (i, p) in self.pages.iter().enumerate() {
-            let p = p.load(Ordering::SeqCst);
-            if !p.is_null() {
-                // SAFETY: as in `page`.
-                f(i as u64 * PAGE_WORDS as u64, unsafe { &*p });
+    /// The bits `lo..=hi` of page `page` that exist (the last page may be partial).
+    fn page_bits(&self, page: u64) -> (u64, u64) {
+        let lo = page * PAGE_BITS;
+        (lo, ((page + 1) * PAGE_BITS).min(self.bits) - 1)
+    }
+
+    /// Calls `f` with the index and content of every page that has bits set.
+    fn each_page(&self, mut f: impl FnMut(u64, Slot<'_>)) {
+        for page in 0..self.pages.len() as u64 {
+            match self.slot(page) {
+                Slot::Absent => {}
+                s => f(page, s),
             }
         }
     }
@@ -192,41 +270,66 @@ impl Bitmap {
     /// `self |= other` (word by word; each word of `other` is read once).
     pub(crate) fn or_from(&self, other: &Bitmap) {
         debug_assert_eq!(self.bits, other.bits);
-        other.each_page(|base, page| {
-            for (k, s) in page.words.iter().enumerate() {
-                let v = s.load(Ordering::SeqCst);
-                if v != 0 {
-                    let w = base + k as u64;
-                    self.page_mut(w).words[k].fetch_or(v, Ordering::SeqCst);
+        other.each_page(|page, slot| match slot {
+            Slot::Full => {
+                let (lo, hi) = self.page_bits(page);
+                self.set_range(lo, hi);
+            }
+            Slot::Page(p) => {
+                for (k, s) in p.words.iter().enumerate() {
+                    let v = s.load(Ordering::SeqCst);
+                    if v != 0 {
+                        if let Some(d) = self.page_to_set(page) {
+                            d.words[k].fetch_or(v, Ordering::SeqCst);
+                        }
+                    }
                 }
             }
+            Slot::Absent => {}
         });
     }
 
     /// `other |= self`, reading each word of `self` with a read-modify-write (so the read is
-    /// the latest value in the word's modification order; see `Record::exit`).
+    /// the latest value in the word's modification order; see `Record::exit`). A full page
+    /// of `self` marks its whole range in `other` (a record retired this way is never
+    /// cleared, so `full` is final for it).
     pub(crate) fn or_into_rmw(&self, other: &Bitmap) {
         debug_assert_eq!(self.bits, other.bits);
-        self.each_page(|base, page| {
-            for (k, s) in page.words.iter().enumerate() {
-                let v = s.fetch_or(0, Ordering::SeqCst);
-                if v != 0 {
-                    let w = base + k as u64;
-                    other.page_mut(w).words[k].fetch_or(v, Ordering::SeqCst);
+        self.each_page(|page, slot| match slot {
+            Slot::Full => {
+                let (lo, hi) = self.page_bits(page);
+                other.set_range(lo, hi);
+            }
+            Slot::Page(p) => {
+                for (k, s) in p.words.iter().enumerate() {
+                    let v = s.fetch_or(0, Ordering::SeqCst);
+                    if v != 0 {
+                        if let Some(d) = other.page_to_set(page) {
+                            d.words[k].fetch_or(v, Ordering::SeqCst);
+                        }
+                    }
                 }
             }
+            Slot::Absent => {}
         });
     }
 
     /// Number of set bits.
     pub(crate) fn count(&self) -> u64 {
         let mut n = 0;
-        self.each_page(|_, page| {
-            n += page
-                .words
-                .iter()
-                .map(|w| u64::from(w.load(Ordering::SeqCst).count_ones()))
-                .sum::<u64>();
+        self.each_page(|page, slot| match slot {
+            Slot::Full => {
+                let (lo, hi) = self.page_bits(page);
+                n += hi - lo + 1;
+            }
+            Slot::Page(p) => {
+                n += p
+                    .words
+                    .iter()
+                    .map(|w| u64::from(w.load(Ordering::SeqCst).count_ones()))
+                    .sum::<u64>();
+            }
+            Slot::Absent => {}
         });
         n
     }
@@ -236,13 +339,17 @@ impl Bitmap {
         let to = to.min(self.bits);
         let mut i = from;
         while i < to {
-            let Some(page) = self.page(i / 64) else {
-                // Skip the whole absent page.
-                i = (i / PAGE_BITS + 1) * PAGE_BITS;
-                continue;
-            };
-            let w = page.words[((i / 64) % PAGE_WORDS as u64) as usize].load(Ordering::SeqCst)
-                & (u64::MAX << (i % 64));
+            let w = match self.slot(i / PAGE_BITS) {
+                Slot::Absent => {
+                    // Skip the whole page.
+                    i = (i / PAGE_BITS + 1) * PAGE_BITS;
+                    continue;
+                }
+                Slot::Full => return Some(i),
+                Slot::Page(p) => {
+                    p.words[((i / 64) % PAGE_WORDS as u64) as usize].load(Ordering::SeqCst)
+                }
+            } & (u64::MAX << (i % 64));
             if w != 0 {
                 let bit = (i / 64) * 64 + u64::from(w.trailing_zeros());
                 return (bit < to).then_some(bit);
@@ -267,11 +374,15 @@ impl Bitmap {
         to - from
     }
 
-    /// Bytes allocated for pages (for the memory figure in the docs and tests).
+    /// Bytes allocated: the page pointers and the real pages.
     #[cfg(test)]
     pub(crate) fn allocated_bytes(&self) -> usize {
         let mut n = self.pages.len() * std::mem::size_of::<usize>();
-        self.each_page(|_, _| n += std::mem::size_of::<Page>());
+        self.each_page(|_, slot| {
+            if let Slot::Page(_) = slot {
+                n += std::mem::size_of::<Page>();
+            }
+        });
         n
     }
 }
@@ -327,5 +438,31 @@ mod tests {
         let c = Bitmap::new(blocks);
         b.or_into_rmw(&c);
         assert!(c.test(3) && c.count() == 1);
+        // Everything set: no page memory until bits are cleared.
+        let f = Bitmap::new(blocks);
+        f.set_all();
+        assert_eq!((f.count(), f.allocated_bytes()), (blocks, empty));
+        assert_eq!(f.run_len(5, 1 << 20), (1 << 20) - 5);
+        f.clear_range(10, 20);
+        assert_eq!(f.count(), blocks - 11);
+        assert_eq!(f.allocated_bytes(), empty + 1024, "one page made real");
+        assert_eq!(f.next_set_in(10, blocks), Some(21));
+        let g = Bitmap::new(blocks);
+        f.or_into_rmw(&g);
+        assert_eq!(g.count(), blocks - 11);
+        assert!(!g.test(15) && g.test(9) && g.test(blocks - 1));
+    }
+
+    #[test]
+    fn a_partial_last_page_counts_only_real_bits() {
+        let b = Bitmap::new(PAGE_BITS + 10);
+        b.set_all();
+        assert_eq!(b.count(), PAGE_BITS + 10);
+        assert_eq!(b.next_set_in(PAGE_BITS + 10, u64::MAX), None);
+        let c = Bitmap::new(PAGE_BITS + 10);
+        c.or_from(&b);
+        assert_eq!(c.count(), PAGE_BITS + 10);
+        b.clear_range(0, PAGE_BITS + 9);
+        assert_eq!(b.count(), 0);
     }
 }

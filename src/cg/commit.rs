@@ -7,8 +7,8 @@ use std::time::Instant;
 
 use tracing::info;
 
-use super::bitmap::Bitmap;
 use super::engine::{Engine, Mode};
+use super::shipped::Shipped;
 use super::sync::lock;
 use super::{AbandonReason, CommitOutcome};
 
@@ -55,7 +55,7 @@ impl Engine {
             c.oos = cr;
             c.retired.clear();
             // A fresh bitmap, not cleared pages: its memory follows what the next CG ships.
-            c.shipped = Bitmap::new(self.chunks);
+            c.shipped = Shipped::new(self.chunks);
             c.first_uncommitted = cg + 1;
             c.last_committed = cg;
             c.committed += 1;
@@ -79,8 +79,8 @@ impl Engine {
     pub fn link_lost(&self) {
         let mut c = lock(&self.central);
         self.abandon_locked(&mut c, AbandonReason::LinkLost);
-        c.oos.bits.or_from(&c.shipped);
-        c.shipped = Bitmap::new(self.chunks);
+        c.shipped.merge_into(&c.oos);
+        c.shipped = Shipped::new(self.chunks);
         c.outstanding.clear();
         c.mode = Mode::Idle;
         c.first_uncommitted = c.next_cg;

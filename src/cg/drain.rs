@@ -186,7 +186,7 @@ impl Engine {
     /// Records the hand-out of an extent (shipped since the last commit, unconfirmed).
     fn hand_out(&self, c: &mut Central, cg: u64, first: u64, count: u64, len: usize) -> Extent {
         c.cursor = first + count;
-        c.shipped.set_range(first, first + count - 1);
+        c.shipped.add(first, count);
         c.outstanding.push((first, count, cg));
         c.handed_out += count;
         c.extents_handed_out += 1;

@@ -6,10 +6,10 @@ use std::collections::{HashMap, VecDeque};
 
 use std::sync::Arc;
 
-use super::bitmap::Bitmap;
 use super::cow::Cache;
 use super::drain::Drain;
 use super::record::Record;
+use super::shipped::Shipped;
 use super::sync::{lock, Condvar, Mutex, MutexGuard};
 use super::{
     AbandonReason, CgConfig, CgError, CgPhase, CgStats, ChunkSource, Completion, Publisher,
@@ -43,7 +43,7 @@ pub(super) struct Central {
     /// Records forwarded into `oos` that may still have writes in flight.
     pub(super) retired: Vec<Arc<Record>>,
     /// Chunks handed out since the last commit.
-    pub(super) shipped: Bitmap,
+    pub(super) shipped: Shipped,
     /// Extents handed out and not confirmed yet: (first chunk, chunks, CG). The drain
     /// confirms each before it hands out the next, so this holds one or two entries.
     pub(super) outstanding: Vec<(u64, u64, u64)>,
@@ -120,7 +120,7 @@ impl Engine {
                 mode: Mode::Idle,
                 oos,
                 retired: Vec::new(),
-                shipped: Bitmap::new(chunks),
+                shipped: Shipped::new(chunks),
                 outstanding: Vec::new(),
                 cursor: 0,
                 next_cg: 1,

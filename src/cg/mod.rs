@@ -46,6 +46,7 @@ mod formation;
 mod gate;
 mod record;
 mod recording;
+mod shipped;
 mod sync;
 
 #[cfg(all(test, drblk_loom))]

@@ -278,11 +278,7 @@ fn measure_on(
 ) -> anyhow::Result<On> {
     catch_up(server)?;
     let me = std::process::id();
-    let (wire0, cpu0, sec0) = (
-        wire_bytes(server),
-        cpu_seconds(me),
-        secondary.cpu_seconds(),
-    );
+    let (wire0, cpu0, sec0) = (wire_bytes(server), cpu_seconds(me), secondary.cpu_seconds());
     let rep0 = server.status().replication.unwrap_or_default();
     let sock = socket.to_owned();
     let cell = w.cell;
@@ -360,7 +356,12 @@ fn main() -> anyhow::Result<()> {
     {
         let server = Server::start(&serve_args(dir, &image, None, &certs))?;
         for w in &loads {
-            off.push(run_client(&server_socket(dir), w.cell, args.seconds, blocks)?);
+            off.push(run_client(
+                &server_socket(dir),
+                w.cell,
+                args.seconds,
+                blocks,
+            )?);
         }
         server.stop()?;
     }
