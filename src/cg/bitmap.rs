@@ -6,7 +6,8 @@ use std::ptr;
 use super::sync::{AtomicPtr, AtomicU64, Ordering};
 
 /// Words per page: 128 words = 8192 bits = 1 KiB, covering 32 MiB of disk at 4 KiB blocks.
-const PAGE_WORDS: usize = 128;
+/// Under loom one word: every word operation is a point the model checker explores.
+const PAGE_WORDS: usize = if cfg!(drblk_loom) { 1 } else { 128 };
 const PAGE_BITS: u64 = (PAGE_WORDS * 64) as u64;
 
 struct Page {

@@ -204,6 +204,7 @@ fn link_status(link: &LinkStatus) -> LinkStatusView {
         connects: link.connects.load(Ordering::Relaxed),
         full_resyncs: link.full_resyncs.load(Ordering::Relaxed),
         wire_bytes: link.wire_bytes.load(Ordering::Relaxed),
+        udp_bytes: link.udp_bytes.load(Ordering::Relaxed),
     }
 }
 

@@ -131,6 +131,10 @@ pub struct LinkStatusView {
     /// divided by the bytes the guest wrote, the link's write amplification.
     #[serde(default)]
     pub wire_bytes: u64,
+    /// Bytes of UDP datagrams sent (the frames plus QUIC's own headers, acknowledgements
+    /// and retransmissions), over all connections; updated at each commit.
+    #[serde(default)]
+    pub udp_bytes: u64,
 }
 
 /// A successful answer on the control socket: `{"ok": true, ...body}`, the body's fields
@@ -265,6 +269,7 @@ mod tests {
                 connects: 2,
                 full_resyncs: 1,
                 wire_bytes: 9000 << 12,
+                udp_bytes: 9100 << 12,
             }),
         }
     }

@@ -38,6 +38,9 @@ pub struct LinkStatus {
     /// Bytes written to the link's data streams over all connections (frames: extents
     /// with their headers), to compare with what the guest wrote.
     pub wire_bytes: AtomicU64,
+    /// Bytes of UDP datagrams sent over all connections (QUIC headers, acknowledgements and
+    /// retransmissions included; IP/UDP headers not). Updated at each commit.
+    pub udp_bytes: AtomicU64,
 }
 
 /// Ships groups to a secondary; reconnects with backoff when the link is lost.
@@ -45,8 +48,10 @@ pub struct Replicator {
     cfg: ClientConfig,
     engine: Arc<Engine>,
     client: Option<LinkClient>,
-    /// The current client's wire bytes already added to `status.wire_bytes`.
-    wire_seen: u64,
+    /// The current client's frame and UDP bytes already added to the status.
+    seen: (u64, u64),
+    /// Extents sent since the figures were last brought up to date.
+    unaccounted: u32,
     status: Arc<LinkStatus>,
 }
 
@@ -58,7 +63,8 @@ impl Replicator {
             cfg,
             engine,
             client: None,
-            wire_seen: 0,
+            seen: (0, 0),
+            unaccounted: 0,
             status: Arc::new(LinkStatus::default()),
         }
     }
@@ -112,7 +118,7 @@ impl Replicator {
         *self.status.remote_state.lock().expect("status lock") = ack.state.to_string();
         self.status.connected.store(true, Ordering::SeqCst);
         self.client = Some(client);
-        self.wire_seen = 0;
+        self.seen = (0, 0);
         Ok(())
     }
 
@@ -128,8 +134,23 @@ impl Replicator {
         })
     }
 
+    /// Adds what the current client sent since the last call to the status's byte counts.
+    fn account(&mut self) {
+        let Some(c) = &self.client else { return };
+        let st = c.stats();
+        let (wire, udp) = (st.wire_bytes, st.udp_tx_bytes);
+        let s = &self.status;
+        s.wire_bytes
+            .fetch_add(wire.saturating_sub(self.seen.0), Ordering::Relaxed);
+        s.udp_bytes
+            .fetch_add(udp.saturating_sub(self.seen.1), Ordering::Relaxed);
+        self.seen = (wire.max(self.seen.0), udp.max(self.seen.1));
+        self.unaccounted = 0;
+    }
+
     fn lost(&mut self, e: impl std::fmt::Display) -> io::Error {
         self.status.connected.store(false, Ordering::SeqCst);
+        self.account();
         if let Some(c) = self.client.take() {
             c.close();
         }
@@ -149,6 +170,7 @@ impl ChunkSink for Replicator {
         let r = self.client()?.commit(cg, unix_micros(frozen_at));
         match r {
             Ok(()) => {
+                self.account();
                 *self.status.remote_state.lock().expect("status lock") = ReplicaState::Consistent {
                     cg,
                     frozen_at_unix_us: unix_micros(frozen_at),

@@ -19,8 +19,13 @@ use drblk::site::secondary::{Secondary, SecondaryPaths};
 
 use crate::blkio_client::{BlkioClient, Op};
 
-/// Bytes the link has carried (extent frames with their headers).
+/// Bytes the link has sent in UDP datagrams (extent frames, their headers and QUIC's).
 fn wire_bytes(s: &PrimaryStatus) -> u64 {
+    s.link.as_ref().map_or(0, |l| l.udp_bytes)
+}
+
+/// Bytes of extent frames (messages with their headers) written to the link.
+fn frame_bytes(s: &PrimaryStatus) -> u64 {
     s.link.as_ref().map_or(0, |l| l.wire_bytes)
 }
 
@@ -138,7 +143,8 @@ pub fn run(args: DemoArgs) -> anyhow::Result<()> {
     let start = Instant::now();
     let deadline = start + Duration::from_secs(args.seconds);
     let mut next_status = start + Duration::from_secs(1);
-    let wire_at_start = wire_bytes(&server.status());
+    let at_start = server.status();
+    let (wire_at_start, frames_at_start) = (wire_bytes(&at_start), frame_bytes(&at_start));
     let (mut writes, mut last_writes, mut last_bytes, mut last_t) = (0u64, 0u64, 0u64, start);
     let mut last_wire = wire_at_start;
     println!(
@@ -222,6 +228,7 @@ pub fn run(args: DemoArgs) -> anyhow::Result<()> {
     })?;
     let s = server.status();
     let wire = wire_bytes(&s) - wire_at_start;
+    let frames = frame_bytes(&s) - frames_at_start;
     let rep = s.replication.unwrap_or_default();
     let written = writes * BLOCK as u64;
     println!(
@@ -233,11 +240,14 @@ pub fn run(args: DemoArgs) -> anyhow::Result<()> {
         s.cg.as_ref().map_or(f64::NAN, |c| c.freeze_us.max),
         s.cg.as_ref().map_or(0, |c| c.abandoned.total()),
     );
+    let mib = |b: u64| b as f64 / (1 << 20) as f64;
     println!(
-        "  the workload wrote {:.1} MiB; the link carried {:.1} MiB for it (x{:.2}, headers included)",
-        written as f64 / (1 << 20) as f64,
-        wire as f64 / (1 << 20) as f64,
+        "  the workload wrote {:.1} MiB; the link sent {:.1} MiB of UDP datagrams for it (x{:.2}: messages {:.1} MiB, x{:.2}, plus QUIC's headers and acknowledgements)",
+        mib(written),
+        mib(wire),
         wire as f64 / written.max(1) as f64,
+        mib(frames),
+        frames as f64 / written.max(1) as f64,
     );
     drop(client);
 

@@ -130,6 +130,11 @@ pub struct ClientStats {
     pub wire_bytes: u64,
     /// CGs acknowledged.
     pub commits_acked: u64,
+    /// Bytes sent in UDP datagrams (QUIC packets with their headers, acknowledgements and
+    /// retransmissions included; without the IP and UDP headers).
+    pub udp_tx_bytes: u64,
+    /// UDP datagrams sent.
+    pub udp_tx_datagrams: u64,
     /// Current QUIC round-trip estimate.
     pub rtt: Duration,
     /// QUIC packets lost so far (as detected by quinn).
@@ -284,8 +289,11 @@ impl LinkClient {
     /// Counters and QUIC path statistics.
     pub fn stats(&self) -> ClientStats {
         let c = &self.shared.counters;
-        let ps = self.shared.conn.stats().path;
+        let stats = self.shared.conn.stats();
+        let ps = stats.path;
         ClientStats {
+            udp_tx_bytes: stats.udp_tx.bytes,
+            udp_tx_datagrams: stats.udp_tx.datagrams,
             chunks_sent: c.chunks.load(Ordering::Relaxed),
             extents_sent: c.extents.load(Ordering::Relaxed),
             zero_chunks: c.zero.load(Ordering::Relaxed),

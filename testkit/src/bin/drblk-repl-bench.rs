@@ -144,8 +144,12 @@ fn last_committed(server: &Server) -> u64 {
         .map_or(0, |r| r.last_committed_cg)
 }
 
-fn wire_bytes(server: &Server) -> u64 {
-    server.status().link.map_or(0, |l| l.wire_bytes)
+/// (UDP datagram bytes, extent frame bytes) sent so far.
+fn wire_bytes(server: &Server) -> (u64, u64) {
+    server
+        .status()
+        .link
+        .map_or((0, 0), |l| (l.udp_bytes, l.wire_bytes))
 }
 
 /// Forms groups until one formed after now has committed (the secondary caught up).
@@ -246,6 +250,7 @@ fn workloads() -> Vec<Workload> {
 struct On {
     fig: Figures,
     amplification: f64,
+    frame_amplification: f64,
     rpo_p50_ms: f64,
     rpo_p99_ms: f64,
     primary_s_per_gb: f64,
@@ -301,12 +306,15 @@ fn measure_on(
         .join()
         .map_err(|_| anyhow::anyhow!("client panicked"))??;
     catch_up(server)?;
-    let wire = (wire_bytes(server) - wire0) as f64;
+    let (udp1, frames1) = wire_bytes(server);
+    let wire = (udp1 - wire0.0) as f64;
+    let frames = (frames1 - wire0.1) as f64;
     let gb = wire / 1e9;
     let primary = cpu_seconds(me) - cpu0 - fig.client_cpu_s;
     let rep = server.status().replication.unwrap_or_default();
     Ok(On {
         amplification: wire / fig.bytes_written.max(1) as f64,
+        frame_amplification: frames / fig.bytes_written.max(1) as f64,
         rpo_p50_ms: rpo.value_at_quantile(0.5) as f64 / 1000.0,
         rpo_p99_ms: rpo.value_at_quantile(0.99) as f64 / 1000.0,
         primary_s_per_gb: primary / gb.max(1e-9),
@@ -427,19 +435,19 @@ fn main() -> anyhow::Result<()> {
     }
     println!();
     println!(
-        "  {:<22} {:>5} | {:>8} {:>9} | {:>8} {:>9} {:>7} | {:>6} {:>8} | {:>8} {:>8} | {:>6} {:>6}",
-        "workload", "track", "off IOPS", "off p99", "on IOPS", "on p99", "on/off", "wire/w", "blk/ext", "RPO p50", "RPO p99", "pri", "sec"
+        "  {:<22} {:>5} | {:>8} {:>9} | {:>8} {:>9} {:>7} | {:>6} {:>6} {:>7} | {:>8} {:>8} | {:>6} {:>6}",
+        "workload", "track", "off IOPS", "off p99", "on IOPS", "on p99", "on/off", "wire/w", "msg/w", "blk/ext", "RPO p50", "RPO p99", "pri", "sec"
     );
     println!(
-        "  {:<22} {:>5} | {:>8} {:>9} | {:>8} {:>9} {:>7} | {:>6} {:>8} | {:>8} {:>8} | {:>6} {:>6}",
-        "", "", "", "µs", "", "µs", "", "", "", "ms", "ms", "s/GB", "s/GB"
+        "  {:<22} {:>5} | {:>8} {:>9} | {:>8} {:>9} {:>7} | {:>6} {:>6} {:>7} | {:>8} {:>8} | {:>6} {:>6}",
+        "", "", "", "µs", "", "µs", "", "", "", "", "ms", "ms", "s/GB", "s/GB"
     );
     for (k, w) in loads.iter().enumerate() {
         for (chunk, _, _, rows, _) in &results {
             let on = &rows[k];
             let f = &off[k];
             println!(
-                "  {:<22} {:>3}K | {:>8.0} {:>9.1} | {:>8.0} {:>9.1} {:>6.0}% | {:>6.2} {:>8.1} | {:>8.1} {:>8.1} | {:>6.1} {:>6.1}",
+                "  {:<22} {:>3}K | {:>8.0} {:>9.1} | {:>8.0} {:>9.1} {:>6.0}% | {:>6.2} {:>6.2} {:>7.1} | {:>8.1} {:>8.1} | {:>6.1} {:>6.1}",
                 w.name,
                 chunk >> 10,
                 f.iops,
@@ -448,6 +456,7 @@ fn main() -> anyhow::Result<()> {
                 on.fig.p99_us,
                 on.fig.iops / f.iops * 100.0,
                 on.amplification,
+                on.frame_amplification,
                 on.chunks as f64 / on.extents.max(1) as f64,
                 on.rpo_p50_ms,
                 on.rpo_p99_ms,
@@ -457,7 +466,7 @@ fn main() -> anyhow::Result<()> {
         }
     }
     println!();
-    println!("  wire/w: bytes on the link (frames, headers included) per byte the guest wrote; blk/ext: tracked blocks per extent message; pri/sec: CPU-seconds per GB on the wire (primary: this process minus the client's thread; secondary: its process)");
+    println!("  wire/w: UDP datagram bytes the primary sent (QUIC headers, acknowledgements, retransmissions included) per byte the guest wrote; msg/w: the same for the link's messages (extent frames with their headers); blk/ext: tracked blocks per extent message; pri/sec: CPU-seconds per GB on the wire (primary: this process minus the client's thread; secondary: its process)");
     for (chunk, _, _, _, freeze) in &results {
         if let Some(f) = freeze {
             println!(
