@@ -163,6 +163,12 @@ impl ChunkSink for Replicator {
         let r = self
             .client()?
             .send_extent(ext.cg, ext.first, ext.count, data);
+        // The byte counts are brought up to date at each commit, and during long drains
+        // every 1024 extents (reading them takes the connection's lock).
+        self.unaccounted += 1;
+        if self.unaccounted >= 1024 {
+            self.account();
+        }
         r.map_err(|e| self.lost(e))
     }
 

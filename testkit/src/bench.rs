@@ -159,6 +159,10 @@ pub fn run_cell(
     let bs = cell.rw.block_size();
     let client_cpu0 = this_thread_cpu_seconds();
     let mut c = BlkioClient::connect(socket, cell.queues, bs * cell.qd, false)?;
+    // Non-zero data: an all-zero write would travel as a zero marker when replicated.
+    for (i, b) in c.buf().iter_mut().enumerate() {
+        *b = (i as u64).wrapping_mul(0x9e37_79b9_7f4a_7c15).to_le_bytes()[7] | 1;
+    }
     let mut hist = Histogram::<u64>::new_with_bounds(1, 10_000_000_000, 3)?;
     let mut comps: Vec<MaybeUninit<Completion>> = (0..64).map(|_| MaybeUninit::uninit()).collect();
     let mut started = vec![Instant::now(); cell.qd];
