@@ -68,6 +68,8 @@ pub struct Journal {
     pub base_frozen: u64,
     /// Append offset (= logical length).
     pub len: u64,
+    /// Reused buffer: a small record's header and payload go out in one write.
+    scratch: Vec<u8>,
 }
 
 /// What a recovery scan found.
@@ -125,6 +127,7 @@ impl Journal {
             base_cg: 0,
             base_frozen: 0,
             len,
+            scratch: Vec::new(),
         })
     }
 
@@ -136,8 +139,17 @@ impl Journal {
     pub fn append(&mut self, h: Header, payload: &[u8]) -> Result<u64> {
         let off = self.len;
         let raw = h.encode(payload);
-        self.write_at(&raw, off)?;
-        if !payload.is_empty() {
+        if payload.len() <= 64 << 10 {
+            // One system call per small record (most extents are a few blocks).
+            let mut buf = std::mem::take(&mut self.scratch);
+            buf.clear();
+            buf.extend_from_slice(&raw);
+            buf.extend_from_slice(payload);
+            let r = self.write_at(&buf, off);
+            self.scratch = buf;
+            r?;
+        } else {
+            self.write_at(&raw, off)?;
             self.write_at(payload, off + HEADER_LEN as u64)?;
         }
         self.len = off + h.record_len();
@@ -237,6 +249,7 @@ impl Journal {
             base_cg: self.base_cg,
             base_frozen: self.base_frozen,
             len: 0,
+            scratch: Vec::new(),
         };
         newj.append(
             Header::new(

@@ -146,11 +146,25 @@ impl ReplicaSink for StoreSink {
         })
     }
 
-    fn commit(&self, cg: u64, frozen_at_unix_us: u64, _extent_count: u64) -> anyhow::Result<()> {
+    fn commit(&self, cg: u64, frozen_at_unix_us: u64, extent_count: u64) -> anyhow::Result<()> {
+        self.commit_then_finish(cg, frozen_at_unix_us, extent_count, &mut || {})
+    }
+
+    /// The group is acknowledged once its commit record is durable (recovery replays it
+    /// after any crash), then applied in place. Both happen under the store's lock, so no
+    /// extent of the next group is staged before this group is applied.
+    fn commit_then_finish(
+        &self,
+        cg: u64,
+        frozen_at_unix_us: u64,
+        _extent_count: u64,
+        acknowledge: &mut dyn FnMut(),
+    ) -> anyhow::Result<()> {
         self.with_store(|s| {
             match s.state() {
                 ReplicaState::Syncing { total_chunks, .. } => {
                     s.finish_sync(cg, frozen_at_unix_us)?;
+                    acknowledge();
                     tracing::info!(
                         cg,
                         chunks = total_chunks,
@@ -158,8 +172,12 @@ impl ReplicaSink for StoreSink {
                     );
                 }
                 _ => {
-                    s.commit(cg, frozen_at_unix_us)?;
-                    tracing::debug!(cg, "consistency group committed");
+                    let t = std::time::Instant::now();
+                    s.commit_durable(cg, frozen_at_unix_us)?;
+                    let durable = t.elapsed();
+                    acknowledge();
+                    s.apply_committed()?;
+                    tracing::debug!(cg, ?durable, applied = ?(t.elapsed() - durable), "consistency group committed");
                 }
             }
             if let Some(f) = &self.on_commit {

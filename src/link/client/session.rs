@@ -19,7 +19,14 @@ use crate::link::proto::{self, close_code, encode_frame, HelloAck, Message, Wire
 use crate::link::ratelimit::TokenBucket;
 use crate::link::LinkError;
 
-type Job = (Vec<u8>, OwnedSemaphorePermit);
+/// Frames for one data stream, written with one `write_all`, and the in-flight permits
+/// they hold.
+type Job = (Vec<u8>, Vec<OwnedSemaphorePermit>);
+
+/// Frames are gathered per stream up to this many bytes before they are handed to the
+/// stream's writer: one wake-up and one write for many small extents. A commit (and a send
+/// that has to wait for in-flight room) flushes every stream first.
+const BATCH_BYTES: usize = 256 << 10;
 
 #[derive(Default)]
 struct Pending {
@@ -45,6 +52,8 @@ pub(super) struct Shared {
     pub(super) endpoint: quinn::Endpoint,
     pub(super) ctrl: tokio::sync::Mutex<quinn::SendStream>,
     data: Vec<mpsc::Sender<Job>>,
+    /// Frames gathered per data stream, not yet handed to its writer.
+    gathered: Vec<tokio::sync::Mutex<Job>>,
     pub(super) inflight: Arc<Semaphore>,
     max_inflight: usize,
     bucket: Option<TokenBucket>,
@@ -94,6 +103,10 @@ impl Shared {
             conn,
             endpoint,
             ctrl: tokio::sync::Mutex::new(send),
+            gathered: txs
+                .iter()
+                .map(|_| tokio::sync::Mutex::new((Vec::new(), Vec::new())))
+                .collect(),
             data: txs,
             inflight: Arc::new(Semaphore::new(max_inflight)),
             max_inflight,
@@ -222,18 +235,38 @@ impl Shared {
             b.acquire(frame.len() as u64).await;
         }
         let n = frame.len().min(self.max_inflight) as u32;
-        let permit = self
-            .inflight
-            .clone()
-            .acquire_many_owned(n)
-            .await
-            .map_err(|_| self.lost_error())?;
-        // Every version of a chunk travels on the stream of its region, in order.
+        let permit = match self.inflight.clone().try_acquire_many_owned(n) {
+            Ok(p) => p,
+            Err(tokio::sync::TryAcquireError::Closed) => return Err(self.lost_error()),
+            Err(tokio::sync::TryAcquireError::NoPermits) => {
+                // Gathered frames hold permits: hand them over before waiting for room.
+                self.flush().await?;
+                self.inflight
+                    .clone()
+                    .acquire_many_owned(n)
+                    .await
+                    .map_err(|_| self.lost_error())?
+            }
+        };
+        // Every version of a chunk travels on the stream of its region, in order (frames
+        // of a stream are gathered and handed over in call order, under its lock).
         let stream = (geometry.region_of(first) % self.data.len() as u64) as usize;
-        self.data[stream]
-            .send((frame, permit))
-            .await
-            .map_err(|_| self.lost_error())?;
+        {
+            let mut batch = self.gathered[stream].lock().await;
+            if batch.0.is_empty() {
+                batch.0 = frame;
+            } else {
+                batch.0.extend_from_slice(&frame);
+            }
+            batch.1.push(permit);
+            if batch.0.len() >= BATCH_BYTES {
+                let job = std::mem::take(&mut *batch);
+                self.data[stream]
+                    .send(job)
+                    .await
+                    .map_err(|_| self.lost_error())?;
+            }
+        }
         *lock(&self.uncommitted).0.entry(cg).or_insert(0) += 1;
         self.counters.chunks.fetch_add(count, Ordering::Relaxed);
         self.counters.extents.fetch_add(1, Ordering::Relaxed);
@@ -241,8 +274,25 @@ impl Shared {
         Ok(())
     }
 
+    /// Hands every stream's gathered frames to its writer.
+    pub(super) async fn flush(&self) -> Result<(), LinkError> {
+        for (stream, gathered) in self.gathered.iter().enumerate() {
+            let mut batch = gathered.lock().await;
+            if !batch.0.is_empty() {
+                let job = std::mem::take(&mut *batch);
+                self.data[stream]
+                    .send(job)
+                    .await
+                    .map_err(|_| self.lost_error())?;
+            }
+        }
+        Ok(())
+    }
+
     pub(super) async fn commit(&self, cg: u64, frozen_at_unix_us: u64) -> Result<(), LinkError> {
         self.check_alive()?;
+        // The commit covers every extent sent before it: they must be on their way.
+        self.flush().await?;
         let (tx, rx) = oneshot::channel();
         let extent_count = {
             let mut u = lock(&self.uncommitted);
@@ -406,16 +456,16 @@ async fn data_writer(
     mut stream: quinn::SendStream,
     mut rx: mpsc::Receiver<Job>,
 ) {
-    while let Some((frame, permit)) = rx.recv().await {
-        if let Err(e) = stream.write_all(&frame).await {
+    while let Some((frames, permits)) = rx.recv().await {
+        if let Err(e) = stream.write_all(&frames).await {
             shared.mark_lost(format!("data stream: {e}"));
             return;
         }
         shared
             .counters
             .wire
-            .fetch_add(frame.len() as u64, Ordering::Relaxed);
-        drop(permit);
+            .fetch_add(frames.len() as u64, Ordering::Relaxed);
+        drop(permits);
     }
     let _ = stream.finish();
 }

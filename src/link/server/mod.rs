@@ -75,6 +75,24 @@ pub trait ReplicaSink: Send + Sync + 'static {
     /// `CommitFailed` and the connection is closed.
     fn commit(&self, cg: u64, frozen_at_unix_us: u64, extent_count: u64) -> anyhow::Result<()>;
 
+    /// [`commit`](Self::commit), calling `acknowledge` as soon as the group is durable,
+    /// then finishing whatever the group still needs (applying it in place) before it
+    /// returns; the link acknowledges the group to the primary when `acknowledge` is
+    /// called, so the primary's recovery point does not wait for that work. An error after
+    /// `acknowledge` closes the connection (the group stays durable). The default commits,
+    /// then acknowledges.
+    fn commit_then_finish(
+        &self,
+        cg: u64,
+        frozen_at_unix_us: u64,
+        extent_count: u64,
+        acknowledge: &mut dyn FnMut(),
+    ) -> anyhow::Result<()> {
+        self.commit(cg, frozen_at_unix_us, extent_count)?;
+        acknowledge();
+        Ok(())
+    }
+
     /// Current state and last committed CG, for `Status` reports.
     fn status(&self) -> (ReplicaState, Option<u64>);
 
@@ -95,6 +113,15 @@ impl<T: ReplicaSink> ReplicaSink for std::sync::Arc<T> {
     }
     fn commit(&self, cg: u64, frozen_at_unix_us: u64, extent_count: u64) -> anyhow::Result<()> {
         (**self).commit(cg, frozen_at_unix_us, extent_count)
+    }
+    fn commit_then_finish(
+        &self,
+        cg: u64,
+        frozen_at_unix_us: u64,
+        extent_count: u64,
+        acknowledge: &mut dyn FnMut(),
+    ) -> anyhow::Result<()> {
+        (**self).commit_then_finish(cg, frozen_at_unix_us, extent_count, acknowledge)
     }
     fn status(&self) -> (ReplicaState, Option<u64>) {
         (**self).status()

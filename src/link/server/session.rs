@@ -163,7 +163,7 @@ impl Session {
     }
 
     /// Waits until the extents a commit covers were all staged, then commits.
-    async fn on_commit(&self, cg: u64, frozen: u64, count: u64) -> Result<(), String> {
+    async fn on_commit(self: &Arc<Self>, cg: u64, frozen: u64, count: u64) -> Result<(), String> {
         let mut rx = self.progress.subscribe();
         loop {
             rx.borrow_and_update();
@@ -206,16 +206,45 @@ impl Session {
             c.0 = later;
             c.1 = Some(cg);
         }
+        // The sink acknowledges as soon as the group is durable (through `ack`, from its
+        // blocking thread), then may finish its work (apply the group in place) before it
+        // returns: the primary's RPO does not wait for that work.
         let sink = self.srv.sink.clone();
-        let res = tokio::task::spawn_blocking(move || sink.commit(cg, frozen, count))
-            .await
-            .map_err(|e| anyhow::anyhow!("sink commit panicked: {e}"))
-            .and_then(|r| r);
+        let (session, handle) = (Arc::clone(self), tokio::runtime::Handle::current());
+        let acked = Arc::new(std::sync::atomic::AtomicBool::new(false));
+        let acked2 = Arc::clone(&acked);
+        let res = tokio::task::spawn_blocking(move || {
+            sink.commit_then_finish(cg, frozen, count, &mut || {
+                if !acked2.swap(true, Ordering::SeqCst) {
+                    session.srv.counters.commits.fetch_add(1, Ordering::Relaxed);
+                    tracing::debug!(cg, count, "CG committed");
+                    // A lost link shows up in the next frame; the group is durable anyway.
+                    let _ = handle.block_on(session.send_ctrl(&Message::CommitAck { cg }));
+                }
+            })
+        })
+        .await
+        .map_err(|e| anyhow::anyhow!("sink commit panicked: {e}"))
+        .and_then(|r| r);
+        let acked = acked.load(Ordering::SeqCst);
         match res {
+            Ok(()) if acked => Ok(()),
             Ok(()) => {
                 self.srv.counters.commits.fetch_add(1, Ordering::Relaxed);
                 tracing::debug!(cg, count, "CG committed");
                 self.send_ctrl(&Message::CommitAck { cg }).await
+            }
+            Err(e) if acked => {
+                // Durable and acknowledged, but finishing it failed: the sink recovers it
+                // when it is opened again. Close so that the primary reconnects.
+                let reason = proto::clip(&format!("{e:#}"));
+                tracing::error!(
+                    cg,
+                    "sink failed after committing CG {cg}: {reason}; closing"
+                );
+                self.conn
+                    .close(close_code::SINK_ERROR.into(), reason.as_bytes());
+                Ok(())
             }
             Err(e) => {
                 let reason = proto::clip(&format!("{e:#}"));

@@ -178,7 +178,7 @@ impl SecondaryProcess {
         let addr = UdpSocket::bind("127.0.0.1:0")?.local_addr()?;
         let mut cmd = if pin {
             let mut c = Command::new("taskset");
-            c.args(["-c", "0"]).arg(drblk);
+            c.args(["-c", "1"]).arg(drblk);
             c
         } else {
             Command::new(drblk)
@@ -191,7 +191,10 @@ impl SecondaryProcess {
             .arg(dir.join("replica.img"))
             .arg("--certs")
             .arg(certs)
-            .env("RUST_LOG", "warn")
+            .env(
+                "RUST_LOG",
+                std::env::var("DRBLK_BENCH_SECONDARY_LOG").unwrap_or_else(|_| "warn".into()),
+            )
             .stdout(Stdio::null())
             .stderr(Stdio::inherit())
             .spawn()?;
