@@ -396,23 +396,33 @@ fn mismatches_are_rejected() {
     let sink = MemSink::new(DISK);
     let srv = start_server(dir.path(), sink.clone());
     let addr = srv.local_addr().unwrap();
-    // Version mismatch, via a hand-made Hello of a future version.
+    // Version mismatch, via hand-made Hellos of the previous version (a peer not yet
+    // upgraded: chunk-granular, v2) and of a future one.
     let id = SiteIdentity::load(dir.path(), "primary").unwrap();
-    let raw = raw_connect(&id, addr, true);
-    let (ans, closed) = raw.exchange(hello_frame(PROTOCOL_VERSION + 1, DISK));
-    let ans = ans.expect("a Reject frame");
-    match proto::decode_payload(&ans).unwrap() {
-        Message::Reject(RejectReason::VersionMismatch { ours, theirs }) => {
-            assert_eq!((ours, theirs), (PROTOCOL_VERSION, PROTOCOL_VERSION + 1))
+    for theirs in [PROTOCOL_VERSION - 1, PROTOCOL_VERSION + 1] {
+        let raw = raw_connect(&id, addr, true);
+        let (ans, closed) = raw.exchange(hello_frame(theirs, DISK));
+        let ans = ans.expect("a Reject frame");
+        match proto::decode_payload(&ans).unwrap() {
+            Message::Reject(r @ RejectReason::VersionMismatch { .. }) => {
+                assert_eq!(
+                    r,
+                    RejectReason::VersionMismatch {
+                        ours: PROTOCOL_VERSION,
+                        theirs
+                    }
+                );
+                assert!(r.to_string().contains(&format!("primary v{theirs}")), "{r}");
+            }
+            m => panic!("unexpected {m:?}"),
         }
-        m => panic!("unexpected {m:?}"),
+        assert!(matches!(
+            closed,
+            Some(quinn::ConnectionError::ApplicationClosed(_))
+        ));
+        assert_eq!(sink.st().hellos, 0, "version is checked before the sink");
+        drop(raw);
     }
-    assert!(matches!(
-        closed,
-        Some(quinn::ConnectionError::ApplicationClosed(_))
-    ));
-    assert_eq!(sink.st().hellos, 0, "version is checked before the sink");
-    drop(raw);
     // UUID, size and chunk size mismatches through the real client.
     for (disk, needle) in [
         (
