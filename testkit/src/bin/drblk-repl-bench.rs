@@ -424,7 +424,7 @@ fn main() -> anyhow::Result<()> {
         if args.spread {
             "primary and secondary unpinned"
         } else {
-            "primary (queue workers, drain, link) and the secondary process on CPU 0"
+            "primary (queue workers, drain, link) on CPU 0; the secondary process on CPU 1 with the client"
         }
     );
     println!("  QUIC loopback ceiling (this binary, 1 MiB extents, discarding sink): {ceiling:>8.1} MB/s");
