@@ -453,7 +453,11 @@ fn mismatches_are_rejected() {
             "{e}"
         );
     }
-    assert_eq!(srv.stats().rejected, 5, "two versions, uuid, size, chunk size");
+    assert_eq!(
+        srv.stats().rejected,
+        5,
+        "two versions, uuid, size, chunk size"
+    );
     // The server still serves a correct primary.
     assert!(LinkClient::connect(client_cfg(dir.path(), addr, DISK)).is_ok());
     srv.shutdown();
