@@ -6,17 +6,18 @@
 //! version checked by the link, the leaf certificate must be valid for the site name the
 //! primary claims, the server must not already serve a primary (`Busy`), and
 //! [`ReplicaSink::hello`] decides on disk identity and geometry. After `HelloAck` the data
-//! streams are read (one task per stream, one frame at a time; each chunk is validated and
-//! handed to [`ReplicaSink::chunk`]), and commits are processed in order by one task that
+//! streams are read (one task per stream, one frame at a time; each extent is validated and
+//! handed to [`ReplicaSink::extent`]), and commits are processed in order by one task that
 //! first waits until all extents the commit covers were handed to the sink, then calls
-//! [`ReplicaSink::commit`] and only then sends `CommitAck`.
+//! [`ReplicaSink::commit_then_finish`] and sends `CommitAck` when the sink says the group is
+//! durable (it may go on applying it after that).
 //!
 //! Any malformed frame or protocol violation closes the connection with a log line; the
 //! server keeps accepting the next connection. Sink methods are called from runtime
 //! threads via `block_in_place`/`spawn_blocking`, so they may block on disk I/O.
 //!
 //! Files: `accept.rs` accepts and handshakes connections and refuses peers; `session.rs`
-//! runs an accepted connection (data streams, chunk validation, commits); this file holds
+//! runs an accepted connection (data streams, extent validation, commits); this file holds
 //! the sink interface, the configuration and the [`LinkServer`] owning the runtime.
 
 mod accept;
