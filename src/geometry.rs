@@ -121,6 +121,13 @@ impl Geometry {
         Some((end - self.chunk_offset(first)) as usize)
     }
 
+    /// Bytes of the largest extent of this disk (an extent region, or the whole disk if it is
+    /// smaller): what one extent message or journal record can carry.
+    pub fn max_extent_len(&self) -> usize {
+        self.extent_len(0, self.extent_chunks().min(self.chunks()))
+            .unwrap_or(0)
+    }
+
     /// The chunks `first..=last` that bytes `[offset, offset + len)` touch (`len > 0`).
     pub fn chunks_of(&self, offset: u64, len: u64) -> (u64, u64) {
         (
@@ -156,6 +163,8 @@ mod tests {
         assert_eq!(g.extent_len(0, 256), Some(1 << 20));
         assert_eq!(g.extent_len(255, 2), None, "crosses a region boundary");
         assert_eq!(g.extent_len(256, 256), Some(1 << 20));
+        assert_eq!(g.max_extent_len(), 1 << 20);
+        assert_eq!(Geometry::new(10, 4096).unwrap().max_extent_len(), 10);
         let g = Geometry::new(64 << 20, 16 << 20).unwrap();
         assert_eq!(g.extent_chunks(), 1);
         assert_eq!(g.extent_len(1, 1), Some(16 << 20));

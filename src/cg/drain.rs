@@ -251,8 +251,7 @@ impl Engine {
 
     /// Bytes of the largest extent (the size of the drain's buffer).
     pub fn max_extent_len(&self) -> usize {
-        let per = self.geometry.extent_chunks().min(self.chunks);
-        self.geometry.extent_len(0, per).unwrap_or(0)
+        self.geometry.max_extent_len()
     }
 
     /// Convenience for tests and simple consumers: [`Engine::next_extent`] into a fresh
@@ -271,6 +270,11 @@ impl Engine {
     pub fn confirm(&self, cg: u64, first: u64, count: u64) {
         let end = first.saturating_add(count);
         let mut c = lock(&self.central);
+        // The drain confirms each extent whole: no allocation on that path.
+        if let Some(k) = c.outstanding.iter().position(|&o| o == (first, count, cg)) {
+            c.outstanding.swap_remove(k);
+            return;
+        }
         let mut kept = Vec::with_capacity(c.outstanding.len());
         for &(f, n, g) in &c.outstanding {
             if g != cg || f + n <= first || end <= f {

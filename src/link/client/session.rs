@@ -80,8 +80,11 @@ impl Shared {
             data: streams,
             ack,
         } = link;
-        let max_frame = max_extent_bytes(cfg.disk.chunk_size)
-            + proto::EXTENT_HEADER_MAX
+        // A disk the handshake accepted has a geometry; the bound without one is generous.
+        let max_frame = cfg.disk.geometry().map_or(
+            crate::geometry::MAX_EXTENT_BYTES.max(u64::from(cfg.disk.chunk_size)) as usize,
+            |g| g.max_extent_len(),
+        ) + proto::EXTENT_HEADER_MAX
             + proto::FRAME_OVERHEAD;
         let max_inflight = cfg
             .max_inflight_bytes
@@ -468,9 +471,4 @@ async fn data_writer(
         drop(permits);
     }
     let _ = stream.finish();
-}
-
-/// Bytes of the largest extent for chunks of `chunk_size` bytes.
-pub(super) fn max_extent_bytes(chunk_size: u32) -> usize {
-    crate::geometry::MAX_EXTENT_BYTES.max(u64::from(chunk_size)) as usize
 }

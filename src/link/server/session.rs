@@ -266,11 +266,7 @@ impl Session {
 }
 
 async fn data_reader(s: Arc<Session>, mut recv: quinn::RecvStream) {
-    let limit = s.geometry.map_or(0, |g| {
-        g.extent_len(0, g.extent_chunks().min(g.chunks()))
-            .unwrap_or(0)
-            .max(g.chunk_size() as usize)
-    }) + proto::EXTENT_HEADER_MAX;
+    let limit = s.geometry.map_or(0, |g| g.max_extent_len()) + proto::EXTENT_HEADER_MAX;
     let mut buf = Vec::new();
     let mut scratch = Vec::new();
     loop {
