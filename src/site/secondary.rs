@@ -150,9 +150,9 @@ impl ReplicaSink for StoreSink {
         self.commit_then_finish(cg, frozen_at_unix_us, extent_count, &mut || {})
     }
 
-    /// The group is acknowledged once its commit record is durable (recovery replays it
-    /// after any crash), then applied in place. Both happen under the store's lock, so no
-    /// extent of the next group is staged before this group is applied.
+    /// The group is made durable (recovery replays it after any crash), applied in place,
+    /// then acknowledged. All under the store's lock, so no extent of the next group is
+    /// staged before this group is applied.
     fn commit_then_finish(
         &self,
         cg: u64,
@@ -175,8 +175,13 @@ impl ReplicaSink for StoreSink {
                     let t = std::time::Instant::now();
                     s.commit_durable(cg, frozen_at_unix_us)?;
                     let durable = t.elapsed();
-                    acknowledge();
+                    // Acknowledged once applied: a primary that drained (or a test, or the
+                    // demo) may read the replica image right after the acknowledgement.
+                    // Acknowledging at `durable` would cut the RPO but break that promise;
+                    // it needs the background apply (branch `background-apply`) and a
+                    // status that says what the image holds.
                     s.apply_committed()?;
+                    acknowledge();
                     tracing::debug!(cg, ?durable, applied = ?(t.elapsed() - durable), "consistency group committed");
                 }
             }
