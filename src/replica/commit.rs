@@ -73,8 +73,7 @@ impl ReplicaStore {
         self.check_cycles("discard_uncommitted")?;
         self.guard(|s| {
             s.clear_staged();
-            let (cg, frozen) = (s.st.last_committed_cg, s.st.frozen_at_unix_us);
-            s.journal.reset(cg, frozen, &s.fault)
+            s.checkpoint()
         })
     }
 
@@ -84,8 +83,7 @@ impl ReplicaStore {
         self.check_cycles("promote")?;
         self.guard(|s| {
             s.clear_staged();
-            let (cg, frozen) = (s.st.last_committed_cg, s.st.frozen_at_unix_us);
-            s.journal.reset(cg, frozen, &s.fault)?;
+            s.checkpoint()?;
             s.st.mode = Mode::Promoted;
             s.write_state()
         })

@@ -37,8 +37,17 @@ fn dirs() -> Dirs {
     }
 }
 
+/// Open with a checkpoint after every CG: these tests follow each step of a commit (every
+/// crash point is reached, the journal is reset). Deferred checkpoints are exercised by
+/// `open_with` (the property test, the kill -9 rounds, `checkpoint_tests.rs`).
 fn open(d: &Dirs) -> Result<(ReplicaStore, RecoveryReport)> {
-    ReplicaStore::open(&d.image, &d.state, DISK, CHUNK, UUID)
+    open_with(d, CheckpointPolicy::EVERY_CG)
+}
+
+fn open_with(d: &Dirs, policy: CheckpointPolicy) -> Result<(ReplicaStore, RecoveryReport)> {
+    let (mut s, rep) = ReplicaStore::open(&d.image, &d.state, DISK, CHUNK, UUID)?;
+    s.set_checkpoint_policy(policy);
+    Ok((s, rep))
 }
 
 fn journal_path(d: &Dirs) -> PathBuf {
@@ -733,11 +742,16 @@ fn check(
     Ok(())
 }
 
-fn run_steps(steps: Vec<Step>, compact: bool) -> std::result::Result<(), TestCaseError> {
+fn run_steps(
+    steps: Vec<Step>,
+    compact: bool,
+    policy: CheckpointPolicy,
+) -> std::result::Result<(), TestCaseError> {
     let d = dirs();
     let (mut s, mut m) = synced(&d);
     let min_dead = if compact { 0 } else { 64 << 20 };
     s.set_compact_min_dead_bytes(min_dead);
+    s.set_checkpoint_policy(policy);
     for (n, st) in steps.into_iter().enumerate() {
         let cg = n as u64 + 2;
         if let Some(p) = st.crash {
@@ -781,7 +795,8 @@ fn run_steps(steps: Vec<Step>, compact: bool) -> std::result::Result<(), TestCas
         if crashed.is_some() {
             drop(s);
             m.staged.clear();
-            let (s2, _) = open(&d).map_err(|e| TestCaseError::fail(format!("reopen: {e}")))?;
+            let (s2, _) =
+                open_with(&d, policy).map_err(|e| TestCaseError::fail(format!("reopen: {e}")))?;
             s = s2;
             s.set_compact_min_dead_bytes(min_dead);
         } else {
@@ -801,7 +816,18 @@ proptest! {
     fn random_extents_with_crashes(
         steps in proptest::collection::vec(step(), 1..10),
         compact in any::<bool>(),
+        checkpoint_at in prop_oneof![Just(0u64), 1u64..40_000, Just(u64::MAX)],
     ) {
-        run_steps(steps, compact)?;
+        // 0: a checkpoint after every CG; otherwise only once the journal is that long
+        // (u64::MAX: never, so link losses and compactions checkpoint first).
+        let policy = CheckpointPolicy {
+            max_journal_bytes: checkpoint_at,
+            max_interval: if checkpoint_at == 0 {
+                std::time::Duration::ZERO
+            } else {
+                std::time::Duration::from_secs(3600)
+            },
+        };
+        run_steps(steps, compact, policy)?;
     }
 }

@@ -29,11 +29,11 @@ pub enum CrashPoint {
     /// `commit`: the first `k` runs of staged chunks (in apply order; a run is one image
     /// write of consecutive chunks from one record) were written to the image.
     MidApply(u64),
-    /// `commit`: all chunks written to the image, image not yet fsynced.
+    /// Checkpoint: all committed chunks written to the image, image not yet fsynced.
     BeforeImageSync,
     /// `commit`/`finish_sync`: the temporary state file was written and fsynced, not renamed.
     MidStateWrite,
-    /// `commit`: state file says the new CG; journal not yet reset.
+    /// Checkpoint: state file says the last committed CG; journal not yet reset.
     BeforeJournalReset,
     /// journal reset: truncated to zero, new checkpoint record not yet written.
     MidJournalReset,

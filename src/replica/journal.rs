@@ -64,6 +64,9 @@ pub struct Journal {
     dir: PathBuf,
     file: File,
     pub gen: u64,
+    /// The CG the image durably holds: the checkpoint record's, or a newer one once
+    /// `sync_image_and_state` made the image hold it without resetting the journal (a
+    /// compaction's new journal then starts from it).
     pub base_cg: u64,
     pub base_frozen: u64,
     /// Append offset (= logical length).

@@ -21,14 +21,23 @@
 //!    fdatasyncs again — **the CG is now durable; acknowledge the primary**
 //!    ([`ReplicaStore::commit_durable`] stops here);
 //! 3. applies the staged chunks in place (each record read and re-verified once, its live
-//!    chunks written as runs of consecutive chunks, one write or hole punch per run),
-//!    fsyncs the image, writes `state.json` (consistent at `cg`), and resets the journal to
-//!    a single checkpoint record (truncate + write + fdatasync)
-//!    ([`ReplicaStore::apply_committed`]).
+//!    chunks written as runs of consecutive chunks, one write or hole punch per run) — into
+//!    the page cache only: readers see the CG at once, and the journal's commit record keeps
+//!    it durable ([`ReplicaStore::apply_committed`]);
+//! 4. at a *checkpoint* (the journal past [`CheckpointPolicy::max_journal_bytes`], default
+//!    256 MiB, or [`CheckpointPolicy::max_interval`], default 10 s, since the last one; and
+//!    before anything resets or compacts the journal) fsyncs the image, writes `state.json`
+//!    (consistent at the last committed CG), and resets the journal to a single checkpoint
+//!    record (truncate + write + fdatasync). A background thread (`flush.rs`) writes the
+//!    image back between checkpoints, so a checkpoint's fsync finds little to do.
+//!    With [`CheckpointPolicy::EVERY_CG`] every apply checkpoints.
 //!
 //! # Bound on staging disk use
-//! The journal only ever holds uncommitted data (it is reset at every commit), and the
-//! in-memory index keeps one live version per chunk. A live chunk counts its payload plus
+//! Besides the uncommitted data, the journal holds the committed CGs since the last
+//! checkpoint: at most `max_journal_bytes` plus one CG (a checkpoint follows the apply that
+//! passes it). The bound below is for the uncommitted part; committed records count as dead
+//! (a compaction checkpoints first, then drops them). The in-memory index keeps one live
+//! version per chunk. A live chunk counts its payload plus
 //! its share of its record's header (48 bytes divided by the record's chunk count, rounded
 //! up: never more than 48); everything else — superseded records and the superseded chunks
 //! of partly live extent records — is dead. When `dead > live` and
@@ -43,7 +52,7 @@
 //!
 //! # Recovery (on `open`)
 //! State `consistent`: the journal is scanned from its checkpoint record, verifying every
-//! record. Extent records are expanded into per-chunk versions with the staging rule.
+//! record (it may hold several committed CGs: those applied since the last checkpoint). Extent records are expanded into per-chunk versions with the staging rule.
 //! Every complete commit record makes its CG's chunks (the newest version per chunk
 //! up to that record) applied again — idempotently, so a crash mid-apply is repaired; the
 //! image is fsynced and `state.json` advanced. Records after the last commit (a partial or
@@ -63,9 +72,14 @@
 //! | `AfterStage`, `MidCompaction` | previous CG; staged data dropped |
 //! | `BeforeCommitRecord`, `TornCommitRecord` | previous CG (torn record = end of journal) |
 //! | `AfterCommitRecordWrite` | this CG (process crash: the bytes are in the page cache; on power loss it could be either) |
-//! | `AfterCommitDurable`, `MidApply(k)`, `BeforeImageSync` | this CG, re-applied from the journal |
+//! | `AfterCommitDurable`, `MidApply(k)`, `BeforeImageSync` | this CG, re-applied from the journal (with every CG since the last checkpoint) |
 //! | `MidStateWrite` | this CG (from the journal; the stale `state.json.tmp` is removed) |
 //! | `BeforeJournalReset`, `MidJournalReset` | this CG (state says so; replay is idempotent) |
+//! | a crash between checkpoints | the last committed CG, re-applied from the journal |
+//!
+//! `BeforeImageSync`, `MidStateWrite` and `BeforeJournalReset` are steps of a checkpoint:
+//! inside `commit` only when it checkpoints, and also inside a link loss's discard, a
+//! promotion or a compaction (which checkpoint first).
 //! | `AfterSyncChunk`, `BeforeFinishSyncState` | still syncing (done count restarts at 0) |
 //!
 //! `MidApply(k)` counts runs (one image write each), not chunks.
@@ -83,15 +97,19 @@
 //! One file per phase, in the order a group travels: `open.rs` (open, crash recovery,
 //! `reset_to_syncing`, the state directory helpers), `sync.rs` (initial sync), `stage.rs`
 //! (staging), `commit.rs` (commit record, discard, promote), `apply.rs` (applying a
-//! committed CG to the image). The files on disk are handled by `journal.rs` (record
+//! committed CG to the image, checkpoints), `flush.rs` (background write-back of the
+//! image). The files on disk are handled by `journal.rs` (record
 //! format in `format.rs`) and `state.rs`; the crash points live in `fault.rs`.
 
 mod apply;
+#[cfg(test)]
+mod checkpoint_tests;
 mod commit;
 mod error;
 #[cfg(test)]
 mod extent_tests;
 mod fault;
+mod flush;
 mod format;
 pub mod identity;
 mod journal;
@@ -106,6 +124,7 @@ use std::collections::HashMap;
 use std::fs::File;
 use std::path::{Path, PathBuf};
 
+pub use apply::CheckpointPolicy;
 pub use error::{Error, Result};
 pub use fault::{CrashMode, CrashPoint};
 pub use open::{default_state_dir, stored_identity};
@@ -231,6 +250,10 @@ pub struct ReplicaStore {
     pending_apply: Option<(u64, u64)>,
     sync_done: Vec<u64>,
     sync_done_count: u64,
+    checkpoint_policy: CheckpointPolicy,
+    last_checkpoint: std::time::Instant,
+    /// Background writeback of the image (None if its thread could not start).
+    flusher: Option<flush::ImageFlusher>,
     fault: Fault,
     poisoned: bool,
     _lock: File,
@@ -296,6 +319,12 @@ impl ReplicaStore {
     /// Minimum dead bytes before the journal is compacted (default 64 MiB).
     pub fn set_compact_min_dead_bytes(&mut self, bytes: u64) {
         self.compact_min_dead = bytes;
+    }
+
+    /// When applied CGs are checkpointed into the image (default
+    /// [`CheckpointPolicy::default`]).
+    pub fn set_checkpoint_policy(&mut self, policy: CheckpointPolicy) {
+        self.checkpoint_policy = policy;
     }
 
     /// Arm (or disarm with `None`) a crash point. Test hook; see [`CrashPoint`].

@@ -7,9 +7,10 @@ use std::io::{Seek, SeekFrom};
 use std::path::{Path, PathBuf};
 
 use super::fault::Fault;
+use super::flush::ImageFlusher;
 use super::journal::{Geometry, Journal, JOURNAL_FILE, JOURNAL_NEW};
 use super::state::{self, Mode, StateFile, STATE_FORMAT, STATE_TMP};
-use super::{error, Error, RecoveryReport, ReplicaStore, Result, StoredIdentity};
+use super::{error, CheckpointPolicy, Error, RecoveryReport, ReplicaStore, Result, StoredIdentity};
 
 fn lock_dir(dir: &Path) -> Result<File> {
     let p = dir.join("lock");
@@ -150,9 +151,20 @@ impl ReplicaStore {
             pending_apply: None,
             sync_done: vec![0; geo.chunks().div_ceil(64) as usize],
             sync_done_count: 0,
+            checkpoint_policy: CheckpointPolicy::default(),
+            last_checkpoint: std::time::Instant::now(),
+            flusher: None,
             fault: Fault::from_env(),
             poisoned: false,
             _lock: lock,
+        };
+        store.flusher = match ImageFlusher::start(&store.image, disk_size, image) {
+            Ok(f) => Some(f),
+            Err(e) => {
+                // Only slower: each checkpoint then writes back everything applied since.
+                tracing::warn!(image = %image.display(), error = %e, "no background writeback of the replica image");
+                None
+            }
         };
         report.journal_bytes = store.journal.len;
         if report.created {

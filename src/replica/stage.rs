@@ -85,6 +85,9 @@ impl ReplicaStore {
             let dead = (s.journal.len - format::HEADER_LEN as u64).saturating_sub(s.live_bytes);
             if dead > s.live_bytes && dead >= s.compact_min_dead {
                 tracing::debug!(dead, live = s.live_bytes, "compacting staging journal");
+                // Compaction keeps only staged chunks: committed records must first be
+                // in the image durably.
+                s.sync_image_and_state()?;
                 s.journal.compact(&mut s.staged, s.geo, &s.fault)?;
                 s.live_bytes = s.staged.values().map(|e| e.live_bytes(cs)).sum();
             }

@@ -78,6 +78,7 @@ impl ReplicaStore {
             s.image
                 .sync_all()
                 .map_err(error::io("fsync", &s.image_path))?;
+            s.drop_image_cache();
             s.fault.hit(CrashPoint::BeforeFinishSyncState)?;
             s.st.mode = Mode::Consistent;
             s.st.last_committed_cg = cg;

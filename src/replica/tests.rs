@@ -12,18 +12,18 @@ use super::format::{Header, RecordType, HEADER_LEN};
 use super::*;
 
 const CHUNK: u64 = 1024;
-const NCHUNKS: u64 = 13;
+pub(super) const NCHUNKS: u64 = 13;
 /// Last chunk is short (300 bytes).
 const DISK: u64 = 12 * CHUNK + 300;
 const UUID: [u8; 16] = *b"0123456789abcdef";
 
-struct Dirs {
+pub(super) struct Dirs {
     _tmp: tempfile::TempDir,
     image: PathBuf,
-    state: PathBuf,
+    pub(super) state: PathBuf,
 }
 
-fn dirs() -> Dirs {
+pub(super) fn dirs() -> Dirs {
     let tmp = tempfile::tempdir().unwrap();
     Dirs {
         image: tmp.path().join("image.raw"),
@@ -32,8 +32,20 @@ fn dirs() -> Dirs {
     }
 }
 
-fn open(d: &Dirs) -> Result<(ReplicaStore, RecoveryReport)> {
-    ReplicaStore::open(&d.image, &d.state, DISK, CHUNK, UUID)
+/// Open with a checkpoint after every CG: these tests follow each step of a commit (every
+/// crash point is reached, the journal is reset). Deferred checkpoints are exercised by
+/// `open_with` (the property test, the kill -9 rounds, `checkpoint_tests.rs`).
+pub(super) fn open(d: &Dirs) -> Result<(ReplicaStore, RecoveryReport)> {
+    open_with(d, CheckpointPolicy::EVERY_CG)
+}
+
+pub(super) fn open_with(
+    d: &Dirs,
+    policy: CheckpointPolicy,
+) -> Result<(ReplicaStore, RecoveryReport)> {
+    let (mut s, rep) = ReplicaStore::open(&d.image, &d.state, DISK, CHUNK, UUID)?;
+    s.set_checkpoint_policy(policy);
+    Ok((s, rep))
 }
 
 fn chunk_len(i: u64) -> usize {
@@ -41,28 +53,28 @@ fn chunk_len(i: u64) -> usize {
 }
 
 /// Deterministic chunk content; `seed == 0` gives zeros.
-fn content(seed: u64, i: u64) -> Vec<u8> {
+pub(super) fn content(seed: u64, i: u64) -> Vec<u8> {
     if seed == 0 {
         return vec![0; chunk_len(i)];
     }
     drblk_testkit::rng::pattern(seed << 24 ^ i, chunk_len(i))
 }
 
-fn read_image(d: &Dirs) -> Vec<u8> {
+pub(super) fn read_image(d: &Dirs) -> Vec<u8> {
     let mut v = fs::read(&d.image).unwrap();
     v.truncate(DISK as usize);
     v
 }
 
 /// The store's image as a flat vector from per-chunk seeds.
-fn image_of(seeds: &[u64]) -> Vec<u8> {
+pub(super) fn image_of(seeds: &[u64]) -> Vec<u8> {
     (0..NCHUNKS)
         .flat_map(|i| content(seeds[i as usize], i))
         .collect()
 }
 
 /// Fresh replica, fully synced as CG 1 with content seeds `1000 + i`.
-fn synced(d: &Dirs) -> (ReplicaStore, Vec<u64>) {
+pub(super) fn synced(d: &Dirs) -> (ReplicaStore, Vec<u64>) {
     let (mut s, rep) = open(d).unwrap();
     assert!(rep.created);
     assert_eq!(
@@ -102,7 +114,7 @@ fn synced(d: &Dirs) -> (ReplicaStore, Vec<u64>) {
     (s, seeds)
 }
 
-fn journal_path(d: &Dirs) -> PathBuf {
+pub(super) fn journal_path(d: &Dirs) -> PathBuf {
     d.state.join("journal")
 }
 
@@ -118,11 +130,11 @@ fn flip_byte(p: &Path, off: u64) {
     f.write_all_at(&b, off).unwrap();
 }
 
-fn crash(s: &mut ReplicaStore, p: CrashPoint) {
+pub(super) fn crash(s: &mut ReplicaStore, p: CrashPoint) {
     s.set_crash_point(Some((p, CrashMode::ReturnError)));
 }
 
-fn is_crash<T: std::fmt::Debug>(r: Result<T>, p: CrashPoint) {
+pub(super) fn is_crash<T: std::fmt::Debug>(r: Result<T>, p: CrashPoint) {
     match r {
         Err(Error::InjectedCrash(q)) if q == p => {}
         other => panic!("expected injected crash at {p:?}, got {other:?}"),
@@ -130,7 +142,7 @@ fn is_crash<T: std::fmt::Debug>(r: Result<T>, p: CrashPoint) {
 }
 
 /// Stage CG `cg` writing `writes` (index, seed) and update `seeds` for the expected image.
-fn stage(s: &mut ReplicaStore, cg: u64, writes: &[(u64, u64)]) {
+pub(super) fn stage(s: &mut ReplicaStore, cg: u64, writes: &[(u64, u64)]) {
     for &(i, seed) in writes {
         let r = if seed == 0 {
             s.stage_chunk(cg, i, ChunkData::Zero)
@@ -141,7 +153,7 @@ fn stage(s: &mut ReplicaStore, cg: u64, writes: &[(u64, u64)]) {
     }
 }
 
-fn apply_to(seeds: &mut [u64], writes: &[(u64, u64)]) {
+pub(super) fn apply_to(seeds: &mut [u64], writes: &[(u64, u64)]) {
     for &(i, seed) in writes {
         seeds[i as usize] = seed;
     }
@@ -818,7 +830,12 @@ fn child_process_writer() {
         image: Path::new(&dir).join("image.raw"),
         state: Path::new(&dir).join("state"),
     };
-    let (mut s, _) = open(&d).unwrap();
+    // Deferred checkpoints unless a crash point inside the checkpoint must be reached.
+    let policy = match std::env::var(CHILD_CHECKPOINT_ENV).as_deref() {
+        Ok("every") => CheckpointPolicy::EVERY_CG,
+        _ => CheckpointPolicy::default(),
+    };
+    let (mut s, _) = open_with(&d, policy).unwrap();
     if s.last_committed_cg().is_none() {
         s.begin_sync(NCHUNKS).unwrap();
         for i in 0..NCHUNKS {
@@ -844,6 +861,8 @@ fn child_process_writer() {
     }
 }
 
+const CHILD_CHECKPOINT_ENV: &str = "DRBLK_TEST_CHILD_CHECKPOINT";
+
 fn spawn_child(dir: &Path, crash_at: Option<&str>) -> std::process::Child {
     let mut c = std::process::Command::new(std::env::current_exe().unwrap());
     c.args([
@@ -857,6 +876,7 @@ fn spawn_child(dir: &Path, crash_at: Option<&str>) -> std::process::Child {
     .stderr(std::process::Stdio::null());
     if let Some(p) = crash_at {
         c.env("DRBLK_SECONDARY_CRASH_AT", p);
+        c.env(CHILD_CHECKPOINT_ENV, "every");
     }
     c.spawn().unwrap()
 }

@@ -45,6 +45,34 @@ pub fn punch_hole(f: &File, offset: u64, len: u64) -> io::Result<()> {
     )
 }
 
+/// Writes back the dirty pages of `[offset, offset + len)` of `f` and waits for them
+/// (`sync_file_range`: no metadata, no device cache flush — not a durability point).
+pub fn write_back_range(f: &File, offset: u64, len: u64) -> io::Result<()> {
+    let (off, n) = (
+        libc::off64_t::try_from(offset)
+            .map_err(|_| io::Error::from(io::ErrorKind::InvalidInput))?,
+        libc::off64_t::try_from(len).map_err(|_| io::Error::from(io::ErrorKind::InvalidInput))?,
+    );
+    let flags = libc::SYNC_FILE_RANGE_WAIT_BEFORE
+        | libc::SYNC_FILE_RANGE_WRITE
+        | libc::SYNC_FILE_RANGE_WAIT_AFTER;
+    // SAFETY: sync_file_range on a valid fd that `f` owns; the kernel checks the range.
+    if unsafe { libc::sync_file_range(f.as_raw_fd(), off, n, flags) } < 0 {
+        return Err(io::Error::last_os_error());
+    }
+    Ok(())
+}
+
+/// Drops `f`'s clean pages from the page cache (`POSIX_FADV_DONTNEED`; dirty pages stay).
+pub fn drop_clean_cache(f: &File) -> io::Result<()> {
+    // SAFETY: posix_fadvise on a valid fd that `f` owns; offset 0, length 0 = whole file.
+    let r = unsafe { libc::posix_fadvise(f.as_raw_fd(), 0, 0, libc::POSIX_FADV_DONTNEED) };
+    if r != 0 {
+        return Err(io::Error::from_raw_os_error(r));
+    }
+    Ok(())
+}
+
 /// Whether `e` says the filesystem cannot do this `fallocate` mode (the caller writes
 /// zeroes instead).
 pub fn is_unsupported(e: &io::Error) -> bool {

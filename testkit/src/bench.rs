@@ -290,6 +290,14 @@ pub fn this_thread_cpu_seconds() -> f64 {
     ts.tv_sec as f64 + ts.tv_nsec as f64 / 1e9
 }
 
+/// Write back every dirty page of the machine (`sync(2)`) before a measurement: otherwise
+/// the kernel writes back what the previous measurement dirtied (up to the whole image, 30 s
+/// later) in the middle of this one, and every fsync of the secondary waits behind it.
+pub fn settle_dirty_pages() {
+    // SAFETY: sync(2) takes no arguments and cannot fail.
+    unsafe { libc::sync() };
+}
+
 /// Creates `path` with `size` bytes written 4 KiB at a time.
 pub fn fill_image(path: &Path, size: u64) -> anyhow::Result<()> {
     // 4 KiB writes: an image written with large blocks sits in the page cache as large

@@ -14,6 +14,7 @@
 //!
 //! Threads: the client is pinned to CPU 1; the primary's threads (queue workers, drain,
 //! link) and the secondary process run on CPU 0 unless `--spread` lets them float.
+//! Every measurement starts after `sync(2)`, so none pays for the write-back of the one before.
 
 use std::net::{SocketAddr, UdpSocket};
 use std::path::{Path, PathBuf};
@@ -30,7 +31,9 @@ use drblk::link::{
     ReplicaSink, ReplicaState, ServerConfig, SiteIdentity, PROTOCOL_VERSION,
 };
 use drblk::site::primary::Server;
-use drblk_testkit::bench::{cpu_seconds, fill_image, pin_self, run_cell, Cell, Figures, Rw};
+use drblk_testkit::bench::{
+    cpu_seconds, fill_image, pin_self, run_cell, settle_dirty_pages, Cell, Figures, Rw,
+};
 
 /// Replication benchmark.
 #[derive(Parser, Debug)]
@@ -263,6 +266,7 @@ struct On {
 }
 
 fn run_client(socket: &Path, cell: Cell, secs: u64, blocks: u64) -> anyhow::Result<Figures> {
+    settle_dirty_pages();
     let sock = socket.to_owned();
     std::thread::Builder::new()
         .name("bench-client".into())
@@ -285,6 +289,7 @@ fn measure_on(
     blocks: u64,
 ) -> anyhow::Result<On> {
     catch_up(server)?;
+    settle_dirty_pages();
     let me = std::process::id();
     let (wire0, cpu0, sec0) = (wire_bytes(server), cpu_seconds(me), secondary.cpu_seconds());
     let rep0 = server.status().replication.unwrap_or_default();
@@ -385,6 +390,7 @@ fn main() -> anyhow::Result<()> {
         let secondary = SecondaryProcess::start(&drblk, &sdir, &certs, !args.spread)?;
         let mut sa = serve_args(dir, &image, Some(secondary.addr), &certs);
         sa.cg.chunk_size = chunk;
+        settle_dirty_pages();
         let server = Server::start(&sa)?;
         let t = Instant::now();
         let sec0 = secondary.cpu_seconds();
