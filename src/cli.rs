@@ -134,6 +134,30 @@ pub struct ReplicationArgs {
     /// Parallel QUIC streams for chunk data.
     #[arg(long, default_value_t = defaults::DATA_STREAMS, value_parser = clap::value_parser!(u8).range(1..=16))]
     pub data_streams: u8,
+
+    /// The persisted change record: after a crash or a restart of this primary the
+    /// secondary gets only what may differ from it, not the whole disk. Default:
+    /// IMAGE.drblk-track next to a file image (a block device needs this option, or runs
+    /// without a record).
+    #[arg(long, value_name = "PATH")]
+    pub track_file: Option<PathBuf>,
+
+    /// Keep no change record: every restart of this primary resyncs the whole disk.
+    #[arg(long, conflicts_with = "track_file")]
+    pub no_track_file: bool,
+
+    /// Activity-log extent size of the change record. The first write into an extent that
+    /// is not among the --al-extents hot ones waits for one metadata write (and fdatasync).
+    /// After a crash the restart resyncs at most the blocks changed since the last committed
+    /// group plus --al-extents x --al-extent-size (default 1024 x 1M = 1 GiB); after a clean
+    /// shutdown exactly the unshipped blocks.
+    #[arg(long, value_name = "SIZE", default_value = "1M", value_parser = parse_size)]
+    // defaults::AL_EXTENT_SIZE
+    pub al_extent_size: u64,
+
+    /// Hot extents kept in the activity log (see --al-extent-size).
+    #[arg(long, value_name = "N", default_value_t = defaults::AL_EXTENTS, value_parser = clap::value_parser!(u64).range(1..=1048576))]
+    pub al_extents: u64,
 }
 
 /// How consistency groups are formed.

@@ -41,6 +41,11 @@ pub mod defaults {
     pub const SHIP_NICE: i32 = 0;
     /// Parallel QUIC streams for chunk data.
     pub const DATA_STREAMS: u8 = 4;
+    /// Activity-log extent size of the change record (1 MiB).
+    pub const AL_EXTENT_SIZE: u64 = 1 << 20;
+    /// Activity-log slots of the change record: with 1 MiB extents, a crash resyncs at most
+    /// 1 GiB beyond what changed since the last committed group (DRBD's default: 4.8 GiB).
+    pub const AL_EXTENTS: u64 = 1024;
     /// UDP address a secondary listens on.
     pub const LISTEN: &str = "0.0.0.0:7700";
     /// Certificate directory.
@@ -125,6 +130,13 @@ pub struct ReplicationConfig {
     pub compress: bool,
     /// Parallel data streams.
     pub data_streams: usize,
+    /// The persisted change record: `None` with `--no-track-file`; `Some(None)`: the
+    /// default next to a file image.
+    pub track_file: Option<Option<std::path::PathBuf>>,
+    /// Activity-log extent size.
+    pub al_extent_size: u64,
+    /// Activity-log slots.
+    pub al_extents: u64,
 }
 
 impl TryFrom<&ServeArgs> for ServeConfig {
@@ -202,6 +214,9 @@ impl TryFrom<&ServeArgs> for ServeConfig {
                     max_rate: r.max_rate,
                     compress: r.compress,
                     data_streams: usize::from(r.data_streams),
+                    track_file: (!r.no_track_file).then(|| r.track_file.clone()),
+                    al_extent_size: r.al_extent_size,
+                    al_extents: r.al_extents,
                 }
             }),
         })

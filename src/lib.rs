@@ -46,3 +46,4 @@ pub mod replica;
 pub mod replicate;
 pub mod site;
 pub mod sys;
+pub mod track;

@@ -39,6 +39,9 @@ pub struct WriteGuard {
     end: Option<Arc<dyn WriteEnd>>,
     first: u64,
     last: u64,
+    /// A second party told when the write has finished (the activity log of a persisted
+    /// change record, in its own units), after `end`.
+    also: Option<(Arc<dyn WriteEnd>, u64, u64)>,
 }
 
 impl WriteGuard {
@@ -48,7 +51,14 @@ impl WriteGuard {
             end: Some(end),
             first,
             last,
+            also: None,
         }
+    }
+
+    /// Also calls `end.end_write(first, last)` when dropped (after the first one).
+    pub fn and_then(mut self, end: Arc<dyn WriteEnd>, first: u64, last: u64) -> Self {
+        self.also = Some((end, first, last));
+        self
     }
 
     /// A guard for a write that recorded nothing (an empty range).
@@ -57,6 +67,7 @@ impl WriteGuard {
             end: None,
             first: 0,
             last: 0,
+            also: None,
         }
     }
 
@@ -70,6 +81,9 @@ impl Drop for WriteGuard {
     fn drop(&mut self) {
         if let Some(end) = self.end.take() {
             end.end_write(self.first, self.last);
+        }
+        if let Some((end, first, last)) = self.also.take() {
+            end.end_write(first, last);
         }
     }
 }

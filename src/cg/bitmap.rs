@@ -360,6 +360,19 @@ impl Bitmap {
         None
     }
 
+    /// Sets bit `i - from` of `out` (64 bits a word) for every set bit `i` in `from..to`.
+    pub(crate) fn or_range_into(&self, from: u64, to: u64, out: &mut [u64]) {
+        let mut i = from;
+        while let Some(b) = self.next_set_in(i, to) {
+            let run = self.run_len(b, to);
+            for j in b..b + run {
+                let k = j - from;
+                out[(k / 64) as usize] |= 1 << (k % 64);
+            }
+            i = b + run;
+        }
+    }
+
     /// Number of consecutive set bits from `from` (which is set), stopping at `to`.
     pub(crate) fn run_len(&self, from: u64, to: u64) -> u64 {
         let to = to.min(self.bits);

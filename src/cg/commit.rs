@@ -107,6 +107,42 @@ impl Engine {
         }
     }
 
+    /// The chunks of `from..to` that may differ from the secondary's last committed CG —
+    /// dirty (OOS, CR, records not yet merged) or handed out since the last commit — as bits
+    /// `i - from` of `out` (which must hold `to - from` bits; it is OR-ed into). A write is
+    /// marked here from its `begin_write` on, before it touches the disk. Returns the last
+    /// committed CG, as of the same moment. For the persisted change record (`crate::track`).
+    pub fn unacked_in(&self, from: u64, to: u64, out: &mut [u64]) -> u64 {
+        let to = to.min(self.chunks);
+        if from >= to {
+            return lock(&self.central).last_committed;
+        }
+        let c = lock(&self.central);
+        c.oos.bits.or_range_into(from, to, out);
+        if let Mode::Strict { cr, .. } = &c.mode {
+            cr.bits.or_range_into(from, to, out);
+        }
+        for r in &c.retired {
+            r.bits.or_range_into(from, to, out);
+        }
+        c.shipped.or_range_into(from, to, out);
+        c.last_committed
+    }
+
+    /// Marks chunks `first..=last` dirty (what a persisted change record says may differ
+    /// from the secondary, on start). Like [`Engine::mark_all`], into CR during a strict CG.
+    pub fn mark_range(&self, first: u64, last: u64) {
+        let last = last.min(self.chunks.saturating_sub(1));
+        if first > last {
+            return;
+        }
+        let c = lock(&self.central);
+        match &c.mode {
+            Mode::Strict { cr, .. } => cr.bits.set_range(first, last),
+            _ => c.oos.bits.set_range(first, last),
+        }
+    }
+
     /// Marks every chunk dirty (initial full copy, or resynchronisation from scratch). During
     /// a strict CG the chunks are marked in CR (the next CG ships them), keeping the CG
     /// consistent.

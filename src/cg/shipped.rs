@@ -50,6 +50,24 @@ impl Shipped {
         }
     }
 
+    /// Sets bit `i - from` of `out` for every chunk `i` in `from..to` handed out (or in a
+    /// group with one that was).
+    pub(super) fn or_range_into(&self, from: u64, to: u64, out: &mut [u64]) {
+        if self.per_bit == 1 {
+            self.bits.or_range_into(from, to, out);
+            return;
+        }
+        let (g0, g1) = (from / self.per_bit, (to - 1) / self.per_bit + 1);
+        let mut g = g0;
+        while let Some(b) = self.bits.next_set_in(g, g1) {
+            for j in (b * self.per_bit).max(from)..((b + 1) * self.per_bit).min(to) {
+                let k = j - from;
+                out[(k / 64) as usize] |= 1 << (k % 64);
+            }
+            g = b + 1;
+        }
+    }
+
     /// Chunks that would ship again (exact when one bit is one chunk).
     pub(super) fn count(&self) -> u64 {
         (self.bits.count() * self.per_bit).min(self.chunks)

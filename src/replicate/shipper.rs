@@ -23,6 +23,7 @@ use crate::cg::{Engine, Extent};
 use crate::link::{ClientConfig, LinkClient, ReplicaState};
 use crate::replicate::cycle::ChunkSink;
 use crate::sys::clock::unix_micros;
+use crate::track::ChangeRecord;
 
 /// What the operator sees of the link.
 #[derive(Default)]
@@ -53,6 +54,12 @@ pub struct Replicator {
     /// Extents sent since the figures were last brought up to date.
     unaccounted: u32,
     status: Arc<LinkStatus>,
+    /// The persisted change record, told before a full copy marks every chunk.
+    record: Option<Arc<ChangeRecord>>,
+    /// The engine was seeded from a change record and has not connected yet: a secondary
+    /// ahead of the record's acknowledged group holds a group whose acknowledgement was
+    /// lost with the crash, and the record covers what differs from it too.
+    seeded: bool,
 }
 
 impl Replicator {
@@ -66,7 +73,24 @@ impl Replicator {
             seen: (0, 0),
             unaccounted: 0,
             status: Arc::new(LinkStatus::default()),
+            record: None,
+            seeded: false,
         }
+    }
+
+    /// Keeps `record` up to date with full copies, and trusts what it seeded the engine with.
+    pub fn with_record(mut self, record: Option<Arc<ChangeRecord>>) -> Self {
+        self.seeded = record.is_some() && self.engine.stats().last_committed > 0;
+        self.record = record;
+        self
+    }
+
+    fn mark_all(&self) {
+        if let Some(r) = &self.record {
+            // On disk first: a crash during the copy must not trust the record's bitmap.
+            r.mark_all_dirty();
+        }
+        self.engine.mark_all();
     }
 
     /// The link's status, shared with the control socket.
@@ -95,10 +119,14 @@ impl Replicator {
             (ReplicaState::Consistent { cg, .. }, _) if last > 0 && cg >= last && cg < next => {
                 tracing::info!(secondary = %self.cfg.server_addr, cg, our_last = last, "secondary consistent at a group of ours: incremental resync");
             }
+            (ReplicaState::Consistent { cg, .. }, _) if self.seeded && cg >= last => {
+                tracing::info!(secondary = %self.cfg.server_addr, cg, record_acked = last, "secondary consistent at or above the change record's group: incremental resync of what the record marked");
+                self.engine.resume_numbering(cg);
+            }
             (ReplicaState::Consistent { cg, .. }, _) => {
                 tracing::info!(secondary = %self.cfg.server_addr, cg, our_last = last, "secondary holds another group: full resync, staged above it");
                 self.engine.resume_numbering(cg);
-                self.engine.mark_all();
+                self.mark_all();
                 self.status.full_resyncs.fetch_add(1, Ordering::Relaxed);
             }
             (ReplicaState::Syncing { .. }, committed) => {
@@ -106,7 +134,7 @@ impl Replicator {
                 if let Some(cg) = committed {
                     self.engine.resume_numbering(cg);
                 }
-                self.engine.mark_all();
+                self.mark_all();
                 self.status.full_resyncs.fetch_add(1, Ordering::Relaxed);
             }
             (ReplicaState::Promoted, _) => {
@@ -117,6 +145,7 @@ impl Replicator {
         }
         *self.status.remote_state.lock().expect("status lock") = ack.state.to_string();
         self.status.connected.store(true, Ordering::SeqCst);
+        self.seeded = false;
         self.client = Some(client);
         self.seen = (0, 0);
         Ok(())
@@ -177,6 +206,9 @@ impl ChunkSink for Replicator {
         match r {
             Ok(()) => {
                 self.account();
+                if let Some(r) = &self.record {
+                    r.committed();
+                }
                 *self.status.remote_state.lock().expect("status lock") = ReplicaState::Consistent {
                     cg,
                     frozen_at_unix_us: unix_micros(frozen_at),

@@ -20,6 +20,7 @@ use crate::link::{ClientConfig, DiskInfo, SiteIdentity};
 use crate::replicate::cycle::{ChunkSink, Cycle};
 use crate::replicate::local::LocalReplica;
 use crate::replicate::shipper::{LinkStatus, Replicator};
+use crate::track::{ChangeRecord, Refresher, TrackConfig};
 
 /// A daemon running in a thread of this process (the CLI, the demo and tests use it).
 pub struct Server {
@@ -30,6 +31,8 @@ pub struct Server {
     shutdown: Shutdown,
     thread: Option<JoinHandle<anyhow::Result<()>>>,
     ship_nice: i32,
+    record: Option<Arc<ChangeRecord>>,
+    refresher: Option<Refresher>,
 }
 
 impl Server {
@@ -64,7 +67,16 @@ impl Server {
             }
             None => None,
         };
-        let tracking = engine.clone().map(|e| e as Arc<dyn Tracking>);
+        // The persisted change record goes with replication to a secondary: it decides what a
+        // restarted primary ships. It is opened (and seeds the engine) before any write.
+        let record = match (&cfg.replication, &engine) {
+            (Some(r), Some(engine)) => open_record(r, &disk, engine)?,
+            _ => None,
+        };
+        let tracking = match (&record, &engine) {
+            (Some(rec), _) => Some(rec.tracking()),
+            (None, e) => e.clone().map(|e| e as Arc<dyn Tracking>),
+        };
         let executor = Arc::new(Executor::new(disk.clone(), &cfg.serial, tracking));
         let shared = Arc::new(DeviceShared {
             executor,
@@ -105,7 +117,7 @@ impl Server {
             *control.cycle.lock().expect("cycle lock") = Some(cycle);
         }
         if let (Some(r), Some(engine), Some(cg)) = (&cfg.replication, &engine, &cfg.cg) {
-            let (replicator, link) = replicator_for(r, cg, &disk, engine.clone())?;
+            let (replicator, link) = replicator_for(r, cg, &disk, engine.clone(), record.clone())?;
             tracing::info!(secondary = %replicator.peer(), interval = ?cg.interval, "replicating");
             let cycle = Cycle::start(engine.clone(), Box::new(replicator), cg.interval, ship_nice);
             *control.cycle.lock().expect("cycle lock") = Some(cycle);
@@ -121,9 +133,14 @@ impl Server {
             .name("drblk-accept".into())
             .spawn(move || daemon::serve(s2, socket, sd2).map_err(anyhow::Error::from))
             .context("spawning the accept thread")?;
+        let refresher = record
+            .as_ref()
+            .map(|r| r.start_refresher(std::time::Duration::from_secs(1)));
         Ok(Server {
             shared,
             engine,
+            record,
+            refresher,
             control,
             _control_server: control_server,
             shutdown,
@@ -182,6 +199,15 @@ impl Server {
         if let Some(c) = self.control.cycle.lock().expect("cycle lock").take() {
             c.stop()?;
         }
+        // Clean shutdown: no write runs any more, so the record can be made exact.
+        self.refresher.take();
+        if let Some(r) = self.record.take() {
+            if r.refresh(true).is_ok() {
+                tracing::info!(
+                    "change record closed clean: a restart ships exactly the unshipped chunks"
+                );
+            }
+        }
         Ok(())
     }
 
@@ -207,6 +233,7 @@ fn replicator_for(
     cg: &CgSettings,
     disk: &Disk,
     engine: Arc<Engine>,
+    record: Option<Arc<ChangeRecord>>,
 ) -> anyhow::Result<(Replicator, Arc<LinkStatus>)> {
     let addr = crate::link::resolve(&r.target)?;
     let identity = SiteIdentity::load_for_daemon(&r.certs, &r.site, &r.peer_site)?;
@@ -223,9 +250,46 @@ fn replicator_for(
     cfg.compress = r.compress;
     cfg.data_streams = r.data_streams;
     cfg.thread_nice = cg.ship_nice;
-    let rep = Replicator::new(cfg, engine);
+    let rep = Replicator::new(cfg, engine).with_record(record);
     let status = rep.status();
     Ok((rep, status))
+}
+
+/// Opens the change record `--track-file` names (default: next to a file image).
+fn open_record(
+    r: &ReplicationConfig,
+    disk: &Disk,
+    engine: &Arc<Engine>,
+) -> anyhow::Result<Option<Arc<ChangeRecord>>> {
+    let Some(choice) = &r.track_file else {
+        tracing::warn!("--no-track-file: a restart of this primary resyncs the whole disk");
+        return Ok(None);
+    };
+    let path = match choice {
+        Some(p) => p.clone(),
+        None if std::fs::metadata(disk.path()).is_ok_and(|m| m.is_file()) => {
+            let mut p = disk.path().as_os_str().to_owned();
+            p.push(".drblk-track");
+            p.into()
+        }
+        None => {
+            tracing::warn!(disk = %disk.path().display(), "no change record for a block device without --track-file: a restart resyncs the whole disk");
+            return Ok(None);
+        }
+    };
+    let uuid = crate::replica::identity::load_or_create(disk.path())?;
+    let cfg = TrackConfig {
+        path: path.clone(),
+        extent_size: r.al_extent_size,
+        slots: r.al_extents,
+    };
+    let (rec, _) = ChangeRecord::open(&cfg, engine.clone(), uuid).with_context(|| {
+        format!(
+            "writing the change record {} (or pass --no-track-file)",
+            path.display()
+        )
+    })?;
+    Ok(Some(rec))
 }
 
 /// Runs `drblk serve` until SIGINT/SIGTERM.

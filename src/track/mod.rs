@@ -1,0 +1,604 @@
+//! The primary's persisted change record (DESIGN.md §2, issue "change tracking that
+//! survives a crash"): after any crash or restart of `drblk serve`, the primary knows a
+//! superset of the chunks that may differ from the secondary's last committed CG, so the
+//! resync ships those instead of the whole disk.
+//!
+//! # What is on disk (`<image>.drblk-track`, see [`file`])
+//! - a **bitmap** of chunks that may differ from the secondary (one bit per chunk);
+//! - an **activity log** (AL) of at most `slots` hot extents (`extent_size` bytes each)
+//!   that may hold writes the bitmap does not show;
+//! - `acked_cg`: the record is a superset of what differs from any state of the secondary
+//!   at or above that CG.
+//!
+//! # The invariant, and why each ordering keeps it
+//! *Every chunk that may differ from the secondary's committed state has its bit set on
+//! disk, or lies in an extent listed in the on-disk activity log.*
+//! - **A write** into an extent not in the log waits until the extent is in the on-disk log
+//!   (written and fdatasynced) before it is recorded and submitted to the image: a write
+//!   that reaches the image is always covered (DRBD's rule, stricter than dm-era's "before
+//!   the completion is published", so that a write in flight at the crash is covered too).
+//!   Writes into extents already in the log pay one atomic increment. A write that spans
+//!   extents, or finds every logged extent in use, sets its own bits on disk instead (one
+//!   page write and fdatasync): no write ever waits for another, so none can deadlock.
+//! - **An eviction** (the log is full) first writes the evicted extent's dirty bits (what
+//!   the engine says may differ, OR-ed into the page on disk) and fdatasyncs them, and only
+//!   then writes the log without it. Writes still using it cannot be evicted (see
+//!   [`activity`]).
+//! - **Clearing** bits (after every commit, at least every second, and at a clean shutdown): the engine's snapshot of
+//!   what may differ excludes chunks of committed CGs, so `acked_cg` is raised to the
+//!   engine's last committed CG (which the secondary holds: it acknowledged it) and synced
+//!   *before* pages with cleared bits are written.
+//! - **A full copy** (a new or reset secondary) sets the "all dirty" flag on disk before
+//!   the engine marks every chunk; it is cleared only after every page was rewritten.
+//!
+//! # On start
+//! A valid record marks its bits and every chunk of its logged extents dirty in the engine
+//! and resumes numbering at `acked_cg`; a missing, corrupt or foreign record marks nothing,
+//! and the first connection finds the secondary "at another group" and does a full resync.
+//! Either way the record is then rewritten (atomically, a temporary file renamed) to hold
+//! exactly what the engine now has dirty, with an empty log.
+//!
+//! # Bound
+//! After a crash the restart ships at most the chunks changed since the record's `acked_cg`
+//! (the bitmap) plus `slots × extent_size` (the log). The record's group follows the
+//! secondary's last committed group within one refresh (normally the next group). After a clean shutdown
+//! the log is empty and the bitmap exact: the restart ships exactly the unshipped chunks.
+
+pub mod activity;
+pub mod file;
+
+use std::collections::BTreeSet;
+use std::io;
+use std::path::PathBuf;
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::sync::{Arc, Condvar, Mutex};
+use std::thread::JoinHandle;
+use std::time::Duration;
+
+use crate::blk::tracking::{Completion, Publisher, Tracking, WriteEnd, WriteGuard};
+use crate::cg::Engine;
+use activity::ExtentStates;
+use file::{RecordFile, Superblock, FLAG_ALL_DIRTY, FLAG_CLEAN, PAGE_BITS, PAGE_WORDS};
+
+/// Where the record lives and how large its activity log is.
+#[derive(Debug, Clone)]
+pub struct TrackConfig {
+    /// The record file.
+    pub path: PathBuf,
+    /// Activity-log extent size in bytes (a power of two, at least the chunk size).
+    pub extent_size: u64,
+    /// Activity-log slots (hot extents).
+    pub slots: u64,
+}
+
+/// What the record said on start.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Seeded {
+    /// The record was usable: its chunks were marked dirty.
+    pub trusted: bool,
+    /// It was written by a clean shutdown.
+    pub clean: bool,
+    /// The secondary holds at least this CG (0: nothing known).
+    pub acked_cg: u64,
+    /// Chunks marked dirty from the bitmap and the activity log.
+    pub chunks_marked: u64,
+    /// Why it was not used, if it was not.
+    pub why_not: Option<String>,
+}
+
+/// Counters of the record's I/O.
+#[derive(Debug, Default)]
+pub struct TrackStats {
+    /// Writes that had to add their extent to the on-disk log.
+    pub al_misses: AtomicU64,
+    /// Metadata writes (superblock, log and bitmap page writes).
+    pub meta_writes: AtomicU64,
+    /// fdatasyncs of the record.
+    pub syncs: AtomicU64,
+}
+
+struct Slots {
+    /// Extent per slot (`u64::MAX`: free).
+    extents: Vec<u64>,
+    hand: usize,
+}
+
+struct Disk {
+    rf: RecordFile,
+    /// Pages that may hold set bits on disk.
+    dirty_pages: BTreeSet<u64>,
+}
+
+/// The persisted change record of one disk (see the module docs).
+pub struct ChangeRecord {
+    engine: Arc<Engine>,
+    chunk_size: u64,
+    chunks: u64,
+    extent_size: u64,
+    states: ExtentStates,
+    slots: Mutex<Slots>,
+    disk: Mutex<Disk>,
+    broken: AtomicBool,
+    stats: TrackStats,
+    /// Wakes the refresher: (a group committed, stop).
+    signal: (Mutex<(bool, bool)>, Condvar),
+}
+
+impl ChangeRecord {
+    /// Opens (or creates) the record of the disk `uuid` for `engine`, seeding the engine from
+    /// it (see the module docs). Fails only if the new record cannot be written.
+    pub fn open(
+        cfg: &TrackConfig,
+        engine: Arc<Engine>,
+        uuid: [u8; 16],
+    ) -> io::Result<(Arc<ChangeRecord>, Seeded)> {
+        let ec = engine.config();
+        let (disk_size, chunk_size) = (ec.disk_size, ec.chunk_size);
+        if !cfg.extent_size.is_power_of_two() || cfg.extent_size < chunk_size || cfg.slots == 0 {
+            return Err(io::Error::new(
+                io::ErrorKind::InvalidInput,
+                format!(
+                    "activity log: extents of {} bytes x {} slots (need a power of two >= the chunk size {chunk_size}, and slots >= 1)",
+                    cfg.extent_size, cfg.slots
+                ),
+            ));
+        }
+        let chunks = engine.num_chunks();
+        let mut seeded = Seeded {
+            trusted: false,
+            clean: false,
+            acked_cg: 0,
+            chunks_marked: 0,
+            why_not: None,
+        };
+        match RecordFile::load(&cfg.path) {
+            Ok(Some(l))
+                if l.sb.uuid == uuid
+                    && l.sb.disk_size == disk_size
+                    && l.sb.chunk_size == chunk_size =>
+            {
+                let per_ext = l.sb.al_extent / chunk_size;
+                for &e in &l.al {
+                    engine.mark_range(e * per_ext, (e + 1) * per_ext - 1);
+                }
+                let mut i = 0u64;
+                while i < chunks {
+                    let w = l.words[(i / 64) as usize];
+                    if w == 0 {
+                        i = (i / 64 + 1) * 64;
+                        continue;
+                    }
+                    if w >> (i % 64) & 1 == 1 {
+                        engine.mark_range(i, i);
+                    }
+                    i += 1;
+                }
+                if l.sb.flags & FLAG_ALL_DIRTY != 0 {
+                    engine.mark_all();
+                }
+                if l.sb.acked_cg > 0 {
+                    engine.resume_numbering(l.sb.acked_cg);
+                }
+                if l.bad_pages > 0 {
+                    tracing::warn!(record = %cfg.path.display(), pages = l.bad_pages, "change record: bitmap pages failed their check; every chunk they cover is resynced");
+                }
+                seeded.trusted = true;
+                seeded.clean = l.sb.flags & FLAG_CLEAN != 0;
+                seeded.acked_cg = l.sb.acked_cg;
+            }
+            Ok(Some(l)) => {
+                seeded.why_not = Some(format!(
+                    "it belongs to another disk (uuid/size/chunk size {:02x?}/{}/{}); a full resync follows",
+                    &l.sb.uuid[..4], l.sb.disk_size, l.sb.chunk_size
+                ));
+            }
+            Ok(None) => {
+                seeded.why_not = Some("there is none yet".into());
+            }
+            Err(e) => {
+                seeded.why_not = Some(format!(
+                    "it cannot be trusted ({e}); the secondary gets a full resync"
+                ));
+            }
+        }
+        // Rewrite it to hold exactly what the engine has dirty now, with an empty log.
+        let mut words = vec![0u64; (chunks.div_ceil(PAGE_BITS) * PAGE_WORDS as u64) as usize];
+        let mut dirty_pages = BTreeSet::new();
+        for p in 0..chunks.div_ceil(PAGE_BITS) {
+            let w = &mut words[p as usize * PAGE_WORDS..(p as usize + 1) * PAGE_WORDS];
+            engine.unacked_in(p * PAGE_BITS, (p + 1) * PAGE_BITS, w);
+            let n: u64 = w.iter().map(|x| u64::from(x.count_ones())).sum();
+            if n > 0 {
+                dirty_pages.insert(p);
+                seeded.chunks_marked += n;
+            }
+        }
+        let sb = Superblock {
+            seq: 0,
+            uuid,
+            disk_size,
+            chunk_size,
+            al_extent: cfg.extent_size,
+            al_slots: cfg.slots,
+            acked_cg: seeded.acked_cg,
+            flags: 0,
+        };
+        let rf = RecordFile::create(&cfg.path, sb, &words)?;
+        match &seeded.why_not {
+            None => {
+                tracing::info!(record = %cfg.path.display(), clean = seeded.clean, acked_cg = seeded.acked_cg, chunks = seeded.chunks_marked, "change record loaded: these chunks are resynced")
+            }
+            Some(why) => {
+                tracing::warn!(record = %cfg.path.display(), "change record not used: {why}")
+            }
+        }
+        let extents = disk_size.div_ceil(cfg.extent_size);
+        let rec = Arc::new(ChangeRecord {
+            engine,
+            chunk_size,
+            chunks,
+            extent_size: cfg.extent_size,
+            states: ExtentStates::new(extents),
+            slots: Mutex::new(Slots {
+                extents: vec![u64::MAX; cfg.slots as usize],
+                hand: 0,
+            }),
+            disk: Mutex::new(Disk { rf, dirty_pages }),
+            broken: AtomicBool::new(false),
+            stats: TrackStats::default(),
+            signal: (Mutex::new((false, false)), Condvar::new()),
+        });
+        Ok((rec, seeded))
+    }
+
+    /// The record's I/O counters.
+    pub fn stats(&self) -> &TrackStats {
+        &self.stats
+    }
+
+    /// The data path's tracking: the engine's, with every write covered by the record first.
+    pub fn tracking(self: &Arc<Self>) -> Arc<dyn Tracking> {
+        Arc::new(RecordedTracking {
+            record: self.clone(),
+        })
+    }
+
+    /// Whether the record gave up (an I/O error): it was removed, and a restart resyncs
+    /// everything.
+    pub fn is_broken(&self) -> bool {
+        self.broken.load(Ordering::SeqCst)
+    }
+
+    fn give_up(&self, what: &str, e: &io::Error) {
+        if self.broken.swap(true, Ordering::SeqCst) {
+            return;
+        }
+        let d = self.disk.lock().unwrap_or_else(|p| p.into_inner());
+        // A record that is not kept up to date must not be trusted after a restart.
+        let removed = std::fs::remove_file(&d.rf.path);
+        tracing::error!(record = %d.rf.path.display(), error = %e, removed = removed.is_ok(), "change record: {what} failed; it is no longer kept and a restart resyncs the whole disk");
+    }
+
+    fn sync(&self, d: &Disk) -> io::Result<()> {
+        self.stats.syncs.fetch_add(1, Ordering::Relaxed);
+        d.rf.sync()
+    }
+
+    /// Writes the pages covering chunks `first..=last` as their on-disk bits OR what the
+    /// engine has dirty (never clearing), then fdatasyncs.
+    fn persist_bits(&self, d: &mut Disk, first: u64, last: u64) -> io::Result<()> {
+        let mut w = vec![0u64; PAGE_WORDS];
+        let mut old = vec![0u64; PAGE_WORDS];
+        let mut wrote = false;
+        for p in first / PAGE_BITS..=last / PAGE_BITS {
+            w.fill(0);
+            self.engine
+                .unacked_in(p * PAGE_BITS, (p + 1) * PAGE_BITS, &mut w);
+            d.rf.read_page(p, &mut old)?;
+            let mut changed = false;
+            for (n, o) in w.iter_mut().zip(&old) {
+                changed |= *n | o != *o;
+                *n |= o;
+            }
+            if changed {
+                d.rf.write_page(p, &w)?;
+                self.stats.meta_writes.fetch_add(1, Ordering::Relaxed);
+                d.dirty_pages.insert(p);
+                wrote = true;
+            }
+        }
+        if wrote {
+            self.sync(d)?;
+        }
+        Ok(())
+    }
+
+    /// Slow path of a write of chunks `first..=last` inside extent `e`: put `e` in the
+    /// on-disk log (returns true: the write is counted in `e`), or, if every logged extent
+    /// is in use, set the write's own bits on disk instead (returns false). Never waits for
+    /// other writes, so writes cannot deadlock on the log.
+    fn admit(&self, e: u64, first: u64, last: u64) -> io::Result<bool> {
+        let mut sl = self.slots.lock().unwrap_or_else(|p| p.into_inner());
+        if self.states.try_enter(e) {
+            return Ok(true);
+        }
+        self.stats.al_misses.fetch_add(1, Ordering::Relaxed);
+        let n = sl.extents.len();
+        let mut slot = sl.extents.iter().position(|&x| x == u64::MAX);
+        let mut victim = None;
+        if slot.is_none() {
+            for _ in 0..2 * n {
+                let h = sl.hand;
+                sl.hand = (h + 1) % n;
+                if self.states.try_evict(sl.extents[h]) {
+                    slot = Some(h);
+                    victim = Some(sl.extents[h]);
+                    break;
+                }
+            }
+        }
+        let mut d = self.disk.lock().unwrap_or_else(|p| p.into_inner());
+        let Some(slot) = slot else {
+            self.mark_on_disk(&mut d, first, last)?;
+            return Ok(false);
+        };
+        if let Some(v) = victim {
+            let per = self.extent_size / self.chunk_size;
+            let end = ((v + 1) * per).min(self.chunks) - 1;
+            if let Err(err) = self.persist_bits(&mut d, v * per, end) {
+                self.states.readmit(v);
+                return Err(err);
+            }
+        }
+        let mut extents = sl.extents.clone();
+        extents[slot] = e;
+        d.rf.write_al(&extents)?;
+        self.stats.meta_writes.fetch_add(1, Ordering::Relaxed);
+        self.sync(&d)?;
+        sl.extents = extents;
+        self.states.admit(e);
+        Ok(true)
+    }
+
+    /// Sets the bits of chunks `first..=last` on disk (a write that does not use the log:
+    /// it spans extents, or the log is busy), then fdatasyncs.
+    fn mark_on_disk(&self, d: &mut Disk, first: u64, last: u64) -> io::Result<()> {
+        let mut w = vec![0u64; PAGE_WORDS];
+        for p in first / PAGE_BITS..=last / PAGE_BITS {
+            d.rf.read_page(p, &mut w)?;
+            let (a, b) = (first.max(p * PAGE_BITS), last.min((p + 1) * PAGE_BITS - 1));
+            for i in a - p * PAGE_BITS..=b - p * PAGE_BITS {
+                w[(i / 64) as usize] |= 1 << (i % 64);
+            }
+            d.rf.write_page(p, &w)?;
+            self.stats.meta_writes.fetch_add(1, Ordering::Relaxed);
+            d.dirty_pages.insert(p);
+        }
+        self.sync(d)
+    }
+
+    /// Before a full copy: every chunk may differ until it commits.
+    pub fn mark_all_dirty(&self) {
+        if self.is_broken() {
+            return;
+        }
+        let r = (|| {
+            let mut d = self.disk.lock().unwrap_or_else(|p| p.into_inner());
+            let sb = Superblock {
+                flags: (d.rf.sb.flags | FLAG_ALL_DIRTY) & !FLAG_CLEAN,
+                ..d.rf.sb
+            };
+            d.rf.write_sb(sb)?;
+            self.stats.meta_writes.fetch_add(1, Ordering::Relaxed);
+            self.sync(&d)
+        })();
+        if let Err(e) = r {
+            self.give_up("marking a full copy", &e);
+        }
+    }
+
+    /// Clears on disk what the secondary has acknowledged (see the module docs); with
+    /// `clean`, also empties the log and marks the record clean (no write may run then).
+    pub fn refresh(&self, clean: bool) -> io::Result<()> {
+        if self.is_broken() {
+            return Ok(());
+        }
+        let r = self.refresh_inner(clean);
+        if let Err(e) = &r {
+            self.give_up("bringing the record up to date", e);
+        }
+        r
+    }
+
+    fn refresh_inner(&self, clean: bool) -> io::Result<()> {
+        let sl = clean.then(|| self.slots.lock().unwrap_or_else(|p| p.into_inner()));
+        let mut d = self.disk.lock().unwrap_or_else(|p| p.into_inner());
+        let all = clean || d.rf.sb.flags & FLAG_ALL_DIRTY != 0;
+        let pages: Vec<u64> = if all {
+            (0..d.rf.page_count()).collect()
+        } else {
+            d.dirty_pages.iter().copied().collect()
+        };
+        let mut exact = Vec::with_capacity(pages.len());
+        for &p in &pages {
+            let mut w = vec![0u64; PAGE_WORDS];
+            self.engine
+                .unacked_in(p * PAGE_BITS, (p + 1) * PAGE_BITS, &mut w);
+            exact.push(w);
+        }
+        // At or above every snapshot's last committed CG: the secondary holds it.
+        let acked = self.engine.unacked_in(0, 0, &mut []);
+        if acked > d.rf.sb.acked_cg {
+            let sb = Superblock {
+                acked_cg: acked,
+                ..d.rf.sb
+            };
+            d.rf.write_sb(sb)?;
+            self.stats.meta_writes.fetch_add(1, Ordering::Relaxed);
+            self.sync(&d)?;
+        }
+        let mut old = vec![0u64; PAGE_WORDS];
+        let mut wrote = false;
+        for (p, w) in pages.into_iter().zip(exact) {
+            d.rf.read_page(p, &mut old)?;
+            if old != w {
+                d.rf.write_page(p, &w)?;
+                self.stats.meta_writes.fetch_add(1, Ordering::Relaxed);
+                wrote = true;
+            }
+            if w.iter().all(|&x| x == 0) {
+                d.dirty_pages.remove(&p);
+            } else {
+                d.dirty_pages.insert(p);
+            }
+        }
+        if wrote {
+            self.sync(&d)?;
+        }
+        if clean {
+            d.rf.write_al(&[])?;
+            self.sync(&d)?;
+        }
+        if all {
+            let mut flags = d.rf.sb.flags & !FLAG_ALL_DIRTY;
+            if clean {
+                flags |= FLAG_CLEAN;
+            }
+            let sb = Superblock { flags, ..d.rf.sb };
+            d.rf.write_sb(sb)?;
+            self.stats.meta_writes.fetch_add(1, Ordering::Relaxed);
+            self.sync(&d)?;
+        }
+        drop(sl);
+        Ok(())
+    }
+
+    /// A group committed on the secondary: clear what it acknowledged soon (the refresher
+    /// runs on its own thread, so the cycle does not wait for the record's writes).
+    pub fn committed(&self) {
+        let (m, cv) = &self.signal;
+        m.lock().unwrap_or_else(|p| p.into_inner()).0 = true;
+        cv.notify_one();
+    }
+
+    /// Runs [`ChangeRecord::refresh`] after every commit ([`ChangeRecord::committed`]) and
+    /// at least every `every`, until the returned handle is dropped. What a crash resyncs
+    /// beyond the secondary's last group is therefore what changed during one refresh.
+    pub fn start_refresher(self: &Arc<Self>, every: Duration) -> Refresher {
+        let rec = self.clone();
+        let thread = std::thread::Builder::new()
+            .name("drblk-track".into())
+            .spawn(move || loop {
+                {
+                    let (m, cv) = &rec.signal;
+                    let g = m.lock().unwrap_or_else(|p| p.into_inner());
+                    let (mut g, _) = cv
+                        .wait_timeout_while(g, every, |s| !s.0 && !s.1)
+                        .unwrap_or_else(|p| p.into_inner());
+                    if g.1 {
+                        g.1 = false;
+                        return;
+                    }
+                    g.0 = false;
+                }
+                let _ = rec.refresh(false);
+            })
+            .expect("spawning the change record thread");
+        Refresher {
+            record: self.clone(),
+            thread: Some(thread),
+        }
+    }
+}
+
+impl WriteEnd for ChangeRecord {
+    fn end_write(&self, first: u64, last: u64) {
+        for e in first..=last {
+            self.states.exit(e);
+        }
+    }
+}
+
+/// The refresher thread; stopped and joined on drop.
+pub struct Refresher {
+    record: Arc<ChangeRecord>,
+    thread: Option<JoinHandle<()>>,
+}
+
+impl Drop for Refresher {
+    fn drop(&mut self) {
+        let (m, cv) = &self.record.signal;
+        m.lock().unwrap_or_else(|p| p.into_inner()).1 = true;
+        cv.notify_all();
+        if let Some(t) = self.thread.take() {
+            let _ = t.join();
+        }
+    }
+}
+
+/// The engine's tracking with the record's activity log in front.
+struct RecordedTracking {
+    record: Arc<ChangeRecord>,
+}
+
+impl Tracking for RecordedTracking {
+    fn begin_write(&self, queue: usize, offset: u64, len: u64) -> io::Result<WriteGuard> {
+        let r = &self.record;
+        let in_range = offset
+            .checked_add(len)
+            .is_some_and(|end| end <= r.engine.config().disk_size);
+        if len == 0 || !in_range || r.is_broken() {
+            return r.engine.begin_write(queue, offset, len);
+        }
+        let (e0, e1) = (offset / r.extent_size, (offset + len - 1) / r.extent_size);
+        let (c0, c1) = (offset / r.chunk_size, (offset + len - 1) / r.chunk_size);
+        // Covered before it is recorded and submitted: its extent is in the on-disk log
+        // (`counted`: it stays there until the write ends), or its own bits are on disk.
+        let counted = if e0 == e1 && r.states.try_enter(e0) {
+            true
+        } else {
+            let r2 = if e0 == e1 {
+                r.admit(e0, c0, c1)
+            } else {
+                let mut d = r.disk.lock().unwrap_or_else(|p| p.into_inner());
+                r.mark_on_disk(&mut d, c0, c1).map(|()| false)
+            };
+            match r2 {
+                Ok(c) => c,
+                Err(err) => {
+                    r.give_up("covering a write", &err);
+                    return r.engine.begin_write(queue, offset, len);
+                }
+            }
+        };
+        match r.engine.begin_write(queue, offset, len) {
+            Ok(g) if counted => Ok(g.and_then(r.clone(), e0, e0)),
+            Ok(g) => Ok(g),
+            Err(err) => {
+                if counted {
+                    r.states.exit(e0);
+                }
+                Err(err)
+            }
+        }
+    }
+
+    fn complete(&self, queue: usize, items: &mut Vec<Completion>, publish: &dyn Fn(&[Completion])) {
+        self.record.engine.complete(queue, items, publish)
+    }
+
+    fn set_publisher(&self, queue: usize, publisher: Option<Publisher>) {
+        self.record.engine.set_publisher(queue, publisher)
+    }
+
+    fn held(&self, queue: usize) -> usize {
+        self.record.engine.held(queue)
+    }
+
+    fn discard_held(&self, queue: usize) -> usize {
+        self.record.engine.discard_held(queue)
+    }
+}
+
+#[cfg(all(test, not(drblk_loom)))]
+mod tests;
