@@ -29,7 +29,7 @@ pub struct Cli {
 #[derive(Debug, Subcommand)]
 pub enum Command {
     /// Serve a raw disk image to a hypervisor over a vhost-user-blk socket.
-    Serve(ServeArgs),
+    Serve(Box<ServeArgs>),
     /// Receive a replicated disk from a primary and keep a crash-consistent replica.
     Secondary(SecondaryArgs),
     /// Create a CA and per-site certificates for the replication link (quick start).
@@ -313,7 +313,7 @@ impl ServeArgs {
         ] as [&std::ffi::OsStr; 6])
         .expect("the default serve arguments parse");
         match cli.command {
-            Command::Serve(a) => a,
+            Command::Serve(a) => *a,
             _ => unreachable!("parsed a serve command"),
         }
     }

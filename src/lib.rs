@@ -21,6 +21,8 @@
 //! handshake, frames, client and server) → [`site::secondary`] (the link's server in front
 //! of the store) → [`replica`] (stage in a checksummed journal, commit durably, apply,
 //! recover). [`replicate::local`] is a sink that keeps a replica on the primary's host.
+//! [`track`] is the primary's persisted change record (activity log and bitmap in a file
+//! next to the image), which a restarted primary resyncs from instead of the whole disk.
 //!
 //! **The roles** ([`site`]): [`site::primary`] (`drblk serve`) and [`site::secondary`]
 //! (`drblk secondary`) assemble the parts above into processes; [`control`] is their control

@@ -14,7 +14,7 @@ fn main() {
         .with_writer(std::io::stderr)
         .init();
     let result = match cli.command {
-        Command::Serve(args) => drblk::site::primary::run(args),
+        Command::Serve(args) => drblk::site::primary::run(*args),
         Command::Secondary(args) => drblk::site::secondary::run(args),
         Command::Cert(args) => {
             let sites: Vec<&str> = args.sites.iter().map(String::as_str).collect();

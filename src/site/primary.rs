@@ -171,6 +171,19 @@ impl Server {
         Ok(Cycle::start(engine.clone(), sink, interval, self.ship_nice))
     }
 
+    /// The change record's counters: (writes that added an extent to the activity log,
+    /// metadata writes, fdatasyncs); None without a record.
+    pub fn track_stats(&self) -> Option<(u64, u64, u64)> {
+        self.record.as_ref().map(|r| {
+            let s = r.stats();
+            (
+                s.al_misses.load(std::sync::atomic::Ordering::Relaxed),
+                s.meta_writes.load(std::sync::atomic::Ordering::Relaxed),
+                s.syncs.load(std::sync::atomic::Ordering::Relaxed),
+            )
+        })
+    }
+
     /// A handle that stops the server.
     pub fn shutdown_handle(&self) -> Shutdown {
         self.shutdown.clone()

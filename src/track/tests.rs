@@ -89,7 +89,7 @@ proptest! {
 #[test]
 fn a_restart_seeds_the_engine_and_rewrites_the_record() {
     let dir = tempfile::tempdir().unwrap();
-    let (rec, engine, cfg, seeded) = setup(dir.path(), 2);
+    let (rec, engine, _cfg, seeded) = setup(dir.path(), 2);
     assert!(!seeded.trusted);
     assert_eq!(seeded.why_not.as_deref(), Some("there is none yet"));
     let t = rec.tracking();
