@@ -3,7 +3,7 @@
 //! superset of the chunks that may differ from the secondary's last committed CG, so the
 //! resync ships those instead of the whole disk.
 //!
-//! # What is on disk (`<image>.drblk-track`, see [`file`])
+//! # What is on disk (`<image>.drblk-track`, see [`mod@file`])
 //! - a **bitmap** of chunks that may differ from the secondary (one bit per chunk);
 //! - an **activity log** (AL) of at most `slots` hot extents (`extent_size` bytes each)
 //!   that may hold writes the bitmap does not show;
