@@ -73,7 +73,7 @@ pub fn run(args: DemoArgs) -> anyhow::Result<()> {
     let disk = dir.join("primary.img");
     let socket = dir.join("primary.sock");
     let replica = dir.join("secondary.img");
-    for f in [&disk, &replica] {
+    for f in [&disk, &replica, &dir.join("primary.img.drblk-track")] {
         let _ = std::fs::remove_file(f);
     }
     let _ = std::fs::remove_dir_all(dir.join("secondary.state"));
