@@ -60,6 +60,9 @@ use crate::cg::Engine;
 use activity::ExtentStates;
 use file::{RecordFile, Superblock, FLAG_ALL_DIRTY, FLAG_CLEAN, PAGE_BITS, PAGE_WORDS};
 
+/// Why a first start uses no record.
+const NONE_YET: &str = "there is none yet";
+
 /// Where the record lives and how large its activity log is.
 #[derive(Debug, Clone)]
 pub struct TrackConfig {
@@ -193,7 +196,7 @@ impl ChangeRecord {
                 ));
             }
             Ok(None) => {
-                seeded.why_not = Some("there is none yet".into());
+                seeded.why_not = Some(NONE_YET.into());
             }
             Err(e) => {
                 seeded.why_not = Some(format!(
@@ -227,6 +230,10 @@ impl ChangeRecord {
         match &seeded.why_not {
             None => {
                 tracing::info!(record = %cfg.path.display(), clean = seeded.clean, acked_cg = seeded.acked_cg, chunks = seeded.chunks_marked, "change record loaded: these chunks are resynced")
+            }
+            // A first start has no record: nothing to warn about.
+            Some(why) if why == NONE_YET => {
+                tracing::info!(record = %cfg.path.display(), "change record created (there was none yet)")
             }
             Some(why) => {
                 tracing::warn!(record = %cfg.path.display(), "change record not used: {why}")
