@@ -10,7 +10,7 @@ mod common;
 
 use drblk_testkit::rng::RngExt;
 use std::path::{Path, PathBuf};
-use std::process::{Child, Command, Stdio};
+use std::process::{Command, Stdio};
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
@@ -27,14 +27,7 @@ const CHUNK: u64 = drblk::config::defaults::CHUNK_SIZE;
 const ROUNDS: u64 = 10;
 
 /// A `drblk serve` child, SIGKILLed on drop.
-struct Daemon(Child);
-
-impl Drop for Daemon {
-    fn drop(&mut self) {
-        let _ = self.0.kill();
-        let _ = self.0.wait();
-    }
-}
+use common::KillOnDrop as Daemon;
 
 struct Paths {
     disk: PathBuf,

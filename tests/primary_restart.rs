@@ -12,7 +12,7 @@ mod common;
 use std::collections::{BTreeSet, HashMap};
 use std::net::{SocketAddr, UdpSocket};
 use std::path::{Path, PathBuf};
-use std::process::{Child, Command, Stdio};
+use std::process::{Command, Stdio};
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
@@ -32,14 +32,7 @@ const AL_SLOTS: u64 = 8;
 /// What the activity log may add to a resync after a crash.
 const AL_BOUND: u64 = AL_SLOTS * AL_EXTENT / CHUNK;
 
-struct Daemon(Child);
-
-impl Drop for Daemon {
-    fn drop(&mut self) {
-        let _ = self.0.kill();
-        let _ = self.0.wait();
-    }
-}
+type Daemon = common::KillOnDrop;
 
 struct Site {
     dir: PathBuf,
@@ -53,13 +46,7 @@ struct Site {
 
 impl Site {
     fn new(dir: &Path) -> Site {
-        let certs = dir.join("certs");
-        let out = Command::new(BIN)
-            .args(["cert", "--dir"])
-            .arg(&certs)
-            .output()
-            .unwrap();
-        assert!(out.status.success());
+        let certs = common::make_certs(dir);
         std::fs::write(dir.join("primary.img"), vec![0u8; SIZE as usize]).unwrap();
         Site {
             dir: dir.to_path_buf(),
@@ -137,7 +124,7 @@ impl Site {
             .stderr(log)
             .spawn()
             .unwrap();
-        let mut d = Daemon(child);
+        let mut d = common::KillOnDrop(child);
         let ctl_socket = drblk::control::control_path(&self.sock());
         self.wait_until("the primary to listen", || {
             assert!(

@@ -6,7 +6,7 @@ mod common;
 
 use std::net::UdpSocket;
 use std::path::{Path, PathBuf};
-use std::process::{Child, Command, Stdio};
+use std::process::{Command, Stdio};
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
@@ -22,14 +22,7 @@ use drblk_testkit::test_frontend::TestFrontend;
 const BIN: &str = env!("CARGO_BIN_EXE_drblk");
 
 /// A child process killed (SIGKILL) on drop.
-struct Proc(Child);
-
-impl Drop for Proc {
-    fn drop(&mut self) {
-        let _ = self.0.kill();
-        let _ = self.0.wait();
-    }
-}
+use common::KillOnDrop as Proc;
 
 fn free_udp_port() -> u16 {
     UdpSocket::bind("127.0.0.1:0")
@@ -39,20 +32,7 @@ fn free_udp_port() -> u16 {
         .port()
 }
 
-fn make_certs(dir: &Path) -> PathBuf {
-    let certs = dir.join("certs");
-    let out = Command::new(BIN)
-        .args(["cert", "--dir"])
-        .arg(&certs)
-        .output()
-        .unwrap();
-    assert!(
-        out.status.success(),
-        "{}",
-        String::from_utf8_lossy(&out.stderr)
-    );
-    certs
-}
+use common::make_certs;
 
 fn secondary(dir: &Path, port: u16, certs: &Path, env: &[(&str, &str)]) -> Proc {
     let log = std::fs::File::create(dir.join("secondary.log")).unwrap();

@@ -82,3 +82,29 @@ pub fn ctl<T: serde::de::DeserializeOwned>(sock: &Path, cmd: &str) -> T {
 pub fn ctl_status(sock: &Path) -> drblk::control::PrimaryStatus {
     ctl(sock, "status")
 }
+
+/// A child process (a `drblk` daemon) killed with SIGKILL and reaped on drop.
+pub struct KillOnDrop(pub std::process::Child);
+
+impl Drop for KillOnDrop {
+    fn drop(&mut self) {
+        let _ = self.0.kill();
+        let _ = self.0.wait();
+    }
+}
+
+/// `drblk cert --dir DIR/certs` (CA plus the primary's and the secondary's certificates).
+pub fn make_certs(dir: &Path) -> PathBuf {
+    let certs = dir.join("certs");
+    let out = std::process::Command::new(env!("CARGO_BIN_EXE_drblk"))
+        .args(["cert", "--dir"])
+        .arg(&certs)
+        .output()
+        .unwrap();
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    certs
+}
