@@ -349,6 +349,11 @@ fn a_clean_restart_ships_exactly_the_unshipped_blocks_and_a_corrupt_record_a_ful
     let (shipped, full) = site.resync();
     println!("clean restart: {unshipped} blocks unshipped at the stop, {shipped} shipped");
     assert_eq!((shipped, full), (unshipped, 0), "{}", site.log());
+    // What `drblk ctl status` shows of the record.
+    let track = site.status().track.expect("the record in the status");
+    assert!(track.kept && track.trusted_on_start, "{track:?}");
+    assert_eq!(track.resync_blocks_on_start, unshipped);
+    assert!(track.path.ends_with("primary.img.drblk-track"), "{track:?}");
     site.drain_and_compare();
     site.sigterm(primary);
 
@@ -358,6 +363,7 @@ fn a_clean_restart_ships_exactly_the_unshipped_blocks_and_a_corrupt_record_a_ful
     let primary = site.primary();
     let (shipped, full) = site.resync();
     assert_eq!((shipped, full), (SIZE / CHUNK, 1), "{}", site.log());
+    assert!(!site.status().track.unwrap().trusted_on_start);
     assert!(site.log().contains("cannot be trusted"), "{}", site.log());
     site.drain_and_compare();
     site.assert_consistent_throughout();

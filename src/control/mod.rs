@@ -14,5 +14,5 @@ pub use client::request;
 pub use server::{control_path, ControlServer, ControlState, Request, MAX_REQUEST_BYTES};
 pub use status::{
     AbandonedCounts, CgStatus, Done, Drained, ErrorReply, FreezeTimes, LinkStatusView,
-    PrimaryStatus, ReplicationStatus, Reply,
+    PrimaryStatus, ReplicationStatus, Reply, TrackStatus,
 };

@@ -69,6 +69,8 @@ pub struct ControlState {
     pub cycle: Mutex<Option<Cycle>>,
     /// The replication link, if the disk is replicated.
     pub link: Mutex<Option<Arc<LinkStatus>>>,
+    /// The persisted change record, if one is kept.
+    pub record: Option<Arc<crate::track::ChangeRecord>>,
 }
 
 impl ControlState {
@@ -100,6 +102,7 @@ impl ControlState {
             cg: self.engine.as_deref().map(cg_status),
             replication,
             link,
+            track: self.record.as_ref().map(|r| r.status()),
         }
     }
 

@@ -37,6 +37,31 @@ pub struct PrimaryStatus {
     /// The link to the secondary, if the disk is replicated over the network.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub link: Option<LinkStatusView>,
+    /// The persisted change record, if one is kept.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub track: Option<TrackStatus>,
+}
+
+/// The primary's persisted change record (`--track-file`).
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct TrackStatus {
+    /// Where it lives.
+    pub path: String,
+    /// It is kept up to date (false after an I/O error: it was removed, and a restart
+    /// resyncs the whole disk).
+    pub kept: bool,
+    /// On start it was trusted (false: none yet, foreign or corrupt — a full copy followed).
+    pub trusted_on_start: bool,
+    /// Blocks it marked for the resync on start.
+    pub resync_blocks_on_start: u64,
+    /// The group it says the secondary holds at least.
+    pub acked_cg: u64,
+    /// Writes that had to add their extent to the on-disk activity log.
+    pub al_misses: u64,
+    /// Its metadata writes (log, bitmap pages, superblock).
+    pub meta_writes: u64,
+    /// Its fdatasyncs.
+    pub syncs: u64,
 }
 
 /// The consistency-group engine.
@@ -270,6 +295,16 @@ mod tests {
                 full_resyncs: 1,
                 wire_bytes: 9000 << 12,
                 udp_bytes: 9100 << 12,
+            }),
+            track: Some(TrackStatus {
+                path: "/var/lib/vm/disk.img.drblk-track".into(),
+                kept: true,
+                trusted_on_start: true,
+                resync_blocks_on_start: 310,
+                acked_cg: 40,
+                al_misses: 12,
+                meta_writes: 30,
+                syncs: 30,
             }),
         }
     }

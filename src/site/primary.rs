@@ -102,6 +102,7 @@ impl Server {
             engine: engine.clone(),
             cycle: std::sync::Mutex::new(None),
             link: std::sync::Mutex::new(None),
+            record: record.clone(),
         });
         let ship_nice = cfg.cg.as_ref().map_or(0, |c| c.ship_nice);
         if let (Some(path), Some(engine), Some(cg)) = (&cfg.local_replica, &engine, &cfg.cg) {

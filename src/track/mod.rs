@@ -123,6 +123,8 @@ pub struct ChangeRecord {
     disk: Mutex<Disk>,
     broken: AtomicBool,
     stats: TrackStats,
+    /// What the record said on start.
+    seeded: Seeded,
     /// Wakes the refresher: (a group committed, stop).
     signal: (Mutex<(bool, bool)>, Condvar),
 }
@@ -253,9 +255,29 @@ impl ChangeRecord {
             disk: Mutex::new(Disk { rf, dirty_pages }),
             broken: AtomicBool::new(false),
             stats: TrackStats::default(),
+            seeded: seeded.clone(),
             signal: (Mutex::new((false, false)), Condvar::new()),
         });
         Ok((rec, seeded))
+    }
+
+    /// What operators see of it (`drblk ctl status`).
+    pub fn status(&self) -> crate::control::TrackStatus {
+        let (path, acked_cg) = {
+            let d = self.disk.lock().unwrap_or_else(|p| p.into_inner());
+            (d.rf.path.display().to_string(), d.rf.sb.acked_cg)
+        };
+        let s = &self.stats;
+        crate::control::TrackStatus {
+            path,
+            kept: !self.is_broken(),
+            trusted_on_start: self.seeded.trusted,
+            resync_blocks_on_start: self.seeded.chunks_marked,
+            acked_cg,
+            al_misses: s.al_misses.load(Ordering::Relaxed),
+            meta_writes: s.meta_writes.load(Ordering::Relaxed),
+            syncs: s.syncs.load(Ordering::Relaxed),
+        }
     }
 
     /// The record's I/O counters.
