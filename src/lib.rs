@@ -43,6 +43,7 @@ pub mod cli;
 pub mod config;
 pub mod control;
 pub mod geometry;
+pub mod lineage;
 pub mod link;
 pub mod replica;
 pub mod replicate;
