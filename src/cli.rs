@@ -32,6 +32,8 @@ pub enum Command {
     Serve(Box<ServeArgs>),
     /// Receive a replicated disk from a primary and keep a crash-consistent replica.
     Secondary(SecondaryArgs),
+    /// Fail over: make a replica (on a stopped secondary) a writable disk for `drblk serve`.
+    Promote(PromoteArgs),
     /// Create a CA and per-site certificates for the replication link (quick start).
     Cert(CertArgs),
     /// Talk to a running daemon through its control socket (SOCKET.ctl).
@@ -259,9 +261,46 @@ pub struct SecondaryArgs {
     /// Accept only a primary whose certificate carries this site name.
     #[arg(long, default_value = defaults::PRIMARY_SITE)]
     pub peer_site: String,
+
+    /// Let the primary's copy replace this disk's own writes when the two lineages diverge
+    /// (an old primary rejoining after a failover, a split brain, unrelated disks). Without
+    /// it such a handshake is refused with what would be lost. The disk stays whole until
+    /// the replacing group commits.
+    #[arg(long)]
+    pub discard_local_changes: bool,
 }
 
 impl SecondaryArgs {
+    /// The state directory.
+    pub fn state_dir(&self) -> PathBuf {
+        self.state_dir
+            .clone()
+            .unwrap_or_else(|| crate::replica::default_state_dir(&self.disk))
+    }
+}
+
+/// `drblk promote` options.
+///
+/// Recovers the replica's journal to the last committed consistency group, ends the
+/// replica's generation there and starts a new one, and prints the CG the disk holds and
+/// how old the primary's state in it is. Afterwards `drblk serve --disk DISK` serves it and
+/// tracks every change from this point. Run it with the secondary stopped.
+#[derive(Debug, Args, Clone)]
+pub struct PromoteArgs {
+    /// The replica image.
+    #[arg(long, value_name = "PATH")]
+    pub disk: PathBuf,
+
+    /// The replica's state directory, as given to `drblk secondary` (default: DISK.state).
+    #[arg(long, value_name = "DIR")]
+    pub state_dir: Option<PathBuf>,
+
+    /// Promote a replica that is still syncing (an inconsistent mix of old and new blocks).
+    #[arg(long)]
+    pub force: bool,
+}
+
+impl PromoteArgs {
     /// The state directory.
     pub fn state_dir(&self) -> PathBuf {
         self.state_dir

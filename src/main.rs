@@ -34,6 +34,10 @@ fn main() {
                 .map_err(anyhow::Error::from)
         }
         Command::Ctl(args) => ctl(&args),
+        Command::Promote(args) => {
+            drblk::site::promote::promote_offline(&args.disk, &args.state_dir(), args.force)
+                .map(|p| println!("{}", p.report()))
+        }
     };
     if let Err(e) = result {
         tracing::error!("{e:#}");

@@ -79,6 +79,7 @@ impl Site {
             SecondaryPaths {
                 image: self.dir.join("secondary.img"),
                 state_dir: self.dir.join("secondary.state"),
+                discard_local_changes: false,
             },
             identity,
             addr,

@@ -47,7 +47,7 @@
 use serde::{Deserialize, Serialize};
 
 /// Version of this wire protocol; both sides must use the same one.
-pub const PROTOCOL_VERSION: u16 = 3;
+pub const PROTOCOL_VERSION: u16 = 4;
 
 /// Magic number at the start of `Hello` ("DRBK").
 pub const HELLO_MAGIC: u32 = 0x4452_424B;
@@ -110,6 +110,10 @@ pub struct Hello {
     pub last_committed_cg: Option<u64>,
     /// Name of the sending site (as in its certificate).
     pub site: String,
+    /// The primary's role and lineage (`None`: a sender that keeps none, e.g. a test
+    /// client); the secondary decides with it what may be synchronised
+    /// ([`crate::lineage::decide`]).
+    pub lineage: Option<crate::lineage::Lineage>,
 }
 
 /// The secondary's acceptance of a `Hello`.
@@ -448,6 +452,7 @@ mod tests {
             chunk_size: 65536,
             last_committed_cg: Some(3),
             site: "primary".into(),
+            lineage: Some(crate::lineage::Lineage::new_primary()),
         });
         let f = encode_frame(&hello).unwrap();
         let len = u32::from_le_bytes(f[..4].try_into().unwrap()) as usize;

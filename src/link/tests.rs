@@ -368,6 +368,7 @@ fn hello_frame(version: u16, disk: DiskInfo) -> Vec<u8> {
         chunk_size: disk.chunk_size,
         last_committed_cg: None,
         site: "primary".into(),
+        lineage: None,
     }))
     .unwrap()
 }

@@ -29,6 +29,32 @@ pub fn parse_uuid(s: &str) -> Option<[u8; 16]> {
         .map(Uuid::into_bytes)
 }
 
+/// Gives the image the identity `uuid` (a promoted replica keeps its primary's), unless it
+/// has it already; an image that holds another identity is refused.
+pub fn store(image: &Path, uuid: &[u8; 16]) -> io::Result<()> {
+    let path = identity_path(image);
+    match std::fs::read_to_string(&path) {
+        Ok(s) if parse_uuid(&s) == Some(*uuid) => return Ok(()),
+        Ok(s) => {
+            return Err(io::Error::new(
+                io::ErrorKind::InvalidData,
+                format!(
+                    "{} says this image is disk {}, but its replica state says {}: restore the right identity file or state directory",
+                    path.display(),
+                    s.trim(),
+                    uuid_hex(uuid)
+                ),
+            ))
+        }
+        Err(e) if e.kind() == io::ErrorKind::NotFound => {}
+        Err(e) => return Err(e),
+    }
+    let tmp = path.with_extension("drblk-id.tmp");
+    std::fs::write(&tmp, uuid_hex(uuid) + "\n")?;
+    std::fs::File::open(&tmp)?.sync_all()?;
+    std::fs::rename(&tmp, &path)
+}
+
 /// Reads the image's identity, creating a fresh random one if it has none.
 pub fn load_or_create(image: &Path) -> io::Result<[u8; 16]> {
     let path = identity_path(image);

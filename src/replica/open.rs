@@ -214,6 +214,41 @@ impl ReplicaStore {
         Ok(())
     }
 
+    /// Makes an existing image (an old primary rejoining as a secondary) a replica that is
+    /// consistent at `cg` as it is — nothing is copied. The caller vouches for the image:
+    /// it holds CG `cg` of the primary's line (a demoted primary at its CG of demotion), or
+    /// `cg` is 0, which no primary holds, so the next connection resyncs everything as a
+    /// staged group and the image stays whole until that group commits. Whatever the state
+    /// directory held (a promoted store left by an earlier promotion, a replica whose
+    /// writes the operator discards) is replaced: its journal first, so nothing of it is
+    /// ever replayed onto the image.
+    pub fn adopt(
+        image: &Path,
+        state_dir: &Path,
+        disk_size: u64,
+        chunk_size: u64,
+        disk_uuid: [u8; 16],
+        cg: u64,
+    ) -> Result<(Self, RecoveryReport)> {
+        fs::create_dir_all(state_dir).map_err(error::io("create directory", state_dir))?;
+        {
+            let _lock = lock_dir(state_dir)?;
+            state::remove_if_exists(&state_dir.join(JOURNAL_FILE))?;
+            state::sync_dir(state_dir)?;
+            let st = StateFile {
+                format: STATE_FORMAT,
+                disk_uuid: state::uuid_hex(&disk_uuid),
+                disk_size,
+                chunk_size,
+                mode: Mode::Consistent,
+                last_committed_cg: cg,
+                frozen_at_unix_us: 0,
+            };
+            state::write_atomic(state_dir, &st, || Ok(()))?;
+        }
+        Self::open(image, state_dir, disk_size, chunk_size, disk_uuid)
+    }
+
     /// Mark a replica whose journal is corrupt (see [`Error::Corrupt`]) as needing a full
     /// resync: state becomes `Syncing`, the journal is removed. The image is kept (a
     /// resync overwrites it). The replica must not be opened concurrently.

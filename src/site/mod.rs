@@ -3,4 +3,7 @@
 //! replica store).
 
 pub mod primary;
+pub mod promote;
+pub mod rejoin;
+pub mod role;
 pub mod secondary;

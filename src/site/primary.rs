@@ -47,6 +47,12 @@ impl Server {
         // Locked first: whoever holds the socket's lock owns its control socket too.
         let socket_lock = SocketLock::acquire(&cfg.socket)?;
         let disk = Arc::new(Disk::open(&cfg.disk)?);
+        // Before any write: a replica or a demoted disk is refused here.
+        let lineage = super::role::lineage_for_serve(
+            disk.path(),
+            disk.readonly(),
+            cfg.replication.is_some() || cfg.local_replica.is_some(),
+        )?;
         let limits = DeviceLimits::new(
             disk.size(),
             cfg.disk.logical_block_size,
@@ -118,7 +124,8 @@ impl Server {
             *control.cycle.lock().expect("cycle lock") = Some(cycle);
         }
         if let (Some(r), Some(engine), Some(cg)) = (&cfg.replication, &engine, &cfg.cg) {
-            let (replicator, link) = replicator_for(r, cg, &disk, engine.clone(), record.clone())?;
+            let (replicator, link) =
+                replicator_for(r, cg, &disk, engine.clone(), record.clone(), lineage)?;
             tracing::info!(secondary = %replicator.peer(), interval = ?cg.interval, "replicating");
             let cycle = Cycle::start(engine.clone(), Box::new(replicator), cg.interval, ship_nice);
             *control.cycle.lock().expect("cycle lock") = Some(cycle);
@@ -248,6 +255,7 @@ fn replicator_for(
     disk: &Disk,
     engine: Arc<Engine>,
     record: Option<Arc<ChangeRecord>>,
+    lineage: Option<crate::lineage::Lineage>,
 ) -> anyhow::Result<(Replicator, Arc<LinkStatus>)> {
     let addr = crate::link::resolve(&r.target)?;
     let identity = SiteIdentity::load_for_daemon(&r.certs, &r.site, &r.peer_site)?;
@@ -260,6 +268,7 @@ fn replicator_for(
     };
     info.validate()?;
     let mut cfg = ClientConfig::new(identity, addr, &r.peer_site, info);
+    cfg.lineage = lineage;
     cfg.max_rate = r.max_rate;
     cfg.compress = r.compress;
     cfg.data_streams = r.data_streams;
@@ -282,9 +291,7 @@ fn open_record(
     let path = match choice {
         Some(p) => p.clone(),
         None if std::fs::metadata(disk.path()).is_ok_and(|m| m.is_file()) => {
-            let mut p = disk.path().as_os_str().to_owned();
-            p.push(".drblk-track");
-            p.into()
+            crate::track::default_record_path(disk.path())
         }
         None => {
             tracing::warn!(disk = %disk.path().display(), "no change record for a block device without --track-file: a restart resyncs the whole disk");

@@ -18,7 +18,9 @@ use crate::link::{
     SiteIdentity, PROTOCOL_VERSION,
 };
 use crate::replica::identity::uuid_hex;
+use crate::lineage::{Decision, Lineage, Role};
 use crate::replica::{ChunkData, Error as StoreError, ReplicaState, ReplicaStore};
+use crate::site::rejoin::Target;
 
 /// Where the secondary keeps its replica.
 #[derive(Clone, Debug)]
@@ -27,6 +29,10 @@ pub struct SecondaryPaths {
     pub image: PathBuf,
     /// Journal, state file and lock.
     pub state_dir: PathBuf,
+    /// The operator's word that this disk's own writes may be discarded when the lineages
+    /// say it rejoins from behind (an old primary), diverged (split brain) or is unrelated:
+    /// it then takes the primary's copy as one staged group.
+    pub discard_local_changes: bool,
 }
 
 /// The link-facing side of a replica store.
@@ -69,6 +75,76 @@ impl StoreSink {
         Ok(())
     }
 
+    /// Compares the primary's lineage with this disk's before anything is written (see
+    /// [`crate::lineage::decide`]): refuses what needs the operator's word, adopts an old
+    /// primary's image that may rejoin, and records the primary's generation as this
+    /// replica's. `Err`: the refusal, for the log and the primary.
+    fn judge_lineage(
+        &self,
+        hello: &Hello,
+        peer: &PeerInfo,
+        store: &mut Option<ReplicaStore>,
+    ) -> Result<(), String> {
+        let image = &self.paths.image;
+        let mine = Lineage::load(image).map_err(|e| e.to_string())?;
+        // A store promoted here is no replica any more: the lineage says what the disk is.
+        if store.as_ref().is_some_and(|s| s.state() == ReplicaState::Promoted) {
+            if mine.is_none() {
+                return Err(RejectReason::Promoted.to_string());
+            }
+            *store = None;
+        }
+        let target = match (&*store, mine) {
+            (Some(s), l) => Target::replica(l, s.last_committed_cg()),
+            (None, Some(l)) if l.role != Role::Secondary => Target::image(image, l),
+            (None, l) => Target::replica(l, None),
+        };
+        let decision = target.decide(hello);
+        let adopt_at = match decision {
+            None => None,
+            Some(d) if d.proceeds() => match (d, &*store, target.role) {
+                // An old primary's image at the point the primary's generation began.
+                (Decision::Incremental { from_cg }, None, r) if r != Role::Secondary => {
+                    Some(from_cg)
+                }
+                _ => None,
+            },
+            Some(d) if self.paths.discard_local_changes => {
+                tracing::warn!(peer = %peer.site, decision = ?d, lost_chunks = target.tail_chunks, "--discard-local-changes: this disk's own writes are discarded; it takes the primary's copy as one staged group and stays whole until that commits");
+                // CG 0 is no group of the primary's: it resyncs everything, staged.
+                *store = None;
+                Some(0)
+            }
+            Some(d) => return Err(target.refusal(d, image, &peer.site)),
+        };
+        if let Some(cg) = adopt_at {
+            let (s, _) = ReplicaStore::adopt(
+                image,
+                &self.paths.state_dir,
+                hello.disk_size,
+                u64::from(hello.chunk_size),
+                hello.disk_uuid,
+                cg,
+            )
+            .map_err(|e| format!("cannot take {} in as a replica: {e}", image.display()))?;
+            tracing::info!(disk = %image.display(), cg, "disk taken in as a replica, consistent at CG {cg}");
+            *store = Some(s);
+        }
+        // From here the disk is a replica of the primary's generation. Written after the
+        // store is settled: a crash in between leaves a store whose lineage is re-judged.
+        if let Some(src) = &hello.lineage {
+            let current = Lineage::load(image).ok().flatten();
+            if current.as_ref().is_none_or(|l| {
+                l.role != Role::Secondary || l.generation != src.generation
+            }) {
+                let l = Lineage::replica_of(src.generation, &src.history);
+                l.store(image).map_err(|e| format!("writing the lineage of {}: {e}", image.display()))?;
+                tracing::info!(disk = %image.display(), lineage = %l.describe(), "replica of the primary's generation");
+            }
+        }
+        Ok(())
+    }
+
     fn with_store<T>(
         &self,
         f: impl FnOnce(&mut ReplicaStore) -> anyhow::Result<T>,
@@ -92,6 +168,10 @@ impl StoreSink {
 impl ReplicaSink for StoreSink {
     fn hello(&self, hello: &Hello, peer: &PeerInfo) -> Result<HelloAck, RejectReason> {
         let mut g = self.store.lock().expect("store lock");
+        if let Err(e) = self.judge_lineage(hello, peer, &mut g) {
+            tracing::error!(peer = %peer.addr, site = %peer.site, "refusing primary: {e}");
+            return Err(RejectReason::Other(e));
+        }
         if g.is_none() {
             if let Err(e) = ensure_image(&self.paths.image, hello.disk_size) {
                 tracing::error!(error = %e, "cannot prepare the replica image");
@@ -315,6 +395,7 @@ pub fn run(args: crate::cli::SecondaryArgs) -> anyhow::Result<()> {
     let paths = SecondaryPaths {
         image: args.disk.clone(),
         state_dir: args.state_dir(),
+        discard_local_changes: args.discard_local_changes,
     };
     let secondary = Secondary::start(paths, identity, listen, Some(args.peer_site.clone()), None)?;
     // Log the state when it changes kind, and every 10 s while it does not.

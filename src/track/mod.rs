@@ -46,6 +46,9 @@
 
 pub mod activity;
 pub mod file;
+mod fresh;
+
+pub use fresh::{default_record_path, write_empty};
 
 use std::collections::BTreeSet;
 use std::io;

@@ -93,6 +93,7 @@ pub fn run(args: DemoArgs) -> anyhow::Result<()> {
         SecondaryPaths {
             image: replica.clone(),
             state_dir: dir.join("secondary.state"),
+            discard_local_changes: false,
         },
         identity,
         "127.0.0.1:0".parse()?,

@@ -59,6 +59,7 @@ pub(super) async fn establish(cfg: &ClientConfig) -> Result<Established, LinkErr
             chunk_size: cfg.disk.chunk_size,
             last_committed_cg: cfg.last_committed_cg,
             site: cfg.identity.site.clone(),
+            lineage: cfg.lineage.clone(),
         });
         let frame = encode_frame(&hello).map_err(|e| e.to_string())?;
         send.write_all(&frame).await.map_err(|e| e.to_string())?;

@@ -45,6 +45,8 @@ pub struct ClientConfig {
     pub disk: DiskInfo,
     /// Last CG the primary knows committed on the secondary, sent in `Hello`.
     pub last_committed_cg: Option<u64>,
+    /// The primary's lineage, sent in the `Hello`.
+    pub lineage: Option<crate::lineage::Lineage>,
     /// Number of unidirectional data streams (1..=16).
     pub data_streams: usize,
     /// Bound of chunk bytes queued in the client, not yet handed to QUIC.
@@ -90,6 +92,7 @@ impl ClientConfig {
             bind,
             disk,
             last_committed_cg: None,
+            lineage: None,
             data_streams: 4,
             max_inflight_bytes: 64 << 20,
             max_rate: None,

@@ -1,0 +1,215 @@
+//! `drblk promote`: failover. Turns a replica into a disk a VM can boot from: the journal
+//! is recovered to the last committed CG, the replica's generation ends there and a new
+//! one begins, and the disk is left ready for `drblk serve`, which tracks every change from
+//! the promotion point.
+//!
+//! # Steps, and why a crash between any two is safe
+//! 1. Open the replica store (crash recovery: the image holds the last committed CG).
+//! 2. Mark the store promoted (`state.json`; a link loss's checkpoint first): from here no
+//!    primary can replicate into it.
+//! 3. Write the disk's identity next to the image (`IMAGE.drblk-id`, the replicated disk's
+//!    uuid), so `drblk serve` replicates it as the same disk.
+//! 4. Write an empty, clean change record acknowledged at the CG: the promoted side ships
+//!    only what it writes after the promotion.
+//! 5. Write the lineage (role promoted, new generation): this is what lets `drblk serve`
+//!    write the image, so it comes last. A crash before it leaves a disk `drblk serve`
+//!    still refuses; running `drblk promote` again redoes 3–5 (each is idempotent).
+
+use std::path::{Path, PathBuf};
+
+use anyhow::{bail, Context};
+
+use crate::lineage::{short, Lineage, Role};
+use crate::replica::{Error as StoreError, ReplicaState, ReplicaStore};
+
+/// What a promotion did.
+#[derive(Debug, Clone)]
+pub struct Promotion {
+    /// The promoted image.
+    pub image: PathBuf,
+    /// The CG the image holds (0 for a forced promotion of a syncing replica).
+    pub cg: u64,
+    /// When the primary froze that CG (Unix microseconds; 0 if unknown).
+    pub frozen_at_unix_us: u64,
+    /// A forced promotion of a replica still syncing: (chunks copied, chunks in all).
+    pub inconsistent: Option<(u64, u64)>,
+    /// The lineage after the promotion.
+    pub lineage: Lineage,
+    /// The generation that ended.
+    pub previous: Option<[u8; 16]>,
+    /// It was promoted already; nothing changed.
+    pub already: bool,
+}
+
+impl Promotion {
+    /// What `drblk promote` prints.
+    pub fn report(&self) -> String {
+        let img = self.image.display();
+        if self.already {
+            return format!(
+                "{img} was already promoted at CG {} ({}); nothing changed",
+                self.lineage.since_cg,
+                self.lineage.describe()
+            );
+        }
+        let mut s = match self.inconsistent {
+            Some((done, total)) => format!(
+                "promoted {img} although it was still syncing ({done} of {total} chunks copied): \
+                 it mixes old and new blocks, and a filesystem on it may need repair or may not mount"
+            ),
+            None => {
+                let when = if self.frozen_at_unix_us > 0 {
+                    let t = std::time::UNIX_EPOCH
+                        + std::time::Duration::from_micros(self.frozen_at_unix_us);
+                    let age = crate::sys::clock::now_unix_micros()
+                        .saturating_sub(self.frozen_at_unix_us);
+                    format!(
+                        "{} ({:.1} s ago)",
+                        humantime::format_rfc3339_millis(t),
+                        age as f64 / 1e6
+                    )
+                } else {
+                    "an unknown time".into()
+                };
+                format!(
+                    "promoted {img} at CG {}: it holds the primary's writes up to {when}; data the primary wrote after that is not here",
+                    self.cg
+                )
+            }
+        };
+        s.push_str(&format!(
+            "\nnew generation {}{}\nserve it with: drblk serve --disk {img} --socket SOCKET [--replicate-to ...]",
+            short(&self.lineage.generation),
+            self.previous
+                .map(|g| format!(" (generation {} ends at CG {})", short(&g), self.cg))
+                .unwrap_or_default()
+        ));
+        s
+    }
+}
+
+/// `drblk promote` on a stopped secondary: opens the replica in `state_dir` and promotes
+/// it. A running secondary holds the replica's lock; promote it through its control socket.
+pub fn promote_offline(image: &Path, state_dir: &Path, force: bool) -> anyhow::Result<Promotion> {
+    let lineage = Lineage::load(image)?;
+    match &lineage {
+        Some(l) if l.role == Role::Primary => bail!(
+            "{} is a primary disk ({}), not a replica: there is nothing to promote",
+            image.display(),
+            l.describe()
+        ),
+        Some(l) if l.role == Role::Demoted => {
+            // A demoted primary (its successor lost): it holds its CG of demotion exactly.
+            let promoted = l.promoted(l.since_cg);
+            promoted.store(image)?;
+            tracing::info!(disk = %image.display(), lineage = %promoted.describe(), "demoted disk promoted");
+            return Ok(Promotion {
+                image: image.to_path_buf(),
+                cg: l.since_cg,
+                frozen_at_unix_us: 0,
+                inconsistent: None,
+                previous: Some(l.generation),
+                lineage: promoted,
+                already: false,
+            });
+        }
+        _ => {}
+    }
+    let info = crate::replica::stored_identity(state_dir)?.with_context(|| {
+        format!(
+            "{} holds no replica (no state.json): {} is not a replica kept by `drblk secondary` \
+             with this state directory (pass the one it used with --state-dir)",
+            state_dir.display(),
+            image.display()
+        )
+    })?;
+    let (mut store, report) = ReplicaStore::open(
+        image,
+        state_dir,
+        info.disk_size,
+        info.chunk_size,
+        info.uuid,
+    )
+    .map_err(|e| match e {
+        StoreError::Locked(dir) => anyhow::anyhow!(
+            "the replica in {} is in use (a running `drblk secondary`, or another promote): \
+             promote it through that secondary's control socket (`drblk ctl --control PATH promote`), or stop it first",
+            dir.display()
+        ),
+        e => anyhow::Error::from(e).context(format!("recovering the replica in {}", state_dir.display())),
+    })?;
+    tracing::info!(?report, state = ?store.state(), "replica recovered for promotion");
+    promote_store(&mut store, image, info.uuid, lineage, force)
+}
+
+/// Promotes an open replica store whose image is `image` (see the module docs for the
+/// steps). `lineage` is the image's lineage as loaded.
+pub fn promote_store(
+    store: &mut ReplicaStore,
+    image: &Path,
+    uuid: [u8; 16],
+    lineage: Option<Lineage>,
+    force: bool,
+) -> anyhow::Result<Promotion> {
+    let geometry = (store.disk_size(), store.chunk_size());
+    let (cg, frozen_at_unix_us, inconsistent) = match store.state() {
+        ReplicaState::Promoted => {
+            let cg = store.last_committed_cg().unwrap_or(0);
+            if let Some(l) = lineage.as_ref().filter(|l| l.role == Role::Promoted) {
+                return Ok(Promotion {
+                    image: image.to_path_buf(),
+                    cg: l.since_cg,
+                    frozen_at_unix_us: 0,
+                    inconsistent: None,
+                    previous: l.history.first().map(|a| a.generation),
+                    lineage: l.clone(),
+                    already: true,
+                });
+            }
+            // An earlier promote stopped between its steps: finish it.
+            (cg, 0, None)
+        }
+        ReplicaState::Syncing {
+            done_chunks,
+            total_chunks,
+        } => {
+            if !force {
+                bail!(
+                    "{} is still syncing ({done_chunks} of {total_chunks} chunks copied): it is \
+                     not a consistent copy of any moment of the primary, and a filesystem on it \
+                     may need repair or may not mount. Pass --force to promote it anyway",
+                    image.display()
+                );
+            }
+            store.promote_inconsistent()?;
+            (0, 0, Some((done_chunks, total_chunks)))
+        }
+        ReplicaState::Consistent {
+            cg,
+            frozen_at_unix_us,
+        } => {
+            store.promote()?;
+            (cg, frozen_at_unix_us, None)
+        }
+    };
+    crate::replica::identity::store(image, &uuid)?;
+    let record = crate::track::default_record_path(image);
+    crate::track::write_empty(&record, uuid, geometry.0, geometry.1, cg)
+        .with_context(|| format!("writing the change record {}", record.display()))?;
+    let base = lineage.unwrap_or_else(|| {
+        // A replica kept by a drblk without lineages: its generation is unknown.
+        Lineage::replica_of(crate::lineage::new_generation(), &[])
+    });
+    let promoted = base.promoted(cg);
+    promoted.store(image)?;
+    tracing::info!(disk = %image.display(), cg, lineage = %promoted.describe(), "replica promoted");
+    Ok(Promotion {
+        image: image.to_path_buf(),
+        cg,
+        frozen_at_unix_us,
+        inconsistent,
+        previous: Some(base.generation),
+        lineage: promoted,
+        already: false,
+    })
+}

@@ -1,0 +1,313 @@
+//! Failover through the real binaries: a primary (`drblk serve --replicate-to`) takes
+//! dependent writes through vhost-user and replicates them to `drblk secondary`; both are
+//! killed with SIGKILL at random moments (the secondary first in some rounds, so it dies
+//! mid-apply); `drblk promote` recovers the replica and makes it writable. The promoted
+//! image must pass the dependent-write check, hold at least every group the primary saw
+//! acknowledged, and `drblk serve` must serve it — while before the promotion `drblk
+//! serve` refuses the replica.
+//!
+//! Rounds: `DRBLK_FAILOVER_ROUNDS` (default 3; the full drill is 20).
+
+mod common;
+
+use std::net::UdpSocket;
+use std::path::{Path, PathBuf};
+use std::process::{Command, Output, Stdio};
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
+
+use common::dw::History;
+use common::KillOnDrop;
+use drblk::control::PrimaryStatus;
+use drblk_testkit::rng::RngExt;
+use drblk_testkit::test_frontend::{Desc, TestFrontend, DATA_BASE};
+use virtio_bindings::virtio_blk::VIRTIO_BLK_T_IN;
+
+const BIN: &str = env!("CARGO_BIN_EXE_drblk");
+const SIZE: u64 = 16 << 20;
+
+struct Sites {
+    dir: PathBuf,
+    certs: PathBuf,
+    port: u16,
+}
+
+impl Sites {
+    fn new(dir: &Path) -> Sites {
+        let certs = common::make_certs(dir);
+        std::fs::write(dir.join("primary.img"), vec![0u8; SIZE as usize]).unwrap();
+        Sites {
+            dir: dir.to_path_buf(),
+            certs,
+            port: UdpSocket::bind("127.0.0.1:0")
+                .unwrap()
+                .local_addr()
+                .unwrap()
+                .port(),
+        }
+    }
+
+    fn replica(&self) -> PathBuf {
+        self.dir.join("secondary.img")
+    }
+
+    fn sock(&self) -> PathBuf {
+        self.dir.join("primary.sock")
+    }
+
+    fn spawn(&self, log: &str, args: &[&str], paths: &[(&str, &Path)]) -> KillOnDrop {
+        let log = std::fs::OpenOptions::new()
+            .create(true)
+            .append(true)
+            .open(self.dir.join(log))
+            .unwrap();
+        let mut c = Command::new(BIN);
+        c.args(args);
+        for (flag, p) in paths {
+            c.arg(flag).arg(p);
+        }
+        let child = c
+            .env("RUST_LOG", "drblk=info")
+            .stdout(Stdio::null())
+            .stderr(log)
+            .spawn()
+            .unwrap();
+        KillOnDrop(child)
+    }
+
+    fn secondary(&self) -> KillOnDrop {
+        let listen = format!("127.0.0.1:{}", self.port);
+        self.spawn(
+            "secondary.log",
+            &["secondary", "--listen", &listen],
+            &[("--disk", &self.replica()), ("--certs", &self.certs)],
+        )
+    }
+
+    fn primary(&self) -> KillOnDrop {
+        let to = format!("127.0.0.1:{}", self.port);
+        let mut d = self.spawn(
+            "primary.log",
+            &[
+                "serve",
+                "--queues",
+                "2",
+                "--replicate-to",
+                &to,
+                "--cg-interval",
+                "20ms",
+            ],
+            &[
+                ("--disk", &self.dir.join("primary.img")),
+                ("--socket", &self.sock()),
+                ("--certs", &self.certs),
+            ],
+        );
+        let ctl_socket = drblk::control::control_path(&self.sock());
+        self.wait_until("the primary to listen", || {
+            assert!(d.0.try_wait().unwrap().is_none(), "the primary exited");
+            std::os::unix::net::UnixStream::connect(self.sock()).is_ok()
+                && std::os::unix::net::UnixStream::connect(&ctl_socket).is_ok()
+        });
+        d
+    }
+
+    fn logs(&self) -> String {
+        ["primary.log", "secondary.log"]
+            .iter()
+            .map(|f| {
+                format!(
+                    "--- {f}\n{}",
+                    std::fs::read_to_string(self.dir.join(f)).unwrap_or_default()
+                )
+            })
+            .collect()
+    }
+
+    /// Waits for `f`; the deadline only guards against hangs.
+    fn wait_until(&self, what: &str, mut f: impl FnMut() -> bool) {
+        let deadline = Instant::now() + Duration::from_secs(300);
+        while !f() {
+            assert!(
+                Instant::now() < deadline,
+                "timed out waiting for {what}:\n{}",
+                self.logs()
+            );
+            std::thread::sleep(Duration::from_millis(10));
+        }
+    }
+
+    /// The last group the secondary acknowledged, as the primary saw it.
+    fn acked(&self) -> Option<u64> {
+        let out = Command::new(BIN)
+            .args(["ctl", "--socket"])
+            .arg(self.sock())
+            .arg("status")
+            .output()
+            .ok()?;
+        let st: PrimaryStatus = serde_json::from_slice(&out.stdout).ok()?;
+        st.replication.map(|r| r.last_committed_cg)
+    }
+
+    fn drblk(&self, args: &[&str], paths: &[(&str, &Path)]) -> Output {
+        let mut c = Command::new(BIN);
+        c.args(args);
+        for (flag, p) in paths {
+            c.arg(flag).arg(p);
+        }
+        c.output().unwrap()
+    }
+}
+
+fn text(o: &Output) -> String {
+    format!(
+        "{}{}",
+        String::from_utf8_lossy(&o.stdout),
+        String::from_utf8_lossy(&o.stderr)
+    )
+}
+
+/// One round; returns the CG promoted at.
+fn round(seed: u64) -> u64 {
+    let tmp = tempfile::tempdir().unwrap();
+    let s = Sites::new(tmp.path());
+    let mut rng = drblk_testkit::rng::seeded(seed);
+    let mut secondary = s.secondary();
+    let mut primary = s.primary();
+    s.wait_until("the initial copy", || s.acked().is_some_and(|c| c >= 1));
+
+    // Dependent writes until the primary dies; the highest acknowledged group is polled.
+    let history = Arc::new(Mutex::new(History::new(SIZE)));
+    let stop = Arc::new(AtomicBool::new(false));
+    let acked = Arc::new(AtomicU64::new(0));
+    let writer = {
+        let (sock, h, stop) = (s.sock(), history.clone(), stop.clone());
+        std::thread::spawn(move || {
+            let mut f = TestFrontend::connect(&sock, 2, 256, true).unwrap();
+            common::dw::drive_until_killed(&mut f, &h, SIZE, seed, || stop.load(Ordering::SeqCst))
+        })
+    };
+    let load_for = Duration::from_millis(rng.random_range(300..1500));
+    let t0 = Instant::now();
+    while t0.elapsed() < load_for {
+        if let Some(c) = s.acked() {
+            acked.fetch_max(c, Ordering::SeqCst);
+        }
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    // Odd rounds kill the secondary first, in the middle of its groups (mid-apply), then
+    // the primary; even rounds the other way round.
+    if seed % 2 == 1 {
+        let _ = secondary.0.kill();
+        std::thread::sleep(Duration::from_millis(rng.random_range(0..100)));
+        let _ = primary.0.kill();
+    } else {
+        let _ = primary.0.kill();
+        std::thread::sleep(Duration::from_millis(rng.random_range(0..100)));
+        let _ = secondary.0.kill();
+    }
+    let _ = primary.0.wait();
+    let _ = secondary.0.wait();
+    stop.store(true, Ordering::SeqCst);
+    let writes = writer.join().unwrap();
+
+    // Before the promotion the replica is refused for writing.
+    let refused = s.drblk(
+        &["serve"],
+        &[("--disk", &s.replica()), ("--socket", &tmp.path().join("r.sock"))],
+    );
+    assert!(!refused.status.success(), "served an unpromoted replica");
+    assert!(
+        text(&refused).contains("drblk promote --disk"),
+        "{}",
+        text(&refused)
+    );
+
+    let out = s.drblk(&["promote"], &[("--disk", &s.replica())]);
+    let said = text(&out);
+    assert!(out.status.success(), "promote failed: {said}\n{}", s.logs());
+    let cg: u64 = said
+        .split(" at CG ")
+        .nth(1)
+        .and_then(|t| t.split(':').next())
+        .and_then(|n| n.parse().ok())
+        .unwrap_or_else(|| panic!("no CG in {said:?}"));
+    let acked = acked.load(Ordering::SeqCst);
+    assert!(
+        cg >= acked,
+        "promoted at CG {cg}, but the primary saw {acked} acknowledged\n{said}"
+    );
+    let img = std::fs::read(s.replica()).unwrap();
+    if let Err(e) = history.lock().unwrap().check(&img) {
+        panic!("the promoted image is not a consistent state: {e}\n{said}\n{}", s.logs());
+    }
+
+    // A second promote changes nothing and says so.
+    let again = s.drblk(&["promote"], &[("--disk", &s.replica())]);
+    assert!(again.status.success(), "{}", text(&again));
+    assert!(text(&again).contains("already promoted"), "{}", text(&again));
+
+    // The promoted disk is served, and what it holds reads back through vhost-user.
+    let sock = tmp.path().join("promoted.sock");
+    let mut served = s.spawn(
+        "promoted.log",
+        &["serve", "--queues", "2"],
+        &[("--disk", &s.replica()), ("--socket", &sock)],
+    );
+    s.wait_until("the promoted disk to be served", || {
+        assert!(
+            served.0.try_wait().unwrap().is_none(),
+            "serving the promoted disk failed:\n{}",
+            std::fs::read_to_string(tmp.path().join("promoted.log")).unwrap_or_default()
+        );
+        std::os::unix::net::UnixStream::connect(&sock).is_ok()
+    });
+    let mut f = TestFrontend::connect(&sock, 2, 256, true).unwrap();
+    for block in [0u64, 1, SIZE / 4096 / 2, SIZE / 4096 - 1] {
+        let (st, _) = f
+            .request(
+                0,
+                VIRTIO_BLK_T_IN,
+                block * 8,
+                &[Desc::w(DATA_BASE, 4096)],
+            )
+            .unwrap();
+        assert_eq!(st, 0, "read of block {block}");
+        let got = f.read_mem(DATA_BASE, 4096).unwrap();
+        let at = (block * 4096) as usize;
+        assert_eq!(got, img[at..at + 4096], "block {block} of the served disk");
+    }
+    println!("round {seed}: {writes} writes, promoted at CG {cg} (acknowledged {acked})");
+    cg
+}
+
+#[test]
+fn failover_after_kill_9_promotes_a_consistent_replica_that_serves() {
+    let rounds: u64 = std::env::var("DRBLK_FAILOVER_ROUNDS")
+        .ok()
+        .and_then(|v| v.parse().ok())
+        .unwrap_or(3);
+    for r in 0..rounds {
+        round(0xfa11_0000 + r);
+    }
+}
+
+#[test]
+fn promote_refuses_what_is_no_replica_and_changes_nothing() {
+    let tmp = tempfile::tempdir().unwrap();
+    let img = tmp.path().join("plain.img");
+    std::fs::write(&img, vec![7u8; 1 << 20]).unwrap();
+    let o = Command::new(BIN)
+        .args(["promote", "--disk"])
+        .arg(&img)
+        .output()
+        .unwrap();
+    assert!(!o.status.success());
+    assert!(text(&o).contains("holds no replica"), "{}", text(&o));
+    let names: Vec<_> = std::fs::read_dir(tmp.path())
+        .unwrap()
+        .map(|e| e.unwrap().file_name())
+        .collect();
+    assert_eq!(names, vec![std::ffi::OsString::from("plain.img")]);
+}
