@@ -333,9 +333,16 @@ pub struct CtlArgs {
     #[arg(long, value_name = "PATH")]
     pub socket: PathBuf,
     /// status: print the daemon's state and figures as JSON; form-cg: form a consistency
-    /// group now; drain: form one last group and wait until it has committed.
-    #[arg(value_parser = ["status", "form-cg", "drain"])]
+    /// group now; drain: form one last group and wait until it has committed; demote:
+    /// planned switchover — refuse writes, form a final group, wait for its commit, stop
+    /// replicating and record the disk as demoted there (the VM must be shut down).
+    #[arg(value_parser = ["status", "form-cg", "drain", "demote"])]
     pub command: String,
+
+    /// demote: go ahead although a frontend (the VM) is connected; its writes fail from
+    /// then on.
+    #[arg(long)]
+    pub force: bool,
 }
 
 impl ServeArgs {

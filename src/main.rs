@@ -46,10 +46,19 @@ fn main() {
     }
 }
 
+/// The disk a daemon serves, for hints.
+fn status_disk(socket: &std::path::Path) -> Option<String> {
+    client::status(socket).ok().map(|s| s.disk)
+}
+
 /// `drblk ctl`: sends the command and prints the daemon's answer as JSON.
 fn ctl(args: &CtlArgs) -> anyhow::Result<()> {
     let socket = &args.socket;
-    let answer = match args.command.parse::<Request>()? {
+    let mut req = args.command.parse::<Request>()?;
+    if let Request::Demote { force } = &mut req {
+        *force = args.force;
+    }
+    let answer = match req {
         Request::Status => serde_json::to_string_pretty(&Reply::ok(client::status(socket)?)),
         Request::FormCg => {
             client::form_cg(socket)?;
@@ -58,6 +67,17 @@ fn ctl(args: &CtlArgs) -> anyhow::Result<()> {
         Request::Drain => {
             let cg = client::drain(socket)?;
             serde_json::to_string_pretty(&Reply::ok(Drained { cg }))
+        }
+        Request::Demote { .. } => {
+            let d: Drained = client::request_as(socket, req)?;
+            eprintln!(
+                "demoted at CG {}: the secondary holds every write. Next: stop this daemon, \
+                 promote the secondary (`drblk promote --disk REPLICA`), then run this disk as \
+                 its secondary (`drblk secondary --disk {} ...`)",
+                d.cg,
+                status_disk(socket).unwrap_or_else(|| "IMAGE".into())
+            );
+            serde_json::to_string_pretty(&Reply::ok(d))
         }
     }?;
     println!("{answer}");

@@ -232,11 +232,13 @@ pub fn serve(
         }
         let n = shared.stats.connections.fetch_add(1, Ordering::Relaxed) + 1;
         tracing::info!(connection = n, "frontend connected");
+        shared.stats.frontends.fetch_add(1, Ordering::SeqCst);
         shutdown.set_current(daemon.shutdown_handle());
         let result = daemon.wait();
         shutdown.set_current(None);
         // Dropping the daemon stops the queue workers after the requests they hold.
         drop(daemon);
+        shared.stats.frontends.fetch_sub(1, Ordering::SeqCst);
         if let Some(engine) = shared.executor.tracking() {
             // Completions held for the gone connection are dropped: the frontend restarts
             // each ring at its used index and resubmits those requests.

@@ -48,6 +48,8 @@ pub struct DeviceStats {
     pub rejected: AtomicU64,
     /// Frontend connections served.
     pub connections: AtomicU64,
+    /// Frontends connected now (0 or 1: one connection at a time).
+    pub frontends: AtomicU64,
 }
 
 /// The per-connection backend handed to `VhostUserDaemon`.

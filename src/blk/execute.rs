@@ -7,6 +7,7 @@ use std::sync::Arc;
 use vm_memory::{Bytes, GuestMemoryBackend, GuestMemoryMmap};
 
 use crate::blk::disk::Disk;
+use crate::blk::fence::Fence;
 use crate::blk::request::{status, Request, RequestKind};
 use crate::blk::tracking::{Tracking, WriteGuard};
 use crate::blk::virtio::{ID_BYTES, SECTOR_SIZE};
@@ -21,6 +22,8 @@ pub struct Executor {
     /// Write tracking and the completion gate, when the disk is replicated: it sees every
     /// write before the write touches the disk.
     tracking: Option<Arc<dyn Tracking>>,
+    /// Raised when the disk is demoted: writes fail from then on.
+    fence: Fence,
 }
 
 /// Outcome of one request: its status byte and how many bytes were written to the guest.
@@ -43,6 +46,7 @@ impl Executor {
             serial: id,
             writeback: AtomicBool::new(true),
             tracking,
+            fence: Fence::default(),
         }
     }
 
@@ -82,6 +86,11 @@ impl Executor {
         }
     }
 
+    /// The write fence (raised by a demotion).
+    pub fn fence(&self) -> &Fence {
+        &self.fence
+    }
+
     /// Write tracking and the completion gate, if the disk is replicated.
     pub fn tracking(&self) -> Option<&Arc<dyn Tracking>> {
         self.tracking.as_ref()
@@ -110,6 +119,7 @@ impl Executor {
             }
             RequestKind::Out => {
                 let iov = host_buffers(mem, req)?;
+                let _passage = self.fence.pass(queue)?;
                 let _guard = self.record(queue, offset, req.data_len)?;
                 // SAFETY: as above; pwritev only reads the guest buffers.
                 unsafe { self.disk.writev_at(&iov, offset)? };
@@ -136,6 +146,7 @@ impl Executor {
                 Ok(pos as u32)
             }
             RequestKind::Discard(segs) => {
+                let _passage = self.fence.pass(queue)?;
                 for s in segs {
                     let (off, len) = s.byte_range();
                     let _guard = self.record(queue, off, len)?;
@@ -144,6 +155,7 @@ impl Executor {
                 Ok(0)
             }
             RequestKind::WriteZeroes(segs) => {
+                let _passage = self.fence.pass(queue)?;
                 for s in segs {
                     let (off, len) = s.byte_range();
                     let _guard = self.record(queue, off, len)?;

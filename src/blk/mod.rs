@@ -13,6 +13,7 @@ pub mod daemon;
 pub mod device;
 pub mod disk;
 pub mod execute;
+pub mod fence;
 pub mod queue;
 pub mod request;
 #[cfg(test)]

@@ -7,6 +7,7 @@
 //! - [`status`]: the typed answers, [`PrimaryStatus`] first.
 
 pub mod client;
+mod demote;
 pub mod server;
 pub mod status;
 

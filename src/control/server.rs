@@ -29,8 +29,8 @@ use crate::replicate::shipper::LinkStatus;
 /// The longest request line accepted, newline excluded (bytes).
 pub const MAX_REQUEST_BYTES: usize = 64 << 10;
 
-/// A request on the control socket: `{"cmd":"status"}`, `{"cmd":"form-cg"}` or
-/// `{"cmd":"drain"}`.
+/// A request on the control socket: `{"cmd":"status"}`, `{"cmd":"form-cg"}`,
+/// `{"cmd":"drain"}` or `{"cmd":"demote","force":false}`.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(tag = "cmd", rename_all = "kebab-case")]
 pub enum Request {
@@ -40,6 +40,14 @@ pub enum Request {
     FormCg,
     /// Form one last group and wait until it has committed; answers [`Drained`].
     Drain,
+    /// Planned switchover: refuse writes, form a final group, wait for its commit, stop
+    /// replicating and record "demoted at CG n"; answers [`Drained`]. Refused while a
+    /// frontend is connected unless `force` (its writes fail from then on).
+    Demote {
+        /// Demote although a frontend (the VM) is connected.
+        #[serde(default)]
+        force: bool,
+    },
 }
 
 impl FromStr for Request {
@@ -119,12 +127,15 @@ impl ControlState {
                 reply(Done {})
             }
             Request::Drain => reply(Drained { cg: self.drain()? }),
+            Request::Demote { force } => reply(Drained {
+                cg: self.demote(force)?,
+            }),
         }
     }
 
     /// Forms groups until one that was formed after this call has committed: it then holds
     /// every write completed before the call. Returns the last committed group.
-    fn drain(&self) -> anyhow::Result<u64> {
+    pub(super) fn drain(&self) -> anyhow::Result<u64> {
         let stats = {
             let g = self.cycle.lock().expect("cycle lock");
             let cycle = g

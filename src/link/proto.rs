@@ -127,6 +127,11 @@ pub struct HelloAck {
     pub state: ReplicaState,
     /// Name of the answering site.
     pub site: String,
+    /// Byte ranges `(offset, length)` the secondary itself wrote since the groups it
+    /// shares with the primary (an old primary rejoining after a failover, its own
+    /// unreplicated writes, discarded on the operator's word): the primary ships them on
+    /// top of its own changes, in the first group of this connection.
+    pub resync_also: Vec<(u64, u64)>,
 }
 
 /// Why a secondary refused a connection.

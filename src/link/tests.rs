@@ -72,6 +72,7 @@ impl ReplicaSink for MemSink {
         self.disk.check(hello)?;
         let last = self.st().last;
         Ok(HelloAck {
+            resync_also: Vec::new(),
             protocol_version: PROTOCOL_VERSION,
             last_committed_cg: last,
             state: match last {

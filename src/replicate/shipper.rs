@@ -143,6 +143,22 @@ impl Replicator {
                 ))
             }
         }
+        if !ack.resync_also.is_empty() {
+            // An old primary rejoining: its own writes since the groups we share are shipped
+            // on top of ours (the secondary keeps asking until a group commits).
+            let chunk = u64::from(self.cfg.disk.chunk_size);
+            let last_chunk = self.cfg.disk.size.div_ceil(chunk).saturating_sub(1);
+            let mut marked = 0u64;
+            for &(off, len) in &ack.resync_also {
+                if len == 0 || off >= self.cfg.disk.size {
+                    continue;
+                }
+                let (a, b) = (off / chunk, ((off + len - 1) / chunk).min(last_chunk));
+                self.engine.mark_range(a, b);
+                marked += b - a + 1;
+            }
+            tracing::info!(secondary = %self.cfg.server_addr, ranges = ack.resync_also.len(), chunks = marked, "the secondary wrote these chunks on its own (an old primary rejoining): shipping ours over them");
+        }
         *self.status.remote_state.lock().expect("status lock") = ack.state.to_string();
         self.status.connected.store(true, Ordering::SeqCst);
         self.seeded = false;

@@ -7,6 +7,73 @@ use std::path::Path;
 use crate::lineage::{decide, short, Decision, Lineage, Role, Side};
 use crate::link::Hello;
 
+/// The most ranges a `HelloAck` carries (its frame is at most 64 KiB); more are merged
+/// into coarser ones (shipping more, never less).
+const MAX_RANGES: usize = 3000;
+
+/// The byte ranges an old primary's change record (next to `image`) says it wrote since
+/// the CG its secondary acknowledged: what a rejoin must take from the new primary on top
+/// of the new primary's own changes. `None`: there is no record (or it cannot be read as a
+/// whole), so the whole disk is in doubt.
+pub fn tail_ranges(image: &Path, disk_size: u64) -> Option<Vec<(u64, u64)>> {
+    let l = crate::track::file::RecordFile::load(&crate::track::default_record_path(image))
+        .ok()??;
+    if l.sb.flags & crate::track::file::FLAG_ALL_DIRTY != 0 {
+        return Some(vec![(0, disk_size)]);
+    }
+    let chunk = l.sb.chunk_size;
+    let mut ranges: Vec<(u64, u64)> = l
+        .al
+        .iter()
+        .map(|&e| (e * l.sb.al_extent, l.sb.al_extent))
+        .collect();
+    let chunks = disk_size.div_ceil(chunk);
+    let mut i = 0;
+    while i < chunks {
+        let bit = |i: u64| l.words[(i / 64) as usize] >> (i % 64) & 1 == 1;
+        if l.words[(i / 64) as usize] == 0 {
+            i = (i / 64 + 1) * 64;
+            continue;
+        }
+        if bit(i) {
+            let start = i;
+            while i < chunks && bit(i) {
+                i += 1;
+            }
+            ranges.push((start * chunk, (i - start) * chunk));
+        } else {
+            i += 1;
+        }
+    }
+    Some(coalesce(ranges, disk_size))
+}
+
+/// Sorts and merges `ranges` (clipped to the disk), coarsening them until at most
+/// [`MAX_RANGES`] remain.
+fn coalesce(mut ranges: Vec<(u64, u64)>, disk_size: u64) -> Vec<(u64, u64)> {
+    let mut grain = 1u64;
+    loop {
+        ranges.sort_unstable();
+        let mut out: Vec<(u64, u64)> = Vec::with_capacity(ranges.len());
+        for &(off, len) in &ranges {
+            let start = off / grain * grain;
+            let end = (off + len).div_ceil(grain).saturating_mul(grain).min(disk_size);
+            match out.last_mut() {
+                Some(last) if start <= last.0 + last.1 => {
+                    last.1 = last.1.max(end - last.0);
+                }
+                _ if start < end => out.push((start, end - start)),
+                _ => {}
+            }
+        }
+        if out.len() <= MAX_RANGES {
+            return out;
+        }
+        ranges = out;
+        grain = grain.max(1 << 20) * 8;
+    }
+}
+
 /// The target's own view, for the decision.
 pub struct Target {
     /// Its role (a replica store that is open is a `Secondary`, whatever else).
@@ -39,19 +106,25 @@ impl Target {
     pub fn image(image: &Path, lineage: Lineage) -> Target {
         let (cg, tail_chunks, tail_unknown) = match lineage.role {
             Role::Secondary => (None, 0, false),
-            Role::Demoted => (Some(lineage.since_cg), 0, false),
-            Role::Primary | Role::Promoted => {
+            Role::Demoted | Role::Primary | Role::Promoted => {
                 let path = crate::track::default_record_path(image);
                 match crate::track::file::RecordFile::load(&path) {
                     Ok(Some(l)) => {
                         let bits: u64 = l.words.iter().map(|w| u64::from(w.count_ones())).sum();
                         let per_ext = l.sb.al_extent / l.sb.chunk_size.max(1);
                         let all = l.sb.flags & crate::track::file::FLAG_ALL_DIRTY != 0;
-                        (
-                            (l.sb.acked_cg > 0).then_some(l.sb.acked_cg),
-                            bits + l.al.len() as u64 * per_ext,
-                            all,
-                        )
+                        // A demoted disk is at its CG of demotion; its record only shows a
+                        // write that slipped past (it should be empty).
+                        let cg = match lineage.role {
+                            Role::Demoted => lineage.since_cg,
+                            _ => l.sb.acked_cg,
+                        };
+                        ((cg > 0).then_some(cg), bits + l.al.len() as u64 * per_ext, all)
+                    }
+                    // A demoted disk without a record (`--no-track-file`): the fence kept
+                    // every write in the final group.
+                    Ok(None) if lineage.role == Role::Demoted => {
+                        (Some(lineage.since_cg), 0, false)
                     }
                     _ => (None, 0, true),
                 }
@@ -127,6 +200,28 @@ impl Target {
                 "{img} (generation {gen}) shares no generation with {primary_site}'s disk: these are different disks; {proceed}"
             ),
             _ => format!("{d:?}"),
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn ranges_are_merged_and_coarsened_to_fit_a_hello_ack() {
+        assert_eq!(
+            coalesce(vec![(8192, 4096), (0, 4096), (4096, 4096), (1 << 20, 10)], 2 << 20),
+            vec![(0, 12288), (1 << 20, 10)]
+        );
+        // Clipped to the disk.
+        assert_eq!(coalesce(vec![(4096, 1 << 30)], 8192), vec![(4096, 4096)]);
+        // Too many: coarser ranges, covering every byte of the fine ones.
+        let fine: Vec<(u64, u64)> = (0..10_000u64).map(|i| (i * 65536, 4096)).collect();
+        let coarse = coalesce(fine.clone(), 1 << 40);
+        assert!(coarse.len() <= MAX_RANGES, "{}", coarse.len());
+        for (off, len) in fine {
+            assert!(coarse.iter().any(|&(o, l)| o <= off && off + len <= o + l));
         }
     }
 }

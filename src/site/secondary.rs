@@ -41,6 +41,9 @@ pub struct StoreSink {
     site: String,
     store: Mutex<Option<ReplicaStore>>,
     on_commit: Option<CommitObserver>,
+    /// The `HelloAck` asked for this disk's own writes (see `resync_also`): the old
+    /// primary's change record is removed once a group has committed.
+    tail_pending: std::sync::atomic::AtomicBool,
 }
 
 /// Called after each group was committed and applied, with its number and the image path
@@ -55,6 +58,7 @@ impl StoreSink {
             site: site.to_owned(),
             store: Mutex::new(None),
             on_commit,
+            tail_pending: Default::default(),
         })
     }
 
@@ -111,9 +115,24 @@ impl StoreSink {
             },
             Some(d) if self.paths.discard_local_changes => {
                 tracing::warn!(peer = %peer.site, decision = ?d, lost_chunks = target.tail_chunks, "--discard-local-changes: this disk's own writes are discarded; it takes the primary's copy as one staged group and stays whole until that commits");
-                // CG 0 is no group of the primary's: it resyncs everything, staged.
                 *store = None;
-                Some(0)
+                match d {
+                    // The primary's generation began at p: this disk holds p plus its own
+                    // writes since its acknowledged CG, which its change record lists and
+                    // the HelloAck asks the primary to ship.
+                    Decision::DiscardTarget { full: false, .. } => {
+                        let mine = target.lineage.as_ref().map(|l| l.generation);
+                        hello.lineage.as_ref().and_then(|src| {
+                            src.history
+                                .iter()
+                                .find(|a| Some(a.generation) == mine)
+                                .map(|a| a.until_cg)
+                        })
+                    }
+                    _ => None,
+                }
+                // CG 0 is no group of the primary's: it resyncs everything, staged.
+                .or(Some(0))
             }
             Some(d) => return Err(target.refusal(d, image, &peer.site)),
         };
@@ -202,8 +221,22 @@ impl ReplicaSink for StoreSink {
         if !matches!(store.state(), ReplicaState::Syncing { .. }) {
             let _ = store.discard_uncommitted();
         }
+        // An old primary's change record next to the image: its own writes, which the
+        // primary must overwrite. Kept (and sent at each connection) until a group commits.
+        let record = crate::track::default_record_path(&self.paths.image);
+        let resync_also = if record.exists() {
+            let r = crate::site::rejoin::tail_ranges(&self.paths.image, hello.disk_size)
+                .unwrap_or_else(|| vec![(0, hello.disk_size)]);
+            let bytes: u64 = r.iter().map(|x| x.1).sum();
+            tracing::info!(ranges = r.len(), bytes, "asking the primary to overwrite what this disk wrote on its own (its change record)");
+            self.tail_pending.store(true, std::sync::atomic::Ordering::SeqCst);
+            r
+        } else {
+            Vec::new()
+        };
         tracing::info!(peer = %peer.addr, site = %peer.site, state = ?store.state(), "primary connected");
         Ok(HelloAck {
+            resync_also,
             protocol_version: PROTOCOL_VERSION,
             last_committed_cg: store.last_committed_cg(),
             state: store.state(),
@@ -263,6 +296,20 @@ impl ReplicaSink for StoreSink {
                     s.apply_committed()?;
                     acknowledge();
                     tracing::debug!(cg, ?durable, applied = ?(t.elapsed() - durable), "consistency group committed");
+                }
+            }
+            if self
+                .tail_pending
+                .swap(false, std::sync::atomic::Ordering::SeqCst)
+            {
+                // The group held this disk's own writes (asked for in the HelloAck): the
+                // record that listed them is done with. A crash before the removal only
+                // ships them once more.
+                let record = crate::track::default_record_path(&self.paths.image);
+                if let Err(e) = std::fs::remove_file(&record) {
+                    tracing::warn!(record = %record.display(), error = %e, "cannot remove the old primary's change record");
+                } else {
+                    tracing::info!(record = %record.display(), cg, "this disk's own writes are overwritten: its old change record is removed");
                 }
             }
             if let Some(f) = &self.on_commit {

@@ -66,6 +66,7 @@ struct NullSink;
 impl ReplicaSink for NullSink {
     fn hello(&self, _hello: &Hello, _peer: &PeerInfo) -> Result<HelloAck, RejectReason> {
         Ok(HelloAck {
+            resync_also: Vec::new(),
             protocol_version: PROTOCOL_VERSION,
             last_committed_cg: None,
             state: ReplicaState::Syncing {

@@ -1,0 +1,78 @@
+//! `drblk ctl demote`: the primary's half of a planned switchover.
+//!
+//! # Steps, and why nothing is lost
+//! 1. Raise the write fence and wait for the writes already past it (see
+//!    [`crate::blk::fence`]): from here no write reaches the disk, so the next group holds
+//!    every write there will ever be.
+//! 2. Drain: form a group and wait until the secondary has committed it (CG n).
+//! 3. Stop the cycle (and with it the link): no later group, not even an empty one, moves
+//!    the secondary past n.
+//! 4. Make the change record exact (it is empty now) and acknowledged at n.
+//! 5. Write the lineage: demoted at n. `drblk serve` refuses the disk from now on; the
+//!    promoted secondary holds n, and this disk can rejoin as its secondary with nothing
+//!    to resync. A crash before 5 leaves a primary that restarts as one (its record says
+//!    what it holds); a crash after it, a demoted disk.
+//!
+//! A failure before step 3 lowers the fence again: the primary carries on as before.
+
+use std::sync::atomic::Ordering;
+use std::time::Duration;
+
+use anyhow::{bail, Context};
+
+use super::ControlState;
+use crate::lineage::{Lineage, Role};
+
+impl ControlState {
+    /// Demotes this primary (see the module docs); returns the CG it was demoted at.
+    pub(super) fn demote(&self, force: bool) -> anyhow::Result<u64> {
+        let disk = self.shared.executor.disk().path().to_path_buf();
+        if self.cycle.lock().expect("cycle lock").is_none() {
+            bail!("{} is not replicated: there is no secondary to hand over to", disk.display());
+        }
+        let lineage = Lineage::load(&disk)?
+            .with_context(|| format!("{} has no lineage file", disk.display()))?;
+        if !lineage.role.writes() {
+            bail!("{} is {}: only a primary can be demoted", disk.display(), lineage.describe());
+        }
+        let fence = self.shared.executor.fence();
+        if fence.is_raised() {
+            bail!("a demotion is already running (or done) on {}", disk.display());
+        }
+        if !fence.raise(Duration::from_secs(60)) {
+            fence.lower();
+            bail!("writes did not finish within 60 s; nothing changed");
+        }
+        let frontends = self.shared.stats.frontends.load(Ordering::SeqCst);
+        if frontends > 0 && !force {
+            fence.lower();
+            bail!(
+                "a frontend (the VM) is connected to {}: shut the VM down first, or pass --force (its writes then fail)",
+                disk.display()
+            );
+        }
+        tracing::info!(disk = %disk.display(), frontends, "demoting: writes are refused from now on; forming the final group");
+        let cg = match self.drain() {
+            Ok(cg) => cg,
+            Err(e) => {
+                fence.lower();
+                return Err(e.context("the final group did not commit; the primary carries on"));
+            }
+        };
+        if let Some(c) = self.cycle.lock().expect("cycle lock").take() {
+            c.stop().context("stopping replication after the final group")?;
+        }
+        if let Some(r) = &self.record {
+            r.refresh(true).context("closing the change record")?;
+        }
+        let demoted = Lineage {
+            role: Role::Demoted,
+            since_cg: cg,
+            changed_at_unix_us: crate::sys::clock::now_unix_micros(),
+            ..lineage
+        };
+        demoted.store(&disk)?;
+        tracing::info!(disk = %disk.display(), cg, "demoted at CG {cg}: the secondary holds every write; promote it, then run this disk as its secondary (`drblk secondary --disk {}`); stop this daemon", disk.display());
+        Ok(cg)
+    }
+}
