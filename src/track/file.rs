@@ -251,12 +251,7 @@ impl RecordFile {
         rf.file.sync_all()?;
         std::fs::rename(&tmp, path)?;
         if let Some(dir) = path.parent() {
-            let dir = if dir.as_os_str().is_empty() {
-                Path::new(".")
-            } else {
-                dir
-            };
-            File::open(dir)?.sync_all()?;
+            crate::sys::file::sync_dir(dir)?;
         }
         Ok(rf)
     }
