@@ -166,18 +166,9 @@ impl ChangeRecord {
                 for &e in &l.al {
                     engine.mark_range(e * per_ext, (e + 1) * per_ext - 1);
                 }
-                let mut i = 0u64;
-                while i < chunks {
-                    let w = l.words[(i / 64) as usize];
-                    if w == 0 {
-                        i = (i / 64 + 1) * 64;
-                        continue;
-                    }
-                    if w >> (i % 64) & 1 == 1 {
-                        engine.mark_range(i, i);
-                    }
-                    i += 1;
-                }
+                for_each_run(&l.words, chunks, |first, last| {
+                    engine.mark_range(first, last)
+                });
                 if l.sb.flags & FLAG_ALL_DIRTY != 0 {
                     engine.mark_all();
                 }
@@ -537,6 +528,32 @@ impl ChangeRecord {
             record: self.clone(),
             thread: Some(thread),
         }
+    }
+}
+
+/// Calls `f(first, last)` once per maximal run of set bits among bits `0..n` of `words`
+/// (bit `i` is bit `i % 64` of word `i / 64`), in order.
+fn for_each_run(words: &[u64], n: u64, mut f: impl FnMut(u64, u64)) {
+    let n = n.min(words.len() as u64 * 64);
+    let mut run = None;
+    let mut i = 0;
+    while i < n {
+        let (wi, bit) = ((i / 64) as usize, i % 64);
+        let rest = words[wi] >> bit;
+        // Bits from `i` on that keep the current state (set in a run, clear outside one),
+        // up to the end of the word.
+        let same = if run.is_some() { !rest } else { rest };
+        let step = u64::from(same.trailing_zeros()).min(64 - bit);
+        i += step;
+        if step < 64 - bit && i < n {
+            match run.take() {
+                Some(s) => f(s, i - 1),
+                None => run = Some(i),
+            }
+        }
+    }
+    if let Some(s) = run {
+        f(s, n - 1);
     }
 }
 

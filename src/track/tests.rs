@@ -54,6 +54,26 @@ fn covered(cfg: &TrackConfig) -> (BTreeSet<u64>, bool) {
 }
 
 proptest! {
+    /// The runs of set bits cover exactly the set bits below `n`, in order, and are maximal.
+    #[test]
+    fn runs_are_the_set_bits(
+        words in proptest::collection::vec(
+            prop_oneof![Just(0u64), Just(u64::MAX), any::<u64>()], 0..6),
+        n in 0u64..400,
+    ) {
+        let bit = |i: u64| words.get((i / 64) as usize).is_some_and(|w| w >> (i % 64) & 1 == 1);
+        let want: Vec<u64> = (0..n).filter(|&i| bit(i)).collect();
+        let mut runs = Vec::new();
+        for_each_run(&words, n, |a, b| runs.push((a, b)));
+        let got: Vec<u64> = runs.iter().flat_map(|&(a, b)| a..=b).collect();
+        prop_assert_eq!(got, want);
+        for w in runs.windows(2) {
+            prop_assert!(w[0].1 + 1 < w[1].0, "not maximal or not in order: {:?}", runs);
+        }
+    }
+}
+
+proptest! {
     #![proptest_config(ProptestConfig { cases: 48, ..ProptestConfig::default() })]
     /// However writes and refreshes interleave, a crash at any point finds every written
     /// (never shipped) chunk in the bitmap or in a logged extent; a clean close leaves
