@@ -381,20 +381,39 @@ impl ChangeRecord {
     }
 
     /// Sets the bits of chunks `first..=last` on disk (a write that does not use the log:
-    /// it spans extents, or the log is busy), then fdatasyncs.
+    /// it spans extents, or the log is busy), then fdatasyncs. Pages whose bits are all set
+    /// already are not rewritten, and nothing is synced if no page was.
+    ///
+    /// Skipping is safe: the rule (dm-era's, kept stricter here) is that a write's bits are
+    /// on stable storage before the write is submitted, so before its completion is
+    /// published. Every path that writes a bitmap page (`persist_bits`, `refresh_inner`,
+    /// `RecordFile::create`) syncs it before it releases the disk lock, which is held here;
+    /// if that sync failed the record gives up and is removed (a restart resyncs
+    /// everything). So a page read here with the bits set has them on stable storage
+    /// already, and a page that fails its check reads as all ones, as it does on start.
     fn mark_on_disk(&self, d: &mut Disk, first: u64, last: u64) -> io::Result<()> {
         let mut w = vec![0u64; PAGE_WORDS];
+        let mut wrote = false;
         for p in first / PAGE_BITS..=last / PAGE_BITS {
             d.rf.read_page(p, &mut w)?;
             let (a, b) = (first.max(p * PAGE_BITS), last.min((p + 1) * PAGE_BITS - 1));
+            let mut changed = false;
             for i in a - p * PAGE_BITS..=b - p * PAGE_BITS {
-                w[(i / 64) as usize] |= 1 << (i % 64);
+                let (k, m) = ((i / 64) as usize, 1u64 << (i % 64));
+                changed |= w[k] & m == 0;
+                w[k] |= m;
             }
-            d.rf.write_page(p, &w)?;
-            self.stats.meta_writes.fetch_add(1, Ordering::Relaxed);
+            if changed {
+                d.rf.write_page(p, &w)?;
+                self.stats.meta_writes.fetch_add(1, Ordering::Relaxed);
+                wrote = true;
+            }
             d.dirty_pages.insert(p);
         }
-        self.sync(d)
+        if wrote {
+            self.sync(d)?;
+        }
+        Ok(())
     }
 
     /// Before a full copy: every chunk may differ until it commits.

@@ -143,3 +143,30 @@ fn a_corrupt_record_is_not_trusted() {
         "says why"
     );
 }
+
+#[test]
+fn marking_bits_already_on_disk_writes_and_syncs_nothing() {
+    let dir = tempfile::tempdir().unwrap();
+    let (rec, _e, cfg, _) = setup(dir.path(), 2);
+    let t = rec.tracking();
+    // Spans two extents: the slow path sets the write's own bits on disk.
+    let (off, len) = (EXTENT - CHUNK, 2 * CHUNK);
+    drop(t.begin_write(0, off, len).unwrap());
+    let s = rec.stats();
+    let counts = || {
+        (
+            s.meta_writes.load(Ordering::Relaxed),
+            s.syncs.load(Ordering::Relaxed),
+        )
+    };
+    let before = counts();
+    assert!(before.0 >= 1 && before.1 >= 1);
+    drop(t.begin_write(0, off, len).unwrap());
+    assert_eq!(counts(), before, "the bits were on disk already");
+    // A new bit is written and synced.
+    drop(t.begin_write(0, off, len + CHUNK).unwrap());
+    let after = counts();
+    assert!(after.0 > before.0 && after.1 > before.1);
+    let (cov, _) = covered(&cfg);
+    assert!((off / CHUNK..(off + len) / CHUNK + 1).all(|c| cov.contains(&c)));
+}
