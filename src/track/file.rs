@@ -287,7 +287,7 @@ impl RecordFile {
 
     /// Reads bitmap page `p` into `w` (`PAGE_WORDS` words); a bad page reads as all ones.
     pub fn read_page(&self, p: u64, w: &mut [u64]) -> io::Result<()> {
-        let mut b = vec![0u8; BLOCK as usize];
+        let mut b = [0u8; BLOCK as usize];
         self.file.read_exact_at(&mut b, self.page_offset(p))?;
         if decode_page(&b, p).is_none() {
             w.fill(u64::MAX);
@@ -302,7 +302,7 @@ impl RecordFile {
     /// Writes bitmap page `p` from `w` (`PAGE_WORDS` words, or fewer: the rest zero; not
     /// synced).
     pub fn write_page(&self, p: u64, w: &[u64]) -> io::Result<()> {
-        let mut b = vec![0u8; BLOCK as usize];
+        let mut b = [0u8; BLOCK as usize];
         if w.iter().any(|&x| x != 0) {
             for (i, x) in w.iter().enumerate().take(PAGE_WORDS) {
                 b[8 * i..8 * i + 8].copy_from_slice(&x.to_le_bytes());
