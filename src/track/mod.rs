@@ -47,7 +47,7 @@
 pub mod activity;
 pub mod file;
 
-use std::collections::BTreeSet;
+use std::collections::BTreeMap;
 use std::io;
 use std::path::PathBuf;
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
@@ -59,6 +59,9 @@ use crate::blk::tracking::{Completion, Publisher, Tracking, WriteEnd, WriteGuard
 use crate::cg::Engine;
 use activity::ExtentStates;
 use file::{RecordFile, Superblock, FLAG_ALL_DIRTY, FLAG_CLEAN, PAGE_BITS, PAGE_WORDS};
+
+/// Bitmap pages a refresh snapshots from the engine at a time (about 2 Mi chunks).
+const SNAPSHOT_PAGES: usize = 64;
 
 /// Why a first start uses no record.
 const NONE_YET: &str = "there is none yet";
@@ -108,8 +111,49 @@ struct Slots {
 
 struct Disk {
     rf: RecordFile,
-    /// Pages that may hold set bits on disk.
-    dirty_pages: BTreeSet<u64>,
+    /// The bitmap pages as they are on disk, by page; absent pages are all clear. Every
+    /// page write is synced before the disk lock is released (or the record gives up), so
+    /// under the lock these are the bits on stable storage.
+    pages: BTreeMap<u64, PageBits>,
+}
+
+/// The bits of one bitmap page on disk that has some set.
+enum PageBits {
+    /// Every bit set (a full copy marks every page: cheap to keep for a whole disk).
+    Full,
+    /// These `PAGE_WORDS` words.
+    Words(Box<[u64]>),
+}
+
+impl Disk {
+    /// Copies page `p`'s bits into `w` (`PAGE_WORDS` words).
+    fn page(&self, p: u64, w: &mut [u64]) {
+        match self.pages.get(&p) {
+            None => w.fill(0),
+            Some(PageBits::Full) => w.fill(u64::MAX),
+            Some(PageBits::Words(b)) => w.copy_from_slice(b),
+        }
+    }
+
+    /// Whether page `p` holds exactly the bits `w`.
+    fn page_is(&self, p: u64, w: &[u64]) -> bool {
+        match self.pages.get(&p) {
+            None => w.iter().all(|&x| x == 0),
+            Some(PageBits::Full) => w.iter().all(|&x| x == u64::MAX),
+            Some(PageBits::Words(b)) => **b == *w,
+        }
+    }
+
+    /// Page `p` now holds `w` on disk.
+    fn set_page(&mut self, p: u64, w: &[u64]) {
+        if w.iter().all(|&x| x == 0) {
+            self.pages.remove(&p);
+        } else if w.iter().all(|&x| x == u64::MAX) {
+            self.pages.insert(p, PageBits::Full);
+        } else {
+            self.pages.insert(p, PageBits::Words(w.into()));
+        }
+    }
 }
 
 /// The persisted change record of one disk (see the module docs).
@@ -199,16 +243,8 @@ impl ChangeRecord {
         }
         // Rewrite it to hold exactly what the engine has dirty now, with an empty log.
         let mut words = vec![0u64; (chunks.div_ceil(PAGE_BITS) * PAGE_WORDS as u64) as usize];
-        let mut dirty_pages = BTreeSet::new();
-        for p in 0..chunks.div_ceil(PAGE_BITS) {
-            let w = &mut words[p as usize * PAGE_WORDS..(p as usize + 1) * PAGE_WORDS];
-            engine.unacked_in(p * PAGE_BITS, (p + 1) * PAGE_BITS, w);
-            let n: u64 = w.iter().map(|x| u64::from(x.count_ones())).sum();
-            if n > 0 {
-                dirty_pages.insert(p);
-                seeded.chunks_marked += n;
-            }
-        }
+        engine.unacked_in(0, chunks, &mut words);
+        seeded.chunks_marked = words.iter().map(|x| u64::from(x.count_ones())).sum();
         let sb = Superblock {
             seq: 0,
             uuid,
@@ -220,6 +256,14 @@ impl ChangeRecord {
             flags: 0,
         };
         let rf = RecordFile::create(&cfg.path, sb, &words)?;
+        let mut disk = Disk {
+            rf,
+            pages: BTreeMap::new(),
+        };
+        for (p, w) in words.chunks_exact(PAGE_WORDS).enumerate() {
+            disk.set_page(p as u64, w);
+        }
+        drop(words);
         match &seeded.why_not {
             None => {
                 tracing::info!(record = %cfg.path.display(), clean = seeded.clean, acked_cg = seeded.acked_cg, chunks = seeded.chunks_marked, "change record loaded: these chunks are resynced")
@@ -243,7 +287,7 @@ impl ChangeRecord {
                 extents: vec![u64::MAX; cfg.slots as usize],
                 hand: 0,
             }),
-            disk: Mutex::new(Disk { rf, dirty_pages }),
+            disk: Mutex::new(disk),
             broken: AtomicBool::new(false),
             stats: TrackStats::default(),
             seeded: seeded.clone(),
@@ -307,23 +351,26 @@ impl ChangeRecord {
     /// Writes the pages covering chunks `first..=last` as their on-disk bits OR what the
     /// engine has dirty (never clearing), then fdatasyncs.
     fn persist_bits(&self, d: &mut Disk, first: u64, last: u64) -> io::Result<()> {
-        let mut w = vec![0u64; PAGE_WORDS];
+        let (p0, p1) = (first / PAGE_BITS, last / PAGE_BITS);
+        let mut ws = vec![0u64; (p1 - p0 + 1) as usize * PAGE_WORDS];
+        self.engine.unacked_in_each(
+            (p0..=p1)
+                .zip(ws.chunks_exact_mut(PAGE_WORDS))
+                .map(|(p, w)| (p * PAGE_BITS, (p + 1) * PAGE_BITS, w)),
+        );
         let mut old = vec![0u64; PAGE_WORDS];
         let mut wrote = false;
-        for p in first / PAGE_BITS..=last / PAGE_BITS {
-            w.fill(0);
-            self.engine
-                .unacked_in(p * PAGE_BITS, (p + 1) * PAGE_BITS, &mut w);
-            d.rf.read_page(p, &mut old)?;
+        for (p, w) in (p0..=p1).zip(ws.chunks_exact_mut(PAGE_WORDS)) {
+            d.page(p, &mut old);
             let mut changed = false;
             for (n, o) in w.iter_mut().zip(&old) {
                 changed |= *n | o != *o;
                 *n |= o;
             }
             if changed {
-                d.rf.write_page(p, &w)?;
+                d.rf.write_page(p, w)?;
                 self.stats.meta_writes.fetch_add(1, Ordering::Relaxed);
-                d.dirty_pages.insert(p);
+                d.set_page(p, w);
                 wrote = true;
             }
         }
@@ -389,13 +436,12 @@ impl ChangeRecord {
     /// published. Every path that writes a bitmap page (`persist_bits`, `refresh_inner`,
     /// `RecordFile::create`) syncs it before it releases the disk lock, which is held here;
     /// if that sync failed the record gives up and is removed (a restart resyncs
-    /// everything). So a page read here with the bits set has them on stable storage
-    /// already, and a page that fails its check reads as all ones, as it does on start.
+    /// everything). So bits set in `Disk::pages` here are on stable storage already.
     fn mark_on_disk(&self, d: &mut Disk, first: u64, last: u64) -> io::Result<()> {
         let mut w = vec![0u64; PAGE_WORDS];
         let mut wrote = false;
         for p in first / PAGE_BITS..=last / PAGE_BITS {
-            d.rf.read_page(p, &mut w)?;
+            d.page(p, &mut w);
             let (a, b) = (first.max(p * PAGE_BITS), last.min((p + 1) * PAGE_BITS - 1));
             let mut changed = false;
             for i in a - p * PAGE_BITS..=b - p * PAGE_BITS {
@@ -406,9 +452,9 @@ impl ChangeRecord {
             if changed {
                 d.rf.write_page(p, &w)?;
                 self.stats.meta_writes.fetch_add(1, Ordering::Relaxed);
+                d.set_page(p, &w);
                 wrote = true;
             }
-            d.dirty_pages.insert(p);
         }
         if wrote {
             self.sync(d)?;
@@ -456,17 +502,28 @@ impl ChangeRecord {
         let pages: Vec<u64> = if all {
             (0..d.rf.page_count()).collect()
         } else {
-            d.dirty_pages.iter().copied().collect()
+            d.pages.keys().copied().collect()
         };
-        let mut exact = Vec::with_capacity(pages.len());
-        for &p in &pages {
-            let mut w = vec![0u64; PAGE_WORDS];
-            self.engine
-                .unacked_in(p * PAGE_BITS, (p + 1) * PAGE_BITS, &mut w);
-            exact.push(w);
+        // What may differ now, for every page that has (or may need) bits on disk: one
+        // snapshot of the engine, or one per `SNAPSHOT_PAGES` pages when many pages have bits
+        // (a full copy), so that the engine's lock is never held for long.
+        let mut exact = vec![0u64; pages.len() * PAGE_WORDS];
+        let mut acked = 0;
+        for (ps, ws) in pages
+            .chunks(SNAPSHOT_PAGES)
+            .zip(exact.chunks_mut(SNAPSHOT_PAGES * PAGE_WORDS))
+        {
+            acked = self.engine.unacked_in_each(
+                ps.iter()
+                    .zip(ws.chunks_exact_mut(PAGE_WORDS))
+                    .map(|(&p, w)| (p * PAGE_BITS, (p + 1) * PAGE_BITS, w)),
+            );
         }
-        // At or above every snapshot's last committed CG: the secondary holds it.
-        let acked = self.engine.unacked_in(0, 0, &mut []);
+        // At or above every snapshot's last committed CG (the last one's): the secondary
+        // holds it.
+        if pages.is_empty() {
+            acked = self.engine.unacked_in(0, 0, &mut []);
+        }
         if acked > d.rf.sb.acked_cg {
             let sb = Superblock {
                 acked_cg: acked,
@@ -476,19 +533,13 @@ impl ChangeRecord {
             self.stats.meta_writes.fetch_add(1, Ordering::Relaxed);
             self.sync(&d)?;
         }
-        let mut old = vec![0u64; PAGE_WORDS];
         let mut wrote = false;
-        for (p, w) in pages.into_iter().zip(exact) {
-            d.rf.read_page(p, &mut old)?;
-            if old != w {
-                d.rf.write_page(p, &w)?;
+        for (p, w) in pages.into_iter().zip(exact.chunks_exact(PAGE_WORDS)) {
+            if !d.page_is(p, w) {
+                d.rf.write_page(p, w)?;
                 self.stats.meta_writes.fetch_add(1, Ordering::Relaxed);
+                d.set_page(p, w);
                 wrote = true;
-            }
-            if w.iter().all(|&x| x == 0) {
-                d.dirty_pages.remove(&p);
-            } else {
-                d.dirty_pages.insert(p);
             }
         }
         if wrote {
