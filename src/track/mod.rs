@@ -19,7 +19,9 @@
 //!   the completion is published", so that a write in flight at the crash is covered too).
 //!   Writes into extents already in the log pay one atomic increment. A write that spans
 //!   extents, or finds every logged extent in use, sets its own bits on disk instead (one
-//!   page write and fdatasync): no write ever waits for another, so none can deadlock.
+//!   page write and fdatasync, none if they are set already): no write ever waits for
+//!   another, so none can deadlock. A refresh keeps those bits set until the engine has
+//!   recorded the write (it is *pending* until then), as its snapshot may not show it.
 //! - **An eviction** (the log is full) first writes the evicted extent's dirty bits (what
 //!   the engine says may differ, OR-ed into the page on disk) and fdatasyncs them, and only
 //!   then writes the log without it. Writes still using it cannot be evicted (see
@@ -165,6 +167,10 @@ pub struct ChangeRecord {
     states: ExtentStates,
     slots: Mutex<Slots>,
     disk: Mutex<Disk>,
+    /// Chunk ranges whose bits `mark_on_disk` set for a write the engine may not have
+    /// recorded yet (one entry per such write, until [`ChangeRecord::recorded`]): a refresh
+    /// keeps them set, as the engine's snapshot may not show them.
+    pending: Mutex<Vec<(u64, u64)>>,
     broken: AtomicBool,
     stats: TrackStats,
     /// What the record said on start.
@@ -288,6 +294,7 @@ impl ChangeRecord {
                 hand: 0,
             }),
             disk: Mutex::new(disk),
+            pending: Mutex::new(Vec::new()),
             broken: AtomicBool::new(false),
             stats: TrackStats::default(),
             seeded: seeded.clone(),
@@ -459,7 +466,22 @@ impl ChangeRecord {
         if wrote {
             self.sync(d)?;
         }
+        // Until the engine records the write, its bits are only here (see `refresh_inner`).
+        self.lock_pending().push((first, last));
         Ok(())
+    }
+
+    /// The engine has recorded (or refused) the write whose bits `mark_on_disk` set for
+    /// chunks `first..=last`: a refresh may clear them once the engine no longer has them.
+    fn recorded(&self, first: u64, last: u64) {
+        let mut p = self.lock_pending();
+        if let Some(i) = p.iter().position(|&r| r == (first, last)) {
+            p.swap_remove(i);
+        }
+    }
+
+    fn lock_pending(&self) -> std::sync::MutexGuard<'_, Vec<(u64, u64)>> {
+        self.pending.lock().unwrap_or_else(|p| p.into_inner())
     }
 
     /// Before a full copy: every chunk may differ until it commits.
@@ -504,6 +526,11 @@ impl ChangeRecord {
         } else {
             d.pages.keys().copied().collect()
         };
+        // Writes whose bits are on disk but which the engine may not have recorded yet (the
+        // slow path of `begin_write` sets the bits, then records the write): their bits stay.
+        // Read before the snapshot: a write removed from `pending` since was recorded before,
+        // so the snapshot shows it; none is added meanwhile (that needs the disk lock).
+        let pending = self.lock_pending().clone();
         // What may differ now, for every page that has (or may need) bits on disk: one
         // snapshot of the engine, or one per `SNAPSHOT_PAGES` pages when many pages have bits
         // (a full copy), so that the engine's lock is never held for long.
@@ -523,6 +550,20 @@ impl ChangeRecord {
         // holds it.
         if pages.is_empty() {
             acked = self.engine.unacked_in(0, 0, &mut []);
+        }
+        for (first, last) in pending {
+            for p in first / PAGE_BITS..=last / PAGE_BITS {
+                // Every page of a pending write has bits on disk, so it is in `pages`.
+                let Ok(k) = pages.binary_search(&p) else {
+                    debug_assert!(false, "page {p} of a pending write has no bits");
+                    continue;
+                };
+                let w = &mut exact[k * PAGE_WORDS..(k + 1) * PAGE_WORDS];
+                let (a, b) = (first.max(p * PAGE_BITS), last.min((p + 1) * PAGE_BITS - 1));
+                for i in a - p * PAGE_BITS..=b - p * PAGE_BITS {
+                    w[(i / 64) as usize] |= 1 << (i % 64);
+                }
+            }
         }
         if acked > d.rf.sb.acked_cg {
             let sb = Superblock {
@@ -687,7 +728,12 @@ impl Tracking for RecordedTracking {
                 }
             }
         };
-        match r.engine.begin_write(queue, offset, len) {
+        let res = r.engine.begin_write(queue, offset, len);
+        if !counted {
+            // Its bits were set on disk for it; the engine now has it (or refused it).
+            r.recorded(c0, c1);
+        }
+        match res {
             Ok(g) if counted => Ok(g.and_then(r.clone(), e0, e0)),
             Ok(g) => Ok(g),
             Err(err) => {

@@ -230,3 +230,29 @@ fn refreshing_many_pages_keeps_the_bits_of_the_file() {
         .count();
     assert_eq!(full, 70, "all but the partial last page are kept as full");
 }
+
+#[test]
+fn a_refresh_keeps_the_bits_of_a_write_the_engine_has_not_recorded_yet() {
+    let dir = tempfile::tempdir().unwrap();
+    let (rec, _e, cfg, _) = setup(dir.path(), 2);
+    let per = EXTENT / CHUNK;
+    // Chunks across extents 0 and 1: the slow path.
+    let (first, last) = (per - 1, per);
+    // A write's slow path has set its bits on disk and the write is about to be recorded by
+    // the engine and submitted, when a refresh runs.
+    {
+        let mut d = rec.disk.lock().unwrap();
+        rec.mark_on_disk(&mut d, first, last).unwrap();
+    }
+    rec.refresh(false).unwrap();
+    let (cov, _) = covered(&cfg);
+    assert!(
+        cov.contains(&first) && cov.contains(&last),
+        "the refresh cleared the bits of a write about to reach the image"
+    );
+    // Once the engine has recorded it (here it never does), a refresh may clear them.
+    rec.recorded(first, last);
+    rec.refresh(false).unwrap();
+    let (cov, _) = covered(&cfg);
+    assert!(!cov.contains(&first) && !cov.contains(&last));
+}
