@@ -113,19 +113,30 @@ impl Engine {
     /// marked here from its `begin_write` on, before it touches the disk. Returns the last
     /// committed CG, as of the same moment. For the persisted change record (`crate::track`).
     pub fn unacked_in(&self, from: u64, to: u64, out: &mut [u64]) -> u64 {
-        let to = to.min(self.chunks);
-        if from >= to {
-            return lock(&self.central).last_committed;
-        }
+        self.unacked_in_each([(from, to, out)])
+    }
+
+    /// [`Engine::unacked_in`] for each `(from, to, out)` of `ranges`, all at one moment
+    /// (the central lock is taken once). Returns the last committed CG as of that moment.
+    pub fn unacked_in_each<'a>(
+        &self,
+        ranges: impl IntoIterator<Item = (u64, u64, &'a mut [u64])>,
+    ) -> u64 {
         let c = lock(&self.central);
-        c.oos.bits.or_range_into(from, to, out);
-        if let Mode::Strict { cr, .. } = &c.mode {
-            cr.bits.or_range_into(from, to, out);
+        for (from, to, out) in ranges {
+            let to = to.min(self.chunks);
+            if from >= to {
+                continue;
+            }
+            c.oos.bits.or_range_into(from, to, out);
+            if let Mode::Strict { cr, .. } = &c.mode {
+                cr.bits.or_range_into(from, to, out);
+            }
+            for r in &c.retired {
+                r.bits.or_range_into(from, to, out);
+            }
+            c.shipped.or_range_into(from, to, out);
         }
-        for r in &c.retired {
-            r.bits.or_range_into(from, to, out);
-        }
-        c.shipped.or_range_into(from, to, out);
         c.last_committed
     }
 

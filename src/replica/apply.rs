@@ -19,6 +19,7 @@ use std::os::unix::fs::FileExt;
 use std::time::{Duration, Instant};
 
 use super::fault::CrashPoint;
+use super::flush::Touched;
 use super::journal::{self, Entry};
 use super::{error, ChunkData, Error, ReplicaStore, Result};
 
@@ -63,11 +64,12 @@ impl ReplicaStore {
         };
         self.guard(|s| {
             let t = Instant::now();
-            let runs = s.apply_entries(&s.staged)?;
+            let mut touched = Touched::default();
+            let runs = s.apply_entries(&s.staged, &mut touched)?;
             let written = t.elapsed();
             let chunks = s.staged.len();
             if let Some(f) = &s.flusher {
-                f.kick();
+                f.kick(touched);
             }
             // In memory only: the journal's commit record is what makes `cg` durable until
             // the next checkpoint writes it into state.json.
@@ -130,9 +132,14 @@ impl ReplicaStore {
     /// re-verified) once, and its chunks in `entries` are written as runs of consecutive
     /// chunks, one write (or hole punch, for zeros) per run. Idempotent, in any order
     /// (every chunk has one entry), so a crash part-way is repaired by doing it again.
-    /// Returns the number of runs written. [`CrashPoint::MidApply`]`(k)` fires before run
-    /// `k` (counting from 0, in apply order: by record, then by chunk).
-    pub(super) fn apply_entries(&self, entries: &HashMap<u64, Entry>) -> Result<u64> {
+    /// Returns the number of runs written, and adds the byte range of each to `touched`
+    /// (for the background writeback). [`CrashPoint::MidApply`]`(k)` fires before run `k`
+    /// (counting from 0, in apply order: by record, then by chunk).
+    pub(super) fn apply_entries(
+        &self,
+        entries: &HashMap<u64, Entry>,
+        touched: &mut Touched,
+    ) -> Result<u64> {
         let cs = self.geo.chunk_size();
         let mut buf = Vec::new();
         let mut k = 0u64;
@@ -147,6 +154,8 @@ impl ReplicaStore {
                 let (first, ef) = run[0];
                 let (_, el) = run[run.len() - 1];
                 let count = run.len() as u64;
+                let (off, len) = self.image_range(first, count);
+                touched.add(off, len);
                 if ef.zero {
                     self.write_image(first, count, ChunkData::Zero)?;
                 } else {
@@ -158,12 +167,18 @@ impl ReplicaStore {
         Ok(k)
     }
 
-    /// Write `count` chunks from `first` (contiguous, inside the disk) into the image.
-    pub(super) fn write_image(&self, first: u64, count: u64, data: ChunkData<'_>) -> Result<()> {
+    /// The byte offset and length in the image of `count` chunks from `first` (contiguous,
+    /// inside the disk).
+    fn image_range(&self, first: u64, count: u64) -> (u64, u64) {
         let off = self.geo.chunk_offset(first);
         let last = first + count - 1;
         let end = self.geo.chunk_offset(last) + self.geo.chunk_len(last).unwrap_or(0) as u64;
-        let len = end - off;
+        (off, end - off)
+    }
+
+    /// Write `count` chunks from `first` (contiguous, inside the disk) into the image.
+    pub(super) fn write_image(&self, first: u64, count: u64, data: ChunkData<'_>) -> Result<()> {
+        let (off, len) = self.image_range(first, count);
         match data {
             ChunkData::Bytes(b) => {
                 debug_assert_eq!(b.len() as u64, len);

@@ -7,7 +7,7 @@ use std::io::{Seek, SeekFrom};
 use std::path::{Path, PathBuf};
 
 use super::fault::Fault;
-use super::flush::ImageFlusher;
+use super::flush::{ImageFlusher, Touched};
 use super::journal::{Geometry, Journal, JOURNAL_FILE, JOURNAL_NEW};
 use super::state::{self, Mode, StateFile, STATE_FORMAT, STATE_TMP};
 use super::{error, CheckpointPolicy, Error, RecoveryReport, ReplicaStore, Result, StoredIdentity};
@@ -201,7 +201,8 @@ impl ReplicaStore {
                 chunks = scan.committed.len(),
                 "replaying committed CG from the journal"
             );
-            self.apply_entries(&scan.committed)?;
+            // The fsync below writes it back: no need for the flusher.
+            self.apply_entries(&scan.committed, &mut Touched::default())?;
             self.image
                 .sync_all()
                 .map_err(error::io("fsync", &self.image_path))?;

@@ -1,6 +1,6 @@
 //! `state.json`: identity of the replica and its replication state, replaced atomically.
 
-use std::fs::{self, File, OpenOptions};
+use std::fs::{self, OpenOptions};
 use std::io::Write;
 use std::path::{Path, PathBuf};
 
@@ -83,9 +83,7 @@ pub fn write_atomic(
 }
 
 pub fn sync_dir(dir: &Path) -> Result<()> {
-    File::open(dir)
-        .and_then(|d| d.sync_all())
-        .map_err(io("fsync directory", dir))
+    crate::sys::file::sync_dir(dir).map_err(io("fsync directory", dir))
 }
 
 pub fn remove_if_exists(p: &PathBuf) -> Result<()> {

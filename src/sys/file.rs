@@ -1,9 +1,21 @@
-//! File helpers shared by the data path and the replica store: exclusive lock files and
-//! `fallocate` (holes, zeroed ranges).
+//! File helpers shared by the data path and the replica store: exclusive lock files,
+//! `fallocate` (holes, zeroed ranges) and directory fsyncs.
 
 use std::fs::File;
 use std::io;
 use std::os::unix::io::AsRawFd;
+use std::path::Path;
+
+/// Fsyncs the directory `dir` (an empty path is the current directory), so that a file
+/// created or renamed in it survives a crash.
+pub fn sync_dir(dir: &Path) -> io::Result<()> {
+    let dir = if dir.as_os_str().is_empty() {
+        Path::new(".")
+    } else {
+        dir
+    };
+    File::open(dir)?.sync_all()
+}
 
 /// Takes an exclusive, non-blocking `flock` on `f`. `Ok(false)`: another open file holds it.
 pub fn try_lock_exclusive(f: &File) -> io::Result<bool> {
@@ -87,6 +99,15 @@ mod tests {
     use super::*;
     use std::io::Write;
     use std::os::unix::fs::FileExt;
+
+    #[test]
+    fn sync_dir_syncs_a_directory_and_reports_a_missing_one() {
+        let dir = tempfile::tempdir().unwrap();
+        sync_dir(dir.path()).unwrap();
+        sync_dir(Path::new("")).unwrap();
+        let e = sync_dir(&dir.path().join("absent")).unwrap_err();
+        assert_eq!(e.kind(), io::ErrorKind::NotFound);
+    }
 
     #[test]
     fn lock_is_exclusive_between_open_files() {

@@ -251,12 +251,7 @@ impl RecordFile {
         rf.file.sync_all()?;
         std::fs::rename(&tmp, path)?;
         if let Some(dir) = path.parent() {
-            let dir = if dir.as_os_str().is_empty() {
-                Path::new(".")
-            } else {
-                dir
-            };
-            File::open(dir)?.sync_all()?;
+            crate::sys::file::sync_dir(dir)?;
         }
         Ok(rf)
     }
@@ -292,7 +287,7 @@ impl RecordFile {
 
     /// Reads bitmap page `p` into `w` (`PAGE_WORDS` words); a bad page reads as all ones.
     pub fn read_page(&self, p: u64, w: &mut [u64]) -> io::Result<()> {
-        let mut b = vec![0u8; BLOCK as usize];
+        let mut b = [0u8; BLOCK as usize];
         self.file.read_exact_at(&mut b, self.page_offset(p))?;
         if decode_page(&b, p).is_none() {
             w.fill(u64::MAX);
@@ -307,7 +302,7 @@ impl RecordFile {
     /// Writes bitmap page `p` from `w` (`PAGE_WORDS` words, or fewer: the rest zero; not
     /// synced).
     pub fn write_page(&self, p: u64, w: &[u64]) -> io::Result<()> {
-        let mut b = vec![0u8; BLOCK as usize];
+        let mut b = [0u8; BLOCK as usize];
         if w.iter().any(|&x| x != 0) {
             for (i, x) in w.iter().enumerate().take(PAGE_WORDS) {
                 b[8 * i..8 * i + 8].copy_from_slice(&x.to_le_bytes());

@@ -19,7 +19,9 @@
 //!   the completion is published", so that a write in flight at the crash is covered too).
 //!   Writes into extents already in the log pay one atomic increment. A write that spans
 //!   extents, or finds every logged extent in use, sets its own bits on disk instead (one
-//!   page write and fdatasync): no write ever waits for another, so none can deadlock.
+//!   page write and fdatasync, none if they are set already): no write ever waits for
+//!   another, so none can deadlock. A refresh keeps those bits set until the engine has
+//!   recorded the write (it is *pending* until then), as its snapshot may not show it.
 //! - **An eviction** (the log is full) first writes the evicted extent's dirty bits (what
 //!   the engine says may differ, OR-ed into the page on disk) and fdatasyncs them, and only
 //!   then writes the log without it. Writes still using it cannot be evicted (see
@@ -50,7 +52,7 @@ mod fresh;
 
 pub use fresh::{default_record_path, write_empty};
 
-use std::collections::BTreeSet;
+use std::collections::BTreeMap;
 use std::io;
 use std::path::PathBuf;
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
@@ -62,6 +64,9 @@ use crate::blk::tracking::{Completion, Publisher, Tracking, WriteEnd, WriteGuard
 use crate::cg::Engine;
 use activity::ExtentStates;
 use file::{RecordFile, Superblock, FLAG_ALL_DIRTY, FLAG_CLEAN, PAGE_BITS, PAGE_WORDS};
+
+/// Bitmap pages a refresh snapshots from the engine at a time (about 2 Mi chunks).
+const SNAPSHOT_PAGES: usize = 64;
 
 /// Why a first start uses no record.
 const NONE_YET: &str = "there is none yet";
@@ -111,8 +116,49 @@ struct Slots {
 
 struct Disk {
     rf: RecordFile,
-    /// Pages that may hold set bits on disk.
-    dirty_pages: BTreeSet<u64>,
+    /// The bitmap pages as they are on disk, by page; absent pages are all clear. Every
+    /// page write is synced before the disk lock is released (or the record gives up), so
+    /// under the lock these are the bits on stable storage.
+    pages: BTreeMap<u64, PageBits>,
+}
+
+/// The bits of one bitmap page on disk that has some set.
+enum PageBits {
+    /// Every bit set (a full copy marks every page: cheap to keep for a whole disk).
+    Full,
+    /// These `PAGE_WORDS` words.
+    Words(Box<[u64]>),
+}
+
+impl Disk {
+    /// Copies page `p`'s bits into `w` (`PAGE_WORDS` words).
+    fn page(&self, p: u64, w: &mut [u64]) {
+        match self.pages.get(&p) {
+            None => w.fill(0),
+            Some(PageBits::Full) => w.fill(u64::MAX),
+            Some(PageBits::Words(b)) => w.copy_from_slice(b),
+        }
+    }
+
+    /// Whether page `p` holds exactly the bits `w`.
+    fn page_is(&self, p: u64, w: &[u64]) -> bool {
+        match self.pages.get(&p) {
+            None => w.iter().all(|&x| x == 0),
+            Some(PageBits::Full) => w.iter().all(|&x| x == u64::MAX),
+            Some(PageBits::Words(b)) => **b == *w,
+        }
+    }
+
+    /// Page `p` now holds `w` on disk.
+    fn set_page(&mut self, p: u64, w: &[u64]) {
+        if w.iter().all(|&x| x == 0) {
+            self.pages.remove(&p);
+        } else if w.iter().all(|&x| x == u64::MAX) {
+            self.pages.insert(p, PageBits::Full);
+        } else {
+            self.pages.insert(p, PageBits::Words(w.into()));
+        }
+    }
 }
 
 /// The persisted change record of one disk (see the module docs).
@@ -124,6 +170,10 @@ pub struct ChangeRecord {
     states: ExtentStates,
     slots: Mutex<Slots>,
     disk: Mutex<Disk>,
+    /// Chunk ranges whose bits `mark_on_disk` set for a write the engine may not have
+    /// recorded yet (one entry per such write, until [`ChangeRecord::recorded`]): a refresh
+    /// keeps them set, as the engine's snapshot may not show them.
+    pending: Mutex<Vec<(u64, u64)>>,
     broken: AtomicBool,
     stats: TrackStats,
     /// What the record said on start.
@@ -169,18 +219,9 @@ impl ChangeRecord {
                 for &e in &l.al {
                     engine.mark_range(e * per_ext, (e + 1) * per_ext - 1);
                 }
-                let mut i = 0u64;
-                while i < chunks {
-                    let w = l.words[(i / 64) as usize];
-                    if w == 0 {
-                        i = (i / 64 + 1) * 64;
-                        continue;
-                    }
-                    if w >> (i % 64) & 1 == 1 {
-                        engine.mark_range(i, i);
-                    }
-                    i += 1;
-                }
+                for_each_run(&l.words, chunks, |first, last| {
+                    engine.mark_range(first, last)
+                });
                 if l.sb.flags & FLAG_ALL_DIRTY != 0 {
                     engine.mark_all();
                 }
@@ -211,16 +252,8 @@ impl ChangeRecord {
         }
         // Rewrite it to hold exactly what the engine has dirty now, with an empty log.
         let mut words = vec![0u64; (chunks.div_ceil(PAGE_BITS) * PAGE_WORDS as u64) as usize];
-        let mut dirty_pages = BTreeSet::new();
-        for p in 0..chunks.div_ceil(PAGE_BITS) {
-            let w = &mut words[p as usize * PAGE_WORDS..(p as usize + 1) * PAGE_WORDS];
-            engine.unacked_in(p * PAGE_BITS, (p + 1) * PAGE_BITS, w);
-            let n: u64 = w.iter().map(|x| u64::from(x.count_ones())).sum();
-            if n > 0 {
-                dirty_pages.insert(p);
-                seeded.chunks_marked += n;
-            }
-        }
+        engine.unacked_in(0, chunks, &mut words);
+        seeded.chunks_marked = words.iter().map(|x| u64::from(x.count_ones())).sum();
         let sb = Superblock {
             seq: 0,
             uuid,
@@ -232,6 +265,14 @@ impl ChangeRecord {
             flags: 0,
         };
         let rf = RecordFile::create(&cfg.path, sb, &words)?;
+        let mut disk = Disk {
+            rf,
+            pages: BTreeMap::new(),
+        };
+        for (p, w) in words.chunks_exact(PAGE_WORDS).enumerate() {
+            disk.set_page(p as u64, w);
+        }
+        drop(words);
         match &seeded.why_not {
             None => {
                 tracing::info!(record = %cfg.path.display(), clean = seeded.clean, acked_cg = seeded.acked_cg, chunks = seeded.chunks_marked, "change record loaded: these chunks are resynced")
@@ -255,7 +296,8 @@ impl ChangeRecord {
                 extents: vec![u64::MAX; cfg.slots as usize],
                 hand: 0,
             }),
-            disk: Mutex::new(Disk { rf, dirty_pages }),
+            disk: Mutex::new(disk),
+            pending: Mutex::new(Vec::new()),
             broken: AtomicBool::new(false),
             stats: TrackStats::default(),
             seeded: seeded.clone(),
@@ -319,23 +361,26 @@ impl ChangeRecord {
     /// Writes the pages covering chunks `first..=last` as their on-disk bits OR what the
     /// engine has dirty (never clearing), then fdatasyncs.
     fn persist_bits(&self, d: &mut Disk, first: u64, last: u64) -> io::Result<()> {
-        let mut w = vec![0u64; PAGE_WORDS];
+        let (p0, p1) = (first / PAGE_BITS, last / PAGE_BITS);
+        let mut ws = vec![0u64; (p1 - p0 + 1) as usize * PAGE_WORDS];
+        self.engine.unacked_in_each(
+            (p0..=p1)
+                .zip(ws.chunks_exact_mut(PAGE_WORDS))
+                .map(|(p, w)| (p * PAGE_BITS, (p + 1) * PAGE_BITS, w)),
+        );
         let mut old = vec![0u64; PAGE_WORDS];
         let mut wrote = false;
-        for p in first / PAGE_BITS..=last / PAGE_BITS {
-            w.fill(0);
-            self.engine
-                .unacked_in(p * PAGE_BITS, (p + 1) * PAGE_BITS, &mut w);
-            d.rf.read_page(p, &mut old)?;
+        for (p, w) in (p0..=p1).zip(ws.chunks_exact_mut(PAGE_WORDS)) {
+            d.page(p, &mut old);
             let mut changed = false;
             for (n, o) in w.iter_mut().zip(&old) {
                 changed |= *n | o != *o;
                 *n |= o;
             }
             if changed {
-                d.rf.write_page(p, &w)?;
+                d.rf.write_page(p, w)?;
                 self.stats.meta_writes.fetch_add(1, Ordering::Relaxed);
-                d.dirty_pages.insert(p);
+                d.set_page(p, w);
                 wrote = true;
             }
         }
@@ -393,20 +438,53 @@ impl ChangeRecord {
     }
 
     /// Sets the bits of chunks `first..=last` on disk (a write that does not use the log:
-    /// it spans extents, or the log is busy), then fdatasyncs.
+    /// it spans extents, or the log is busy), then fdatasyncs. Pages whose bits are all set
+    /// already are not rewritten, and nothing is synced if no page was.
+    ///
+    /// Skipping is safe: the rule (dm-era's, kept stricter here) is that a write's bits are
+    /// on stable storage before the write is submitted, so before its completion is
+    /// published. Every path that writes a bitmap page (`persist_bits`, `refresh_inner`,
+    /// `RecordFile::create`) syncs it before it releases the disk lock, which is held here;
+    /// if that sync failed the record gives up and is removed (a restart resyncs
+    /// everything). So bits set in `Disk::pages` here are on stable storage already.
     fn mark_on_disk(&self, d: &mut Disk, first: u64, last: u64) -> io::Result<()> {
         let mut w = vec![0u64; PAGE_WORDS];
+        let mut wrote = false;
         for p in first / PAGE_BITS..=last / PAGE_BITS {
-            d.rf.read_page(p, &mut w)?;
+            d.page(p, &mut w);
             let (a, b) = (first.max(p * PAGE_BITS), last.min((p + 1) * PAGE_BITS - 1));
+            let mut changed = false;
             for i in a - p * PAGE_BITS..=b - p * PAGE_BITS {
-                w[(i / 64) as usize] |= 1 << (i % 64);
+                let (k, m) = ((i / 64) as usize, 1u64 << (i % 64));
+                changed |= w[k] & m == 0;
+                w[k] |= m;
             }
-            d.rf.write_page(p, &w)?;
-            self.stats.meta_writes.fetch_add(1, Ordering::Relaxed);
-            d.dirty_pages.insert(p);
+            if changed {
+                d.rf.write_page(p, &w)?;
+                self.stats.meta_writes.fetch_add(1, Ordering::Relaxed);
+                d.set_page(p, &w);
+                wrote = true;
+            }
         }
-        self.sync(d)
+        if wrote {
+            self.sync(d)?;
+        }
+        // Until the engine records the write, its bits are only here (see `refresh_inner`).
+        self.lock_pending().push((first, last));
+        Ok(())
+    }
+
+    /// The engine has recorded (or refused) the write whose bits `mark_on_disk` set for
+    /// chunks `first..=last`: a refresh may clear them once the engine no longer has them.
+    fn recorded(&self, first: u64, last: u64) {
+        let mut p = self.lock_pending();
+        if let Some(i) = p.iter().position(|&r| r == (first, last)) {
+            p.swap_remove(i);
+        }
+    }
+
+    fn lock_pending(&self) -> std::sync::MutexGuard<'_, Vec<(u64, u64)>> {
+        self.pending.lock().unwrap_or_else(|p| p.into_inner())
     }
 
     /// Before a full copy: every chunk may differ until it commits.
@@ -449,17 +527,47 @@ impl ChangeRecord {
         let pages: Vec<u64> = if all {
             (0..d.rf.page_count()).collect()
         } else {
-            d.dirty_pages.iter().copied().collect()
+            d.pages.keys().copied().collect()
         };
-        let mut exact = Vec::with_capacity(pages.len());
-        for &p in &pages {
-            let mut w = vec![0u64; PAGE_WORDS];
-            self.engine
-                .unacked_in(p * PAGE_BITS, (p + 1) * PAGE_BITS, &mut w);
-            exact.push(w);
+        // Writes whose bits are on disk but which the engine may not have recorded yet (the
+        // slow path of `begin_write` sets the bits, then records the write): their bits stay.
+        // Read before the snapshot: a write removed from `pending` since was recorded before,
+        // so the snapshot shows it; none is added meanwhile (that needs the disk lock).
+        let pending = self.lock_pending().clone();
+        // What may differ now, for every page that has (or may need) bits on disk: one
+        // snapshot of the engine, or one per `SNAPSHOT_PAGES` pages when many pages have bits
+        // (a full copy), so that the engine's lock is never held for long.
+        let mut exact = vec![0u64; pages.len() * PAGE_WORDS];
+        let mut acked = 0;
+        for (ps, ws) in pages
+            .chunks(SNAPSHOT_PAGES)
+            .zip(exact.chunks_mut(SNAPSHOT_PAGES * PAGE_WORDS))
+        {
+            acked = self.engine.unacked_in_each(
+                ps.iter()
+                    .zip(ws.chunks_exact_mut(PAGE_WORDS))
+                    .map(|(&p, w)| (p * PAGE_BITS, (p + 1) * PAGE_BITS, w)),
+            );
         }
-        // At or above every snapshot's last committed CG: the secondary holds it.
-        let acked = self.engine.unacked_in(0, 0, &mut []);
+        // At or above every snapshot's last committed CG (the last one's): the secondary
+        // holds it.
+        if pages.is_empty() {
+            acked = self.engine.unacked_in(0, 0, &mut []);
+        }
+        for (first, last) in pending {
+            for p in first / PAGE_BITS..=last / PAGE_BITS {
+                // Every page of a pending write has bits on disk, so it is in `pages`.
+                let Ok(k) = pages.binary_search(&p) else {
+                    debug_assert!(false, "page {p} of a pending write has no bits");
+                    continue;
+                };
+                let w = &mut exact[k * PAGE_WORDS..(k + 1) * PAGE_WORDS];
+                let (a, b) = (first.max(p * PAGE_BITS), last.min((p + 1) * PAGE_BITS - 1));
+                for i in a - p * PAGE_BITS..=b - p * PAGE_BITS {
+                    w[(i / 64) as usize] |= 1 << (i % 64);
+                }
+            }
+        }
         if acked > d.rf.sb.acked_cg {
             let sb = Superblock {
                 acked_cg: acked,
@@ -469,19 +577,13 @@ impl ChangeRecord {
             self.stats.meta_writes.fetch_add(1, Ordering::Relaxed);
             self.sync(&d)?;
         }
-        let mut old = vec![0u64; PAGE_WORDS];
         let mut wrote = false;
-        for (p, w) in pages.into_iter().zip(exact) {
-            d.rf.read_page(p, &mut old)?;
-            if old != w {
-                d.rf.write_page(p, &w)?;
+        for (p, w) in pages.into_iter().zip(exact.chunks_exact(PAGE_WORDS)) {
+            if !d.page_is(p, w) {
+                d.rf.write_page(p, w)?;
                 self.stats.meta_writes.fetch_add(1, Ordering::Relaxed);
+                d.set_page(p, w);
                 wrote = true;
-            }
-            if w.iter().all(|&x| x == 0) {
-                d.dirty_pages.remove(&p);
-            } else {
-                d.dirty_pages.insert(p);
             }
         }
         if wrote {
@@ -540,6 +642,32 @@ impl ChangeRecord {
             record: self.clone(),
             thread: Some(thread),
         }
+    }
+}
+
+/// Calls `f(first, last)` once per maximal run of set bits among bits `0..n` of `words`
+/// (bit `i` is bit `i % 64` of word `i / 64`), in order.
+fn for_each_run(words: &[u64], n: u64, mut f: impl FnMut(u64, u64)) {
+    let n = n.min(words.len() as u64 * 64);
+    let mut run = None;
+    let mut i = 0;
+    while i < n {
+        let (wi, bit) = ((i / 64) as usize, i % 64);
+        let rest = words[wi] >> bit;
+        // Bits from `i` on that keep the current state (set in a run, clear outside one),
+        // up to the end of the word.
+        let same = if run.is_some() { !rest } else { rest };
+        let step = u64::from(same.trailing_zeros()).min(64 - bit);
+        i += step;
+        if step < 64 - bit && i < n {
+            match run.take() {
+                Some(s) => f(s, i - 1),
+                None => run = Some(i),
+            }
+        }
+    }
+    if let Some(s) = run {
+        f(s, n - 1);
     }
 }
 
@@ -603,7 +731,12 @@ impl Tracking for RecordedTracking {
                 }
             }
         };
-        match r.engine.begin_write(queue, offset, len) {
+        let res = r.engine.begin_write(queue, offset, len);
+        if !counted {
+            // Its bits were set on disk for it; the engine now has it (or refused it).
+            r.recorded(c0, c1);
+        }
+        match res {
             Ok(g) if counted => Ok(g.and_then(r.clone(), e0, e0)),
             Ok(g) => Ok(g),
             Err(err) => {
