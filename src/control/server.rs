@@ -353,6 +353,9 @@ mod tests {
             Request::Status => reply(serde_json::json!({ "n": 1 })),
             Request::FormCg => bail!("no cycle"),
             Request::Drain => reply(Drained { cg: 7 }),
+            Request::Demote { force } => reply(Drained {
+                cg: if force { 9 } else { 8 },
+            }),
         })
         .unwrap();
         String::from_utf8(out)
@@ -366,6 +369,17 @@ mod tests {
         let e: ErrorReply = serde_json::from_value(v.clone()).unwrap();
         assert!(!e.ok, "{v}");
         e.error
+    }
+
+    #[test]
+    fn demote_parses_with_and_without_force() {
+        let a = answers(b"{\"cmd\":\"demote\"}\n{\"cmd\":\"demote\",\"force\":true}\n");
+        assert_eq!(a[0]["cg"], 8);
+        assert_eq!(a[1]["cg"], 9);
+        assert_eq!(
+            "demote".parse::<Request>().unwrap(),
+            Request::Demote { force: false }
+        );
     }
 
     #[test]
