@@ -105,6 +105,8 @@ impl ControlState {
             readonly: disk.readonly(),
             queues: s.limits.num_queues,
             connections: s.stats.connections.load(Ordering::Relaxed),
+            frontends_connected: s.stats.frontends.load(Ordering::SeqCst),
+            lineage: crate::lineage::Lineage::load(disk.path()).ok().flatten(),
             requests: s.stats.requests.load(Ordering::Relaxed),
             rejected: s.stats.rejected.load(Ordering::Relaxed),
             cg: self.engine.as_deref().map(cg_status),

@@ -24,6 +24,12 @@ pub struct PrimaryStatus {
     pub queues: u16,
     /// Frontend connections served (the current one included).
     pub connections: u64,
+    /// Frontends (VMs) connected now.
+    #[serde(default)]
+    pub frontends_connected: u64,
+    /// The disk's role and lineage (`IMAGE.drblk-lineage`), if it has one.
+    #[serde(default)]
+    pub lineage: Option<crate::lineage::Lineage>,
     /// Requests completed (any status).
     pub requests: u64,
     /// Requests rejected by validation.
@@ -258,6 +264,8 @@ mod tests {
             readonly: false,
             queues: 4,
             connections: 1,
+            frontends_connected: 1,
+            lineage: None,
             requests: 123_456,
             rejected: 2,
             cg: Some(CgStatus {

@@ -114,6 +114,9 @@ pub struct Hello {
     /// client); the secondary decides with it what may be synchronised
     /// ([`crate::lineage::decide`]).
     pub lineage: Option<crate::lineage::Lineage>,
+    /// The primary holds writes that are in no group the secondary committed (its side of
+    /// a split brain, if the secondary was promoted meanwhile).
+    pub unshipped: bool,
 }
 
 /// The secondary's acceptance of a `Hello`.
@@ -458,6 +461,7 @@ mod tests {
             last_committed_cg: Some(3),
             site: "primary".into(),
             lineage: Some(crate::lineage::Lineage::new_primary()),
+            unshipped: true,
         });
         let f = encode_frame(&hello).unwrap();
         let len = u32::from_le_bytes(f[..4].try_into().unwrap()) as usize;

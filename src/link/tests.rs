@@ -370,6 +370,7 @@ fn hello_frame(version: u16, disk: DiskInfo) -> Vec<u8> {
         last_committed_cg: None,
         site: "primary".into(),
         lineage: None,
+        unshipped: false,
     }))
     .unwrap()
 }

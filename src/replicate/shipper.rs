@@ -105,8 +105,10 @@ impl Replicator {
 
     fn connect(&mut self) -> io::Result<()> {
         let mut cfg = self.cfg.clone();
-        let last = self.engine.stats().last_committed;
+        let st = self.engine.stats();
+        let last = st.last_committed;
         cfg.last_committed_cg = (last > 0).then_some(last);
+        cfg.unshipped = st.oos_dirty + st.cr_dirty > 0;
         let client = LinkClient::connect(cfg).map_err(|e| io::Error::other(e.to_string()))?;
         let ack = client.hello_ack().clone();
         self.status.connects.fetch_add(1, Ordering::Relaxed);

@@ -148,8 +148,7 @@ impl Target {
             generation: src.generation,
             history: &src.history,
             cg: hello.last_committed_cg,
-            // Unknown here; only turns "nothing to sync" into "incremental".
-            tail: true,
+            tail: hello.unshipped,
         };
         let target = Side {
             role: self.role,

@@ -60,6 +60,7 @@ pub(super) async fn establish(cfg: &ClientConfig) -> Result<Established, LinkErr
             last_committed_cg: cfg.last_committed_cg,
             site: cfg.identity.site.clone(),
             lineage: cfg.lineage.clone(),
+            unshipped: cfg.unshipped,
         });
         let frame = encode_frame(&hello).map_err(|e| e.to_string())?;
         send.write_all(&frame).await.map_err(|e| e.to_string())?;

@@ -47,6 +47,8 @@ pub struct ClientConfig {
     pub last_committed_cg: Option<u64>,
     /// The primary's lineage, sent in the `Hello`.
     pub lineage: Option<crate::lineage::Lineage>,
+    /// The primary holds writes not yet in a group the secondary committed.
+    pub unshipped: bool,
     /// Number of unidirectional data streams (1..=16).
     pub data_streams: usize,
     /// Bound of chunk bytes queued in the client, not yet handed to QUIC.
@@ -93,6 +95,7 @@ impl ClientConfig {
             disk,
             last_committed_cg: None,
             lineage: None,
+            unshipped: false,
             data_streams: 4,
             max_inflight_bytes: 64 << 20,
             max_rate: None,
