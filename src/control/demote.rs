@@ -5,8 +5,9 @@
 //!    [`crate::blk::fence`]): from here no write reaches the disk, so the next group holds
 //!    every write there will ever be.
 //! 2. Drain: form a group and wait until the secondary has committed it (CG n).
-//! 3. Stop the cycle (and with it the link): no later group, not even an empty one, moves
-//!    the secondary past n.
+//! 3. Stop the cycle (and with it the link). Groups formed between 2 and 3 are empty (the
+//!    fence holds) but move the secondary on: n becomes the cycle's last committed group
+//!    once it has stopped, and no later group follows.
 //! 4. Make the change record exact (it is empty now) and acknowledged at n.
 //! 5. Write the lineage: demoted at n. `drblk serve` refuses the disk from now on; the
 //!    promoted secondary holds n, and this disk can rejoin as its secondary with nothing
@@ -59,9 +60,16 @@ impl ControlState {
                 return Err(e.context("the final group did not commit; the primary carries on"));
             }
         };
-        if let Some(c) = self.cycle.lock().expect("cycle lock").take() {
-            c.stop().context("stopping replication after the final group")?;
-        }
+        // Groups formed between the drain and the stop (empty: writes are fenced) move the
+        // secondary on: the CG it holds is the cycle's last committed one once it stopped.
+        let cg = match self.cycle.lock().expect("cycle lock").take() {
+            Some(c) => {
+                let stats = c.stats().clone();
+                c.stop().context("stopping replication after the final group")?;
+                stats.last_committed.load(Ordering::SeqCst).max(cg)
+            }
+            None => cg,
+        };
         if let Some(r) = &self.record {
             r.refresh(true).context("closing the change record")?;
         }

@@ -161,8 +161,9 @@ impl Target {
     }
 
     /// Why the handshake is refused, and the command that proceeds.
-    pub fn refusal(&self, d: Decision, image: &Path, primary_site: &str) -> String {
+    pub fn refusal(&self, d: Decision, image: &Path, site: &str) -> String {
         let img = image.display();
+        let primary_site = format!("site {site:?}");
         let proceed = format!(
             "to replace this disk with {primary_site}'s copy, restart this secondary with --discard-local-changes"
         );
@@ -188,9 +189,7 @@ impl Target {
                 )
             }
             Decision::SplitBrain { common_cg } => format!(
-                "split brain: {img} (generation {gen}) and {primary_site} both wrote on their own since CG {common_cg}; refusing to resync either way. Pick the site whose writes survive; on the other one, {}",
-                proceed.trim_start_matches("to replace this disk with ")
-                    .replacen("'s copy, restart", ": restart", 1)
+                "split brain: {img} (generation {gen}) and {primary_site} both wrote on their own since CG {common_cg}; refusing to resync either way. Pick the site whose writes survive; on the other one, restart `drblk secondary` with --discard-local-changes to take the other's copy"
             ),
             Decision::TargetIsNewer { promoted_at_cg } => format!(
                 "{img} was promoted at CG {promoted_at_cg} (generation {gen}) from {primary_site}'s generation: {primary_site} is the stale side and must not write here. Run {primary_site} as this site's secondary instead; {proceed}"
