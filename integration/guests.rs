@@ -549,3 +549,128 @@ exit $st
         d.all_logs()
     );
 }
+
+/// Failover with real guests: a guest on the primary writes with fio (crc32c verify
+/// headers), the primary drains a group, then the primary site is lost (`kill -9`). The
+/// replica is promoted (`drblk promote`), served by `drblk serve`, and a second guest
+/// booted on it verifies with fio every block the first guest wrote before that group.
+#[test]
+fn a_guest_boots_on_the_promoted_replica_and_verifies_the_primarys_data() {
+    if skip_vm("a_guest_boots_on_the_promoted_replica_and_verifies_the_primarys_data") {
+        return;
+    }
+    let _g = guest_lock();
+    let dir = tempfile::tempdir().unwrap();
+    let (img, replica) = (dir.path().join("p.img"), dir.path().join("r.img"));
+    let (sock, rsock) = (dir.path().join("p.sock"), dir.path().join("r.sock"));
+    create_image(&img, 64 * MIB);
+    let certs = dir.path().join("certs");
+    let st = std::process::Command::new(daemons::DRBLK_BIN)
+        .args(["cert", "--dir"])
+        .arg(&certs)
+        .output()
+        .unwrap();
+    assert!(st.status.success());
+    let port = std::net::UdpSocket::bind("127.0.0.1:0")
+        .unwrap()
+        .local_addr()
+        .unwrap()
+        .port();
+    let secondary_log = std::fs::File::create(dir.path().join("secondary.log")).unwrap();
+    let mut secondary = std::process::Command::new(daemons::DRBLK_BIN)
+        .args(["secondary", "--listen", &format!("127.0.0.1:{port}"), "--disk"])
+        .arg(&replica)
+        .arg("--certs")
+        .arg(&certs)
+        .stderr(secondary_log)
+        .spawn()
+        .unwrap();
+    let to = format!("127.0.0.1:{port}");
+    let certs_s = certs.display().to_string();
+    let mut primary = Backend::drblk(
+        "primary",
+        &img,
+        &sock,
+        &["--queues", "2", "--replicate-to", &to, "--certs", &certs_s],
+        None,
+    );
+    let fio = "fio --name=dr --filename=/dev/vda --ioengine=libaio --direct=1 --rw=randwrite \
+               --bs=4k --size=16M --iodepth=8 --randseed=4242 --verify=crc32c --verify_fatal=1 \
+               --output-format=json";
+    let job = format!(
+        "drblk_wait_dev vda || exit 1\n\
+         drblk_section write {fio} --do_verify=0\n\
+         drblk_value phase written\n\
+         sleep 60\n"
+    );
+    let mut vm = VmBuilder::new()
+        .disk(&sock)
+        .job(job)
+        .timeout(Duration::from_secs(180))
+        .guest_timeout_secs(170)
+        .spawn()
+        .unwrap();
+    assert!(
+        vm.wait_for("DRBLK-VALUE phase written", Duration::from_secs(150)),
+        "guest never wrote\n{}\n{}",
+        vm.serial(),
+        primary.all_logs()
+    );
+    // Every write the guest completed is in the group this drain waits for.
+    let drained = std::process::Command::new(daemons::DRBLK_BIN)
+        .args(["ctl", "--socket"])
+        .arg(&sock)
+        .arg("drain")
+        .output()
+        .unwrap();
+    assert!(
+        drained.status.success(),
+        "{}",
+        String::from_utf8_lossy(&drained.stderr)
+    );
+    // The primary site is lost.
+    primary.kill9();
+    vm.kill();
+    unsafe { libc::kill(secondary.id() as i32, libc::SIGTERM) };
+    let _ = secondary.wait();
+
+    let promoted = std::process::Command::new(daemons::DRBLK_BIN)
+        .args(["promote", "--disk"])
+        .arg(&replica)
+        .output()
+        .unwrap();
+    let said = String::from_utf8_lossy(&promoted.stdout).into_owned();
+    assert!(
+        promoted.status.success(),
+        "promote: {said}{}",
+        String::from_utf8_lossy(&promoted.stderr)
+    );
+    println!("{said}");
+    let mut served = Backend::drblk("promoted", &replica, &rsock, &["--queues", "2"], None);
+    let out = VmBuilder::new()
+        .disk(&rsock)
+        .job(format!(
+            "drblk_wait_dev vda || exit 1\n\
+             drblk_section verify {fio} --verify_only=1\n\
+             exit 0\n"
+        ))
+        .timeout(Duration::from_secs(180))
+        .guest_timeout_secs(170)
+        .run();
+    assert!(
+        out.success(),
+        "guest on the promoted disk failed\n{}\n{}",
+        out.diagnostics(),
+        served.all_logs()
+    );
+    assert_rc0(&out, "verify");
+    let report = out.fio("verify");
+    assert_eq!(report.jobs.len(), 1);
+    assert_eq!(report.jobs[0].error, 0, "fio verify error on the promoted disk");
+    assert_eq!(
+        report.jobs[0].read.io_bytes,
+        16 * MIB,
+        "fio verified less than it wrote"
+    );
+    assert!(served.stop(), "{}", served.all_logs());
+}
