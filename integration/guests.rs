@@ -578,7 +578,12 @@ fn a_guest_boots_on_the_promoted_replica_and_verifies_the_primarys_data() {
         .port();
     let secondary_log = std::fs::File::create(dir.path().join("secondary.log")).unwrap();
     let mut secondary = std::process::Command::new(daemons::DRBLK_BIN)
-        .args(["secondary", "--listen", &format!("127.0.0.1:{port}"), "--disk"])
+        .args([
+            "secondary",
+            "--listen",
+            &format!("127.0.0.1:{port}"),
+            "--disk",
+        ])
         .arg(&replica)
         .arg("--certs")
         .arg(&certs)
@@ -666,7 +671,10 @@ fn a_guest_boots_on_the_promoted_replica_and_verifies_the_primarys_data() {
     assert_rc0(&out, "verify");
     let report = out.fio("verify");
     assert_eq!(report.jobs.len(), 1);
-    assert_eq!(report.jobs[0].error, 0, "fio verify error on the promoted disk");
+    assert_eq!(
+        report.jobs[0].error, 0,
+        "fio verify error on the promoted disk"
+    );
     assert_eq!(
         report.jobs[0].read.io_bytes,
         16 * MIB,

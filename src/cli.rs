@@ -262,6 +262,11 @@ pub struct SecondaryArgs {
     #[arg(long, default_value = defaults::PRIMARY_SITE)]
     pub peer_site: String,
 
+    /// Control socket (mode 0600) for `drblk ctl --control PATH status|promote`
+    /// (default: STATE_DIR/ctl).
+    #[arg(long, value_name = "PATH")]
+    pub control: Option<PathBuf>,
+
     /// Let the primary's copy replace this disk's own writes when the two lineages diverge
     /// (an old primary rejoining after a failover, a split brain, unrelated disks). Without
     /// it such a handshake is refused with what would be lost. The disk stays whole until
@@ -276,6 +281,13 @@ impl SecondaryArgs {
         self.state_dir
             .clone()
             .unwrap_or_else(|| crate::replica::default_state_dir(&self.disk))
+    }
+
+    /// The control socket.
+    pub fn control(&self) -> PathBuf {
+        self.control
+            .clone()
+            .unwrap_or_else(|| self.state_dir().join("ctl"))
     }
 }
 
@@ -328,19 +340,26 @@ pub struct CertArgs {
 
 /// `drblk ctl` options.
 #[derive(Debug, Args, Clone)]
+#[command(group(clap::ArgGroup::new("daemon").required(true).args(["socket", "control"])))]
 pub struct CtlArgs {
-    /// The daemon's vhost-user socket (its control socket is this path + ".ctl").
+    /// A primary's vhost-user socket (its control socket is this path + ".ctl").
     #[arg(long, value_name = "PATH")]
-    pub socket: PathBuf,
+    pub socket: Option<PathBuf>,
+
+    /// A control socket itself, e.g. a secondary's (`drblk secondary --control`, default
+    /// STATE_DIR/ctl).
+    #[arg(long, value_name = "PATH")]
+    pub control: Option<PathBuf>,
     /// status: print the daemon's state and figures as JSON; form-cg: form a consistency
     /// group now; drain: form one last group and wait until it has committed; demote:
     /// planned switchover — refuse writes, form a final group, wait for its commit, stop
-    /// replicating and record the disk as demoted there (the VM must be shut down).
-    #[arg(value_parser = ["status", "form-cg", "drain", "demote"])]
+    /// replicating and record the disk as demoted there (the VM must be shut down);
+    /// promote (a secondary): failover, as `drblk promote` does for a stopped one.
+    #[arg(value_parser = ["status", "form-cg", "drain", "demote", "promote"])]
     pub command: String,
 
     /// demote: go ahead although a frontend (the VM) is connected; its writes fail from
-    /// then on.
+    /// then on. promote: promote a replica that is still syncing.
     #[arg(long)]
     pub force: bool,
 }

@@ -4,7 +4,7 @@ use clap::Parser;
 use tracing_subscriber::EnvFilter;
 
 use drblk::cli::{Cli, Command, CtlArgs};
-use drblk::control::{client, Done, Drained, Reply, Request};
+use drblk::control::{client, Request};
 
 fn main() {
     let cli = Cli::parse();
@@ -46,40 +46,39 @@ fn main() {
     }
 }
 
-/// The disk a daemon serves, for hints.
-fn status_disk(socket: &std::path::Path) -> Option<String> {
-    client::status(socket).ok().map(|s| s.disk)
-}
-
-/// `drblk ctl`: sends the command and prints the daemon's answer as JSON.
+/// `drblk ctl`: sends the command and prints the daemon's answer as JSON (and, for the
+/// role changes, what to do next on stderr).
 fn ctl(args: &CtlArgs) -> anyhow::Result<()> {
-    let socket = &args.socket;
+    let path = match (&args.control, &args.socket) {
+        (Some(c), _) => c.clone(),
+        (None, Some(s)) => drblk::control::control_path(s),
+        (None, None) => anyhow::bail!("give --socket (a primary) or --control (a control socket)"),
+    };
     let mut req = args.command.parse::<Request>()?;
-    if let Request::Demote { force } = &mut req {
+    if let Request::Demote { force } | Request::Promote { force } = &mut req {
         *force = args.force;
     }
-    let answer = match req {
-        Request::Status => serde_json::to_string_pretty(&Reply::ok(client::status(socket)?)),
-        Request::FormCg => {
-            client::form_cg(socket)?;
-            serde_json::to_string_pretty(&Reply::ok(Done {}))
-        }
-        Request::Drain => {
-            let cg = client::drain(socket)?;
-            serde_json::to_string_pretty(&Reply::ok(Drained { cg }))
-        }
+    let answer = client::request_at(&path, req)?;
+    match req {
         Request::Demote { .. } => {
-            let d: Drained = client::request_as(socket, req)?;
+            let cg = answer["cg"].as_u64().unwrap_or_default();
+            let disk = client::request_at(&path, Request::Status)
+                .ok()
+                .and_then(|v| v["disk"].as_str().map(str::to_owned))
+                .unwrap_or_else(|| "IMAGE".into());
             eprintln!(
-                "demoted at CG {}: the secondary holds every write. Next: stop this daemon, \
+                "demoted at CG {cg}: the secondary holds every write. Next: stop this daemon, \
                  promote the secondary (`drblk promote --disk REPLICA`), then run this disk as \
-                 its secondary (`drblk secondary --disk {} ...`)",
-                d.cg,
-                status_disk(socket).unwrap_or_else(|| "IMAGE".into())
+                 its secondary (`drblk secondary --disk {disk} ...`)"
             );
-            serde_json::to_string_pretty(&Reply::ok(d))
         }
-    }?;
-    println!("{answer}");
+        Request::Promote { .. } => {
+            if let Some(r) = answer["report"].as_str() {
+                eprintln!("{r}");
+            }
+        }
+        _ => {}
+    }
+    println!("{}", serde_json::to_string_pretty(&answer)?);
     Ok(())
 }

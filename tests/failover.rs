@@ -215,7 +215,10 @@ fn round(seed: u64) -> u64 {
     // Before the promotion the replica is refused for writing.
     let refused = s.drblk(
         &["serve"],
-        &[("--disk", &s.replica()), ("--socket", &tmp.path().join("r.sock"))],
+        &[
+            ("--disk", &s.replica()),
+            ("--socket", &tmp.path().join("r.sock")),
+        ],
     );
     assert!(!refused.status.success(), "served an unpromoted replica");
     assert!(
@@ -240,13 +243,20 @@ fn round(seed: u64) -> u64 {
     );
     let img = std::fs::read(s.replica()).unwrap();
     if let Err(e) = history.lock().unwrap().check(&img) {
-        panic!("the promoted image is not a consistent state: {e}\n{said}\n{}", s.logs());
+        panic!(
+            "the promoted image is not a consistent state: {e}\n{said}\n{}",
+            s.logs()
+        );
     }
 
     // A second promote changes nothing and says so.
     let again = s.drblk(&["promote"], &[("--disk", &s.replica())]);
     assert!(again.status.success(), "{}", text(&again));
-    assert!(text(&again).contains("already promoted"), "{}", text(&again));
+    assert!(
+        text(&again).contains("already promoted"),
+        "{}",
+        text(&again)
+    );
 
     // The promoted disk is served, and what it holds reads back through vhost-user.
     let sock = tmp.path().join("promoted.sock");
@@ -266,12 +276,7 @@ fn round(seed: u64) -> u64 {
     let mut f = TestFrontend::connect(&sock, 2, 256, true).unwrap();
     for block in [0u64, 1, SIZE / 4096 / 2, SIZE / 4096 - 1] {
         let (st, _) = f
-            .request(
-                0,
-                VIRTIO_BLK_T_IN,
-                block * 8,
-                &[Desc::w(DATA_BASE, 4096)],
-            )
+            .request(0, VIRTIO_BLK_T_IN, block * 8, &[Desc::w(DATA_BASE, 4096)])
             .unwrap();
         assert_eq!(st, 0, "read of block {block}");
         let got = f.read_mem(DATA_BASE, 4096).unwrap();
@@ -310,4 +315,136 @@ fn promote_refuses_what_is_no_replica_and_changes_nothing() {
         .map(|e| e.unwrap().file_name())
         .collect();
     assert_eq!(names, vec![std::ffi::OsString::from("plain.img")]);
+}
+
+fn ctl_control(path: &Path, args: &[&str]) -> Output {
+    Command::new(BIN)
+        .args(["ctl", "--control"])
+        .arg(path)
+        .args(args)
+        .output()
+        .unwrap()
+}
+
+#[test]
+fn a_running_secondary_is_promoted_through_its_control_socket_and_its_primary_says_so() {
+    let tmp = tempfile::tempdir().unwrap();
+    let s = Sites::new(tmp.path());
+    let _secondary = s.secondary();
+    let _primary = s.primary();
+    s.wait_until("the initial copy", || s.acked().is_some_and(|c| c >= 1));
+    let control = tmp.path().join("secondary.img.state/ctl");
+    let mode = std::os::unix::fs::PermissionsExt::mode(
+        &std::fs::metadata(&control).unwrap().permissions(),
+    );
+    assert_eq!(mode & 0o777, 0o600);
+    let st = ctl_control(&control, &["status"]);
+    assert!(st.status.success(), "{}", text(&st));
+    let v: serde_json::Value = serde_json::from_slice(&st.stdout).unwrap();
+    assert!(
+        v["state"].as_str().unwrap().starts_with("consistent at CG"),
+        "{v}"
+    );
+    assert_eq!(v["lineage"]["role"], "secondary");
+    // A primary's command is refused here, and a secondary's on a primary.
+    assert!(!ctl_control(&control, &["drain"]).status.success());
+    let on_primary = ctl_control(&drblk::control::control_path(&s.sock()), &["promote"]);
+    assert!(text(&on_primary).contains("promote is a secondary's command"));
+
+    // Promote while the primary keeps writing.
+    let history = Arc::new(Mutex::new(History::new(SIZE)));
+    let stop = Arc::new(AtomicBool::new(false));
+    let writer = {
+        let (sock, h, stop) = (s.sock(), history.clone(), stop.clone());
+        std::thread::spawn(move || {
+            let mut f = TestFrontend::connect(&sock, 2, 256, true).unwrap();
+            common::dw::drive(&mut f, &h, SIZE, || stop.load(Ordering::SeqCst))
+        })
+    };
+    std::thread::sleep(Duration::from_millis(300));
+    let p = ctl_control(&control, &["promote"]);
+    assert!(p.status.success(), "{}\n{}", text(&p), s.logs());
+    assert!(text(&p).contains("promoted"), "{}", text(&p));
+    let v: serde_json::Value = serde_json::from_slice(&p.stdout).unwrap();
+    let cg = v["cg"].as_u64().unwrap();
+    let st: serde_json::Value =
+        serde_json::from_slice(&ctl_control(&control, &["status"]).stdout).unwrap();
+    assert_eq!(st["lineage"]["role"], "promoted");
+    // The primary learns it at its next handshake and says so in its status.
+    s.wait_until("the primary to report the promotion", || {
+        Command::new(BIN)
+            .args(["ctl", "--socket"])
+            .arg(s.sock())
+            .arg("status")
+            .output()
+            .ok()
+            .and_then(|o| serde_json::from_slice::<PrimaryStatus>(&o.stdout).ok())
+            .and_then(|st| st.link)
+            .is_some_and(|l| l.secondary.contains("the secondary was promoted"))
+    });
+    stop.store(true, Ordering::SeqCst);
+    writer.join().unwrap();
+    // The replica stayed at the promoted group: a consistent state, nothing written since.
+    let img = std::fs::read(s.replica()).unwrap();
+    history.lock().unwrap().check(&img).unwrap();
+    let again: serde_json::Value =
+        serde_json::from_slice(&ctl_control(&control, &["status"]).stdout).unwrap();
+    assert_eq!(again["last_committed_cg"].as_u64(), Some(cg));
+}
+
+#[test]
+fn a_syncing_replica_is_promoted_only_with_force_and_a_corrupt_state_is_refused() {
+    let tmp = tempfile::tempdir().unwrap();
+    let s = Sites::new(tmp.path());
+    // Random content and a slow link: the initial copy takes a while.
+    std::fs::write(
+        tmp.path().join("primary.img"),
+        drblk_testkit::rng::pattern(5, SIZE as usize),
+    )
+    .unwrap();
+    let _secondary = s.secondary();
+    let to = format!("127.0.0.1:{}", s.port);
+    let _primary = s.spawn(
+        "primary.log",
+        &["serve", "--replicate-to", &to, "--max-rate", "256K"],
+        &[
+            ("--disk", &tmp.path().join("primary.img")),
+            ("--socket", &s.sock()),
+            ("--certs", &s.certs),
+        ],
+    );
+    let control = tmp.path().join("secondary.img.state/ctl");
+    s.wait_until("the initial copy to start", || {
+        ctl_control(&control, &["status"]).status.success()
+            && serde_json::from_slice::<serde_json::Value>(
+                &ctl_control(&control, &["status"]).stdout,
+            )
+            .is_ok_and(|v| v["state"].as_str().is_some_and(|t| t.contains("syncing")))
+    });
+    let refused = ctl_control(&control, &["promote"]);
+    assert!(!refused.status.success());
+    assert!(
+        text(&refused).contains("still syncing"),
+        "{}",
+        text(&refused)
+    );
+    assert!(text(&refused).contains("--force"), "{}", text(&refused));
+    let forced = ctl_control(&control, &["promote", "--force"]);
+    assert!(forced.status.success(), "{}", text(&forced));
+    assert!(text(&forced).contains("although it was still syncing"));
+    drop(_primary);
+    drop(_secondary);
+
+    // A corrupt state file: one clear error, nothing changed.
+    let state = tmp.path().join("secondary.img.state/state.json");
+    std::fs::write(&state, "{ garbage").unwrap();
+    let lineage = std::fs::read(tmp.path().join("secondary.img.drblk-lineage")).unwrap();
+    let o = s.drblk(&["promote"], &[("--disk", &s.replica())]);
+    assert!(!o.status.success());
+    assert!(text(&o).contains("state.json"), "{}", text(&o));
+    assert_eq!(std::fs::read_to_string(&state).unwrap(), "{ garbage");
+    assert_eq!(
+        std::fs::read(tmp.path().join("secondary.img.drblk-lineage")).unwrap(),
+        lineage
+    );
 }

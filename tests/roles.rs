@@ -119,7 +119,10 @@ impl Pair {
         let ctl = drblk::control::control_path(&self.sock(site));
         wait_until("the primary to listen", || {
             if let Some(st) = d.0.try_wait().unwrap() {
-                panic!("serve {site} exited ({st}):\n{}", self.log(&format!("{site}-serve")));
+                panic!(
+                    "serve {site} exited ({st}):\n{}",
+                    self.log(&format!("{site}-serve"))
+                );
             }
             std::os::unix::net::UnixStream::connect(&ctl).is_ok()
         });
@@ -193,7 +196,8 @@ impl Pair {
 
     fn wait_frontends_gone(&self, site: &str) {
         wait_until("the frontend to disconnect", || {
-            self.status(site).is_some_and(|s| s.frontends_connected == 0)
+            self.status(site)
+                .is_some_and(|s| s.frontends_connected == 0)
         });
     }
 }
@@ -282,7 +286,12 @@ fn switchover_loses_nothing_and_the_old_primary_rejoins_with_nothing_to_resync()
 
     let t0 = Instant::now();
     let o = p.ctl("a", &["demote"]);
-    assert!(o.status.success(), "demote: {}\n{}", text(&o), p.log("a-serve"));
+    assert!(
+        o.status.success(),
+        "demote: {}\n{}",
+        text(&o),
+        p.log("a-serve")
+    );
     let reply: serde_json::Value = serde_json::from_slice(&o.stdout).unwrap();
     let demoted_at = reply["cg"].as_u64().unwrap();
     assert!(text(&o).contains(&format!("demoted at CG {demoted_at}")));
@@ -291,11 +300,21 @@ fn switchover_loses_nothing_and_the_old_primary_rejoins_with_nothing_to_resync()
     // The demoted disk is refused for writing.
     let x = p.dir.join("x.sock").display().to_string();
     let refused = p.drblk(&["serve", "--socket", &x], Some("a"));
-    assert!(text(&refused).contains("was demoted at CG"), "{}", text(&refused));
+    assert!(
+        text(&refused).contains("was demoted at CG"),
+        "{}",
+        text(&refused)
+    );
 
     let promoted_at = promoted_cg(&p.drblk(&["promote"], Some("b")));
-    assert_eq!(promoted_at, demoted_at, "the secondary must hold the final group");
-    assert!(same(&p.img("a"), &p.img("b")), "data lost in the switchover");
+    assert_eq!(
+        promoted_at, demoted_at,
+        "the secondary must hold the final group"
+    );
+    assert!(
+        same(&p.img("a"), &p.img("b")),
+        "data lost in the switchover"
+    );
     history
         .lock()
         .unwrap()
@@ -311,9 +330,14 @@ fn switchover_loses_nothing_and_the_old_primary_rejoins_with_nothing_to_resync()
     let st = p.status("b").unwrap();
     let shipped = st.replication.unwrap().chunks_shipped;
     let full = st.link.unwrap().full_resyncs;
-    assert_eq!(shipped, 0, "the reverse replication resynced {shipped} chunks");
+    assert_eq!(
+        shipped, 0,
+        "the reverse replication resynced {shipped} chunks"
+    );
     assert_eq!(full, 0);
-    println!("switchover: demote to the promoted side replicating in {switch:?}; 0 chunks resynced");
+    println!(
+        "switchover: demote to the promoted side replicating in {switch:?}; 0 chunks resynced"
+    );
 
     // And it replicates: b's writes reach a.
     write_blocks(&p.sock("b"), &[3, 1000, BLOCKS - 1], 0x5b);
@@ -369,7 +393,11 @@ fn failback_after_failover_ships_only_what_changed_on_either_side() {
     stop(a2);
     let said = p.log("a-secondary");
     assert!(said.contains("chunks"), "{said}");
-    assert_eq!(std::fs::read(p.img("a")).unwrap(), before, "a refused rejoin wrote the disk");
+    assert_eq!(
+        std::fs::read(p.img("a")).unwrap(),
+        before,
+        "a refused rejoin wrote the disk"
+    );
     assert_eq!(
         std::fs::read(p.dir.join("a.img.drblk-lineage")).unwrap(),
         lineage_before
@@ -395,7 +423,10 @@ fn failback_after_failover_ships_only_what_changed_on_either_side() {
     );
     stop(b2);
     stop(a3);
-    assert!(same(&p.img("a"), &p.img("b")), "the images differ after failback");
+    assert!(
+        same(&p.img("a"), &p.img("b")),
+        "the images differ after failback"
+    );
     assert!(
         !p.dir.join("a.img.drblk-track").exists(),
         "a's old change record outlived the resync"
@@ -430,10 +461,17 @@ fn split_brain_and_unrelated_disks_are_refused_then_resolved_with_the_flag() {
     promoted_cg(&p.drblk(&["promote", "--disk", c.to_str().unwrap()], None));
     // Both write; then b replicates to "a"'s slot holding c's disk.
     std::fs::rename(&c, p.img("a")).unwrap();
-    std::fs::rename(p.dir.join("c.img.drblk-lineage"), p.dir.join("a.img.drblk-lineage"))
-        .unwrap();
+    std::fs::rename(
+        p.dir.join("c.img.drblk-lineage"),
+        p.dir.join("a.img.drblk-lineage"),
+    )
+    .unwrap();
     std::fs::rename(p.dir.join("c.img.drblk-id"), p.dir.join("a.img.drblk-id")).unwrap();
-    std::fs::rename(p.dir.join("c.img.drblk-track"), p.dir.join("a.img.drblk-track")).unwrap();
+    std::fs::rename(
+        p.dir.join("c.img.drblk-track"),
+        p.dir.join("a.img.drblk-track"),
+    )
+    .unwrap();
     std::fs::remove_dir_all(p.dir.join("a.img.state")).ok();
     std::fs::rename(&cstate, p.dir.join("a.img.state")).unwrap();
     let pa = port();
@@ -441,7 +479,9 @@ fn split_brain_and_unrelated_disks_are_refused_then_resolved_with_the_flag() {
     write_blocks(&p.sock("b"), &[5, 6], 0xbb);
     p.wait_frontends_gone("b");
     let a2 = p.secondary("a", "b", pa, &[]);
-    wait_until("the split-brain refusal", || p.log("a-secondary").contains("split brain"));
+    wait_until("the split-brain refusal", || {
+        p.log("a-secondary").contains("split brain")
+    });
     stop(a2);
     let a3 = p.secondary("a", "b", pa, &["--discard-local-changes"]);
     wait_until("the resolved resync", || p.acked("b") > 0);
@@ -455,12 +495,17 @@ fn split_brain_and_unrelated_disks_are_refused_then_resolved_with_the_flag() {
     std::fs::copy(p.dir.join("b.img.drblk-id"), p.dir.join("d.img.drblk-id")).unwrap();
     drblk::lineage::Lineage::new_primary().store(&d).unwrap();
     std::fs::rename(&d, p.img("a")).unwrap();
-    std::fs::rename(p.dir.join("d.img.drblk-lineage"), p.dir.join("a.img.drblk-lineage"))
-        .unwrap();
+    std::fs::rename(
+        p.dir.join("d.img.drblk-lineage"),
+        p.dir.join("a.img.drblk-lineage"),
+    )
+    .unwrap();
     std::fs::remove_dir_all(p.dir.join("a.img.state")).ok();
     let _ = std::fs::remove_file(p.dir.join("a.img.drblk-track"));
     let a4 = p.secondary("a", "b", pa, &[]);
-    wait_until("the unrelated refusal", || p.log("a-secondary").contains("different disks"));
+    wait_until("the unrelated refusal", || {
+        p.log("a-secondary").contains("different disks")
+    });
     stop(a4);
     let a5 = p.secondary("a", "b", pa, &["--discard-local-changes"]);
     let before = p.acked("b");

@@ -63,11 +63,7 @@ impl Fence {
     pub fn raise(&self, timeout: Duration) -> bool {
         self.raised.store(true, Ordering::SeqCst);
         let deadline = Instant::now() + timeout;
-        while self
-            .inflight
-            .iter()
-            .any(|c| c.0.load(Ordering::SeqCst) > 0)
-        {
+        while self.inflight.iter().any(|c| c.0.load(Ordering::SeqCst) > 0) {
             if Instant::now() > deadline {
                 return false;
             }
@@ -101,12 +97,17 @@ mod tests {
             std::thread::yield_now();
         }
         assert!(f.pass(0).is_err());
-        assert!(!t.is_finished() || !t.join().unwrap(), "raise returned with a write past it");
+        assert!(
+            !t.is_finished() || !t.join().unwrap(),
+            "raise returned with a write past it"
+        );
         drop(p);
         let f3 = f.clone();
-        assert!(std::thread::spawn(move || f3.raise(Duration::from_secs(600)))
-            .join()
-            .unwrap());
+        assert!(
+            std::thread::spawn(move || f3.raise(Duration::from_secs(600)))
+                .join()
+                .unwrap()
+        );
         f.lower();
         assert!(f.pass(1).is_ok());
     }

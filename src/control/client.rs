@@ -14,13 +14,25 @@ use super::status::{Drained, PrimaryStatus};
 /// answer (`{"ok":true,...}`); an `{"ok":false,"error":...}` answer is an error.
 pub fn request(socket: &Path, req: Request) -> anyhow::Result<serde_json::Value> {
     let path = control_path(socket);
-    let conn = UnixStream::connect(&path).with_context(|| {
-        format!(
-            "connecting to {} (is `drblk serve --socket {}` running?)",
-            path.display(),
-            socket.display()
-        )
-    })?;
+    UnixStream::connect(&path)
+        .with_context(|| {
+            format!(
+                "connecting to {} (is `drblk serve --socket {}` running?)",
+                path.display(),
+                socket.display()
+            )
+        })
+        .and_then(|conn| exchange(conn, req))
+}
+
+/// Sends `req` to the control socket at `path` itself (a secondary's `--control`).
+pub fn request_at(path: &Path, req: Request) -> anyhow::Result<serde_json::Value> {
+    UnixStream::connect(path)
+        .with_context(|| format!("connecting to {} (is the daemon running?)", path.display()))
+        .and_then(|conn| exchange(conn, req))
+}
+
+fn exchange(conn: UnixStream, req: Request) -> anyhow::Result<serde_json::Value> {
     let mut w = conn.try_clone()?;
     writeln!(w, "{}", serde_json::to_string(&req)?)?;
     let mut line = String::new();

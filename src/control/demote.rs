@@ -29,16 +29,26 @@ impl ControlState {
     pub(super) fn demote(&self, force: bool) -> anyhow::Result<u64> {
         let disk = self.shared.executor.disk().path().to_path_buf();
         if self.cycle.lock().expect("cycle lock").is_none() {
-            bail!("{} is not replicated: there is no secondary to hand over to", disk.display());
+            bail!(
+                "{} is not replicated: there is no secondary to hand over to",
+                disk.display()
+            );
         }
         let lineage = Lineage::load(&disk)?
             .with_context(|| format!("{} has no lineage file", disk.display()))?;
         if !lineage.role.writes() {
-            bail!("{} is {}: only a primary can be demoted", disk.display(), lineage.describe());
+            bail!(
+                "{} is {}: only a primary can be demoted",
+                disk.display(),
+                lineage.describe()
+            );
         }
         let fence = self.shared.executor.fence();
         if fence.is_raised() {
-            bail!("a demotion is already running (or done) on {}", disk.display());
+            bail!(
+                "a demotion is already running (or done) on {}",
+                disk.display()
+            );
         }
         if !fence.raise(Duration::from_secs(60)) {
             fence.lower();
@@ -65,7 +75,8 @@ impl ControlState {
         let cg = match self.cycle.lock().expect("cycle lock").take() {
             Some(c) => {
                 let stats = c.stats().clone();
-                c.stop().context("stopping replication after the final group")?;
+                c.stop()
+                    .context("stopping replication after the final group")?;
                 stats.last_committed.load(Ordering::SeqCst).max(cg)
             }
             None => cg,

@@ -12,8 +12,10 @@ pub mod server;
 pub mod status;
 
 pub use client::request;
-pub use server::{control_path, ControlServer, ControlState, Request, MAX_REQUEST_BYTES};
+pub use server::{
+    control_path, reply, ControlHandler, ControlServer, ControlState, Request, MAX_REQUEST_BYTES,
+};
 pub use status::{
     AbandonedCounts, CgStatus, Done, Drained, ErrorReply, FreezeTimes, LinkStatusView,
-    PrimaryStatus, ReplicationStatus, Reply, TrackStatus,
+    PrimaryStatus, Promoted, ReplicationStatus, Reply, SecondaryStatus, TrackStatus,
 };

@@ -48,6 +48,13 @@ pub enum Request {
         #[serde(default)]
         force: bool,
     },
+    /// Failover, on a running secondary: promote its replica (see `drblk promote`);
+    /// answers the promotion's report. A replica still syncing needs `force`.
+    Promote {
+        /// Promote a replica that is still syncing.
+        #[serde(default)]
+        force: bool,
+    },
 }
 
 impl FromStr for Request {
@@ -119,6 +126,9 @@ impl ControlState {
     /// Carries out `req`; answers the JSON line to send back.
     fn handle(&self, req: Request) -> anyhow::Result<String> {
         match req {
+            Request::Promote { .. } => bail!(
+                "this is a primary (`drblk serve`): promote is a secondary's command (`drblk ctl --control PATH promote`)"
+            ),
             Request::Status => reply(self.status()),
             Request::FormCg => {
                 let g = self.cycle.lock().expect("cycle lock");
@@ -225,7 +235,7 @@ fn link_status(link: &LinkStatus) -> LinkStatusView {
 }
 
 /// `{"ok":true, ...body}` as one line.
-fn reply(body: impl Serialize) -> anyhow::Result<String> {
+pub fn reply(body: impl Serialize) -> anyhow::Result<String> {
     serde_json::to_string(&Reply::ok(body)).context("encoding the answer")
 }
 
@@ -279,7 +289,20 @@ fn serve_lines(
     }
 }
 
-fn serve_conn(conn: UnixStream, state: &ControlState) -> io::Result<()> {
+/// What answers the requests of a control socket: a primary's [`ControlState`], or a
+/// secondary's (`site::secondary`).
+pub trait ControlHandler: Send + Sync + 'static {
+    /// Carries out `req`; answers the JSON line to send back.
+    fn handle(&self, req: Request) -> anyhow::Result<String>;
+}
+
+impl ControlHandler for ControlState {
+    fn handle(&self, req: Request) -> anyhow::Result<String> {
+        ControlState::handle(self, req)
+    }
+}
+
+fn serve_conn(conn: UnixStream, state: &dyn ControlHandler) -> io::Result<()> {
     conn.set_read_timeout(Some(Duration::from_secs(300)))?;
     let out = conn.try_clone()?;
     serve_lines(BufReader::new(conn), out, |req| state.handle(req))
@@ -294,7 +317,7 @@ pub struct ControlServer {
 
 impl ControlServer {
     /// Listens on `path` (replacing a stale file; the caller holds the daemon lock).
-    pub fn start(path: &Path, state: Arc<ControlState>) -> anyhow::Result<Self> {
+    pub fn start(path: &Path, state: Arc<dyn ControlHandler>) -> anyhow::Result<Self> {
         let _ = std::fs::remove_file(path);
         let listener =
             UnixListener::bind(path).with_context(|| format!("binding {}", path.display()))?;
@@ -310,7 +333,7 @@ impl ControlServer {
                         Ok((conn, _)) => {
                             let state = state.clone();
                             std::thread::spawn(move || {
-                                if let Err(e) = serve_conn(conn, &state) {
+                                if let Err(e) = serve_conn(conn, &*state) {
                                     tracing::debug!(error = %e, "control connection ended");
                                 }
                             });
@@ -358,6 +381,7 @@ mod tests {
             Request::Demote { force } => reply(Drained {
                 cg: if force { 9 } else { 8 },
             }),
+            Request::Promote { .. } => bail!("not here"),
         })
         .unwrap();
         String::from_utf8(out)

@@ -212,6 +212,36 @@ pub struct Drained {
     pub cg: u64,
 }
 
+/// The body of the answer to `promote` (a secondary's).
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Promoted {
+    /// The CG the promoted disk holds.
+    pub cg: u64,
+    /// The new generation (32 hex digits).
+    pub generation: String,
+    /// What `drblk promote` prints.
+    pub report: String,
+}
+
+/// What a secondary's `drblk ctl --control PATH status` answers.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct SecondaryStatus {
+    /// The replica image.
+    pub disk: String,
+    /// Its state directory.
+    pub state_dir: String,
+    /// "consistent at CG 7 (the primary's state as of 0.3 s ago)", "inconsistent,
+    /// syncing 42.0 %", "promoted", or why there is no replica yet.
+    pub state: String,
+    /// The last committed CG.
+    pub last_committed_cg: Option<u64>,
+    /// How old the primary's state in the replica is (ms): the RPO if the primary were
+    /// lost now.
+    pub primary_state_age_ms: Option<f64>,
+    /// The disk's role and lineage.
+    pub lineage: Option<crate::lineage::Lineage>,
+}
+
 /// An answer without fields (`form-cg`).
 #[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Serialize, Deserialize)]
 pub struct Done {}

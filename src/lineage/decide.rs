@@ -149,9 +149,10 @@ pub fn decide(source: &Side<'_>, target: &Side<'_>) -> Decision {
             Decision::TargetIsNewer { promoted_at_cg: q }
         };
     }
-    let common = source.history.iter().find_map(|a| {
-        ended_at(target.history, a.generation).map(|t| t.min(a.until_cg))
-    });
+    let common = source
+        .history
+        .iter()
+        .find_map(|a| ended_at(target.history, a.generation).map(|t| t.min(a.until_cg)));
     match common {
         Some(common_cg) => Decision::SplitBrain { common_cg },
         None => Decision::Unrelated,

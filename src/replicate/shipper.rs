@@ -109,7 +109,15 @@ impl Replicator {
         let last = st.last_committed;
         cfg.last_committed_cg = (last > 0).then_some(last);
         cfg.unshipped = st.oos_dirty + st.cr_dirty > 0;
-        let client = LinkClient::connect(cfg).map_err(|e| io::Error::other(e.to_string()))?;
+        let client = LinkClient::connect(cfg).map_err(|e| {
+            if let crate::link::LinkError::Rejected(why) = &e {
+                // What the operator must see in `drblk ctl status`: a promoted secondary,
+                // a split brain, a refused rejoin.
+                *self.status.remote_state.lock().expect("status lock") =
+                    format!("refused this primary: {why}");
+            }
+            io::Error::other(e.to_string())
+        })?;
         let ack = client.hello_ack().clone();
         self.status.connects.fetch_add(1, Ordering::Relaxed);
         let next = self.engine.next_cg();

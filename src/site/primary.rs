@@ -131,7 +131,10 @@ impl Server {
             *control.cycle.lock().expect("cycle lock") = Some(cycle);
             *control.link.lock().expect("link lock") = Some(link);
         }
-        let control_server = ControlServer::start(&control_path(&cfg.socket), control.clone())?;
+        let control_server = ControlServer::start(
+            &control_path(&cfg.socket),
+            control.clone() as Arc<dyn crate::control::ControlHandler>,
+        )?;
         // Listen last: a frontend (or a script waiting for the socket) that can connect finds
         // the control socket and the replication cycle running.
         let socket = socket_lock.bind(cfg.socket_mode)?;

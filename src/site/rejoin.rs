@@ -16,17 +16,16 @@ const MAX_RANGES: usize = 3000;
 /// of the new primary's own changes. `None`: there is no record (or it cannot be read as a
 /// whole), so the whole disk is in doubt.
 pub fn tail_ranges(image: &Path, disk_size: u64) -> Option<Vec<(u64, u64)>> {
-    let l = crate::track::file::RecordFile::load(&crate::track::default_record_path(image))
-        .ok()??;
+    let l =
+        crate::track::file::RecordFile::load(&crate::track::default_record_path(image)).ok()??;
     if l.sb.flags & crate::track::file::FLAG_ALL_DIRTY != 0 {
         return Some(vec![(0, disk_size)]);
     }
     let chunk = l.sb.chunk_size;
-    let mut ranges: Vec<(u64, u64)> = l
-        .al
-        .iter()
-        .map(|&e| (e * l.sb.al_extent, l.sb.al_extent))
-        .collect();
+    let mut ranges: Vec<(u64, u64)> =
+        l.al.iter()
+            .map(|&e| (e * l.sb.al_extent, l.sb.al_extent))
+            .collect();
     let chunks = disk_size.div_ceil(chunk);
     let mut i = 0;
     while i < chunks {
@@ -57,7 +56,10 @@ fn coalesce(mut ranges: Vec<(u64, u64)>, disk_size: u64) -> Vec<(u64, u64)> {
         let mut out: Vec<(u64, u64)> = Vec::with_capacity(ranges.len());
         for &(off, len) in &ranges {
             let start = off / grain * grain;
-            let end = (off + len).div_ceil(grain).saturating_mul(grain).min(disk_size);
+            let end = (off + len)
+                .div_ceil(grain)
+                .saturating_mul(grain)
+                .min(disk_size);
             match out.last_mut() {
                 Some(last) if start <= last.0 + last.1 => {
                     last.1 = last.1.max(end - last.0);
@@ -119,13 +121,15 @@ impl Target {
                             Role::Demoted => lineage.since_cg,
                             _ => l.sb.acked_cg,
                         };
-                        ((cg > 0).then_some(cg), bits + l.al.len() as u64 * per_ext, all)
+                        (
+                            (cg > 0).then_some(cg),
+                            bits + l.al.len() as u64 * per_ext,
+                            all,
+                        )
                     }
                     // A demoted disk without a record (`--no-track-file`): the fence kept
                     // every write in the final group.
-                    Ok(None) if lineage.role == Role::Demoted => {
-                        (Some(lineage.since_cg), 0, false)
-                    }
+                    Ok(None) if lineage.role == Role::Demoted => (Some(lineage.since_cg), 0, false),
                     _ => (None, 0, true),
                 }
             }
@@ -161,7 +165,7 @@ impl Target {
     }
 
     /// Why the handshake is refused, and the command that proceeds.
-    pub fn refusal(&self, d: Decision, image: &Path, site: &str) -> String {
+    pub fn refusal(&self, d: Decision, image: &Path, site: &str, hello: &Hello) -> String {
         let img = image.display();
         let primary_site = format!("site {site:?}");
         let proceed = format!(
@@ -188,11 +192,23 @@ impl Target {
                     }
                 )
             }
+            // This site was promoted from the primary's generation, and the primary wrote on.
+            Decision::SplitBrain { common_cg }
+                if hello.lineage.as_ref().is_some_and(|src| {
+                    self.lineage.as_ref().is_some_and(|l| {
+                        l.history.iter().any(|a| a.generation == src.generation)
+                    })
+                }) =>
+            {
+                format!(
+                    "the secondary was promoted at CG {common_cg} ({img}, generation {gen}): {primary_site} is no longer replicated, and it wrote since (split brain). Its writes after CG {common_cg} are not on the promoted site; to go on, run {primary_site} as this site's secondary with --discard-local-changes, or restart this site's `drblk secondary` with --discard-local-changes to take {primary_site}'s copy instead"
+                )
+            }
             Decision::SplitBrain { common_cg } => format!(
                 "split brain: {img} (generation {gen}) and {primary_site} both wrote on their own since CG {common_cg}; refusing to resync either way. Pick the site whose writes survive; on the other one, restart `drblk secondary` with --discard-local-changes to take the other's copy"
             ),
             Decision::TargetIsNewer { promoted_at_cg } => format!(
-                "{img} was promoted at CG {promoted_at_cg} (generation {gen}) from {primary_site}'s generation: {primary_site} is the stale side and must not write here. Run {primary_site} as this site's secondary instead; {proceed}"
+                "the secondary was promoted at CG {promoted_at_cg} ({img}, generation {gen}): {primary_site} is no longer replicated and must not write here. Run {primary_site} as this site's secondary instead (its writes after CG {promoted_at_cg} are then discarded on its operator's word); {proceed}"
             ),
             Decision::Unrelated => format!(
                 "{img} (generation {gen}) shares no generation with {primary_site}'s disk: these are different disks; {proceed}"
@@ -209,7 +225,10 @@ mod tests {
     #[test]
     fn ranges_are_merged_and_coarsened_to_fit_a_hello_ack() {
         assert_eq!(
-            coalesce(vec![(8192, 4096), (0, 4096), (4096, 4096), (1 << 20, 10)], 2 << 20),
+            coalesce(
+                vec![(8192, 4096), (0, 4096), (4096, 4096), (1 << 20, 10)],
+                2 << 20
+            ),
             vec![(0, 12288), (1 << 20, 10)]
         );
         // Clipped to the disk.

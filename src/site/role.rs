@@ -64,10 +64,15 @@ mod tests {
         assert_eq!(lineage_for_serve(&img, false, false).unwrap(), None);
         let p = lineage_for_serve(&img, false, true).unwrap().unwrap();
         assert_eq!(p.role, Role::Primary);
-        assert_eq!(lineage_for_serve(&img, false, true).unwrap(), Some(p.clone()));
+        assert_eq!(
+            lineage_for_serve(&img, false, true).unwrap(),
+            Some(p.clone())
+        );
 
         Lineage::replica_of(p.generation, &[]).store(&img).unwrap();
-        let e = lineage_for_serve(&img, false, true).unwrap_err().to_string();
+        let e = lineage_for_serve(&img, false, true)
+            .unwrap_err()
+            .to_string();
         assert!(e.contains("drblk promote --disk"), "{e}");
         assert!(lineage_for_serve(&img, true, true).is_ok());
 
@@ -75,7 +80,9 @@ mod tests {
         d.role = Role::Demoted;
         d.since_cg = 4;
         d.store(&img).unwrap();
-        let e = lineage_for_serve(&img, false, true).unwrap_err().to_string();
+        let e = lineage_for_serve(&img, false, true)
+            .unwrap_err()
+            .to_string();
         assert!(e.contains("demoted at CG 4"), "{e}");
     }
 }

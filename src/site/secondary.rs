@@ -12,14 +12,16 @@ use std::sync::{Arc, Mutex};
 
 use anyhow::Context;
 
+use crate::control::{reply, ControlHandler, ControlServer, Promoted, Request, SecondaryStatus};
+use crate::lineage::{Decision, Lineage, Role};
 use crate::link::server::PeerInfo;
 use crate::link::{
     ChunkData as WireChunk, Hello, HelloAck, LinkServer, RejectReason, ReplicaSink, ServerConfig,
     SiteIdentity, PROTOCOL_VERSION,
 };
 use crate::replica::identity::uuid_hex;
-use crate::lineage::{Decision, Lineage, Role};
 use crate::replica::{ChunkData, Error as StoreError, ReplicaState, ReplicaStore};
+use crate::site::promote::{promote_store, Promotion};
 use crate::site::rejoin::Target;
 
 /// Where the secondary keeps its replica.
@@ -91,24 +93,26 @@ impl StoreSink {
     ) -> Result<(), String> {
         let image = &self.paths.image;
         let mine = Lineage::load(image).map_err(|e| e.to_string())?;
-        // A store promoted here is no replica any more: the lineage says what the disk is.
-        if store.as_ref().is_some_and(|s| s.state() == ReplicaState::Promoted) {
-            if mine.is_none() {
-                return Err(RejectReason::Promoted.to_string());
-            }
-            *store = None;
+        // A store promoted here is no replica any more: the lineage says what the disk is
+        // (the store stays open for the status until something replaces it).
+        let replica = store
+            .as_ref()
+            .filter(|s| s.state() != ReplicaState::Promoted);
+        if store.is_some() && replica.is_none() && mine.is_none() {
+            return Err(RejectReason::Promoted.to_string());
         }
-        let target = match (&*store, mine) {
+        let target = match (replica, mine) {
             (Some(s), l) => Target::replica(l, s.last_committed_cg()),
             (None, Some(l)) if l.role != Role::Secondary => Target::image(image, l),
             (None, l) => Target::replica(l, None),
         };
+        let is_replica = replica.is_some();
         let decision = target.decide(hello);
         let adopt_at = match decision {
             None => None,
-            Some(d) if d.proceeds() => match (d, &*store, target.role) {
+            Some(d) if d.proceeds() => match (d, is_replica, target.role) {
                 // An old primary's image at the point the primary's generation began.
-                (Decision::Incremental { from_cg }, None, r) if r != Role::Secondary => {
+                (Decision::Incremental { from_cg }, false, r) if r != Role::Secondary => {
                     Some(from_cg)
                 }
                 _ => None,
@@ -134,9 +138,11 @@ impl StoreSink {
                 // CG 0 is no group of the primary's: it resyncs everything, staged.
                 .or(Some(0))
             }
-            Some(d) => return Err(target.refusal(d, image, &peer.site)),
+            Some(d) => return Err(target.refusal(d, image, &peer.site, hello)),
         };
         if let Some(cg) = adopt_at {
+            // Releases the state directory's lock (a promoted store left open).
+            *store = None;
             let (s, _) = ReplicaStore::adopt(
                 image,
                 &self.paths.state_dir,
@@ -153,11 +159,13 @@ impl StoreSink {
         // store is settled: a crash in between leaves a store whose lineage is re-judged.
         if let Some(src) = &hello.lineage {
             let current = Lineage::load(image).ok().flatten();
-            if current.as_ref().is_none_or(|l| {
-                l.role != Role::Secondary || l.generation != src.generation
-            }) {
+            if current
+                .as_ref()
+                .is_none_or(|l| l.role != Role::Secondary || l.generation != src.generation)
+            {
                 let l = Lineage::replica_of(src.generation, &src.history);
-                l.store(image).map_err(|e| format!("writing the lineage of {}: {e}", image.display()))?;
+                l.store(image)
+                    .map_err(|e| format!("writing the lineage of {}: {e}", image.display()))?;
                 tracing::info!(disk = %image.display(), lineage = %l.describe(), "replica of the primary's generation");
             }
         }
@@ -174,12 +182,108 @@ impl StoreSink {
             Ok(v) => Ok(v),
             Err(e) => {
                 // A failed store call poisons it: drop it so the next Hello reopens it, which
-                // runs recovery.
-                if e.downcast_ref::<StoreError>().is_some() {
+                // runs recovery. A call refused for the store's state (a promoted replica)
+                // changed nothing: keep it.
+                if e.downcast_ref::<StoreError>()
+                    .is_some_and(|e| !matches!(e, StoreError::InvalidState(_)))
+                {
                     *g = None;
                 }
                 Err(e)
             }
+        }
+    }
+}
+
+impl StoreSink {
+    /// A line for operators: "syncing 42.0 %", "consistent at CG 7 (primary's state as of
+    /// 0.3 s ago)", or why there is no replica yet.
+    pub fn describe(&self) -> String {
+        match self.store.lock().expect("store lock").as_ref() {
+            None => "no replica yet: waiting for the primary's first connection".into(),
+            Some(s) => match s.state() {
+                ReplicaState::Syncing {
+                    done_chunks,
+                    total_chunks,
+                } => format!(
+                    "inconsistent, syncing {:.1} % ({done_chunks} of {total_chunks} chunks)",
+                    if total_chunks > 0 {
+                        done_chunks as f64 * 100.0 / total_chunks as f64
+                    } else {
+                        0.0
+                    }
+                ),
+                ReplicaState::Consistent {
+                    cg,
+                    frozen_at_unix_us,
+                } => {
+                    let now = crate::sys::clock::now_unix_micros();
+                    format!(
+                        "consistent at CG {cg} (the primary's state as of {:.1} s ago)",
+                        now.saturating_sub(frozen_at_unix_us) as f64 / 1e6
+                    )
+                }
+                ReplicaState::Promoted => "promoted".into(),
+            },
+        }
+    }
+
+    /// Failover on a running secondary: promotes the open replica (see
+    /// [`crate::site::promote`]). The primary's session, if any, fails at its next extent
+    /// and every later handshake is refused.
+    pub fn promote(&self, force: bool) -> anyhow::Result<Promotion> {
+        let mut g = self.store.lock().expect("store lock");
+        let store = g
+            .as_mut()
+            .context("no replica here yet: no primary ever connected")?;
+        let info = crate::replica::stored_identity(&self.paths.state_dir)?
+            .context("the replica's state.json is gone")?;
+        let lineage = Lineage::load(&self.paths.image)?;
+        promote_store(store, &self.paths.image, info.uuid, lineage, force)
+    }
+
+    /// What `drblk ctl --control PATH status` answers.
+    pub fn status_view(&self) -> SecondaryStatus {
+        let (state, cg) = self.status();
+        let age = match state {
+            ReplicaState::Consistent {
+                frozen_at_unix_us, ..
+            } if frozen_at_unix_us > 0 => Some(
+                crate::sys::clock::now_unix_micros().saturating_sub(frozen_at_unix_us) as f64 / 1e3,
+            ),
+            _ => None,
+        };
+        SecondaryStatus {
+            disk: self.paths.image.display().to_string(),
+            state_dir: self.paths.state_dir.display().to_string(),
+            state: self.describe(),
+            last_committed_cg: cg,
+            primary_state_age_ms: age,
+            lineage: Lineage::load(&self.paths.image).ok().flatten(),
+        }
+    }
+}
+
+/// The secondary's control socket.
+struct SecondaryControl {
+    sink: Arc<StoreSink>,
+}
+
+impl ControlHandler for SecondaryControl {
+    fn handle(&self, req: Request) -> anyhow::Result<String> {
+        match req {
+            Request::Status => reply(self.sink.status_view()),
+            Request::Promote { force } => {
+                let p = self.sink.promote(force)?;
+                reply(Promoted {
+                    cg: p.cg,
+                    generation: crate::replica::identity::uuid_hex(&p.lineage.generation),
+                    report: p.report(),
+                })
+            }
+            other => anyhow::bail!(
+                "this is a secondary: {other:?} is a primary's command (`drblk ctl --socket SOCKET`)"
+            ),
         }
     }
 }
@@ -229,7 +333,8 @@ impl ReplicaSink for StoreSink {
                 .unwrap_or_else(|| vec![(0, hello.disk_size)]);
             let bytes: u64 = r.iter().map(|x| x.1).sum();
             tracing::info!(ranges = r.len(), bytes, "asking the primary to overwrite what this disk wrote on its own (its change record)");
-            self.tail_pending.store(true, std::sync::atomic::Ordering::SeqCst);
+            self.tail_pending
+                .store(true, std::sync::atomic::Ordering::SeqCst);
             r
         } else {
             Vec::new()
@@ -360,6 +465,7 @@ fn ensure_image(path: &Path, size: u64) -> anyhow::Result<()> {
 pub struct Secondary {
     server: LinkServer,
     sink: Arc<StoreSink>,
+    control: Option<ControlServer>,
 }
 
 impl Secondary {
@@ -380,7 +486,11 @@ impl Secondary {
         cfg.expected_peer = expected_peer;
         let server = LinkServer::start(cfg, sink.clone())?;
         tracing::info!(listen = %server.local_addr()?, site, "secondary listening");
-        Ok(Secondary { server, sink })
+        Ok(Secondary {
+            server,
+            sink,
+            control: None,
+        })
     }
 
     /// The UDP address the secondary listens on.
@@ -396,33 +506,17 @@ impl Secondary {
     /// A line for operators: "syncing 42.0 %", "consistent at CG 7 (primary's state as of
     /// 0.3 s ago)", or why there is no replica yet.
     pub fn describe(&self) -> String {
-        match self.sink.store.lock().expect("store lock").as_ref() {
-            None => "no replica yet: waiting for the primary's first connection".into(),
-            Some(s) => match s.state() {
-                ReplicaState::Syncing {
-                    done_chunks,
-                    total_chunks,
-                } => format!(
-                    "inconsistent, syncing {:.1} % ({done_chunks} of {total_chunks} chunks)",
-                    if total_chunks > 0 {
-                        done_chunks as f64 * 100.0 / total_chunks as f64
-                    } else {
-                        0.0
-                    }
-                ),
-                ReplicaState::Consistent {
-                    cg,
-                    frozen_at_unix_us,
-                } => {
-                    let now = crate::sys::clock::now_unix_micros();
-                    format!(
-                        "consistent at CG {cg} (the primary's state as of {:.1} s ago)",
-                        now.saturating_sub(frozen_at_unix_us) as f64 / 1e6
-                    )
-                }
-                ReplicaState::Promoted => "promoted".into(),
-            },
-        }
+        self.sink.describe()
+    }
+
+    /// Answers `drblk ctl --control PATH status|promote` on `path` (mode 0600).
+    pub fn serve_control(&mut self, path: &Path) -> anyhow::Result<()> {
+        let handler = Arc::new(SecondaryControl {
+            sink: self.sink.clone(),
+        });
+        self.control = Some(ControlServer::start(path, handler)?);
+        tracing::info!(control = %path.display(), "control socket");
+        Ok(())
     }
 
     /// Stops listening (dropping the server closes its endpoint).
@@ -444,7 +538,9 @@ pub fn run(args: crate::cli::SecondaryArgs) -> anyhow::Result<()> {
         state_dir: args.state_dir(),
         discard_local_changes: args.discard_local_changes,
     };
-    let secondary = Secondary::start(paths, identity, listen, Some(args.peer_site.clone()), None)?;
+    let mut secondary =
+        Secondary::start(paths, identity, listen, Some(args.peer_site.clone()), None)?;
+    secondary.serve_control(&args.control())?;
     // Log the state when it changes kind, and every 10 s while it does not.
     let mut last_kind = String::new();
     let mut next_log = std::time::Instant::now();
