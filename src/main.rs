@@ -58,7 +58,11 @@ fn ctl(args: &CtlArgs) -> anyhow::Result<()> {
     if let Request::Demote { force } | Request::Promote { force } = &mut req {
         *force = args.force;
     }
-    let answer = client::request_at(&path, req)?;
+    let answer = match &args.socket {
+        // Says which `drblk serve` it expected if nothing answers.
+        Some(s) if args.control.is_none() => client::request(s, req)?,
+        _ => client::request_at(&path, req)?,
+    };
     match req {
         Request::Demote { .. } => {
             let cg = answer["cg"].as_u64().unwrap_or_default();
