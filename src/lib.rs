@@ -27,6 +27,10 @@
 //! **The roles** ([`site`]): [`site::primary`] (`drblk serve`) and [`site::secondary`]
 //! (`drblk secondary`) assemble the parts above into processes; [`control`] is their control
 //! socket and the typed status that `drblk ctl`, the tests and the metrics read.
+//! [`lineage`] is who may write a disk (role, generation ids, the handshake's decision);
+//! the role changes are [`site::promote`] (failover), [`control`]'s `demote` (planned
+//! switchover, behind [`blk::fence`]) and [`site::rejoin`] (an old primary coming back as a
+//! secondary); [`site::role`] is what `drblk serve` checks before it writes.
 //!
 //! **Shared**: [`cli`] (clap definitions) and [`config`] (arguments → validated
 //! configuration, one set of defaults), [`geometry`] (how a disk is cut into chunks),

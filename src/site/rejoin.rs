@@ -89,6 +89,8 @@ pub struct Target {
     pub tail_chunks: u64,
     /// No usable change record: its writes since `cg` are unknown.
     pub tail_unknown: bool,
+    /// When its change record was last written (the latest its own writes can be from).
+    pub tail_until: Option<std::time::SystemTime>,
 }
 
 impl Target {
@@ -100,6 +102,7 @@ impl Target {
             cg,
             tail_chunks: 0,
             tail_unknown: false,
+            tail_until: None,
         }
     }
 
@@ -140,6 +143,9 @@ impl Target {
             cg,
             tail_chunks,
             tail_unknown,
+            tail_until: std::fs::metadata(crate::track::default_record_path(image))
+                .and_then(|m| m.modified())
+                .ok(),
         }
     }
 
@@ -182,6 +188,13 @@ impl Target {
                     "an unknown number of chunks (no usable change record)".to_string()
                 } else {
                     format!("up to {} chunks", self.tail_chunks)
+                };
+                let lost = match self.tail_until {
+                    Some(t) => format!(
+                        "{lost}, written until about {} (its change record's last update)",
+                        humantime::format_rfc3339_seconds(t)
+                    ),
+                    None => lost,
                 };
                 format!(
                     "{img} was written here ({}, generation {gen}) after the last group both sites hold (CG {common_cg}): rejoining as {primary_site}'s secondary discards those writes — {lost}{}; {proceed}",
