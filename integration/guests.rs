@@ -636,6 +636,7 @@ fn a_guest_boots_on_the_promoted_replica_and_verifies_the_primarys_data() {
     // The primary site is lost.
     primary.kill9();
     vm.kill();
+    // SAFETY: kill(2) on our own child process.
     unsafe { libc::kill(secondary.id() as i32, libc::SIGTERM) };
     let _ = secondary.wait();
 

@@ -354,9 +354,14 @@ pub struct CtlArgs {
     /// group now; drain: form one last group and wait until it has committed; demote:
     /// planned switchover — refuse writes, form a final group, wait for its commit, stop
     /// replicating and record the disk as demoted there (the VM must be shut down);
-    /// promote (a secondary): failover, as `drblk promote` does for a stopped one.
-    #[arg(value_parser = ["status", "form-cg", "drain", "demote", "promote"])]
+    /// promote (a secondary): failover, as `drblk promote` does for a stopped one;
+    /// verify: compare both sites' disks by checksums at a group boundary.
+    #[arg(value_parser = ["status", "form-cg", "drain", "demote", "promote", "verify"])]
     pub command: String,
+
+    /// verify: ship the chunks that differ in the next group.
+    #[arg(long)]
+    pub repair: bool,
 
     /// demote: go ahead although a frontend (the VM) is connected; its writes fail from
     /// then on. promote: promote a replica that is still syncing.

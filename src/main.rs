@@ -58,6 +58,9 @@ fn ctl(args: &CtlArgs) -> anyhow::Result<()> {
     if let Request::Demote { force } | Request::Promote { force } = &mut req {
         *force = args.force;
     }
+    if let Request::Verify { repair } = &mut req {
+        *repair = args.repair;
+    }
     let answer = match &args.socket {
         // Says which `drblk serve` it expected if nothing answers.
         Some(s) if args.control.is_none() => client::request(s, req)?,
@@ -74,6 +77,28 @@ fn ctl(args: &CtlArgs) -> anyhow::Result<()> {
                 "demoted at CG {cg}: the secondary holds every write. Next: stop this daemon, \
                  promote the secondary (`drblk promote --disk REPLICA`), then run this disk as \
                  its secondary (`drblk secondary --disk {disk} ...`)"
+            );
+        }
+        Request::Verify { .. } => {
+            let r: drblk::replicate::shipper::VerifyReport =
+                serde_json::from_value(answer.clone())?;
+            eprintln!(
+                "verified {} chunks ({:.1} MB, {:.2} GB/s) at CG {}: {} differ{}{}",
+                r.found.compared,
+                r.found.bytes as f64 / 1e6,
+                r.found.bytes as f64 / 1e9 / r.found.seconds.max(1e-9),
+                r.cg,
+                r.found.differing,
+                if r.found.first_differing.is_empty() {
+                    String::new()
+                } else {
+                    format!(" (first: {:?})", r.found.first_differing)
+                },
+                match (r.found.differing, r.repaired) {
+                    (0, _) => String::new(),
+                    (_, true) => "; they are shipped in the next group".into(),
+                    (_, false) => "; `drblk ctl verify --repair` ships them".into(),
+                }
             );
         }
         Request::Promote { .. } => {

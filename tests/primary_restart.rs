@@ -315,7 +315,7 @@ fn a_primary_killed_under_load_resyncs_at_most_the_bound_and_converges() {
 }
 
 #[test]
-fn a_clean_restart_ships_exactly_the_unshipped_blocks_and_a_corrupt_record_a_full_copy() {
+fn a_clean_restart_ships_exactly_the_unshipped_blocks_and_a_corrupt_record_a_checksum_resync() {
     let dir = tempfile::tempdir().unwrap();
     let site = Site::new(dir.path());
     let sec = site.secondary();
@@ -357,17 +357,101 @@ fn a_clean_restart_ships_exactly_the_unshipped_blocks_and_a_corrupt_record_a_ful
     assert!(track.path.ends_with("primary.img.drblk-track"), "{track:?}");
     site.drain_and_compare();
     site.sigterm(primary);
+    site.assert_consistent_throughout();
 
-    // A corrupt record is not trusted: the whole disk is resynced.
+    // A corrupt record is not trusted: the disks are compared by checksums and only what
+    // differs is shipped. 1 % of the secondary's blocks are changed behind its back.
+    sec.stop();
+    let blocks = SIZE / CHUNK;
+    let changed: BTreeSet<u64> = (0..blocks).step_by(100).collect();
+    {
+        use std::os::unix::fs::FileExt;
+        let f = std::fs::OpenOptions::new()
+            .write(true)
+            .open(dir.path().join("secondary.img"))
+            .unwrap();
+        for &b in &changed {
+            f.write_all_at(&[0xee; CHUNK as usize], b * CHUNK).unwrap();
+        }
+    }
+    let sec = site.secondary();
     let track = dir.path().join("primary.img.drblk-track");
     std::fs::write(&track, b"not a change record").unwrap();
     let primary = site.primary();
     let (shipped, full) = site.resync();
-    assert_eq!((shipped, full), (SIZE / CHUNK, 1), "{}", site.log());
+    let link = site.status().link.unwrap();
+    println!(
+        "checksum resync: {} of {blocks} blocks differ, {shipped} shipped; {} bytes on the link ({} UDP) for a {} MiB disk",
+        changed.len(),
+        link.wire_bytes,
+        link.udp_bytes,
+        SIZE >> 20
+    );
+    assert_eq!((shipped, full), (changed.len() as u64, 0), "{}", site.log());
+    assert_eq!(link.checksum_resyncs, 1);
+    assert_eq!(link.resync_differing, changed.len() as u64);
     assert!(!site.status().track.unwrap().trusted_on_start);
     assert!(site.log().contains("cannot be trusted"), "{}", site.log());
     site.drain_and_compare();
-    site.assert_consistent_throughout();
     drop(primary);
+    sec.stop();
+}
+
+#[test]
+fn verify_finds_a_block_changed_behind_drblks_back_and_repair_fixes_it() {
+    let dir = tempfile::tempdir().unwrap();
+    let site = Site::new(dir.path());
+    let sec = site.secondary();
+    let _primary = site.primary();
+    site.wait_until("the initial copy", || {
+        site.status()
+            .replication
+            .is_some_and(|r| r.last_committed_cg > 0)
+    });
+    let stop = Arc::new(AtomicBool::new(false));
+    let w = site.workload(3, false, stop.clone());
+    std::thread::sleep(Duration::from_millis(300));
+    stop.store(true, Ordering::SeqCst);
+    w.join().unwrap();
+    site.drain_and_compare();
+
+    let verify = |repair: bool| -> serde_json::Value {
+        let mut c = Command::new(BIN);
+        c.args(["ctl", "--socket"]).arg(site.sock()).arg("verify");
+        if repair {
+            c.arg("--repair");
+        }
+        let out = c.output().unwrap();
+        assert!(
+            out.status.success(),
+            "{}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+        eprintln!("{}", String::from_utf8_lossy(&out.stderr));
+        serde_json::from_slice(&out.stdout).unwrap()
+    };
+    let clean = verify(false);
+    assert_eq!(clean["differing"], 0, "{clean}");
+    assert_eq!(clean["compared"], SIZE / CHUNK, "{clean}");
+
+    // A block of the replica changes behind drblk's back.
+    let bad = 1234u64;
+    {
+        use std::os::unix::fs::FileExt;
+        let f = std::fs::OpenOptions::new()
+            .write(true)
+            .open(dir.path().join("secondary.img"))
+            .unwrap();
+        f.write_all_at(&[0x5a; 100], bad * CHUNK + 7).unwrap();
+    }
+    let found = verify(false);
+    assert_eq!(found["differing"], 1, "{found}");
+    assert_eq!(found["first_differing"], serde_json::json!([bad]));
+    assert_eq!(found["repaired"], false);
+    let repaired = verify(true);
+    assert_eq!(repaired["differing"], 1, "{repaired}");
+    assert_eq!(repaired["repaired"], true);
+    site.drain_and_compare();
+    assert_eq!(verify(false)["differing"], 0);
     sec.stop();
 }

@@ -233,6 +233,7 @@ fn wait_until(what: &str, mut f: impl FnMut() -> bool) {
 
 fn stop(mut d: KillOnDrop) {
     // SIGTERM: a clean stop.
+    // SAFETY: kill(2) on our own child process.
     unsafe { libc::kill(d.0.id() as i32, libc::SIGTERM) };
     let _ = d.0.wait();
 }

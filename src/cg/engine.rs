@@ -154,6 +154,11 @@ impl Engine {
         self.chunks
     }
 
+    /// Where the drain reads the disk.
+    pub fn source(&self) -> &Arc<dyn ChunkSource> {
+        &self.source
+    }
+
     /// The configuration.
     pub fn config(&self) -> &CgConfig {
         &self.cfg

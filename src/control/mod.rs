@@ -10,6 +10,7 @@ pub mod client;
 mod demote;
 pub mod server;
 pub mod status;
+mod verify;
 
 pub use client::request;
 pub use server::{

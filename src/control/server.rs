@@ -48,6 +48,14 @@ pub enum Request {
         #[serde(default)]
         force: bool,
     },
+    /// Compare the primary's disk with the secondary's by checksums at a group boundary
+    /// (only checksums cross the link); with `repair`, ship the differing chunks in the
+    /// next group. Answers the report.
+    Verify {
+        /// Ship the differing chunks in the next group.
+        #[serde(default)]
+        repair: bool,
+    },
     /// Failover, on a running secondary: promote its replica (see `drblk promote`);
     /// answers the promotion's report. A replica still syncing needs `force`.
     Promote {
@@ -142,6 +150,7 @@ impl ControlState {
             Request::Demote { force } => reply(Drained {
                 cg: self.demote(force)?,
             }),
+            Request::Verify { repair } => reply(self.verify(repair)?),
         }
     }
 
@@ -229,6 +238,9 @@ fn link_status(link: &LinkStatus) -> LinkStatusView {
         secondary: link.remote_state.lock().expect("status lock").clone(),
         connects: link.connects.load(Ordering::Relaxed),
         full_resyncs: link.full_resyncs.load(Ordering::Relaxed),
+        checksum_resyncs: link.checksum_resyncs.load(Ordering::Relaxed),
+        resync_compared: link.resync_compared.load(Ordering::Relaxed),
+        resync_differing: link.resync_differing.load(Ordering::Relaxed),
         wire_bytes: link.wire_bytes.load(Ordering::Relaxed),
         udp_bytes: link.udp_bytes.load(Ordering::Relaxed),
     }
@@ -381,7 +393,7 @@ mod tests {
             Request::Demote { force } => reply(Drained {
                 cg: if force { 9 } else { 8 },
             }),
-            Request::Promote { .. } => bail!("not here"),
+            Request::Promote { .. } | Request::Verify { .. } => bail!("not here"),
         })
         .unwrap();
         String::from_utf8(out)

@@ -158,6 +158,15 @@ pub struct LinkStatusView {
     pub connects: u64,
     /// Full resyncs started (the initial copy counts as one).
     pub full_resyncs: u64,
+    /// Checksum resyncs: the disks compared chunk by chunk, only what differs shipped.
+    #[serde(default)]
+    pub checksum_resyncs: u64,
+    /// Chunks those resyncs compared.
+    #[serde(default)]
+    pub resync_compared: u64,
+    /// Chunks they found different (and shipped).
+    #[serde(default)]
+    pub resync_differing: u64,
     /// Bytes written to the link (extent frames with their headers), over all connections:
     /// divided by the bytes the guest wrote, the link's write amplification.
     #[serde(default)]
@@ -331,6 +340,9 @@ mod tests {
                 secondary: "consistent at CG 41".into(),
                 connects: 2,
                 full_resyncs: 1,
+                checksum_resyncs: 0,
+                resync_compared: 0,
+                resync_differing: 0,
                 wire_bytes: 9000 << 12,
                 udp_bytes: 9100 << 12,
             }),

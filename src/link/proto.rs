@@ -296,7 +296,29 @@ pub enum Message<'a> {
         /// Chunks of the initial copy in total.
         total: u64,
     },
+    /// Primary → secondary, between groups: the crc32c of each of `count` chunks from
+    /// `first` of the replica image, as of the last committed group (verify, checksum
+    /// resync). At most [`MAX_CHECKSUM_CHUNKS`].
+    ChecksumRequest {
+        /// Echoed in the answer.
+        seq: u64,
+        /// First chunk.
+        first: u64,
+        /// Chunks.
+        count: u64,
+    },
+    /// Secondary → primary: the answer to `ChecksumRequest`.
+    Checksums {
+        /// The request's sequence number.
+        seq: u64,
+        /// crc32c of each chunk (the last chunk: of its bytes inside the disk).
+        crcs: Vec<u32>,
+    },
 }
+
+/// The most chunks one `ChecksumRequest` asks for (its answer stays well inside
+/// [`MAX_CONTROL_FRAME_LEN`]).
+pub const MAX_CHECKSUM_CHUNKS: u64 = 8192;
 
 impl Message<'_> {
     /// Short name of the message kind, for logs.
@@ -314,6 +336,8 @@ impl Message<'_> {
             Message::Heartbeat { .. } => "Heartbeat",
             Message::HeartbeatAck { .. } => "HeartbeatAck",
             Message::Progress { .. } => "Progress",
+            Message::ChecksumRequest { .. } => "ChecksumRequest",
+            Message::Checksums { .. } => "Checksums",
         }
     }
 }

@@ -104,6 +104,7 @@
 mod apply;
 #[cfg(test)]
 mod checkpoint_tests;
+mod checksum;
 mod commit;
 mod error;
 #[cfg(test)]
@@ -112,6 +113,7 @@ mod fault;
 mod flush;
 mod format;
 pub mod identity;
+pub use checksum::chunk_crcs;
 mod journal;
 mod open;
 mod stage;

@@ -2,6 +2,7 @@
 //! consistency groups, and the sinks it ships them to — the [`shipper`] (the link to a
 //! secondary, with its resync decisions) and the [`local`] replica.
 
+pub mod compare;
 pub mod cycle;
 pub mod local;
 pub mod shipper;

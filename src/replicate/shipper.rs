@@ -21,6 +21,7 @@ use std::time::{Duration, Instant, SystemTime};
 
 use crate::cg::{Engine, Extent};
 use crate::link::{ClientConfig, LinkClient, ReplicaState};
+use crate::replicate::compare::{compare, Comparison};
 use crate::replicate::cycle::ChunkSink;
 use crate::sys::clock::unix_micros;
 use crate::track::ChangeRecord;
@@ -36,12 +37,86 @@ pub struct LinkStatus {
     pub connects: AtomicU64,
     /// Chunks marked for shipping by full resyncs.
     pub full_resyncs: AtomicU64,
+    /// Checksum resyncs (a secondary at a group this primary has no record of): the disks
+    /// were compared chunk by chunk and only what differs is shipped.
+    pub checksum_resyncs: AtomicU64,
+    /// Chunks those resyncs compared, and found different.
+    pub resync_compared: AtomicU64,
+    /// See `resync_compared`.
+    pub resync_differing: AtomicU64,
+    /// `drblk ctl verify`: the run asked for, running, and the last one's report.
+    pub verify: Verify,
     /// Bytes written to the link's data streams over all connections (frames: extents
     /// with their headers), to compare with what the guest wrote.
     pub wire_bytes: AtomicU64,
     /// Bytes of UDP datagrams sent over all connections (QUIC headers, acknowledgements and
     /// retransmissions included; IP/UDP headers not). Updated at each commit.
     pub udp_bytes: AtomicU64,
+}
+
+/// How long one verify slice may run between two groups.
+const VERIFY_SLICE: Duration = Duration::from_millis(200);
+
+/// `drblk ctl verify` between the control socket and the cycle thread.
+#[derive(Default)]
+pub struct Verify {
+    /// The run in progress and the last report.
+    pub state: Mutex<VerifyState>,
+    /// Signalled when a run ends.
+    pub done: std::sync::Condvar,
+}
+
+/// See [`Verify`].
+#[derive(Default)]
+pub struct VerifyState {
+    /// The run in progress (picked up by the cycle thread between groups).
+    pub running: Option<VerifyRun>,
+    /// The last finished run.
+    pub last: Option<VerifyReport>,
+    /// Id of the next run.
+    pub next_id: u64,
+}
+
+/// A verify run in progress.
+pub struct VerifyRun {
+    /// Its id.
+    pub id: u64,
+    /// Mark differing chunks for the next group.
+    pub repair: bool,
+    /// The next chunk to compare.
+    pub cursor: u64,
+    /// The last committed group when it began.
+    pub cg: Option<u64>,
+    /// What it found so far.
+    pub found: Comparison,
+}
+
+/// What a verify run found (`drblk ctl verify` prints it).
+#[derive(Debug, Clone, PartialEq, serde::Serialize, serde::Deserialize)]
+pub struct VerifyReport {
+    /// The run's id.
+    pub id: u64,
+    /// The group both sites held when it began.
+    pub cg: u64,
+    /// Differing chunks were marked for the next group.
+    pub repaired: bool,
+    /// The comparison.
+    #[serde(flatten)]
+    pub found: Comparison,
+    /// Why it stopped early (the link was lost).
+    pub error: Option<String>,
+}
+
+impl VerifyReport {
+    fn from(run: VerifyRun, error: Option<String>) -> VerifyReport {
+        VerifyReport {
+            id: run.id,
+            cg: run.cg.unwrap_or(0),
+            repaired: run.repair && error.is_none(),
+            found: run.found,
+            error,
+        }
+    }
 }
 
 /// Ships groups to a secondary; reconnects with backoff when the link is lost.
@@ -83,6 +158,96 @@ impl Replicator {
         self.seeded = record.is_some() && self.engine.stats().last_committed > 0;
         self.record = record;
         self
+    }
+
+    /// Compares every chunk with the secondary's and marks those that differ (see
+    /// [`crate::replicate::compare`]). The record says "everything may differ" until the
+    /// engine holds every difference.
+    fn checksum_resync(&self, client: &LinkClient) -> io::Result<()> {
+        if let Some(r) = &self.record {
+            r.mark_all_dirty();
+            r.hold_all_dirty(true);
+        }
+        let mut cmp = Comparison::default();
+        let engine = &self.engine;
+        compare(
+            client,
+            engine,
+            0,
+            engine.num_chunks(),
+            Duration::MAX,
+            &mut cmp,
+            |c| engine.mark_range(c, c),
+        )?;
+        let s = &self.status;
+        s.checksum_resyncs.fetch_add(1, Ordering::Relaxed);
+        s.resync_compared.fetch_add(cmp.compared, Ordering::Relaxed);
+        s.resync_differing
+            .fetch_add(cmp.differing, Ordering::Relaxed);
+        tracing::info!(
+            compared = cmp.compared,
+            differing = cmp.differing,
+            written_meanwhile = cmp.skipped_dirty,
+            seconds = cmp.seconds,
+            "checksum resync: {} of {} chunks differ and are shipped (with what the guest writes)",
+            cmp.differing,
+            cmp.compared + cmp.skipped_dirty
+        );
+        Ok(())
+    }
+
+    /// A slice (at most `VERIFY_SLICE` of work) of the verify run asked for, if any:
+    /// between groups, so replication goes on while a large disk is verified.
+    fn verify_slice(&mut self) -> io::Result<()> {
+        let Some(client) = &self.client else {
+            return Ok(());
+        };
+        let mut g = self.status.verify.state.lock().expect("verify lock");
+        let Some(run) = g.running.as_mut() else {
+            return Ok(());
+        };
+        if run.cg.is_none() {
+            run.cg = Some(self.engine.stats().last_committed);
+        }
+        let engine = &self.engine;
+        let repair = run.repair;
+        let r = compare(
+            client,
+            engine,
+            run.cursor,
+            engine.num_chunks(),
+            VERIFY_SLICE,
+            &mut run.found,
+            |c| {
+                if repair {
+                    engine.mark_range(c, c);
+                }
+            },
+        );
+        match r {
+            Ok(next) => {
+                run.cursor = next;
+                if next >= engine.num_chunks() {
+                    let run = g.running.take().expect("running");
+                    tracing::info!(
+                        id = run.id,
+                        differing = run.found.differing,
+                        compared = run.found.compared,
+                        repair,
+                        "verify done"
+                    );
+                    g.last = Some(VerifyReport::from(run, None));
+                    self.status.verify.done.notify_all();
+                }
+                Ok(())
+            }
+            Err(e) => {
+                let run = g.running.take().expect("running");
+                g.last = Some(VerifyReport::from(run, Some(e.to_string())));
+                self.status.verify.done.notify_all();
+                Err(e)
+            }
+        }
     }
 
     fn mark_all(&self) {
@@ -134,10 +299,12 @@ impl Replicator {
                 self.engine.resume_numbering(cg);
             }
             (ReplicaState::Consistent { cg, .. }, _) => {
-                tracing::info!(secondary = %self.cfg.server_addr, cg, our_last = last, "secondary holds another group: full resync, staged above it");
+                tracing::info!(secondary = %self.cfg.server_addr, cg, our_last = last, "secondary holds a group this primary has no record of: comparing the disks by checksums; what differs is shipped as one group above it");
+                self.checksum_resync(&client)?;
                 self.engine.resume_numbering(cg);
-                self.mark_all();
-                self.status.full_resyncs.fetch_add(1, Ordering::Relaxed);
+                if let Some(r) = &self.record {
+                    r.hold_all_dirty(false);
+                }
             }
             (ReplicaState::Syncing { .. }, committed) => {
                 tracing::info!(secondary = %self.cfg.server_addr, "secondary is new or syncing: full copy");
@@ -248,7 +415,12 @@ impl ChunkSink for Replicator {
 
     fn prepare(&mut self, stop: &AtomicBool) -> io::Result<()> {
         if self.client.is_some() {
-            return Ok(());
+            if let Err(e) = self.verify_slice() {
+                // The link failed under the comparison: reconnect below.
+                let _ = self.lost(e);
+            } else {
+                return Ok(());
+            }
         }
         let first = self.status.connects.load(Ordering::Relaxed) == 0;
         let mut backoff = Duration::from_millis(100);

@@ -424,6 +424,15 @@ impl ReplicaSink for StoreSink {
         })
     }
 
+    fn checksums(&self, first: u64, count: u64) -> anyhow::Result<Vec<u32>> {
+        let g = self.store.lock().expect("store lock");
+        let store = g.as_ref().context("no replica open")?;
+        if matches!(store.state(), ReplicaState::Syncing { .. }) {
+            anyhow::bail!("the replica is syncing: its image is no group's state");
+        }
+        Ok(store.checksums(first, count)?)
+    }
+
     fn status(&self) -> (ReplicaState, Option<u64>) {
         match self.store.lock().expect("store lock").as_ref() {
             Some(s) => (s.state(), s.last_committed_cg()),

@@ -180,6 +180,8 @@ pub struct ChangeRecord {
     seeded: Seeded,
     /// Wakes the refresher: (a group committed, stop).
     signal: (Mutex<(bool, bool)>, Condvar),
+    /// A checksum resync runs: the ALL_DIRTY flag stays (see `hold_all_dirty`).
+    hold_all: AtomicBool,
 }
 
 impl ChangeRecord {
@@ -299,6 +301,7 @@ impl ChangeRecord {
             disk: Mutex::new(disk),
             pending: Mutex::new(Vec::new()),
             broken: AtomicBool::new(false),
+            hold_all: AtomicBool::new(false),
             stats: TrackStats::default(),
             seeded: seeded.clone(),
             signal: (Mutex::new((false, false)), Condvar::new()),
@@ -487,6 +490,14 @@ impl ChangeRecord {
         self.pending.lock().unwrap_or_else(|p| p.into_inner())
     }
 
+    /// While a checksum resync compares the disks, the record must keep saying "everything
+    /// may differ": the engine holds only part of the differences yet, and a refresh would
+    /// otherwise write those as exact. Call with `true` after [`ChangeRecord::mark_all_dirty`],
+    /// with `false` once every difference is marked in the engine.
+    pub fn hold_all_dirty(&self, on: bool) {
+        self.hold_all.store(on, Ordering::SeqCst);
+    }
+
     /// Before a full copy: every chunk may differ until it commits.
     pub fn mark_all_dirty(&self) {
         if self.is_broken() {
@@ -593,7 +604,7 @@ impl ChangeRecord {
             d.rf.write_al(&[])?;
             self.sync(&d)?;
         }
-        if all {
+        if all && !self.hold_all.load(Ordering::SeqCst) {
             let mut flags = d.rf.sb.flags & !FLAG_ALL_DIRTY;
             if clean {
                 flags |= FLAG_CLEAN;

@@ -270,6 +270,13 @@ impl LinkClient {
         self.block(self.shared.status())?
     }
 
+    /// The secondary's crc32c of each of `count` (at most
+    /// [`MAX_CHECKSUM_CHUNKS`](super::proto::MAX_CHECKSUM_CHUNKS)) chunks from `first`, as
+    /// of its last committed group. Ask between groups.
+    pub fn checksums(&self, first: u64, count: u64) -> Result<Vec<u32>, LinkError> {
+        self.block(self.shared.checksums(first, count))?
+    }
+
     /// Application-level round trip over the control stream.
     pub fn ping(&self) -> Result<Duration, LinkError> {
         self.block(self.shared.ping())?

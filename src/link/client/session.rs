@@ -30,6 +30,7 @@ const BATCH_BYTES: usize = 256 << 10;
 
 #[derive(Default)]
 struct Pending {
+    checksums: HashMap<u64, oneshot::Sender<Vec<u32>>>,
     commits: HashMap<u64, oneshot::Sender<Result<(), String>>>,
     status: HashMap<u64, oneshot::Sender<ReplicaStatus>>,
     pings: HashMap<u64, oneshot::Sender<()>>,
@@ -355,6 +356,28 @@ impl Shared {
         }
     }
 
+    pub(super) async fn checksums(&self, first: u64, count: u64) -> Result<Vec<u32>, LinkError> {
+        self.check_alive()?;
+        let seq = self.seq.fetch_add(1, Ordering::Relaxed);
+        let (tx, rx) = oneshot::channel();
+        lock(&self.pending).checksums.insert(seq, tx);
+        self.send_ctrl(&Message::ChecksumRequest { seq, first, count })
+            .await?;
+        // The secondary reads up to MAX_CHECKSUM_CHUNKS chunks: bounded like a commit.
+        match tokio::time::timeout(self.cfg.commit_timeout, rx).await {
+            Err(_) => {
+                lock(&self.pending).checksums.remove(&seq);
+                Err(LinkError::Timeout("checksum request".into()))
+            }
+            Ok(Err(_)) => Err(self.lost_error()),
+            Ok(Ok(crcs)) if crcs.len() as u64 == count => Ok(crcs),
+            Ok(Ok(crcs)) => Err(LinkError::Protocol(format!(
+                "asked for {count} checksums, got {}",
+                crcs.len()
+            ))),
+        }
+    }
+
     pub(super) async fn ping(&self) -> Result<Duration, LinkError> {
         self.check_alive()?;
         let seq = self.seq.fetch_add(1, Ordering::Relaxed);
@@ -406,6 +429,13 @@ impl Shared {
                 }
                 Ok(())
             }
+            Message::Checksums { seq, crcs } => match lock(&self.pending).checksums.remove(&seq) {
+                Some(tx) => {
+                    let _ = tx.send(crcs);
+                    Ok(())
+                }
+                None => Err(format!("Checksums {seq}, which were not asked for")),
+            },
             Message::HeartbeatAck { seq, .. } => {
                 if let Some(tx) = lock(&self.pending).pings.remove(&seq) {
                     let _ = tx.send(());

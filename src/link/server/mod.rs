@@ -100,6 +100,12 @@ pub trait ReplicaSink: Send + Sync + 'static {
     /// Progress of the initial full copy, as reported by the primary.
     fn progress(&self, _done: u64, _total: u64) {}
 
+    /// crc32c of each of `count` chunks from `first` of the replica, as of its last
+    /// committed group (the link checked the range). The default keeps no image.
+    fn checksums(&self, _first: u64, _count: u64) -> anyhow::Result<Vec<u32>> {
+        anyhow::bail!("this secondary keeps no image to compare")
+    }
+
     /// The connection ended; chunks staged since the last commit belong to an abandoned CG.
     fn disconnected(&self, _reason: &str) {}
 }
@@ -129,6 +135,9 @@ impl<T: ReplicaSink> ReplicaSink for std::sync::Arc<T> {
     }
     fn progress(&self, done: u64, total: u64) {
         (**self).progress(done, total)
+    }
+    fn checksums(&self, first: u64, count: u64) -> anyhow::Result<Vec<u32>> {
+        (**self).checksums(first, count)
     }
     fn disconnected(&self, reason: &str) {
         (**self).disconnected(reason)

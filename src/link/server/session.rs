@@ -341,6 +341,28 @@ async fn control_reader(
                 tokio::task::block_in_place(|| sink.progress(done, total));
                 Ok(())
             }
+            Message::ChecksumRequest { seq, first, count } => {
+                let inside = s
+                    .geometry
+                    .is_some_and(|g| first.checked_add(count).is_some_and(|e| e <= g.chunks()));
+                if count == 0 || count > proto::MAX_CHECKSUM_CHUNKS || !inside {
+                    return s.protocol_error(&format!(
+                        "checksum request for {count} chunks from {first}: outside the disk or over {}",
+                        proto::MAX_CHECKSUM_CHUNKS
+                    ));
+                }
+                let sink = s.srv.sink.clone();
+                match tokio::task::block_in_place(|| sink.checksums(first, count)) {
+                    Ok(crcs) => s.send_ctrl(&Message::Checksums { seq, crcs }).await,
+                    Err(e) => {
+                        let reason = proto::clip(&format!("checksums: {e:#}"));
+                        tracing::error!("{reason}; closing");
+                        s.conn
+                            .close(close_code::SINK_ERROR.into(), reason.as_bytes());
+                        return;
+                    }
+                }
+            }
             other => {
                 return s.protocol_error(&format!(
                     "unexpected {} on the control stream",
