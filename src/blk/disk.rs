@@ -28,6 +28,9 @@ pub enum OpenError {
         /// The OS error.
         source: io::Error,
     },
+    /// Another process (a `drblk serve`, a `drblk secondary`) has the image open.
+    #[error("image {0} is in use by another drblk process (a `drblk serve` or a `drblk secondary` on it); stop that one first")]
+    InUse(PathBuf),
     /// The size is zero or not a multiple of the logical block size.
     #[error("image {path} has size {size}, which is not a non-zero multiple of {block} bytes")]
     BadSize {
@@ -85,6 +88,11 @@ impl Disk {
             oo.custom_flags(libc::O_DIRECT);
         }
         let file = oo.open(&opts.path).map_err(open_err)?;
+        // One writer per image: a second `drblk serve`, or a `drblk secondary` keeping it
+        // as a replica, is refused (readers share).
+        if !crate::sys::file::lock_retrying(&file, !opts.readonly).map_err(open_err)? {
+            return Err(OpenError::InUse(opts.path.clone()));
+        }
         if !exists {
             // A new image is sparse: set_len allocates nothing.
             let size = opts.create_size.unwrap_or(0);

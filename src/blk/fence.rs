@@ -34,6 +34,10 @@ impl Default for Fence {
     }
 }
 
+/// [`Fence::raise`] on a fence that is raised already.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct AlreadyRaised;
+
 /// A write let through; dropped when it has finished.
 pub struct Passage<'a>(&'a AtomicU64);
 
@@ -59,17 +63,24 @@ impl Fence {
     }
 
     /// Raises the fence and waits (at most `timeout`) until no write is past it.
-    /// `false`: writes were still running at the deadline (the fence stays raised).
-    pub fn raise(&self, timeout: Duration) -> bool {
-        self.raised.store(true, Ordering::SeqCst);
+    /// `Err`: it was raised already (by someone else, who alone may lower it).
+    /// `Ok(false)`: writes were still running at the deadline (the fence stays raised).
+    pub fn raise(&self, timeout: Duration) -> Result<bool, AlreadyRaised> {
+        if self
+            .raised
+            .compare_exchange(false, true, Ordering::SeqCst, Ordering::SeqCst)
+            .is_err()
+        {
+            return Err(AlreadyRaised);
+        }
         let deadline = Instant::now() + timeout;
         while self.inflight.iter().any(|c| c.0.load(Ordering::SeqCst) > 0) {
             if Instant::now() > deadline {
-                return false;
+                return Ok(false);
             }
             std::thread::sleep(Duration::from_millis(1));
         }
-        true
+        Ok(true)
     }
 
     /// Lowers the fence (a demotion that did not go through).
@@ -92,22 +103,17 @@ mod tests {
         let f = std::sync::Arc::new(Fence::default());
         let p = f.pass(3).unwrap();
         let f2 = f.clone();
-        let t = std::thread::spawn(move || f2.raise(Duration::from_secs(600)));
+        let t = std::thread::spawn(move || f2.raise(Duration::from_secs(600)).unwrap());
         while !f.is_raised() {
             std::thread::yield_now();
         }
         assert!(f.pass(0).is_err());
-        assert!(
-            !t.is_finished() || !t.join().unwrap(),
-            "raise returned with a write past it"
-        );
+        std::thread::sleep(Duration::from_millis(20));
+        assert!(!t.is_finished(), "raise returned with a write past it");
         drop(p);
-        let f3 = f.clone();
-        assert!(
-            std::thread::spawn(move || f3.raise(Duration::from_secs(600)))
-                .join()
-                .unwrap()
-        );
+        assert!(t.join().unwrap());
+        // A second raiser is refused: only the first may lower it.
+        assert_eq!(f.raise(Duration::from_secs(600)), Err(AlreadyRaised));
         f.lower();
         assert!(f.pass(1).is_ok());
     }

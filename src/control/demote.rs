@@ -43,25 +43,35 @@ impl ControlState {
                 lineage.describe()
             );
         }
-        let fence = self.shared.executor.fence();
-        if fence.is_raised() {
-            bail!(
-                "a demotion is already running (or done) on {}",
-                disk.display()
-            );
-        }
-        if !fence.raise(Duration::from_secs(60)) {
-            fence.lower();
-            bail!("writes did not finish within 60 s; nothing changed");
-        }
-        let frontends = self.shared.stats.frontends.load(Ordering::SeqCst);
-        if frontends > 0 && !force {
-            fence.lower();
-            bail!(
+        let attached = || {
+            let n = self.shared.stats.frontends.load(Ordering::SeqCst);
+            (n > 0 && !force).then(|| anyhow::anyhow!(
                 "a frontend (the VM) is connected to {}: shut the VM down first, or pass --force (its writes then fail)",
                 disk.display()
-            );
+            ))
+        };
+        // Checked before the fence goes up, so a refusal fails no guest write.
+        if let Some(e) = attached() {
+            return Err(e);
         }
+        let fence = self.shared.executor.fence();
+        match fence.raise(Duration::from_secs(60)) {
+            Err(_) => bail!(
+                "a demotion is already running (or done) on {}",
+                disk.display()
+            ),
+            Ok(false) => {
+                fence.lower();
+                bail!("writes did not finish within 60 s; the disk takes writes again (some may have failed meanwhile)");
+            }
+            Ok(true) => {}
+        }
+        // A VM that connected in between.
+        if let Some(e) = attached() {
+            fence.lower();
+            return Err(e);
+        }
+        let frontends = self.shared.stats.frontends.load(Ordering::SeqCst);
         tracing::info!(disk = %disk.display(), frontends, "demoting: writes are refused from now on; forming the final group");
         let cg = match self.drain() {
             Ok(cg) => cg,

@@ -118,6 +118,12 @@ impl ReplicaStore {
             .truncate(false)
             .open(image)
             .map_err(error::io("open image", image))?;
+        if !crate::sys::file::lock_retrying(&image_file, true).map_err(error::io("flock", image))? {
+            return Err(Error::InvalidArgument(format!(
+                "image {} is in use by another drblk process (a `drblk serve` on it?): stop it first",
+                image.display()
+            )));
+        }
         let image_is_file = image_file
             .metadata()
             .map_err(error::io("stat", image))?

@@ -79,6 +79,9 @@ impl Server {
             (Some(r), Some(engine)) => open_record(r, &disk, engine)?,
             _ => None,
         };
+        if record.is_none() && !disk.readonly() {
+            drop_untracked_record(disk.path())?;
+        }
         let tracking = match (&record, &engine) {
             (Some(rec), _) => Some(rec.tracking()),
             (None, e) => e.clone().map(|e| e as Arc<dyn Tracking>),
@@ -314,6 +317,25 @@ fn open_record(
         )
     })?;
     Ok(Some(rec))
+}
+
+/// The disk is written without a change record (not replicated, or `--no-track-file`): a
+/// record left next to it (a promoted disk's, an earlier run's) would not see these writes,
+/// and a later replication trusting it would miss them. It is removed before any write; the
+/// next replication then compares the disks by checksums.
+fn drop_untracked_record(image: &std::path::Path) -> anyhow::Result<()> {
+    let path = crate::track::default_record_path(image);
+    match std::fs::remove_file(&path) {
+        Ok(()) => {
+            tracing::warn!(record = %path.display(), "writes are not tracked in this run: the change record is removed; the next replication compares the disks by checksums");
+            Ok(())
+        }
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => Ok(()),
+        Err(e) => Err(anyhow::Error::from(e).context(format!(
+            "removing the change record {} (writes in this run would not be in it)",
+            path.display()
+        ))),
+    }
 }
 
 /// Runs `drblk serve` until SIGINT/SIGTERM.

@@ -39,6 +39,9 @@ pub struct Promotion {
     pub previous: Option<[u8; 16]>,
     /// It was promoted already; nothing changed.
     pub already: bool,
+    /// Besides the CG it holds writes of its own (an old primary taken in as a replica
+    /// whose own writes were not overwritten yet).
+    pub own_writes: bool,
 }
 
 impl Promotion {
@@ -56,6 +59,9 @@ impl Promotion {
             Some((done, total)) => format!(
                 "promoted {img} although it was still syncing ({done} of {total} chunks copied): \
                  it mixes old and new blocks, and a filesystem on it may need repair or may not mount"
+            ),
+            None if self.cg == 0 => format!(
+                "promoted {img}: it holds no group of the primary's (it was taken in to be resynced and none has committed): its content is this disk's own earlier state"
             ),
             None => {
                 let when = if self.frozen_at_unix_us > 0 {
@@ -77,6 +83,11 @@ impl Promotion {
                 )
             }
         };
+        if self.own_writes {
+            s.push_str(
+                "\nit also holds writes of its own from before it rejoined, not yet overwritten by the primary's: the next replication from it compares the disks by checksums",
+            );
+        }
         s.push_str(&format!(
             "\nnew generation {}{}\nserve it with: drblk serve --disk {img} --socket SOCKET [--replicate-to ...]",
             short(&self.lineage.generation),
@@ -111,6 +122,7 @@ pub fn promote_offline(image: &Path, state_dir: &Path, force: bool) -> anyhow::R
                 previous: Some(l.generation),
                 lineage: promoted,
                 already: false,
+                own_writes: false,
             });
         }
         _ => {}
@@ -164,6 +176,7 @@ pub fn promote_store(
                     previous: l.history.first().map(|a| a.generation),
                     lineage: l.clone(),
                     already: true,
+                    own_writes: false,
                 });
             }
             // An earlier promote stopped between its steps: finish it.
@@ -194,8 +207,22 @@ pub fn promote_store(
     };
     crate::replica::identity::store(image, &uuid)?;
     let record = crate::track::default_record_path(image);
-    crate::track::write_empty(&record, uuid, geometry.0, geometry.1, cg)
-        .with_context(|| format!("writing the change record {}", record.display()))?;
+    // A record next to a replica lists an old primary's own writes that a rejoin has not
+    // overwritten yet: the image is CG `cg` plus those, so no empty record may claim it is
+    // exactly `cg`. Without a record the next replication compares by checksums.
+    let own_writes = record.exists();
+    if own_writes || cg == 0 {
+        match std::fs::remove_file(&record) {
+            Ok(()) => {}
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound => {}
+            Err(e) => {
+                return Err(anyhow::Error::from(e).context(format!("removing {}", record.display())))
+            }
+        }
+    } else {
+        crate::track::write_empty(&record, uuid, geometry.0, geometry.1, cg)
+            .with_context(|| format!("writing the change record {}", record.display()))?;
+    }
     let base = lineage.unwrap_or_else(|| {
         // A replica kept by a drblk without lineages: its generation is unknown.
         Lineage::replica_of(crate::lineage::new_generation(), &[])
@@ -211,5 +238,6 @@ pub fn promote_store(
         previous: Some(base.generation),
         lineage: promoted,
         already: false,
+        own_writes,
     })
 }

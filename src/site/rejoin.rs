@@ -183,11 +183,18 @@ impl Target {
             .map(|l| short(&l.generation))
             .unwrap_or_default();
         match d {
+            // A replica holding groups the primary never received (the primary was promoted
+            // from an older group).
+            Decision::DiscardTarget { common_cg, .. } if self.role == Role::Secondary => format!(
+                "{img} (a replica, generation {gen}) holds groups after CG {common_cg} that {primary_site} never received: it was promoted from CG {common_cg}. Rejoining as its secondary discards them; {proceed}"
+            ),
             Decision::DiscardTarget { common_cg, .. } => {
                 let lost = if self.tail_unknown {
                     "an unknown number of chunks (no usable change record)".to_string()
-                } else {
+                } else if self.tail_chunks > 0 {
                     format!("up to {} chunks", self.tail_chunks)
+                } else {
+                    "no chunks its change record knows of".to_string()
                 };
                 let lost = match self.tail_until {
                     Some(t) => format!(
@@ -221,7 +228,7 @@ impl Target {
                 "split brain: {img} (generation {gen}) and {primary_site} both wrote on their own since CG {common_cg}; refusing to resync either way. Pick the site whose writes survive; on the other one, restart `drblk secondary` with --discard-local-changes to take the other's copy"
             ),
             Decision::TargetIsNewer { promoted_at_cg } => format!(
-                "the secondary was promoted at CG {promoted_at_cg} ({img}, generation {gen}): {primary_site} is no longer replicated and must not write here. Run {primary_site} as this site's secondary instead (its writes after CG {promoted_at_cg} are then discarded on its operator's word); {proceed}"
+                "the secondary was promoted at CG {promoted_at_cg} ({img}, generation {gen}): {primary_site} is no longer replicated and must not write here. Run {primary_site} as this site's secondary instead (`drblk secondary` on {primary_site}'s disk; with --discard-local-changes there if it wrote after CG {promoted_at_cg})"
             ),
             Decision::Unrelated => format!(
                 "{img} (generation {gen}) shares no generation with {primary_site}'s disk: these are different disks; {proceed}"

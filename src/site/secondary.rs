@@ -46,6 +46,12 @@ pub struct StoreSink {
     /// The `HelloAck` asked for this disk's own writes (see `resync_also`): the old
     /// primary's change record is removed once a group has committed.
     tail_pending: std::sync::atomic::AtomicBool,
+    /// This process promoted its replica (`drblk ctl --control PATH promote`): the disk is
+    /// being served now, so no primary may write it, whatever the flags say.
+    promoted_here: std::sync::atomic::AtomicBool,
+    /// `--discard-local-changes` was used once: it does not apply to a later handshake
+    /// (a standing flag must not discard writes made after that).
+    discard_used: std::sync::atomic::AtomicBool,
 }
 
 /// Called after each group was committed and applied, with its number and the image path
@@ -61,6 +67,8 @@ impl StoreSink {
             store: Mutex::new(None),
             on_commit,
             tail_pending: Default::default(),
+            promoted_here: Default::default(),
+            discard_used: Default::default(),
         })
     }
 
@@ -92,6 +100,12 @@ impl StoreSink {
         store: &mut Option<ReplicaStore>,
     ) -> Result<(), String> {
         let image = &self.paths.image;
+        if self.promoted_here.load(std::sync::atomic::Ordering::SeqCst) {
+            return Err(format!(
+                "the secondary was promoted (through its control socket) and its disk {} is a primary now: it takes no replication; stop this `drblk secondary`",
+                image.display()
+            ));
+        }
         let mine = Lineage::load(image).map_err(|e| e.to_string())?;
         // A store promoted here is no replica any more: the lineage says what the disk is
         // (the store stays open for the status until something replaces it).
@@ -117,7 +131,12 @@ impl StoreSink {
                 }
                 _ => None,
             },
-            Some(d) if self.paths.discard_local_changes => {
+            Some(d)
+                if self.paths.discard_local_changes
+                    && !self
+                        .discard_used
+                        .swap(true, std::sync::atomic::Ordering::SeqCst) =>
+            {
                 tracing::warn!(peer = %peer.site, decision = ?d, lost_chunks = target.tail_chunks, "--discard-local-changes: this disk's own writes are discarded; it takes the primary's copy as one staged group and stays whole until that commits");
                 *store = None;
                 match d {
@@ -138,7 +157,13 @@ impl StoreSink {
                 // CG 0 is no group of the primary's: it resyncs everything, staged.
                 .or(Some(0))
             }
-            Some(d) => return Err(target.refusal(d, image, &peer.site, hello)),
+            Some(d) => {
+                let mut why = target.refusal(d, image, &peer.site, hello);
+                if self.paths.discard_local_changes {
+                    why.push_str(" (this process already used its --discard-local-changes once: restart it to give it again)");
+                }
+                return Err(why);
+            }
         };
         if let Some(cg) = adopt_at {
             // Releases the state directory's lock (a promoted store left open).
@@ -239,7 +264,10 @@ impl StoreSink {
         let info = crate::replica::stored_identity(&self.paths.state_dir)?
             .context("the replica's state.json is gone")?;
         let lineage = Lineage::load(&self.paths.image)?;
-        promote_store(store, &self.paths.image, info.uuid, lineage, force)
+        let p = promote_store(store, &self.paths.image, info.uuid, lineage, force)?;
+        self.promoted_here
+            .store(true, std::sync::atomic::Ordering::SeqCst);
+        Ok(p)
     }
 
     /// What `drblk ctl --control PATH status` answers.

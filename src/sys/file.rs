@@ -31,6 +31,29 @@ pub fn try_lock_exclusive(f: &File) -> io::Result<bool> {
     }
 }
 
+/// Takes a `flock` on `f` (exclusive, or shared), retrying for a second: a lock just
+/// released in this process can still be held by a child being spawned concurrently (fork
+/// copies the descriptor; it is closed only at exec). `Ok(false)`: someone else holds it.
+pub fn lock_retrying(f: &File, exclusive: bool) -> io::Result<bool> {
+    let op = if exclusive {
+        libc::LOCK_EX
+    } else {
+        libc::LOCK_SH
+    };
+    for _ in 0..100 {
+        // SAFETY: flock on a valid fd that `f` owns.
+        if unsafe { libc::flock(f.as_raw_fd(), op | libc::LOCK_NB) } == 0 {
+            return Ok(true);
+        }
+        let e = io::Error::last_os_error();
+        if e.raw_os_error() != Some(libc::EWOULDBLOCK) {
+            return Err(e);
+        }
+        std::thread::sleep(std::time::Duration::from_millis(10));
+    }
+    Ok(false)
+}
+
 /// `fallocate(2)` on `f` with `mode` over `[offset, offset + len)`; nothing for `len == 0`.
 pub fn fallocate(f: &File, mode: libc::c_int, offset: u64, len: u64) -> io::Result<()> {
     if len == 0 {
