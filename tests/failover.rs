@@ -10,7 +10,6 @@
 
 mod common;
 
-use std::net::UdpSocket;
 use std::path::{Path, PathBuf};
 use std::process::{Command, Output, Stdio};
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
@@ -40,11 +39,7 @@ impl Sites {
         Sites {
             dir: dir.to_path_buf(),
             certs,
-            port: UdpSocket::bind("127.0.0.1:0")
-                .unwrap()
-                .local_addr()
-                .unwrap()
-                .port(),
+            port: common::free_udp_port(),
         }
     }
 

@@ -10,7 +10,7 @@
 mod common;
 
 use std::collections::{BTreeSet, HashMap};
-use std::net::{SocketAddr, UdpSocket};
+use std::net::SocketAddr;
 use std::path::{Path, PathBuf};
 use std::process::{Command, Stdio};
 use std::sync::atomic::{AtomicBool, Ordering};
@@ -51,11 +51,7 @@ impl Site {
         Site {
             dir: dir.to_path_buf(),
             certs,
-            port: UdpSocket::bind("127.0.0.1:0")
-                .unwrap()
-                .local_addr()
-                .unwrap()
-                .port(),
+            port: common::free_udp_port(),
             history: Arc::new(Mutex::new(History::new(SIZE))),
             issued_at_commit: Arc::default(),
             violations: Arc::default(),

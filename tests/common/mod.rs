@@ -93,6 +93,15 @@ impl Drop for KillOnDrop {
     }
 }
 
+/// A UDP port free on loopback now (for a secondary to listen on).
+pub fn free_udp_port() -> u16 {
+    std::net::UdpSocket::bind("127.0.0.1:0")
+        .unwrap()
+        .local_addr()
+        .unwrap()
+        .port()
+}
+
 /// `drblk cert --dir DIR/certs` (CA plus the primary's and the secondary's certificates).
 pub fn make_certs(dir: &Path) -> PathBuf {
     let certs = dir.join("certs");
