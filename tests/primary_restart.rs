@@ -451,3 +451,48 @@ fn verify_finds_a_block_changed_behind_drblks_back_and_repair_fixes_it() {
     assert_eq!(verify(false)["differing"], 0);
     sec.stop();
 }
+
+#[test]
+fn a_secondary_whose_state_was_reset_gets_only_what_differs() {
+    let dir = tempfile::tempdir().unwrap();
+    let site = Site::new(dir.path());
+    let sec = site.secondary();
+    let _primary = site.primary();
+    site.wait_until("the initial copy", || {
+        site.status()
+            .replication
+            .is_some_and(|r| r.last_committed_cg > 0)
+    });
+    let stop = Arc::new(AtomicBool::new(false));
+    let w = site.workload(11, false, stop.clone());
+    std::thread::sleep(Duration::from_millis(300));
+    stop.store(true, Ordering::SeqCst);
+    w.join().unwrap();
+    site.drain_and_compare();
+
+    // The secondary loses its state directory (journal, state file); its image stays.
+    sec.stop();
+    std::fs::remove_dir_all(dir.path().join("secondary.state")).unwrap();
+    let before = site.status().replication.unwrap().chunks_shipped;
+    let resyncs = site.status().link.unwrap().checksum_resyncs;
+    let sec = site.secondary();
+    site.wait_until("the checksum resync", || {
+        site.status()
+            .link
+            .is_some_and(|l| l.checksum_resyncs > resyncs && l.connected)
+    });
+    site.drain_and_compare();
+    let st = site.status();
+    let shipped = st.replication.unwrap().chunks_shipped - before;
+    let link = st.link.unwrap();
+    println!(
+        "state reset: {} blocks compared, {} differ, {shipped} shipped (disk {} blocks)",
+        link.resync_compared,
+        link.resync_differing,
+        SIZE / CHUNK
+    );
+    assert_eq!(link.resync_differing, 0);
+    assert_eq!(shipped, 0, "{}", site.log());
+    assert_eq!(link.full_resyncs, 1, "only the initial copy was a full one");
+    sec.stop();
+}

@@ -135,6 +135,10 @@ pub struct HelloAck {
     /// unreplicated writes, discarded on the operator's word): the primary ships them on
     /// top of its own changes, in the first group of this connection.
     pub resync_also: Vec<(u64, u64)>,
+    /// The secondary is syncing onto an image that was there before (its state was reset,
+    /// or an earlier sync was interrupted): compare by checksums and ship only what
+    /// differs, rather than the whole disk.
+    pub compare_first: bool,
 }
 
 /// Why a secondary refused a connection.

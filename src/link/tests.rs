@@ -73,6 +73,7 @@ impl ReplicaSink for MemSink {
         let last = self.st().last;
         Ok(HelloAck {
             resync_also: Vec::new(),
+            compare_first: false,
             protocol_version: PROTOCOL_VERSION,
             last_committed_cg: last,
             state: match last {

@@ -306,6 +306,16 @@ impl Replicator {
                     r.hold_all_dirty(false);
                 }
             }
+            (ReplicaState::Syncing { .. }, committed) if ack.compare_first => {
+                tracing::info!(secondary = %self.cfg.server_addr, "secondary is syncing onto an image it had: comparing by checksums, shipping what differs");
+                self.checksum_resync(&client)?;
+                if let Some(cg) = committed {
+                    self.engine.resume_numbering(cg);
+                }
+                if let Some(r) = &self.record {
+                    r.hold_all_dirty(false);
+                }
+            }
             (ReplicaState::Syncing { .. }, committed) => {
                 tracing::info!(secondary = %self.cfg.server_addr, "secondary is new or syncing: full copy");
                 if let Some(cg) = committed {

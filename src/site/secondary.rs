@@ -49,6 +49,9 @@ pub struct StoreSink {
     /// This process promoted its replica (`drblk ctl --control PATH promote`): the disk is
     /// being served now, so no primary may write it, whatever the flags say.
     promoted_here: std::sync::atomic::AtomicBool,
+    /// This process created the replica image (empty): a sync copies it, comparing first
+    /// would only read zeroes.
+    fresh_image: std::sync::atomic::AtomicBool,
     /// `--discard-local-changes` was used once: it does not apply to a later handshake
     /// (a standing flag must not discard writes made after that).
     discard_used: std::sync::atomic::AtomicBool,
@@ -68,6 +71,7 @@ impl StoreSink {
             on_commit,
             tail_pending: Default::default(),
             promoted_here: Default::default(),
+            fresh_image: Default::default(),
             discard_used: Default::default(),
         })
     }
@@ -324,9 +328,14 @@ impl ReplicaSink for StoreSink {
             return Err(RejectReason::Other(e));
         }
         if g.is_none() {
-            if let Err(e) = ensure_image(&self.paths.image, hello.disk_size) {
-                tracing::error!(error = %e, "cannot prepare the replica image");
-                return Err(RejectReason::Other(format!("{e:#}")));
+            match ensure_image(&self.paths.image, hello.disk_size) {
+                Ok(fresh) => self
+                    .fresh_image
+                    .store(fresh, std::sync::atomic::Ordering::SeqCst),
+                Err(e) => {
+                    tracing::error!(error = %e, "cannot prepare the replica image");
+                    return Err(RejectReason::Other(format!("{e:#}")));
+                }
             }
             match ReplicaStore::open(
                 &self.paths.image,
@@ -368,7 +377,12 @@ impl ReplicaSink for StoreSink {
             Vec::new()
         };
         tracing::info!(peer = %peer.addr, site = %peer.site, state = ?store.state(), "primary connected");
+        // A syncing replica whose image was there before (its state was reset, or an
+        // earlier sync was interrupted): most of it may already be right.
+        let compare_first = matches!(store.state(), ReplicaState::Syncing { .. })
+            && !self.fresh_image.load(std::sync::atomic::Ordering::SeqCst);
         Ok(HelloAck {
+            compare_first,
             resync_also,
             protocol_version: PROTOCOL_VERSION,
             last_committed_cg: store.last_committed_cg(),
@@ -455,9 +469,7 @@ impl ReplicaSink for StoreSink {
     fn checksums(&self, first: u64, count: u64) -> anyhow::Result<Vec<u32>> {
         let g = self.store.lock().expect("store lock");
         let store = g.as_ref().context("no replica open")?;
-        if matches!(store.state(), ReplicaState::Syncing { .. }) {
-            anyhow::bail!("the replica is syncing: its image is no group's state");
-        }
+        // While syncing, the image as it is (the primary ships what differs).
         Ok(store.checksums(first, count)?)
     }
 
@@ -484,8 +496,10 @@ impl ReplicaSink for StoreSink {
     }
 }
 
-/// Creates the replica image (sparse) at `size` if it is missing or shorter.
-fn ensure_image(path: &Path, size: u64) -> anyhow::Result<()> {
+/// Creates the replica image (sparse) at `size` if it is missing or shorter; `true` if it
+/// was missing (then it holds nothing worth comparing).
+fn ensure_image(path: &Path, size: u64) -> anyhow::Result<bool> {
+    let fresh = !path.exists();
     let f = std::fs::OpenOptions::new()
         .create(true)
         .truncate(false)
@@ -495,7 +509,7 @@ fn ensure_image(path: &Path, size: u64) -> anyhow::Result<()> {
     if f.metadata()?.len() < size {
         f.set_len(size)?;
     }
-    Ok(())
+    Ok(fresh)
 }
 
 /// A running secondary.

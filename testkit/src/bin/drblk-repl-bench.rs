@@ -67,6 +67,7 @@ impl ReplicaSink for NullSink {
     fn hello(&self, _hello: &Hello, _peer: &PeerInfo) -> Result<HelloAck, RejectReason> {
         Ok(HelloAck {
             resync_also: Vec::new(),
+            compare_first: false,
             protocol_version: PROTOCOL_VERSION,
             last_committed_cg: None,
             state: ReplicaState::Syncing {

@@ -1,0 +1,195 @@
+//! The role changes with both sites in this process (the same code as `drblk serve` and
+//! `drblk secondary`, driven through their control sockets): verify, demote, promote
+//! through the secondary's socket, the old primary rejoining with nothing to resync, and a
+//! secondary whose state was reset getting a checksum resync. `tests/roles.rs` runs the
+//! same operations through the binaries.
+
+mod common;
+
+use std::path::{Path, PathBuf};
+use std::time::{Duration, Instant};
+
+use drblk::cli::ServeArgs;
+use drblk::control::{client, control_path, PrimaryStatus, Request};
+use drblk::site::primary::Server;
+use drblk::site::secondary::{Secondary, SecondaryPaths};
+use drblk_testkit::test_frontend::{Desc, TestFrontend, DATA_BASE};
+use virtio_bindings::virtio_blk::VIRTIO_BLK_T_OUT;
+
+const SIZE: u64 = 8 << 20;
+
+fn wait_until(what: &str, mut f: impl FnMut() -> bool) {
+    // A hang guard only.
+    let deadline = Instant::now() + Duration::from_secs(300);
+    while !f() {
+        assert!(Instant::now() < deadline, "timed out waiting for {what}");
+        std::thread::sleep(Duration::from_millis(10));
+    }
+}
+
+fn secondary(dir: &Path, certs: &Path, site: &str, img: &str) -> (Secondary, PathBuf) {
+    let identity = drblk::link::SiteIdentity::load(certs, site).unwrap();
+    let peer = if site == "secondary" {
+        "primary"
+    } else {
+        "secondary"
+    };
+    let mut s = Secondary::start(
+        SecondaryPaths {
+            image: dir.join(img),
+            state_dir: dir.join(format!("{img}.state")),
+            discard_local_changes: false,
+        },
+        identity,
+        "127.0.0.1:0".parse().unwrap(),
+        Some(peer.into()),
+        None,
+    )
+    .unwrap();
+    let ctl = dir.join(format!("{img}.ctl"));
+    s.serve_control(&ctl).unwrap();
+    (s, ctl)
+}
+
+fn primary(dir: &Path, certs: &Path, site: &str, img: &str, to: &Secondary) -> (Server, PathBuf) {
+    let sock = dir.join(format!("{img}.sock"));
+    let mut a = ServeArgs::new(dir.join(img), sock.clone());
+    a.queues = 2;
+    a.cg.cg_interval = Duration::from_millis(20).into();
+    a.replication.replicate_to = Some(to.local_addr().unwrap().to_string());
+    a.replication.certs = certs.to_path_buf();
+    a.replication.site = site.into();
+    a.replication.peer_site = if site == "primary" {
+        "secondary".into()
+    } else {
+        "primary".into()
+    };
+    (Server::start(&a).unwrap(), sock)
+}
+
+fn status(sock: &Path) -> PrimaryStatus {
+    client::status(sock).unwrap()
+}
+
+fn write_blocks(sock: &Path, blocks: &[u64], byte: u8) {
+    let mut f = TestFrontend::connect(sock, 2, 256, true).unwrap();
+    f.write_mem(DATA_BASE, &[byte; 4096]).unwrap();
+    for &b in blocks {
+        let (st, _) = f
+            .request(1, VIRTIO_BLK_T_OUT, b * 8, &[Desc::r(DATA_BASE, 4096)])
+            .unwrap();
+        assert_eq!(st, 0);
+    }
+}
+
+#[test]
+fn verify_demote_promote_and_rejoin_in_process() {
+    let _ = tracing_subscriber::fmt()
+        .with_env_filter("drblk=info")
+        .with_test_writer()
+        .try_init();
+    let tmp = tempfile::tempdir().unwrap();
+    let dir = tmp.path();
+    let certs = common::make_certs(dir);
+    std::fs::write(dir.join("a.img"), vec![0u8; SIZE as usize]).unwrap();
+
+    // a → b.
+    let (b, b_ctl) = secondary(dir, &certs, "secondary", "b.img");
+    let (a, a_sock) = primary(dir, &certs, "primary", "a.img", &b);
+    wait_until("the initial copy", || {
+        status(&a_sock)
+            .replication
+            .is_some_and(|r| r.last_committed_cg > 0)
+    });
+    write_blocks(&a_sock, &[1, 2, 300, 2047], 0xa1);
+    wait_until("the frontend to go", || {
+        status(&a_sock).frontends_connected == 0
+    });
+    // Verify: nothing differs; a block changed behind drblk's back is found.
+    let v = client::request_at(&control_path(&a_sock), Request::Verify { repair: false }).unwrap();
+    assert_eq!(v["differing"], 0, "{v}");
+    {
+        use std::os::unix::fs::FileExt;
+        let f = std::fs::OpenOptions::new()
+            .write(true)
+            .open(dir.join("b.img"))
+            .unwrap();
+        f.write_all_at(&[0x77; 10], 5 * 4096).unwrap();
+    }
+    let v = client::request_at(&control_path(&a_sock), Request::Verify { repair: true }).unwrap();
+    assert_eq!(v["first_differing"], serde_json::json!([5]), "{v}");
+    // A secondary's command on the primary, and the other way round, are refused.
+    assert!(client::request_at(&control_path(&a_sock), Request::Promote { force: false }).is_err());
+    assert!(client::request_at(&b_ctl, Request::Drain).is_err());
+    let sst = client::request_at(&b_ctl, Request::Status).unwrap();
+    assert!(
+        sst["state"].as_str().unwrap().contains("consistent"),
+        "{sst}"
+    );
+
+    // Switchover: demote a, promote b through its socket.
+    let d = client::request_at(&control_path(&a_sock), Request::Demote { force: false }).unwrap();
+    let demoted_at = d["cg"].as_u64().unwrap();
+    assert!(client::request_at(&control_path(&a_sock), Request::Demote { force: false }).is_err());
+    a.stop().unwrap();
+    let p = client::request_at(&b_ctl, Request::Promote { force: false }).unwrap();
+    assert_eq!(p["cg"].as_u64(), Some(demoted_at), "{p}");
+    assert!(p["report"].as_str().unwrap().contains("promoted"));
+    b.stop();
+    assert_eq!(
+        std::fs::read(dir.join("a.img")).unwrap(),
+        std::fs::read(dir.join("b.img")).unwrap(),
+        "the switchover lost data"
+    );
+    // A demoted disk is not served for writing; a replica is not either.
+    let mut again = ServeArgs::new(dir.join("a.img"), dir.join("x.sock"));
+    again.queues = 1;
+    assert!(Server::start(&again)
+        .err()
+        .unwrap()
+        .to_string()
+        .contains("demoted at CG"));
+
+    // b → a: a rejoins at the demoted group, nothing is resynced.
+    let (a2, _a2_ctl) = secondary(dir, &certs, "primary", "a.img");
+    let (b2, b_sock) = primary(dir, &certs, "secondary", "b.img", &a2);
+    wait_until("b's first group on a", || {
+        status(&b_sock)
+            .replication
+            .is_some_and(|r| r.last_committed_cg > demoted_at)
+    });
+    let st = status(&b_sock);
+    assert_eq!(st.replication.unwrap().chunks_shipped, 0);
+    assert_eq!(st.link.as_ref().unwrap().full_resyncs, 0);
+    write_blocks(&b_sock, &[7, 8], 0xb2);
+    wait_until("the frontend to go", || {
+        status(&b_sock).frontends_connected == 0
+    });
+    client::drain(&b_sock).unwrap();
+
+    // a's state directory is lost: a checksum resync, not a full copy.
+    a2.stop();
+    std::fs::remove_dir_all(dir.join("a.img.state")).unwrap();
+    let before = status(&b_sock).replication.unwrap().chunks_shipped;
+    let (a3, _) = secondary(dir, &certs, "primary", "a.img");
+    b2.shutdown_handle().request();
+    drop(b2);
+    let (b3, b_sock) = primary(dir, &certs, "secondary", "b.img", &a3);
+    wait_until("the resync", || {
+        status(&b_sock)
+            .replication
+            .is_some_and(|r| r.last_committed_cg > 0)
+    });
+    let st = status(&b_sock);
+    let link = st.link.unwrap();
+    assert_eq!(link.checksum_resyncs, 1, "{link:?}");
+    assert_eq!(link.resync_differing, 0, "{link:?}");
+    let _ = before;
+    client::drain(&b_sock).unwrap();
+    b3.stop().unwrap();
+    a3.stop();
+    assert_eq!(
+        std::fs::read(dir.join("a.img")).unwrap(),
+        std::fs::read(dir.join("b.img")).unwrap()
+    );
+}
