@@ -73,8 +73,18 @@ pub fn run(args: DemoArgs) -> anyhow::Result<()> {
     let disk = dir.join("primary.img");
     let socket = dir.join("primary.sock");
     let replica = dir.join("secondary.img");
-    for f in [&disk, &replica, &dir.join("primary.img.drblk-track")] {
+    // A reused directory: the old images go, and with them what belonged to them.
+    for f in [&disk, &replica] {
         let _ = std::fs::remove_file(f);
+    }
+    for f in [
+        "primary.img.drblk-track",
+        "primary.img.drblk-lineage",
+        "primary.img.drblk-id",
+        "secondary.img.drblk-lineage",
+        "secondary.img.drblk-id",
+    ] {
+        let _ = std::fs::remove_file(dir.join(f));
     }
     let _ = std::fs::remove_dir_all(dir.join("secondary.state"));
     println!("drblk demo in {}", dir.display());
