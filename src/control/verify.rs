@@ -7,6 +7,9 @@ use std::time::Duration;
 use anyhow::{bail, Context};
 
 use super::ControlState;
+
+/// How long a verify waits for a lost link to come back before it gives up.
+const LINK_DOWN_LIMIT: Duration = Duration::from_secs(60);
 use crate::replicate::shipper::{VerifyReport, VerifyRun};
 
 impl ControlState {
@@ -35,31 +38,53 @@ impl ControlState {
             id
         };
         tracing::info!(id, repair, "verify started");
-        let mut g = link.verify.state.lock().expect("verify lock");
+        // Never hold the verify lock while taking the cycle's: the cycle thread takes the
+        // verify lock between groups, and stopping the cycle waits for that thread.
+        let mut down_since: Option<std::time::Instant> = None;
         loop {
-            if let Some(r) = g.last.as_ref().filter(|r| r.id == id) {
-                let r = r.clone();
-                return match &r.error {
-                    Some(e) => Err(anyhow::anyhow!("verify stopped: {e}")),
-                    None => Ok(r),
-                };
+            {
+                let g = link.verify.state.lock().expect("verify lock");
+                if let Some(r) = g.last.as_ref().filter(|r| r.id == id) {
+                    let r = r.clone();
+                    return match &r.error {
+                        Some(e) => Err(anyhow::anyhow!("verify stopped: {e}")),
+                        None => Ok(r),
+                    };
+                }
             }
-            if self.cycle.lock().expect("cycle lock").is_none() {
-                g.running = None;
-                bail!("replication stopped (demoted?) before the verify finished");
+            let abandon = |why: &str| -> anyhow::Result<VerifyReport> {
+                let mut g = link.verify.state.lock().expect("verify lock");
+                if g.running.as_ref().is_some_and(|r| r.id == id) {
+                    g.running = None;
+                }
+                bail!("{why}")
+            };
+            let cycle_runs = match self.cycle.lock().expect("cycle lock").as_ref() {
+                Some(c) => {
+                    // Slices run between groups; a trigger forms the next group at once.
+                    c.trigger();
+                    true
+                }
+                None => false,
+            };
+            if !cycle_runs {
+                return abandon("replication stopped (demoted?) before the verify finished");
             }
-            // Slices run between groups; a trigger forms the next group at once.
-            drop(g);
-            if let Some(c) = self.cycle.lock().expect("cycle lock").as_ref() {
-                c.trigger();
+            if link.connected.load(std::sync::atomic::Ordering::SeqCst) {
+                down_since = None;
+            } else if down_since
+                .get_or_insert_with(std::time::Instant::now)
+                .elapsed()
+                > LINK_DOWN_LIMIT
+            {
+                return abandon("the link to the secondary is down; verify abandoned (run it again once it is back)");
             }
-            g = link.verify.state.lock().expect("verify lock");
-            g = link
+            let g = link.verify.state.lock().expect("verify lock");
+            let _ = link
                 .verify
                 .done
                 .wait_timeout(g, Duration::from_millis(50))
-                .expect("verify lock")
-                .0;
+                .expect("verify lock");
         }
     }
 }

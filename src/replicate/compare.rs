@@ -24,6 +24,9 @@ use crate::replica::chunk_crcs;
 /// How many differing chunks a report lists.
 const LISTED: usize = 32;
 
+/// Bytes of disk one checksum request covers at most.
+pub const MAX_REQUEST_BYTES: u64 = 32 << 20;
+
 /// What a comparison found so far.
 #[derive(Debug, Clone, Default, PartialEq, serde::Serialize, serde::Deserialize)]
 pub struct Comparison {
@@ -49,6 +52,7 @@ pub fn compare(
     first: u64,
     end: u64,
     budget: Duration,
+    stop: Option<&std::sync::atomic::AtomicBool>,
     out: &mut Comparison,
     mut on_differ: impl FnMut(u64),
 ) -> io::Result<u64> {
@@ -60,9 +64,14 @@ pub fn compare(
     let chunk = geo.chunk_size() as usize;
     let mut buf = Vec::new();
     let mut ours = Vec::new();
+    // At most 32 MiB per request, whatever the chunk size.
+    let per_request = MAX_CHECKSUM_CHUNKS.min((MAX_REQUEST_BYTES / geo.chunk_size()).max(1));
     let mut i = first;
     while i < end {
-        let n = MAX_CHECKSUM_CHUNKS.min(end - i);
+        if stop.is_some_and(|s| s.load(std::sync::atomic::Ordering::SeqCst)) {
+            return Err(io::Error::other("stopped"));
+        }
+        let n = per_request.min(end - i);
         let words = n.div_ceil(64) as usize;
         let (mut before, mut after) = (vec![0u64; words], vec![0u64; words]);
         engine.unacked_in(i, i + n, &mut before);

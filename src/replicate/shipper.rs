@@ -163,7 +163,7 @@ impl Replicator {
     /// Compares every chunk with the secondary's and marks those that differ (see
     /// [`crate::replicate::compare`]). The record says "everything may differ" until the
     /// engine holds every difference.
-    fn checksum_resync(&self, client: &LinkClient) -> io::Result<()> {
+    fn checksum_resync(&self, client: &LinkClient, stop: &AtomicBool) -> io::Result<()> {
         if let Some(r) = &self.record {
             r.mark_all_dirty();
             r.hold_all_dirty(true);
@@ -176,6 +176,7 @@ impl Replicator {
             0,
             engine.num_chunks(),
             Duration::MAX,
+            Some(stop),
             &mut cmp,
             |c| engine.mark_range(c, c),
         )?;
@@ -217,6 +218,7 @@ impl Replicator {
             run.cursor,
             engine.num_chunks(),
             VERIFY_SLICE,
+            None,
             &mut run.found,
             |c| {
                 if repair {
@@ -268,7 +270,7 @@ impl Replicator {
         self.cfg.server_addr
     }
 
-    fn connect(&mut self) -> io::Result<()> {
+    fn connect(&mut self, stop: &AtomicBool) -> io::Result<()> {
         let mut cfg = self.cfg.clone();
         let st = self.engine.stats();
         let last = st.last_committed;
@@ -300,20 +302,14 @@ impl Replicator {
             }
             (ReplicaState::Consistent { cg, .. }, _) => {
                 tracing::info!(secondary = %self.cfg.server_addr, cg, our_last = last, "secondary holds a group this primary has no record of: comparing the disks by checksums; what differs is shipped as one group above it");
-                self.checksum_resync(&client)?;
+                self.checksum_resync(&client, stop)?;
                 self.engine.resume_numbering(cg);
-                if let Some(r) = &self.record {
-                    r.hold_all_dirty(false);
-                }
             }
             (ReplicaState::Syncing { .. }, committed) if ack.compare_first => {
                 tracing::info!(secondary = %self.cfg.server_addr, "secondary is syncing onto an image it had: comparing by checksums, shipping what differs");
-                self.checksum_resync(&client)?;
+                self.checksum_resync(&client, stop)?;
                 if let Some(cg) = committed {
                     self.engine.resume_numbering(cg);
-                }
-                if let Some(r) = &self.record {
-                    r.hold_all_dirty(false);
                 }
             }
             (ReplicaState::Syncing { .. }, committed) => {
@@ -345,6 +341,11 @@ impl Replicator {
                 marked += b - a + 1;
             }
             tracing::info!(secondary = %self.cfg.server_addr, ranges = ack.resync_also.len(), chunks = marked, "the secondary wrote these chunks on its own (an old primary rejoining): shipping ours over them");
+        }
+        if let Some(r) = &self.record {
+            // Every arm above left the engine holding every difference (a failed checksum
+            // resync returned before this, keeping the hold).
+            r.hold_all_dirty(false);
         }
         *self.status.remote_state.lock().expect("status lock") = ack.state.to_string();
         self.status.connected.store(true, Ordering::SeqCst);
@@ -436,7 +437,7 @@ impl ChunkSink for Replicator {
         let mut backoff = Duration::from_millis(100);
         let mut next_log = Instant::now();
         while !stop.load(Ordering::SeqCst) {
-            match self.connect() {
+            match self.connect(stop) {
                 Ok(()) => {
                     if first {
                         tracing::info!(secondary = %self.cfg.server_addr, "connected to the secondary");

@@ -445,6 +445,9 @@ impl ReplicaSink for StoreSink {
                     tracing::debug!(cg, ?durable, applied = ?(t.elapsed() - durable), "consistency group committed");
                 }
             }
+            // The image holds a group now: worth comparing with after any later reset.
+            self.fresh_image
+                .store(false, std::sync::atomic::Ordering::SeqCst);
             if self
                 .tail_pending
                 .swap(false, std::sync::atomic::Ordering::SeqCst)

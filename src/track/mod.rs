@@ -495,6 +495,10 @@ impl ChangeRecord {
     /// otherwise write those as exact. Call with `true` after [`ChangeRecord::mark_all_dirty`],
     /// with `false` once every difference is marked in the engine.
     pub fn hold_all_dirty(&self, on: bool) {
+        // Under the disk lock: a refresh reads the hold before its snapshot of the engine
+        // and keeps both for its whole run, so one whose snapshot may be partial never
+        // clears the flag.
+        let _d = self.disk.lock().unwrap_or_else(|p| p.into_inner());
         self.hold_all.store(on, Ordering::SeqCst);
     }
 
@@ -534,6 +538,8 @@ impl ChangeRecord {
     fn refresh_inner(&self, clean: bool) -> io::Result<()> {
         let sl = clean.then(|| self.slots.lock().unwrap_or_else(|p| p.into_inner()));
         let mut d = self.disk.lock().unwrap_or_else(|p| p.into_inner());
+        // Read before the snapshot (see `hold_all_dirty`).
+        let hold = self.hold_all.load(Ordering::SeqCst);
         let all = clean || d.rf.sb.flags & FLAG_ALL_DIRTY != 0;
         let pages: Vec<u64> = if all {
             (0..d.rf.page_count()).collect()
@@ -604,7 +610,7 @@ impl ChangeRecord {
             d.rf.write_al(&[])?;
             self.sync(&d)?;
         }
-        if all && !self.hold_all.load(Ordering::SeqCst) {
+        if all && !hold {
             let mut flags = d.rf.sb.flags & !FLAG_ALL_DIRTY;
             if clean {
                 flags |= FLAG_CLEAN;

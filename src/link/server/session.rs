@@ -342,9 +342,11 @@ async fn control_reader(
                 Ok(())
             }
             Message::ChecksumRequest { seq, first, count } => {
-                let inside = s
-                    .geometry
-                    .is_some_and(|g| first.checked_add(count).is_some_and(|e| e <= g.chunks()));
+                let inside = s.geometry.is_some_and(|g| {
+                    first.checked_add(count).is_some_and(|e| e <= g.chunks())
+                        && count.saturating_mul(g.chunk_size())
+                            <= crate::replicate::compare::MAX_REQUEST_BYTES
+                });
                 if count == 0 || count > proto::MAX_CHECKSUM_CHUNKS || !inside {
                     return s.protocol_error(&format!(
                         "checksum request for {count} chunks from {first}: outside the disk or over {}",
