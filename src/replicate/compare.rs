@@ -44,13 +44,12 @@ pub struct Comparison {
     pub seconds: f64,
 }
 
-/// Compares chunks `first..end`, calling `on_differ` for each differing chunk; stops early
-/// (returning the chunk to resume at) when `budget` has passed. Returns `end` when done.
+/// Compares `chunks`, calling `on_differ` for each differing chunk; stops early
+/// (returning the chunk to resume at) when `budget` has passed. Returns `chunks.end` when done.
 pub fn compare(
     client: &LinkClient,
     engine: &Engine,
-    first: u64,
-    end: u64,
+    chunks: std::ops::Range<u64>,
     budget: Duration,
     stop: Option<&std::sync::atomic::AtomicBool>,
     out: &mut Comparison,
@@ -60,7 +59,7 @@ pub fn compare(
     let cfg = engine.config();
     let geo = Geometry::new(cfg.disk_size, cfg.chunk_size)
         .map_err(|e| io::Error::new(io::ErrorKind::InvalidInput, e.to_string()))?;
-    let end = end.min(geo.chunks());
+    let (first, end) = (chunks.start, chunks.end.min(geo.chunks()));
     let chunk = geo.chunk_size() as usize;
     let mut buf = Vec::new();
     let mut ours = Vec::new();

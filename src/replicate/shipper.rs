@@ -173,8 +173,7 @@ impl Replicator {
         compare(
             client,
             engine,
-            0,
-            engine.num_chunks(),
+            0..engine.num_chunks(),
             Duration::MAX,
             Some(stop),
             &mut cmp,
@@ -215,8 +214,7 @@ impl Replicator {
         let r = compare(
             client,
             engine,
-            run.cursor,
-            engine.num_chunks(),
+            run.cursor..engine.num_chunks(),
             VERIFY_SLICE,
             None,
             &mut run.found,
