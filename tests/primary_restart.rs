@@ -62,8 +62,24 @@ impl Site {
         self.dir.join("primary.sock")
     }
 
-    /// The secondary, in this process, checking the image at every commit.
+    /// The secondary, in this process, checking the image at every commit. Started again
+    /// on the same port after a stop: the stopped one's runtime closes its socket in the
+    /// background, so a bind that finds the port still taken is retried (bounded).
     fn secondary(&self) -> Secondary {
+        let deadline = Instant::now() + Duration::from_secs(60);
+        loop {
+            match self.try_secondary() {
+                Ok(s) => return s,
+                Err(e) if Instant::now() < deadline => {
+                    eprintln!("secondary start: {e:#}; retrying");
+                    std::thread::sleep(Duration::from_millis(50));
+                }
+                Err(e) => panic!("the secondary did not start: {e:#}"),
+            }
+        }
+    }
+
+    fn try_secondary(&self) -> anyhow::Result<Secondary> {
         let (h, v, at) = (
             self.history.clone(),
             self.violations.clone(),
@@ -91,7 +107,6 @@ impl Site {
                 }
             })),
         )
-        .unwrap()
     }
 
     fn primary(&self) -> Daemon {

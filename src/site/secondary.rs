@@ -575,7 +575,15 @@ impl Secondary {
 
     /// Stops listening (dropping the server closes its endpoint).
     pub fn stop(self) {
+        drop(self.control);
         drop(self.server);
+        // The link's runtime shuts down in the background: a group's commit may still run
+        // on a blocking thread, holding the replica (its locks). Wait for it (bounded), so a
+        // secondary started right after on the same replica finds it free.
+        let deadline = std::time::Instant::now() + std::time::Duration::from_secs(60);
+        while Arc::strong_count(&self.sink) > 1 && std::time::Instant::now() < deadline {
+            std::thread::sleep(std::time::Duration::from_millis(5));
+        }
     }
 }
 
