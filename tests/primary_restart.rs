@@ -207,6 +207,25 @@ impl Site {
         })
     }
 
+    /// The secondary and the primary started, the initial copy done, 300 ms of dependent
+    /// writes (workload `seed`) drained: both images identical.
+    fn replicating_after_writes(&self, seed: u64) -> (Secondary, Daemon) {
+        let sec = self.secondary();
+        let primary = self.primary();
+        self.wait_until("the initial copy", || {
+            self.status()
+                .replication
+                .is_some_and(|r| r.last_committed_cg > 0)
+        });
+        let stop = Arc::new(AtomicBool::new(false));
+        let w = self.workload(seed, false, stop.clone());
+        std::thread::sleep(Duration::from_millis(300));
+        stop.store(true, Ordering::SeqCst);
+        w.join().unwrap();
+        self.drain_and_compare();
+        (sec, primary)
+    }
+
     fn drain_and_compare(&self) {
         let drained: Reply<Drained> = ctl(&self.sock(), "drain");
         assert!(drained.ok, "{drained:?}");
@@ -412,19 +431,7 @@ fn a_clean_restart_ships_exactly_the_unshipped_blocks_and_a_corrupt_record_a_che
 fn verify_finds_a_block_changed_behind_drblks_back_and_repair_fixes_it() {
     let dir = tempfile::tempdir().unwrap();
     let site = Site::new(dir.path());
-    let sec = site.secondary();
-    let _primary = site.primary();
-    site.wait_until("the initial copy", || {
-        site.status()
-            .replication
-            .is_some_and(|r| r.last_committed_cg > 0)
-    });
-    let stop = Arc::new(AtomicBool::new(false));
-    let w = site.workload(3, false, stop.clone());
-    std::thread::sleep(Duration::from_millis(300));
-    stop.store(true, Ordering::SeqCst);
-    w.join().unwrap();
-    site.drain_and_compare();
+    let (sec, _primary) = site.replicating_after_writes(3);
 
     let verify = |repair: bool| -> serde_json::Value {
         let mut c = Command::new(BIN);
@@ -471,19 +478,7 @@ fn verify_finds_a_block_changed_behind_drblks_back_and_repair_fixes_it() {
 fn a_secondary_whose_state_was_reset_gets_only_what_differs() {
     let dir = tempfile::tempdir().unwrap();
     let site = Site::new(dir.path());
-    let sec = site.secondary();
-    let _primary = site.primary();
-    site.wait_until("the initial copy", || {
-        site.status()
-            .replication
-            .is_some_and(|r| r.last_committed_cg > 0)
-    });
-    let stop = Arc::new(AtomicBool::new(false));
-    let w = site.workload(11, false, stop.clone());
-    std::thread::sleep(Duration::from_millis(300));
-    stop.store(true, Ordering::SeqCst);
-    w.join().unwrap();
-    site.drain_and_compare();
+    let (sec, _primary) = site.replicating_after_writes(11);
 
     // The secondary loses its state directory (journal, state file); its image stays.
     sec.stop();
