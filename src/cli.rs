@@ -273,6 +273,12 @@ pub struct SecondaryArgs {
     /// the replacing group commits.
     #[arg(long)]
     pub discard_local_changes: bool,
+
+    /// Default limit on a drill's writes plus the replica content kept for it while later
+    /// groups apply (`drblk ctl --control PATH drill start`). Drill writes past it fail; a
+    /// group whose preservation would pass it ends the drill (replication never waits).
+    #[arg(long, value_name = "SIZE", default_value = "1G", value_parser = parse_size)]
+    pub drill_space: u64,
 }
 
 impl SecondaryArgs {
@@ -350,23 +356,94 @@ pub struct CtlArgs {
     /// STATE_DIR/ctl).
     #[arg(long, value_name = "PATH")]
     pub control: Option<PathBuf>,
-    /// status: print the daemon's state and figures as JSON; form-cg: form a consistency
-    /// group now; drain: form one last group and wait until it has committed; demote:
-    /// planned switchover — refuse writes, form a final group, wait for its commit, stop
-    /// replicating and record the disk as demoted there (the VM must be shut down);
-    /// promote (a secondary): failover, as `drblk promote` does for a stopped one;
-    /// verify: compare both sites' disks by checksums at a group boundary.
-    #[arg(value_parser = ["status", "form-cg", "drain", "demote", "promote", "verify"])]
-    pub command: String,
+    /// What to ask.
+    #[command(subcommand)]
+    pub command: CtlCommand,
+}
 
-    /// verify: ship the chunks that differ in the next group.
-    #[arg(long)]
-    pub repair: bool,
+/// `drblk ctl` commands.
+#[derive(Debug, Subcommand, Clone)]
+pub enum CtlCommand {
+    /// Print the daemon's state and figures as JSON.
+    Status,
+    /// Form a consistency group now (a primary).
+    FormCg,
+    /// Form one last group and wait until it has committed (a primary).
+    Drain,
+    /// Planned switchover (a primary): refuse writes, form a final group, wait for its
+    /// commit, stop replicating and record the disk as demoted there (shut the VM down
+    /// first).
+    Demote {
+        /// Go ahead although a frontend (the VM) is connected; its writes fail from then on.
+        #[arg(long)]
+        force: bool,
+    },
+    /// Failover on a running secondary, as `drblk promote` does for a stopped one (a
+    /// running drill is stopped first).
+    Promote {
+        /// Promote a replica that is still syncing.
+        #[arg(long)]
+        force: bool,
+    },
+    /// Compare both sites' disks by checksums at a group boundary (a primary).
+    Verify {
+        /// Ship the chunks that differ in the next group.
+        #[arg(long)]
+        repair: bool,
+    },
+    /// DR drills on a running secondary: a writable clone of the last committed group,
+    /// served as a vhost-user-blk device while replication goes on.
+    Drill {
+        /// start, status or stop.
+        #[command(subcommand)]
+        action: DrillAction,
+    },
+}
 
-    /// demote: go ahead although a frontend (the VM) is connected; its writes fail from
-    /// then on. promote: promote a replica that is still syncing.
-    #[arg(long)]
-    pub force: bool,
+/// `drblk ctl drill` actions.
+#[derive(Debug, Subcommand, Clone)]
+pub enum DrillAction {
+    /// Expose a writable clone of the last committed group on a new vhost-user socket
+    /// (no copy: starts at once whatever the disk size).
+    Start {
+        /// The drill's vhost-user socket (boot the test VM on it).
+        #[arg(long, value_name = "PATH")]
+        socket: PathBuf,
+        /// Limit on the drill's writes plus the replica content kept for it (default: the
+        /// secondary's --drill-space).
+        #[arg(long, value_name = "SIZE", value_parser = parse_size)]
+        drill_space: Option<u64>,
+    },
+    /// The drill's group, overlay bytes, preserved bytes and age.
+    Status,
+    /// Drop the clone and everything written to it.
+    Stop,
+}
+
+impl CtlCommand {
+    /// The control request this command sends.
+    pub fn request(&self) -> crate::control::Request {
+        use crate::control::Request as R;
+        match self {
+            CtlCommand::Status => R::Status,
+            CtlCommand::FormCg => R::FormCg,
+            CtlCommand::Drain => R::Drain,
+            CtlCommand::Demote { force } => R::Demote { force: *force },
+            CtlCommand::Promote { force } => R::Promote { force: *force },
+            CtlCommand::Verify { repair } => R::Verify { repair: *repair },
+            CtlCommand::Drill { action } => match action {
+                DrillAction::Start {
+                    socket,
+                    drill_space,
+                } => R::DrillStart {
+                    socket: socket.clone(),
+                    space: *drill_space,
+                },
+                DrillAction::Status => R::DrillStatus,
+                DrillAction::Stop => R::DrillStop,
+            },
+        }
+    }
 }
 
 impl ServeArgs {

@@ -46,6 +46,7 @@ pub mod cg;
 pub mod cli;
 pub mod config;
 pub mod control;
+pub mod drill;
 pub mod geometry;
 pub mod lineage;
 pub mod link;

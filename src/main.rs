@@ -54,17 +54,11 @@ fn ctl(args: &CtlArgs) -> anyhow::Result<()> {
         (None, Some(s)) => drblk::control::control_path(s),
         (None, None) => anyhow::bail!("give --socket (a primary) or --control (a control socket)"),
     };
-    let mut req = args.command.parse::<Request>()?;
-    if let Request::Demote { force } | Request::Promote { force } = &mut req {
-        *force = args.force;
-    }
-    if let Request::Verify { repair } = &mut req {
-        *repair = args.repair;
-    }
+    let req = args.command.request();
     let answer = match &args.socket {
         // Says which `drblk serve` it expected if nothing answers.
-        Some(s) if args.control.is_none() => client::request(s, req)?,
-        _ => client::request_at(&path, req)?,
+        Some(s) if args.control.is_none() => client::request(s, req.clone())?,
+        _ => client::request_at(&path, req.clone())?,
     };
     match req {
         Request::Demote { .. } => {

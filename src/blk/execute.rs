@@ -6,7 +6,7 @@ use std::sync::Arc;
 
 use vm_memory::{Bytes, GuestMemoryBackend, GuestMemoryMmap};
 
-use crate::blk::disk::Disk;
+use crate::blk::backing::Backing;
 use crate::blk::fence::Fence;
 use crate::blk::request::{status, Request, RequestKind};
 use crate::blk::tracking::{Tracking, WriteGuard};
@@ -14,7 +14,7 @@ use crate::blk::virtio::{ID_BYTES, SECTOR_SIZE};
 
 /// State shared by every queue of one disk: the image and its identity.
 pub struct Executor {
-    disk: Arc<Disk>,
+    disk: Arc<dyn Backing>,
     serial: [u8; ID_BYTES],
     /// Writeback cache enabled (virtio CONFIG_WCE). When off, every write is made durable
     /// before its completion (write-through).
@@ -37,7 +37,7 @@ pub struct Outcome {
 
 impl Executor {
     /// Creates an executor for `disk` with GET_ID answering `serial` (truncated to 20 bytes).
-    pub fn new(disk: Arc<Disk>, serial: &str, tracking: Option<Arc<dyn Tracking>>) -> Self {
+    pub fn new(disk: Arc<dyn Backing>, serial: &str, tracking: Option<Arc<dyn Tracking>>) -> Self {
         let mut id = [0u8; ID_BYTES];
         let n = serial.len().min(ID_BYTES);
         id[..n].copy_from_slice(&serial.as_bytes()[..n]);
@@ -50,8 +50,8 @@ impl Executor {
         }
     }
 
-    /// The disk.
-    pub fn disk(&self) -> &Arc<Disk> {
+    /// The disk (or a drill's view).
+    pub fn disk(&self) -> &Arc<dyn Backing> {
         &self.disk
     }
 

@@ -9,6 +9,7 @@
 //! Replication is seen here only through [`tracking`]: writes are announced before they touch
 //! the disk, and completions pass through a gate that may hold them during a freeze.
 
+pub mod backing;
 pub mod daemon;
 pub mod device;
 pub mod disk;

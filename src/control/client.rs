@@ -51,7 +51,7 @@ fn exchange(conn: UnixStream, req: Request) -> anyhow::Result<serde_json::Value>
 
 /// Sends `req` and reads the answer as a `T`.
 pub fn request_as<T: DeserializeOwned>(socket: &Path, req: Request) -> anyhow::Result<T> {
-    serde_json::from_value(request(socket, req)?)
+    serde_json::from_value(request(socket, req.clone())?)
         .with_context(|| format!("unexpected answer from the daemon to {req:?}"))
 }
 

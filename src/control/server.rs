@@ -31,7 +31,7 @@ pub const MAX_REQUEST_BYTES: usize = 64 << 10;
 
 /// A request on the control socket: `{"cmd":"status"}`, `{"cmd":"form-cg"}`,
 /// `{"cmd":"drain"}` or `{"cmd":"demote","force":false}`.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(tag = "cmd", rename_all = "kebab-case")]
 pub enum Request {
     /// The daemon's [`PrimaryStatus`].
@@ -63,6 +63,20 @@ pub enum Request {
         #[serde(default)]
         force: bool,
     },
+    /// A secondary: start a drill — a writable clone of the last committed group served on
+    /// `socket` while replication goes on; answers its `DrillStatus`.
+    DrillStart {
+        /// The drill's vhost-user socket.
+        socket: PathBuf,
+        /// Limit on the drill's overlay plus preserved bytes (default: the daemon's
+        /// `--drill-space`).
+        #[serde(default)]
+        space: Option<u64>,
+    },
+    /// A secondary: the drill's `DrillStatus`.
+    DrillStatus,
+    /// A secondary: stop the drill and drop everything written to it.
+    DrillStop,
 }
 
 impl FromStr for Request {
@@ -151,6 +165,9 @@ impl ControlState {
                 cg: self.demote(force)?,
             }),
             Request::Verify { repair } => reply(self.verify(repair)?),
+            Request::DrillStart { .. } | Request::DrillStatus | Request::DrillStop => bail!(
+                "this is a primary (`drblk serve`): drills run on a secondary (`drblk ctl --control SECONDARY_CONTROL drill start --socket PATH`)"
+            ),
         }
     }
 
@@ -393,7 +410,7 @@ mod tests {
             Request::Demote { force } => reply(Drained {
                 cg: if force { 9 } else { 8 },
             }),
-            Request::Promote { .. } | Request::Verify { .. } => bail!("not here"),
+            _ => bail!("not here"),
         })
         .unwrap();
         String::from_utf8(out)

@@ -179,6 +179,9 @@ impl ReplicaStore {
     /// Write `count` chunks from `first` (contiguous, inside the disk) into the image.
     pub(super) fn write_image(&self, first: u64, count: u64, data: ChunkData<'_>) -> Result<()> {
         let (off, len) = self.image_range(first, count);
+        if let Some(o) = &self.observer {
+            o.before_write(off, len);
+        }
         match data {
             ChunkData::Bytes(b) => {
                 debug_assert_eq!(b.len() as u64, len);

@@ -258,11 +258,38 @@ pub struct ReplicaStore {
     flusher: Option<flush::ImageFlusher>,
     fault: Fault,
     poisoned: bool,
+    /// Told before each change of the image (a running drill, `crate::drill`).
+    observer: Option<std::sync::Arc<dyn ImageObserver>>,
     _lock: File,
+}
+
+/// Something that must see the replica image's content before the store changes it: a
+/// drill keeps the content it still reads from the image. Called on the thread that writes,
+/// before the write, for every range the store writes or punches (applying a group, an
+/// initial sync). Must not fail or block for long: replication never waits for it.
+pub trait ImageObserver: Send + Sync {
+    /// `[offset, offset + len)` of the image is about to change.
+    fn before_write(&self, offset: u64, len: u64);
+    /// The store is closed: a later store of the same image (reopened after an error,
+    /// replaced) does not call this observer, so what it saw ends here.
+    fn closed(&self);
+}
+
+impl Drop for ReplicaStore {
+    fn drop(&mut self) {
+        if let Some(o) = self.observer.take() {
+            o.closed();
+        }
+    }
 }
 
 impl ReplicaStore {
     // ----- accessors -----
+
+    /// Sets (or clears) the observer told before each change of the image.
+    pub fn set_image_observer(&mut self, observer: Option<std::sync::Arc<dyn ImageObserver>>) {
+        self.observer = observer;
+    }
 
     /// The replica's state.
     pub fn state(&self) -> ReplicaState {

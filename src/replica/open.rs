@@ -162,6 +162,7 @@ impl ReplicaStore {
             flusher: None,
             fault: Fault::from_env(),
             poisoned: false,
+            observer: None,
             _lock: lock,
         };
         store.flusher = match ImageFlusher::start(&store.image, disk_size, image) {

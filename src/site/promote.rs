@@ -150,6 +150,10 @@ pub fn promote_offline(image: &Path, state_dir: &Path, force: bool) -> anyhow::R
         ),
         e => anyhow::Error::from(e).context(format!("recovering the replica in {}", state_dir.display())),
     })?;
+    // Opened (and locked) first: no secondary runs on it now, so a drill's files are an
+    // earlier run's and go (the promoted disk never held drill writes).
+    crate::drill::remove_stale(state_dir)
+        .with_context(|| format!("removing an old drill in {}", state_dir.display()))?;
     tracing::info!(?report, state = ?store.state(), "replica recovered for promotion");
     promote_store(&mut store, image, info.uuid, lineage, force)
 }

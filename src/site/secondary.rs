@@ -24,6 +24,8 @@ use crate::replica::{ChunkData, Error as StoreError, ReplicaState, ReplicaStore}
 use crate::site::promote::{promote_store, Promotion};
 use crate::site::rejoin::Target;
 
+mod drill;
+
 /// Where the secondary keeps its replica.
 #[derive(Clone, Debug)]
 pub struct SecondaryPaths {
@@ -55,6 +57,14 @@ pub struct StoreSink {
     /// `--discard-local-changes` was used once: it does not apply to a later handshake
     /// (a standing flag must not discard writes made after that).
     discard_used: std::sync::atomic::AtomicBool,
+    /// The running drill (`crate::drill`); lock before `store`.
+    drill: Mutex<Option<crate::drill::Drill>>,
+    /// Why the last drill ended by itself.
+    last_drill_end: Mutex<Option<String>>,
+    /// Default `--drill-space`.
+    drill_space: std::sync::atomic::AtomicU64,
+    /// The control socket's path (for the hints in refusals).
+    control: Mutex<Option<PathBuf>>,
 }
 
 /// Called after each group was committed and applied, with its number and the image path
@@ -73,6 +83,10 @@ impl StoreSink {
             promoted_here: Default::default(),
             fresh_image: Default::default(),
             discard_used: Default::default(),
+            drill: Mutex::new(None),
+            last_drill_end: Mutex::new(None),
+            drill_space: crate::drill::DEFAULT_SPACE.into(),
+            control: Mutex::new(None),
         })
     }
 
@@ -261,6 +275,7 @@ impl StoreSink {
     /// [`crate::site::promote`]). The primary's session, if any, fails at its next extent
     /// and every later handshake is refused.
     pub fn promote(&self, force: bool) -> anyhow::Result<Promotion> {
+        self.stop_drill_for_promotion()?;
         let mut g = self.store.lock().expect("store lock");
         let store = g
             .as_mut()
@@ -313,6 +328,11 @@ impl ControlHandler for SecondaryControl {
                     report: p.report(),
                 })
             }
+            Request::DrillStart { socket, space } => {
+                reply(self.sink.drill_start(&socket, space)?)
+            }
+            Request::DrillStatus => reply(self.sink.drill_status()),
+            Request::DrillStop => reply(self.sink.drill_stop()?),
             other => anyhow::bail!(
                 "this is a secondary: {other:?} is a primary's command (`drblk ctl --socket SOCKET`)"
             ),
@@ -534,8 +554,13 @@ impl Secondary {
         std::fs::create_dir_all(&paths.state_dir)
             .with_context(|| format!("creating {}", paths.state_dir.display()))?;
         let site = identity.site.clone();
+        let state_dir = paths.state_dir.clone();
         let sink = StoreSink::new(paths, &site, on_commit);
         sink.open_existing()?;
+        // After the replica's lock is ours (a drill only exists on an open replica): files
+        // of a drill are an earlier run's, and drills do not survive their daemon.
+        crate::drill::remove_stale(&state_dir)
+            .with_context(|| format!("removing an old drill in {}", state_dir.display()))?;
         let mut cfg = ServerConfig::new(identity, listen);
         cfg.expected_peer = expected_peer;
         let server = LinkServer::start(cfg, sink.clone())?;
@@ -569,13 +594,31 @@ impl Secondary {
             sink: self.sink.clone(),
         });
         self.control = Some(ControlServer::start(path, handler)?);
+        *self.sink.control.lock().expect("control path") = Some(path.to_path_buf());
         tracing::info!(control = %path.display(), "control socket");
         Ok(())
+    }
+
+    /// The default limit on a drill's overlay plus preserved bytes (`--drill-space`).
+    pub fn set_drill_space(&self, bytes: u64) {
+        self.sink
+            .drill_space
+            .store(bytes, std::sync::atomic::Ordering::Relaxed);
+    }
+
+    /// The drill's status (`drill status`).
+    pub fn drill_status(&self) -> crate::drill::DrillStatus {
+        self.sink.drill_status()
     }
 
     /// Stops listening (dropping the server closes its endpoint).
     pub fn stop(self) {
         drop(self.control);
+        if let Some(d) = self.sink.drill.lock().expect("drill lock").take() {
+            if let Err(e) = self.sink.end_drill(d, "the secondary is stopping") {
+                tracing::warn!(error = %format!("{e:#}"), "removing the drill");
+            }
+        }
         drop(self.server);
         // The link's runtime shuts down in the background: a group's commit may still run
         // on a blocking thread, holding the replica (its locks). Wait for it (bounded), so a
@@ -602,11 +645,13 @@ pub fn run(args: crate::cli::SecondaryArgs) -> anyhow::Result<()> {
     };
     let mut secondary =
         Secondary::start(paths, identity, listen, Some(args.peer_site.clone()), None)?;
+    secondary.set_drill_space(args.drill_space);
     secondary.serve_control(&args.control())?;
     // Log the state when it changes kind, and every 10 s while it does not.
     let mut last_kind = String::new();
     let mut next_log = std::time::Instant::now();
     while !shutdown.requested() {
+        secondary.sink.reap_drill();
         let line = secondary.describe();
         let kind: String = line.split(' ').take(2).collect();
         if kind != last_kind || std::time::Instant::now() >= next_log {

@@ -1,0 +1,497 @@
+//! A drill's view of the replica: the image as of the drill's group, writable, without
+//! touching the image.
+//!
+//! Per 4 KiB block, a read comes from the first of: the overlay (the drill's own writes),
+//! the preserved copy (the block's content at the drill's group, saved before a later group
+//! overwrote it), the replica image (unchanged since the drill's group). Both files live in
+//! the drill's directory, sparse, at the block's own offset; two bitmaps say which blocks
+//! they hold.
+//!
+//! # Why a read never sees a later group
+//! The store calls [`DrillView::before_write`] before it changes a range of the image, and
+//! writes only after that returns. `before_write` copies the blocks the drill still reads
+//! from the image into the preserved file and sets their bits, all under the maps' write
+//! lock. A read holds the read lock from looking a block up until it has read it from the
+//! image. So a read that found a block "in the image" finished before the copy began (and
+//! before the image changed), and every later read finds it preserved.
+//!
+//! # Space
+//! Overlay and preserved blocks share one limit. A drill write that would pass it fails
+//! (the guest sees an I/O error); a group whose preservation would pass it ends the drill
+//! instead — replication never waits for a drill, and never fails because of one. An ended
+//! view fails every request with the reason.
+
+use std::fs::{File, OpenOptions};
+use std::io;
+use std::os::unix::fs::FileExt;
+use std::path::{Path, PathBuf};
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::RwLock;
+
+use crate::blk::backing::Backing;
+use crate::replica::ImageObserver;
+
+/// Granularity of the overlay and of preservation.
+pub const BLOCK: u64 = 4096;
+
+/// Largest buffer one step of a zeroing or preserving pass uses.
+const STEP: u64 = 1 << 20;
+
+/// One bit per block.
+struct Bits(Vec<u64>);
+
+impl Bits {
+    fn new(blocks: u64) -> Bits {
+        Bits(vec![0; blocks.div_ceil(64) as usize])
+    }
+    fn get(&self, b: u64) -> bool {
+        self.0[(b / 64) as usize] & (1 << (b % 64)) != 0
+    }
+    fn set(&mut self, b: u64) {
+        self.0[(b / 64) as usize] |= 1 << (b % 64);
+    }
+}
+
+/// Where a block's content is read from.
+#[derive(Clone, Copy, PartialEq, Eq, Debug)]
+enum Source {
+    Overlay,
+    Preserved,
+    Image,
+}
+
+struct Maps {
+    overlay: Bits,
+    preserved: Bits,
+    overlay_blocks: u64,
+    preserved_blocks: u64,
+    /// Why the drill ended; every request fails from then on.
+    ended: Option<String>,
+}
+
+impl Maps {
+    fn source(&self, b: u64) -> Source {
+        if self.overlay.get(b) {
+            Source::Overlay
+        } else if self.preserved.get(b) {
+            Source::Preserved
+        } else {
+            Source::Image
+        }
+    }
+
+    fn used_blocks(&self) -> u64 {
+        self.overlay_blocks + self.preserved_blocks
+    }
+}
+
+/// Figures for the drill's status.
+#[derive(Clone, Debug, Default)]
+pub struct ViewFigures {
+    /// Bytes the drill wrote (its overlay).
+    pub overlay_bytes: u64,
+    /// Bytes of the replica kept for the drill because later groups overwrote them.
+    pub preserved_bytes: u64,
+    /// Drill writes that failed (the drill space was full).
+    pub failed_writes: u64,
+    /// Why the drill ended, if it did.
+    pub ended: Option<String>,
+}
+
+/// A writable view of the replica image as of one group. See the module docs.
+pub struct DrillView {
+    dir: PathBuf,
+    image: File,
+    overlay: File,
+    preserved: File,
+    size: u64,
+    limit_blocks: u64,
+    maps: RwLock<Maps>,
+    failed_writes: AtomicU64,
+}
+
+impl DrillView {
+    /// A view of `image` (its current content: the caller makes sure no group is being
+    /// applied and installs the view as the store's observer before the next one) with
+    /// its files in `dir` (created; must not hold an earlier drill's) and at most
+    /// `space` bytes of overlay and preserved blocks.
+    pub fn create(image: &Path, dir: &Path, size: u64, space: u64) -> io::Result<DrillView> {
+        std::fs::create_dir_all(dir)?;
+        let make = |name: &str| -> io::Result<File> {
+            let f = OpenOptions::new()
+                .read(true)
+                .write(true)
+                .create_new(true)
+                .open(dir.join(name))?;
+            f.set_len(size)?;
+            Ok(f)
+        };
+        let blocks = size.div_ceil(BLOCK);
+        Ok(DrillView {
+            dir: dir.to_path_buf(),
+            image: File::open(image)?,
+            overlay: make("overlay")?,
+            preserved: make("preserved")?,
+            size,
+            limit_blocks: space / BLOCK,
+            maps: RwLock::new(Maps {
+                overlay: Bits::new(blocks),
+                preserved: Bits::new(blocks),
+                overlay_blocks: 0,
+                preserved_blocks: 0,
+                ended: None,
+            }),
+            failed_writes: AtomicU64::new(0),
+        })
+    }
+
+    /// Ends the view (every later request fails with `reason`); the first reason stays.
+    pub fn end(&self, reason: &str) {
+        let mut m = self.maps.write().expect("drill maps");
+        end_locked(&mut m, reason);
+    }
+
+    /// Current figures.
+    pub fn figures(&self) -> ViewFigures {
+        let m = self.maps.read().expect("drill maps");
+        ViewFigures {
+            overlay_bytes: m.overlay_blocks * BLOCK,
+            preserved_bytes: m.preserved_blocks * BLOCK,
+            failed_writes: self.failed_writes.load(Ordering::Relaxed),
+            ended: m.ended.clone(),
+        }
+    }
+
+    /// The limit on overlay plus preserved bytes.
+    pub fn space(&self) -> u64 {
+        self.limit_blocks * BLOCK
+    }
+
+    fn check_range(&self, offset: u64, len: u64) -> io::Result<()> {
+        match offset.checked_add(len) {
+            Some(end) if end <= self.size => Ok(()),
+            _ => Err(io::Error::new(
+                io::ErrorKind::InvalidInput,
+                format!(
+                    "range {offset}+{len} is outside the disk ({} bytes)",
+                    self.size
+                ),
+            )),
+        }
+    }
+
+    fn file(&self, s: Source) -> &File {
+        match s {
+            Source::Overlay => &self.overlay,
+            Source::Preserved => &self.preserved,
+            Source::Image => &self.image,
+        }
+    }
+
+    /// The bytes of block `b` that lie inside the disk.
+    fn block_range(&self, b: u64) -> (u64, u64) {
+        let start = b * BLOCK;
+        (start, (start + BLOCK).min(self.size))
+    }
+
+    /// Reads `buf.len()` bytes at `offset` as the drill sees them (read lock held).
+    fn read_locked(&self, m: &Maps, buf: &mut [u8], offset: u64) -> io::Result<()> {
+        if let Some(why) = &m.ended {
+            return Err(ended_error(why));
+        }
+        let end = offset + buf.len() as u64;
+        let mut pos = offset;
+        while pos < end {
+            // One run of blocks with the same source.
+            let src = m.source(pos / BLOCK);
+            let mut run_end = ((pos / BLOCK) + 1) * BLOCK;
+            while run_end < end && m.source(run_end / BLOCK) == src {
+                run_end += BLOCK;
+            }
+            let run_end = run_end.min(end);
+            let at = (pos - offset) as usize;
+            self.file(src)
+                .read_exact_at(&mut buf[at..at + (run_end - pos) as usize], pos)?;
+            pos = run_end;
+        }
+        Ok(())
+    }
+
+    /// Writes `data` at `offset` into the overlay (`None`: zeroes), reading the rest of
+    /// partly covered blocks from the drill's view first.
+    fn write(&self, offset: u64, len: u64, data: Option<&[u8]>) -> io::Result<()> {
+        self.check_range(offset, len)?;
+        if len == 0 {
+            return Ok(());
+        }
+        let mut m = self.maps.write().expect("drill maps");
+        if let Some(why) = &m.ended {
+            return Err(ended_error(why));
+        }
+        let (first, last) = (offset / BLOCK, (offset + len - 1) / BLOCK);
+        let new = (first..=last).filter(|&b| !m.overlay.get(b)).count() as u64;
+        if m.used_blocks() + new > self.limit_blocks {
+            let n = self.failed_writes.fetch_add(1, Ordering::Relaxed) + 1;
+            // The first failure and then every power of two: bounded however the guest
+            // insists.
+            if n.is_power_of_two() {
+                tracing::error!(
+                    dir = %self.dir.display(),
+                    failed_writes = n,
+                    space = self.space(),
+                    "drill write refused: the drill space is full; stop the drill (`drill stop`) or start the next one with a larger --drill-space"
+                );
+            }
+            return Err(io::Error::new(
+                io::ErrorKind::StorageFull,
+                format!("the drill space ({} MiB) is full", self.space() >> 20),
+            ));
+        }
+        let start = first * BLOCK;
+        let stop = ((last + 1) * BLOCK).min(self.size);
+        // In steps, so a large zeroing never allocates its whole length.
+        let mut pos = start;
+        while pos < stop {
+            let step_end = (pos + STEP).min(stop);
+            let mut buf = vec![0u8; (step_end - pos) as usize];
+            // Partly covered blocks at the edges keep the rest of their content.
+            for b in [pos / BLOCK, (step_end - 1) / BLOCK] {
+                let (bs, be) = self.block_range(b);
+                if bs < offset || be > offset + len {
+                    let at = (bs - pos) as usize;
+                    self.read_locked(&m, &mut buf[at..at + (be - bs) as usize], bs)?;
+                }
+            }
+            if let Some(d) = data {
+                let lo = pos.max(offset);
+                let hi = step_end.min(offset + len);
+                buf[(lo - pos) as usize..(hi - pos) as usize]
+                    .copy_from_slice(&d[(lo - offset) as usize..(hi - offset) as usize]);
+            } else {
+                let lo = pos.max(offset);
+                let hi = step_end.min(offset + len);
+                buf[(lo - pos) as usize..(hi - pos) as usize].fill(0);
+            }
+            self.overlay.write_all_at(&buf, pos)?;
+            for b in pos / BLOCK..=(step_end - 1) / BLOCK {
+                if !m.overlay.get(b) {
+                    m.overlay.set(b);
+                    m.overlay_blocks += 1;
+                }
+            }
+            pos = step_end;
+        }
+        Ok(())
+    }
+}
+
+fn ended_error(why: &str) -> io::Error {
+    io::Error::other(format!("the drill ended: {why}"))
+}
+
+fn end_locked(m: &mut Maps, reason: &str) {
+    if m.ended.is_none() {
+        tracing::warn!(reason, "drill ended");
+        m.ended = Some(reason.to_owned());
+    }
+}
+
+impl ImageObserver for DrillView {
+    /// Keeps the blocks of `[offset, offset + len)` that the drill still reads from the
+    /// image: their content goes to the preserved file before the store writes.
+    fn before_write(&self, offset: u64, len: u64) {
+        let len = len.min(self.size.saturating_sub(offset));
+        if len == 0 {
+            return;
+        }
+        let mut m = self.maps.write().expect("drill maps");
+        if m.ended.is_some() {
+            return;
+        }
+        let (first, last) = (offset / BLOCK, (offset + len - 1) / BLOCK);
+        let needed = (first..=last)
+            .filter(|&b| m.source(b) == Source::Image)
+            .count() as u64;
+        if needed == 0 {
+            return;
+        }
+        if m.used_blocks() + needed > self.limit_blocks {
+            let reason = format!(
+                "keeping the replica's content for the drill needs more than --drill-space ({} MiB); replication went on, the drill's view could not",
+                self.space() >> 20
+            );
+            end_locked(&mut m, &reason);
+            return;
+        }
+        let mut buf = Vec::new();
+        let mut b = first;
+        while b <= last {
+            if m.source(b) != Source::Image {
+                b += 1;
+                continue;
+            }
+            // A run of blocks still read from the image, at most STEP bytes.
+            let mut e = b + 1;
+            while e <= last && m.source(e) == Source::Image && (e - b) * BLOCK < STEP {
+                e += 1;
+            }
+            let (s, _) = self.block_range(b);
+            let (_, t) = self.block_range(e - 1);
+            buf.resize((t - s) as usize, 0);
+            let copied = self
+                .image
+                .read_exact_at(&mut buf, s)
+                .and_then(|()| self.preserved.write_all_at(&buf, s));
+            if let Err(e) = copied {
+                let reason = format!(
+                    "cannot keep the replica's content for the drill in {}: {e}; replication went on, the drill's view could not",
+                    self.dir.display()
+                );
+                end_locked(&mut m, &reason);
+                return;
+            }
+            for x in b..e {
+                m.preserved.set(x);
+            }
+            m.preserved_blocks += e - b;
+            b = e;
+        }
+    }
+
+    fn closed(&self) {
+        self.end("the replica was closed (reopened after an error, replaced or promoted); the drill cannot keep its view");
+    }
+}
+
+impl Backing for DrillView {
+    fn path(&self) -> &Path {
+        &self.dir
+    }
+    fn size(&self) -> u64 {
+        self.size
+    }
+    fn readonly(&self) -> bool {
+        false
+    }
+    unsafe fn readv_at(&self, iov: &[(*mut u8, usize)], offset: u64) -> io::Result<()> {
+        let total: usize = iov.iter().map(|v| v.1).sum();
+        self.check_range(offset, total as u64)?;
+        let mut buf = vec![0u8; total];
+        {
+            let m = self.maps.read().expect("drill maps");
+            self.read_locked(&m, &mut buf, offset)?;
+        }
+        let mut at = 0;
+        for &(p, l) in iov {
+            // SAFETY: the caller guarantees (p, l) is valid for writes; `buf` holds `total`
+            // bytes, the sum of the lengths.
+            unsafe { std::ptr::copy_nonoverlapping(buf.as_ptr().add(at), p, l) };
+            at += l;
+        }
+        Ok(())
+    }
+    unsafe fn writev_at(&self, iov: &[(*mut u8, usize)], offset: u64) -> io::Result<()> {
+        let mut buf = Vec::with_capacity(iov.iter().map(|v| v.1).sum());
+        for &(p, l) in iov {
+            // SAFETY: the caller guarantees (p, l) is valid for reads.
+            buf.extend_from_slice(unsafe { std::slice::from_raw_parts(p, l) });
+        }
+        self.write(offset, buf.len() as u64, Some(&buf))
+    }
+    /// A drill does not survive its daemon (it is removed at the next start), so there is
+    /// nothing to make durable.
+    fn flush(&self) -> io::Result<()> {
+        Ok(())
+    }
+    fn discard(&self, offset: u64, len: u64) -> io::Result<()> {
+        self.write(offset, len, None)
+    }
+    fn write_zeroes(&self, offset: u64, len: u64, _unmap: bool) -> io::Result<()> {
+        self.write(offset, len, None)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn setup(size: u64, space: u64) -> (tempfile::TempDir, PathBuf, DrillView) {
+        let dir = tempfile::tempdir().unwrap();
+        let image = dir.path().join("img");
+        let content: Vec<u8> = (0..size).map(|i| (i / BLOCK) as u8 + 1).collect();
+        std::fs::write(&image, content).unwrap();
+        let v = DrillView::create(&image, &dir.path().join("drill"), size, space).unwrap();
+        (dir, image, v)
+    }
+
+    fn read(v: &DrillView, off: u64, len: usize) -> Vec<u8> {
+        let mut buf = vec![0u8; len];
+        let m = v.maps.read().unwrap();
+        v.read_locked(&m, &mut buf, off).unwrap();
+        buf
+    }
+
+    /// The store's side: tell the view, then change the image.
+    fn apply(v: &DrillView, image: &Path, off: u64, data: &[u8]) {
+        v.before_write(off, data.len() as u64);
+        let f = OpenOptions::new().write(true).open(image).unwrap();
+        f.write_all_at(data, off).unwrap();
+    }
+
+    #[test]
+    fn the_view_stays_at_its_group_while_the_image_changes() {
+        let (_d, image, v) = setup(16 * BLOCK, 1 << 20);
+        let before = read(&v, 0, 16 * BLOCK as usize);
+        apply(&v, &image, 3 * BLOCK + 100, &[0xee; 5000]);
+        apply(&v, &image, 3 * BLOCK, &[0xdd; 4096]);
+        assert_eq!(read(&v, 0, 16 * BLOCK as usize), before);
+        // Only the two blocks touched were kept, each once.
+        assert_eq!(v.figures().preserved_bytes, 2 * BLOCK);
+    }
+
+    #[test]
+    fn drill_writes_read_back_and_never_reach_the_image() {
+        let (_d, image, v) = setup(8 * BLOCK, 1 << 20);
+        let orig = std::fs::read(&image).unwrap();
+        v.write(BLOCK + 512, 1024, Some(&[7; 1024])).unwrap();
+        let got = read(&v, BLOCK, BLOCK as usize);
+        assert_eq!(&got[..512], &orig[BLOCK as usize..BLOCK as usize + 512]);
+        assert_eq!(&got[512..1536], &[7; 1024][..]);
+        assert_eq!(
+            &got[1536..],
+            &orig[BLOCK as usize + 1536..2 * BLOCK as usize]
+        );
+        assert_eq!(std::fs::read(&image).unwrap(), orig);
+        // A later group over the same block changes neither the drill's view nor needs a
+        // copy (the overlay holds the block).
+        apply(&v, &image, BLOCK, &[9; 4096]);
+        assert_eq!(read(&v, BLOCK, BLOCK as usize), got);
+        assert_eq!(v.figures().preserved_bytes, 0);
+        v.write_zeroes(0, 8 * BLOCK, false).unwrap();
+        assert_eq!(read(&v, 0, 8 * BLOCK as usize), vec![0; 8 * BLOCK as usize]);
+    }
+
+    #[test]
+    fn a_full_drill_space_fails_drill_writes_and_ends_the_drill_on_preservation() {
+        let (_d, image, v) = setup(8 * BLOCK, 2 * BLOCK);
+        v.write(0, 2 * BLOCK, Some(&[1; 8192])).unwrap();
+        let e = v.write(4 * BLOCK, 512, Some(&[1; 512])).unwrap_err();
+        assert_eq!(e.kind(), io::ErrorKind::StorageFull);
+        assert_eq!(v.figures().failed_writes, 1);
+        // Still usable for reads; a group that needs a copy ends it.
+        read(&v, 0, BLOCK as usize);
+        apply(&v, &image, 5 * BLOCK, &[3; 4096]);
+        let f = v.figures();
+        assert!(f.ended.unwrap().contains("--drill-space"));
+        let mut buf = vec![0u8; 512];
+        let m = v.maps.read().unwrap();
+        assert!(v.read_locked(&m, &mut buf, 0).is_err());
+    }
+
+    #[test]
+    fn requests_outside_the_disk_are_refused() {
+        let (_d, _image, v) = setup(4 * BLOCK, 1 << 20);
+        assert!(v.write(4 * BLOCK - 512, 1024, Some(&[0; 1024])).is_err());
+        assert!(v.discard(u64::MAX - 10, 20).is_err());
+    }
+}
