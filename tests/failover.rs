@@ -10,158 +10,19 @@
 
 mod common;
 
-use std::path::{Path, PathBuf};
-use std::process::{Command, Output, Stdio};
+use common::sites::{text, Sites, BIN, SIZE};
+
+use std::path::Path;
+use std::process::{Command, Output};
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
 use common::dw::History;
-use common::KillOnDrop;
 use drblk::control::PrimaryStatus;
 use drblk_testkit::rng::RngExt;
 use drblk_testkit::test_frontend::{Desc, TestFrontend, DATA_BASE};
 use virtio_bindings::virtio_blk::VIRTIO_BLK_T_IN;
-
-const BIN: &str = env!("CARGO_BIN_EXE_drblk");
-const SIZE: u64 = 16 << 20;
-
-struct Sites {
-    dir: PathBuf,
-    certs: PathBuf,
-    port: u16,
-}
-
-impl Sites {
-    fn new(dir: &Path) -> Sites {
-        let certs = common::make_certs(dir);
-        std::fs::write(dir.join("primary.img"), vec![0u8; SIZE as usize]).unwrap();
-        Sites {
-            dir: dir.to_path_buf(),
-            certs,
-            port: common::free_udp_port(),
-        }
-    }
-
-    fn replica(&self) -> PathBuf {
-        self.dir.join("secondary.img")
-    }
-
-    fn sock(&self) -> PathBuf {
-        self.dir.join("primary.sock")
-    }
-
-    fn spawn(&self, log: &str, args: &[&str], paths: &[(&str, &Path)]) -> KillOnDrop {
-        let log = std::fs::OpenOptions::new()
-            .create(true)
-            .append(true)
-            .open(self.dir.join(log))
-            .unwrap();
-        let mut c = Command::new(BIN);
-        c.args(args);
-        for (flag, p) in paths {
-            c.arg(flag).arg(p);
-        }
-        let child = c
-            .env("RUST_LOG", "drblk=info")
-            .stdout(Stdio::null())
-            .stderr(log)
-            .spawn()
-            .unwrap();
-        KillOnDrop(child)
-    }
-
-    fn secondary(&self) -> KillOnDrop {
-        let listen = format!("127.0.0.1:{}", self.port);
-        self.spawn(
-            "secondary.log",
-            &["secondary", "--listen", &listen],
-            &[("--disk", &self.replica()), ("--certs", &self.certs)],
-        )
-    }
-
-    fn primary(&self) -> KillOnDrop {
-        let to = format!("127.0.0.1:{}", self.port);
-        let mut d = self.spawn(
-            "primary.log",
-            &[
-                "serve",
-                "--queues",
-                "2",
-                "--replicate-to",
-                &to,
-                "--cg-interval",
-                "20ms",
-            ],
-            &[
-                ("--disk", &self.dir.join("primary.img")),
-                ("--socket", &self.sock()),
-                ("--certs", &self.certs),
-            ],
-        );
-        let ctl_socket = drblk::control::control_path(&self.sock());
-        self.wait_until("the primary to listen", || {
-            assert!(d.0.try_wait().unwrap().is_none(), "the primary exited");
-            std::os::unix::net::UnixStream::connect(self.sock()).is_ok()
-                && std::os::unix::net::UnixStream::connect(&ctl_socket).is_ok()
-        });
-        d
-    }
-
-    fn logs(&self) -> String {
-        ["primary.log", "secondary.log"]
-            .iter()
-            .map(|f| {
-                format!(
-                    "--- {f}\n{}",
-                    std::fs::read_to_string(self.dir.join(f)).unwrap_or_default()
-                )
-            })
-            .collect()
-    }
-
-    /// Waits for `f`; the deadline only guards against hangs.
-    fn wait_until(&self, what: &str, mut f: impl FnMut() -> bool) {
-        let deadline = Instant::now() + Duration::from_secs(300);
-        while !f() {
-            assert!(
-                Instant::now() < deadline,
-                "timed out waiting for {what}:\n{}",
-                self.logs()
-            );
-            std::thread::sleep(Duration::from_millis(10));
-        }
-    }
-
-    /// The last group the secondary acknowledged, as the primary saw it.
-    fn acked(&self) -> Option<u64> {
-        let out = Command::new(BIN)
-            .args(["ctl", "--socket"])
-            .arg(self.sock())
-            .arg("status")
-            .output()
-            .ok()?;
-        let st: PrimaryStatus = serde_json::from_slice(&out.stdout).ok()?;
-        st.replication.map(|r| r.last_committed_cg)
-    }
-
-    fn drblk(&self, args: &[&str], paths: &[(&str, &Path)]) -> Output {
-        let mut c = Command::new(BIN);
-        c.args(args);
-        for (flag, p) in paths {
-            c.arg(flag).arg(p);
-        }
-        c.output().unwrap()
-    }
-}
-
-fn text(o: &Output) -> String {
-    format!(
-        "{}{}",
-        String::from_utf8_lossy(&o.stdout),
-        String::from_utf8_lossy(&o.stderr)
-    )
-}
 
 /// One round; returns the CG promoted at.
 fn round(seed: u64) -> u64 {

@@ -4,6 +4,8 @@
 #[allow(unused_imports)]
 pub use drblk_testkit::workload as dw;
 
+pub mod sites;
+
 use std::path::{Path, PathBuf};
 
 use drblk::cli::ServeArgs;

@@ -1,0 +1,193 @@
+//! DR drills through the real binaries: `drblk ctl --control C drill start --socket S` on a
+//! running `drblk secondary` while `drblk serve` keeps replicating dependent writes. The
+//! drill's device (read and written through vhost-user) must show exactly its group, keep
+//! showing it while later groups apply, keep its own writes to itself, and never change the
+//! replica; a full drill space fails drill writes only; a promotion stops the drill, and a
+//! restarted secondary removes a drill its predecessor left.
+
+mod common;
+
+use std::path::Path;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::{Arc, Mutex};
+
+use common::dw::History;
+use common::sites::{text, Sites, SIZE};
+use drblk_testkit::test_frontend::{Desc, TestFrontend, DATA_BASE};
+use virtio_bindings::virtio_blk::{VIRTIO_BLK_T_IN, VIRTIO_BLK_T_OUT};
+
+/// Reads the whole device through `f` (1 MiB at a time).
+fn read_device(f: &mut TestFrontend) -> Vec<u8> {
+    const STEP: u64 = 1 << 20;
+    let mut out = Vec::with_capacity(SIZE as usize);
+    for off in (0..SIZE).step_by(STEP as usize) {
+        let (st, _) = f
+            .request(
+                0,
+                VIRTIO_BLK_T_IN,
+                off / 512,
+                &[Desc::w(DATA_BASE, STEP as u32)],
+            )
+            .unwrap();
+        assert_eq!(st, 0, "drill read at {off}");
+        out.extend(f.read_mem(DATA_BASE, STEP as usize).unwrap());
+    }
+    out
+}
+
+/// Writes `data` at `off` through `f`; returns the status byte.
+fn write_device(f: &mut TestFrontend, off: u64, data: &[u8]) -> u8 {
+    f.write_mem(DATA_BASE, data).unwrap();
+    f.request(
+        0,
+        VIRTIO_BLK_T_OUT,
+        off / 512,
+        &[Desc::r(DATA_BASE, data.len() as u32)],
+    )
+    .unwrap()
+    .0
+}
+
+fn json(out: &std::process::Output) -> serde_json::Value {
+    assert!(out.status.success(), "{}", text(out));
+    serde_json::from_slice(&out.stdout).unwrap()
+}
+
+fn drill_start(s: &Sites, sock: &Path, extra: &[&str]) -> serde_json::Value {
+    let mut args = vec!["drill", "start", "--socket", sock.to_str().unwrap()];
+    args.extend_from_slice(extra);
+    let out = s.ctl_control(&args);
+    assert!(out.status.success(), "{}\n{}", text(&out), s.logs());
+    json(&out)
+}
+
+fn connect(s: &Sites, sock: &Path) -> TestFrontend {
+    s.wait_until("the drill's socket", || {
+        std::os::unix::net::UnixStream::connect(sock).is_ok()
+    });
+    TestFrontend::connect(sock, 1, 256, true).unwrap()
+}
+
+/// The primary keeps writing dependent writes in the background until dropped.
+struct Writer {
+    history: Arc<Mutex<History>>,
+    stop: Arc<AtomicBool>,
+    thread: Option<std::thread::JoinHandle<u64>>,
+}
+
+impl Writer {
+    fn start(s: &Sites) -> Writer {
+        let history = Arc::new(Mutex::new(History::new(SIZE)));
+        let stop = Arc::new(AtomicBool::new(false));
+        let thread = {
+            let (sock, h, stop) = (s.sock(), history.clone(), stop.clone());
+            std::thread::spawn(move || {
+                let mut f = TestFrontend::connect(&sock, 2, 256, true).unwrap();
+                common::dw::drive(&mut f, &h, SIZE, || stop.load(Ordering::SeqCst))
+            })
+        };
+        Writer {
+            history,
+            stop,
+            thread: Some(thread),
+        }
+    }
+
+    fn finish(mut self) -> u64 {
+        self.stop.store(true, Ordering::SeqCst);
+        self.thread.take().unwrap().join().unwrap()
+    }
+}
+
+impl Drop for Writer {
+    fn drop(&mut self) {
+        self.stop.store(true, Ordering::SeqCst);
+    }
+}
+
+#[test]
+fn a_drill_shows_its_group_while_replication_goes_on_and_keeps_its_writes() {
+    let tmp = tempfile::tempdir().unwrap();
+    let s = Sites::new(tmp.path());
+    let _secondary = s.secondary_with(&["--drill-space", "64M"]);
+    let _primary = s.primary();
+    s.wait_until("the initial copy", || s.acked().is_some_and(|c| c >= 1));
+    let writer = Writer::start(&s);
+    s.wait_until("some dependent writes to replicate", || {
+        writer.history.lock().unwrap().completions.len() > 2000 && s.acked().is_some_and(|c| c >= 5)
+    });
+
+    let sock = tmp.path().join("drill.sock");
+    let started = drill_start(&s, &sock, &[]);
+    let cg = started["cg"].as_u64().unwrap();
+    assert_eq!(started["running"], true, "{started}");
+    let mut f = connect(&s, &sock);
+    let first = read_device(&mut f);
+    let found = writer
+        .history
+        .lock()
+        .unwrap()
+        .check(&first)
+        .unwrap_or_else(|e| panic!("the drill's device at CG {cg}: {e}\n{}", s.logs()));
+    assert!(found > 0, "the drill shows none of the primary's writes");
+
+    // Twenty later groups apply on the replica; the drill's view does not move.
+    s.wait_until("20 more groups", || s.acked().is_some_and(|c| c >= cg + 20));
+    assert!(first == read_device(&mut f), "the drill's view changed");
+    let st = json(&s.ctl_control(&["drill", "status"]));
+    assert!(st["preserved_bytes"].as_u64().unwrap() > 0, "{st}");
+    assert_eq!(st["cg"].as_u64(), Some(cg));
+    assert_eq!(st["frontend_connected"], true, "{st}");
+
+    // The drill's own writes read back from it.
+    let mine = vec![0xa5u8; 64 << 10];
+    for off in [0u64, 4096 * 100 + 512, SIZE - (64 << 10)] {
+        assert_eq!(write_device(&mut f, off, &mine), 0);
+    }
+    let after = read_device(&mut f);
+    for off in [0u64, 4096 * 100 + 512, SIZE - (64 << 10)] {
+        let at = off as usize;
+        assert_eq!(
+            &after[at..at + mine.len()],
+            &mine[..],
+            "drill write at {off}"
+        );
+    }
+    let st = json(&s.ctl_control(&["drill", "status"]));
+    assert!(
+        st["overlay_bytes"].as_u64().unwrap() >= 3 * (64 << 10),
+        "{st}"
+    );
+    // A second drill is refused while one runs.
+    let again = s.ctl_control(&["drill", "start", "--socket", "/tmp/x.sock"]);
+    assert!(!again.status.success());
+    assert!(text(&again).contains("drill stop"), "{}", text(&again));
+
+    // The replica never saw the drill: it drains to the primary's exact image, which
+    // passes the dependent-write check.
+    let history = writer.history.clone();
+    writer.finish();
+    let drained = json(
+        &std::process::Command::new(common::sites::BIN)
+            .args(["ctl", "--socket"])
+            .arg(s.sock())
+            .arg("drain")
+            .output()
+            .unwrap(),
+    );
+    assert!(drained["cg"].as_u64().unwrap() > cg);
+    let replica = std::fs::read(s.replica()).unwrap();
+    assert!(
+        replica == std::fs::read(tmp.path().join("primary.img")).unwrap(),
+        "the replica differs from the primary after the drain\n{}",
+        s.logs()
+    );
+    history.lock().unwrap().check(&replica).unwrap();
+
+    let stopped = s.ctl_control(&["drill", "stop"]);
+    assert!(stopped.status.success(), "{}", text(&stopped));
+    let st = json(&s.ctl_control(&["drill", "status"]));
+    assert_eq!(st["running"], false, "{st}");
+    assert!(!tmp.path().join("secondary.img.state/drill").exists());
+    assert!(!s.ctl_control(&["drill", "stop"]).status.success());
+}
