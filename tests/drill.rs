@@ -191,3 +191,135 @@ fn a_drill_shows_its_group_while_replication_goes_on_and_keeps_its_writes() {
     assert!(!tmp.path().join("secondary.img.state/drill").exists());
     assert!(!s.ctl_control(&["drill", "stop"]).status.success());
 }
+
+/// Writes `blocks` 4 KiB blocks on the primary through a frontend of its own.
+fn primary_writes(s: &Sites, first_block: u64, blocks: u64, byte: u8) {
+    let mut f = TestFrontend::connect(&s.sock(), 2, 256, true).unwrap();
+    for b in first_block..first_block + blocks {
+        assert_eq!(write_device(&mut f, b * 4096, &[byte; 4096]), 0);
+    }
+}
+
+fn drain(s: &Sites) -> u64 {
+    let out = std::process::Command::new(common::sites::BIN)
+        .args(["ctl", "--socket"])
+        .arg(s.sock())
+        .arg("drain")
+        .output()
+        .unwrap();
+    json(&out)["cg"].as_u64().unwrap()
+}
+
+#[test]
+fn a_full_drill_space_fails_drill_writes_only_and_ends_the_drill_not_replication() {
+    let tmp = tempfile::tempdir().unwrap();
+    let s = Sites::new(tmp.path());
+    let _secondary = s.secondary();
+    let _primary = s.primary();
+    s.wait_until("the initial copy", || s.acked().is_some_and(|c| c >= 1));
+    primary_writes(&s, 0, 8, 1);
+    drain(&s);
+
+    // 64 blocks of space: the drill's 64 first blocks fit, the next write fails.
+    let sock = tmp.path().join("drill.sock");
+    drill_start(&s, &sock, &["--drill-space", "256K"]);
+    let mut f = connect(&s, &sock);
+    for b in 0..64u64 {
+        assert_eq!(write_device(&mut f, (1000 + b) * 4096, &[2; 4096]), 0, "block {b}");
+    }
+    assert_ne!(
+        write_device(&mut f, 2000 * 4096, &[2; 4096]),
+        0,
+        "a write past --drill-space succeeded"
+    );
+    // Reads still work, and show the drill's writes over its group.
+    let img = read_device(&mut f);
+    assert_eq!(&img[..4096], &[1; 4096][..]);
+    assert_eq!(&img[1000 * 4096..1001 * 4096], &[2; 4096][..]);
+    let st = json(&s.ctl_control(&["drill", "status"]));
+    assert_eq!(st["failed_writes"].as_u64(), Some(1), "{st}");
+    assert!(
+        s.logs().contains("the drill space is full"),
+        "no error in the log:\n{}",
+        s.logs()
+    );
+
+    // The primary writes blocks the drill reads from the replica: keeping them would pass
+    // the space, so the drill ends; replication goes on and the replica is whole.
+    primary_writes(&s, 0, 8, 3);
+    let cg = drain(&s);
+    assert_eq!(
+        std::fs::read(s.replica()).unwrap(),
+        std::fs::read(tmp.path().join("primary.img")).unwrap()
+    );
+    s.wait_until("the ended drill to be reaped", || {
+        let st = json(&s.ctl_control(&["drill", "status"]));
+        st["running"] == false
+    });
+    let st = json(&s.ctl_control(&["drill", "status"]));
+    assert!(
+        st["last_ended"].as_str().unwrap().contains("--drill-space"),
+        "{st}"
+    );
+    assert!(!tmp.path().join("secondary.img.state/drill").exists());
+    // A later group still commits.
+    primary_writes(&s, 8, 1, 4);
+    assert!(drain(&s) > cg);
+}
+
+#[test]
+fn a_promotion_stops_the_drill_and_a_restart_removes_a_drill_left_behind() {
+    let tmp = tempfile::tempdir().unwrap();
+    let s = Sites::new(tmp.path());
+    let mut secondary = s.secondary();
+    let primary = s.primary();
+    s.wait_until("the initial copy", || s.acked().is_some_and(|c| c >= 1));
+    primary_writes(&s, 0, 4, 1);
+    drain(&s);
+    let drill_dir = tmp.path().join("secondary.img.state/drill");
+
+    // kill -9 with a drill running: its files stay until the next start, which removes them.
+    let sock = tmp.path().join("drill.sock");
+    drill_start(&s, &sock, &[]);
+    assert_eq!(write_device(&mut connect(&s, &sock), 0, &[9; 4096]), 0);
+    let _ = secondary.0.kill();
+    let _ = secondary.0.wait();
+    assert!(drill_dir.exists());
+    let _secondary = s.secondary();
+    s.wait_until("the restarted secondary", || {
+        s.ctl_control(&["status"]).status.success()
+    });
+    assert!(!drill_dir.exists(), "a drill survived its daemon");
+    let st = json(&s.ctl_control(&["drill", "status"]));
+    assert_eq!(st["running"], false, "{st}");
+    s.wait_until("the primary to reconnect", || {
+        drblk::control::client::status(&s.sock())
+            .ok()
+            .and_then(|st| st.link)
+            .is_some_and(|l| l.connected)
+    });
+    primary_writes(&s, 4, 4, 2);
+    let cg = drain(&s);
+
+    // A drill at the last group, written to; then failover on the running secondary.
+    drill_start(&s, &sock, &[]);
+    let mut f = connect(&s, &sock);
+    assert_eq!(write_device(&mut f, 0, &[9; 4096]), 0);
+    drop(primary);
+    let p = s.ctl_control(&["promote"]);
+    assert!(p.status.success(), "{}\n{}", text(&p), s.logs());
+    // Empty groups may have committed after the drain.
+    assert!(json(&p)["cg"].as_u64().unwrap() >= cg, "{}", text(&p));
+    let st = json(&s.ctl_control(&["drill", "status"]));
+    assert_eq!(st["running"], false, "{st}");
+    assert!(!drill_dir.exists());
+    assert!(!sock.exists(), "the drill's socket outlived the promotion");
+    // The promoted disk holds the primary's writes, none of the drill's.
+    let img = std::fs::read(s.replica()).unwrap();
+    assert_eq!(&img[..4096], &[1; 4096][..]);
+    assert_eq!(&img[4 * 4096..5 * 4096], &[2; 4096][..]);
+    // A promoted replica takes no drill.
+    let refused = s.ctl_control(&["drill", "start", "--socket", sock.to_str().unwrap()]);
+    assert!(!refused.status.success());
+    assert!(text(&refused).contains("promoted"), "{}", text(&refused));
+}
