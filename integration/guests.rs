@@ -550,6 +550,52 @@ exit $st
     );
 }
 
+/// A secondary (`drblk secondary` on `replica`, its log in `dir`) and a primary serving
+/// `img` on `sock` with two queues, replicating to it; certificates in `dir/certs`.
+fn replicated_pair(
+    dir: &std::path::Path,
+    img: &std::path::Path,
+    replica: &std::path::Path,
+    sock: &std::path::Path,
+) -> (std::process::Child, Backend) {
+    let certs = dir.join("certs");
+    let st = std::process::Command::new(daemons::DRBLK_BIN)
+        .args(["cert", "--dir"])
+        .arg(&certs)
+        .output()
+        .unwrap();
+    assert!(st.status.success());
+    let port = std::net::UdpSocket::bind("127.0.0.1:0")
+        .unwrap()
+        .local_addr()
+        .unwrap()
+        .port();
+    let secondary_log = std::fs::File::create(dir.join("secondary.log")).unwrap();
+    let secondary = std::process::Command::new(daemons::DRBLK_BIN)
+        .args([
+            "secondary",
+            "--listen",
+            &format!("127.0.0.1:{port}"),
+            "--disk",
+        ])
+        .arg(replica)
+        .arg("--certs")
+        .arg(&certs)
+        .stderr(secondary_log)
+        .spawn()
+        .unwrap();
+    let to = format!("127.0.0.1:{port}");
+    let certs_s = certs.display().to_string();
+    let primary = Backend::drblk(
+        "primary",
+        img,
+        sock,
+        &["--queues", "2", "--replicate-to", &to, "--certs", &certs_s],
+        None,
+    );
+    (secondary, primary)
+}
+
 /// Failover with real guests: a guest on the primary writes with fio (crc32c verify
 /// headers), the primary drains a group, then the primary site is lost (`kill -9`). The
 /// replica is promoted (`drblk promote`), served by `drblk serve`, and a second guest
@@ -564,41 +610,7 @@ fn a_guest_boots_on_the_promoted_replica_and_verifies_the_primarys_data() {
     let (img, replica) = (dir.path().join("p.img"), dir.path().join("r.img"));
     let (sock, rsock) = (dir.path().join("p.sock"), dir.path().join("r.sock"));
     create_image(&img, 64 * MIB);
-    let certs = dir.path().join("certs");
-    let st = std::process::Command::new(daemons::DRBLK_BIN)
-        .args(["cert", "--dir"])
-        .arg(&certs)
-        .output()
-        .unwrap();
-    assert!(st.status.success());
-    let port = std::net::UdpSocket::bind("127.0.0.1:0")
-        .unwrap()
-        .local_addr()
-        .unwrap()
-        .port();
-    let secondary_log = std::fs::File::create(dir.path().join("secondary.log")).unwrap();
-    let mut secondary = std::process::Command::new(daemons::DRBLK_BIN)
-        .args([
-            "secondary",
-            "--listen",
-            &format!("127.0.0.1:{port}"),
-            "--disk",
-        ])
-        .arg(&replica)
-        .arg("--certs")
-        .arg(&certs)
-        .stderr(secondary_log)
-        .spawn()
-        .unwrap();
-    let to = format!("127.0.0.1:{port}");
-    let certs_s = certs.display().to_string();
-    let mut primary = Backend::drblk(
-        "primary",
-        &img,
-        &sock,
-        &["--queues", "2", "--replicate-to", &to, "--certs", &certs_s],
-        None,
-    );
+    let (mut secondary, mut primary) = replicated_pair(dir.path(), &img, &replica, &sock);
     let fio = "fio --name=dr --filename=/dev/vda --ioengine=libaio --direct=1 --rw=randwrite \
                --bs=4k --size=16M --iodepth=8 --randseed=4242 --verify=crc32c --verify_fatal=1 \
                --output-format=json";
@@ -682,4 +694,157 @@ fn a_guest_boots_on_the_promoted_replica_and_verifies_the_primarys_data() {
         "fio verified less than it wrote"
     );
     assert!(served.stop(), "{}", served.all_logs());
+}
+
+/// Runs `drblk ctl ARGS` and returns its JSON answer (the command must succeed).
+fn ctl_json(args: &[&std::ffi::OsStr]) -> serde_json::Value {
+    let out = std::process::Command::new(daemons::DRBLK_BIN)
+        .arg("ctl")
+        .args(args)
+        .output()
+        .unwrap();
+    assert!(
+        out.status.success(),
+        "ctl {args:?}: {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    serde_json::from_slice(&out.stdout).unwrap()
+}
+
+/// A live DR drill with real guests: a guest on the primary writes a region with fio
+/// (crc32c verify headers), the primary drains, and the guest goes on writing elsewhere.
+/// A drill is started on the running secondary; a second guest boots on the drill's
+/// socket, verifies with fio every block of that region, and runs its own fio write and
+/// verify load on the drill — while replication goes on. At the end the drill is stopped
+/// and the replica drains to exactly the primary's image: the drill's writes never reached it.
+#[test]
+fn a_guest_boots_on_a_drill_while_the_primary_keeps_replicating() {
+    if skip_vm("a_guest_boots_on_a_drill_while_the_primary_keeps_replicating") {
+        return;
+    }
+    let _g = guest_lock();
+    let dir = tempfile::tempdir().unwrap();
+    let (img, replica) = (dir.path().join("p.img"), dir.path().join("r.img"));
+    let (sock, dsock) = (dir.path().join("p.sock"), dir.path().join("drill.sock"));
+    create_image(&img, 64 * MIB);
+    let (mut secondary, mut primary) = replicated_pair(dir.path(), &img, &replica, &sock);
+    let control = dir.path().join("r.img.state/ctl");
+    let fio = "fio --name=dr --filename=/dev/vda --ioengine=libaio --direct=1 --rw=randwrite \
+               --bs=4k --size=16M --iodepth=8 --randseed=4242 --verify=crc32c --verify_fatal=1 \
+               --output-format=json";
+    let mut vm = VmBuilder::new()
+        .disk(&sock)
+        .job(format!(
+            "drblk_wait_dev vda || exit 1\n\
+             drblk_section write {fio} --do_verify=0\n\
+             drblk_value phase written\n\
+             fio --name=more --filename=/dev/vda --ioengine=libaio --direct=1 --rw=randwrite \
+             --bs=4k --offset=32M --size=16M --iodepth=4 --time_based --runtime=600 >/dev/null 2>&1\n"
+        ))
+        .timeout(Duration::from_secs(900))
+        .guest_timeout_secs(890)
+        .spawn()
+        .unwrap();
+    assert!(
+        vm.wait_for("DRBLK-VALUE phase written", Duration::from_secs(300)),
+        "guest never wrote\n{}\n{}",
+        vm.serial(),
+        primary.all_logs()
+    );
+    let drained = ctl_json(&["--socket".as_ref(), sock.as_os_str(), "drain".as_ref()]);
+    let drained_cg = drained["cg"].as_u64().unwrap();
+    let started = ctl_json(&[
+        "--control".as_ref(),
+        control.as_os_str(),
+        "drill".as_ref(),
+        "start".as_ref(),
+        "--socket".as_ref(),
+        dsock.as_os_str(),
+    ]);
+    let drill_cg = started["cg"].as_u64().unwrap();
+    assert!(drill_cg >= drained_cg, "{started}");
+    let out = VmBuilder::new()
+        .disk(&dsock)
+        .job(format!(
+            "drblk_wait_dev vda || exit 1\n\
+             drblk_section verify {fio} --verify_only=1\n\
+             drblk_section own fio --name=drill --filename=/dev/vda --ioengine=libaio --direct=1 \
+             --rw=randwrite --bs=4k --offset=16M --size=8M --iodepth=8 --verify=crc32c \
+             --verify_fatal=1 --output-format=json\n\
+             exit 0\n"
+        ))
+        .timeout(Duration::from_secs(600))
+        .guest_timeout_secs(590)
+        .run();
+    let status = ctl_json(&[
+        "--control".as_ref(),
+        control.as_os_str(),
+        "drill".as_ref(),
+        "status".as_ref(),
+    ]);
+    let logs = || {
+        format!(
+            "{}\n--- secondary\n{}",
+            primary.all_logs(),
+            std::fs::read_to_string(dir.path().join("secondary.log")).unwrap_or_default()
+        )
+    };
+    assert!(
+        out.success(),
+        "guest on the drill failed\n{}\n{status}\n{}",
+        out.diagnostics(),
+        logs()
+    );
+    assert_rc0(&out, "verify");
+    let verify = out.fio("verify");
+    assert_eq!(verify.jobs[0].error, 0, "fio verify error on the drill");
+    assert_eq!(
+        verify.jobs[0].read.io_bytes,
+        16 * MIB,
+        "fio verified less than it wrote"
+    );
+    assert_rc0(&out, "own");
+    let own = out.fio("own");
+    assert_eq!(own.jobs[0].error, 0, "the drill's own fio failed");
+    assert_eq!(own.jobs[0].write.io_bytes, 8 * MIB);
+    assert_eq!(
+        own.jobs[0].read.io_bytes,
+        8 * MIB,
+        "the drill's own writes did not verify"
+    );
+    assert_no_guest_io_errors(&out);
+    // Replication went on during the drill: the primary's guest kept writing and later
+    // groups committed; the drill kept its group.
+    let acked = ctl_json(&["--socket".as_ref(), sock.as_os_str(), "status".as_ref()])
+        ["replication"]["last_committed_cg"]
+        .as_u64()
+        .unwrap();
+    assert!(
+        acked > drill_cg,
+        "no group committed during the drill ({acked} <= {drill_cg})"
+    );
+    assert_eq!(status["cg"].as_u64(), Some(drill_cg), "{status}");
+    assert!(
+        status["overlay_bytes"].as_u64().unwrap() >= 8 * MIB,
+        "{status}"
+    );
+    println!("drill at CG {drill_cg}: the primary committed up to CG {acked} meanwhile; {status}");
+
+    ctl_json(&[
+        "--control".as_ref(),
+        control.as_os_str(),
+        "drill".as_ref(),
+        "stop".as_ref(),
+    ]);
+    vm.kill();
+    ctl_json(&["--socket".as_ref(), sock.as_os_str(), "drain".as_ref()]);
+    assert!(
+        std::fs::read(&img).unwrap() == std::fs::read(&replica).unwrap(),
+        "the replica differs from the primary after the drill\n{}",
+        logs()
+    );
+    assert!(primary.stop(), "{}", primary.all_logs());
+    // SAFETY: kill(2) on our own child process.
+    unsafe { libc::kill(secondary.id() as i32, libc::SIGTERM) };
+    let _ = secondary.wait();
 }

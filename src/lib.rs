@@ -31,6 +31,8 @@
 //! the role changes are [`site::promote`] (failover), [`control`]'s `demote` (planned
 //! switchover, behind [`blk::fence`]) and [`site::rejoin`] (an old primary coming back as a
 //! secondary); [`site::role`] is what `drblk serve` checks before it writes.
+//! [`drill`] is a DR drill on the secondary: a copy-on-write view of the last committed
+//! group that the data path serves (through [`blk::backing`]) while groups keep applying.
 //!
 //! **Shared**: [`cli`] (clap definitions) and [`config`] (arguments → validated
 //! configuration, one set of defaults), [`geometry`] (how a disk is cut into chunks),

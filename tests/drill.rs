@@ -225,7 +225,11 @@ fn a_full_drill_space_fails_drill_writes_only_and_ends_the_drill_not_replication
     drill_start(&s, &sock, &["--drill-space", "256K"]);
     let mut f = connect(&s, &sock);
     for b in 0..64u64 {
-        assert_eq!(write_device(&mut f, (1000 + b) * 4096, &[2; 4096]), 0, "block {b}");
+        assert_eq!(
+            write_device(&mut f, (1000 + b) * 4096, &[2; 4096]),
+            0,
+            "block {b}"
+        );
     }
     assert_ne!(
         write_device(&mut f, 2000 * 4096, &[2; 4096]),

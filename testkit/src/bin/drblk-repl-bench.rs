@@ -58,6 +58,10 @@ struct Args {
     /// Only the write-path cost of the persisted change record (record on versus off).
     #[arg(long)]
     track_only: bool,
+    /// Only the cost of a DR drill on the secondary: RPO and apply throughput without a
+    /// drill and with one busy writing (random 4 KiB writes on the drill's device).
+    #[arg(long)]
+    drill_only: bool,
 }
 
 /// A sink that accepts everything and keeps nothing: measures the link alone.
@@ -199,6 +203,8 @@ impl SecondaryProcess {
             .arg(dir.join("replica.img"))
             .arg("--certs")
             .arg(certs)
+            // Room for a drill that writes the whole time (`--drill-only`).
+            .args(["--drill-space", "64G"])
             .env(
                 "RUST_LOG",
                 std::env::var("DRBLK_BENCH_SECONDARY_LOG").unwrap_or_else(|_| "warn".into()),
@@ -268,6 +274,9 @@ struct On {
     secondary_s_per_gb: f64,
     extents: u64,
     chunks: u64,
+    /// Bytes on the wire per second from the client's start until the secondary had
+    /// committed everything (what the secondary applied, catch-up included).
+    applied_mb_s: f64,
 }
 
 fn run_client(socket: &Path, cell: Cell, secs: u64, blocks: u64) -> anyhow::Result<Figures> {
@@ -298,6 +307,7 @@ fn measure_on(
     let me = std::process::id();
     let (wire0, cpu0, sec0) = (wire_bytes(server), cpu_seconds(me), secondary.cpu_seconds());
     let rep0 = server.status().replication.unwrap_or_default();
+    let started = Instant::now();
     let sock = socket.to_owned();
     let cell = w.cell;
     let client = std::thread::Builder::new()
@@ -319,6 +329,7 @@ fn measure_on(
         .join()
         .map_err(|_| anyhow::anyhow!("client panicked"))??;
     catch_up(server)?;
+    let applied_secs = started.elapsed().as_secs_f64();
     let (udp1, frames1) = wire_bytes(server);
     let wire = (udp1 - wire0.0) as f64;
     let frames = (frames1 - wire0.1) as f64;
@@ -334,6 +345,7 @@ fn measure_on(
         secondary_s_per_gb: (secondary.cpu_seconds() - sec0) / gb.max(1e-9),
         extents: rep.extents_shipped - rep0.extents_shipped,
         chunks: rep.chunks_shipped - rep0.chunks_shipped,
+        applied_mb_s: wire / applied_secs / 1e6,
         fig,
     })
 }
@@ -373,6 +385,9 @@ fn main() -> anyhow::Result<()> {
     }
     if args.track_only {
         return track_table(&args, dir, &image, &certs, &drblk, blocks);
+    }
+    if args.drill_only {
+        return drill_table(&args, dir, &image, &certs, &drblk, blocks);
     }
     let loads = workloads();
     eprintln!("replication off ...");
@@ -579,5 +594,153 @@ fn track_table(
         );
     }
     println!("  AL miss/1k w: writes that had to add their extent to the on-disk activity log, per 1,000 guest writes; meta w/1k w: the record's metadata writes (log, bitmap pages, superblock; each followed by an fdatasync) per 1,000 guest writes (including the ~300 ms warm-up)");
+    Ok(())
+}
+
+/// The cost of a DR drill on replication: each workload measured with no drill, then with a
+/// drill started on the secondary (`drblk ctl --control C drill start`) and a client busy
+/// writing random 4 KiB blocks on the drill's device the whole time (so every group the
+/// secondary applies first keeps the drill's view of the blocks it overwrites).
+fn drill_table(
+    args: &Args,
+    dir: &Path,
+    image: &Path,
+    certs: &Path,
+    drblk: &Path,
+    blocks: u64,
+) -> anyhow::Result<()> {
+    let loads: Vec<Workload> = workloads()
+        .into_iter()
+        .filter(|w| w.name.starts_with("4k"))
+        .collect();
+    let sdir = dir.join("drill-secondary");
+    std::fs::create_dir_all(&sdir)?;
+    let secondary = SecondaryProcess::start(drblk, &sdir, certs, !args.spread)?;
+    let control = sdir.join("replica.img.state/ctl");
+    let server = Server::start(&serve_args(dir, image, Some(secondary.addr), certs))?;
+    let t = Instant::now();
+    while last_committed(&server) == 0 {
+        anyhow::ensure!(
+            t.elapsed() < Duration::from_secs(600),
+            "initial copy did not finish"
+        );
+        std::thread::sleep(Duration::from_millis(5));
+    }
+    let ctl = |cmd: &[&str]| -> anyhow::Result<serde_json::Value> {
+        let out = Command::new(drblk)
+            .arg("ctl")
+            .arg("--control")
+            .arg(&control)
+            .args(cmd)
+            .output()?;
+        anyhow::ensure!(
+            out.status.success(),
+            "ctl {cmd:?}: {}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+        Ok(serde_json::from_slice(&out.stdout)?)
+    };
+    let drill_sock = dir.join("drill.sock");
+    let mut rows = Vec::new();
+    for w in &loads {
+        let without = measure_on(
+            &server,
+            &secondary,
+            &server_socket(dir),
+            *w,
+            args.seconds,
+            blocks,
+        )?;
+        ctl(&[
+            "drill",
+            "start",
+            "--socket",
+            drill_sock.to_str().unwrap_or_default(),
+        ])?;
+        // The drill's writer runs until the measurement (and its catch-up) is over.
+        let stop = std::sync::Arc::new(std::sync::atomic::AtomicBool::new(false));
+        let writer = {
+            let (sock, stop) = (drill_sock.clone(), stop.clone());
+            std::thread::Builder::new()
+                .name("bench-drill".into())
+                .spawn(move || -> anyhow::Result<(u64, f64)> {
+                    pin_self(1);
+                    let (mut n, mut iops) = (0u64, 0.0);
+                    while !stop.load(std::sync::atomic::Ordering::SeqCst) {
+                        let f = run_cell(&sock, 0, &Cell::new(Rw::RandWrite, 4, 1), 1, blocks)?;
+                        n += 1;
+                        iops += f.iops;
+                    }
+                    Ok((n, iops / n.max(1) as f64))
+                })?
+        };
+        std::thread::sleep(Duration::from_millis(500));
+        let with = measure_on(
+            &server,
+            &secondary,
+            &server_socket(dir),
+            *w,
+            args.seconds,
+            blocks,
+        )?;
+        stop.store(true, std::sync::atomic::Ordering::SeqCst);
+        let (_, drill_iops) = writer
+            .join()
+            .map_err(|_| anyhow::anyhow!("drill writer panicked"))??;
+        let st = ctl(&["drill", "status"])?;
+        ctl(&["drill", "stop"])?;
+        rows.push((w.name, without, with, drill_iops, st));
+    }
+    server.stop()?;
+    drop(secondary);
+
+    println!();
+    println!(
+        "DR drill on the secondary while replicating: {} MiB disk, {} s per measurement; a drill client writes random 4 KiB blocks at QD4 on the drill's device throughout",
+        args.size_mib, args.seconds
+    );
+    println!(
+        "  {:<22} {:<8} | {:>8} {:>8} | {:>9} {:>6} | {:>8} | {:>10} {:>10}",
+        "workload",
+        "drill",
+        "RPO p50",
+        "RPO p99",
+        "applied",
+        "ratio",
+        "guest",
+        "drill",
+        "preserved"
+    );
+    println!(
+        "  {:<22} {:<8} | {:>8} {:>8} | {:>9} {:>6} | {:>8} | {:>10} {:>10}",
+        "", "", "ms", "ms", "MB/s", "", "IOPS", "IOPS", "MiB"
+    );
+    for (name, without, with, drill_iops, st) in &rows {
+        println!(
+            "  {:<22} {:<8} | {:>8.1} {:>8.1} | {:>9.1} {:>6} | {:>8.0} | {:>10} {:>10}",
+            name,
+            "none",
+            without.rpo_p50_ms,
+            without.rpo_p99_ms,
+            without.applied_mb_s,
+            "",
+            without.fig.iops,
+            "",
+            ""
+        );
+        println!(
+            "  {:<22} {:<8} | {:>8.1} {:>8.1} | {:>9.1} {:>5.0}% | {:>8.0} | {:>10.0} {:>10.1}",
+            "",
+            "writing",
+            with.rpo_p50_ms,
+            with.rpo_p99_ms,
+            with.applied_mb_s,
+            with.applied_mb_s / without.applied_mb_s.max(1e-9) * 100.0,
+            with.fig.iops,
+            drill_iops,
+            st["preserved_bytes"].as_u64().unwrap_or(0) as f64 / 1048576.0
+        );
+    }
+    println!("  applied: bytes on the wire per second from the workload's start until the secondary had applied it all (catch-up included); ratio: with the drill versus without; preserved: replica content kept for the drill when its groups overwrote blocks the drill still read");
     Ok(())
 }
