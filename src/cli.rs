@@ -279,6 +279,12 @@ pub struct SecondaryArgs {
     /// group whose preservation would pass it ends the drill (replication never waits).
     #[arg(long, value_name = "SIZE", default_value = "1G", value_parser = parse_size)]
     pub drill_space: u64,
+
+    /// Directory for a drill's files (its writes and the replica content kept for it),
+    /// default STATE_DIR/drill. Another filesystem than the state directory's keeps a busy
+    /// drill's write-back out of the journal's fsyncs (a lower RPO during drills).
+    #[arg(long, value_name = "DIR")]
+    pub drill_dir: Option<PathBuf>,
 }
 
 impl SecondaryArgs {

@@ -193,3 +193,83 @@ fn verify_demote_promote_and_rejoin_in_process() {
         std::fs::read(dir.join("b.img")).unwrap()
     );
 }
+
+fn read_block(f: &mut TestFrontend, b: u64) -> Vec<u8> {
+    let (st, _) = f
+        .request(
+            0,
+            virtio_bindings::virtio_blk::VIRTIO_BLK_T_IN,
+            b * 8,
+            &[Desc::w(DATA_BASE, 4096)],
+        )
+        .unwrap();
+    assert_eq!(st, 0, "read of block {b}");
+    f.read_mem(DATA_BASE, 4096).unwrap()
+}
+
+#[test]
+fn a_drill_in_process_keeps_its_group_and_its_writes_and_ends_with_a_promotion() {
+    let tmp = tempfile::tempdir().unwrap();
+    let dir = tmp.path();
+    let certs = common::make_certs(dir);
+    std::fs::write(dir.join("a.img"), vec![0u8; SIZE as usize]).unwrap();
+    let (b, b_ctl) = secondary(dir, &certs, "secondary", "b.img");
+    let (_a, a_sock) = primary(dir, &certs, "primary", "a.img", &b);
+    let committed = || {
+        status(&a_sock)
+            .replication
+            .map_or(0, |r| r.last_committed_cg)
+    };
+    wait_until("the initial copy", || committed() > 0);
+    write_blocks(&a_sock, &[1], 0xa1);
+    let cg = client::drain(&a_sock).unwrap();
+
+    let dsock = dir.join("drill.sock");
+    let start = Request::DrillStart {
+        socket: dsock.clone(),
+        space: Some(16 << 20),
+    };
+    let st = client::request_at(&b_ctl, start.clone()).unwrap();
+    assert!(st["cg"].as_u64().unwrap() >= cg, "{st}");
+    let refused = client::request_at(&b_ctl, start.clone()).unwrap_err();
+    assert!(refused.to_string().contains("drill stop"), "{refused}");
+    let mut f = TestFrontend::connect(&dsock, 1, 256, true).unwrap();
+    assert_eq!(read_block(&mut f, 1), vec![0xa1; 4096]);
+    f.write_mem(DATA_BASE, &[0x5d; 4096]).unwrap();
+    let (w, _) = f
+        .request(0, VIRTIO_BLK_T_OUT, 5 * 8, &[Desc::r(DATA_BASE, 4096)])
+        .unwrap();
+    assert_eq!(w, 0);
+
+    // A later group overwrites block 1 on the replica; the drill keeps its group.
+    write_blocks(&a_sock, &[1], 0xb2);
+    client::drain(&a_sock).unwrap();
+    assert_eq!(read_block(&mut f, 1), vec![0xa1; 4096]);
+    assert_eq!(read_block(&mut f, 5), vec![0x5d; 4096]);
+    let img = std::fs::read(dir.join("b.img")).unwrap();
+    assert_eq!(&img[4096..8192], &[0xb2; 4096][..]);
+    assert_eq!(
+        &img[5 * 4096..6 * 4096],
+        &[0; 4096][..],
+        "a drill write reached the replica"
+    );
+    let st = b.drill_status();
+    assert_eq!(st.preserved_bytes, 4096, "{st:?}");
+    assert_eq!(st.overlay_bytes, 4096, "{st:?}");
+    assert!(st.frontend_connected, "{st:?}");
+    drop(f);
+
+    let stopped = client::request_at(&b_ctl, Request::DrillStop).unwrap();
+    assert_eq!(stopped["running"], true, "{stopped}");
+    assert!(!b.drill_status().running);
+    assert!(client::request_at(&b_ctl, Request::DrillStop).is_err());
+
+    // A promotion stops a running drill; a promoted replica takes none.
+    client::request_at(&b_ctl, start.clone()).unwrap();
+    client::request_at(&b_ctl, Request::Promote { force: false }).unwrap();
+    assert!(!b.drill_status().running);
+    assert!(!dir.join("b.img.state/drill").exists());
+    let refused = client::request_at(&b_ctl, start).unwrap_err();
+    assert!(refused.to_string().contains("promoted"), "{refused}");
+    b.stop();
+}

@@ -41,23 +41,32 @@ use view::DrillView;
 /// Default limit on a drill's overlay plus preserved bytes.
 pub const DEFAULT_SPACE: u64 = 1 << 30;
 
-/// The drill's files inside a replica's state directory.
+/// The default directory of a drill's files: inside the replica's state directory.
 pub fn drill_dir(state_dir: &Path) -> PathBuf {
     state_dir.join("drill")
 }
 
-/// Removes the files of a drill an earlier process left (drills do not survive a restart).
-/// Returns whether there were any.
-pub fn remove_stale(state_dir: &Path) -> std::io::Result<bool> {
-    let dir = drill_dir(state_dir);
-    match std::fs::remove_dir_all(&dir) {
-        Ok(()) => {
-            tracing::info!(dir = %dir.display(), "removed the drill an earlier run left (a drill ends with its daemon; its writes are gone)");
-            Ok(true)
+/// The drill's files in its directory.
+const FILES: [&str; 2] = ["overlay", "preserved"];
+
+/// Removes the files of a drill an earlier process left in `dir` (drills do not survive a
+/// restart), then `dir` if that leaves it empty; nothing else is touched (the directory
+/// may be the operator's). Returns whether there were any.
+pub fn remove_stale(dir: &Path) -> std::io::Result<bool> {
+    let mut found = false;
+    for f in FILES {
+        match std::fs::remove_file(dir.join(f)) {
+            Ok(()) => found = true,
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound => {}
+            Err(e) => return Err(e),
         }
-        Err(e) if e.kind() == std::io::ErrorKind::NotFound => Ok(false),
-        Err(e) => Err(e),
     }
+    // Not empty (the operator's files) or gone: both fine.
+    let _ = std::fs::remove_dir(dir);
+    if found {
+        tracing::info!(dir = %dir.display(), "removed the drill an earlier run left (a drill ends with its daemon; its writes are gone)");
+    }
+    Ok(found)
 }
 
 /// What `drill status` answers.
@@ -109,6 +118,7 @@ impl DrillStatus {
 /// A running drill: its view and the server of its socket.
 pub struct Drill {
     view: Arc<DrillView>,
+    dir: PathBuf,
     cg: u64,
     socket: PathBuf,
     shared: Arc<DeviceShared>,
@@ -120,10 +130,10 @@ pub struct Drill {
 
 impl Drill {
     /// Starts a drill of `store` (which the caller holds locked: no group is being applied)
-    /// on `socket`, with its files in `drill_dir(state_dir)` and at most `space` bytes.
+    /// on `socket`, with its files in `dir` and at most `space` bytes.
     pub fn start(
         store: &mut ReplicaStore,
-        state_dir: &Path,
+        dir: &Path,
         socket: &Path,
         space: u64,
     ) -> anyhow::Result<Drill> {
@@ -145,8 +155,7 @@ impl Drill {
         }
         // The socket first: a refusal (in use) leaves nothing behind.
         let lock = SocketLock::acquire(socket)?;
-        let dir = drill_dir(state_dir);
-        remove_stale(state_dir).with_context(|| format!("removing {}", dir.display()))?;
+        remove_stale(dir).with_context(|| format!("removing an old drill in {}", dir.display()))?;
         let size = store.disk_size();
         let view = Arc::new(
             DrillView::create(store.image_path(), &dir, size, space)
@@ -189,13 +198,14 @@ impl Drill {
             Ok(t) => t,
             Err(e) => {
                 store.set_image_observer(None);
-                let _ = std::fs::remove_dir_all(&dir);
+                let _ = remove_stale(dir);
                 return Err(e).context("spawning the drill's thread");
             }
         };
         tracing::info!(cg, socket = %socket.display(), space, "drill started: a writable clone of CG {cg}; replication goes on");
         Ok(Drill {
             view,
+            dir: dir.to_path_buf(),
             cg,
             socket: socket.to_path_buf(),
             shared,
@@ -251,15 +261,14 @@ impl Drill {
     /// Stops the drill: its view fails every request from now on (`reason`), its server
     /// stops (a connected frontend is disconnected) and its files are removed. The caller
     /// removes the view from the store first or after (an ended view keeps nothing more).
-    pub fn stop(mut self, reason: &str, state_dir: &Path) -> anyhow::Result<()> {
+    pub fn stop(mut self, reason: &str) -> anyhow::Result<()> {
         self.view.end(reason);
         self.shutdown.request();
         if let Some(t) = self.thread.take() {
             let _ = t.join();
         }
-        let dir = drill_dir(state_dir);
-        std::fs::remove_dir_all(&dir)
-            .with_context(|| format!("removing the drill's files in {}", dir.display()))?;
+        remove_stale(&self.dir)
+            .with_context(|| format!("removing the drill's files in {}", self.dir.display()))?;
         tracing::info!(cg = self.cg, reason, "drill stopped; its writes are gone");
         Ok(())
     }

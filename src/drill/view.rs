@@ -103,6 +103,10 @@ pub struct DrillView {
     dir: PathBuf,
     image: File,
     overlay: File,
+    /// The overlay opened with O_DIRECT for the drill's writes (None where the filesystem
+    /// refuses it, e.g. tmpfs). Reads use `overlay`: a direct write drops the cached pages
+    /// it covers, so buffered reads see it.
+    overlay_direct: Option<File>,
     preserved: File,
     size: u64,
     limit_blocks: u64,
@@ -127,10 +131,20 @@ impl DrillView {
             Ok(f)
         };
         let blocks = size.div_ceil(BLOCK);
+        let overlay = make("overlay")?;
+        let overlay_direct = {
+            use std::os::unix::fs::OpenOptionsExt;
+            OpenOptions::new()
+                .write(true)
+                .custom_flags(libc::O_DIRECT)
+                .open(dir.join("overlay"))
+                .ok()
+        };
         Ok(DrillView {
             dir: dir.to_path_buf(),
             image: File::open(image)?,
-            overlay: make("overlay")?,
+            overlay,
+            overlay_direct,
             preserved: make("preserved")?,
             size,
             limit_blocks: space / BLOCK,
@@ -253,7 +267,8 @@ impl DrillView {
         let mut pos = start;
         while pos < stop {
             let step_end = (pos + STEP).min(stop);
-            let mut buf = vec![0u8; (step_end - pos) as usize];
+            let mut aligned = crate::blk::disk::AlignedBuf::new((step_end - pos) as usize);
+            let buf = aligned.as_mut_slice();
             // Partly covered blocks at the edges keep the rest of their content.
             for b in [pos / BLOCK, (step_end - 1) / BLOCK] {
                 let (bs, be) = self.block_range(b);
@@ -272,7 +287,7 @@ impl DrillView {
                 let hi = step_end.min(offset + len);
                 buf[(lo - pos) as usize..(hi - pos) as usize].fill(0);
             }
-            self.overlay.write_all_at(&buf, pos)?;
+            self.write_overlay(buf, pos)?;
             for b in pos / BLOCK..=(step_end - 1) / BLOCK {
                 if !m.overlay.get(b) {
                     m.overlay.set(b);
@@ -285,33 +300,74 @@ impl DrillView {
     }
 }
 
+impl DrillView {
+    /// Writes whole blocks into the overlay: with O_DIRECT where the filesystem allows it
+    /// (`buf` is aligned), so a busy drill leaves no dirty pages for the state
+    /// directory's filesystem to write back inside the journal's fsyncs (ext4 orders a
+    /// commit after the data of newly allocated blocks); buffered otherwise.
+    fn write_overlay(&self, buf: &[u8], pos: u64) -> io::Result<()> {
+        if let Some(direct) = &self.overlay_direct {
+            if buf.len() as u64 % BLOCK == 0 {
+                match direct.write_all_at(buf, pos) {
+                    Ok(()) => return Ok(()),
+                    Err(e) if e.raw_os_error() == Some(libc::EINVAL) => {}
+                    Err(e) => return Err(e),
+                }
+            }
+        }
+        self.overlay.write_all_at(buf, pos)
+    }
+}
+
 fn ended_error(why: &str) -> io::Error {
     io::Error::other(format!("the drill ended: {why}"))
 }
 
+/// The secondary reaps an ended drill within a second and logs why (`drill status` says
+/// it too); a stop by the operator is logged there as well.
 fn end_locked(m: &mut Maps, reason: &str) {
     if m.ended.is_none() {
-        tracing::warn!(reason, "drill ended");
         m.ended = Some(reason.to_owned());
     }
 }
 
 impl ImageObserver for DrillView {
-    /// Keeps the blocks of `[offset, offset + len)` that the drill still reads from the
-    /// image: their content goes to the preserved file before the store writes.
-    fn before_write(&self, offset: u64, len: u64) {
-        let len = len.min(self.size.saturating_sub(offset));
-        if len == 0 {
-            return;
-        }
+    /// Keeps the blocks of the ranges that the drill still reads from the image: their
+    /// content goes to the preserved file before the store writes. All runs are asked of
+    /// the device first (readahead), then copied: a group's cold blocks are read in
+    /// parallel, not one after another.
+    fn before_writes(&self, ranges: &[(u64, u64)]) {
         let mut m = self.maps.write().expect("drill maps");
         if m.ended.is_some() {
             return;
         }
-        let (first, last) = (offset / BLOCK, (offset + len - 1) / BLOCK);
-        let needed = (first..=last)
-            .filter(|&b| m.source(b) == Source::Image)
-            .count() as u64;
+        // Runs of blocks still read from the image, at most STEP bytes each.
+        let mut runs: Vec<(u64, u64)> = Vec::new();
+        for &(offset, len) in ranges {
+            let len = len.min(self.size.saturating_sub(offset));
+            if len == 0 {
+                continue;
+            }
+            let (first, last) = (offset / BLOCK, (offset + len - 1) / BLOCK);
+            let mut b = first;
+            while b <= last {
+                if m.source(b) != Source::Image {
+                    b += 1;
+                    continue;
+                }
+                let mut e = b + 1;
+                while e <= last && m.source(e) == Source::Image && (e - b) * BLOCK < STEP {
+                    e += 1;
+                }
+                match runs.last_mut() {
+                    // Ranges may share a block: never count it twice.
+                    Some(r) if r.1 > b => r.1 = r.1.max(e),
+                    _ => runs.push((b, e)),
+                }
+                b = e;
+            }
+        }
+        let needed: u64 = runs.iter().map(|r| r.1 - r.0).sum();
         if needed == 0 {
             return;
         }
@@ -323,20 +379,16 @@ impl ImageObserver for DrillView {
             end_locked(&mut m, &reason);
             return;
         }
+        let bytes = |&(b, e): &(u64, u64)| (self.block_range(b).0, self.block_range(e - 1).1);
+        if runs.len() > 1 {
+            for r in &runs {
+                let (s, t) = bytes(r);
+                crate::sys::file::will_need(&self.image, s, t - s);
+            }
+        }
         let mut buf = Vec::new();
-        let mut b = first;
-        while b <= last {
-            if m.source(b) != Source::Image {
-                b += 1;
-                continue;
-            }
-            // A run of blocks still read from the image, at most STEP bytes.
-            let mut e = b + 1;
-            while e <= last && m.source(e) == Source::Image && (e - b) * BLOCK < STEP {
-                e += 1;
-            }
-            let (s, _) = self.block_range(b);
-            let (_, t) = self.block_range(e - 1);
+        for r in &runs {
+            let (s, t) = bytes(r);
             buf.resize((t - s) as usize, 0);
             let copied = self
                 .image
@@ -350,11 +402,24 @@ impl ImageObserver for DrillView {
                 end_locked(&mut m, &reason);
                 return;
             }
-            for x in b..e {
+            for x in r.0..r.1 {
                 m.preserved.set(x);
             }
-            m.preserved_blocks += e - b;
-            b = e;
+            m.preserved_blocks += r.1 - r.0;
+        }
+    }
+
+    /// Starts reading the blocks the drill still reads from the image, so that
+    /// `before_writes` finds them in the page cache when the group applies.
+    fn will_write(&self, offset: u64, len: u64) {
+        let len = len.min(self.size.saturating_sub(offset));
+        if len == 0 {
+            return;
+        }
+        let m = self.maps.read().expect("drill maps");
+        let (first, last) = (offset / BLOCK, (offset + len - 1) / BLOCK);
+        if m.ended.is_none() && (first..=last).any(|b| m.source(b) == Source::Image) {
+            crate::sys::file::will_need(&self.image, offset, len);
         }
     }
 

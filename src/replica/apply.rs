@@ -65,6 +65,9 @@ impl ReplicaStore {
         self.guard(|s| {
             let t = Instant::now();
             let mut touched = Touched::default();
+            if let Some(o) = &s.observer {
+                o.before_writes(&s.staged_ranges());
+            }
             let runs = s.apply_entries(&s.staged, &mut touched)?;
             let written = t.elapsed();
             let chunks = s.staged.len();
@@ -167,9 +170,19 @@ impl ReplicaStore {
         Ok(k)
     }
 
+    /// The image ranges the staged chunks cover, sorted, runs of consecutive chunks merged.
+    fn staged_ranges(&self) -> Vec<(u64, u64)> {
+        let mut chunks: Vec<u64> = self.staged.keys().copied().collect();
+        chunks.sort_unstable();
+        chunks
+            .chunk_by(|a, b| a + 1 == *b)
+            .map(|run| self.image_range(run[0], run.len() as u64))
+            .collect()
+    }
+
     /// The byte offset and length in the image of `count` chunks from `first` (contiguous,
     /// inside the disk).
-    fn image_range(&self, first: u64, count: u64) -> (u64, u64) {
+    pub(super) fn image_range(&self, first: u64, count: u64) -> (u64, u64) {
         let off = self.geo.chunk_offset(first);
         let last = first + count - 1;
         let end = self.geo.chunk_offset(last) + self.geo.chunk_len(last).unwrap_or(0) as u64;

@@ -269,7 +269,14 @@ pub struct ReplicaStore {
 /// initial sync). Must not fail or block for long: replication never waits for it.
 pub trait ImageObserver: Send + Sync {
     /// `[offset, offset + len)` of the image is about to change.
-    fn before_write(&self, offset: u64, len: u64);
+    fn before_write(&self, offset: u64, len: u64) {
+        self.before_writes(&[(offset, len)]);
+    }
+    /// Every range of a group about to be applied (sorted, each `(offset, len)`), told
+    /// once before the group's first write, so their old content can be read at once.
+    fn before_writes(&self, ranges: &[(u64, u64)]);
+    /// `[offset, offset + len)` was staged: a later apply will change it (a hint, early).
+    fn will_write(&self, _offset: u64, _len: u64) {}
     /// The store is closed: a later store of the same image (reopened after an error,
     /// replaced) does not call this observer, so what it saw ends here.
     fn closed(&self);

@@ -50,6 +50,12 @@ impl ReplicaStore {
             ChunkData::Bytes(b) if b.iter().all(|&x| x == 0) => ChunkData::Zero,
             d => d,
         };
+        if let Some(o) = &self.observer {
+            // The group will overwrite this range: whoever keeps its old content can start
+            // reading it now, while the rest of the group travels.
+            let (off, len) = self.image_range(first, count);
+            o.will_write(off, len);
+        }
         self.guard(|s| {
             let (rt, payload): (_, &[u8]) = match data {
                 ChunkData::Bytes(b) => (RecordType::Data, b),

@@ -63,6 +63,8 @@ pub struct StoreSink {
     last_drill_end: Mutex<Option<String>>,
     /// Default `--drill-space`.
     drill_space: std::sync::atomic::AtomicU64,
+    /// `--drill-dir` (None: STATE_DIR/drill).
+    drill_dir: Mutex<Option<PathBuf>>,
     /// The control socket's path (for the hints in refusals).
     control: Mutex<Option<PathBuf>>,
 }
@@ -86,6 +88,7 @@ impl StoreSink {
             drill: Mutex::new(None),
             last_drill_end: Mutex::new(None),
             drill_space: crate::drill::DEFAULT_SPACE.into(),
+            drill_dir: Mutex::new(None),
             control: Mutex::new(None),
         })
     }
@@ -559,8 +562,9 @@ impl Secondary {
         sink.open_existing()?;
         // After the replica's lock is ours (a drill only exists on an open replica): files
         // of a drill are an earlier run's, and drills do not survive their daemon.
-        crate::drill::remove_stale(&state_dir)
-            .with_context(|| format!("removing an old drill in {}", state_dir.display()))?;
+        let drills = crate::drill::drill_dir(&state_dir);
+        crate::drill::remove_stale(&drills)
+            .with_context(|| format!("removing an old drill in {}", drills.display()))?;
         let mut cfg = ServerConfig::new(identity, listen);
         cfg.expected_peer = expected_peer;
         let server = LinkServer::start(cfg, sink.clone())?;
@@ -606,6 +610,15 @@ impl Secondary {
             .store(bytes, std::sync::atomic::Ordering::Relaxed);
     }
 
+    /// Where drills keep their files (`--drill-dir`; default STATE_DIR/drill): files a
+    /// drill left there are removed now.
+    pub fn set_drill_dir(&self, dir: &Path) -> anyhow::Result<()> {
+        crate::drill::remove_stale(dir)
+            .with_context(|| format!("removing an old drill in {}", dir.display()))?;
+        *self.sink.drill_dir.lock().expect("drill dir") = Some(dir.to_path_buf());
+        Ok(())
+    }
+
     /// The drill's status (`drill status`).
     pub fn drill_status(&self) -> crate::drill::DrillStatus {
         self.sink.drill_status()
@@ -646,6 +659,9 @@ pub fn run(args: crate::cli::SecondaryArgs) -> anyhow::Result<()> {
     let mut secondary =
         Secondary::start(paths, identity, listen, Some(args.peer_site.clone()), None)?;
     secondary.set_drill_space(args.drill_space);
+    if let Some(dir) = &args.drill_dir {
+        secondary.set_drill_dir(dir)?;
+    }
     secondary.serve_control(&args.control())?;
     // Log the state when it changes kind, and every 10 s while it does not.
     let mut last_kind = String::new();

@@ -108,6 +108,20 @@ pub fn drop_clean_cache(f: &File) -> io::Result<()> {
     Ok(())
 }
 
+/// Starts reading `[off, off + len)` of `f` into the page cache without waiting (many
+/// calls in a row keep the device busy in parallel). Best effort.
+pub fn will_need(f: &File, off: u64, len: u64) {
+    // SAFETY: posix_fadvise on a valid fd that `f` owns; a hint, no memory is touched.
+    unsafe {
+        libc::posix_fadvise(
+            f.as_raw_fd(),
+            off as libc::off_t,
+            len as libc::off_t,
+            libc::POSIX_FADV_WILLNEED,
+        )
+    };
+}
+
 /// Whether `e` says the filesystem cannot do this `fallocate` mode (the caller writes
 /// zeroes instead).
 pub fn is_unsupported(e: &io::Error) -> bool {

@@ -44,6 +44,9 @@ pub struct Cell {
     pub queues: usize,
     /// Hold this many requests per second (None: as fast as possible).
     pub rate: Option<f64>,
+    /// Seed of the random block choices (two clients with different seeds write
+    /// different blocks).
+    pub seed: u64,
 }
 
 impl Cell {
@@ -54,6 +57,7 @@ impl Cell {
             qd,
             queues,
             rate: None,
+            seed: 0x2545f4914f6cdd1d,
         }
     }
 }
@@ -168,7 +172,7 @@ pub fn run_cell(
     let mut started = vec![Instant::now(); cell.qd];
     let t_start = Instant::now();
     let mut submitted = cell.qd as u64;
-    let mut rng = 0x2545f4914f6cdd1du64;
+    let mut rng = cell.seed | 1;
     // `blocks` counts 4 KiB blocks; requests of `bs` bytes stay aligned to their size.
     let slots = (blocks * 4096 / bs as u64).max(1);
     let mut seq = 0u64;

@@ -31,7 +31,7 @@ impl StoreSink {
             let store = g
                 .as_mut()
                 .context("no replica here yet: no primary ever connected")?;
-            Drill::start(store, &self.paths.state_dir, socket, space)?
+            Drill::start(store, &self.drill_dir(), socket, space)?
         };
         let status = drill.status(None);
         *d = Some(drill);
@@ -96,7 +96,16 @@ impl StoreSink {
         if let Some(s) = self.store.lock().expect("store lock").as_mut() {
             s.set_image_observer(None);
         }
-        drill.stop(reason, &self.paths.state_dir)
+        drill.stop(reason)
+    }
+
+    /// Where drills keep their files (`--drill-dir`, default STATE_DIR/drill).
+    pub(super) fn drill_dir(&self) -> std::path::PathBuf {
+        self.drill_dir
+            .lock()
+            .expect("drill dir")
+            .clone()
+            .unwrap_or_else(|| crate::drill::drill_dir(&self.paths.state_dir))
     }
 
     fn control_hint(&self) -> String {

@@ -62,6 +62,9 @@ struct Args {
     /// drill and with one busy writing (random 4 KiB writes on the drill's device).
     #[arg(long)]
     drill_only: bool,
+    /// `--drill-only`: the drill client's writes per second (0: as fast as it can).
+    #[arg(long, default_value_t = 2000.0)]
+    drill_rate: f64,
 }
 
 /// A sink that accepts everything and keeps nothing: measures the link alone.
@@ -205,6 +208,11 @@ impl SecondaryProcess {
             .arg(certs)
             // Room for a drill that writes the whole time (`--drill-only`).
             .args(["--drill-space", "64G"])
+            .args(
+                std::env::var("DRBLK_BENCH_DRILL_DIR")
+                    .map(|d| vec!["--drill-dir".to_owned(), d])
+                    .unwrap_or_default(),
+            )
             .env(
                 "RUST_LOG",
                 std::env::var("DRBLK_BENCH_SECONDARY_LOG").unwrap_or_else(|_| "warn".into()),
@@ -659,6 +667,12 @@ fn drill_table(
         ])?;
         // The drill's writer runs until the measurement (and its catch-up) is over.
         let stop = std::sync::Arc::new(std::sync::atomic::AtomicBool::new(false));
+        // Other blocks than the guest's workload (another seed), at the given rate.
+        let drill_cell = Cell {
+            rate: (args.drill_rate > 0.0).then_some(args.drill_rate),
+            seed: 0x5eed_d411 + rows.len() as u64,
+            ..Cell::new(Rw::RandWrite, 4, 1)
+        };
         let writer = {
             let (sock, stop) = (drill_sock.clone(), stop.clone());
             std::thread::Builder::new()
@@ -667,7 +681,7 @@ fn drill_table(
                     pin_self(1);
                     let (mut n, mut iops) = (0u64, 0.0);
                     while !stop.load(std::sync::atomic::Ordering::SeqCst) {
-                        let f = run_cell(&sock, 0, &Cell::new(Rw::RandWrite, 4, 1), 1, blocks)?;
+                        let f = run_cell(&sock, 0, &drill_cell, 1, blocks)?;
                         n += 1;
                         iops += f.iops;
                     }
@@ -696,8 +710,14 @@ fn drill_table(
 
     println!();
     println!(
-        "DR drill on the secondary while replicating: {} MiB disk, {} s per measurement; a drill client writes random 4 KiB blocks at QD4 on the drill's device throughout",
-        args.size_mib, args.seconds
+        "DR drill on the secondary while replicating: {} MiB disk, {} s per measurement; a drill client writes random 4 KiB blocks at QD4 on the drill's device throughout ({}; pinned to CPU 1 with the secondary)",
+        args.size_mib,
+        args.seconds,
+        if args.drill_rate > 0.0 {
+            format!("{} writes/s", args.drill_rate)
+        } else {
+            "as fast as it can".into()
+        }
     );
     println!(
         "  {:<22} {:<8} | {:>8} {:>8} | {:>9} {:>6} | {:>8} | {:>10} {:>10}",
