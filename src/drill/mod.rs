@@ -158,7 +158,7 @@ impl Drill {
         remove_stale(dir).with_context(|| format!("removing an old drill in {}", dir.display()))?;
         let size = store.disk_size();
         let view = Arc::new(
-            DrillView::create(store.image_path(), &dir, size, space)
+            DrillView::create(store.image_path(), dir, size, space)
                 .with_context(|| format!("creating the drill's files in {}", dir.display()))?,
         );
         let limits = DeviceLimits::new(
