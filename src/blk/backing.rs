@@ -34,6 +34,18 @@ pub trait Backing: Send + Sync {
     fn write_zeroes(&self, offset: u64, len: u64, unmap: bool) -> io::Result<()>;
 }
 
+/// `Ok` if `[offset, offset + len)` lies inside a disk of `size` bytes; the one error a
+/// request past the end gets, whatever serves it.
+pub fn check_range(offset: u64, len: u64, size: u64) -> io::Result<()> {
+    match offset.checked_add(len) {
+        Some(end) if end <= size => Ok(()),
+        _ => Err(io::Error::new(
+            io::ErrorKind::InvalidInput,
+            format!("range {offset}+{len} is outside the disk ({size} bytes)"),
+        )),
+    }
+}
+
 impl Backing for Disk {
     fn path(&self) -> &Path {
         Disk::path(self)

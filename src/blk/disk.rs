@@ -137,16 +137,7 @@ impl Disk {
     }
 
     fn check_range(&self, offset: u64, len: u64) -> io::Result<()> {
-        match offset.checked_add(len) {
-            Some(end) if end <= self.size => Ok(()),
-            _ => Err(io::Error::new(
-                io::ErrorKind::InvalidInput,
-                format!(
-                    "range {offset}+{len} is outside the image ({} bytes)",
-                    self.size
-                ),
-            )),
-        }
+        crate::blk::backing::check_range(offset, len, self.size)
     }
 
     fn check_writable(&self) -> io::Result<()> {

@@ -182,16 +182,7 @@ impl DrillView {
     }
 
     fn check_range(&self, offset: u64, len: u64) -> io::Result<()> {
-        match offset.checked_add(len) {
-            Some(end) if end <= self.size => Ok(()),
-            _ => Err(io::Error::new(
-                io::ErrorKind::InvalidInput,
-                format!(
-                    "range {offset}+{len} is outside the disk ({} bytes)",
-                    self.size
-                ),
-            )),
-        }
+        crate::blk::backing::check_range(offset, len, self.size)
     }
 
     fn file(&self, s: Source) -> &File {
