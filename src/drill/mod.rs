@@ -50,9 +50,9 @@ pub fn drill_dir(state_dir: &Path) -> PathBuf {
 const FILES: [&str; 2] = ["overlay", "preserved"];
 
 /// Removes the files of a drill an earlier process left in `dir` (drills do not survive a
-/// restart), then `dir` if that leaves it empty; nothing else is touched (the directory
-/// may be the operator's). Returns whether there were any.
-pub fn remove_stale(dir: &Path) -> std::io::Result<bool> {
+/// restart), and with `remove_dir` the directory too if that leaves it empty; nothing
+/// else is touched (a `--drill-dir` is the operator's). Returns whether there were any.
+pub fn remove_stale(dir: &Path, remove_dir: bool) -> std::io::Result<bool> {
     let mut found = false;
     for f in FILES {
         match std::fs::remove_file(dir.join(f)) {
@@ -61,8 +61,10 @@ pub fn remove_stale(dir: &Path) -> std::io::Result<bool> {
             Err(e) => return Err(e),
         }
     }
-    // Not empty (the operator's files) or gone: both fine.
-    let _ = std::fs::remove_dir(dir);
+    if remove_dir {
+        // Not empty (someone else's files) or gone: both fine.
+        let _ = std::fs::remove_dir(dir);
+    }
     if found {
         tracing::info!(dir = %dir.display(), "removed the drill an earlier run left (a drill ends with its daemon; its writes are gone)");
     }
@@ -119,6 +121,8 @@ impl DrillStatus {
 pub struct Drill {
     view: Arc<DrillView>,
     dir: PathBuf,
+    /// The drill created `dir` (removed with it).
+    own_dir: bool,
     cg: u64,
     socket: PathBuf,
     shared: Arc<DeviceShared>,
@@ -155,12 +159,29 @@ impl Drill {
         }
         // The socket first: a refusal (in use) leaves nothing behind.
         let lock = SocketLock::acquire(socket)?;
-        remove_stale(dir).with_context(|| format!("removing an old drill in {}", dir.display()))?;
+        let own_dir = !dir.exists();
+        remove_stale(dir, false)
+            .with_context(|| format!("removing an old drill in {}", dir.display()))?;
         let size = store.disk_size();
-        let view = Arc::new(
-            DrillView::create(store.image_path(), dir, size, space)
-                .with_context(|| format!("creating the drill's files in {}", dir.display()))?,
-        );
+        let view = DrillView::create(store.image_path(), dir, size, space)
+            .with_context(|| format!("creating the drill's files in {}", dir.display()))
+            .and_then(|v| {
+                // The drill may fill `space` there: not at the cost of the journal (by
+                // default on the same filesystem) or of whatever else lives there.
+                let free = crate::sys::file::free_bytes(dir)?;
+                anyhow::ensure!(
+                    free >= space,
+                    "{} has {} MiB free, less than the drill's space ({} MiB): the drill could fill it (the replica's journal lives there by default); give a smaller --drill-space or a --drill-dir with room",
+                    dir.display(),
+                    free >> 20,
+                    space >> 20
+                );
+                Ok(Arc::new(v))
+            });
+        let cleanup = || {
+            let _ = remove_stale(dir, own_dir);
+        };
+        let view = view.inspect_err(|_| cleanup())?;
         let limits = DeviceLimits::new(
             size,
             defaults::LOGICAL_BLOCK_SIZE,
@@ -180,7 +201,9 @@ impl Drill {
             worker: WorkerOptions { poll: None },
             stats: DeviceStats::default(),
         });
-        let bound = lock.bind(defaults::SOCKET_MODE)?;
+        let bound = lock
+            .bind(defaults::SOCKET_MODE)
+            .inspect_err(|_| cleanup())?;
         // From here every change of the image first keeps what the drill reads. Installed
         // under the caller's lock of the store, after the last group was applied: the image
         // is the drill's group until the next `before_write`.
@@ -198,7 +221,7 @@ impl Drill {
             Ok(t) => t,
             Err(e) => {
                 store.set_image_observer(None);
-                let _ = remove_stale(dir);
+                cleanup();
                 return Err(e).context("spawning the drill's thread");
             }
         };
@@ -206,6 +229,7 @@ impl Drill {
         Ok(Drill {
             view,
             dir: dir.to_path_buf(),
+            own_dir,
             cg,
             socket: socket.to_path_buf(),
             shared,
@@ -267,7 +291,7 @@ impl Drill {
         if let Some(t) = self.thread.take() {
             let _ = t.join();
         }
-        remove_stale(&self.dir)
+        remove_stale(&self.dir, self.own_dir)
             .with_context(|| format!("removing the drill's files in {}", self.dir.display()))?;
         tracing::info!(cg = self.cg, reason, "drill stopped; its writes are gone");
         Ok(())

@@ -50,6 +50,9 @@ impl Bits {
     fn set(&mut self, b: u64) {
         self.0[(b / 64) as usize] |= 1 << (b % 64);
     }
+    fn clear(&mut self, b: u64) {
+        self.0[(b / 64) as usize] &= !(1 << (b % 64));
+    }
 }
 
 /// Where a block's content is read from.
@@ -62,6 +65,9 @@ enum Source {
 
 struct Maps {
     overlay: Bits,
+    /// Overlay blocks the drill zeroed (discard, write-zeroes): holes in the overlay file,
+    /// read as zeroes, not counted against the space.
+    zeroed: Bits,
     preserved: Bits,
     overlay_blocks: u64,
     preserved_blocks: u64,
@@ -150,6 +156,7 @@ impl DrillView {
             limit_blocks: space / BLOCK,
             maps: RwLock::new(Maps {
                 overlay: Bits::new(blocks),
+                zeroed: Bits::new(blocks),
                 preserved: Bits::new(blocks),
                 overlay_blocks: 0,
                 preserved_blocks: 0,
@@ -161,13 +168,19 @@ impl DrillView {
 
     /// Ends the view (every later request fails with `reason`); the first reason stays.
     pub fn end(&self, reason: &str) {
-        let mut m = self.maps.write().expect("drill maps");
+        let mut m = self
+            .maps
+            .write()
+            .unwrap_or_else(std::sync::PoisonError::into_inner);
         end_locked(&mut m, reason);
     }
 
     /// Current figures.
     pub fn figures(&self) -> ViewFigures {
-        let m = self.maps.read().expect("drill maps");
+        let m = self
+            .maps
+            .read()
+            .unwrap_or_else(std::sync::PoisonError::into_inner);
         ViewFigures {
             overlay_bytes: m.overlay_blocks * BLOCK,
             preserved_bytes: m.preserved_blocks * BLOCK,
@@ -229,12 +242,23 @@ impl DrillView {
         if len == 0 {
             return Ok(());
         }
-        let mut m = self.maps.write().expect("drill maps");
+        let mut m = self
+            .maps
+            .write()
+            .unwrap_or_else(std::sync::PoisonError::into_inner);
         if let Some(why) = &m.ended {
             return Err(ended_error(why));
         }
         let (first, last) = (offset / BLOCK, (offset + len - 1) / BLOCK);
-        let new = (first..=last).filter(|&b| !m.overlay.get(b)).count() as u64;
+        let counted = |m: &Maps, b: u64| m.overlay.get(b) && !m.zeroed.get(b);
+        // Blocks a zeroing covers whole become holes: no data, no space.
+        let whole = |b: u64| {
+            let (bs, be) = self.block_range(b);
+            data.is_none() && bs >= offset && be <= offset + len
+        };
+        let new = (first..=last)
+            .filter(|&b| !counted(&m, b) && !whole(b))
+            .count() as u64;
         if m.used_blocks() + new > self.limit_blocks {
             let n = self.failed_writes.fetch_add(1, Ordering::Relaxed) + 1;
             // The first failure and then every power of two: bounded however the guest
@@ -278,11 +302,49 @@ impl DrillView {
                 let hi = step_end.min(offset + len);
                 buf[(lo - pos) as usize..(hi - pos) as usize].fill(0);
             }
-            self.write_overlay(buf, pos)?;
+            if data.is_none() {
+                // Zeroing: the edge blocks keep their data, the whole ones become holes.
+                let (fb, lb) = (pos / BLOCK, (step_end - 1) / BLOCK);
+                for b in [fb, lb] {
+                    if !whole(b) {
+                        let (bs, be) = self.block_range(b);
+                        let at = (bs - pos) as usize;
+                        self.write_overlay(&buf[at..at + (be - bs) as usize], bs)?;
+                    }
+                }
+                let (hs, he) = (
+                    if whole(fb) { fb } else { fb + 1 },
+                    if whole(lb) { lb + 1 } else { lb },
+                );
+                if hs < he {
+                    let (s0, _) = self.block_range(hs);
+                    let (_, e0) = self.block_range(he - 1);
+                    match crate::sys::file::punch_hole(&self.overlay, s0, e0 - s0) {
+                        Ok(()) => {}
+                        // No holes here: zeroes by hand (`buf` is zero there).
+                        Err(e) if crate::sys::file::is_unsupported(&e) => {
+                            let at = (s0 - pos) as usize;
+                            self.write_overlay(&buf[at..at + (e0 - s0) as usize], s0)?;
+                        }
+                        Err(e) => return Err(e),
+                    }
+                }
+            } else {
+                self.write_overlay(buf, pos)?;
+            }
             for b in pos / BLOCK..=(step_end - 1) / BLOCK {
-                if !m.overlay.get(b) {
-                    m.overlay.set(b);
-                    m.overlay_blocks += 1;
+                let was = counted(&m, b);
+                m.overlay.set(b);
+                if whole(b) {
+                    m.zeroed.set(b);
+                    if was {
+                        m.overlay_blocks -= 1;
+                    }
+                } else {
+                    m.zeroed.clear(b);
+                    if !was {
+                        m.overlay_blocks += 1;
+                    }
                 }
             }
             pos = step_end;
@@ -328,7 +390,10 @@ impl ImageObserver for DrillView {
     /// the device first (readahead), then copied: a group's cold blocks are read in
     /// parallel, not one after another.
     fn before_writes(&self, ranges: &[(u64, u64)]) {
-        let mut m = self.maps.write().expect("drill maps");
+        let mut m = self
+            .maps
+            .write()
+            .unwrap_or_else(std::sync::PoisonError::into_inner);
         if m.ended.is_some() {
             return;
         }
@@ -407,7 +472,10 @@ impl ImageObserver for DrillView {
         if len == 0 {
             return;
         }
-        let m = self.maps.read().expect("drill maps");
+        let m = self
+            .maps
+            .read()
+            .unwrap_or_else(std::sync::PoisonError::into_inner);
         let (first, last) = (offset / BLOCK, (offset + len - 1) / BLOCK);
         if m.ended.is_none() && (first..=last).any(|b| m.source(b) == Source::Image) {
             crate::sys::file::will_need(&self.image, offset, len);
@@ -434,7 +502,10 @@ impl Backing for DrillView {
         self.check_range(offset, total as u64)?;
         let mut buf = vec![0u8; total];
         {
-            let m = self.maps.read().expect("drill maps");
+            let m = self
+                .maps
+                .read()
+                .unwrap_or_else(std::sync::PoisonError::into_inner);
             self.read_locked(&m, &mut buf, offset)?;
         }
         let mut at = 0;
@@ -542,6 +613,25 @@ mod tests {
         let mut buf = vec![0u8; 512];
         let m = v.maps.read().unwrap();
         assert!(v.read_locked(&m, &mut buf, 0).is_err());
+    }
+
+    #[test]
+    fn zeroing_punches_holes_that_cost_no_space() {
+        let (_d, _image, v) = setup(64 * BLOCK + 512, 4 * BLOCK);
+        // A discard of the whole disk (edges and the short last block included) fits in
+        // four blocks of space: only the partly covered block at the start is data.
+        v.discard(512, 64 * BLOCK).unwrap();
+        let got = read(&v, 0, (64 * BLOCK + 512) as usize);
+        assert_eq!(got[..512], [1u8; 512]);
+        assert!(got[512..].iter().all(|&x| x == 0));
+        assert_eq!(v.figures().overlay_bytes, BLOCK);
+        // Data written over a zeroed block counts again; zeroing it again frees it.
+        v.write(8 * BLOCK, BLOCK, Some(&[5; 4096])).unwrap();
+        assert_eq!(v.figures().overlay_bytes, 2 * BLOCK);
+        assert_eq!(read(&v, 8 * BLOCK, 4096), vec![5; 4096]);
+        v.write_zeroes(8 * BLOCK, BLOCK, true).unwrap();
+        assert_eq!(v.figures().overlay_bytes, BLOCK);
+        assert_eq!(read(&v, 8 * BLOCK, 4096), vec![0; 4096]);
     }
 
     #[test]

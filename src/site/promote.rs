@@ -153,7 +153,7 @@ pub fn promote_offline(image: &Path, state_dir: &Path, force: bool) -> anyhow::R
     // Opened (and locked) first: no secondary runs on it now, so a drill's files are an
     // earlier run's and go (the promoted disk never held drill writes).
     let drills = crate::drill::drill_dir(state_dir);
-    crate::drill::remove_stale(&drills)
+    crate::drill::remove_stale(&drills, true)
         .with_context(|| format!("removing an old drill in {}", drills.display()))?;
     tracing::info!(?report, state = ?store.state(), "replica recovered for promotion");
     promote_store(&mut store, image, info.uuid, lineage, force)

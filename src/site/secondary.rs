@@ -278,7 +278,9 @@ impl StoreSink {
     /// [`crate::site::promote`]). The primary's session, if any, fails at its next extent
     /// and every later handshake is refused.
     pub fn promote(&self, force: bool) -> anyhow::Result<Promotion> {
-        self.stop_drill_for_promotion()?;
+        // Held until `promoted_here` is set: no drill starts during the promotion.
+        let mut drill = self.drill.lock().expect("drill lock");
+        self.stop_drill_for_promotion(&mut drill);
         let mut g = self.store.lock().expect("store lock");
         let store = g
             .as_mut()
@@ -563,7 +565,7 @@ impl Secondary {
         // After the replica's lock is ours (a drill only exists on an open replica): files
         // of a drill are an earlier run's, and drills do not survive their daemon.
         let drills = crate::drill::drill_dir(&state_dir);
-        crate::drill::remove_stale(&drills)
+        crate::drill::remove_stale(&drills, true)
             .with_context(|| format!("removing an old drill in {}", drills.display()))?;
         let mut cfg = ServerConfig::new(identity, listen);
         cfg.expected_peer = expected_peer;
@@ -613,7 +615,7 @@ impl Secondary {
     /// Where drills keep their files (`--drill-dir`; default STATE_DIR/drill): files a
     /// drill left there are removed now.
     pub fn set_drill_dir(&self, dir: &Path) -> anyhow::Result<()> {
-        crate::drill::remove_stale(dir)
+        crate::drill::remove_stale(dir, false)
             .with_context(|| format!("removing an old drill in {}", dir.display()))?;
         *self.sink.drill_dir.lock().expect("drill dir") = Some(dir.to_path_buf());
         Ok(())

@@ -122,6 +122,21 @@ pub fn will_need(f: &File, off: u64, len: u64) {
     };
 }
 
+/// Bytes an unprivileged process may still write on the filesystem holding `path`.
+pub fn free_bytes(path: &Path) -> io::Result<u64> {
+    let c = std::ffi::CString::new(path.as_os_str().as_encoded_bytes())
+        .map_err(|_| io::Error::new(io::ErrorKind::InvalidInput, "path holds a NUL byte"))?;
+    // SAFETY: statvfs fills the zeroed struct we own from a valid NUL-terminated path.
+    let st = unsafe {
+        let mut st: libc::statvfs = std::mem::zeroed();
+        if libc::statvfs(c.as_ptr(), &mut st) != 0 {
+            return Err(io::Error::last_os_error());
+        }
+        st
+    };
+    Ok(st.f_bavail as u64 * st.f_frsize as u64)
+}
+
 /// Whether `e` says the filesystem cannot do this `fallocate` mode (the caller writes
 /// zeroes instead).
 pub fn is_unsupported(e: &io::Error) -> bool {

@@ -650,6 +650,7 @@ fn drill_table(
     };
     let drill_sock = dir.join("drill.sock");
     let mut rows = Vec::new();
+    let mut start_ms: Vec<f64> = Vec::new();
     for w in &loads {
         let without = measure_on(
             &server,
@@ -659,12 +660,14 @@ fn drill_table(
             args.seconds,
             blocks,
         )?;
+        let t = Instant::now();
         ctl(&[
             "drill",
             "start",
             "--socket",
             drill_sock.to_str().unwrap_or_default(),
         ])?;
+        start_ms.push(t.elapsed().as_secs_f64() * 1e3);
         // The drill's writer runs until the measurement (and its catch-up) is over.
         let stop = std::sync::Arc::new(std::sync::atomic::AtomicBool::new(false));
         // Other blocks than the guest's workload (another seed), at the given rate.
@@ -762,5 +765,21 @@ fn drill_table(
         );
     }
     println!("  applied: bytes on the wire per second from the workload's start until the secondary had applied it all (catch-up included); ratio: with the drill versus without; preserved: replica content kept for the drill when its groups overwrote blocks the drill still read");
+    // What a start costs on a large disk: the view of a sparse 2 TiB image.
+    let big = dir.join("big.img");
+    std::fs::File::create(&big)?.set_len(2 << 40)?;
+    let t = Instant::now();
+    let view =
+        drblk::drill::view::DrillView::create(&big, &dir.join("big-drill"), 2 << 40, 1 << 30)?;
+    let big_ms = t.elapsed().as_secs_f64() * 1e3;
+    drop(view);
+    println!(
+        "  drill start: {} ms (`drblk ctl drill start` round trip, this disk); a view of a 2 TiB disk: {big_ms:.1} ms",
+        start_ms
+            .iter()
+            .map(|m| format!("{m:.0}"))
+            .collect::<Vec<_>>()
+            .join(", ")
+    );
     Ok(())
 }
