@@ -207,7 +207,7 @@ impl SecondaryProcess {
             .arg("--certs")
             .arg(certs)
             // Room for a drill that writes the whole time (`--drill-only`).
-            .args(["--drill-space", "64G"])
+            .args(["--drill-space", "4G"])
             .args(
                 std::env::var("DRBLK_BENCH_DRILL_DIR")
                     .map(|d| vec!["--drill-dir".to_owned(), d])
