@@ -128,7 +128,6 @@ pub struct Drill {
     shared: Arc<DeviceShared>,
     shutdown: Shutdown,
     thread: Option<std::thread::JoinHandle<()>>,
-    copier: Option<std::thread::JoinHandle<()>>,
     started: Instant,
     started_at: SystemTime,
 }
@@ -205,10 +204,6 @@ impl Drill {
         let bound = lock
             .bind(defaults::SOCKET_MODE)
             .inspect_err(|_| cleanup())?;
-        let copier = view
-            .start_copier()
-            .inspect_err(|_| cleanup())
-            .context("spawning the drill's copier")?;
         // From here every change of the image first keeps what the drill reads. Installed
         // under the caller's lock of the store, after the last group was applied: the image
         // is the drill's group until the next `before_write`.
@@ -226,7 +221,6 @@ impl Drill {
             Ok(t) => t,
             Err(e) => {
                 store.set_image_observer(None);
-                view.stop_copier();
                 cleanup();
                 return Err(e).context("spawning the drill's thread");
             }
@@ -241,7 +235,6 @@ impl Drill {
             shared,
             shutdown,
             thread: Some(thread),
-            copier: Some(copier),
             started: Instant::now(),
             started_at: SystemTime::now(),
         })
@@ -294,12 +287,8 @@ impl Drill {
     /// removes the view from the store first or after (an ended view keeps nothing more).
     pub fn stop(mut self, reason: &str) -> anyhow::Result<()> {
         self.view.end(reason);
-        self.view.stop_copier();
         self.shutdown.request();
-        for t in [self.thread.take(), self.copier.take()]
-            .into_iter()
-            .flatten()
-        {
+        if let Some(t) = self.thread.take() {
             let _ = t.join();
         }
         remove_stale(&self.dir, self.own_dir)

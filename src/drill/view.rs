@@ -26,7 +26,7 @@ use std::io;
 use std::os::unix::fs::FileExt;
 use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicU64, Ordering};
-use std::sync::{Arc, RwLock};
+use std::sync::RwLock;
 
 use crate::blk::backing::Backing;
 use crate::replica::ImageObserver;
@@ -118,8 +118,6 @@ pub struct DrillView {
     limit_blocks: u64,
     maps: RwLock<Maps>,
     failed_writes: AtomicU64,
-    /// Ranges staged for a later group, for the background copier (`copy_ahead`).
-    hints: std::sync::Mutex<Option<std::sync::mpsc::SyncSender<(u64, u64)>>>,
 }
 
 impl DrillView {
@@ -165,49 +163,7 @@ impl DrillView {
                 ended: None,
             }),
             failed_writes: AtomicU64::new(0),
-            hints: std::sync::Mutex::new(None),
         })
-    }
-
-    /// Starts the background copier: ranges a group staged (but has not applied yet) are
-    /// copied aside as they arrive, so the apply finds them done. Safe at any time: a
-    /// block is copied only while the drill still reads it from the image, under the
-    /// maps' lock, and the image changes only after `before_writes` saw that lock — so the
-    /// copy is the drill's group's content whenever it is made. The thread ends with the
-    /// view ([`DrillView::stop_copier`], or the view ending).
-    pub fn start_copier(self: &Arc<Self>) -> io::Result<std::thread::JoinHandle<()>> {
-        let (tx, rx) = std::sync::mpsc::sync_channel::<(u64, u64)>(4096);
-        *self
-            .hints
-            .lock()
-            .unwrap_or_else(std::sync::PoisonError::into_inner) = Some(tx);
-        let view = Arc::clone(self);
-        std::thread::Builder::new()
-            .name("drblk-drill-copy".into())
-            .spawn(move || loop {
-                match rx.recv_timeout(std::time::Duration::from_millis(200)) {
-                    Ok(r) => {
-                        let mut batch = vec![r];
-                        batch.extend(rx.try_iter());
-                        batch.sort_unstable();
-                        view.before_writes(&batch);
-                    }
-                    Err(std::sync::mpsc::RecvTimeoutError::Timeout) => {
-                        if view.figures().ended.is_some() {
-                            return;
-                        }
-                    }
-                    Err(std::sync::mpsc::RecvTimeoutError::Disconnected) => return,
-                }
-            })
-    }
-
-    /// Ends the background copier (it exits at its next wake-up).
-    pub fn stop_copier(&self) {
-        *self
-            .hints
-            .lock()
-            .unwrap_or_else(std::sync::PoisonError::into_inner) = None;
     }
 
     /// Ends the view (every later request fails with `reason`); the first reason stays.
@@ -523,16 +479,6 @@ impl ImageObserver for DrillView {
         let (first, last) = (offset / BLOCK, (offset + len - 1) / BLOCK);
         if m.ended.is_none() && (first..=last).any(|b| m.source(b) == Source::Image) {
             crate::sys::file::will_need(&self.image, offset, len);
-            drop(m);
-            // Never waits: a full queue leaves the copy to the apply.
-            if let Some(tx) = self
-                .hints
-                .lock()
-                .unwrap_or_else(std::sync::PoisonError::into_inner)
-                .as_ref()
-            {
-                let _ = tx.try_send((offset, len));
-            }
         }
     }
 
@@ -667,27 +613,6 @@ mod tests {
         let mut buf = vec![0u8; 512];
         let m = v.maps.read().unwrap();
         assert!(v.read_locked(&m, &mut buf, 0).is_err());
-    }
-
-    #[test]
-    fn the_copier_keeps_staged_ranges_before_their_group_applies() {
-        let (_d, image, v) = setup(16 * BLOCK, 1 << 20);
-        let v = Arc::new(v);
-        let before = read(&v, 0, 16 * BLOCK as usize);
-        let copier = v.start_copier().unwrap();
-        v.will_write(2 * BLOCK, 3 * BLOCK);
-        // A hang guard only: the copier runs at once.
-        let t = std::time::Instant::now();
-        while v.figures().preserved_bytes < 3 * BLOCK {
-            assert!(t.elapsed() < std::time::Duration::from_secs(60));
-            std::thread::sleep(std::time::Duration::from_millis(1));
-        }
-        // The apply finds nothing left to copy, and the view holds.
-        apply(&v, &image, 2 * BLOCK, &[0xcc; 3 * 4096]);
-        assert_eq!(v.figures().preserved_bytes, 3 * BLOCK);
-        assert_eq!(read(&v, 0, 16 * BLOCK as usize), before);
-        v.stop_copier();
-        copier.join().unwrap();
     }
 
     #[test]
