@@ -167,15 +167,7 @@ fn a_drill_shows_its_group_while_replication_goes_on_and_keeps_its_writes() {
     // passes the dependent-write check.
     let history = writer.history.clone();
     writer.finish();
-    let drained = json(
-        &std::process::Command::new(common::sites::BIN)
-            .args(["ctl", "--socket"])
-            .arg(s.sock())
-            .arg("drain")
-            .output()
-            .unwrap(),
-    );
-    assert!(drained["cg"].as_u64().unwrap() > cg);
+    assert!(drain(&s) > cg);
     let replica = std::fs::read(s.replica()).unwrap();
     assert!(
         replica == std::fs::read(tmp.path().join("primary.img")).unwrap(),
@@ -200,14 +192,11 @@ fn primary_writes(s: &Sites, first_block: u64, blocks: u64, byte: u8) {
     }
 }
 
+/// `drblk ctl --socket PRIMARY drain`: the last committed group.
 fn drain(s: &Sites) -> u64 {
-    let out = std::process::Command::new(common::sites::BIN)
-        .args(["ctl", "--socket"])
-        .arg(s.sock())
-        .arg("drain")
-        .output()
-        .unwrap();
-    json(&out)["cg"].as_u64().unwrap()
+    common::ctl::<serde_json::Value>(&s.sock(), "drain")["cg"]
+        .as_u64()
+        .unwrap()
 }
 
 #[test]

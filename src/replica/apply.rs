@@ -189,12 +189,11 @@ impl ReplicaStore {
         (off, end - off)
     }
 
-    /// Write `count` chunks from `first` (contiguous, inside the disk) into the image.
+    /// Write `count` chunks from `first` (contiguous, inside the disk) into the image. The
+    /// caller has told the observer (once per group in `apply_committed`, per extent in
+    /// `sync_extent`).
     pub(super) fn write_image(&self, first: u64, count: u64, data: ChunkData<'_>) -> Result<()> {
         let (off, len) = self.image_range(first, count);
-        if let Some(o) = &self.observer {
-            o.before_write(off, len);
-        }
         match data {
             ChunkData::Bytes(b) => {
                 debug_assert_eq!(b.len() as u64, len);

@@ -265,8 +265,9 @@ pub struct ReplicaStore {
 
 /// Something that must see the replica image's content before the store changes it: a
 /// drill keeps the content it still reads from the image. Called on the thread that writes,
-/// before the write, for every range the store writes or punches (applying a group, an
-/// initial sync). Must not fail or block for long: replication never waits for it.
+/// before the write, for every range the store writes or punches: once per group with all
+/// its ranges (`before_writes`, applying a group), per extent (`before_write`, an initial
+/// sync); recovery's replay runs in a new store, which has no observer. Must not fail or block for long: replication never waits for it.
 pub trait ImageObserver: Send + Sync {
     /// `[offset, offset + len)` of the image is about to change.
     fn before_write(&self, offset: u64, len: u64) {

@@ -48,6 +48,10 @@ impl ReplicaStore {
             )));
         }
         self.check_extent(first, count, &data)?;
+        if let Some(o) = &self.observer {
+            let (off, len) = self.image_range(first, count);
+            o.before_write(off, len);
+        }
         self.guard(|s| {
             s.write_image(first, count, data)?;
             for index in first..first + count {

@@ -167,6 +167,23 @@ fn wire_bytes(server: &Server) -> (u64, u64) {
         .map_or((0, 0), |l| (l.udp_bytes, l.wire_bytes))
 }
 
+/// Waits until the initial copy has committed (forming groups on demand with `trigger`,
+/// for a server whose interval is long); returns the seconds it took.
+fn wait_initial_copy(server: &Server, trigger: bool) -> anyhow::Result<f64> {
+    let t = Instant::now();
+    while last_committed(server) == 0 {
+        anyhow::ensure!(
+            t.elapsed() < Duration::from_secs(600),
+            "initial copy did not finish"
+        );
+        if trigger {
+            server.trigger_cycle();
+        }
+        std::thread::sleep(Duration::from_millis(5));
+    }
+    Ok(t.elapsed().as_secs_f64())
+}
+
 /// Forms groups until one formed after now has committed (the secondary caught up).
 fn catch_up(server: &Server) -> anyhow::Result<()> {
     let target = server.status().cg.map_or(0, |c| c.formed) + 2;
@@ -423,16 +440,8 @@ fn main() -> anyhow::Result<()> {
         sa.cg.chunk_size = chunk;
         settle_dirty_pages();
         let server = Server::start(&sa)?;
-        let t = Instant::now();
         let sec0 = secondary.cpu_seconds();
-        while last_committed(&server) == 0 {
-            anyhow::ensure!(
-                t.elapsed() < Duration::from_secs(600),
-                "initial copy did not finish"
-            );
-            std::thread::sleep(Duration::from_millis(5));
-        }
-        let sync_secs = t.elapsed().as_secs_f64();
+        let sync_secs = wait_initial_copy(&server, false)?;
         let sync_sec_cpu = secondary.cpu_seconds() - sec0;
         let mut rows = Vec::new();
         for w in &loads {
@@ -570,15 +579,7 @@ fn track_table(
             sa.cg.cg_interval = Duration::from_secs(3600).into();
             let _ = std::fs::remove_file(format!("{}.drblk-track", image.display()));
             let server = Server::start(&sa)?;
-            let t = Instant::now();
-            while last_committed(&server) == 0 {
-                anyhow::ensure!(
-                    t.elapsed() < Duration::from_secs(600),
-                    "initial copy did not finish"
-                );
-                server.trigger_cycle();
-                std::thread::sleep(Duration::from_millis(20));
-            }
+            wait_initial_copy(&server, true)?;
             let before = server.track_stats().unwrap_or_default();
             let f = run_client(&server_socket(dir), rand, args.seconds, span)?;
             let after = server.track_stats().unwrap_or_default();
@@ -626,14 +627,7 @@ fn drill_table(
     let secondary = SecondaryProcess::start(drblk, &sdir, certs, !args.spread)?;
     let control = sdir.join("replica.img.state/ctl");
     let server = Server::start(&serve_args(dir, image, Some(secondary.addr), certs))?;
-    let t = Instant::now();
-    while last_committed(&server) == 0 {
-        anyhow::ensure!(
-            t.elapsed() < Duration::from_secs(600),
-            "initial copy did not finish"
-        );
-        std::thread::sleep(Duration::from_millis(5));
-    }
+    wait_initial_copy(&server, false)?;
     let ctl = |cmd: &[&str]| -> anyhow::Result<serde_json::Value> {
         let out = Command::new(drblk)
             .arg("ctl")
