@@ -50,9 +50,19 @@ pub fn drill_dir(state_dir: &Path) -> PathBuf {
 const FILES: [&str; 2] = ["overlay", "preserved"];
 
 /// Removes the files of a drill an earlier process left in `dir` (drills do not survive a
-/// restart), and with `remove_dir` the directory too if that leaves it empty; nothing
-/// else is touched (a `--drill-dir` is the operator's). Returns whether there were any.
+/// restart) and says so, and with `remove_dir` the directory too if that leaves it empty;
+/// nothing else is touched (a `--drill-dir` is the operator's). Returns whether there
+/// were any.
 pub fn remove_stale(dir: &Path, remove_dir: bool) -> std::io::Result<bool> {
+    let found = remove_files(dir, remove_dir)?;
+    if found {
+        tracing::info!(dir = %dir.display(), "removed the drill an earlier run left (a drill ends with its daemon; its writes are gone)");
+    }
+    Ok(found)
+}
+
+/// [`remove_stale`] without the log line: a drill's own files at its end.
+fn remove_files(dir: &Path, remove_dir: bool) -> std::io::Result<bool> {
     let mut found = false;
     for f in FILES {
         match std::fs::remove_file(dir.join(f)) {
@@ -64,9 +74,6 @@ pub fn remove_stale(dir: &Path, remove_dir: bool) -> std::io::Result<bool> {
     if remove_dir {
         // Not empty (someone else's files) or gone: both fine.
         let _ = std::fs::remove_dir(dir);
-    }
-    if found {
-        tracing::info!(dir = %dir.display(), "removed the drill an earlier run left (a drill ends with its daemon; its writes are gone)");
     }
     Ok(found)
 }
@@ -179,7 +186,7 @@ impl Drill {
                 Ok(Arc::new(v))
             });
         let cleanup = || {
-            let _ = remove_stale(dir, own_dir);
+            let _ = remove_files(dir, own_dir);
         };
         let view = view.inspect_err(|_| cleanup())?;
         let limits = DeviceLimits::new(
@@ -291,7 +298,7 @@ impl Drill {
         if let Some(t) = self.thread.take() {
             let _ = t.join();
         }
-        remove_stale(&self.dir, self.own_dir)
+        remove_files(&self.dir, self.own_dir)
             .with_context(|| format!("removing the drill's files in {}", self.dir.display()))?;
         tracing::info!(cg = self.cg, reason, "drill stopped; its writes are gone");
         Ok(())
