@@ -57,7 +57,7 @@ pub struct ServeArgs {
     pub size: Option<u64>,
 
     /// Number of request queues offered to the guest (virtio-blk multi-queue).
-    #[arg(long, default_value_t = defaults::QUEUES, value_parser = clap::value_parser!(u16).range(1..=64))]
+    #[arg(long, default_value_t = defaults::QUEUES, value_parser = clap::value_parser!(u16).range(1..=defaults::MAX_QUEUES as i64))]
     pub queues: u16,
 
     /// Maximum virtqueue size (entries per queue); a power of two.
@@ -94,6 +94,11 @@ pub struct ServeArgs {
     /// Permissions of the socket file (octal).
     #[arg(long, default_value = "600", value_parser = parse_mode)] // defaults::SOCKET_MODE
     pub socket_mode: u32,
+
+    /// Serve Prometheus metrics at http://HOST:PORT/metrics (OpenMetrics text; e.g.
+    /// 127.0.0.1:9850, port 0 picks a free one). Off by default.
+    #[arg(long, value_name = "HOST:PORT")]
+    pub metrics: Option<String>,
 
     /// Consistency-group options (used when the disk is replicated).
     #[command(flatten)]
@@ -285,6 +290,11 @@ pub struct SecondaryArgs {
     /// drill's write-back out of the journal's fsyncs (a lower RPO during drills).
     #[arg(long, value_name = "DIR")]
     pub drill_dir: Option<PathBuf>,
+
+    /// Serve Prometheus metrics at http://HOST:PORT/metrics (OpenMetrics text; e.g.
+    /// 127.0.0.1:9851, port 0 picks a free one). Off by default.
+    #[arg(long, value_name = "HOST:PORT")]
+    pub metrics: Option<String>,
 }
 
 impl SecondaryArgs {

@@ -20,6 +20,8 @@ pub mod defaults {
     pub const QUEUE_SIZE: u16 = 256;
     /// Queues offered to the guest.
     pub const QUEUES: u16 = 1;
+    /// The most queues a disk offers.
+    pub const MAX_QUEUES: u16 = 64;
     /// Logical block size advertised to the guest.
     pub const LOGICAL_BLOCK_SIZE: u32 = 512;
     /// Busy-poll budget after a queue's last request (QEMU's poll-max-ns).
@@ -81,6 +83,8 @@ pub struct ServeConfig {
     pub local_replica: Option<PathBuf>,
     /// Replication to a secondary.
     pub replication: Option<ReplicationConfig>,
+    /// Where to serve `/metrics`.
+    pub metrics: Option<String>,
 }
 
 /// How consistency groups are formed (the engine's own settings come with the disk size).
@@ -190,6 +194,7 @@ impl TryFrom<&ServeArgs> for ServeConfig {
             },
             socket: a.socket.clone(),
             socket_mode: a.socket_mode,
+            metrics: a.metrics.clone(),
             queues,
             queue_size: a.queue_size,
             threads,

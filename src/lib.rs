@@ -52,6 +52,7 @@ pub mod drill;
 pub mod geometry;
 pub mod lineage;
 pub mod link;
+pub mod metrics;
 pub mod replica;
 pub mod replicate;
 pub mod site;

@@ -50,6 +50,8 @@ pub struct DeviceStats {
     pub connections: AtomicU64,
     /// Frontends connected now (0 or 1: one connection at a time).
     pub frontends: AtomicU64,
+    /// Requests by operation, per queue.
+    pub ops: crate::blk::op_stats::GuestOps,
 }
 
 /// The per-connection backend handed to `VhostUserDaemon`.

@@ -15,6 +15,7 @@ pub mod device;
 pub mod disk;
 pub mod execute;
 pub mod fence;
+pub mod op_stats;
 pub mod queue;
 pub mod request;
 #[cfg(test)]

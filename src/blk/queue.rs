@@ -15,6 +15,7 @@ use virtio_queue::QueueT;
 use vm_memory::{Bytes, GuestAddressSpace, GuestMemoryAtomic, GuestMemoryMmap};
 
 use crate::blk::device::DeviceShared;
+use crate::blk::op_stats::Op;
 use crate::blk::request;
 use crate::blk::tracking::Completion;
 
@@ -131,12 +132,21 @@ impl QueueWorker {
             let head = chain.head_index();
             let used_len = match request::parse(chain, &*mem, limits) {
                 Ok(req) => {
+                    let started = Instant::now();
                     let out = exec.execute(self.queue, &req, &mem);
-                    if mem.write_obj(out.status, req.status_addr).is_err() {
+                    let used = if mem.write_obj(out.status, req.status_addr).is_err() {
                         0
                     } else {
                         out.written + 1
-                    }
+                    };
+                    shared.stats.ops.record(
+                        self.queue,
+                        Op::of(&req.kind),
+                        req.bytes(),
+                        out.status == request::status::OK,
+                        started.elapsed(),
+                    );
+                    used
                 }
                 Err(rej) => {
                     let count = shared.stats.rejected.fetch_add(1, Ordering::Relaxed);

@@ -86,6 +86,18 @@ pub struct Request {
 }
 
 impl Request {
+    /// The bytes it moves: its data (read, write, get-id) or its ranges (discard,
+    /// write-zeroes).
+    pub fn bytes(&self) -> u64 {
+        match &self.kind {
+            RequestKind::Discard(segs) | RequestKind::WriteZeroes(segs) => {
+                segs.iter().map(|s| s.byte_range().1).sum()
+            }
+            RequestKind::Flush => 0,
+            _ => self.data_len,
+        }
+    }
+
     /// Whether the request modifies the disk (and so is recorded for replication).
     pub fn is_write(&self) -> bool {
         matches!(

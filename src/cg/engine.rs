@@ -57,6 +57,8 @@ pub(super) struct Central {
     pub(super) abandoned: [u64; 4],
     pub(super) coordination: VecDeque<u64>,
     pub(super) coordination_max: u64,
+    /// Every coordination time since start (what `/metrics` exposes).
+    pub(super) coordination_hist: crate::metrics::histogram::Histogram,
     pub(super) handed_out: u64,
     pub(super) extents_handed_out: u64,
 }
@@ -132,6 +134,7 @@ impl Engine {
                 abandoned: [0; 4],
                 coordination: VecDeque::new(),
                 coordination_max: 0,
+                coordination_hist: Default::default(),
                 handed_out: 0,
                 extents_handed_out: 0,
             }),
@@ -190,6 +193,7 @@ impl Engine {
             abandoned_link_lost: c.abandoned[AbandonReason::LinkLost as usize],
             coordination_ns: c.coordination.iter().copied().collect(),
             coordination_max_ns: c.coordination_max,
+            coordination_hist: c.coordination_hist.snapshot(),
             cow_bytes: cache.bytes,
             cow_peak_bytes: cache.peak,
             chunks_preserved: cache.preserved,

@@ -183,6 +183,7 @@ impl Engine {
         }
         c.coordination.push_back(ns);
         c.coordination_max = c.coordination_max.max(ns);
+        c.coordination_hist.observe(coordination);
         c.mode = Mode::Strict { drain, cr };
         c.next_cg += 1;
         c.cursor = 0;

@@ -214,7 +214,7 @@ pub enum CgPhase {
 }
 
 /// Counters and gauges for metrics.
-#[derive(Debug, Clone, PartialEq, Eq)]
+#[derive(Debug, Clone, PartialEq)]
 pub struct CgStats {
     /// Current phase.
     pub phase: CgPhase,
@@ -238,6 +238,8 @@ pub struct CgStats {
     pub coordination_ns: Vec<u64>,
     /// Longest coordination time seen (ns).
     pub coordination_max_ns: u64,
+    /// Every coordination time since start.
+    pub coordination_hist: crate::metrics::histogram::HistogramSnapshot,
     /// Bytes currently held by the copy-on-write cache (preserved granules of chunks not yet
     /// handed out, and preserving reads in progress).
     pub cow_bytes: usize,

@@ -125,7 +125,7 @@ impl ControlState {
             .lock()
             .expect("link lock")
             .as_deref()
-            .map(link_status);
+            .map(|l| link_status(l, self.engine.as_deref()));
         let s = &self.shared;
         let disk = s.executor.disk();
         PrimaryStatus {
@@ -138,6 +138,7 @@ impl ControlState {
             lineage: crate::lineage::Lineage::load(disk.path()).ok().flatten(),
             requests: s.stats.requests.load(Ordering::Relaxed),
             rejected: s.stats.rejected.load(Ordering::Relaxed),
+            ops: s.stats.ops.snapshot(),
             cg: self.engine.as_deref().map(cg_status),
             replication,
             link,
@@ -233,6 +234,9 @@ fn cg_status(engine: &Engine) -> CgStatus {
         cow_bytes: st.cow_bytes as u64,
         cow_peak_bytes: st.cow_peak_bytes as u64,
         dirty_chunks: st.oos_dirty + st.cr_dirty,
+        dirty_bytes: ((st.oos_dirty + st.cr_dirty) * engine.config().chunk_size)
+            .min(engine.config().disk_size),
+        freeze_seconds: st.coordination_hist,
     }
 }
 
@@ -243,16 +247,40 @@ fn replication_status(cycle: &Cycle) -> ReplicationStatus {
     ReplicationStatus {
         last_committed_cg: cs.last_committed.load(Ordering::SeqCst),
         rpo_ms: (frozen > 0).then(|| now.saturating_sub(frozen) as f64 / 1e3),
+        last_committed_frozen_unix_s: (frozen > 0).then(|| frozen as f64 / 1e6),
         chunks_shipped: cs.chunks_shipped.load(Ordering::Relaxed),
         extents_shipped: cs.extents_shipped.load(Ordering::Relaxed),
         bytes_shipped: cs.bytes_shipped.load(Ordering::Relaxed),
     }
 }
 
-fn link_status(link: &LinkStatus) -> LinkStatusView {
+fn link_status(link: &LinkStatus, engine: Option<&Engine>) -> LinkStatusView {
+    let remote = *link.remote.lock().expect("status lock");
+    let total = link.sync_total_chunks.load(Ordering::Relaxed);
+    let chunk = engine.map_or(0, |e| e.config().chunk_size);
+    // While the secondary syncs it reports no progress of its own: what this primary has
+    // shipped of what it marked tells it.
+    let sync_progress = match remote {
+        Some(crate::replica::ReplicaState::Syncing { .. }) => {
+            let dirty = engine.map_or(total, |e| {
+                let st = e.stats();
+                st.oos_dirty + st.cr_dirty
+            });
+            Some(if total == 0 {
+                0.0
+            } else {
+                1.0 - dirty.min(total) as f64 / total as f64
+            })
+        }
+        Some(_) => Some(1.0),
+        None => None,
+    };
     LinkStatusView {
         connected: link.connected.load(Ordering::SeqCst),
         secondary: link.remote_state.lock().expect("status lock").clone(),
+        secondary_state: remote,
+        sync_progress,
+        sync_total_bytes: total * chunk,
         connects: link.connects.load(Ordering::Relaxed),
         full_resyncs: link.full_resyncs.load(Ordering::Relaxed),
         checksum_resyncs: link.checksum_resyncs.load(Ordering::Relaxed),

@@ -34,6 +34,9 @@ pub struct PrimaryStatus {
     pub requests: u64,
     /// Requests rejected by validation.
     pub rejected: u64,
+    /// Requests by operation (those seen since start).
+    #[serde(default)]
+    pub ops: Vec<crate::blk::op_stats::OpStatus>,
     /// The consistency-group engine, if writes are tracked.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub cg: Option<CgStatus>,
@@ -96,6 +99,12 @@ pub struct CgStatus {
     /// Chunks (of `--chunk-size`) marked to be shipped: those still to ship of the group
     /// being drained (OOS) plus those written since for the next group (CR).
     pub dirty_chunks: u64,
+    /// `dirty_chunks` in bytes (the secondary lacks at most this much of the disk).
+    #[serde(default)]
+    pub dirty_bytes: u64,
+    /// Every freeze since start, as a histogram (seconds).
+    #[serde(default)]
+    pub freeze_seconds: crate::metrics::histogram::HistogramSnapshot,
 }
 
 /// Groups abandoned, by reason (counts since start).
@@ -137,6 +146,10 @@ pub struct ReplicationStatus {
     /// Recovery point: milliseconds between the freeze of the last committed group and
     /// now; `null` until a group has committed.
     pub rpo_ms: Option<f64>,
+    /// When the primary froze the last committed group (seconds since the Unix epoch);
+    /// `null` until a group has committed.
+    #[serde(default)]
+    pub last_committed_frozen_unix_s: Option<f64>,
     /// Blocks (chunks) shipped (re-shipments after a link loss count again).
     pub chunks_shipped: u64,
     /// Extents shipped: runs of contiguous blocks, one link message each.
@@ -147,13 +160,23 @@ pub struct ReplicationStatus {
 }
 
 /// The replication link as the operator sees it.
-#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 pub struct LinkStatusView {
     /// Connected to the secondary now.
     pub connected: bool,
     /// The secondary's state as it last reported it (`syncing 42.0 %`, `consistent at CG
     /// 7`); empty before the first connection.
     pub secondary: String,
+    /// The same, typed; `null` before the first connection and after a refusal.
+    #[serde(default)]
+    pub secondary_state: Option<crate::replica::ReplicaState>,
+    /// While the secondary syncs: how much of what this connection's resync marked has been
+    /// shipped (0 to 1); 1 once it is consistent.
+    #[serde(default)]
+    pub sync_progress: Option<f64>,
+    /// Bytes the current (or last) sync had to ship when it began.
+    #[serde(default)]
+    pub sync_total_bytes: u64,
     /// Connections made (1 = the first).
     pub connects: u64,
     /// Full resyncs started (the initial copy counts as one).
@@ -249,6 +272,38 @@ pub struct SecondaryStatus {
     pub primary_state_age_ms: Option<f64>,
     /// The disk's role and lineage.
     pub lineage: Option<crate::lineage::Lineage>,
+    /// The replica's state, typed; `null` before the first primary connected.
+    #[serde(default)]
+    pub replica: Option<crate::replica::ReplicaState>,
+    /// The replica's chunk size (bytes; the unit of `Syncing`'s chunk counts).
+    #[serde(default)]
+    pub chunk_size: u64,
+    /// A primary is connected now.
+    #[serde(default)]
+    pub primary_connected: bool,
+    /// Primary connections accepted since start.
+    #[serde(default)]
+    pub connections: u64,
+    /// Groups committed since start.
+    #[serde(default)]
+    pub groups_committed: u64,
+    /// Data bytes received in extents since start (the initial sync included).
+    #[serde(default)]
+    pub received_bytes: u64,
+    /// Data bytes of committed groups applied to the image since start (the initial sync
+    /// not included).
+    #[serde(default)]
+    pub applied_bytes: u64,
+    /// Bytes of the journal file now.
+    #[serde(default)]
+    pub journal_bytes: u64,
+    /// How long each group took from its commit request to its acknowledgement (journal
+    /// made durable, then applied to the image), seconds.
+    #[serde(default)]
+    pub commit_seconds: crate::metrics::histogram::HistogramSnapshot,
+    /// The drill, if one runs.
+    #[serde(default)]
+    pub drill: Option<crate::drill::DrillStatus>,
 }
 
 /// An answer without fields (`form-cg`).
@@ -307,6 +362,7 @@ mod tests {
             lineage: None,
             requests: 123_456,
             rejected: 2,
+            ops: Vec::new(),
             cg: Some(CgStatus {
                 phase: CgPhase::Strict { cg: 42 },
                 last_committed: 41,
@@ -327,10 +383,13 @@ mod tests {
                 cow_bytes: 65536,
                 cow_peak_bytes: 1 << 20,
                 dirty_chunks: 17,
+                dirty_bytes: 17 << 12,
+                freeze_seconds: Default::default(),
             }),
             replication: Some(ReplicationStatus {
                 last_committed_cg: 41,
                 rpo_ms: Some(73.5),
+                last_committed_frozen_unix_s: Some(1.7e9),
                 chunks_shipped: 9000,
                 extents_shipped: 4000,
                 bytes_shipped: 9000 << 16,
@@ -338,6 +397,9 @@ mod tests {
             link: Some(LinkStatusView {
                 connected: true,
                 secondary: "consistent at CG 41".into(),
+                secondary_state: None,
+                sync_progress: Some(1.0),
+                sync_total_bytes: 0,
                 connects: 2,
                 full_resyncs: 1,
                 checksum_resyncs: 0,

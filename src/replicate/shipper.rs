@@ -33,6 +33,11 @@ pub struct LinkStatus {
     pub connected: AtomicBool,
     /// The secondary's state as last reported ("syncing 42.0 %", "consistent at CG 7").
     pub remote_state: Mutex<String>,
+    /// The same, typed (None before the first connection and after a refusal).
+    pub remote: Mutex<Option<ReplicaState>>,
+    /// Chunks marked to ship when the secondary's current sync began (the measure of its
+    /// progress).
+    pub sync_total_chunks: AtomicU64,
     /// Connections made (1 = the first).
     pub connects: AtomicU64,
     /// Chunks marked for shipping by full resyncs.
@@ -280,6 +285,7 @@ impl Replicator {
                 // a split brain, a refused rejoin.
                 *self.status.remote_state.lock().expect("status lock") =
                     format!("refused this primary: {why}");
+                *self.status.remote.lock().expect("status lock") = None;
             }
             io::Error::other(e.to_string())
         })?;
@@ -346,6 +352,13 @@ impl Replicator {
             r.hold_all_dirty(false);
         }
         *self.status.remote_state.lock().expect("status lock") = ack.state.to_string();
+        *self.status.remote.lock().expect("status lock") = Some(ack.state);
+        if let ReplicaState::Syncing { .. } = ack.state {
+            let st = self.engine.stats();
+            self.status
+                .sync_total_chunks
+                .store(st.oos_dirty + st.cr_dirty, Ordering::Relaxed);
+        }
         self.status.connected.store(true, Ordering::SeqCst);
         self.seeded = false;
         self.client = Some(client);
@@ -411,11 +424,12 @@ impl ChunkSink for Replicator {
                 if let Some(r) = &self.record {
                     r.committed();
                 }
-                *self.status.remote_state.lock().expect("status lock") = ReplicaState::Consistent {
+                let state = ReplicaState::Consistent {
                     cg,
                     frozen_at_unix_us: unix_micros(frozen_at),
-                }
-                .to_string();
+                };
+                *self.status.remote_state.lock().expect("status lock") = state.to_string();
+                *self.status.remote.lock().expect("status lock") = Some(state);
                 Ok(())
             }
             Err(e) => Err(self.lost(e)),

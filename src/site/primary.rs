@@ -33,6 +33,7 @@ pub struct Server {
     ship_nice: i32,
     record: Option<Arc<ChangeRecord>>,
     refresher: Option<Refresher>,
+    metrics: Option<crate::metrics::MetricsServer>,
 }
 
 impl Server {
@@ -138,6 +139,16 @@ impl Server {
             &control_path(&cfg.socket),
             control.clone() as Arc<dyn crate::control::ControlHandler>,
         )?;
+        let metrics = match &cfg.metrics {
+            Some(addr) => {
+                let c = control.clone();
+                Some(crate::metrics::MetricsServer::start(
+                    addr,
+                    Arc::new(move || crate::metrics::primary::render(c.status())),
+                )?)
+            }
+            None => None,
+        };
         // Listen last: a frontend (or a script waiting for the socket) that can connect finds
         // the control socket and the replication cycle running.
         let socket = socket_lock.bind(cfg.socket_mode)?;
@@ -160,6 +171,7 @@ impl Server {
             shutdown,
             thread: Some(thread),
             ship_nice,
+            metrics,
         })
     }
 
@@ -208,6 +220,11 @@ impl Server {
         if let Some(c) = self.control.cycle.lock().expect("cycle lock").as_ref() {
             c.trigger();
         }
+    }
+
+    /// Where `/metrics` is served, if it is.
+    pub fn metrics_addr(&self) -> Option<std::net::SocketAddr> {
+        self.metrics.as_ref().map(|m| m.local_addr())
     }
 
     /// The daemon's status (what `drblk ctl status` prints).

@@ -8,6 +8,7 @@
 
 use std::net::SocketAddr;
 use std::path::{Path, PathBuf};
+use std::sync::atomic::Ordering::Relaxed;
 use std::sync::{Arc, Mutex};
 
 use anyhow::Context;
@@ -67,6 +68,21 @@ pub struct StoreSink {
     drill_dir: Mutex<Option<PathBuf>>,
     /// The control socket's path (for the hints in refusals).
     control: Mutex<Option<PathBuf>>,
+    /// What the status and `/metrics` count.
+    counters: SinkCounters,
+}
+
+/// The secondary's counters since start.
+#[derive(Default)]
+struct SinkCounters {
+    connected: std::sync::atomic::AtomicBool,
+    connections: std::sync::atomic::AtomicU64,
+    groups_committed: std::sync::atomic::AtomicU64,
+    received_bytes: std::sync::atomic::AtomicU64,
+    /// Received for the group being staged (moved to `applied_bytes` at its commit).
+    staged_bytes: std::sync::atomic::AtomicU64,
+    applied_bytes: std::sync::atomic::AtomicU64,
+    commit: crate::metrics::histogram::Histogram,
 }
 
 /// Called after each group was committed and applied, with its number and the image path
@@ -90,6 +106,7 @@ impl StoreSink {
             drill_space: crate::drill::DEFAULT_SPACE.into(),
             drill_dir: Mutex::new(None),
             control: Mutex::new(None),
+            counters: SinkCounters::default(),
         })
     }
 
@@ -305,6 +322,13 @@ impl StoreSink {
             ),
             _ => None,
         };
+        let (opened, chunk_size, journal_bytes) =
+            match self.store.lock().expect("store lock").as_ref() {
+                Some(s) => (true, s.chunk_size(), s.journal_bytes()),
+                None => (false, 0, 0),
+            };
+        let drill = self.drill_status();
+        let c = &self.counters;
         SecondaryStatus {
             disk: self.paths.image.display().to_string(),
             state_dir: self.paths.state_dir.display().to_string(),
@@ -312,6 +336,16 @@ impl StoreSink {
             last_committed_cg: cg,
             primary_state_age_ms: age,
             lineage: Lineage::load(&self.paths.image).ok().flatten(),
+            replica: opened.then_some(state),
+            chunk_size,
+            primary_connected: c.connected.load(Relaxed),
+            connections: c.connections.load(Relaxed),
+            groups_committed: c.groups_committed.load(Relaxed),
+            received_bytes: c.received_bytes.load(Relaxed),
+            applied_bytes: c.applied_bytes.load(Relaxed),
+            journal_bytes,
+            commit_seconds: c.commit.snapshot(),
+            drill: drill.running.then_some(drill),
         }
     }
 }
@@ -406,6 +440,10 @@ impl ReplicaSink for StoreSink {
         // earlier sync was interrupted): most of it may already be right.
         let compare_first = matches!(store.state(), ReplicaState::Syncing { .. })
             && !self.fresh_image.load(std::sync::atomic::Ordering::SeqCst);
+        let c = &self.counters;
+        c.connected.store(true, Relaxed);
+        c.connections.fetch_add(1, Relaxed);
+        c.staged_bytes.store(0, Relaxed);
         Ok(HelloAck {
             compare_first,
             resync_also,
@@ -422,11 +460,17 @@ impl ReplicaSink for StoreSink {
                 WireChunk::Data(d) => ChunkData::Bytes(d),
                 WireChunk::Zero { .. } => ChunkData::Zero,
             };
+            let bytes = match data {
+                WireChunk::Data(d) => d.len() as u64,
+                WireChunk::Zero { .. } => 0,
+            };
             if let ReplicaState::Syncing { .. } = s.state() {
                 s.sync_extent(first, count, d)?;
             } else {
                 s.stage_extent(cg, first, count, d)?;
+                self.counters.staged_bytes.fetch_add(bytes, Relaxed);
             }
+            self.counters.received_bytes.fetch_add(bytes, Relaxed);
             Ok(())
         })
     }
@@ -445,6 +489,7 @@ impl ReplicaSink for StoreSink {
         _extent_count: u64,
         acknowledge: &mut dyn FnMut(),
     ) -> anyhow::Result<()> {
+        let started = std::time::Instant::now();
         self.with_store(|s| {
             match s.state() {
                 ReplicaState::Syncing { total_chunks, .. } => {
@@ -470,6 +515,11 @@ impl ReplicaSink for StoreSink {
                     tracing::debug!(cg, ?durable, applied = ?(t.elapsed() - durable), "consistency group committed");
                 }
             }
+            let c = &self.counters;
+            c.commit.observe(started.elapsed());
+            c.groups_committed.fetch_add(1, Relaxed);
+            c.applied_bytes
+                .fetch_add(c.staged_bytes.swap(0, Relaxed), Relaxed);
             // The image holds a group now: worth comparing with after any later reset.
             self.fresh_image
                 .store(false, std::sync::atomic::Ordering::SeqCst);
@@ -515,6 +565,8 @@ impl ReplicaSink for StoreSink {
     }
 
     fn disconnected(&self, reason: &str) {
+        self.counters.connected.store(false, Relaxed);
+        self.counters.staged_bytes.store(0, Relaxed);
         tracing::warn!(reason, "primary disconnected; uncommitted data discarded");
         if let Some(s) = self.store.lock().expect("store lock").as_mut() {
             if !matches!(s.state(), ReplicaState::Syncing { .. }) {
@@ -545,6 +597,7 @@ pub struct Secondary {
     server: LinkServer,
     sink: Arc<StoreSink>,
     control: Option<ControlServer>,
+    metrics: Option<crate::metrics::MetricsServer>,
 }
 
 impl Secondary {
@@ -575,7 +628,20 @@ impl Secondary {
             server,
             sink,
             control: None,
+            metrics: None,
         })
+    }
+
+    /// Serves `/metrics` on `addr` (TCP); returns where it listens.
+    pub fn serve_metrics(&mut self, addr: &str) -> anyhow::Result<SocketAddr> {
+        let sink = self.sink.clone();
+        let m = crate::metrics::MetricsServer::start(
+            addr,
+            Arc::new(move || crate::metrics::secondary::render(sink.status_view())),
+        )?;
+        let local = m.local_addr();
+        self.metrics = Some(m);
+        Ok(local)
     }
 
     /// The UDP address the secondary listens on.
@@ -665,21 +731,60 @@ pub fn run(args: crate::cli::SecondaryArgs) -> anyhow::Result<()> {
         secondary.set_drill_dir(dir)?;
     }
     secondary.serve_control(&args.control())?;
-    // Log the state when it changes kind, and every 10 s while it does not.
-    let mut last_kind = String::new();
-    let mut next_log = std::time::Instant::now();
+    if let Some(addr) = &args.metrics {
+        secondary.serve_metrics(addr)?;
+    }
+    // One line per change of state (syncing → consistent, promoted, ...) and per 10 % of a
+    // sync; the group-by-group detail is at debug level.
+    let mut last = String::new();
     while !shutdown.requested() {
         secondary.sink.reap_drill();
         let line = secondary.describe();
-        let kind: String = line.split(' ').take(2).collect();
-        if kind != last_kind || std::time::Instant::now() >= next_log {
+        let key = state_change_key(&line);
+        if key != last {
             tracing::info!("replica: {line}");
-            last_kind = kind;
-            next_log = std::time::Instant::now() + std::time::Duration::from_secs(10);
+            last = key;
+        } else {
+            tracing::trace!("replica: {line}");
         }
         std::thread::sleep(std::time::Duration::from_millis(200));
     }
     tracing::info!("secondary stopping");
     secondary.stop();
     Ok(())
+}
+
+/// What must change in the state line for it to be logged at info level: its first two
+/// words ("consistent at", "inconsistent, syncing", "no replica"), and while syncing the
+/// tens of percent.
+fn state_change_key(line: &str) -> String {
+    let kind: String = line.split(' ').take(2).collect::<Vec<_>>().join(" ");
+    let tens = line
+        .strip_prefix("inconsistent, syncing ")
+        .and_then(|r| r.split(' ').next())
+        .and_then(|p| p.parse::<f64>().ok())
+        .map(|p| (p / 10.0).floor() as u32);
+    match tens {
+        Some(t) => format!("{kind} {t}"),
+        None => kind,
+    }
+}
+
+#[cfg(test)]
+mod log_tests {
+    use super::state_change_key;
+
+    #[test]
+    fn the_state_is_logged_when_it_changes_kind_or_a_sync_passes_ten_percent() {
+        let k = |s: &str| state_change_key(s);
+        assert_eq!(
+            k("consistent at CG 7 (the primary's state as of 0.1 s ago)"),
+            k("consistent at CG 9000 (the primary's state as of 0.3 s ago)")
+        );
+        assert_ne!(k("consistent at CG 7 (x)"), k("promoted"));
+        let sync = |p: &str| k(&format!("inconsistent, syncing {p} % (1 of 2 chunks)"));
+        assert_eq!(sync("41.0"), sync("49.9"));
+        assert_ne!(sync("49.9"), sync("50.0"));
+        assert_ne!(sync("99.0"), k("consistent at CG 1 (x)"));
+    }
 }

@@ -90,18 +90,25 @@ impl Sites {
     }
 
     pub fn primary(&self) -> KillOnDrop {
+        self.primary_with(&[])
+    }
+
+    /// `drblk serve` with `extra` arguments.
+    pub fn primary_with(&self, extra: &[&str]) -> KillOnDrop {
         let to = format!("127.0.0.1:{}", self.port);
+        let mut args = vec![
+            "serve",
+            "--queues",
+            "2",
+            "--replicate-to",
+            &to,
+            "--cg-interval",
+            "20ms",
+        ];
+        args.extend_from_slice(extra);
         let mut d = self.spawn(
             "primary.log",
-            &[
-                "serve",
-                "--queues",
-                "2",
-                "--replicate-to",
-                &to,
-                "--cg-interval",
-                "20ms",
-            ],
+            &args,
             &[
                 ("--disk", &self.dir.join("primary.img")),
                 ("--socket", &self.sock()),

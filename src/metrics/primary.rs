@@ -1,0 +1,212 @@
+//! A primary's metrics (`drblk serve --metrics ADDR`), from its [`PrimaryStatus`].
+
+use std::fmt::Result;
+
+use super::encode::{exposition, Families};
+use crate::control::PrimaryStatus;
+use crate::lineage::Role;
+use crate::replica::ReplicaState;
+
+/// The text Prometheus scrapes, for `status`.
+pub fn render(status: PrimaryStatus) -> String {
+    exposition(move |f| families(f, &status))
+}
+
+/// Every family of a primary.
+fn families(f: &mut Families<'_>, s: &PrimaryStatus) -> Result {
+    super::common_info(f, &s.disk)?;
+    let role = s.lineage.as_ref().map_or(Role::Primary, |l| l.role);
+    super::role(f, role)?;
+    f.gauge(
+        "drblk_disk_size_bytes",
+        "Capacity the guest sees.",
+        s.size as f64,
+    )?;
+    f.gauge(
+        "drblk_frontends_connected",
+        "Frontends (VMs) connected to the vhost-user socket.",
+        s.frontends_connected as f64,
+    )?;
+    guest(f, s)?;
+
+    let link = s.link.as_ref();
+    let state = link.and_then(|l| l.secondary_state);
+    let refused = link.is_some_and(|l| l.secondary.starts_with("refused"));
+    super::replica_state(
+        f,
+        state,
+        refused,
+        "The secondary's state as it last reported it.",
+    )?;
+    if let Some(l) = link {
+        f.gauge(
+            "drblk_link_up",
+            "1 while the QUIC link to the secondary is connected.",
+            f64::from(u8::from(l.connected)),
+        )?;
+        f.counter(
+            "drblk_link_connects",
+            "Connections made to the secondary.",
+            l.connects,
+        )?;
+        f.counter(
+            "drblk_link_wire_bytes",
+            "Bytes of extent frames written to the link (payload and headers).",
+            l.wire_bytes,
+        )?;
+        f.counter(
+            "drblk_link_udp_bytes",
+            "Bytes of UDP datagrams sent (QUIC overhead and retransmissions included).",
+            l.udp_bytes,
+        )?;
+        f.counters(
+            "drblk_resyncs",
+            "Resyncs started, by kind: full copies (the initial sync counts) and checksum comparisons.",
+            &[
+                (&[("kind", "full")], l.full_resyncs),
+                (&[("kind", "checksum")], l.checksum_resyncs),
+            ],
+        )?;
+        f.counters(
+            "drblk_resync_chunks",
+            "Chunks checksum resyncs compared, and of those found different (and shipped).",
+            &[
+                (&[("result", "compared")], l.resync_compared),
+                (&[("result", "differing")], l.resync_differing),
+            ],
+        )?;
+        f.gauge(
+            "drblk_sync_total_bytes",
+            "Bytes the current or last sync had to ship when it began.",
+            l.sync_total_bytes as f64,
+        )?;
+        if let Some(p) = l.sync_progress {
+            f.gauge(
+                "drblk_sync_progress_ratio",
+                "Progress of the secondary's sync, 0 to 1 (1 once it is consistent).",
+                p,
+            )?;
+        }
+    }
+
+    if let Some(r) = &s.replication {
+        f.gauge(
+            "drblk_last_committed_cg",
+            "The last consistency group the secondary committed.",
+            r.last_committed_cg as f64,
+        )?;
+        if let Some(ms) = r.rpo_ms {
+            f.gauge(
+                "drblk_rpo_seconds",
+                "Recovery point: age of the primary's state that the secondary holds (absent until a group commits).",
+                ms / 1e3,
+            )?;
+        }
+        if let Some(t) = r.last_committed_frozen_unix_s {
+            f.gauge(
+                "drblk_last_sync_timestamp_seconds",
+                "When the primary froze the last group the secondary committed (Unix time).",
+                t,
+            )?;
+        }
+        f.counter(
+            "drblk_shipped_bytes",
+            "Bytes of block data shipped to the secondary (re-shipments after a link loss count again).",
+            r.bytes_shipped,
+        )?;
+        f.counter(
+            "drblk_shipped_extents",
+            "Extents (runs of contiguous blocks, one link message each) shipped.",
+            r.extents_shipped,
+        )?;
+    }
+
+    if let Some(cg) = &s.cg {
+        f.gauge(
+            "drblk_outofsync_bytes",
+            "Bytes marked to ship that the secondary does not hold yet.",
+            cg.dirty_bytes as f64,
+        )?;
+        f.histogram(
+            "drblk_freeze_seconds",
+            "How long the queues were frozen to form each consistency group.",
+            &cg.freeze_seconds,
+        )?;
+        let a = &cg.abandoned;
+        f.counters(
+            "drblk_cg",
+            "Consistency groups by outcome: committed, abandoned (by reason) or aborted while forming.",
+            &[
+                (&[("result", "committed"), ("reason", "")], cg.committed),
+                (&[("result", "abandoned"), ("reason", "cache_full")], a.cache_full),
+                (&[("result", "abandoned"), ("reason", "drain_timeout")], a.drain_timeout),
+                (&[("result", "abandoned"), ("reason", "preserve_failed")], a.preserve_failed),
+                (&[("result", "abandoned"), ("reason", "link_lost")], a.link_lost),
+                (
+                    &[("result", "aborted"), ("reason", "coordination_timeout")],
+                    cg.coordination_aborts,
+                ),
+            ],
+        )?;
+        f.gauge(
+            "drblk_cow_bytes",
+            "Bytes the copy-on-write cache holds (old contents kept for the group being shipped).",
+            cg.cow_bytes as f64,
+        )?;
+    }
+    Ok(())
+}
+
+/// Guest requests by operation.
+fn guest(f: &mut Families<'_>, s: &PrimaryStatus) -> Result {
+    let labels: Vec<[(&str, &str); 1]> = s.ops.iter().map(|o| [("op", o.op.as_str())]).collect();
+    let by_op = |v: fn(&crate::blk::op_stats::OpStatus) -> u64| {
+        s.ops
+            .iter()
+            .zip(&labels)
+            .map(|(o, l)| (&l[..], v(o)))
+            .collect::<Vec<_>>()
+    };
+    f.counters(
+        "drblk_guest_requests",
+        "Guest requests completed, by operation.",
+        &by_op(|o| o.requests),
+    )?;
+    f.counters(
+        "drblk_guest_request_errors",
+        "Guest requests completed with an error status, by operation.",
+        &by_op(|o| o.errors),
+    )?;
+    f.counters(
+        "drblk_guest_bytes",
+        "Bytes moved by successful guest requests, by operation.",
+        &by_op(|o| o.bytes),
+    )?;
+    let hist: Vec<_> = s
+        .ops
+        .iter()
+        .zip(&labels)
+        .map(|(o, l)| (&l[..], &o.latency_seconds))
+        .collect();
+    f.histograms(
+        "drblk_guest_request_duration_seconds",
+        "Time the backend took per guest request, by operation.",
+        &hist,
+    )?;
+    f.counter(
+        "drblk_guest_rejected_requests",
+        "Malformed requests rejected by validation.",
+        s.rejected,
+    )
+}
+
+/// For the role/state gauges of both sites.
+pub(super) fn state_name(state: Option<ReplicaState>, refused: bool) -> &'static str {
+    match state {
+        _ if refused => "refused",
+        None => "unknown",
+        Some(ReplicaState::Syncing { .. }) => "syncing",
+        Some(ReplicaState::Consistent { .. }) => "consistent",
+        Some(ReplicaState::Promoted) => "promoted",
+    }
+}
