@@ -25,6 +25,41 @@ pub struct Cli {
     pub command: Command,
 }
 
+/// What `drblk serve --print-capabilities` prints: a vhost-user "block" backend that can
+/// serve a disk read-only (`--read-only`) and takes its image as `--blk-file`.
+pub const VHOST_USER_CAPABILITIES: &str = r#"{
+  "type": "block",
+  "features": [
+    "read-only-config",
+    "blk-file"
+  ]
+}"#;
+
+/// Whether the command line is `drblk serve --print-capabilities` (given alone, as the
+/// conventions require; `--print-capabilities` is also in `serve`'s `--help`, where clap
+/// refuses it next to other options).
+pub fn asks_for_capabilities(args: impl IntoIterator<Item = std::ffi::OsString>) -> bool {
+    let args: Vec<_> = args.into_iter().skip(1).collect();
+    args.len() == 2 && args[0] == "serve" && args[1] == "--print-capabilities"
+}
+
+/// An error and its causes as one line ("what failed: why: why"), leaving out a cause whose
+/// text the line already holds (an error that prints its source as well as returning it).
+pub fn error_line(e: &anyhow::Error) -> String {
+    let mut line = String::new();
+    for cause in e.chain() {
+        let text = cause.to_string();
+        if line.contains(&text) {
+            continue;
+        }
+        if !line.is_empty() {
+            line.push_str(": ");
+        }
+        line.push_str(&text);
+    }
+    line.replace('\n', " ")
+}
+
 /// drblk's commands.
 #[derive(Debug, Subcommand)]
 pub enum Command {
@@ -36,6 +71,8 @@ pub enum Command {
     Promote(PromoteArgs),
     /// Create a CA and per-site certificates for the replication link (quick start).
     Cert(CertArgs),
+    /// Show a running daemon's state: role, disk, group, RPO, link, throughput, sync progress.
+    Status(StatusArgs),
     /// Talk to a running daemon through its control socket (SOCKET.ctl).
     Ctl(CtlArgs),
 }
@@ -44,13 +81,19 @@ pub enum Command {
 #[derive(Debug, Args, Clone)]
 pub struct ServeArgs {
     /// Raw image to serve. Created (sparse) if it does not exist and --size is given.
-    #[arg(long, value_name = "PATH")]
+    /// (--blk-file is the name QEMU's vhost-user backend conventions give it.)
+    #[arg(long, value_name = "PATH", alias = "blk-file")]
     pub disk: PathBuf,
 
     /// vhost-user socket to listen on (the hypervisor connects to it). A stale socket file is
-    /// replaced; a socket held by a running daemon is refused.
-    #[arg(long, value_name = "PATH")]
+    /// replaced; a socket held by a running daemon is refused. (Also --socket-path.)
+    #[arg(long, value_name = "PATH", alias = "socket-path")]
     pub socket: PathBuf,
+
+    /// Print what this backend offers as QEMU's vhost-user backend conventions describe
+    /// (docs/interop/vhost-user.json: type "block"), then exit.
+    #[arg(long, exclusive = true)]
+    pub print_capabilities: bool,
 
     /// Size of the image to create when --disk does not exist (bytes, or with a K/M/G/T suffix).
     #[arg(long, value_name = "SIZE", value_parser = parse_size)]
@@ -69,7 +112,8 @@ pub struct ServeArgs {
     pub threads: Option<usize>,
 
     /// Serve the disk read-only (writes, discards and write-zeroes fail; the guest sees RO).
-    #[arg(long)]
+    /// (Also --read-only.)
+    #[arg(long, alias = "read-only")]
     pub readonly: bool,
 
     /// Open the image with O_DIRECT, bypassing the host page cache.
@@ -377,6 +421,55 @@ pub struct CtlArgs {
     pub command: CtlCommand,
 }
 
+/// `drblk status` options.
+#[derive(Debug, Args, Clone)]
+pub struct StatusArgs {
+    /// A primary's vhost-user socket (`drblk serve --socket`); its control socket is SOCKET.ctl.
+    #[arg(long, value_name = "PATH", conflicts_with = "control", required_unless_present = "control")]
+    pub socket: Option<PathBuf>,
+
+    /// A control socket: a secondary's (STATE_DIR/ctl, or its --control) or a primary's.
+    #[arg(long, value_name = "PATH")]
+    pub control: Option<PathBuf>,
+
+    /// Print the typed status as JSON instead (what `drblk ctl status` prints; one line per
+    /// refresh with --watch).
+    #[arg(long)]
+    pub json: bool,
+
+    /// Refresh every --interval until interrupted (redrawn in place on a terminal).
+    #[arg(long)]
+    pub watch: bool,
+
+    /// How often --watch refreshes; without --watch, the summary measures throughput over
+    /// this (at most 500ms; 0 shows none).
+    #[arg(long, value_name = "DURATION", default_value = "1s")]
+    pub interval: CliDuration,
+
+    /// Stop --watch after N refreshes.
+    #[arg(long, value_name = "N")]
+    pub count: Option<u64>,
+}
+
+impl StatusArgs {
+    /// What `drblk status` does.
+    pub fn request(&self) -> crate::control::watch::StatusRequest {
+        let control = match (&self.control, &self.socket) {
+            (Some(c), _) => c.clone(),
+            (None, Some(s)) => crate::control::control_path(s),
+            // clap requires one of them.
+            (None, None) => PathBuf::from("ctl"),
+        };
+        crate::control::watch::StatusRequest {
+            control,
+            json: self.json,
+            watch: self.watch,
+            interval: *self.interval,
+            count: self.count,
+        }
+    }
+}
+
 /// `drblk ctl` commands.
 #[derive(Debug, Subcommand, Clone)]
 pub enum CtlCommand {
@@ -540,6 +633,30 @@ mod tests {
     #[test]
     fn cli_is_consistent() {
         Cli::command().debug_assert();
+    }
+
+    #[test]
+    fn an_error_is_one_line_without_repeating_a_cause() {
+        let io = std::io::Error::new(std::io::ErrorKind::NotFound, "No such file");
+        let e = anyhow::Error::new(crate::link::certs::CertError::Io {
+            path: "certs/ca.pem".into(),
+            source: io,
+        })
+        .context("loading the certificate;\ncreate one");
+        assert_eq!(
+            error_line(&e),
+            "loading the certificate; create one: certs/ca.pem: No such file"
+        );
+    }
+
+    #[test]
+    fn only_a_lone_print_capabilities_is_the_capabilities_request() {
+        let args = |a: &[&str]| a.iter().map(std::ffi::OsString::from).collect::<Vec<_>>();
+        assert!(asks_for_capabilities(args(&["drblk", "serve", "--print-capabilities"])));
+        assert!(!asks_for_capabilities(args(&["drblk", "serve", "--print-capabilities", "--disk", "d"])));
+        assert!(!asks_for_capabilities(args(&["drblk", "secondary", "--print-capabilities"])));
+        let caps: serde_json::Value = serde_json::from_str(VHOST_USER_CAPABILITIES).unwrap();
+        assert_eq!(caps["type"], "block");
     }
 
     #[test]

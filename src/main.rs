@@ -7,6 +7,11 @@ use drblk::cli::{Cli, Command, CtlArgs};
 use drblk::control::{client, Request};
 
 fn main() {
+    // Before parsing: it needs none of `serve`'s required options.
+    if drblk::cli::asks_for_capabilities(std::env::args_os()) {
+        println!("{}", drblk::cli::VHOST_USER_CAPABILITIES);
+        return;
+    }
     let cli = Cli::parse();
     let filter = EnvFilter::try_from_default_env().unwrap_or_else(|_| EnvFilter::new(&cli.log));
     tracing_subscriber::fmt()
@@ -34,14 +39,15 @@ fn main() {
                 .map_err(anyhow::Error::from)
         }
         Command::Ctl(args) => ctl(&args),
+        Command::Status(args) => drblk::control::watch::run(&args.request()),
         Command::Promote(args) => {
             drblk::site::promote::promote_offline(&args.disk, &args.state_dir(), args.force)
                 .map(|p| println!("{}", p.report()))
         }
     };
     if let Err(e) = result {
-        tracing::error!("{e:#}");
-        eprintln!("drblk: error: {e:#}");
+        // One line on stderr (not also through the log, which goes there too).
+        eprintln!("drblk: error: {}", drblk::cli::error_line(&e));
         std::process::exit(1);
     }
 }

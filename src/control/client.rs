@@ -28,7 +28,12 @@ pub fn request(socket: &Path, req: Request) -> anyhow::Result<serde_json::Value>
 /// Sends `req` to the control socket at `path` itself (a secondary's `--control`).
 pub fn request_at(path: &Path, req: Request) -> anyhow::Result<serde_json::Value> {
     UnixStream::connect(path)
-        .with_context(|| format!("connecting to {} (is the daemon running?)", path.display()))
+        .with_context(|| {
+            format!(
+                "connecting to {} (is the daemon running? start it, or give its control socket: a secondary's is STATE_DIR/ctl)",
+                path.display()
+            )
+        })
         .and_then(|conn| exchange(conn, req))
 }
 

@@ -8,6 +8,8 @@
 
 pub mod client;
 mod demote;
+pub mod summary;
+pub mod watch;
 pub mod server;
 pub mod status;
 mod verify;

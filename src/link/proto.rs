@@ -189,24 +189,30 @@ impl std::fmt::Display for RejectReason {
         match self {
             RejectReason::VersionMismatch { ours, theirs } => write!(
                 f,
-                "protocol version mismatch: secondary speaks v{ours}, primary v{theirs}"
+                "protocol version mismatch: secondary speaks v{ours}, primary v{theirs}; run the same drblk release on both sites"
             ),
             RejectReason::DiskUuidMismatch { ours, theirs } => write!(
                 f,
-                "disk uuid mismatch: secondary holds {}, primary sends {}",
+                "disk uuid mismatch: secondary holds {}, primary sends {}; the secondary keeps another disk's replica: point --replicate-to at this disk's secondary, or give the secondary a new --disk",
                 hex(ours),
                 hex(theirs)
             ),
             RejectReason::DiskSizeMismatch { ours, theirs } => write!(
                 f,
-                "disk size mismatch: secondary holds {ours} bytes, primary sends {theirs} bytes"
+                "disk size mismatch: secondary holds {ours} bytes, primary sends {theirs} bytes; give the secondary a new --disk for this size"
             ),
             RejectReason::ChunkSizeMismatch { ours, theirs } => write!(
                 f,
-                "chunk size mismatch: secondary uses {ours} bytes, primary {theirs} bytes"
+                "chunk size mismatch: secondary uses {ours} bytes, primary {theirs} bytes; restart the primary with --chunk-size {ours}, or give the secondary a new --disk"
             ),
-            RejectReason::Busy => write!(f, "secondary already serves a primary connection"),
-            RejectReason::Promoted => write!(f, "secondary was promoted; replication refused"),
+            RejectReason::Busy => write!(
+                f,
+                "secondary already serves a primary connection; stop the other primary first (one primary per replica)"
+            ),
+            RejectReason::Promoted => write!(
+                f,
+                "secondary was promoted; replication refused: it is the primary now; to fail back, stop this primary and run its disk as the new primary's secondary (README: DR runbook)"
+            ),
             RejectReason::Other(s) => write!(f, "{s}"),
         }
     }

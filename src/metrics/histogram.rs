@@ -76,6 +76,16 @@ impl Default for HistogramSnapshot {
 }
 
 impl HistogramSnapshot {
+    /// The upper bound of the bucket holding the `q` quantile (0 < q <= 1): "p99 ≤ this";
+    /// None without observations or above the last bound.
+    pub fn quantile_bound(&self, q: f64) -> Option<f64> {
+        if self.count == 0 {
+            return None;
+        }
+        let rank = (q * self.count as f64).ceil().max(1.0) as u64;
+        self.buckets.iter().find(|b| b.1 >= rank).map(|b| b.0)
+    }
+
     /// Adds `h`'s observations (to sum several queues' histograms into one).
     pub fn add(&mut self, h: &Histogram) {
         let mut below = 0;

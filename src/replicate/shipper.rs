@@ -448,6 +448,7 @@ impl ChunkSink for Replicator {
         let first = self.status.connects.load(Ordering::Relaxed) == 0;
         let mut backoff = Duration::from_millis(100);
         let mut next_log = Instant::now();
+        let mut last_error = String::new();
         while !stop.load(Ordering::SeqCst) {
             match self.connect(stop) {
                 Ok(()) => {
@@ -459,9 +460,17 @@ impl ChunkSink for Replicator {
                     return Ok(());
                 }
                 Err(e) => {
-                    if Instant::now() >= next_log {
-                        tracing::warn!(secondary = %self.cfg.server_addr, error = %e, retry_in = ?backoff, "secondary unreachable; the guest is unaffected, changes are tracked");
-                        next_log = Instant::now() + Duration::from_secs(10);
+                    // The same failure again within a minute is not logged again: a link
+                    // down for hours stays a handful of lines.
+                    let text = e.to_string();
+                    if Instant::now() >= next_log || text != last_error {
+                        if text.starts_with("rejected by the secondary") {
+                            tracing::error!(secondary = %self.cfg.server_addr, retry_in = ?backoff, "{text}");
+                        } else {
+                            tracing::warn!(secondary = %self.cfg.server_addr, error = %e, retry_in = ?backoff, "secondary unreachable; the guest is unaffected, changes are tracked");
+                        }
+                        next_log = Instant::now() + Duration::from_secs(60);
+                        last_error = text;
                     }
                     let until = Instant::now() + backoff;
                     while Instant::now() < until && !stop.load(Ordering::SeqCst) {
