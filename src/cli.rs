@@ -425,7 +425,12 @@ pub struct CtlArgs {
 #[derive(Debug, Args, Clone)]
 pub struct StatusArgs {
     /// A primary's vhost-user socket (`drblk serve --socket`); its control socket is SOCKET.ctl.
-    #[arg(long, value_name = "PATH", conflicts_with = "control", required_unless_present = "control")]
+    #[arg(
+        long,
+        value_name = "PATH",
+        conflicts_with = "control",
+        required_unless_present = "control"
+    )]
     pub socket: Option<PathBuf>,
 
     /// A control socket: a secondary's (STATE_DIR/ctl, or its --control) or a primary's.
@@ -652,9 +657,23 @@ mod tests {
     #[test]
     fn only_a_lone_print_capabilities_is_the_capabilities_request() {
         let args = |a: &[&str]| a.iter().map(std::ffi::OsString::from).collect::<Vec<_>>();
-        assert!(asks_for_capabilities(args(&["drblk", "serve", "--print-capabilities"])));
-        assert!(!asks_for_capabilities(args(&["drblk", "serve", "--print-capabilities", "--disk", "d"])));
-        assert!(!asks_for_capabilities(args(&["drblk", "secondary", "--print-capabilities"])));
+        assert!(asks_for_capabilities(args(&[
+            "drblk",
+            "serve",
+            "--print-capabilities"
+        ])));
+        assert!(!asks_for_capabilities(args(&[
+            "drblk",
+            "serve",
+            "--print-capabilities",
+            "--disk",
+            "d"
+        ])));
+        assert!(!asks_for_capabilities(args(&[
+            "drblk",
+            "secondary",
+            "--print-capabilities"
+        ])));
         let caps: serde_json::Value = serde_json::from_str(VHOST_USER_CAPABILITIES).unwrap();
         assert_eq!(caps["type"], "block");
     }

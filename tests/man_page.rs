@@ -50,6 +50,12 @@ fn the_man_pages_match_the_command_line() {
     // Every page is roff that names its command and documents its options.
     let serve = &pages.iter().find(|p| p.0 == "drblk-serve.1").unwrap().1;
     let serve = String::from_utf8_lossy(serve);
-    assert!(serve.starts_with(".ie \\n(.g .ds Aq") || serve.contains(".TH drblk-serve"), "{serve}");
-    assert!(serve.contains("replicate\\-to") && serve.contains("metrics"), "{serve}");
+    assert!(
+        serve.starts_with(".ie \\n(.g .ds Aq") || serve.contains(".TH drblk-serve"),
+        "{serve}"
+    );
+    assert!(
+        serve.contains("replicate\\-to") && serve.contains("metrics"),
+        "{serve}"
+    );
 }

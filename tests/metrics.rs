@@ -167,7 +167,7 @@ fn a_running_primary_and_secondary_are_scraped_and_their_figures_add_up() {
     assert_eq!(get(&m, "drblk_link_up{}", &text), 1.0);
     assert!(get(&m, "drblk_last_committed_cg{}", &text) >= drained.cg as f64);
     let rpo = get(&m, "drblk_rpo_seconds{}", &text);
-    assert!(rpo >= 0.0 && rpo < 3600.0, "rpo {rpo}");
+    assert!((0.0..3600.0).contains(&rpo), "rpo {rpo}");
     assert!(get(&m, "drblk_last_sync_timestamp_seconds{}", &text) > 1.6e9);
     assert_eq!(get(&m, "drblk_sync_progress_ratio{}", &text), 1.0);
     assert!(get(&m, "drblk_outofsync_bytes{}", &text) >= 0.0);

@@ -8,11 +8,11 @@
 
 pub mod client;
 mod demote;
-pub mod summary;
-pub mod watch;
 pub mod server;
 pub mod status;
+pub mod summary;
 mod verify;
+pub mod watch;
 
 pub use client::request;
 pub use server::{

@@ -203,7 +203,10 @@ fn primary(p: &PrimaryStatus, rates: Option<Rates>) -> String {
     );
     let requests: u64 = p.ops.iter().map(|o| o.requests).sum();
     let errors: u64 = p.ops.iter().map(|o| o.errors).sum();
-    let mut guest = format!("{requests} requests, {errors} failed, {} rejected", p.rejected);
+    let mut guest = format!(
+        "{requests} requests, {errors} failed, {} rejected",
+        p.rejected
+    );
     if let Some(r) = rates {
         guest += &format!("; {} now", rate(r.guest));
     }
@@ -232,7 +235,11 @@ fn primary(p: &PrimaryStatus, rates: Option<Rates>) -> String {
                 None => "none yet: no group has committed".into(),
             },
         );
-        let mut shipped = format!("{} in {} extents", HumanBytes(r.bytes_shipped), r.extents_shipped);
+        let mut shipped = format!(
+            "{} in {} extents",
+            HumanBytes(r.bytes_shipped),
+            r.extents_shipped
+        );
         if let Some(rt) = rates {
             shipped += &format!("; {} now", rate(rt.replication));
         }

@@ -8,7 +8,7 @@ pub mod primary;
 pub mod secondary;
 mod server;
 
-pub use server::MetricsServer;
+pub use server::{BoundMetrics, MetricsServer};
 
 use crate::lineage::Role;
 use crate::replica::ReplicaState;

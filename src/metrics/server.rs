@@ -21,19 +21,44 @@ pub struct MetricsServer {
     thread: Option<JoinHandle<()>>,
 }
 
+/// A bound metrics listener that does not answer yet (see [`MetricsServer::bind`]).
+pub struct BoundMetrics {
+    server: tiny_http::Server,
+    addr: SocketAddr,
+}
+
 impl MetricsServer {
     /// Listens on `addr` (TCP) and serves `/metrics` from `render`.
     pub fn start(addr: &str, render: Render) -> anyhow::Result<MetricsServer> {
+        Self::bind(addr)?.serve(render)
+    }
+
+    /// Takes the address first, so that a daemon refuses an address in use before it
+    /// creates or changes anything; [`BoundMetrics::serve`] starts answering.
+    pub fn bind(addr: &str) -> anyhow::Result<BoundMetrics> {
         let server = tiny_http::Server::http(addr).map_err(|e| {
             anyhow::anyhow!(
                 "cannot listen for metrics on {addr}: {e} (give a free HOST:PORT to --metrics, e.g. 127.0.0.1:9850)"
             )
         })?;
-        let local = server
+        let addr = server
             .server_addr()
             .to_ip()
             .context("the metrics listener has no IP address")?;
-        let server = Arc::new(server);
+        Ok(BoundMetrics { server, addr })
+    }
+
+    /// The address it listens on.
+    pub fn local_addr(&self) -> SocketAddr {
+        self.addr
+    }
+}
+
+impl BoundMetrics {
+    /// Starts answering `GET /metrics` from `render`.
+    pub fn serve(self, render: Render) -> anyhow::Result<MetricsServer> {
+        let local = self.addr;
+        let server = Arc::new(self.server);
         let s = server.clone();
         let thread = std::thread::Builder::new()
             .name("drblk-metrics".into())
@@ -45,11 +70,6 @@ impl MetricsServer {
             addr: local,
             thread: Some(thread),
         })
-    }
-
-    /// The address it listens on.
-    pub fn local_addr(&self) -> SocketAddr {
-        self.addr
     }
 }
 

@@ -47,6 +47,23 @@ impl Server {
     pub fn start_with(cfg: ServeConfig) -> anyhow::Result<Server> {
         // Locked first: whoever holds the socket's lock owns its control socket too.
         let socket_lock = SocketLock::acquire(&cfg.socket)?;
+        // Before anything is created: a missing certificate must not leave a new image.
+        let identity = match &cfg.replication {
+            Some(r) => {
+                crate::link::resolve(&r.target)?;
+                Some(SiteIdentity::load_for_daemon(
+                    &r.certs,
+                    &r.site,
+                    &r.peer_site,
+                )?)
+            }
+            None => None,
+        };
+        let metrics = cfg
+            .metrics
+            .as_deref()
+            .map(crate::metrics::MetricsServer::bind)
+            .transpose()?;
         let disk = Arc::new(Disk::open(&cfg.disk)?);
         // Before any write: a replica or a demoted disk is refused here.
         let lineage = super::role::lineage_for_serve(
@@ -127,9 +144,18 @@ impl Server {
             let cycle = Cycle::start(engine.clone(), Box::new(replica), cg.interval, ship_nice);
             *control.cycle.lock().expect("cycle lock") = Some(cycle);
         }
-        if let (Some(r), Some(engine), Some(cg)) = (&cfg.replication, &engine, &cfg.cg) {
-            let (replicator, link) =
-                replicator_for(r, cg, &disk, engine.clone(), record.clone(), lineage)?;
+        if let (Some(r), Some(engine), Some(cg), Some(identity)) =
+            (&cfg.replication, &engine, &cfg.cg, identity)
+        {
+            let (replicator, link) = replicator_for(
+                r,
+                identity,
+                cg,
+                &disk,
+                engine.clone(),
+                record.clone(),
+                lineage,
+            )?;
             tracing::info!(secondary = %replicator.peer(), interval = ?cg.interval, "replicating");
             let cycle = Cycle::start(engine.clone(), Box::new(replicator), cg.interval, ship_nice);
             *control.cycle.lock().expect("cycle lock") = Some(cycle);
@@ -139,13 +165,12 @@ impl Server {
             &control_path(&cfg.socket),
             control.clone() as Arc<dyn crate::control::ControlHandler>,
         )?;
-        let metrics = match &cfg.metrics {
-            Some(addr) => {
+        let metrics = match metrics {
+            Some(bound) => {
                 let c = control.clone();
-                Some(crate::metrics::MetricsServer::start(
-                    addr,
-                    Arc::new(move || crate::metrics::primary::render(c.status())),
-                )?)
+                Some(bound.serve(Arc::new(move || {
+                    crate::metrics::primary::render(c.status())
+                }))?)
             }
             None => None,
         };
@@ -274,6 +299,7 @@ impl Drop for Server {
 /// Builds the link client for `--replicate-to`.
 fn replicator_for(
     r: &ReplicationConfig,
+    identity: SiteIdentity,
     cg: &CgSettings,
     disk: &Disk,
     engine: Arc<Engine>,
@@ -281,7 +307,6 @@ fn replicator_for(
     lineage: Option<crate::lineage::Lineage>,
 ) -> anyhow::Result<(Replicator, Arc<LinkStatus>)> {
     let addr = crate::link::resolve(&r.target)?;
-    let identity = SiteIdentity::load_for_daemon(&r.certs, &r.site, &r.peer_site)?;
     let uuid = crate::replica::identity::load_or_create(disk.path())?;
     let info = DiskInfo {
         uuid,

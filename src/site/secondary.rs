@@ -632,13 +632,16 @@ impl Secondary {
         })
     }
 
-    /// Serves `/metrics` on `addr` (TCP); returns where it listens.
-    pub fn serve_metrics(&mut self, addr: &str) -> anyhow::Result<SocketAddr> {
+    /// Serves `/metrics` on a bound listener ([`crate::metrics::MetricsServer::bind`]);
+    /// returns where it listens.
+    pub fn serve_metrics(
+        &mut self,
+        bound: crate::metrics::BoundMetrics,
+    ) -> anyhow::Result<SocketAddr> {
         let sink = self.sink.clone();
-        let m = crate::metrics::MetricsServer::start(
-            addr,
-            Arc::new(move || crate::metrics::secondary::render(sink.status_view())),
-        )?;
+        let m = bound.serve(Arc::new(move || {
+            crate::metrics::secondary::render(sink.status_view())
+        }))?;
         let local = m.local_addr();
         self.metrics = Some(m);
         Ok(local)
@@ -719,6 +722,12 @@ pub fn run(args: crate::cli::SecondaryArgs) -> anyhow::Result<()> {
         .context("installing signal handlers")?;
     let listen: SocketAddr = crate::link::resolve(&args.listen)?;
     let identity = SiteIdentity::load_for_daemon(&args.certs, &args.site, &args.peer_site)?;
+    // Before the replica is opened or created: an address in use changes nothing.
+    let metrics = args
+        .metrics
+        .as_deref()
+        .map(crate::metrics::MetricsServer::bind)
+        .transpose()?;
     let paths = SecondaryPaths {
         image: args.disk.clone(),
         state_dir: args.state_dir(),
@@ -731,8 +740,8 @@ pub fn run(args: crate::cli::SecondaryArgs) -> anyhow::Result<()> {
         secondary.set_drill_dir(dir)?;
     }
     secondary.serve_control(&args.control())?;
-    if let Some(addr) = &args.metrics {
-        secondary.serve_metrics(addr)?;
+    if let Some(bound) = metrics {
+        secondary.serve_metrics(bound)?;
     }
     // One line per change of state (syncing → consistent, promoted, ...) and per 10 % of a
     // sync; the group-by-group detail is at debug level.

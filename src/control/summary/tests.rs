@@ -90,7 +90,10 @@ fn a_replicating_primary_reads_as_role_disk_link_rpo_and_groups() {
     ] {
         assert!(text.contains(want), "{want:?} not in:\n{text}");
     }
-    assert!(!text.contains("sync  "), "no sync line when consistent:\n{text}");
+    assert!(
+        !text.contains("sync  "),
+        "no sync line when consistent:\n{text}"
+    );
 }
 
 #[test]
@@ -113,10 +116,15 @@ fn a_syncing_replica_shows_progress_rate_and_time_left_from_two_statuses() {
     assert_eq!(rates.sync, (10 << 20) as f64);
     let text = render(&now, Some(rates));
     assert!(
-        text.contains("syncing 27.5 % (110.00 MiB of 400.00 MiB) at 10.00 MiB/s, about 29 seconds left"),
+        text.contains(
+            "syncing 27.5 % (110.00 MiB of 400.00 MiB) at 10.00 MiB/s, about 29 seconds left"
+        ),
         "{text}"
     );
-    assert!(text.contains("primary connected (1 connection since start)"), "{text}");
+    assert!(
+        text.contains("primary connected (1 connection since start)"),
+        "{text}"
+    );
     assert!(text.contains("drill       none"), "{text}");
 }
 
@@ -144,7 +152,9 @@ fn a_primary_sees_its_secondarys_sync_from_what_it_shipped() {
 #[test]
 fn either_status_is_told_from_its_json() {
     let p = AnyStatus::Primary(primary_status());
-    let AnyStatus::Primary(inner) = &p else { unreachable!() };
+    let AnyStatus::Primary(inner) = &p else {
+        unreachable!()
+    };
     let v = serde_json::to_value(crate::control::Reply::ok(inner)).unwrap();
     assert_eq!(AnyStatus::from_json(v).unwrap(), p);
     let s = secondary_status(None);
