@@ -282,3 +282,69 @@ fn a_drill_in_process_keeps_its_group_and_its_writes_and_ends_with_a_promotion()
     assert!(refused.to_string().contains("promoted"), "{refused}");
     b.stop();
 }
+
+#[test]
+fn status_and_metrics_of_both_sites_in_process() {
+    let tmp = tempfile::tempdir().unwrap();
+    let dir = tmp.path();
+    let certs = common::make_certs(dir);
+    std::fs::write(dir.join("a.img"), vec![0u8; SIZE as usize]).unwrap();
+    let (mut b, b_ctl) = secondary(dir, &certs, "secondary", "b.img");
+    let b_metrics = b
+        .serve_metrics(drblk::metrics::MetricsServer::bind("127.0.0.1:0").unwrap())
+        .unwrap();
+    let (_a, a_sock) = primary(dir, &certs, "primary", "a.img", &b);
+    wait_until("the initial copy", || {
+        status(&a_sock)
+            .replication
+            .is_some_and(|r| r.last_committed_cg > 0)
+    });
+    write_blocks(&a_sock, &[1, 2, 3], 0x5a);
+    client::drain(&a_sock).unwrap();
+
+    // `drblk status` once, as JSON, and watching, on both control sockets.
+    use drblk::control::watch::{run, StatusRequest};
+    for (control, json, watch) in [
+        (control_path(&a_sock), false, false),
+        (b_ctl.clone(), false, false),
+        (control_path(&a_sock), true, false),
+        (b_ctl.clone(), false, true),
+        (control_path(&a_sock), true, true),
+    ] {
+        run(&StatusRequest {
+            control,
+            json,
+            watch,
+            interval: Duration::from_millis(5),
+            count: Some(2),
+        })
+        .unwrap();
+    }
+    let summary = drblk::control::summary::render(
+        &drblk::control::summary::AnyStatus::from_json(
+            client::request_at(&b_ctl, Request::Status).unwrap(),
+        )
+        .unwrap(),
+        None,
+    );
+    assert!(
+        summary.contains("state       consistent at CG"),
+        "{summary}"
+    );
+
+    // The secondary's endpoint.
+    use std::io::{Read, Write};
+    let mut s = std::net::TcpStream::connect(b_metrics).unwrap();
+    write!(
+        s,
+        "GET /metrics HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n"
+    )
+    .unwrap();
+    let mut text = String::new();
+    s.read_to_string(&mut text).unwrap();
+    assert!(
+        text.contains("drblk_replica_state{state=\"consistent\"} 1"),
+        "{text}"
+    );
+    assert!(text.contains("drblk_applied_bytes_total "), "{text}");
+}

@@ -68,3 +68,6 @@ fn replica_state(
         .collect();
     f.gauges("drblk_replica_state", help, &samples)
 }
+
+#[cfg(test)]
+mod tests;
