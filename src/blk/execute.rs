@@ -24,6 +24,8 @@ pub struct Executor {
     tracking: Option<Arc<dyn Tracking>>,
     /// Raised when the disk is demoted: writes fail from then on.
     fence: Fence,
+    /// Failed requests are logged through this.
+    failures: crate::sys::log_limit::LogLimiter,
 }
 
 /// Outcome of one request: its status byte and how many bytes were written to the guest.
@@ -47,6 +49,7 @@ impl Executor {
             writeback: AtomicBool::new(true),
             tracking,
             fence: Fence::default(),
+            failures: crate::sys::log_limit::LogLimiter::new(std::time::Duration::from_secs(10)),
         }
     }
 
@@ -77,7 +80,10 @@ impl Executor {
                 written,
             },
             Err(e) => {
-                tracing::warn!(queue, kind = ?req.kind, sector = req.sector, error = %e, "request failed");
+                // A full or failing disk fails every request: one line per 10 s, counted.
+                if let Some(a) = self.failures.admit() {
+                    tracing::warn!(queue, kind = ?req.kind, sector = req.sector, error = %e, "request failed{}", a.note());
+                }
                 Outcome {
                     status: status::IOERR,
                     written: 0,

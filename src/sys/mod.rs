@@ -3,4 +3,5 @@
 
 pub mod clock;
 pub mod file;
+pub mod log_limit;
 pub mod priority;
