@@ -30,7 +30,7 @@ pub struct Cli {
 pub const VHOST_USER_CAPABILITIES: &str = r#"{
   "type": "block",
   "features": [
-    "read-only-config",
+    "read-only",
     "blk-file"
   ]
 }"#;

@@ -334,7 +334,7 @@ fn the_backend_follows_qemus_vhost_user_conventions() {
         .as_array()
         .unwrap()
         .iter()
-        .any(|f| f == "read-only-config"));
+        .any(|f| f == "read-only"));
     let root = Path::new(env!("CARGO_MANIFEST_DIR"));
     let desc: serde_json::Value = serde_json::from_str(
         &std::fs::read_to_string(root.join("contrib/vhost-user/50-drblk.json")).unwrap(),

@@ -347,4 +347,10 @@ fn status_and_metrics_of_both_sites_in_process() {
         "{text}"
     );
     assert!(text.contains("drblk_applied_bytes_total "), "{text}");
+
+    // Stopping does not wait for the metrics thread (it held the replica until its 60 s
+    // bound; a stop on the slowest machine takes a few seconds).
+    let t = Instant::now();
+    b.stop();
+    assert!(t.elapsed() < Duration::from_secs(45), "{:?}", t.elapsed());
 }

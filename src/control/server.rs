@@ -113,7 +113,8 @@ pub struct ControlState {
 impl ControlState {
     /// The daemon's status (what `drblk ctl status` prints).
     pub fn status(&self) -> PrimaryStatus {
-        // One lock at a time.
+        // The engine's figures once (they count bitmap pages), then one lock at a time.
+        let engine = self.engine.as_deref().map(|e| (e, e.stats()));
         let replication = self
             .cycle
             .lock()
@@ -125,7 +126,7 @@ impl ControlState {
             .lock()
             .expect("link lock")
             .as_deref()
-            .map(|l| link_status(l, self.engine.as_deref()));
+            .map(|l| link_status(l, engine.as_ref()));
         let s = &self.shared;
         let disk = s.executor.disk();
         PrimaryStatus {
@@ -139,7 +140,7 @@ impl ControlState {
             requests: s.stats.requests.load(Ordering::Relaxed),
             rejected: s.stats.rejected.load(Ordering::Relaxed),
             ops: s.stats.ops.snapshot(),
-            cg: self.engine.as_deref().map(cg_status),
+            cg: engine.as_ref().map(|(e, st)| cg_status(e, st.clone())),
             replication,
             link,
             track: self.record.as_ref().map(|r| r.status()),
@@ -205,8 +206,7 @@ impl ControlState {
     }
 }
 
-fn cg_status(engine: &Engine) -> CgStatus {
-    let st = engine.stats();
+fn cg_status(engine: &Engine, st: crate::cg::CgStats) -> CgStatus {
     let mut c = st.coordination_ns;
     c.sort_unstable();
     let pct = |q: f64| {
@@ -254,18 +254,18 @@ fn replication_status(cycle: &Cycle) -> ReplicationStatus {
     }
 }
 
-fn link_status(link: &LinkStatus, engine: Option<&Engine>) -> LinkStatusView {
+fn link_status(
+    link: &LinkStatus,
+    engine: Option<&(&Engine, crate::cg::CgStats)>,
+) -> LinkStatusView {
     let remote = *link.remote.lock().expect("status lock");
     let total = link.sync_total_chunks.load(Ordering::Relaxed);
-    let chunk = engine.map_or(0, |e| e.config().chunk_size);
+    let chunk = engine.map_or(0, |(e, _)| e.config().chunk_size);
     // While the secondary syncs it reports no progress of its own: what this primary has
     // shipped of what it marked tells it.
     let sync_progress = match remote {
         Some(crate::replica::ReplicaState::Syncing { .. }) => {
-            let dirty = engine.map_or(total, |e| {
-                let st = e.stats();
-                st.oos_dirty + st.cr_dirty
-            });
+            let dirty = engine.map_or(total, |(_, st)| st.oos_dirty + st.cr_dirty);
             Some(if total == 0 {
                 0.0
             } else {

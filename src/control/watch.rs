@@ -56,8 +56,8 @@ pub fn run(req: &StatusRequest) -> anyhow::Result<()> {
         print!("{}", render(&now, rates));
         return Ok(());
     }
-    let bar = std::io::stderr()
-        .is_terminal()
+    // In place only when both the summary and the bar reach a terminal (not `| tee`).
+    let bar = (std::io::stdout().is_terminal() && std::io::stderr().is_terminal())
         .then(|| ProgressBar::with_draw_target(None, ProgressDrawTarget::stderr()));
     let mut before: Option<(AnyStatus, Instant)> = None;
     let mut n = 0u64;
@@ -90,7 +90,7 @@ pub fn run(req: &StatusRequest) -> anyhow::Result<()> {
             }
             return Ok(());
         }
-        std::thread::sleep(req.interval);
+        std::thread::sleep(req.interval.max(Duration::from_millis(10)));
     }
 }
 

@@ -9,9 +9,9 @@ use serde::{Deserialize, Serialize};
 
 /// Upper bounds (seconds) of the buckets: 1-2.5-5 steps from 5 µs to 10 s, which covers a
 /// queue freeze (µs), a guest request (tens of µs to ms) and a group's apply (ms to s).
-pub const BOUNDS: [f64; 19] = [
+pub const BOUNDS: [f64; 20] = [
     5e-6, 10e-6, 25e-6, 50e-6, 100e-6, 250e-6, 500e-6, 1e-3, 2.5e-3, 5e-3, 10e-3, 25e-3, 50e-3,
-    100e-3, 250e-3, 500e-3, 1.0, 2.5, 10.0,
+    100e-3, 250e-3, 500e-3, 1.0, 2.5, 5.0, 10.0,
 ];
 
 /// Counts of observations per bucket (non-cumulative; the last one is "above every bound"),

@@ -76,7 +76,7 @@ fn families(f: &mut Families<'_>, s: &PrimaryStatus) -> Result {
             ],
         )?;
         f.gauge(
-            "drblk_sync_total_bytes",
+            "drblk_sync_size_bytes",
             "Bytes the current or last sync had to ship when it began.",
             l.sync_total_bytes as f64,
         )?;

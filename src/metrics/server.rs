@@ -88,6 +88,7 @@ fn serve(server: &tiny_http::Server, render: &Render) {
         // A scraper that went away is not the daemon's problem.
         let _ = request.respond(response);
     }
+    tracing::info!("metrics endpoint closed");
 }
 
 impl Drop for MetricsServer {

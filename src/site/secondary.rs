@@ -698,6 +698,8 @@ impl Secondary {
     /// Stops listening (dropping the server closes its endpoint).
     pub fn stop(self) {
         drop(self.control);
+        // Its render closure holds the sink: gone before the wait below.
+        drop(self.metrics);
         if let Some(d) = self.sink.drill.lock().expect("drill lock").take() {
             if let Err(e) = self.sink.end_drill(d, "the secondary is stopping") {
                 tracing::warn!(error = %format!("{e:#}"), "removing the drill");
