@@ -35,8 +35,8 @@ RUSTFLAGS="--cfg drblk_loom" CARGO_TARGET_DIR=target/loom \
     cargo test --locked --release -p drblk --lib cg::loom_tests
 
 if [ "${DRBLK_SKIP_FUZZ:-0}" != 1 ] && command -v cargo-fuzz >/dev/null 2>&1; then
-    stage "fuzz request parsing (bounded)"
-    bash rust-vmm-ci/fuzz.sh "${DRBLK_FUZZ_SECONDS:-60}"
+    stage "fuzz every parser of untrusted bytes (bounded)"
+    bash rust-vmm-ci/fuzz.sh "${DRBLK_FUZZ_SECONDS:-30}"
 fi
 
 if [ "${DRBLK_SKIP_COVERAGE:-0}" != 1 ]; then
