@@ -567,11 +567,19 @@ impl ReplicaSink for StoreSink {
     fn disconnected(&self, reason: &str) {
         self.counters.connected.store(false, Relaxed);
         self.counters.staged_bytes.store(0, Relaxed);
-        tracing::warn!(reason, "primary disconnected; uncommitted data discarded");
+        let mut staged = 0;
         if let Some(s) = self.store.lock().expect("store lock").as_mut() {
             if !matches!(s.state(), ReplicaState::Syncing { .. }) {
+                staged = s.staged_chunks();
                 let _ = s.discard_uncommitted();
             }
+        }
+        // A warning only when a group was cut short; a clean close at a group boundary is
+        // a state change like any other.
+        if staged > 0 {
+            tracing::warn!(reason, staged_chunks = staged, "primary disconnected; its uncommitted group is discarded (the replica stays at its last committed group)");
+        } else {
+            tracing::info!(reason, "primary disconnected at a group boundary");
         }
     }
 }

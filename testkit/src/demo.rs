@@ -87,7 +87,10 @@ pub fn run(args: DemoArgs) -> anyhow::Result<()> {
         let _ = std::fs::remove_file(dir.join(f));
     }
     let _ = std::fs::remove_dir_all(dir.join("secondary.state"));
-    println!("drblk demo in {}", dir.display());
+    println!(
+        "drblk demo in {} (the daemons log warnings only; RUST_LOG=drblk=info shows their log)",
+        dir.display()
+    );
 
     // 1. Certificates for both sites, from a private CA.
     let certs = dir.join("certs");

@@ -5,7 +5,9 @@ use tracing_subscriber::EnvFilter;
 
 fn main() {
     let args = drblk_testkit::demo::DemoArgs::parse();
-    let filter = EnvFilter::try_from_default_env().unwrap_or_else(|_| EnvFilter::new("info"));
+    // The demo's own lines say what happens; the daemons' info log (RUST_LOG=drblk=info)
+    // would interleave with them, so only their warnings and errors are shown by default.
+    let filter = EnvFilter::try_from_default_env().unwrap_or_else(|_| EnvFilter::new("warn"));
     tracing_subscriber::fmt()
         .with_env_filter(filter)
         .with_writer(std::io::stderr)
