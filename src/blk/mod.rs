@@ -14,6 +14,8 @@ pub mod daemon;
 pub mod device;
 pub mod disk;
 pub mod execute;
+#[cfg(feature = "fault-injection")]
+pub mod fault;
 pub mod fence;
 pub mod op_stats;
 pub mod queue;

@@ -104,7 +104,10 @@ impl Server {
             (Some(rec), _) => Some(rec.tracking()),
             (None, e) => e.clone().map(|e| e as Arc<dyn Tracking>),
         };
-        let executor = Arc::new(Executor::new(disk.clone(), &cfg.serial, tracking));
+        let backing: Arc<dyn crate::blk::backing::Backing> = disk.clone();
+        #[cfg(feature = "fault-injection")]
+        let backing = crate::blk::fault::wrap(backing);
+        let executor = Arc::new(Executor::new(backing, &cfg.serial, tracking));
         let shared = Arc::new(DeviceShared {
             executor,
             limits,

@@ -39,6 +39,17 @@ impl Sites {
     }
 
     pub fn spawn(&self, log: &str, args: &[&str], paths: &[(&str, &Path)]) -> KillOnDrop {
+        self.spawn_env(log, args, paths, &[])
+    }
+
+    /// [`Sites::spawn`] with extra environment variables.
+    pub fn spawn_env(
+        &self,
+        log: &str,
+        args: &[&str],
+        paths: &[(&str, &Path)],
+        env: &[(&str, &str)],
+    ) -> KillOnDrop {
         let log = std::fs::OpenOptions::new()
             .create(true)
             .append(true)
@@ -49,6 +60,7 @@ impl Sites {
         for (flag, p) in paths {
             c.arg(flag).arg(p);
         }
+        c.envs(env.iter().copied());
         let child = c
             .env("RUST_LOG", "drblk=info")
             .stdout(Stdio::null())
@@ -95,6 +107,11 @@ impl Sites {
 
     /// `drblk serve` with `extra` arguments.
     pub fn primary_with(&self, extra: &[&str]) -> KillOnDrop {
+        self.primary_env(extra, &[])
+    }
+
+    /// `drblk serve` with `extra` arguments and environment variables.
+    pub fn primary_env(&self, extra: &[&str], env: &[(&str, &str)]) -> KillOnDrop {
         let to = format!("127.0.0.1:{}", self.port);
         let mut args = vec![
             "serve",
@@ -106,7 +123,7 @@ impl Sites {
             "20ms",
         ];
         args.extend_from_slice(extra);
-        let mut d = self.spawn(
+        let mut d = self.spawn_env(
             "primary.log",
             &args,
             &[
@@ -114,6 +131,7 @@ impl Sites {
                 ("--socket", &self.sock()),
                 ("--certs", &self.certs),
             ],
+            env,
         );
         let ctl_socket = drblk::control::control_path(&self.sock());
         self.wait_until("the primary to listen", || {
