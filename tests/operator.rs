@@ -9,16 +9,7 @@ mod common;
 use std::path::Path;
 use std::process::{Command, Output};
 
-use common::sites::{text, Sites, BIN, SIZE};
-
-fn drblk(args: &[&str], paths: &[(&str, &Path)]) -> Output {
-    let mut c = Command::new(BIN);
-    c.args(args);
-    for (flag, p) in paths {
-        c.arg(flag).arg(p);
-    }
-    c.output().unwrap()
-}
+use common::sites::{drblk, text, Sites, BIN, SIZE};
 
 /// `drblk ctl FLAG PATH args...` (ctl's options come before its command).
 fn ctl(args: &[&str], flag: &str, path: &Path) -> Output {
@@ -296,7 +287,6 @@ fn refusals_over_the_link_show_in_the_primarys_status_with_what_to_do() {
         s.wait_until("the initial copy", || s.acked().is_some_and(|c| c >= 1));
     }
     // Another disk (a new identity and generation) sent to the same secondary.
-    std::fs::remove_file(tmp.path().join("primary.img.drblk-id")).ok();
     for f in std::fs::read_dir(tmp.path()).unwrap() {
         let p = f.unwrap().path();
         let name = p.file_name().unwrap().to_string_lossy().into_owned();

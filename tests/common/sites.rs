@@ -180,13 +180,18 @@ impl Sites {
     }
 
     pub fn drblk(&self, args: &[&str], paths: &[(&str, &Path)]) -> Output {
-        let mut c = Command::new(BIN);
-        c.args(args);
-        for (flag, p) in paths {
-            c.arg(flag).arg(p);
-        }
-        c.output().unwrap()
+        drblk(args, paths)
     }
+}
+
+/// `drblk args... FLAG PATH...`, run to its end.
+pub fn drblk(args: &[&str], paths: &[(&str, &Path)]) -> Output {
+    let mut c = Command::new(BIN);
+    c.args(args);
+    for (flag, p) in paths {
+        c.arg(flag).arg(p);
+    }
+    c.output().unwrap()
 }
 
 pub fn text(o: &Output) -> String {
