@@ -48,26 +48,8 @@ impl AnyStatus {
     /// The sync in progress, if the replica is syncing.
     pub fn sync(&self) -> Option<SyncProgress> {
         match self {
-            AnyStatus::Primary(p) => {
-                let l = p.link.as_ref()?;
-                match (l.secondary_state, l.sync_progress) {
-                    (Some(ReplicaState::Syncing { .. }), Some(r)) => Some(SyncProgress {
-                        done: (r * l.sync_total_bytes as f64) as u64,
-                        total: l.sync_total_bytes,
-                    }),
-                    _ => None,
-                }
-            }
-            AnyStatus::Secondary(s) => match s.replica {
-                Some(ReplicaState::Syncing {
-                    done_chunks,
-                    total_chunks,
-                }) => Some(SyncProgress {
-                    done: done_chunks.min(total_chunks) * s.chunk_size,
-                    total: total_chunks * s.chunk_size,
-                }),
-                _ => None,
-            },
+            AnyStatus::Primary(p) => primary_sync(p),
+            AnyStatus::Secondary(s) => secondary_sync(s),
         }
     }
 
@@ -83,6 +65,32 @@ impl AnyStatus {
             ),
             AnyStatus::Secondary(s) => (0, s.applied_bytes, sync),
         }
+    }
+}
+
+/// The secondary's sync as a primary sees it (what it shipped of what it marked).
+fn primary_sync(p: &PrimaryStatus) -> Option<SyncProgress> {
+    let l = p.link.as_ref()?;
+    match (l.secondary_state, l.sync_progress) {
+        (Some(ReplicaState::Syncing { .. }), Some(r)) => Some(SyncProgress {
+            done: (r * l.sync_total_bytes as f64) as u64,
+            total: l.sync_total_bytes,
+        }),
+        _ => None,
+    }
+}
+
+/// A secondary's own sync (the chunks it received).
+fn secondary_sync(s: &SecondaryStatus) -> Option<SyncProgress> {
+    match s.replica {
+        Some(ReplicaState::Syncing {
+            done_chunks,
+            total_chunks,
+        }) => Some(SyncProgress {
+            done: done_chunks.min(total_chunks) * s.chunk_size,
+            total: total_chunks * s.chunk_size,
+        }),
+        _ => None,
     }
 }
 
@@ -259,8 +267,7 @@ fn primary(p: &PrimaryStatus, rates: Option<Rates>) -> String {
         );
         line("out of sync", HumanBytes(cg.dirty_bytes).to_string());
     }
-    let status = AnyStatus::Primary(p.clone());
-    if let Some(s) = status.sync() {
+    if let Some(s) = primary_sync(p) {
         line("sync", sync_line(s, rates));
     }
     out
@@ -327,8 +334,7 @@ fn secondary(s: &SecondaryStatus, rates: Option<Rates>) -> String {
         ),
         None => line("drill", "none".into()),
     }
-    let status = AnyStatus::Secondary(s.clone());
-    if let Some(p) = status.sync() {
+    if let Some(p) = secondary_sync(s) {
         line("sync", sync_line(p, rates));
     }
     out

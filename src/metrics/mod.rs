@@ -51,6 +51,17 @@ fn role(f: &mut Families<'_>, role: Role) -> std::fmt::Result {
     )
 }
 
+/// The `state` label of a replica state (`refused`: the secondary refused this primary).
+fn state_name(state: Option<ReplicaState>, refused: bool) -> &'static str {
+    match state {
+        _ if refused => "refused",
+        None => "unknown",
+        Some(ReplicaState::Syncing { .. }) => "syncing",
+        Some(ReplicaState::Consistent { .. }) => "consistent",
+        Some(ReplicaState::Promoted) => "promoted",
+    }
+}
+
 /// `drblk_replica_state{state}`: 1 for the replica's state, 0 for the others.
 fn replica_state(
     f: &mut Families<'_>,
@@ -58,7 +69,7 @@ fn replica_state(
     refused: bool,
     help: &str,
 ) -> std::fmt::Result {
-    let now = primary::state_name(state, refused);
+    let now = state_name(state, refused);
     let all = ["unknown", "syncing", "consistent", "promoted", "refused"];
     let labels: Vec<[(&str, &str); 1]> = all.iter().map(|n| [("state", *n)]).collect();
     let samples: Vec<_> = all

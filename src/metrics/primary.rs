@@ -5,7 +5,6 @@ use std::fmt::Result;
 use super::encode::{exposition, Families};
 use crate::control::PrimaryStatus;
 use crate::lineage::Role;
-use crate::replica::ReplicaState;
 
 /// The text Prometheus scrapes, for `status`.
 pub fn render(status: PrimaryStatus) -> String {
@@ -198,15 +197,4 @@ fn guest(f: &mut Families<'_>, s: &PrimaryStatus) -> Result {
         "Malformed requests rejected by validation.",
         s.rejected,
     )
-}
-
-/// For the role/state gauges of both sites.
-pub(super) fn state_name(state: Option<ReplicaState>, refused: bool) -> &'static str {
-    match state {
-        _ if refused => "refused",
-        None => "unknown",
-        Some(ReplicaState::Syncing { .. }) => "syncing",
-        Some(ReplicaState::Consistent { .. }) => "consistent",
-        Some(ReplicaState::Promoted) => "promoted",
-    }
 }
