@@ -262,33 +262,7 @@ impl StoreSink {
     /// A line for operators: "syncing 42.0 %", "consistent at CG 7 (primary's state as of
     /// 0.3 s ago)", or why there is no replica yet.
     pub fn describe(&self) -> String {
-        match self.store.lock().expect("store lock").as_ref() {
-            None => "no replica yet: waiting for the primary's first connection".into(),
-            Some(s) => match s.state() {
-                ReplicaState::Syncing {
-                    done_chunks,
-                    total_chunks,
-                } => format!(
-                    "inconsistent, syncing {:.1} % ({done_chunks} of {total_chunks} chunks)",
-                    if total_chunks > 0 {
-                        done_chunks as f64 * 100.0 / total_chunks as f64
-                    } else {
-                        0.0
-                    }
-                ),
-                ReplicaState::Consistent {
-                    cg,
-                    frozen_at_unix_us,
-                } => {
-                    let now = crate::sys::clock::now_unix_micros();
-                    format!(
-                        "consistent at CG {cg} (the primary's state as of {:.1} s ago)",
-                        now.saturating_sub(frozen_at_unix_us) as f64 / 1e6
-                    )
-                }
-                ReplicaState::Promoted => "promoted".into(),
-            },
-        }
+        describe_store(self.store.lock().expect("store lock").as_ref())
     }
 
     /// Failover on a running secondary: promotes the open replica (see
@@ -313,7 +287,32 @@ impl StoreSink {
 
     /// What `drblk ctl --control PATH status` answers.
     pub fn status_view(&self) -> SecondaryStatus {
-        let (state, cg) = self.status();
+        // One look at the store: its state, line and figures agree.
+        let (state, cg, opened, chunk_size, journal_bytes, line) = {
+            let g = self.store.lock().expect("store lock");
+            let line = describe_store(g.as_ref());
+            match g.as_ref() {
+                Some(s) => (
+                    s.state(),
+                    s.last_committed_cg(),
+                    true,
+                    s.chunk_size(),
+                    s.journal_bytes(),
+                    line,
+                ),
+                None => (
+                    ReplicaState::Syncing {
+                        done_chunks: 0,
+                        total_chunks: 0,
+                    },
+                    None,
+                    false,
+                    0,
+                    0,
+                    line,
+                ),
+            }
+        };
         let age = match state {
             ReplicaState::Consistent {
                 frozen_at_unix_us, ..
@@ -322,17 +321,12 @@ impl StoreSink {
             ),
             _ => None,
         };
-        let (opened, chunk_size, journal_bytes) =
-            match self.store.lock().expect("store lock").as_ref() {
-                Some(s) => (true, s.chunk_size(), s.journal_bytes()),
-                None => (false, 0, 0),
-            };
         let drill = self.drill_status();
         let c = &self.counters;
         SecondaryStatus {
             disk: self.paths.image.display().to_string(),
             state_dir: self.paths.state_dir.display().to_string(),
-            state: self.describe(),
+            state: line,
             last_committed_cg: cg,
             primary_state_age_ms: age,
             lineage: Lineage::load(&self.paths.image).ok().flatten(),
@@ -347,6 +341,37 @@ impl StoreSink {
             commit_seconds: c.commit.snapshot(),
             drill: drill.running.then_some(drill),
         }
+    }
+}
+
+/// The state line of a replica (or of none yet).
+fn describe_store(store: Option<&ReplicaStore>) -> String {
+    match store {
+        None => "no replica yet: waiting for the primary's first connection".into(),
+        Some(s) => match s.state() {
+            ReplicaState::Syncing {
+                done_chunks,
+                total_chunks,
+            } => format!(
+                "inconsistent, syncing {:.1} % ({done_chunks} of {total_chunks} chunks)",
+                if total_chunks > 0 {
+                    done_chunks as f64 * 100.0 / total_chunks as f64
+                } else {
+                    0.0
+                }
+            ),
+            ReplicaState::Consistent {
+                cg,
+                frozen_at_unix_us,
+            } => {
+                let now = crate::sys::clock::now_unix_micros();
+                format!(
+                    "consistent at CG {cg} (the primary's state as of {:.1} s ago)",
+                    now.saturating_sub(frozen_at_unix_us) as f64 / 1e6
+                )
+            }
+            ReplicaState::Promoted => "promoted".into(),
+        },
     }
 }
 
