@@ -288,6 +288,8 @@ fn link_status(
         resync_differing: link.resync_differing.load(Ordering::Relaxed),
         wire_bytes: link.wire_bytes.load(Ordering::Relaxed),
         udp_bytes: link.udp_bytes.load(Ordering::Relaxed),
+        secondary_failures: link.secondary_failures.load(Ordering::Relaxed),
+        secondary_error: link.secondary_error.lock().expect("status lock").clone(),
     }
 }
 

@@ -198,6 +198,14 @@ pub struct LinkStatusView {
     /// and retransmissions), over all connections; updated at each commit.
     #[serde(default)]
     pub udp_bytes: u64,
+    /// Groups the secondary could not store (a full or failing disk there); each one stays
+    /// dirty here and is shipped again after a backoff.
+    #[serde(default)]
+    pub secondary_failures: u64,
+    /// The secondary's reason for the last of those, until a group commits again
+    /// ("journal full: ...").
+    #[serde(default)]
+    pub secondary_error: Option<String>,
 }
 
 /// A successful answer on the control socket: `{"ok": true, ...body}`, the body's fields
@@ -301,6 +309,13 @@ pub struct SecondaryStatus {
     /// made durable, then applied to the image), seconds.
     #[serde(default)]
     pub commit_seconds: crate::metrics::histogram::HistogramSnapshot,
+    /// Groups this secondary could not stage or commit (a full or failing disk): each one
+    /// is retried by the primary.
+    #[serde(default)]
+    pub store_failures: u64,
+    /// Why the last group failed, while no group has committed since.
+    #[serde(default)]
+    pub store_error: Option<String>,
     /// The drill, if one runs.
     #[serde(default)]
     pub drill: Option<crate::drill::DrillStatus>,
@@ -407,6 +422,8 @@ mod tests {
                 resync_differing: 0,
                 wire_bytes: 9000 << 12,
                 udp_bytes: 9100 << 12,
+                secondary_failures: 0,
+                secondary_error: None,
             }),
             track: Some(TrackStatus {
                 path: "/var/lib/vm/disk.img.drblk-track".into(),

@@ -220,18 +220,33 @@ fn primary(p: &PrimaryStatus, rates: Option<Rates>) -> String {
     }
     line("guest", guest);
     match (&p.link, &p.replication) {
-        (Some(l), _) => line(
-            "link",
-            format!(
-                "{}; secondary {}",
-                if l.connected { "up" } else { "DOWN" },
-                if l.secondary.is_empty() {
-                    "not reached yet"
-                } else {
-                    &l.secondary
+        (Some(l), _) => {
+            // While the secondary syncs, its handshake's figure is stale: this primary's
+            // own count of what it shipped is the progress.
+            let secondary = match (&l.secondary_state, l.sync_progress) {
+                (Some(crate::replica::ReplicaState::Syncing { .. }), Some(p)) => {
+                    format!("syncing {:.1} %", p * 100.0)
                 }
-            ),
-        ),
+                _ if l.secondary.is_empty() => "not reached yet".into(),
+                _ => l.secondary.clone(),
+            };
+            line(
+                "link",
+                format!(
+                    "{}; secondary {secondary}",
+                    if l.connected { "up" } else { "DOWN" }
+                ),
+            );
+            if let Some(e) = &l.secondary_error {
+                line(
+                    "secondary",
+                    format!(
+                        "CANNOT STORE GROUPS ({} failed, retrying): {e}",
+                        l.secondary_failures
+                    ),
+                );
+            }
+        }
         (None, Some(_)) => line("link", "local replica".into()),
         (None, None) => line("replication", "off".into()),
     }
@@ -314,6 +329,15 @@ fn secondary(s: &SecondaryStatus, rates: Option<Rates>) -> String {
         applied += &format!("; {} now", rate(r.replication));
     }
     line("groups", applied);
+    if let Some(e) = &s.store_error {
+        line(
+            "store",
+            format!(
+                "FAILING ({} groups failed; the primary retries): {e}",
+                s.store_failures
+            ),
+        );
+    }
     match &s.drill {
         Some(d) => line(
             "drill",

@@ -49,6 +49,16 @@ fn families(f: &mut Families<'_>, s: &PrimaryStatus) -> Result {
             l.connects,
         )?;
         f.counter(
+            "drblk_secondary_store_failures",
+            "Groups the secondary could not store (a full or failing disk there); each is shipped again after a backoff.",
+            l.secondary_failures,
+        )?;
+        f.gauge(
+            "drblk_secondary_store_failing",
+            "1 while the secondary fails to store groups (drblk status says why).",
+            f64::from(u8::from(l.secondary_error.is_some())),
+        )?;
+        f.counter(
             "drblk_link_wire_bytes",
             "Bytes of extent frames written to the link (payload and headers).",
             l.wire_bytes,

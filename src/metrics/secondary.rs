@@ -83,10 +83,21 @@ fn families(f: &mut Families<'_>, s: &SecondaryStatus) -> Result {
     f.counters(
         "drblk_cg",
         "Consistency groups committed here.",
-        &[(
-            &[("result", "committed"), ("reason", "")],
-            s.groups_committed,
-        )],
+        &[
+            (
+                &[("result", "committed"), ("reason", "")],
+                s.groups_committed,
+            ),
+            (
+                &[("result", "failed"), ("reason", "store")],
+                s.store_failures,
+            ),
+        ],
+    )?;
+    f.gauge(
+        "drblk_store_failing",
+        "1 while the last group failed in the store (a full or failing disk; see drblk status).",
+        f64::from(u8::from(s.store_error.is_some())),
     )?;
     f.histogram(
         "drblk_commit_seconds",

@@ -99,6 +99,8 @@ fn primary() -> PrimaryStatus {
             resync_differing: 1,
             wire_bytes: 20000,
             udp_bytes: 30000,
+            secondary_failures: 0,
+            secondary_error: None,
         }),
         track: None,
     }
@@ -157,6 +159,8 @@ fn a_secondarys_status_becomes_its_metrics_syncing_or_with_a_drill() {
         applied_bytes: 0,
         journal_bytes: 100,
         commit_seconds: Default::default(),
+        store_failures: 0,
+        store_error: None,
         drill: None,
     };
     let m = parse(&super::secondary::render(s.clone()));

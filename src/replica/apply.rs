@@ -203,13 +203,10 @@ impl ReplicaStore {
             }
             ChunkData::Zero => {
                 if self.image_is_file {
-                    match crate::sys::file::punch_hole(&self.image, off, len) {
-                        Ok(()) => return Ok(()),
-                        Err(e) if crate::sys::file::is_unsupported(&e) => {}
-                        Err(e) => {
-                            return Err(error::io("punch hole in image", &self.image_path)(e))
-                        }
-                    }
+                    // Not a hole punch: the image keeps every block it was given at open,
+                    // so applying a committed group never needs new space (module doc).
+                    return crate::sys::file::zero_range_keep_allocated(&self.image, off, len)
+                        .map_err(error::io("zero range in image", &self.image_path));
                 }
                 let zeros = vec![0u8; len as usize];
                 self.image

@@ -2,6 +2,8 @@
 
 use std::path::PathBuf;
 
+use indicatif::HumanBytes;
+
 use super::fault::CrashPoint;
 
 /// Result alias of this module.
@@ -67,6 +69,38 @@ pub enum Error {
     /// A caller-supplied argument is out of range.
     #[error("invalid argument: {0}")]
     InvalidArgument(String),
+
+    /// Staging stopped before the journal's filesystem ran out: nothing was written and the
+    /// store is intact. The group being staged fails; the primary retries it later.
+    #[error(
+        "journal full: {} free in {dir}, CG {cg} needs more ({} staged so far, this extent {}, \
+         {} kept free for checkpoints); free space there: the primary retries and replication \
+         resumes by itself",
+        HumanBytes(*.free), HumanBytes(*.staged), HumanBytes(*.needed), HumanBytes(*.reserve)
+    )]
+    NoSpace {
+        dir: PathBuf,
+        cg: u64,
+        free: u64,
+        staged: u64,
+        needed: u64,
+        reserve: u64,
+    },
+
+    /// The replica image cannot be given all its blocks (see `ReplicaStore::open`).
+    #[error(
+        "the replica image {path} needs {} allocated, has {} and its filesystem {} more free: \
+         every block of the image is allocated when it is opened, so that a group whose \
+         commit record is written can always be applied. Free space there (or use a block \
+         device)",
+        HumanBytes(*.size), HumanBytes(*.allocated), HumanBytes(*.free)
+    )]
+    NoSpaceForImage {
+        path: PathBuf,
+        size: u64,
+        allocated: u64,
+        free: u64,
+    },
 
     /// An earlier operation failed half-way (I/O error or injected crash); the in-memory
     /// view can no longer be trusted. Drop the store and open it again (that runs recovery).

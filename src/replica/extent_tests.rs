@@ -218,6 +218,64 @@ fn assert_image(d: &Dirs, m: &Model, ctx: &str) {
 // ---------------------------------------------------------------- deterministic tests
 
 #[test]
+fn a_full_journal_fails_the_extent_cleanly_and_the_image_keeps_its_blocks() {
+    use std::os::unix::fs::MetadataExt;
+    let allocated = |d: &Dirs| fs::metadata(&d.image).unwrap().blocks() * 512;
+    let d = dirs();
+    let (mut s, mut m) = synced(&d);
+    assert!(
+        allocated(&d) >= DISK,
+        "the image is allocated in full at creation"
+    );
+    // Room for one chunk's record and the reserve, not for two chunks more.
+    s.space.fixed_free = Some(space::RESERVE + 2 * CHUNK);
+    stage_ext(&mut s, 2, 0, 1, Kind::Seed(5)).unwrap();
+    m.stage(2, 0, 1, Kind::Seed(5));
+    let j = s.journal_bytes();
+    let e = stage_ext(&mut s, 2, 1, 2, Kind::Seed(6)).unwrap_err();
+    assert!(matches!(e, Error::NoSpace { cg: 2, .. }), "{e}");
+    assert!(e.to_string().starts_with("journal full:"), "{e}");
+    assert_eq!(s.journal_bytes(), j, "nothing written");
+    // The store stays usable: a zero extent (a header only) fits, and the group commits.
+    stage_ext(&mut s, 2, 8, 8, Kind::Zero).unwrap();
+    m.stage(2, 8, 8, Kind::Zero);
+    s.commit(2, 2000).unwrap();
+    m.commit(2);
+    assert_image(&d, &m, "after the commit");
+    assert!(
+        allocated(&d) >= DISK,
+        "zeroes are written into the image's blocks, never punched out of it"
+    );
+}
+
+/// Recovery cuts what follows the last commit record before it writes anything: a journal
+/// that filled its filesystem with a failed group gives that space back first.
+#[test]
+fn recovery_cuts_the_uncommitted_tail_first() {
+    let d = dirs();
+    let (mut s, mut m) = synced(&d);
+    s.set_checkpoint_policy(CheckpointPolicy {
+        max_journal_bytes: u64::MAX,
+        max_interval: std::time::Duration::MAX,
+    });
+    stage_ext(&mut s, 2, 0, 8, Kind::Seed(7)).unwrap();
+    m.stage(2, 0, 8, Kind::Seed(7));
+    s.commit(2, 2000).unwrap();
+    m.commit(2);
+    let committed = s.journal_bytes();
+    stage_ext(&mut s, 3, 8, 8, Kind::Seed(8)).unwrap();
+    assert!(s.journal_bytes() > committed);
+    drop(s); // a crash with CG 3 staged
+    let mut j = Journal::open(&d.state).unwrap();
+    let scan = j.scan(Geometry::new(DISK, CHUNK).unwrap()).unwrap();
+    assert_eq!(scan.committed_end, committed);
+    let (s, rep) = open(&d).unwrap();
+    assert_eq!(rep.discarded_records, 1);
+    assert_eq!(s.last_committed_cg(), Some(2));
+    assert_image(&d, &m, "after recovery");
+}
+
+#[test]
 fn one_journal_record_per_extent() {
     let d = dirs();
     let (mut s, mut m) = synced(&d);

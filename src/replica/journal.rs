@@ -89,6 +89,9 @@ pub struct Scan {
     pub uncommitted_records: u64,
     /// Offset at which the valid part of the journal ends, if bytes follow it.
     pub torn_at: Option<u64>,
+    /// Offset just after the last commit record (or the checkpoint record): what follows
+    /// belongs to no committed CG.
+    pub committed_end: u64,
 }
 
 fn new_gen(old: u64) -> u64 {
@@ -141,6 +144,10 @@ impl Journal {
     /// Append one record; returns its offset. Not synced.
     pub fn append(&mut self, h: Header, payload: &[u8]) -> Result<u64> {
         let off = self.len;
+        #[cfg(feature = "fault-injection")]
+        if let Some(f) = crate::sys::fault_plan::journal() {
+            f.next_write().map_err(io("write", &self.path))?;
+        }
         let raw = h.encode(payload);
         if payload.len() <= 64 << 10 {
             // One system call per small record (most extents are a few blocks).
@@ -157,6 +164,20 @@ impl Journal {
         }
         self.len = off + h.record_len();
         Ok(off)
+    }
+
+    /// The journal file's size on disk (a torn tail included).
+    pub fn file_len(&self) -> Result<u64> {
+        Ok(self.file.metadata().map_err(io("stat", &self.path))?.len())
+    }
+
+    /// Cuts the journal at `end` (see [`Scan::committed_end`]): drops records of no
+    /// committed CG, giving their space back before recovery writes anything.
+    pub fn truncate_uncommitted(&mut self, end: u64) -> Result<()> {
+        self.file.set_len(end).map_err(io("truncate", &self.path))?;
+        self.sync()?;
+        self.len = end;
+        Ok(())
     }
 
     /// Write only the first half of a record (crash injection: torn write).
@@ -361,6 +382,7 @@ impl Journal {
                         break 'rec Some("journal does not start with a checkpoint".into());
                     }
                     have_gen = true;
+                    scan.committed_end = h.record_len();
                     scan.gen = h.gen;
                     scan.base_cg = h.cg;
                     scan.base_frozen = h.aux;
@@ -416,6 +438,7 @@ impl Journal {
                                 }
                             });
                             scan.last_commit = Some((h.cg, h.aux));
+                            scan.committed_end = off + h.record_len();
                         }
                     }
                 }

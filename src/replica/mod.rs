@@ -116,6 +116,7 @@ pub mod identity;
 pub use checksum::chunk_crcs;
 mod journal;
 mod open;
+mod space;
 mod stage;
 mod state;
 mod sync;
@@ -130,6 +131,7 @@ pub use apply::CheckpointPolicy;
 pub use error::{Error, Result};
 pub use fault::{CrashMode, CrashPoint};
 pub use open::{default_state_dir, stored_identity};
+pub use space::RESERVE as STAGING_RESERVE;
 
 use fault::Fault;
 use journal::{Entry, Geometry, Journal};
@@ -257,6 +259,8 @@ pub struct ReplicaStore {
     /// Background writeback of the image (None if its thread could not start).
     flusher: Option<flush::ImageFlusher>,
     fault: Fault,
+    /// Room left for staging on the journal's filesystem.
+    space: space::SpaceGuard,
     poisoned: bool,
     /// Told before each change of the image (a running drill, `crate::drill`).
     observer: Option<std::sync::Arc<dyn ImageObserver>>,

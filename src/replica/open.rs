@@ -143,6 +143,10 @@ impl ReplicaStore {
             }
         }
 
+        if image_is_file {
+            preallocate_image(&image_file, image, disk_size)?;
+        }
+
         let mut store = ReplicaStore {
             dir: state_dir.to_path_buf(),
             image_path: image.to_path_buf(),
@@ -161,6 +165,7 @@ impl ReplicaStore {
             last_checkpoint: std::time::Instant::now(),
             flusher: None,
             fault: Fault::from_env(),
+            space: Default::default(),
             poisoned: false,
             observer: None,
             _lock: lock,
@@ -189,6 +194,12 @@ impl ReplicaStore {
         let scan = self.journal.scan(self.geo)?;
         report.discarded_records = scan.uncommitted_records;
         report.torn_tail_at = scan.torn_at;
+        // What follows the last commit record is dropped below anyway; cut it first, so a
+        // journal that filled its filesystem (a group that failed with ENOSPC) gives the
+        // space back before recovery writes the image's state. Nothing committed is cut.
+        if scan.committed_end > 0 && scan.committed_end < self.journal.file_len()? {
+            self.journal.truncate_uncommitted(scan.committed_end)?;
+        }
         if scan.base_cg > self.st.last_committed_cg {
             // Cannot happen with our write order (state before journal reset); trust the
             // journal, which was only reset after the image was synced.
@@ -279,6 +290,38 @@ impl ReplicaStore {
         state::sync_dir(state_dir)?;
         tracing::warn!(dir = %state_dir.display(), "replica reset to syncing; a full resync is required");
         Ok(())
+    }
+}
+
+/// Gives the image file every block of the disk. Why: a group whose commit record is
+/// written must always be applicable — after that record the primary is acknowledged, and
+/// an apply that stopped half-way for want of space would leave an image no state file
+/// describes (and every replay would stop at the same place). With all blocks allocated,
+/// applying writes only into them (zeroes included: see `write_image`), so the only place
+/// a full filesystem can stop replication is the journal, before the commit record, where
+/// the group fails cleanly and is retried. Cheap when the file is already allocated (the
+/// usual reopen); on ext4 and xfs a new image gets "unwritten" extents, not zeroes written.
+/// The cost is thin provisioning: the replica takes the disk's full size at once.
+fn preallocate_image(f: &File, image: &Path, size: u64) -> Result<()> {
+    let before = crate::sys::file::allocated_bytes(f).unwrap_or(0);
+    match crate::sys::file::preallocate(f, size) {
+        Ok(true) => {
+            if before < size {
+                tracing::info!(image = %image.display(), size, "replica image allocated in full");
+            }
+            Ok(())
+        }
+        Ok(false) => {
+            tracing::warn!(image = %image.display(), "this filesystem cannot preallocate the replica image: if it fills up, applying a committed group stops until space is added (the journal keeps the group; it is applied then)");
+            Ok(())
+        }
+        Err(e) if e.raw_os_error() == Some(libc::ENOSPC) => Err(Error::NoSpaceForImage {
+            path: image.to_path_buf(),
+            size,
+            allocated: crate::sys::file::allocated_bytes(f).unwrap_or(0),
+            free: crate::sys::file::free_bytes(image).unwrap_or(0),
+        }),
+        Err(e) => Err(error::io("allocate", image)(e)),
     }
 }
 

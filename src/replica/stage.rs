@@ -3,7 +3,7 @@
 use super::fault::CrashPoint;
 use super::format::{self, Header, RecordType};
 use super::journal::Entry;
-use super::{ChunkData, Error, ReplicaStore, Result, StageOutcome};
+use super::{space, ChunkData, Error, ReplicaStore, Result, StageOutcome};
 
 impl ReplicaStore {
     // ----- CG cycles -----
@@ -50,6 +50,22 @@ impl ReplicaStore {
             ChunkData::Bytes(b) if b.iter().all(|&x| x == 0) => ChunkData::Zero,
             d => d,
         };
+        let record = format::HEADER_LEN as u64
+            + match data {
+                ChunkData::Bytes(b) => b.len() as u64,
+                ChunkData::Zero => 0,
+            };
+        if let Err(free) = self.space.make_room(&self.dir, record) {
+            // Refused before anything is written: the store stays usable.
+            return Err(Error::NoSpace {
+                dir: self.dir.clone(),
+                cg,
+                free,
+                staged: self.live_bytes,
+                needed: record,
+                reserve: space::RESERVE,
+            });
+        }
         if let Some(o) = &self.observer {
             // The group will overwrite this range: whoever keeps its old content can start
             // reading it now, while the rest of the group travels.

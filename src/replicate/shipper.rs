@@ -57,6 +57,20 @@ pub struct LinkStatus {
     /// Bytes of UDP datagrams sent over all connections (QUIC headers, acknowledgements and
     /// retransmissions included; IP/UDP headers not). Updated at each commit.
     pub udp_bytes: AtomicU64,
+    /// Groups the secondary could not store (a full or failing disk there).
+    pub secondary_failures: AtomicU64,
+    /// The secondary's reason for the last such failure, until a group commits again.
+    pub secondary_error: Mutex<Option<String>>,
+}
+
+/// How long the primary waits before shipping again after the secondary failed to store
+/// `consecutive` groups in a row (1 = the first failure): doubling from 1 s up to 30 s, so
+/// a full disk there costs a handful of attempts a minute instead of a reconnect storm,
+/// and replication resumes within 30 s of space returning.
+pub fn storage_retry_delay(consecutive: u32) -> Duration {
+    let first = Duration::from_secs(1);
+    let shift = consecutive.saturating_sub(1).min(5);
+    (first * (1 << shift)).min(Duration::from_secs(30))
 }
 
 /// How long one verify slice may run between two groups.
@@ -140,6 +154,10 @@ pub struct Replicator {
     /// ahead of the record's acknowledged group holds a group whose acknowledgement was
     /// lost with the crash, and the record covers what differs from it too.
     seeded: bool,
+    /// Groups the secondary failed to store in a row, and when to ship again.
+    storage_failing: u32,
+    retry_at: Option<Instant>,
+    next_failure_log: Option<Instant>,
 }
 
 impl Replicator {
@@ -155,6 +173,9 @@ impl Replicator {
             status: Arc::new(LinkStatus::default()),
             record: None,
             seeded: false,
+            storage_failing: 0,
+            retry_at: None,
+            next_failure_log: None,
         }
     }
 
@@ -396,9 +417,47 @@ impl Replicator {
         self.status.connected.store(false, Ordering::SeqCst);
         self.account();
         if let Some(c) = self.client.take() {
+            if let Some(reason) = c.storage_failure() {
+                self.secondary_failed(reason);
+            }
             c.close();
         }
         io::Error::new(io::ErrorKind::ConnectionAborted, e.to_string())
+    }
+}
+
+impl Replicator {
+    /// The secondary could not store a group: its data stays dirty here (the cycle merges
+    /// it back), and the next attempt waits `storage_retry_delay`. Logged when the reason
+    /// changes, and once a minute while it lasts.
+    fn secondary_failed(&mut self, reason: String) {
+        self.storage_failing += 1;
+        let wait = storage_retry_delay(self.storage_failing);
+        self.retry_at = Some(Instant::now() + wait);
+        self.status
+            .secondary_failures
+            .fetch_add(1, Ordering::Relaxed);
+        let mut last = self.status.secondary_error.lock().expect("status lock");
+        let now = Instant::now();
+        if last.as_deref() != Some(reason.as_str())
+            || self.next_failure_log.is_none_or(|t| now >= t)
+        {
+            tracing::error!(secondary = %self.cfg.server_addr, failures = self.storage_failing, retry_in = ?wait, "the secondary cannot store groups: {reason}; the data stays dirty here and is shipped again");
+            self.next_failure_log = Some(now + Duration::from_secs(60));
+        }
+        *last = Some(reason);
+    }
+
+    /// A group committed: the secondary stores groups again.
+    fn secondary_recovered(&mut self) {
+        if self.storage_failing == 0 {
+            return;
+        }
+        tracing::info!(secondary = %self.cfg.server_addr, failures = self.storage_failing, "the secondary stores groups again");
+        self.storage_failing = 0;
+        self.retry_at = None;
+        self.next_failure_log = None;
+        *self.status.secondary_error.lock().expect("status lock") = None;
     }
 }
 
@@ -421,6 +480,7 @@ impl ChunkSink for Replicator {
         match r {
             Ok(()) => {
                 self.account();
+                self.secondary_recovered();
                 if let Some(r) = &self.record {
                     r.committed();
                 }
@@ -443,6 +503,12 @@ impl ChunkSink for Replicator {
                 let _ = self.lost(e);
             } else {
                 return Ok(());
+            }
+        }
+        if let Some(at) = self.retry_at {
+            // The secondary failed to store a group: give it time (space to be freed).
+            while Instant::now() < at && !stop.load(Ordering::SeqCst) {
+                std::thread::sleep(Duration::from_millis(20));
             }
         }
         let first = self.status.connects.load(Ordering::Relaxed) == 0;
@@ -486,5 +552,19 @@ impl ChunkSink for Replicator {
     fn recover(&mut self, error: &io::Error, stop: &AtomicBool) -> io::Result<()> {
         let _ = self.lost(error);
         self.prepare(stop)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::storage_retry_delay;
+    use std::time::Duration;
+
+    #[test]
+    fn storage_failures_back_off_doubling_to_thirty_seconds() {
+        let secs: Vec<u64> = (1..=8).map(|n| storage_retry_delay(n).as_secs()).collect();
+        assert_eq!(secs, [1, 2, 4, 8, 16, 30, 30, 30]);
+        assert_eq!(storage_retry_delay(0), Duration::from_secs(1));
+        assert_eq!(storage_retry_delay(u32::MAX), Duration::from_secs(30));
     }
 }

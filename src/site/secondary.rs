@@ -83,6 +83,9 @@ struct SinkCounters {
     staged_bytes: std::sync::atomic::AtomicU64,
     applied_bytes: std::sync::atomic::AtomicU64,
     commit: crate::metrics::histogram::Histogram,
+    /// Groups that failed in the store (see `SecondaryStatus::store_failures`).
+    store_failures: std::sync::atomic::AtomicU64,
+    store_error: Mutex<Option<String>>,
 }
 
 /// Called after each group was committed and applied, with its number and the image path
@@ -245,12 +248,20 @@ impl StoreSink {
             Ok(v) => Ok(v),
             Err(e) => {
                 // A failed store call poisons it: drop it so the next Hello reopens it, which
-                // runs recovery. A call refused for the store's state (a promoted replica)
-                // changed nothing: keep it.
-                if e.downcast_ref::<StoreError>()
-                    .is_some_and(|e| !matches!(e, StoreError::InvalidState(_)))
-                {
+                // runs recovery. A call refused for the store's state (a promoted replica),
+                // or for want of room before anything was written, changed nothing: keep it.
+                let store_error = e.downcast_ref::<StoreError>();
+                if store_error.is_some_and(|e| {
+                    !matches!(e, StoreError::InvalidState(_) | StoreError::NoSpace { .. })
+                }) {
                     *g = None;
+                }
+                if store_error.is_some_and(|e| !matches!(e, StoreError::InvalidState(_))) {
+                    let e = explain_full_disk(e, &self.paths.state_dir);
+                    self.counters.store_failures.fetch_add(1, Relaxed);
+                    *self.counters.store_error.lock().expect("counters lock") =
+                        Some(format!("{e:#}"));
+                    return Err(e);
                 }
                 Err(e)
             }
@@ -339,6 +350,8 @@ impl StoreSink {
             applied_bytes: c.applied_bytes.load(Relaxed),
             journal_bytes,
             commit_seconds: c.commit.snapshot(),
+            store_failures: c.store_failures.load(Relaxed),
+            store_error: c.store_error.lock().expect("counters lock").clone(),
             drill: drill.running.then_some(drill),
         }
     }
@@ -543,6 +556,9 @@ impl ReplicaSink for StoreSink {
             let c = &self.counters;
             c.commit.observe(started.elapsed());
             c.groups_committed.fetch_add(1, Relaxed);
+            if let Some(was) = c.store_error.lock().expect("counters lock").take() {
+                tracing::info!(cg, "groups commit again (the last failure was: {was})");
+            }
             c.applied_bytes
                 .fetch_add(c.staged_bytes.swap(0, Relaxed), Relaxed);
             // The image holds a group now: worth comparing with after any later reset.
@@ -607,6 +623,25 @@ impl ReplicaSink for StoreSink {
             tracing::info!(reason, "primary disconnected at a group boundary");
         }
     }
+}
+
+/// An ENOSPC from the store, with what to do about it (the primary shows this text).
+fn explain_full_disk(e: anyhow::Error, dir: &Path) -> anyhow::Error {
+    let full = e.chain().any(|c| {
+        c.downcast_ref::<std::io::Error>()
+            .is_some_and(|io| io.raw_os_error() == Some(libc::ENOSPC))
+    });
+    if !full {
+        return e;
+    }
+    let free = crate::sys::file::free_bytes(dir).unwrap_or(0);
+    e.context(format!(
+        "journal full: no space left in {} ({} free; a group needs its size there plus {} kept \
+         free); free space there: the primary retries and replication resumes by itself",
+        dir.display(),
+        indicatif::HumanBytes(free),
+        indicatif::HumanBytes(crate::replica::STAGING_RESERVE)
+    ))
 }
 
 /// Creates the replica image (sparse) at `size` if it is missing or shorter; `true` if it

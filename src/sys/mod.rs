@@ -2,6 +2,8 @@
 //! `fallocate`, thread priority.
 
 pub mod clock;
+#[cfg(feature = "fault-injection")]
+pub mod fault_plan;
 pub mod file;
 pub mod log_limit;
 pub mod priority;

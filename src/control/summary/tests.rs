@@ -51,6 +51,8 @@ fn primary_status() -> PrimaryStatus {
             resync_differing: 0,
             wire_bytes: 0,
             udp_bytes: 0,
+            secondary_failures: 0,
+            secondary_error: None,
         }),
         track: None,
     }
@@ -73,6 +75,8 @@ fn secondary_status(replica: Option<ReplicaState>) -> SecondaryStatus {
         applied_bytes: 0,
         journal_bytes: 0,
         commit_seconds: Default::default(),
+        store_failures: 0,
+        store_error: None,
         drill: None,
     }
 }
@@ -146,7 +150,34 @@ fn a_primary_sees_its_secondarys_sync_from_what_it_shipped() {
             total: 1 << 30
         })
     );
-    assert!(render(&s, None).contains("syncing 50.0 % (512.00 MiB of 1.00 GiB)"));
+    let text = render(&s, None);
+    assert!(text.contains("syncing 50.0 % (512.00 MiB of 1.00 GiB)"));
+    assert!(
+        text.contains("link        up; secondary syncing 50.0 %\n"),
+        "the link line shows this primary's count, not the handshake's:\n{text}"
+    );
+}
+
+#[test]
+fn a_secondary_that_cannot_store_groups_says_why_on_both_sites() {
+    let mut p = primary_status();
+    let l = p.link.as_mut().unwrap();
+    l.secondary_failures = 3;
+    l.secondary_error = Some("journal full: 1.00 MiB free in /srv/r.state".into());
+    let text = render(&AnyStatus::Primary(p), None);
+    assert!(
+        text.contains("secondary   CANNOT STORE GROUPS (3 failed, retrying): journal full: 1.00 MiB free in /srv/r.state"),
+        "{text}"
+    );
+    assert!(!render(&AnyStatus::Primary(primary_status()), None).contains("CANNOT"));
+    let mut s = secondary_status(None);
+    s.store_failures = 2;
+    s.store_error = Some("journal full".into());
+    let text = render(&AnyStatus::Secondary(s), None);
+    assert!(
+        text.contains("store       FAILING (2 groups failed; the primary retries): journal full"),
+        "{text}"
+    );
 }
 
 #[test]

@@ -294,6 +294,12 @@ impl LinkClient {
         self.shared.counters.wire.load(Ordering::Relaxed)
     }
 
+    /// `Some(reason)` once the secondary said it could not store a group (a full or failing
+    /// disk there): the link itself was fine.
+    pub fn storage_failure(&self) -> Option<String> {
+        lock(&self.shared.storage_failure).clone()
+    }
+
     /// `Some(reason)` once the link is lost; every later call fails with `LinkLost`.
     pub fn lost(&self) -> Option<String> {
         lock(&self.shared.lost).clone()

@@ -59,6 +59,9 @@ pub(super) struct Shared {
     max_inflight: usize,
     bucket: Option<TokenBucket>,
     pub(super) lost: Mutex<Option<String>>,
+    /// The secondary's reason, when it could not store a group (`CommitFailed`, or a close
+    /// with `SINK_ERROR`): not a link problem, and retrying at once would fail the same way.
+    pub(super) storage_failure: Mutex<Option<String>>,
     pending: Mutex<Pending>,
     /// Extents sent per CG label, not yet covered by a commit.
     uncommitted: Mutex<(BTreeMap<u64, u64>, Option<u64>)>,
@@ -116,6 +119,7 @@ impl Shared {
             max_inflight,
             bucket,
             lost: Mutex::new(None),
+            storage_failure: Mutex::new(None),
             pending: Mutex::new(Pending::default()),
             uncommitted: Mutex::new((BTreeMap::new(), last)),
             seq: AtomicU64::new(1),
@@ -130,6 +134,13 @@ impl Shared {
         let s = shared.clone();
         tokio::spawn(async move {
             let e = s.conn.closed().await;
+            // Recorded before the link is marked lost, so whoever wakes up sees it.
+            if let quinn::ConnectionError::ApplicationClosed(c) = &e {
+                if c.error_code == close_code::SINK_ERROR.into() {
+                    lock(&s.storage_failure)
+                        .get_or_insert_with(|| String::from_utf8_lossy(&c.reason).into_owned());
+                }
+            }
             s.mark_lost(describe_close(&e));
         });
         shared
@@ -411,6 +422,7 @@ impl Shared {
             },
             Message::CommitFailed { cg, reason } => {
                 tracing::error!(cg, "secondary failed to commit CG {cg}: {reason}");
+                lock(&self.storage_failure).get_or_insert_with(|| reason.clone());
                 if let Some(tx) = lock(&self.pending).commits.remove(&cg) {
                     let _ = tx.send(Err(reason));
                 }
