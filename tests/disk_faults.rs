@@ -1,13 +1,21 @@
-//! A full or failing disk under a replicating primary, through the real binaries and
-//! vhost-user (feature `fault-injection`: `DRBLK_FAULT_WRITES` fails chosen image writes
-//! with ENOSPC or EIO). The writes that fail get IOERR and change nothing; every other
-//! write succeeds; the daemon keeps serving and replicating; the replica ends
-//! byte-identical to the primary; and the failures cost one log line, not one per request.
+//! A full or failing disk on either site, through the real binaries and vhost-user (feature
+//! `fault-injection`: `DRBLK_FAULT_WRITES` fails chosen image writes of the primary,
+//! `DRBLK_FAULT_JOURNAL` chosen journal appends of the secondary, with ENOSPC or EIO).
+//!
+//! Primary: the writes that fail get IOERR and change nothing; every other write succeeds;
+//! the daemon keeps serving and replicating; the replica ends byte-identical to the primary;
+//! and the failures cost one log line, not one per request.
+//!
+//! Secondary: the group being staged fails, the replica stays at its last group, the
+//! primary keeps the data dirty, says why in its status, and retries with a backoff (a
+//! handful of connections, not a storm); when the disk works again replication resumes by
+//! itself and the replica ends byte-identical.
 #![cfg(feature = "fault-injection")]
 
 mod common;
 
 use common::sites::{Sites, SIZE};
+use drblk::control::{PrimaryStatus, SecondaryStatus};
 use drblk_testkit::test_frontend::{Desc, TestFrontend, DATA_BASE};
 use virtio_bindings::virtio_blk::{VIRTIO_BLK_T_IN, VIRTIO_BLK_T_OUT};
 
@@ -82,4 +90,96 @@ fn a_full_disk_fails_only_the_writes_that_hit_it_and_replication_goes_on() {
 #[test]
 fn a_failing_disk_fails_only_the_writes_that_hit_it_and_replication_goes_on() {
     run("EIO");
+}
+
+/// One block written through vhost-user (the test frontend).
+fn write_block(f: &mut TestFrontend, block: u64, byte: u8) {
+    f.write_mem(DATA_BASE, &[byte; BLOCK]).unwrap();
+    let (st, _) = f
+        .request(
+            0,
+            VIRTIO_BLK_T_OUT,
+            block * 8,
+            &[Desc::r(DATA_BASE, BLOCK as u32)],
+        )
+        .unwrap();
+    assert_eq!(st, 0);
+}
+
+fn secondary_fault(errno: &str, explained: &str) {
+    let tmp = tempfile::tempdir().unwrap();
+    let s = Sites::new(tmp.path());
+    // The initial copy writes the image directly; the first three groups' first staged
+    // record each fail, as a full (or failing) journal disk would.
+    let plan = format!("{errno},skip=0,fail=3");
+    let _secondary = s.secondary_env(&[], &[("DRBLK_FAULT_JOURNAL", &plan)]);
+    let _primary = s.primary();
+    s.wait_until("the initial copy", || s.acked().is_some_and(|c| c >= 1));
+    let synced = s.acked().unwrap();
+
+    let mut f = TestFrontend::connect(&s.sock(), 2, 256, true).unwrap();
+    for i in 0..32u64 {
+        write_block(&mut f, i * 13, i as u8 + 1);
+    }
+    // The secondary cannot store the group: the primary says why, while it lasts (it is
+    // cleared only by a group that commits, so this wait cannot miss it).
+    let mut seen: Option<PrimaryStatus> = None;
+    s.wait_until("the primary to report the secondary's failure", || {
+        let st = common::ctl_status(&s.sock());
+        let failing = st
+            .link
+            .as_ref()
+            .is_some_and(|l| l.secondary_error.is_some());
+        if failing {
+            seen = Some(st);
+        }
+        failing
+    });
+    let st = seen.unwrap();
+    let l = st.link.as_ref().unwrap();
+    let why = l.secondary_error.as_deref().unwrap();
+    assert!(why.contains(explained), "{why}");
+    let summary = common::sites::text(&s.drblk(&["status"], &[("--socket", &s.sock())]));
+    assert!(
+        summary.contains("CANNOT STORE GROUPS") || s.acked() > Some(synced),
+        "{summary}"
+    );
+
+    // It resumes by itself once the disk works again, and nothing is lost.
+    s.wait_until("replication to resume", || {
+        let st = common::ctl_status(&s.sock());
+        let l = st.link.unwrap();
+        l.secondary_error.is_none() && l.secondary_failures >= 3
+    });
+    let _: drblk::control::Drained = common::ctl(&s.sock(), "drain");
+    let primary = std::fs::read(tmp.path().join("primary.img")).unwrap();
+    let replica = std::fs::read(s.replica()).unwrap();
+    assert!(primary == replica, "the replica differs from the primary");
+
+    let st = common::ctl_status(&s.sock());
+    let l = st.link.unwrap();
+    assert_eq!(l.secondary_failures, 3, "one failure per planned fault");
+    // A backoff, not a storm: the first connection and one per retry.
+    assert!(l.connects <= 5, "{} connections", l.connects);
+    let out = s.ctl_control(&["status"]);
+    let sec: SecondaryStatus = serde_json::from_slice(&out.stdout).unwrap();
+    assert_eq!(sec.store_failures, 3);
+    assert!(
+        sec.store_error.is_none(),
+        "cleared by the group that committed"
+    );
+    let log = std::fs::read_to_string(tmp.path().join("primary.log")).unwrap();
+    let lines = log.matches("the secondary cannot store groups").count();
+    assert!((1..=3).contains(&lines), "{lines} lines:\n{log}");
+    assert!(log.contains("the secondary stores groups again"), "{log}");
+}
+
+#[test]
+fn a_full_journal_on_the_secondary_fails_groups_until_space_returns() {
+    secondary_fault("ENOSPC", "journal full: no space left in");
+}
+
+#[test]
+fn a_failing_journal_disk_on_the_secondary_fails_groups_until_it_works_again() {
+    secondary_fault("EIO", "Input/output error");
 }

@@ -90,12 +90,19 @@ impl Engine {
         cr.forward_into(&c.oos);
         c.retired.push(cr);
         c.abandoned[reason as usize] += 1;
-        warn!(
-            cg,
-            ?reason,
-            "cg: strict consistency group abandoned; the secondary stays at CG {} until a later CG commits",
-            c.last_committed
-        );
+        // Once a minute at most: a secondary that keeps failing groups (retried with a
+        // backoff) must not fill the log.
+        static LOG: crate::sys::log_limit::LogLimiter =
+            crate::sys::log_limit::LogLimiter::new(std::time::Duration::from_secs(60));
+        if let Some(a) = LOG.admit() {
+            warn!(
+                cg,
+                ?reason,
+                "cg: strict consistency group abandoned; the secondary stays at CG {} until a later CG commits{}",
+                c.last_committed,
+                a.note()
+            );
+        }
     }
 
     /// Hands out the next extent of the forming CG — a run of contiguous dirty chunks inside

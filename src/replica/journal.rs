@@ -145,8 +145,10 @@ impl Journal {
     pub fn append(&mut self, h: Header, payload: &[u8]) -> Result<u64> {
         let off = self.len;
         #[cfg(feature = "fault-injection")]
-        if let Some(f) = crate::sys::fault_plan::journal() {
-            f.next_write().map_err(io("write", &self.path))?;
+        if matches!(h.rtype, RecordType::Data | RecordType::Zero) {
+            if let Some(f) = crate::sys::fault_plan::journal() {
+                f.next_write().map_err(io("write", &self.path))?;
+            }
         }
         let raw = h.encode(payload);
         if payload.len() <= 64 << 10 {

@@ -225,7 +225,11 @@ fn run(
             }
         };
         if let Err(e) = drain_and_commit(engine, sink, formed.cg, frozen_at, stats) {
-            tracing::warn!(cg = formed.cg, error = %e, "shipping the consistency group failed");
+            static LOG: crate::sys::log_limit::LogLimiter =
+                crate::sys::log_limit::LogLimiter::new(Duration::from_secs(60));
+            if let Some(a) = LOG.admit() {
+                tracing::warn!(cg = formed.cg, error = %e, "shipping the consistency group failed{}", a.note());
+            }
             // Everything not committed goes back into the dirty set and ships again later.
             engine.link_lost();
             if let Err(e) = sink.recover(&e, stop) {

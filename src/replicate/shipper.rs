@@ -157,7 +157,7 @@ pub struct Replicator {
     /// Groups the secondary failed to store in a row, and when to ship again.
     storage_failing: u32,
     retry_at: Option<Instant>,
-    next_failure_log: Option<Instant>,
+    failure_log: crate::sys::log_limit::LogLimiter,
 }
 
 impl Replicator {
@@ -175,7 +175,7 @@ impl Replicator {
             seeded: false,
             storage_failing: 0,
             retry_at: None,
-            next_failure_log: None,
+            failure_log: crate::sys::log_limit::LogLimiter::new(Duration::from_secs(60)),
         }
     }
 
@@ -428,8 +428,8 @@ impl Replicator {
 
 impl Replicator {
     /// The secondary could not store a group: its data stays dirty here (the cycle merges
-    /// it back), and the next attempt waits `storage_retry_delay`. Logged when the reason
-    /// changes, and once a minute while it lasts.
+    /// it back), and the next attempt waits `storage_retry_delay`. Logged the first time,
+    /// then once a minute at most while it lasts.
     fn secondary_failed(&mut self, reason: String) {
         self.storage_failing += 1;
         let wait = storage_retry_delay(self.storage_failing);
@@ -437,15 +437,10 @@ impl Replicator {
         self.status
             .secondary_failures
             .fetch_add(1, Ordering::Relaxed);
-        let mut last = self.status.secondary_error.lock().expect("status lock");
-        let now = Instant::now();
-        if last.as_deref() != Some(reason.as_str())
-            || self.next_failure_log.is_none_or(|t| now >= t)
-        {
-            tracing::error!(secondary = %self.cfg.server_addr, failures = self.storage_failing, retry_in = ?wait, "the secondary cannot store groups: {reason}; the data stays dirty here and is shipped again");
-            self.next_failure_log = Some(now + Duration::from_secs(60));
+        if let Some(a) = self.failure_log.admit() {
+            tracing::error!(secondary = %self.cfg.server_addr, failures = self.storage_failing, retry_in = ?wait, "the secondary cannot store groups: {reason}; the data stays dirty here and is shipped again{}", a.note());
         }
-        *last = Some(reason);
+        *self.status.secondary_error.lock().expect("status lock") = Some(reason);
     }
 
     /// A group committed: the secondary stores groups again.
@@ -456,7 +451,6 @@ impl Replicator {
         tracing::info!(secondary = %self.cfg.server_addr, failures = self.storage_failing, "the secondary stores groups again");
         self.storage_failing = 0;
         self.retry_at = None;
-        self.next_failure_log = None;
         *self.status.secondary_error.lock().expect("status lock") = None;
     }
 }

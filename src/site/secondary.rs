@@ -243,7 +243,20 @@ impl StoreSink {
         f: impl FnOnce(&mut ReplicaStore) -> anyhow::Result<T>,
     ) -> anyhow::Result<T> {
         let mut g = self.store.lock().expect("store lock");
-        let store = g.as_mut().context("no replica open (no Hello yet)")?;
+        let Some(store) = g.as_mut() else {
+            // Dropped by a failure of this connection (another data stream's extent): say
+            // that failure again, not "no replica".
+            if let Some(e) = self
+                .counters
+                .store_error
+                .lock()
+                .expect("counters lock")
+                .clone()
+            {
+                anyhow::bail!("{e} (the replica reopens at the next connection)");
+            }
+            anyhow::bail!("no replica open (no Hello yet)");
+        };
         match f(store) {
             Ok(v) => Ok(v),
             Err(e) => {

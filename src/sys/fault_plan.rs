@@ -5,8 +5,9 @@
 //! number N+1 to N+M.
 //!
 //! - `DRBLK_FAULT_WRITES`: the guest's writes to a primary's image (`crate::blk::fault`).
-//! - `DRBLK_FAULT_JOURNAL`: a secondary's appends to its staging journal (counted over the
-//!   whole process: a replica reopened after a failure goes on counting).
+//! - `DRBLK_FAULT_JOURNAL`: a secondary's appends of staged data (extent records) to its
+//!   journal, counted over the whole process (a replica reopened after a failure goes on
+//!   counting).
 
 use std::io;
 use std::sync::atomic::{AtomicU64, Ordering};
@@ -88,7 +89,7 @@ impl FaultCounter {
     }
 }
 
-/// The process-wide counter of the journal's appends (`DRBLK_FAULT_JOURNAL`), if planned.
+/// The process-wide counter of the journal's data appends (`DRBLK_FAULT_JOURNAL`), if planned.
 pub fn journal() -> Option<&'static FaultCounter> {
     static PLAN: OnceLock<Option<FaultCounter>> = OnceLock::new();
     PLAN.get_or_init(|| {

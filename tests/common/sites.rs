@@ -76,13 +76,19 @@ impl Sites {
 
     /// `drblk secondary` with `extra` arguments.
     pub fn secondary_with(&self, extra: &[&str]) -> KillOnDrop {
+        self.secondary_env(extra, &[])
+    }
+
+    /// `drblk secondary` with `extra` arguments and environment variables.
+    pub fn secondary_env(&self, extra: &[&str], env: &[(&str, &str)]) -> KillOnDrop {
         let listen = format!("127.0.0.1:{}", self.port);
         let mut args = vec!["secondary", "--listen", &listen];
         args.extend_from_slice(extra);
-        self.spawn(
+        self.spawn_env(
             "secondary.log",
             &args,
             &[("--disk", &self.replica()), ("--certs", &self.certs)],
+            env,
         )
     }
 

@@ -296,8 +296,21 @@ impl LinkClient {
 
     /// `Some(reason)` once the secondary said it could not store a group (a full or failing
     /// disk there): the link itself was fine.
+    /// Told by `CommitFailed`, or by the connection's close code (`SINK_ERROR`), which
+    /// quinn keeps from the moment the close arrived: whichever call first saw the link
+    /// fail, this answers the same.
     pub fn storage_failure(&self) -> Option<String> {
-        lock(&self.shared.storage_failure).clone()
+        if let Some(r) = lock(&self.shared.storage_failure).clone() {
+            return Some(r);
+        }
+        match self.shared.conn.close_reason()? {
+            quinn::ConnectionError::ApplicationClosed(c)
+                if c.error_code == close_code::SINK_ERROR.into() =>
+            {
+                Some(String::from_utf8_lossy(&c.reason).into_owned())
+            }
+            _ => None,
+        }
     }
 
     /// `Some(reason)` once the link is lost; every later call fails with `LinkLost`.

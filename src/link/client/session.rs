@@ -59,8 +59,8 @@ pub(super) struct Shared {
     max_inflight: usize,
     bucket: Option<TokenBucket>,
     pub(super) lost: Mutex<Option<String>>,
-    /// The secondary's reason, when it could not store a group (`CommitFailed`, or a close
-    /// with `SINK_ERROR`): not a link problem, and retrying at once would fail the same way.
+    /// The secondary's reason, when it answered `CommitFailed` (see
+    /// `LinkClient::storage_failure`).
     pub(super) storage_failure: Mutex<Option<String>>,
     pending: Mutex<Pending>,
     /// Extents sent per CG label, not yet covered by a commit.
@@ -134,13 +134,6 @@ impl Shared {
         let s = shared.clone();
         tokio::spawn(async move {
             let e = s.conn.closed().await;
-            // Recorded before the link is marked lost, so whoever wakes up sees it.
-            if let quinn::ConnectionError::ApplicationClosed(c) = &e {
-                if c.error_code == close_code::SINK_ERROR.into() {
-                    lock(&s.storage_failure)
-                        .get_or_insert_with(|| String::from_utf8_lossy(&c.reason).into_owned());
-                }
-            }
             s.mark_lost(describe_close(&e));
         });
         shared
@@ -166,7 +159,13 @@ impl Shared {
         {
             let mut l = lock(&self.lost);
             if l.is_none() {
-                tracing::warn!(peer = %self.cfg.server_addr, "replication link lost: {reason}");
+                // Once a minute at most over all connections: a link that keeps failing
+                // (a secondary failing every group) stays a few lines.
+                static LOG: crate::sys::log_limit::LogLimiter =
+                    crate::sys::log_limit::LogLimiter::new(std::time::Duration::from_secs(60));
+                if let Some(a) = LOG.admit() {
+                    tracing::warn!(peer = %self.cfg.server_addr, "replication link lost: {reason}{}", a.note());
+                }
                 *l = Some(reason);
             }
         }

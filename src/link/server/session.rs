@@ -138,8 +138,13 @@ impl Session {
         tokio::task::block_in_place(|| sink.extent(cg, first, count, data))
             .map_err(|e| format!("sink failed to stage the {what} of CG {cg}: {e:#}"))
             .map_err(|e| {
-                // A storage failure is not the primary's fault: distinct close code.
-                tracing::error!(peer = %self.peer.addr, "{e}; closing the connection");
+                // A storage failure is not the primary's fault: distinct close code. Logged
+                // once a minute at most: the primary retries such groups with a backoff.
+                static LOG: crate::sys::log_limit::LogLimiter =
+                    crate::sys::log_limit::LogLimiter::new(Duration::from_secs(60));
+                if let Some(a) = LOG.admit() {
+                    tracing::error!(peer = %self.peer.addr, "{e}; closing the connection{}", a.note());
+                }
                 self.conn
                     .close(close_code::SINK_ERROR.into(), proto::clip(&e).as_bytes());
                 e
