@@ -25,6 +25,8 @@ pub mod server;
 pub mod tls;
 
 #[cfg(test)]
+mod abuse_tests;
+#[cfg(test)]
 mod tests;
 
 pub use certs::{CertError, SiteIdentity};

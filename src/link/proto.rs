@@ -71,6 +71,15 @@ pub const FRAME_OVERHEAD: usize = 8;
 /// lengths).
 pub const EXTENT_HEADER_MAX: usize = 48;
 
+/// How often a primary sends a `Heartbeat` on an established link, whatever else it sends:
+/// the secondary closes a session silent for [`SILENCE_TIMEOUT`] (a stalled peer must not
+/// keep a legitimate primary out).
+pub const HEARTBEAT_INTERVAL: std::time::Duration = std::time::Duration::from_secs(5);
+
+/// Default of how long the secondary waits for any frame of an established session before
+/// it closes it (six heartbeats).
+pub const SILENCE_TIMEOUT: std::time::Duration = std::time::Duration::from_secs(30);
+
 /// Longest site name or reason string carried on the wire.
 pub const MAX_TEXT_LEN: usize = 1024;
 

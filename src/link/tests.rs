@@ -13,14 +13,14 @@ use super::server::PeerInfo;
 use super::*;
 use drblk_testkit::impair::ImpairProxy;
 
-const CHUNK: u32 = 64 << 10;
-const DISK: DiskInfo = DiskInfo {
+pub(super) const CHUNK: u32 = 64 << 10;
+pub(super) const DISK: DiskInfo = DiskInfo {
     uuid: [7; 16],
     size: 256 * CHUNK as u64,
     chunk_size: CHUNK,
 };
 
-fn init_log() {
+pub(super) fn init_log() {
     static ONCE: Once = Once::new();
     ONCE.call_once(|| {
         let _ = tracing_subscriber::fmt()
@@ -35,17 +35,17 @@ fn init_log() {
 
 /// In-memory secondary: staging per chunk, image updated on commit.
 #[derive(Default)]
-struct MemState {
-    hellos: u64,
-    staged: HashMap<u64, Vec<u8>>,
-    image: HashMap<u64, Vec<u8>>,
-    last: Option<u64>,
-    commit_done: Vec<(u64, Instant)>,
-    disconnects: u64,
-    progress: Option<(u64, u64)>,
+pub(super) struct MemState {
+    pub(super) hellos: u64,
+    pub(super) staged: HashMap<u64, Vec<u8>>,
+    pub(super) image: HashMap<u64, Vec<u8>>,
+    pub(super) last: Option<u64>,
+    pub(super) commit_done: Vec<(u64, Instant)>,
+    pub(super) disconnects: u64,
+    pub(super) progress: Option<(u64, u64)>,
 }
 
-struct MemSink {
+pub(super) struct MemSink {
     disk: DiskInfo,
     commit_delay: Duration,
     discard: bool,
@@ -53,7 +53,7 @@ struct MemSink {
 }
 
 impl MemSink {
-    fn new(disk: DiskInfo) -> Arc<MemSink> {
+    pub(super) fn new(disk: DiskInfo) -> Arc<MemSink> {
         Arc::new(MemSink {
             disk,
             commit_delay: Duration::ZERO,
@@ -61,7 +61,7 @@ impl MemSink {
             st: Mutex::new(MemState::default()),
         })
     }
-    fn st(&self) -> std::sync::MutexGuard<'_, MemState> {
+    pub(super) fn st(&self) -> std::sync::MutexGuard<'_, MemState> {
         self.st.lock().unwrap()
     }
 }
@@ -143,29 +143,40 @@ impl ReplicaSink for MemSink {
     }
 }
 
-fn make_certs(dir: &Path) {
+pub(super) fn make_certs(dir: &Path) {
     certs::generate(dir, &["primary", "secondary"], false).unwrap();
 }
 
-fn fast_tuning() -> Tuning {
+pub(super) fn fast_tuning() -> Tuning {
     Tuning {
         keep_alive: Duration::from_millis(300),
         idle_timeout: Duration::from_secs(3),
+        heartbeat: Duration::from_millis(200),
         ..Tuning::default()
     }
 }
 
-fn start_server(dir: &Path, sink: Arc<MemSink>) -> LinkServer {
+pub(super) fn start_server(dir: &Path, sink: Arc<MemSink>) -> LinkServer {
+    start_server_with(dir, sink, |_| {})
+}
+
+/// [`start_server`] with `tweak` applied to its configuration.
+pub(super) fn start_server_with(
+    dir: &Path,
+    sink: Arc<MemSink>,
+    tweak: impl FnOnce(&mut ServerConfig),
+) -> LinkServer {
     init_log();
     let id = SiteIdentity::load(dir, "secondary").unwrap();
     let mut cfg = ServerConfig::new(id, "127.0.0.1:0".parse().unwrap());
     cfg.expected_peer = Some("primary".into());
     cfg.tuning = fast_tuning();
     cfg.handshake_timeout = Duration::from_secs(30);
+    tweak(&mut cfg);
     LinkServer::start(cfg, sink).unwrap()
 }
 
-fn client_cfg(dir: &Path, addr: SocketAddr, disk: DiskInfo) -> ClientConfig {
+pub(super) fn client_cfg(dir: &Path, addr: SocketAddr, disk: DiskInfo) -> ClientConfig {
     let id = SiteIdentity::load(dir, "primary").unwrap();
     let mut cfg = ClientConfig::new(id, addr, "secondary", disk);
     cfg.bind = "127.0.0.1:0".parse().unwrap();
@@ -175,12 +186,12 @@ fn client_cfg(dir: &Path, addr: SocketAddr, disk: DiskInfo) -> ClientConfig {
     cfg
 }
 
-fn pattern(index: u64, cg: u64, len: usize) -> Vec<u8> {
+pub(super) fn pattern(index: u64, cg: u64, len: usize) -> Vec<u8> {
     drblk_testkit::rng::pattern(index << 20 ^ cg, len)
 }
 
 /// Waits (bounded) until `f` holds.
-fn wait_for(what: &str, timeout: Duration, mut f: impl FnMut() -> bool) {
+pub(super) fn wait_for(what: &str, timeout: Duration, mut f: impl FnMut() -> bool) {
     let t = Instant::now();
     while !f() {
         assert!(t.elapsed() < timeout, "timed out waiting for {what}");
@@ -289,35 +300,41 @@ fn wrong_ca_is_refused() {
 }
 
 /// A raw QUIC connection with real credentials (or none), for hand-made frames.
-struct Raw {
-    rt: tokio::runtime::Runtime,
-    conn: Option<quinn::Connection>,
-    _ep: quinn::Endpoint,
+pub(super) struct Raw {
+    pub(super) rt: tokio::runtime::Runtime,
+    pub(super) conn: Option<quinn::Connection>,
+    pub(super) _ep: quinn::Endpoint,
 }
 
-fn raw_connect(id: &SiteIdentity, addr: SocketAddr, with_cert: bool) -> Raw {
+/// A client TLS configuration with this site's certificate, or without any (a peer that
+/// cannot authenticate).
+pub(super) fn client_tls(id: &SiteIdentity, with_cert: bool) -> quinn::ClientConfig {
+    let t = fast_tuning();
+    if with_cert {
+        return tls::client_config(id, &t).unwrap();
+    }
+    let mut roots = rustls::RootCertStore::empty();
+    roots.add(id.ca[0].clone()).unwrap();
+    let mut tls = rustls::ClientConfig::builder_with_provider(Arc::new(
+        rustls::crypto::ring::default_provider(),
+    ))
+    .with_protocol_versions(&[&rustls::version::TLS13])
+    .unwrap()
+    .with_root_certificates(roots)
+    .with_no_client_auth();
+    tls.alpn_protocols = vec![proto::ALPN.to_vec()];
+    let q = quinn::crypto::rustls::QuicClientConfig::try_from(tls).unwrap();
+    quinn::ClientConfig::new(Arc::new(q))
+}
+
+pub(super) fn raw_connect(id: &SiteIdentity, addr: SocketAddr, with_cert: bool) -> Raw {
     let rt = tokio::runtime::Builder::new_multi_thread()
         .worker_threads(1)
         .enable_all()
         .build()
         .unwrap();
     let t = fast_tuning();
-    let cc = if with_cert {
-        tls::client_config(id, &t).unwrap()
-    } else {
-        let mut roots = rustls::RootCertStore::empty();
-        roots.add(id.ca[0].clone()).unwrap();
-        let mut tls = rustls::ClientConfig::builder_with_provider(Arc::new(
-            rustls::crypto::ring::default_provider(),
-        ))
-        .with_protocol_versions(&[&rustls::version::TLS13])
-        .unwrap()
-        .with_root_certificates(roots)
-        .with_no_client_auth();
-        tls.alpn_protocols = vec![proto::ALPN.to_vec()];
-        let q = quinn::crypto::rustls::QuicClientConfig::try_from(tls).unwrap();
-        quinn::ClientConfig::new(Arc::new(q))
-    };
+    let cc = client_tls(id, with_cert);
     let (ep, conn) = rt.block_on(async {
         let ep = tls::endpoint("127.0.0.1:0".parse().unwrap(), None, &t).unwrap();
         let conn = tokio::time::timeout(
@@ -335,7 +352,10 @@ fn raw_connect(id: &SiteIdentity, addr: SocketAddr, with_cert: bool) -> Raw {
 impl Raw {
     /// Opens the control stream, sends `bytes`, returns the first answer frame (if any)
     /// and whether the connection then got closed.
-    fn exchange(&self, bytes: Vec<u8>) -> (Option<Vec<u8>>, Option<quinn::ConnectionError>) {
+    pub(super) fn exchange(
+        &self,
+        bytes: Vec<u8>,
+    ) -> (Option<Vec<u8>>, Option<quinn::ConnectionError>) {
         let Some(conn) = self.conn.clone() else {
             return (None, None);
         };
@@ -361,7 +381,7 @@ impl Raw {
     }
 }
 
-fn hello_frame(version: u16, disk: DiskInfo) -> Vec<u8> {
+pub(super) fn hello_frame(version: u16, disk: DiskInfo) -> Vec<u8> {
     encode_frame(&Message::Hello(Hello {
         magic: proto::HELLO_MAGIC,
         protocol_version: version,

@@ -43,6 +43,9 @@ pub struct Tuning {
     pub mtu_upper_bound: u16,
     /// Congestion controller.
     pub congestion: Congestion,
+    /// How often the primary sends an application heartbeat (see
+    /// [`crate::link::proto::HEARTBEAT_INTERVAL`], the default).
+    pub heartbeat: Duration,
 }
 
 /// Congestion controller of the sending side.
@@ -67,6 +70,7 @@ impl Default for Tuning {
             socket_buffer: 8 << 20,
             mtu_upper_bound: 1452,
             congestion: Congestion::Cubic,
+            heartbeat: crate::link::proto::HEARTBEAT_INTERVAL,
         }
     }
 }

@@ -430,11 +430,18 @@ impl ControlHandler for SecondaryControl {
     }
 }
 
+/// Rate limit of the lines about refused primaries: a primary retries every few seconds,
+/// and the reason does not change until an operator acts.
+static REFUSALS: crate::sys::log_limit::LogLimiter =
+    crate::sys::log_limit::LogLimiter::new(std::time::Duration::from_secs(60));
+
 impl ReplicaSink for StoreSink {
     fn hello(&self, hello: &Hello, peer: &PeerInfo) -> Result<HelloAck, RejectReason> {
         let mut g = self.store.lock().expect("store lock");
         if let Err(e) = self.judge_lineage(hello, peer, &mut g) {
-            tracing::error!(peer = %peer.addr, site = %peer.site, "refusing primary: {e}");
+            if let Some(a) = REFUSALS.admit() {
+                tracing::error!(peer = %peer.addr, site = %peer.site, "refusing primary: {e}{}", a.note());
+            }
             return Err(RejectReason::Other(e));
         }
         if g.is_none() {
@@ -443,7 +450,9 @@ impl ReplicaSink for StoreSink {
                     .fresh_image
                     .store(fresh, std::sync::atomic::Ordering::SeqCst),
                 Err(e) => {
-                    tracing::error!(error = %e, "cannot prepare the replica image");
+                    if let Some(a) = REFUSALS.admit() {
+                        tracing::error!(error = %e, "cannot prepare the replica image{}", a.note());
+                    }
                     return Err(RejectReason::Other(format!("{e:#}")));
                 }
             }
@@ -459,7 +468,9 @@ impl ReplicaSink for StoreSink {
                     *g = Some(store);
                 }
                 Err(e) => {
-                    tracing::error!(peer = %peer.addr, error = %e, "refusing primary");
+                    if let Some(a) = REFUSALS.admit() {
+                        tracing::error!(peer = %peer.addr, error = %e, "refusing primary{}", a.note());
+                    }
                     return Err(RejectReason::Other(e.to_string()));
                 }
             }

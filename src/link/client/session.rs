@@ -131,6 +131,7 @@ impl Shared {
             tokio::spawn(data_writer(shared.clone(), stream, rx));
         }
         tokio::spawn(control_reader(shared.clone(), recv));
+        tokio::spawn(heartbeats(shared.clone()));
         let s = shared.clone();
         tokio::spawn(async move {
             let e = s.conn.closed().await;
@@ -454,6 +455,29 @@ impl Shared {
                 Ok(())
             }
             other => Err(format!("unexpected {} on the control stream", other.kind())),
+        }
+    }
+}
+
+/// A `Heartbeat` every `tuning.heartbeat` while the link lives, so that the secondary
+/// tells an idle primary (no guest writes) from a stalled peer. Its answer is not waited
+/// for: QUIC's idle timeout and the requests' own timeouts detect a dead secondary.
+async fn heartbeats(shared: Arc<Shared>) {
+    let mut t = tokio::time::interval(shared.cfg.tuning.heartbeat);
+    t.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+    t.tick().await;
+    loop {
+        tokio::select! {
+            _ = shared.conn.closed() => return,
+            _ = t.tick() => {}
+        }
+        let seq = shared.seq.fetch_add(1, Ordering::Relaxed);
+        let beat = Message::Heartbeat {
+            seq,
+            sent_at_unix_us: proto::now_unix_us(),
+        };
+        if shared.send_ctrl(&beat).await.is_err() {
+            return;
         }
     }
 }

@@ -20,11 +20,24 @@ pub(super) async fn accept_loop(srv: Arc<ServerShared>, ep: quinn::Endpoint) {
     let handshakes = Arc::new(Semaphore::new(srv.cfg.max_handshakes.max(1)));
     while let Some(incoming) = ep.accept().await {
         let Ok(permit) = handshakes.clone().try_acquire_owned() else {
-            tracing::warn!(peer = %incoming.remote_address(), "too many handshakes; refused");
+            refused(
+                &srv,
+                incoming.remote_address(),
+                format_args!("too many handshakes; refused"),
+            );
             incoming.refuse();
             continue;
         };
         tokio::spawn(handle_connection(srv.clone(), incoming, permit));
+    }
+}
+
+/// Logs why a connection attempt was refused or ended before its session: at most one
+/// line per 10 s over all attempts, saying how many were left out (a flood of attempts
+/// must not flood the log).
+fn refused(srv: &ServerShared, peer: SocketAddr, what: std::fmt::Arguments<'_>) {
+    if let Some(a) = srv.refusals.admit() {
+        tracing::warn!(%peer, "{what}{}", a.note());
     }
 }
 
@@ -38,7 +51,7 @@ async fn reject(
     r: RejectReason,
 ) {
     srv.counters.rejected.fetch_add(1, Ordering::Relaxed);
-    tracing::warn!(peer = %addr, site, "rejecting primary: {r}");
+    refused(srv, addr, format_args!("rejecting primary {site:?}: {r}"));
     let text = proto::clip(&r.to_string());
     if let Ok(frame) = encode_frame(&Message::Reject(r)) {
         let _ = send.write_all(&frame).await;
@@ -57,19 +70,23 @@ async fn handle_connection(
     let connecting = match incoming.accept() {
         Ok(c) => c,
         Err(e) => {
-            tracing::warn!(peer = %addr, "connection attempt failed: {e}");
+            refused(&srv, addr, format_args!("connection attempt failed: {e}"));
             return;
         }
     };
     let conn = match tokio::time::timeout(srv.cfg.handshake_timeout, connecting).await {
         Err(_) => {
             srv.counters.tls_failures.fetch_add(1, Ordering::Relaxed);
-            tracing::warn!(peer = %addr, "QUIC/TLS handshake timed out");
+            refused(&srv, addr, format_args!("QUIC/TLS handshake timed out"));
             return;
         }
         Ok(Err(e)) => {
             srv.counters.tls_failures.fetch_add(1, Ordering::Relaxed);
-            tracing::warn!(peer = %addr, "QUIC/TLS handshake failed, peer refused: {e}");
+            refused(
+                &srv,
+                addr,
+                format_args!("QUIC/TLS handshake failed, peer refused: {e}"),
+            );
             return;
         }
         Ok(Ok(c)) => c,
@@ -79,7 +96,11 @@ async fn handle_connection(
     if let Some(expected) = &srv.cfg.expected_peer {
         if !tls::cert_matches_site(&chain, expected) {
             srv.counters.tls_failures.fetch_add(1, Ordering::Relaxed);
-            tracing::warn!(peer = %addr, "peer certificate is not for site {expected:?}; refused");
+            refused(
+                &srv,
+                addr,
+                format_args!("peer certificate is not for site {expected:?}; refused"),
+            );
             conn.close(
                 close_code::UNAUTHORIZED.into(),
                 b"certificate not for the expected site",
@@ -99,13 +120,17 @@ async fn handle_connection(
     };
     let (send, recv, buf) = match tokio::time::timeout(srv.cfg.handshake_timeout, first).await {
         Err(_) => {
-            tracing::warn!(peer = %addr, "no Hello within {:?}; closing", srv.cfg.handshake_timeout);
+            refused(
+                &srv,
+                addr,
+                format_args!("no Hello within {:?}; closing", srv.cfg.handshake_timeout),
+            );
             conn.close(close_code::PROTOCOL_ERROR.into(), b"no Hello");
             return;
         }
         Ok(Err(e)) => {
             srv.counters.protocol_errors.fetch_add(1, Ordering::Relaxed);
-            tracing::warn!(peer = %addr, "handshake failed: {e}; closing");
+            refused(&srv, addr, format_args!("handshake failed: {e}; closing"));
             conn.close(
                 close_code::PROTOCOL_ERROR.into(),
                 proto::clip(&e).as_bytes(),
@@ -125,7 +150,11 @@ async fn handle_connection(
         }
         None => {
             srv.counters.protocol_errors.fetch_add(1, Ordering::Relaxed);
-            tracing::warn!(peer = %addr, "first frame is not a Hello; closing");
+            refused(
+                &srv,
+                addr,
+                format_args!("first frame is not a Hello; closing"),
+            );
             conn.close(close_code::PROTOCOL_ERROR.into(), b"expected Hello");
             return;
         }
@@ -133,13 +162,17 @@ async fn handle_connection(
     let hello = match proto::decode_payload(&buf) {
         Ok(Message::Hello(h)) => h,
         Ok(m) => {
-            tracing::warn!(peer = %addr, "expected Hello, got {}; closing", m.kind());
+            refused(
+                &srv,
+                addr,
+                format_args!("expected Hello, got {}; closing", m.kind()),
+            );
             conn.close(close_code::PROTOCOL_ERROR.into(), b"expected Hello");
             return;
         }
         Err(e) => {
             srv.counters.protocol_errors.fetch_add(1, Ordering::Relaxed);
-            tracing::warn!(peer = %addr, "undecodable Hello: {e}; closing");
+            refused(&srv, addr, format_args!("undecodable Hello: {e}; closing"));
             conn.close(close_code::PROTOCOL_ERROR.into(), b"undecodable Hello");
             return;
         }
@@ -183,7 +216,7 @@ async fn handle_connection(
         ..ack
     };
     if let Err(e) = session.send_ctrl(&Message::HelloAck(ack.clone())).await {
-        tracing::warn!(peer = %addr, "sending HelloAck failed: {e}");
+        refused(&srv, addr, format_args!("sending HelloAck failed: {e}"));
     } else {
         tracing::info!(
             peer = %addr, site = %site, state = %ack.state,

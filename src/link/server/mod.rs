@@ -161,6 +161,10 @@ pub struct ServerConfig {
     pub handshake_timeout: Duration,
     /// How long a commit may wait for its missing extents with no extent arriving at all.
     pub commit_stall_timeout: Duration,
+    /// How long a session may send no frame at all (a primary sends a heartbeat every
+    /// [`crate::link::proto::HEARTBEAT_INTERVAL`]) before it is closed, freeing the secondary for
+    /// another connection.
+    pub silence_timeout: Duration,
     /// Most concurrent connection attempts being handshaken.
     pub max_handshakes: usize,
 }
@@ -177,6 +181,7 @@ impl ServerConfig {
             tuning: Tuning::default(),
             handshake_timeout: Duration::from_secs(10),
             commit_stall_timeout: Duration::from_secs(30),
+            silence_timeout: crate::link::proto::SILENCE_TIMEOUT,
             max_handshakes: 16,
         }
     }
@@ -217,6 +222,8 @@ struct ServerShared {
     sink: Arc<dyn ReplicaSink>,
     busy: AtomicBool,
     counters: Counters,
+    /// Rate limit of the lines about refused connection attempts (`accept.rs`).
+    refusals: crate::sys::log_limit::LogLimiter,
 }
 
 fn lock<T>(m: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
@@ -261,6 +268,7 @@ impl LinkServer {
             sink: Arc::new(sink),
             busy: AtomicBool::new(false),
             counters: Counters::default(),
+            refusals: crate::sys::log_limit::LogLimiter::new(Duration::from_secs(10)),
         });
         let accept = rt.spawn(accept::accept_loop(shared.clone(), endpoint.clone()));
         tracing::info!(listen = ?endpoint.local_addr().ok(), "replication link server listening");

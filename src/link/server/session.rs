@@ -28,6 +28,9 @@ pub(super) struct Session {
     /// Extents handed to the sink per CG label, and the last processed commit.
     counts: Mutex<(BTreeMap<u64, u64>, Option<u64>)>,
     progress: watch::Sender<u64>,
+    /// When the last frame arrived, in ms since `started` (see `silence_watchdog`).
+    last_frame_ms: std::sync::atomic::AtomicU64,
+    started: std::time::Instant,
 }
 
 /// Most distinct uncommitted CG labels a primary may have outstanding.
@@ -53,6 +56,8 @@ impl Session {
             ctrl: tokio::sync::Mutex::new(ctrl),
             counts: Mutex::new((BTreeMap::new(), last_committed_cg)),
             progress,
+            last_frame_ms: Default::default(),
+            started: std::time::Instant::now(),
         })
     }
 
@@ -62,6 +67,7 @@ impl Session {
         let (ctx, crx) = mpsc::channel(16);
         tokio::spawn(control_reader(self.clone(), recv, ctx));
         tokio::spawn(commit_worker(self.clone(), crx));
+        tokio::spawn(silence_watchdog(self.clone()));
         let s = self.clone();
         tokio::spawn(async move {
             loop {
@@ -73,6 +79,12 @@ impl Session {
                 }
             }
         });
+    }
+
+    /// A frame arrived: the primary is alive.
+    fn heard(&self) {
+        let ms = self.started.elapsed().as_millis() as u64;
+        self.last_frame_ms.fetch_max(ms, Ordering::Relaxed);
     }
 
     /// Logs a protocol violation and closes the connection.
@@ -270,13 +282,36 @@ impl Session {
     }
 }
 
+/// Closes a session from which no frame arrived for `silence_timeout`: a peer that
+/// handshook and then stalled (or a primary whose process hangs) would otherwise hold the
+/// secondary — one primary at a time — until QUIC's idle timeout, which the peer's
+/// keep-alives postpone forever. A commit the sink is still working on does not count as
+/// silence: the primary keeps sending heartbeats meanwhile.
+async fn silence_watchdog(s: Arc<Session>) {
+    let limit = s.srv.cfg.silence_timeout;
+    let tick = (limit / 4).clamp(Duration::from_millis(10), Duration::from_secs(1));
+    loop {
+        tokio::select! {
+            _ = s.conn.closed() => return,
+            _ = tokio::time::sleep(tick) => {}
+        }
+        let last = Duration::from_millis(s.last_frame_ms.load(Ordering::Relaxed));
+        if s.started.elapsed().saturating_sub(last) >= limit {
+            tracing::warn!(peer = %s.peer.addr, site = %s.peer.site, "no frame from the primary for {limit:?}; closing the session");
+            s.conn
+                .close(close_code::NORMAL.into(), b"silent for too long");
+            return;
+        }
+    }
+}
+
 async fn data_reader(s: Arc<Session>, mut recv: quinn::RecvStream) {
     let limit = s.geometry.map_or(0, |g| g.max_extent_len()) + proto::EXTENT_HEADER_MAX;
     let mut buf = Vec::new();
     let mut scratch = Vec::new();
     loop {
         match proto::read_frame(&mut recv, &mut buf, limit).await {
-            Ok(true) => {}
+            Ok(true) => s.heard(),
             Ok(false) => return,
             Err(proto::FrameError::Read(_)) => return, // connection gone; logged elsewhere
             Err(e) => return s.protocol_error(&format!("data stream: {e}")),
@@ -299,7 +334,7 @@ async fn control_reader(
     let mut buf = Vec::new();
     loop {
         match proto::read_frame(&mut recv, &mut buf, proto::MAX_CONTROL_FRAME_LEN).await {
-            Ok(true) => {}
+            Ok(true) => s.heard(),
             Ok(false) => {
                 tracing::info!(peer = %s.peer.addr, "primary closed the control stream");
                 s.conn.close(close_code::NORMAL.into(), b"bye");

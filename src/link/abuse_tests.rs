@@ -1,0 +1,257 @@
+//! Abusive peers against a real link server (issue: untrusted input): a peer with valid
+//! credentials that handshakes and then stalls, a flood of connection attempts, a peer
+//! that opens group after group without committing, and replayed or reordered commits.
+//! A legitimate primary must still get through, the secondary's memory stays bounded (at
+//! most `MAX_OPEN_CGS` open groups per session), and the sink never commits anything that
+//! was not a valid commit.
+
+use std::time::Duration;
+
+use super::proto::{self, encode_frame, Message, WirePayload, PROTOCOL_VERSION};
+use super::tests::{
+    client_cfg, client_tls, fast_tuning, hello_frame, make_certs, pattern, raw_connect,
+    start_server, start_server_with, wait_for, MemSink, Raw, CHUNK, DISK,
+};
+use super::*;
+
+/// Handshakes on `raw` (Hello, HelloAck) and returns its control stream.
+fn raw_session(raw: &Raw) -> (quinn::SendStream, quinn::RecvStream) {
+    let conn = raw.conn.clone().expect("connected");
+    raw.rt.block_on(async move {
+        let (mut s, mut r) = conn.open_bi().await.unwrap();
+        s.write_all(&hello_frame(PROTOCOL_VERSION, DISK))
+            .await
+            .unwrap();
+        let mut buf = Vec::new();
+        assert!(proto::read_frame(&mut r, &mut buf, 1 << 20).await.unwrap());
+        assert!(matches!(
+            proto::decode_payload(&buf).unwrap(),
+            Message::HelloAck(_)
+        ));
+        (s, r)
+    })
+}
+
+/// How `raw`'s connection ended (bounded wait).
+fn closed(raw: &Raw) -> Option<quinn::ConnectionError> {
+    let conn = raw.conn.clone().expect("connected");
+    raw.rt.block_on(async move {
+        tokio::time::timeout(Duration::from_secs(120), conn.closed())
+            .await
+            .ok()
+    })
+}
+
+fn protocol_error(e: &Option<quinn::ConnectionError>) -> bool {
+    matches!(e, Some(quinn::ConnectionError::ApplicationClosed(c))
+        if c.error_code == proto::close_code::PROTOCOL_ERROR.into())
+}
+
+fn commit_frame(cg: u64, extent_count: u64) -> Vec<u8> {
+    encode_frame(&Message::Commit {
+        cg,
+        frozen_at_unix_us: 0,
+        extent_count,
+    })
+    .unwrap()
+}
+
+#[test]
+fn a_peer_that_handshakes_then_stalls_is_closed_and_a_primary_gets_through() {
+    let dir = tempfile::tempdir().unwrap();
+    make_certs(dir.path());
+    let sink = MemSink::new(DISK);
+    // Heartbeats every 200 ms (fast_tuning) against 3 s of allowed silence: 15x margin.
+    let srv = start_server_with(dir.path(), sink.clone(), |c| {
+        c.silence_timeout = Duration::from_secs(3)
+    });
+    let addr = srv.local_addr().unwrap();
+    let id = SiteIdentity::load(dir.path(), "primary").unwrap();
+    let raw = raw_connect(&id, addr, true);
+    let _ctrl = raw_session(&raw);
+    // While it holds the secondary (one primary at a time), a primary is refused...
+    let e = LinkClient::connect(client_cfg(dir.path(), addr, DISK)).unwrap_err();
+    assert!(
+        matches!(&e, LinkError::Rejected(r) if r.contains("already serves")),
+        "{e}"
+    );
+    // ...until the silent session is closed: the stalled peer's QUIC keep-alives do not
+    // count as being alive.
+    let end = closed(&raw);
+    assert!(
+        matches!(&end, Some(quinn::ConnectionError::ApplicationClosed(c)) if &c.reason[..] == b"silent for too long"),
+        "{end:?}"
+    );
+    let mut client = None;
+    wait_for("a primary to get through", Duration::from_secs(120), || {
+        client = LinkClient::connect(client_cfg(dir.path(), addr, DISK)).ok();
+        client.is_some()
+    });
+    let c = client.unwrap();
+    // An idle primary is not silent: its heartbeats keep it connected past the limit.
+    std::thread::sleep(Duration::from_secs(4));
+    c.send_chunk(1, 0, &pattern(0, 1, CHUNK as usize)).unwrap();
+    c.commit(1, 0).unwrap();
+    assert_eq!(sink.st().last, Some(1));
+    srv.shutdown();
+}
+
+#[test]
+fn a_flood_of_connection_attempts_does_not_keep_a_primary_out() {
+    let dir = tempfile::tempdir().unwrap();
+    make_certs(dir.path());
+    let sink = MemSink::new(DISK);
+    let srv = start_server(dir.path(), sink.clone());
+    let addr = srv.local_addr().unwrap();
+    let id = SiteIdentity::load(dir.path(), "primary").unwrap();
+    // 300 attempts without a client certificate, 64 in flight at a time (the server
+    // handshakes at most 16 at once and refuses the rest).
+    let flood = std::thread::spawn(move || {
+        let rt = tokio::runtime::Builder::new_multi_thread()
+            .worker_threads(1)
+            .enable_all()
+            .build()
+            .unwrap();
+        rt.block_on(async move {
+            let cc = client_tls(&id, false);
+            let ep = tls::endpoint("127.0.0.1:0".parse().unwrap(), None, &fast_tuning()).unwrap();
+            let mut set = tokio::task::JoinSet::new();
+            for _ in 0..300 {
+                while set.len() >= 64 {
+                    set.join_next().await;
+                }
+                let connecting = ep.connect_with(cc.clone(), addr, "secondary").unwrap();
+                set.spawn(async move {
+                    let _ = tokio::time::timeout(Duration::from_secs(30), connecting).await;
+                });
+            }
+            while set.join_next().await.is_some() {}
+        });
+    });
+    let mut client = None;
+    wait_for(
+        "a primary to get through the flood",
+        Duration::from_secs(120),
+        || {
+            client = LinkClient::connect(client_cfg(dir.path(), addr, DISK)).ok();
+            client.is_some()
+        },
+    );
+    let c = client.unwrap();
+    c.send_chunk(1, 0, &pattern(0, 1, CHUNK as usize)).unwrap();
+    c.commit(1, 0).unwrap();
+    flood.join().unwrap();
+    assert!(srv.stats().tls_failures >= 1, "the flood was refused");
+    assert_eq!(sink.st().hellos, 1, "only the primary reached the sink");
+    srv.shutdown();
+}
+
+#[test]
+fn replayed_and_reordered_commits_are_refused_and_commit_nothing() {
+    let dir = tempfile::tempdir().unwrap();
+    make_certs(dir.path());
+    let sink = MemSink::new(DISK);
+    let srv = start_server(dir.path(), sink.clone());
+    let addr = srv.local_addr().unwrap();
+    let id = SiteIdentity::load(dir.path(), "primary").unwrap();
+    let data = pattern(3, 1, CHUNK as usize);
+
+    // CG 1 commits, then the same commit again: refused, the session closed.
+    let raw = raw_connect(&id, addr, true);
+    let (mut ctrl, mut answers) = raw_session(&raw);
+    let conn = raw.conn.clone().unwrap();
+    let d = data.clone();
+    // The control stream stays open (returned): its end would close the session normally.
+    let _held = raw.rt.block_on(async move {
+        let mut u = conn.open_uni().await.unwrap();
+        let ext = Message::Extent {
+            cg: 1,
+            first: 0,
+            count: 1,
+            payload: WirePayload::Raw(&d),
+        };
+        u.write_all(&encode_frame(&ext).unwrap()).await.unwrap();
+        ctrl.write_all(&commit_frame(1, 1)).await.unwrap();
+        let mut buf = Vec::new();
+        assert!(proto::read_frame(&mut answers, &mut buf, 1 << 20)
+            .await
+            .unwrap());
+        assert_eq!(
+            proto::decode_payload(&buf).unwrap(),
+            Message::CommitAck { cg: 1 }
+        );
+        ctrl.write_all(&commit_frame(1, 0)).await.unwrap();
+        (ctrl, answers)
+    });
+    assert!(protocol_error(&closed(&raw)), "a replayed commit closes");
+    wait_for("the session to end", Duration::from_secs(60), || {
+        sink.st().disconnects >= 1
+    });
+
+    // A later group, then an earlier one: the earlier is refused.
+    let raw = raw_connect(&id, addr, true);
+    let (mut ctrl, mut answers) = raw_session(&raw);
+    let _held = raw.rt.block_on(async move {
+        ctrl.write_all(&commit_frame(3, 0)).await.unwrap();
+        let mut buf = Vec::new();
+        assert!(proto::read_frame(&mut answers, &mut buf, 1 << 20)
+            .await
+            .unwrap());
+        assert_eq!(
+            proto::decode_payload(&buf).unwrap(),
+            Message::CommitAck { cg: 3 }
+        );
+        ctrl.write_all(&commit_frame(2, 0)).await.unwrap();
+        (ctrl, answers)
+    });
+    assert!(protocol_error(&closed(&raw)), "a reordered commit closes");
+    let commits: Vec<u64> = sink.st().commit_done.iter().map(|c| c.0).collect();
+    assert_eq!(commits, [1, 3], "only the valid commits reached the sink");
+    assert_eq!(sink.st().image.get(&0), Some(&data));
+    srv.shutdown();
+}
+
+#[test]
+fn a_peer_that_never_commits_is_bounded_and_changes_nothing() {
+    let dir = tempfile::tempdir().unwrap();
+    make_certs(dir.path());
+    let sink = MemSink::new(DISK);
+    let srv = start_server(dir.path(), sink.clone());
+    let addr = srv.local_addr().unwrap();
+    let id = SiteIdentity::load(dir.path(), "primary").unwrap();
+    let raw = raw_connect(&id, addr, true);
+    let _ctrl = raw_session(&raw);
+    let conn = raw.conn.clone().unwrap();
+    // Valid-looking extents, each for a new group, never committed: past 4096 open
+    // groups the session is closed.
+    raw.rt.block_on(async move {
+        let mut u = conn.open_uni().await.unwrap();
+        for cg in 1..=5000u64 {
+            let ext = Message::Extent {
+                cg,
+                first: cg % 256,
+                count: 1,
+                payload: WirePayload::Zero,
+            };
+            if u.write_all(&encode_frame(&ext).unwrap()).await.is_err() {
+                break;
+            }
+        }
+    });
+    assert!(
+        protocol_error(&closed(&raw)),
+        "an endless open group closes"
+    );
+    wait_for("the session to end", Duration::from_secs(60), || {
+        sink.st().disconnects >= 1
+    });
+    let st = sink.st();
+    assert!(st.commit_done.is_empty(), "nothing committed");
+    assert!(st.image.is_empty(), "the replica unchanged");
+    drop(st);
+    // And the server still serves a primary.
+    let c = LinkClient::connect(client_cfg(dir.path(), addr, DISK)).unwrap();
+    c.send_chunk(1, 0, &pattern(0, 1, CHUNK as usize)).unwrap();
+    c.commit(1, 0).unwrap();
+    srv.shutdown();
+}
