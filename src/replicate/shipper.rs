@@ -63,6 +63,9 @@ pub struct LinkStatus {
     pub secondary_error: Mutex<Option<String>>,
 }
 
+/// Joins the secondary's reason and what the next group needs, in the status.
+const NEEDS: &str = " — the next group needs about ";
+
 /// How long the primary waits before shipping again after the secondary failed to store
 /// `consecutive` groups in a row (1 = the first failure): doubling from 1 s up to 30 s, so
 /// a full disk there costs a handful of attempts a minute instead of a reconnect storm,
@@ -500,7 +503,26 @@ impl ChunkSink for Replicator {
             }
         }
         if let Some(at) = self.retry_at {
-            // The secondary failed to store a group: give it time (space to be freed).
+            // The secondary failed to store a group. Say how much its journal needs for
+            // the next one (what is dirty here now: the failed group merged back), then
+            // give it time (space to be freed).
+            let st = self.engine.stats();
+            let need = (st.oos_dirty + st.cr_dirty) * self.engine.config().chunk_size;
+            if let Some(e) = self
+                .status
+                .secondary_error
+                .lock()
+                .expect("status lock")
+                .as_mut()
+            {
+                if !e.contains(NEEDS) {
+                    e.push_str(&format!(
+                        "{NEEDS}{} free in its journal's directory (plus {})",
+                        indicatif::HumanBytes(need),
+                        indicatif::HumanBytes(crate::replica::STAGING_RESERVE)
+                    ));
+                }
+            }
             while Instant::now() < at && !stop.load(Ordering::SeqCst) {
                 std::thread::sleep(Duration::from_millis(20));
             }
