@@ -24,8 +24,11 @@ cargo clippy --locked --workspace --all-targets -- -D warnings
 stage "cargo doc -D warnings"
 RUSTDOCFLAGS="-D warnings" cargo doc --locked --workspace --no-deps --quiet
 
+# With the features the tests use: the test stage then reuses this build instead of
+# compiling the crate a second time (the fault-injection hooks do nothing unless their
+# environment variables are set).
 stage "build (release binaries used by guest tests and benchmarks)"
-cargo build --locked --release --workspace --bins
+cargo build --locked --release --workspace --bins --features drblk/fault-injection
 
 stage "tests"
 cargo test --locked --release --workspace --all-targets --features drblk/fault-injection

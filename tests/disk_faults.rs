@@ -271,3 +271,31 @@ fn a_journal_filesystem_too_small_for_a_group_resumes_when_space_is_freed() {
     assert!(primary == replica, "the replica differs from the primary");
     drop(f);
 }
+
+/// EIO from the replica image while a group is applied (after its commit record): the
+/// group is not acknowledged, the replica is reopened (its recovery replays the durable
+/// group, and fails too while the disk fails), the primary keeps its data dirty and
+/// retries, and once the disk works again replication resumes by itself and the replica
+/// ends identical.
+#[test]
+fn a_failing_replica_image_fails_groups_until_it_works_again() {
+    let tmp = tempfile::tempdir().unwrap();
+    let s = Sites::new(tmp.path());
+    let _secondary = s.secondary_env(&[], &[("DRBLK_FAULT_APPLY", "EIO,skip=0,fail=2")]);
+    let _primary = s.primary();
+    s.wait_until("the initial copy", || s.acked().is_some_and(|c| c >= 1));
+    let mut f = TestFrontend::connect(&s.sock(), 2, 256, true).unwrap();
+    for i in 0..32u64 {
+        write_block(&mut f, i * 17, i as u8 + 1);
+    }
+    s.wait_until("replication to resume after the failures", || {
+        let l = common::ctl_status(&s.sock()).link.unwrap();
+        l.secondary_failures >= 1 && l.secondary_error.is_none() && l.connected
+    });
+    let _: drblk::control::Drained = common::ctl(&s.sock(), "drain");
+    let primary = std::fs::read(tmp.path().join("primary.img")).unwrap();
+    let replica = std::fs::read(s.replica()).unwrap();
+    assert!(primary == replica, "the replica differs from the primary");
+    let log = std::fs::read_to_string(tmp.path().join("secondary.log")).unwrap();
+    assert!(log.contains("Input/output error"), "{log}");
+}

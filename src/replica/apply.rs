@@ -159,6 +159,11 @@ impl ReplicaStore {
                 let count = run.len() as u64;
                 let (off, len) = self.image_range(first, count);
                 touched.add(off, len);
+                #[cfg(feature = "fault-injection")]
+                if let Some(f) = crate::sys::fault_plan::apply() {
+                    f.next_write()
+                        .map_err(error::io("write image", &self.image_path))?;
+                }
                 if ef.zero {
                     self.write_image(first, count, ChunkData::Zero)?;
                 } else {

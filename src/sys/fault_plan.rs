@@ -8,6 +8,8 @@
 //! - `DRBLK_FAULT_JOURNAL`: a secondary's appends of staged data (extent records) to its
 //!   journal, counted over the whole process (a replica reopened after a failure goes on
 //!   counting).
+//! - `DRBLK_FAULT_APPLY`: a secondary's image writes applying committed groups (replays at
+//!   recovery included).
 
 use std::io;
 use std::sync::atomic::{AtomicU64, Ordering};
@@ -87,6 +89,21 @@ impl FaultCounter {
         }
         Ok(())
     }
+}
+
+/// The process-wide counter of a secondary's image writes while applying committed groups
+/// (`DRBLK_FAULT_APPLY`; the initial sync's writes are not counted), if planned.
+pub fn apply() -> Option<&'static FaultCounter> {
+    static PLAN: OnceLock<Option<FaultCounter>> = OnceLock::new();
+    PLAN.get_or_init(|| {
+        let plan = WriteFaults::from_env("DRBLK_FAULT_APPLY")?;
+        tracing::warn!(
+            ?plan,
+            "fault injection: applying groups to the replica image fails as planned"
+        );
+        Some(FaultCounter::new(plan))
+    })
+    .as_ref()
 }
 
 /// The process-wide counter of the journal's data appends (`DRBLK_FAULT_JOURNAL`), if planned.

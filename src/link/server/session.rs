@@ -30,6 +30,9 @@ pub(super) struct Session {
     progress: watch::Sender<u64>,
     /// When the last frame arrived, in ms since `started` (see `silence_watchdog`).
     last_frame_ms: std::sync::atomic::AtomicU64,
+    /// Calls into the sink running now (a long commit, a status waiting for the replica's
+    /// lock): the session's readers may not read meanwhile, which is not silence.
+    in_sink: std::sync::atomic::AtomicU32,
     started: std::time::Instant,
 }
 
@@ -57,6 +60,7 @@ impl Session {
             counts: Mutex::new((BTreeMap::new(), last_committed_cg)),
             progress,
             last_frame_ms: Default::default(),
+            in_sink: Default::default(),
             started: std::time::Instant::now(),
         })
     }
@@ -79,6 +83,16 @@ impl Session {
                 }
             }
         });
+    }
+
+    /// Runs `f` (a call into the sink) counted in `in_sink`, and counts it as hearing from
+    /// the primary when it ends (its readers could not read while it ran).
+    fn in_sink<T>(&self, f: impl FnOnce() -> T) -> T {
+        self.in_sink.fetch_add(1, Ordering::SeqCst);
+        let r = f();
+        self.in_sink.fetch_sub(1, Ordering::SeqCst);
+        self.heard();
+        r
     }
 
     /// A frame arrived: the primary is alive.
@@ -147,7 +161,7 @@ impl Session {
             }
         };
         let sink = &self.srv.sink;
-        tokio::task::block_in_place(|| sink.extent(cg, first, count, data))
+        tokio::task::block_in_place(|| self.in_sink(|| sink.extent(cg, first, count, data)))
             .map_err(|e| format!("sink failed to stage the {what} of CG {cg}: {e:#}"))
             .map_err(|e| {
                 // A storage failure is not the primary's fault: distinct close code. Logged
@@ -231,13 +245,16 @@ impl Session {
         let acked = Arc::new(std::sync::atomic::AtomicBool::new(false));
         let acked2 = Arc::clone(&acked);
         let res = tokio::task::spawn_blocking(move || {
-            sink.commit_then_finish(cg, frozen, count, &mut || {
-                if !acked2.swap(true, Ordering::SeqCst) {
-                    session.srv.counters.commits.fetch_add(1, Ordering::Relaxed);
-                    tracing::debug!(cg, count, "CG committed");
-                    // A lost link shows up in the next frame; the group is durable anyway.
-                    let _ = handle.block_on(session.send_ctrl(&Message::CommitAck { cg }));
-                }
+            let s = Arc::clone(&session);
+            s.in_sink(|| {
+                sink.commit_then_finish(cg, frozen, count, &mut || {
+                    if !acked2.swap(true, Ordering::SeqCst) {
+                        session.srv.counters.commits.fetch_add(1, Ordering::Relaxed);
+                        tracing::debug!(cg, count, "CG committed");
+                        // A lost link shows up in the next frame; the group is durable anyway.
+                        let _ = handle.block_on(session.send_ctrl(&Message::CommitAck { cg }));
+                    }
+                })
             })
         })
         .await
@@ -296,7 +313,8 @@ async fn silence_watchdog(s: Arc<Session>) {
             _ = tokio::time::sleep(tick) => {}
         }
         let last = Duration::from_millis(s.last_frame_ms.load(Ordering::Relaxed));
-        if s.started.elapsed().saturating_sub(last) >= limit {
+        let busy = s.in_sink.load(Ordering::SeqCst) > 0;
+        if !busy && s.started.elapsed().saturating_sub(last) >= limit {
             tracing::warn!(peer = %s.peer.addr, site = %s.peer.site, "no frame from the primary for {limit:?}; closing the session");
             s.conn
                 .close(close_code::NORMAL.into(), b"silent for too long");
@@ -358,7 +376,7 @@ async fn control_reader(
                 .map_err(|_| "commit worker gone".to_string()),
             Message::StatusRequest { seq } => {
                 let sink = s.srv.sink.clone();
-                let (state, last) = tokio::task::block_in_place(|| sink.status());
+                let (state, last) = tokio::task::block_in_place(|| s.in_sink(|| sink.status()));
                 s.send_ctrl(&Message::Status {
                     seq,
                     state,
@@ -378,7 +396,7 @@ async fn control_reader(
             }
             Message::Progress { done, total } => {
                 let sink = s.srv.sink.clone();
-                tokio::task::block_in_place(|| sink.progress(done, total));
+                tokio::task::block_in_place(|| s.in_sink(|| sink.progress(done, total)));
                 Ok(())
             }
             Message::ChecksumRequest { seq, first, count } => {
@@ -394,7 +412,7 @@ async fn control_reader(
                     ));
                 }
                 let sink = s.srv.sink.clone();
-                match tokio::task::block_in_place(|| sink.checksums(first, count)) {
+                match tokio::task::block_in_place(|| s.in_sink(|| sink.checksums(first, count))) {
                     Ok(crcs) => s.send_ctrl(&Message::Checksums { seq, crcs }).await,
                     Err(e) => {
                         let reason = proto::clip(&format!("checksums: {e:#}"));
