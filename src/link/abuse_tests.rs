@@ -5,32 +5,15 @@
 //! most `MAX_OPEN_CGS` open groups per session), and the sink never commits anything that
 //! was not a valid commit.
 
+use std::sync::Arc;
 use std::time::Duration;
 
-use super::proto::{self, encode_frame, Message, WirePayload, PROTOCOL_VERSION};
+use super::proto::{self, encode_frame, Message, WirePayload};
 use super::tests::{
-    client_cfg, client_tls, fast_tuning, hello_frame, make_certs, pattern, raw_connect,
-    start_server, start_server_with, wait_for, MemSink, Raw, CHUNK, DISK,
+    client_cfg, client_tls, fast_tuning, make_certs, pattern, raw_connect, raw_session,
+    start_server_with, wait_for, MemSink, Raw, CHUNK, DISK,
 };
 use super::*;
-
-/// Handshakes on `raw` (Hello, HelloAck) and returns its control stream.
-fn raw_session(raw: &Raw) -> (quinn::SendStream, quinn::RecvStream) {
-    let conn = raw.conn.clone().expect("connected");
-    raw.rt.block_on(async move {
-        let (mut s, mut r) = conn.open_bi().await.unwrap();
-        s.write_all(&hello_frame(PROTOCOL_VERSION, DISK))
-            .await
-            .unwrap();
-        let mut buf = Vec::new();
-        assert!(proto::read_frame(&mut r, &mut buf, 1 << 20).await.unwrap());
-        assert!(matches!(
-            proto::decode_payload(&buf).unwrap(),
-            Message::HelloAck(_)
-        ));
-        (s, r)
-    })
-}
 
 /// How `raw`'s connection ended (bounded wait).
 fn closed(raw: &Raw) -> Option<quinn::ConnectionError> {
@@ -47,6 +30,38 @@ fn protocol_error(e: &Option<quinn::ConnectionError>) -> bool {
         if c.error_code == proto::close_code::PROTOCOL_ERROR.into())
 }
 
+/// A link server on a memory sink, in a directory with both sites' certificates.
+struct Setup {
+    dir: tempfile::TempDir,
+    sink: Arc<MemSink>,
+    srv: LinkServer,
+    addr: std::net::SocketAddr,
+    id: SiteIdentity,
+}
+
+fn setup(tweak: impl FnOnce(&mut server::ServerConfig)) -> Setup {
+    let dir = tempfile::tempdir().unwrap();
+    make_certs(dir.path());
+    let sink = MemSink::new(DISK);
+    let srv = start_server_with(dir.path(), sink.clone(), tweak);
+    let addr = srv.local_addr().unwrap();
+    let id = SiteIdentity::load(dir.path(), "primary").unwrap();
+    Setup {
+        dir,
+        sink,
+        srv,
+        addr,
+        id,
+    }
+}
+
+/// Reads the secondary's next answer on the control stream: it must be `want`.
+async fn expect_answer(answers: &mut quinn::RecvStream, want: Message<'_>) {
+    let mut buf = Vec::new();
+    assert!(proto::read_frame(answers, &mut buf, 1 << 20).await.unwrap());
+    assert_eq!(proto::decode_payload(&buf).unwrap(), want);
+}
+
 fn commit_frame(cg: u64, extent_count: u64) -> Vec<u8> {
     encode_frame(&Message::Commit {
         cg,
@@ -58,19 +73,12 @@ fn commit_frame(cg: u64, extent_count: u64) -> Vec<u8> {
 
 #[test]
 fn a_peer_that_handshakes_then_stalls_is_closed_and_a_primary_gets_through() {
-    let dir = tempfile::tempdir().unwrap();
-    make_certs(dir.path());
-    let sink = MemSink::new(DISK);
     // Heartbeats every 200 ms (fast_tuning) against 3 s of allowed silence: 15x margin.
-    let srv = start_server_with(dir.path(), sink.clone(), |c| {
-        c.silence_timeout = Duration::from_secs(3)
-    });
-    let addr = srv.local_addr().unwrap();
-    let id = SiteIdentity::load(dir.path(), "primary").unwrap();
-    let raw = raw_connect(&id, addr, true);
+    let t = setup(|c| c.silence_timeout = Duration::from_secs(3));
+    let raw = raw_connect(&t.id, t.addr, true);
     let _ctrl = raw_session(&raw);
     // While it holds the secondary (one primary at a time), a primary is refused...
-    let e = LinkClient::connect(client_cfg(dir.path(), addr, DISK)).unwrap_err();
+    let e = LinkClient::connect(client_cfg(t.dir.path(), t.addr, DISK)).unwrap_err();
     assert!(
         matches!(&e, LinkError::Rejected(r) if r.contains("already serves")),
         "{e}"
@@ -84,7 +92,7 @@ fn a_peer_that_handshakes_then_stalls_is_closed_and_a_primary_gets_through() {
     );
     let mut client = None;
     wait_for("a primary to get through", Duration::from_secs(120), || {
-        client = LinkClient::connect(client_cfg(dir.path(), addr, DISK)).ok();
+        client = LinkClient::connect(client_cfg(t.dir.path(), t.addr, DISK)).ok();
         client.is_some()
     });
     let c = client.unwrap();
@@ -92,20 +100,16 @@ fn a_peer_that_handshakes_then_stalls_is_closed_and_a_primary_gets_through() {
     std::thread::sleep(Duration::from_secs(4));
     c.send_chunk(1, 0, &pattern(0, 1, CHUNK as usize)).unwrap();
     c.commit(1, 0).unwrap();
-    assert_eq!(sink.st().last, Some(1));
-    srv.shutdown();
+    assert_eq!(t.sink.st().last, Some(1));
+    t.srv.shutdown();
 }
 
 #[test]
 fn a_flood_of_connection_attempts_does_not_keep_a_primary_out() {
-    let dir = tempfile::tempdir().unwrap();
-    make_certs(dir.path());
-    let sink = MemSink::new(DISK);
-    let srv = start_server(dir.path(), sink.clone());
-    let addr = srv.local_addr().unwrap();
-    let id = SiteIdentity::load(dir.path(), "primary").unwrap();
+    let t = setup(|_| {});
     // 300 attempts without a client certificate, 64 in flight at a time (the server
     // handshakes at most 16 at once and refuses the rest).
+    let (id, addr) = (t.id.clone(), t.addr);
     let flood = std::thread::spawn(move || {
         let rt = tokio::runtime::Builder::new_multi_thread()
             .worker_threads(1)
@@ -133,7 +137,7 @@ fn a_flood_of_connection_attempts_does_not_keep_a_primary_out() {
         "a primary to get through the flood",
         Duration::from_secs(120),
         || {
-            client = LinkClient::connect(client_cfg(dir.path(), addr, DISK)).ok();
+            client = LinkClient::connect(client_cfg(t.dir.path(), t.addr, DISK)).ok();
             client.is_some()
         },
     );
@@ -141,23 +145,18 @@ fn a_flood_of_connection_attempts_does_not_keep_a_primary_out() {
     c.send_chunk(1, 0, &pattern(0, 1, CHUNK as usize)).unwrap();
     c.commit(1, 0).unwrap();
     flood.join().unwrap();
-    assert!(srv.stats().tls_failures >= 1, "the flood was refused");
-    assert_eq!(sink.st().hellos, 1, "only the primary reached the sink");
-    srv.shutdown();
+    assert!(t.srv.stats().tls_failures >= 1, "the flood was refused");
+    assert_eq!(t.sink.st().hellos, 1, "only the primary reached the sink");
+    t.srv.shutdown();
 }
 
 #[test]
 fn replayed_and_reordered_commits_are_refused_and_commit_nothing() {
-    let dir = tempfile::tempdir().unwrap();
-    make_certs(dir.path());
-    let sink = MemSink::new(DISK);
-    let srv = start_server(dir.path(), sink.clone());
-    let addr = srv.local_addr().unwrap();
-    let id = SiteIdentity::load(dir.path(), "primary").unwrap();
+    let t = setup(|_| {});
     let data = pattern(3, 1, CHUNK as usize);
 
     // CG 1 commits, then the same commit again: refused, the session closed.
-    let raw = raw_connect(&id, addr, true);
+    let raw = raw_connect(&t.id, t.addr, true);
     let (mut ctrl, mut answers) = raw_session(&raw);
     let conn = raw.conn.clone().unwrap();
     let d = data.clone();
@@ -172,54 +171,35 @@ fn replayed_and_reordered_commits_are_refused_and_commit_nothing() {
         };
         u.write_all(&encode_frame(&ext).unwrap()).await.unwrap();
         ctrl.write_all(&commit_frame(1, 1)).await.unwrap();
-        let mut buf = Vec::new();
-        assert!(proto::read_frame(&mut answers, &mut buf, 1 << 20)
-            .await
-            .unwrap());
-        assert_eq!(
-            proto::decode_payload(&buf).unwrap(),
-            Message::CommitAck { cg: 1 }
-        );
+        expect_answer(&mut answers, Message::CommitAck { cg: 1 }).await;
         ctrl.write_all(&commit_frame(1, 0)).await.unwrap();
         (ctrl, answers)
     });
     assert!(protocol_error(&closed(&raw)), "a replayed commit closes");
     wait_for("the session to end", Duration::from_secs(60), || {
-        sink.st().disconnects >= 1
+        t.sink.st().disconnects >= 1
     });
 
     // A later group, then an earlier one: the earlier is refused.
-    let raw = raw_connect(&id, addr, true);
+    let raw = raw_connect(&t.id, t.addr, true);
     let (mut ctrl, mut answers) = raw_session(&raw);
     let _held = raw.rt.block_on(async move {
         ctrl.write_all(&commit_frame(3, 0)).await.unwrap();
-        let mut buf = Vec::new();
-        assert!(proto::read_frame(&mut answers, &mut buf, 1 << 20)
-            .await
-            .unwrap());
-        assert_eq!(
-            proto::decode_payload(&buf).unwrap(),
-            Message::CommitAck { cg: 3 }
-        );
+        expect_answer(&mut answers, Message::CommitAck { cg: 3 }).await;
         ctrl.write_all(&commit_frame(2, 0)).await.unwrap();
         (ctrl, answers)
     });
     assert!(protocol_error(&closed(&raw)), "a reordered commit closes");
-    let commits: Vec<u64> = sink.st().commit_done.iter().map(|c| c.0).collect();
+    let commits: Vec<u64> = t.sink.st().commit_done.iter().map(|c| c.0).collect();
     assert_eq!(commits, [1, 3], "only the valid commits reached the sink");
-    assert_eq!(sink.st().image.get(&0), Some(&data));
-    srv.shutdown();
+    assert_eq!(t.sink.st().image.get(&0), Some(&data));
+    t.srv.shutdown();
 }
 
 #[test]
 fn a_peer_that_never_commits_is_bounded_and_changes_nothing() {
-    let dir = tempfile::tempdir().unwrap();
-    make_certs(dir.path());
-    let sink = MemSink::new(DISK);
-    let srv = start_server(dir.path(), sink.clone());
-    let addr = srv.local_addr().unwrap();
-    let id = SiteIdentity::load(dir.path(), "primary").unwrap();
-    let raw = raw_connect(&id, addr, true);
+    let t = setup(|_| {});
+    let raw = raw_connect(&t.id, t.addr, true);
     let _ctrl = raw_session(&raw);
     let conn = raw.conn.clone().unwrap();
     // Valid-looking extents, each for a new group, never committed: past 4096 open
@@ -243,15 +223,15 @@ fn a_peer_that_never_commits_is_bounded_and_changes_nothing() {
         "an endless open group closes"
     );
     wait_for("the session to end", Duration::from_secs(60), || {
-        sink.st().disconnects >= 1
+        t.sink.st().disconnects >= 1
     });
-    let st = sink.st();
+    let st = t.sink.st();
     assert!(st.commit_done.is_empty(), "nothing committed");
     assert!(st.image.is_empty(), "the replica unchanged");
     drop(st);
     // And the server still serves a primary.
-    let c = LinkClient::connect(client_cfg(dir.path(), addr, DISK)).unwrap();
+    let c = LinkClient::connect(client_cfg(t.dir.path(), t.addr, DISK)).unwrap();
     c.send_chunk(1, 0, &pattern(0, 1, CHUNK as usize)).unwrap();
     c.commit(1, 0).unwrap();
-    srv.shutdown();
+    t.srv.shutdown();
 }

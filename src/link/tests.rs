@@ -381,6 +381,24 @@ impl Raw {
     }
 }
 
+/// Handshakes on `raw` (Hello, HelloAck) and returns its control stream.
+pub(super) fn raw_session(raw: &Raw) -> (quinn::SendStream, quinn::RecvStream) {
+    let conn = raw.conn.clone().expect("connected");
+    raw.rt.block_on(async move {
+        let (mut s, mut r) = conn.open_bi().await.unwrap();
+        s.write_all(&hello_frame(PROTOCOL_VERSION, DISK))
+            .await
+            .unwrap();
+        let mut buf = Vec::new();
+        assert!(proto::read_frame(&mut r, &mut buf, 1 << 20).await.unwrap());
+        assert!(matches!(
+            proto::decode_payload(&buf).unwrap(),
+            Message::HelloAck(_)
+        ));
+        (s, r)
+    })
+}
+
 pub(super) fn hello_frame(version: u16, disk: DiskInfo) -> Vec<u8> {
     encode_frame(&Message::Hello(Hello {
         magic: proto::HELLO_MAGIC,
@@ -527,18 +545,9 @@ fn malformed_input_closes_the_connection_only() {
     }
     // A bad frame on a data stream after a good handshake.
     let raw = raw_connect(&id, addr, true);
+    let _ctrl = raw_session(&raw);
     let conn = raw.conn.clone().unwrap();
     let closed = raw.rt.block_on(async move {
-        let (mut s, mut r) = conn.open_bi().await.unwrap();
-        s.write_all(&hello_frame(PROTOCOL_VERSION, DISK))
-            .await
-            .unwrap();
-        let mut buf = Vec::new();
-        assert!(proto::read_frame(&mut r, &mut buf, 1 << 20).await.unwrap());
-        assert!(matches!(
-            proto::decode_payload(&buf).unwrap(),
-            Message::HelloAck(_)
-        ));
         let mut u = conn.open_uni().await.unwrap();
         // An extent beyond the disk.
         let d = vec![1u8; CHUNK as usize];

@@ -95,26 +95,33 @@ impl FaultCounter {
 /// (`DRBLK_FAULT_APPLY`; the initial sync's writes are not counted), if planned.
 pub fn apply() -> Option<&'static FaultCounter> {
     static PLAN: OnceLock<Option<FaultCounter>> = OnceLock::new();
-    PLAN.get_or_init(|| {
-        let plan = WriteFaults::from_env("DRBLK_FAULT_APPLY")?;
-        tracing::warn!(
-            ?plan,
-            "fault injection: applying groups to the replica image fails as planned"
-        );
-        Some(FaultCounter::new(plan))
-    })
-    .as_ref()
+    planned(
+        &PLAN,
+        "DRBLK_FAULT_APPLY",
+        "applying groups to the replica image",
+    )
 }
 
-/// The process-wide counter of the journal's data appends (`DRBLK_FAULT_JOURNAL`), if planned.
+/// The process-wide counter of the journal's data appends (`DRBLK_FAULT_JOURNAL`), if
+/// planned.
 pub fn journal() -> Option<&'static FaultCounter> {
     static PLAN: OnceLock<Option<FaultCounter>> = OnceLock::new();
-    PLAN.get_or_init(|| {
-        let plan = WriteFaults::from_env("DRBLK_FAULT_JOURNAL")?;
-        tracing::warn!(
-            ?plan,
-            "fault injection: the staging journal's appends fail as planned"
-        );
+    planned(
+        &PLAN,
+        "DRBLK_FAULT_JOURNAL",
+        "the staging journal's appends",
+    )
+}
+
+/// The counter in `cell`, made from the plan in `var` on first use.
+fn planned(
+    cell: &'static OnceLock<Option<FaultCounter>>,
+    var: &str,
+    what: &str,
+) -> Option<&'static FaultCounter> {
+    cell.get_or_init(|| {
+        let plan = WriteFaults::from_env(var)?;
+        tracing::warn!(?plan, "fault injection: {what} fail as planned");
         Some(FaultCounter::new(plan))
     })
     .as_ref()

@@ -216,16 +216,21 @@ mod tests {
         assert!(try_lock_exclusive(&b).unwrap());
     }
 
-    #[test]
-    fn a_punched_hole_reads_as_zeroes() {
-        let dir = tempfile::tempdir().unwrap();
-        let mut f = File::options()
+    /// An empty file `f` in `dir`, open for reading and writing.
+    fn scratch_file(dir: &Path) -> File {
+        File::options()
             .read(true)
             .write(true)
             .create(true)
             .truncate(true)
-            .open(dir.path().join("f"))
-            .unwrap();
+            .open(dir.join("f"))
+            .unwrap()
+    }
+
+    #[test]
+    fn a_punched_hole_reads_as_zeroes() {
+        let dir = tempfile::tempdir().unwrap();
+        let mut f = scratch_file(dir.path());
         f.write_all(&[7u8; 16384]).unwrap();
         match punch_hole(&f, 4096, 8192) {
             Err(e) if is_unsupported(&e) => return,
@@ -242,13 +247,7 @@ mod tests {
     #[test]
     fn a_preallocated_file_stays_allocated_when_zeroed() {
         let dir = tempfile::tempdir().unwrap();
-        let f = File::options()
-            .read(true)
-            .write(true)
-            .create(true)
-            .truncate(true)
-            .open(dir.path().join("f"))
-            .unwrap();
+        let f = scratch_file(dir.path());
         f.set_len(1 << 20).unwrap();
         assert!(allocated_bytes(&f).unwrap() < 1 << 20, "starts sparse");
         if !preallocate(&f, 1 << 20).unwrap() {
