@@ -5,8 +5,8 @@
 //! read at each commit); at the end the images are byte-identical; the resident memory and
 //! open file descriptors of both daemons are printed over time and must stay flat.
 //!
-//! Length: `DRBLK_SOAK_SECONDS` (CI: 24 s, two of each event; the coverage run, where
-//! every other test already covers this code, skips it). Past two minutes the writer is
+//! Length: `DRBLK_SOAK_SECONDS` (CI: 24 s, six periods of 4 s: two of each event; the
+//! coverage run, where every other test already covers this code, skips it). Past two minutes the writer is
 //! paced to 1,000 writes a second. The full soak:
 //!
 //! ```text
@@ -116,6 +116,8 @@ fn soak_link_cuts_and_restarts_of_both_sites_keep_every_group_consistent() {
     // One event per period, in turn: a link cut, a secondary restart, a primary restart
     // (every few minutes in the full soak).
     let period = (total / 6).clamp(Duration::from_secs(4), Duration::from_secs(120));
+    // At least two of each event, whatever each takes.
+    let rounds = (total.as_secs() / period.as_secs()).max(6) as u32;
     let tmp = tempfile::tempdir().unwrap();
     let mut s = Sites::new(tmp.path());
     std::fs::write(tmp.path().join("primary.img"), vec![0u8; SIZE as usize]).unwrap();
@@ -135,8 +137,7 @@ fn soak_link_cuts_and_restarts_of_both_sites_keep_every_group_consistent() {
     let started = Instant::now();
     let mut samples: Vec<(f64, &str, u64, usize, u64, usize)> = Vec::new();
     let mut events = Vec::new();
-    let mut round = 0u32;
-    while started.elapsed() < total {
+    for round in 0..rounds {
         std::thread::sleep(period);
         let (p_rss, p_fds) = footprint(&primary.0.id().to_string());
         let (s_rss, s_fds) = footprint("self");
@@ -172,7 +173,6 @@ fn soak_link_cuts_and_restarts_of_both_sites_keep_every_group_consistent() {
             }
         }
         events.push(format!("{:.0}s {event}", started.elapsed().as_secs_f64()));
-        round += 1;
     }
     stop.store(true, Ordering::SeqCst);
     w.join().unwrap();

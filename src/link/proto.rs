@@ -273,7 +273,9 @@ pub enum Message<'a> {
         /// The committed CG.
         cg: u64,
     },
-    /// Secondary → primary: CG `cg` could not be committed.
+    /// Secondary → primary: CG `cg` could not be committed because the secondary's storage
+    /// failed (a full or failing disk; the primary backs off). A protocol violation closes
+    /// the connection instead.
     CommitFailed {
         /// The CG that failed.
         cg: u64,

@@ -223,6 +223,9 @@ pub struct RecoveryReport {
     pub torn_tail_at: Option<u64>,
     /// Journal size found on open.
     pub journal_bytes: u64,
+    /// Bytes after the last commit record cut from the journal before recovery wrote
+    /// anything (a failed or abandoned group's records).
+    pub uncommitted_bytes_cut: u64,
 }
 
 /// Identity of the replica stored in `state_dir`, if there is one.

@@ -197,8 +197,10 @@ impl ReplicaStore {
         // What follows the last commit record is dropped below anyway; cut it first, so a
         // journal that filled its filesystem (a group that failed with ENOSPC) gives the
         // space back before recovery writes the image's state. Nothing committed is cut.
-        if scan.committed_end > 0 && scan.committed_end < self.journal.file_len()? {
+        let len = self.journal.file_len()?;
+        if scan.committed_end > 0 && scan.committed_end < len {
             self.journal.truncate_uncommitted(scan.committed_end)?;
+            report.uncommitted_bytes_cut = len - scan.committed_end;
         }
         if scan.base_cg > self.st.last_committed_cg {
             // Cannot happen with our write order (state before journal reset); trust the
@@ -294,12 +296,14 @@ impl ReplicaStore {
 }
 
 /// Gives the image file every block of the disk. Why: a group whose commit record is
-/// written must always be applicable — after that record the primary is acknowledged, and
-/// an apply that stopped half-way for want of space would leave an image no state file
-/// describes (and every replay would stop at the same place). With all blocks allocated,
-/// applying writes only into them (zeroes included: see `write_image`), so the only place
-/// a full filesystem can stop replication is the journal, before the commit record, where
-/// the group fails cleanly and is retried. Cheap when the file is already allocated (the
+/// written must always be applicable — an apply that stopped half-way for want of space
+/// leaves an image no state file describes, and every replay stops at the same place. With
+/// all blocks allocated, applying writes only into them (zeroes included: see
+/// `write_image`), so on ext4 and xfs a full filesystem stops replication in the journal,
+/// before the commit record, where the group fails cleanly and is retried. Not on a
+/// copy-on-write filesystem (btrfs, ZFS: overwrites need new blocks) or one that cannot
+/// preallocate: there a full filesystem stops the apply, and the journal's replay applies
+/// the group once space returns. Cheap when the file is already allocated (the
 /// usual reopen); on ext4 and xfs a new image gets "unwritten" extents, not zeroes written.
 /// The cost is thin provisioning: the replica takes the disk's full size at once.
 fn preallocate_image(f: &File, image: &Path, size: u64) -> Result<()> {

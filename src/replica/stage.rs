@@ -105,7 +105,14 @@ impl ReplicaStore {
             // `live_bytes` over-estimates what the live chunks occupy (header shares are
             // rounded up), so `dead` can only under-estimate: saturate.
             let dead = (s.journal.len - format::HEADER_LEN as u64).saturating_sub(s.live_bytes);
-            if dead > s.live_bytes && dead >= s.compact_min_dead {
+            // `journal.new` holds the live bytes until the old journal is gone: without room
+            // for them the compaction waits (the journal stays within its bound anyway, see
+            // the module doc) rather than fail the group half-way.
+            let dir = s.dir.clone();
+            if dead > s.live_bytes
+                && dead >= s.compact_min_dead
+                && s.space.make_room(&dir, s.live_bytes).is_ok()
+            {
                 tracing::debug!(dead, live = s.live_bytes, "compacting staging journal");
                 // Compaction keeps only staged chunks: committed records must first be
                 // in the image durably.

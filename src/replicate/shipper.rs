@@ -515,7 +515,8 @@ impl ChunkSink for Replicator {
                 .expect("status lock")
                 .as_mut()
             {
-                if !e.contains(NEEDS) {
+                // Only a full disk needs room; a failing one needs repair.
+                if !e.contains(NEEDS) && (e.contains("journal full") || e.contains("No space")) {
                     e.push_str(&format!(
                         "{NEEDS}{} free in its journal's directory (plus {})",
                         indicatif::HumanBytes(need),

@@ -85,6 +85,9 @@ struct SinkCounters {
     commit: crate::metrics::histogram::Histogram,
     /// Groups that failed in the store (see `SecondaryStatus::store_failures`).
     store_failures: std::sync::atomic::AtomicU64,
+    /// The group of the last `NoSpace` counted: its other extents (other data streams)
+    /// fail alike and are not counted again.
+    last_no_space_cg: std::sync::atomic::AtomicU64,
     store_error: Mutex<Option<String>>,
 }
 
@@ -270,8 +273,16 @@ impl StoreSink {
                     *g = None;
                 }
                 if store_error.is_some_and(|e| !matches!(e, StoreError::InvalidState(_))) {
+                    let again = match store_error {
+                        Some(StoreError::NoSpace { cg, .. }) => {
+                            self.counters.last_no_space_cg.swap(*cg, Relaxed) == *cg
+                        }
+                        _ => false,
+                    };
                     let e = explain_full_disk(e, &self.paths.state_dir);
-                    self.counters.store_failures.fetch_add(1, Relaxed);
+                    if !again {
+                        self.counters.store_failures.fetch_add(1, Relaxed);
+                    }
                     *self.counters.store_error.lock().expect("counters lock") =
                         Some(format!("{e:#}"));
                     return Err(e);
@@ -430,9 +441,12 @@ impl ControlHandler for SecondaryControl {
     }
 }
 
-/// Rate limit of the lines about refused primaries: a primary retries every few seconds,
-/// and the reason does not change until an operator acts.
+/// Rate limits of the lines about refused primaries and about an image that cannot be
+/// prepared: a primary retries every few seconds, and the reason does not change until an
+/// operator acts.
 static REFUSALS: crate::sys::log_limit::LogLimiter =
+    crate::sys::log_limit::LogLimiter::new(std::time::Duration::from_secs(60));
+static IMAGE_FAILURES: crate::sys::log_limit::LogLimiter =
     crate::sys::log_limit::LogLimiter::new(std::time::Duration::from_secs(60));
 
 impl ReplicaSink for StoreSink {
@@ -450,7 +464,7 @@ impl ReplicaSink for StoreSink {
                     .fresh_image
                     .store(fresh, std::sync::atomic::Ordering::SeqCst),
                 Err(e) => {
-                    if let Some(a) = REFUSALS.admit() {
+                    if let Some(a) = IMAGE_FAILURES.admit() {
                         tracing::error!(error = %e, "cannot prepare the replica image{}", a.note());
                     }
                     return Err(RejectReason::Other(format!("{e:#}")));
@@ -657,6 +671,18 @@ fn explain_full_disk(e: anyhow::Error, dir: &Path) -> anyhow::Error {
     });
     if !full {
         return e;
+    }
+    // The image is allocated in full when it is opened, except where its filesystem
+    // cannot preallocate (a warning said so then): name the file that ran out.
+    let image = e.chain().any(|c| {
+        c.downcast_ref::<StoreError>()
+            .is_some_and(|s| matches!(s, StoreError::Io { path, .. } if !path.starts_with(dir)))
+    });
+    if image {
+        return e.context(
+            "no space left for the replica image (its filesystem could not preallocate it): \
+             free space there; the primary retries and replication resumes by itself",
+        );
     }
     let free = crate::sys::file::free_bytes(dir).unwrap_or(0);
     e.context(format!(

@@ -6,8 +6,8 @@
 //!
 //! - `DRBLK_FAULT_WRITES`: the guest's writes to a primary's image (`crate::blk::fault`).
 //! - `DRBLK_FAULT_JOURNAL`: a secondary's appends of staged data (extent records) to its
-//!   journal, counted over the whole process (a replica reopened after a failure goes on
-//!   counting).
+//!   journal (a compaction's copies included), counted over the whole process (a replica
+//!   reopened after a failure goes on counting).
 //! - `DRBLK_FAULT_APPLY`: a secondary's image writes applying committed groups (replays at
 //!   recovery included).
 

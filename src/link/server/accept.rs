@@ -51,7 +51,10 @@ async fn reject(
     r: RejectReason,
 ) {
     srv.counters.rejected.fetch_add(1, Ordering::Relaxed);
-    refused(srv, addr, format_args!("rejecting primary {site:?}: {r}"));
+    // Its own limit: a flood of attempts must not hide why a real primary is refused.
+    if let Some(a) = srv.rejections.admit() {
+        tracing::warn!(peer = %addr, "rejecting primary {site:?}: {r}{}", a.note());
+    }
     let text = proto::clip(&r.to_string());
     if let Ok(frame) = encode_frame(&Message::Reject(r)) {
         let _ = send.write_all(&frame).await;

@@ -224,6 +224,8 @@ struct ServerShared {
     counters: Counters,
     /// Rate limit of the lines about refused connection attempts (`accept.rs`).
     refusals: crate::sys::log_limit::LogLimiter,
+    /// Rate limit of the lines about primaries rejected after their `Hello`.
+    rejections: crate::sys::log_limit::LogLimiter,
 }
 
 fn lock<T>(m: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
@@ -269,6 +271,7 @@ impl LinkServer {
             busy: AtomicBool::new(false),
             counters: Counters::default(),
             refusals: crate::sys::log_limit::LogLimiter::new(Duration::from_secs(10)),
+            rejections: crate::sys::log_limit::LogLimiter::new(Duration::from_secs(10)),
         });
         let accept = rt.spawn(accept::accept_loop(shared.clone(), endpoint.clone()));
         tracing::info!(listen = ?endpoint.local_addr().ok(), "replication link server listening");

@@ -90,8 +90,9 @@ impl Session {
     fn in_sink<T>(&self, f: impl FnOnce() -> T) -> T {
         self.in_sink.fetch_add(1, Ordering::SeqCst);
         let r = f();
-        self.in_sink.fetch_sub(1, Ordering::SeqCst);
+        // Heard first: a watchdog tick in between must not see "not busy" with an old time.
         self.heard();
+        self.in_sink.fetch_sub(1, Ordering::SeqCst);
         r
     }
 
@@ -217,17 +218,13 @@ impl Session {
                 Ok(Ok(())) => {}
                 Ok(Err(_)) => return Err("session ended".into()),
                 Err(_) => {
-                    let reason = format!(
+                    // A protocol error (the close says why), not `CommitFailed`: that one
+                    // means the secondary's storage failed, which the primary backs off
+                    // from; a stalled link is reconnected at once.
+                    return Err(format!(
                         "commit of CG {cg}: extents missing, none arrived for {:?}",
                         self.srv.cfg.commit_stall_timeout
-                    );
-                    let _ = self
-                        .send_ctrl(&Message::CommitFailed {
-                            cg,
-                            reason: reason.clone(),
-                        })
-                        .await;
-                    return Err(reason);
+                    ));
                 }
             }
         }
