@@ -135,7 +135,14 @@ fn soak_link_cuts_and_restarts_of_both_sites_keep_every_group_consistent() {
     let mut stop = Arc::new(AtomicBool::new(false));
     let mut w = writer(&s.sock(), &history, &stop, rate);
     let started = Instant::now();
-    let mut samples: Vec<(f64, &str, u64, usize, u64, usize)> = Vec::new();
+    // The test process's RSS holds the secondary and the dependent-write history (24 bytes
+    // a write, in vectors that double): the history's share is printed next to it.
+    let history_kib = || {
+        let h = history.lock().unwrap();
+        let words = h.block.capacity() + h.seen_at_issue.capacity() + h.completions.capacity();
+        (words * 8 / 1024) as u64
+    };
+    let mut samples: Vec<(f64, &str, u64, usize, u64, u64, usize)> = Vec::new();
     let mut events = Vec::new();
     for round in 0..rounds {
         std::thread::sleep(period);
@@ -148,6 +155,7 @@ fn soak_link_cuts_and_restarts_of_both_sites_keep_every_group_consistent() {
             p_rss,
             p_fds,
             s_rss,
+            history_kib(),
             s_fds,
         ));
         match round % 3 {
@@ -186,13 +194,19 @@ fn soak_link_cuts_and_restarts_of_both_sites_keep_every_group_consistent() {
         p_rss,
         p_fds,
         s_rss,
+        history_kib(),
         s_fds,
     ));
 
     println!("soak: {:?}, events: {events:?}", total);
-    println!("  time  event              primary RSS  fds   secondary(test) RSS  fds");
-    for (t, e, pr, pf, sr, sf) in &samples {
-        println!("{t:>6.0}s {e:<18} {pr:>9} KiB {pf:>4} {sr:>12} KiB {sf:>6}");
+    println!(
+        "  time  event              primary RSS  fds   secondary(test) RSS  (history)  RSS - history  fds"
+    );
+    for (t, e, pr, pf, sr, hk, sf) in &samples {
+        let rest = sr.saturating_sub(*hk);
+        println!(
+            "{t:>6.0}s {e:<18} {pr:>9} KiB {pf:>4} {sr:>12} KiB {hk:>7} KiB {rest:>10} KiB {sf:>6}"
+        );
     }
     let groups = checks.groups.load(Ordering::SeqCst);
     println!("  {writes} dependent writes, {groups} committed groups checked, none inconsistent");
@@ -208,7 +222,7 @@ fn soak_link_cuts_and_restarts_of_both_sites_keep_every_group_consistent() {
     // Flat: the secondary's descriptors come back to what they were after the first
     // period (restarts close what they opened). Memory is printed, not asserted: the
     // test process's own history grows with every write.
-    let first_fds = samples[0].5;
+    let first_fds = samples[0].6;
     assert!(
         s_fds <= first_fds + 8,
         "the secondary's open descriptors grew from {first_fds} to {s_fds}"

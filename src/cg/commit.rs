@@ -7,10 +7,19 @@ use std::time::Instant;
 
 use tracing::info;
 
-use super::engine::{Engine, Mode};
+use super::engine::{Central, Engine, Mode};
 use super::shipped::Shipped;
 use super::sync::lock;
 use super::{AbandonReason, CommitOutcome};
+
+/// What [`Engine::poll`] found.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(super) enum Poll {
+    /// Every chunk handed out and confirmed, every pre-swap write finished: it may commit.
+    Ready,
+    /// What [`Engine::try_commit`] would answer (never `Committed`).
+    Not(CommitOutcome),
+}
 
 impl Engine {
     /// Whether every chunk of the strict CG `cg` has been handed out and confirmed, i.e. the
@@ -32,45 +41,77 @@ impl Engine {
     /// hand out past `max_drain_time` is abandoned here.
     pub fn try_commit(&self, cg: u64) -> CommitOutcome {
         let mut c = lock(&self.central);
+        match self.poll_locked(&mut c, cg) {
+            Poll::Ready => {
+                self.commit_locked(&mut c, cg);
+                CommitOutcome::Committed
+            }
+            Poll::Not(outcome) => outcome,
+        }
+    }
+
+    /// [`Engine::try_commit`] without the commit: whether CG `cg` could commit now (a strict
+    /// CG past its drain deadline is abandoned here, as there). For a [`Group`](super::Group),
+    /// which commits its engines all together or none.
+    pub(super) fn poll(&self, cg: u64) -> Poll {
+        self.poll_locked(&mut lock(&self.central), cg)
+    }
+
+    /// Commits CG `cg` if it is ready ([`Engine::poll`] said so, and a ready CG stays ready
+    /// until `link_lost`); false if it was not.
+    pub(super) fn commit_ready(&self, cg: u64) -> bool {
+        let mut c = lock(&self.central);
+        if !matches!(self.poll_locked(&mut c, cg), Poll::Ready) {
+            return false;
+        }
+        self.commit_locked(&mut c, cg);
+        true
+    }
+
+    fn poll_locked(&self, c: &mut Central, cg: u64) -> Poll {
         if cg < c.first_uncommitted || cg >= c.next_cg {
-            return CommitOutcome::Unknown;
+            return Poll::Not(CommitOutcome::Unknown);
         }
         let drain = match &c.mode {
             Mode::Strict { drain, .. } if drain.cg == cg => Arc::clone(drain),
-            _ => return CommitOutcome::Abandoned,
+            _ => return Poll::Not(CommitOutcome::Abandoned),
         };
         let to_ship = c.oos.bits.count();
         let unconfirmed = c.unconfirmed();
         let quiesced = drain.is_quiesced();
         if quiesced && to_ship == 0 && unconfirmed == 0 {
-            let Mode::Strict { drain, cr } = mem::replace(&mut c.mode, Mode::Idle) else {
-                return CommitOutcome::Unknown;
-            };
-            self.stop_cow(&drain);
-            for gate in self.queues.iter() {
-                lock(gate).drain = None;
-            }
-            // CR becomes OOS; the queues already record into it. Every record forwarded into
-            // the old OOS was idle before the first hand-out (pre_swap), so nothing is lost.
-            c.oos = cr;
-            c.retired.clear();
-            // A fresh bitmap, not cleared pages: its memory follows what the next CG ships.
-            c.shipped = Shipped::new(self.chunks);
-            c.first_uncommitted = cg + 1;
-            c.last_committed = cg;
-            c.committed += 1;
-            // One line per group would flood the log at the default interval: debug only.
-            tracing::debug!(cg, "cg: committed");
-            return CommitOutcome::Committed;
+            return Poll::Ready;
         }
         if (to_ship > 0 || !quiesced) && Instant::now() > drain.deadline {
-            self.abandon_locked(&mut c, AbandonReason::DrainTimeout);
-            return CommitOutcome::Abandoned;
+            self.abandon_locked(c, AbandonReason::DrainTimeout);
+            return Poll::Not(CommitOutcome::Abandoned);
         }
-        CommitOutcome::Pending {
+        Poll::Not(CommitOutcome::Pending {
             to_ship,
             unconfirmed,
+        })
+    }
+
+    /// The commit itself, once [`Engine::poll_locked`] said `Ready`.
+    fn commit_locked(&self, c: &mut Central, cg: u64) {
+        let Mode::Strict { drain, cr } = mem::replace(&mut c.mode, Mode::Idle) else {
+            return;
+        };
+        self.stop_cow(&drain);
+        for gate in self.queues.iter() {
+            lock(gate).drain = None;
         }
+        // CR becomes OOS; the queues already record into it. Every record forwarded into
+        // the old OOS was idle before the first hand-out (pre_swap), so nothing is lost.
+        c.oos = cr;
+        c.retired.clear();
+        // A fresh bitmap, not cleared pages: its memory follows what the next CG ships.
+        c.shipped = Shipped::new(self.chunks);
+        c.first_uncommitted = cg + 1;
+        c.last_committed = cg;
+        c.committed += 1;
+        // One line per group would flood the log at the default interval: debug only.
+        tracing::debug!(cg, "cg: committed");
     }
 
     /// The link to the secondary is lost: the uncommitted CG is abandoned and everything not

@@ -73,6 +73,16 @@ impl Engine {
         }
     }
 
+    /// Abandons CG `cg` because another disk of its [`Group`](super::Group) did, even if it
+    /// is ready here: the group sends the commit only once every disk is ready, so no commit
+    /// of `cg` was sent (the exemption of [`Engine::abandon`] protects a commit sent).
+    pub(super) fn abandon_for_group(&self, cg: u64) {
+        let mut c = lock(&self.central);
+        if matches!(&c.mode, Mode::Strict { drain, .. } if drain.cg == cg) {
+            self.abandon_locked(&mut c, AbandonReason::OtherDisk);
+        }
+    }
+
     /// Strict → abandoned: stop copy-on-write, record into OOS, forward CR into OOS. The
     /// guest never waits for this beyond one queue lock at a time.
     pub(super) fn abandon_locked(&self, c: &mut Central, reason: AbandonReason) {

@@ -271,3 +271,59 @@ fn in_flight_cr_write_remarks_through_forwarding() {
         assert_eq!(img, disk.snapshot(), "a write was lost");
     });
 }
+
+/// Drains and commits the group's strict CG `cg` into one image per disk.
+fn drain_commit_group(g: &Group, cg: u64, imgs: &mut [Vec<u8>]) {
+    let mut buf = Vec::new();
+    while let Some((d, ext)) = g.next_extent(&mut buf).expect("read") {
+        assert_eq!(ext.cg, cg);
+        let off = ext.first as usize * CHUNK;
+        imgs[d][off..off + ext.len].copy_from_slice(&buf[..ext.len]);
+        g.confirm(d, &ext);
+    }
+    assert!(g.is_ready(cg));
+    assert_eq!(g.try_commit(cg), CommitOutcome::Committed);
+}
+
+/// The cross-disk form of `write_and_completion_race_formation`: W1 on disk A, its
+/// completion racing the group's freeze, then W2 on disk B, issued once W1's completion is
+/// visible. The group's CG never holds W2 without W1, and nothing is lost.
+#[test]
+fn dependent_write_across_two_disks_races_group_formation() {
+    loom::model(|| {
+        let (a, da) = setup(1);
+        let (b, db) = setup(1);
+        let g = Arc::new(Group::new(vec![a.clone(), b.clone()]).expect("group"));
+        let published = Arc::new(AtomicBool::new(false));
+        let p = published.clone();
+        a.set_publisher(
+            0,
+            Some(Arc::new(move |_: &[Completion]| {
+                p.store(true, Ordering::SeqCst)
+            })),
+        );
+        let (a2, b2, da2, db2, p2) = (a.clone(), b.clone(), da.clone(), db.clone(), published);
+        let t = thread::spawn(move || {
+            write(&a2, &da2, 0, 0, 1);
+            let p3 = p2.clone();
+            a2.complete(0, &mut vec![Completion { head: 1, len: 0 }], &move |_| {
+                p3.store(true, Ordering::SeqCst)
+            });
+            while !p2.load(Ordering::SeqCst) {
+                thread::yield_now();
+            }
+            write(&b2, &db2, 0, 0, 2);
+        });
+        let f = g.form_cg().expect("form");
+        let mut imgs = vec![vec![0u8; 2 * CHUNK], vec![0u8; 2 * CHUNK]];
+        drain_commit_group(&g, f.cg, &mut imgs);
+        if imgs[1][0] == 2 {
+            assert_eq!(imgs[0][0], 1, "the group holds W2 on B without W1 on A");
+        }
+        t.join().expect("join");
+        let f = g.form_cg().expect("form");
+        drain_commit_group(&g, f.cg, &mut imgs);
+        assert_eq!(imgs[0], da.snapshot(), "a write on A was lost");
+        assert_eq!(imgs[1], db.snapshot(), "a write on B was lost");
+    });
+}

@@ -44,6 +44,7 @@ mod drain;
 mod engine;
 mod formation;
 mod gate;
+mod group;
 mod record;
 mod recording;
 mod shipped;
@@ -62,6 +63,7 @@ pub use crate::blk::tracking::{Completion, Publisher};
 #[cfg(test)]
 pub(crate) use drain::ChunkImage;
 pub use engine::{Engine, FreezeObserver, WriteTicket};
+pub use group::{Group, MAX_DISKS};
 
 /// Default tracking granularity (64 KiB).
 pub const DEFAULT_CHUNK_SIZE: u64 = crate::config::defaults::CHUNK_SIZE;
@@ -194,6 +196,9 @@ pub enum AbandonReason {
     PreserveFailed,
     /// The link to the secondary was lost.
     LinkLost,
+    /// Another disk of its [`Group`] abandoned the same CG (a group commits whole or not at
+    /// all).
+    OtherDisk,
 }
 
 /// The engine's current phase.
@@ -234,6 +239,8 @@ pub struct CgStats {
     pub abandoned_preserve_failed: u64,
     /// Strict CGs abandoned because the link was lost.
     pub abandoned_link_lost: u64,
+    /// Strict CGs abandoned because another disk of the group abandoned them.
+    pub abandoned_other_disk: u64,
     /// Coordination times (ns) of the most recent formations, oldest first (at most 1024).
     pub coordination_ns: Vec<u64>,
     /// Longest coordination time seen (ns).
