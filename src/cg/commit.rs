@@ -57,17 +57,6 @@ impl Engine {
         self.poll_locked(&mut lock(&self.central), cg)
     }
 
-    /// Commits CG `cg` if it is ready ([`Engine::poll`] said so, and a ready CG stays ready
-    /// until `link_lost`); false if it was not.
-    pub(super) fn commit_ready(&self, cg: u64) -> bool {
-        let mut c = lock(&self.central);
-        if !matches!(self.poll_locked(&mut c, cg), Poll::Ready) {
-            return false;
-        }
-        self.commit_locked(&mut c, cg);
-        true
-    }
-
     fn poll_locked(&self, c: &mut Central, cg: u64) -> Poll {
         if cg < c.first_uncommitted || cg >= c.next_cg {
             return Poll::Not(CommitOutcome::Unknown);

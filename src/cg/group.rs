@@ -24,7 +24,7 @@ use std::sync::Arc;
 use std::time::Instant;
 
 use super::commit::Poll;
-use super::sync::{lock, Mutex};
+use super::sync::{lock, AtomicUsize, Ordering};
 use super::{CgError, CgFormed, CommitOutcome, Engine, Extent, FormError};
 
 /// Most disks in one group.
@@ -34,7 +34,7 @@ pub const MAX_DISKS: usize = 64;
 pub struct Group {
     engines: Box<[Arc<Engine>]>,
     /// The disk the drain asks first next time (round robin, so no disk starves).
-    cursor: Mutex<usize>,
+    cursor: AtomicUsize,
 }
 
 impl Group {
@@ -55,7 +55,7 @@ impl Group {
         }
         Ok(Group {
             engines: engines.into(),
-            cursor: Mutex::new(0),
+            cursor: AtomicUsize::new(0),
         })
     }
 
@@ -145,11 +145,12 @@ impl Group {
     /// `buf[..extent.len]` (see [`Engine::next_extent`]); `None` when no disk has one now.
     pub fn next_extent(&self, buf: &mut Vec<u8>) -> io::Result<Option<(usize, Extent)>> {
         let n = self.engines.len();
-        let start = *lock(&self.cursor);
+        // Only the drain thread moves it: relaxed is enough.
+        let start = self.cursor.load(Ordering::Relaxed);
         for k in 0..n {
             let d = (start + k) % n;
             if let Some(ext) = self.engines[d].next_extent(buf)? {
-                *lock(&self.cursor) = (d + 1) % n;
+                self.cursor.store((d + 1) % n, Ordering::Relaxed);
                 return Ok(Some((d, ext)));
             }
         }
@@ -173,18 +174,37 @@ impl Group {
     /// are then made to abandon it too, so that the next CG, formed on all, carries every
     /// disk's data; `Unknown` if no disk is forming it.
     pub fn try_commit(&self, cg: u64) -> CommitOutcome {
-        let polls: Vec<Poll> = self.engines.iter().map(|e| e.poll(cg)).collect();
-        if polls.iter().all(|p| *p == Poll::Ready) {
+        // One pass, no allocation: the drain asks this every 200 µs while it waits.
+        let (mut ready, mut abandoned, mut unknown) = (0, false, false);
+        let (mut to_ship, mut unconfirmed) = (0, 0);
+        for e in self.engines.iter() {
+            match e.poll(cg) {
+                Poll::Ready => ready += 1,
+                Poll::Not(CommitOutcome::Abandoned) => abandoned = true,
+                Poll::Not(CommitOutcome::Pending {
+                    to_ship: t,
+                    unconfirmed: u,
+                }) => {
+                    to_ship += t;
+                    unconfirmed += u;
+                }
+                Poll::Not(CommitOutcome::Unknown | CommitOutcome::Committed) => unknown = true,
+            }
+        }
+        if ready == self.engines.len() {
             for e in self.engines.iter() {
                 // Ready stays ready: only `link_lost` undoes it, and it runs on the thread
                 // that calls this.
-                let committed = e.commit_ready(cg);
-                debug_assert!(committed, "a ready disk stays ready");
+                let outcome = e.try_commit(cg);
+                debug_assert_eq!(
+                    outcome,
+                    CommitOutcome::Committed,
+                    "a ready disk stays ready"
+                );
             }
             return CommitOutcome::Committed;
         }
-        let abandoned = polls.contains(&Poll::Not(CommitOutcome::Abandoned));
-        if abandoned || polls.contains(&Poll::Not(CommitOutcome::Unknown)) {
+        if abandoned || unknown {
             for e in self.engines.iter() {
                 e.abandon_for_group(cg);
             }
@@ -193,17 +213,6 @@ impl Group {
             } else {
                 CommitOutcome::Unknown
             };
-        }
-        let (mut to_ship, mut unconfirmed) = (0, 0);
-        for p in &polls {
-            if let Poll::Not(CommitOutcome::Pending {
-                to_ship: t,
-                unconfirmed: u,
-            }) = p
-            {
-                to_ship += t;
-                unconfirmed += u;
-            }
         }
         CommitOutcome::Pending {
             to_ship,
