@@ -178,6 +178,7 @@ fn a_full_cow_cache_abandons_the_cg_without_stalling_and_the_next_cg_commits() {
     });
     let server = s.server.as_ref().unwrap();
     let engine = server.engine().unwrap().clone();
+    let group = server.group().unwrap().clone();
     let mut f = TestFrontend::connect(&s.socket, 2, 256, true).unwrap();
     let mut write = |q: usize, chunk: u64, byte: u8| {
         f.write_mem(DATA_BASE, &[byte; 4096]).unwrap();
@@ -201,7 +202,7 @@ fn a_full_cow_cache_abandons_the_cg_without_stalling_and_the_next_cg_commits() {
     // The first CG ships the whole initial image, as an initial sync does.
     engine.mark_all();
     let first = engine.form_cg().unwrap().cg;
-    drain_and_commit(&engine, &mut replica, first, SystemTime::now(), &stats).unwrap();
+    drain_and_commit(&group, &mut replica, first, SystemTime::now(), &stats).unwrap();
     assert_eq!(*commits.lock().unwrap(), vec![first]);
 
     for (q, chunk) in [(0, 1), (1, 2), (0, 3)] {
@@ -222,14 +223,14 @@ fn a_full_cow_cache_abandons_the_cg_without_stalling_and_the_next_cg_commits() {
     );
 
     // Draining the abandoned CG ships what is dirty but commits nothing.
-    drain_and_commit(&engine, &mut replica, cg, SystemTime::now(), &stats).unwrap();
+    drain_and_commit(&group, &mut replica, cg, SystemTime::now(), &stats).unwrap();
     assert_eq!(engine.try_commit(cg), CommitOutcome::Abandoned);
     assert_eq!(*commits.lock().unwrap(), vec![first]);
 
     // A later CG commits and holds every write, the abandoned CG's included.
     let next = engine.form_cg().unwrap().cg;
     assert!(next > cg);
-    drain_and_commit(&engine, &mut replica, next, SystemTime::now(), &stats).unwrap();
+    drain_and_commit(&group, &mut replica, next, SystemTime::now(), &stats).unwrap();
     assert_eq!(*commits.lock().unwrap(), vec![first, next]);
     drop(f);
     let primary = std::fs::read(&s.disk).unwrap();

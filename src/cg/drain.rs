@@ -208,6 +208,7 @@ impl Engine {
         c.handed_out += count;
         c.extents_handed_out += 1;
         Extent {
+            disk: 0,
             cg,
             first,
             count,

@@ -17,7 +17,8 @@
 //! takes one queue lock at a time. Nothing else holds two central locks, and the write path
 //! never takes a central lock while it holds a queue lock, so this cannot deadlock.
 //!
-//! Not wired into the daemons yet: a one-disk daemon still drives its [`Engine`] directly.
+//! The cycle (`replicate::cycle`) forms, drains and commits through a group; the daemons
+//! still serve one disk, a group of one ([`Group::single`]).
 
 use std::io;
 use std::sync::Arc;
@@ -141,9 +142,9 @@ impl Group {
         }
     }
 
-    /// The next extent of the forming CG on any disk, as `(disk, extent)`, its bytes in
+    /// The next extent of the forming CG on any disk (`extent.disk`), its bytes in
     /// `buf[..extent.len]` (see [`Engine::next_extent`]); `None` when no disk has one now.
-    pub fn next_extent(&self, buf: &mut Vec<u8>) -> io::Result<Option<(usize, Extent)>> {
+    pub fn next_extent(&self, buf: &mut Vec<u8>) -> io::Result<Option<Extent>> {
         let n = self.engines.len();
         // Only the drain thread moves it: relaxed is enough.
         let start = self.cursor.load(Ordering::Relaxed);
@@ -151,15 +152,19 @@ impl Group {
             let d = (start + k) % n;
             if let Some(ext) = self.engines[d].next_extent(buf)? {
                 self.cursor.store((d + 1) % n, Ordering::Relaxed);
-                return Ok(Some((d, ext)));
+                // `d < MAX_DISKS`, checked in `new`.
+                return Ok(Some(Extent {
+                    disk: d as u16,
+                    ..ext
+                }));
             }
         }
         Ok(None)
     }
 
-    /// The sink has disk `disk`'s extent `ext` (see [`Engine::confirm`]).
-    pub fn confirm(&self, disk: usize, ext: &Extent) {
-        self.engines[disk].confirm(ext.cg, ext.first, ext.count);
+    /// The sink has extent `ext` of disk `ext.disk` (see [`Engine::confirm`]).
+    pub fn confirm(&self, ext: &Extent) {
+        self.engines[usize::from(ext.disk)].confirm(ext.cg, ext.first, ext.count);
     }
 
     /// Whether every disk is ready to commit CG `cg`: only then may the sink be told to
@@ -239,6 +244,23 @@ impl Group {
     /// The number the next CG formed will get.
     pub fn next_cg(&self) -> u64 {
         self.engines[0].next_cg()
+    }
+
+    /// Marks every chunk of every disk dirty (see [`Engine::mark_all`]).
+    pub fn mark_all(&self) {
+        for e in self.engines.iter() {
+            e.mark_all();
+        }
+    }
+
+    /// The last CG committed on every disk (they commit together).
+    pub fn last_committed(&self) -> u64 {
+        self.engines[0].stats().last_committed
+    }
+
+    /// A group of one disk: what a one-disk daemon runs.
+    pub fn single(engine: Arc<Engine>) -> Arc<Group> {
+        Arc::new(Group::new(vec![engine]).expect("one engine is a valid group"))
     }
 }
 

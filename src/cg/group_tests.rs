@@ -42,8 +42,9 @@ fn write(g: &Group, disks: &[Arc<MemDisk>], disk: usize, off: u64, data: &[u8]) 
 fn ship_all(g: &Group) -> Vec<(usize, u64, u64)> {
     let mut buf = Vec::new();
     let mut out = Vec::new();
-    while let Some((d, ext)) = g.next_extent(&mut buf).expect("read") {
-        g.confirm(d, &ext);
+    while let Some(ext) = g.next_extent(&mut buf).expect("read") {
+        let d = usize::from(ext.disk);
+        g.confirm(&ext);
         out.push((d, ext.cg, ext.first));
     }
     out
@@ -299,10 +300,11 @@ fn dependent_writes_across_two_disks() {
         let Ok(formed) = g.form_cg() else { continue };
         let cg = formed.cg;
         loop {
-            while let Some((d, ext)) = g.next_extent(&mut buf).expect("read") {
+            while let Some(ext) = g.next_extent(&mut buf).expect("read") {
+                let d = usize::from(ext.disk);
                 let at = (ext.first * CHUNK) as usize;
                 replicas[d][at..at + ext.len].copy_from_slice(&buf[..ext.len]);
-                g.confirm(d, &ext);
+                g.confirm(&ext);
             }
             match g.try_commit(cg) {
                 CommitOutcome::Committed => {

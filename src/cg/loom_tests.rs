@@ -275,11 +275,12 @@ fn in_flight_cr_write_remarks_through_forwarding() {
 /// Drains and commits the group's strict CG `cg` into one image per disk.
 fn drain_commit_group(g: &Group, cg: u64, imgs: &mut [Vec<u8>]) {
     let mut buf = Vec::new();
-    while let Some((d, ext)) = g.next_extent(&mut buf).expect("read") {
+    while let Some(ext) = g.next_extent(&mut buf).expect("read") {
+        let d = usize::from(ext.disk);
         assert_eq!(ext.cg, cg);
         let off = ext.first as usize * CHUNK;
         imgs[d][off..off + ext.len].copy_from_slice(&buf[..ext.len]);
-        g.confirm(d, &ext);
+        g.confirm(&ext);
     }
     assert!(g.is_ready(cg));
     assert_eq!(g.try_commit(cg), CommitOutcome::Committed);

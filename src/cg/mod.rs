@@ -118,6 +118,8 @@ pub struct CgFormed {
 /// [`Engine::next_extent`]).
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub struct Extent {
+    /// The disk's index in its [`Group`] (0 from an engine asked on its own).
+    pub disk: u16,
     /// The CG it belongs to. The secondary keeps, per chunk, the version with the highest CG
     /// number and ignores versions of CGs it has already committed.
     pub cg: u64,

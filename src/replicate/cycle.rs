@@ -10,20 +10,20 @@ use std::sync::{Arc, Condvar, Mutex};
 use std::thread::JoinHandle;
 use std::time::{Duration, Instant, SystemTime};
 
-use crate::cg::{CgFormed, CommitOutcome, Engine, Extent, FormError};
+use crate::cg::{CgFormed, CommitOutcome, Extent, FormError, Group};
 use crate::sys::clock::unix_micros;
 
 /// Where the chunks of each CG go.
 pub trait ChunkSink: Send {
     /// Called once by [`Cycle::start`], before the first CG is formed: a sink that knows
-    /// what it holds tells the engine what the first CGs must ship (e.g. everything, with
-    /// [`Engine::mark_all`]) and where numbering continues ([`Engine::resume_numbering`]).
-    fn attach(&mut self, engine: &Engine) {
-        let _ = engine;
+    /// what it holds tells the group what the first CGs must ship (e.g. everything, with
+    /// [`Group::mark_all`]) and where numbering continues ([`Group::resume_numbering`]).
+    fn attach(&mut self, group: &Group) {
+        let _ = group;
     }
-    /// Takes one extent of CG `ext.cg`, whose bytes are `data` (`ext.len` of them).
-    /// Returning Ok means the sink has it (the engine may forget it); it need not be
-    /// durable until [`ChunkSink::commit`].
+    /// Takes one extent of CG `ext.cg` of disk `ext.disk`, whose bytes are `data` (`ext.len`
+    /// of them). Returning Ok means the sink has it (the engine may forget it); it need not
+    /// be durable until [`ChunkSink::commit`].
     fn extent(&mut self, ext: Extent, data: &[u8]) -> io::Result<()>;
     /// Makes CG `cg` durable and visible as a whole; returns once it is.
     fn commit(&mut self, cg: u64, frozen_at: SystemTime) -> io::Result<()>;
@@ -35,7 +35,7 @@ pub trait ChunkSink: Send {
         let _ = stop;
         Ok(())
     }
-    /// Called after `chunk` or `commit` failed (the engine has already merged everything
+    /// Called after `chunk` or `commit` failed (the group has already merged everything
     /// uncommitted back into its dirty set): get ready to ship again, e.g. reconnect with
     /// backoff. Return an error to end the cycle; check `stop` while waiting.
     fn recover(&mut self, error: &io::Error, stop: &AtomicBool) -> io::Result<()> {
@@ -71,23 +71,23 @@ pub struct Cycle {
 }
 
 impl Cycle {
-    /// Starts forming a CG every `interval` from `engine`, draining into `sink` (attached
-    /// to the engine first, see [`ChunkSink::attach`]). The drain
+    /// Starts forming a CG every `interval` across `group`'s disks, draining into `sink`
+    /// (attached to the group first, see [`ChunkSink::attach`]). The drain
     /// runs at niceness `ship_nice` (see [`crate::sys::priority`]); formation does not: a freeze
     /// must not wait behind busy queue workers, so with `ship_nice > 0` a small thread at
     /// normal priority forms the CGs on the drain thread's request.
     pub fn start(
-        engine: Arc<Engine>,
+        group: Arc<Group>,
         mut sink: Box<dyn ChunkSink>,
         interval: Duration,
         ship_nice: i32,
     ) -> Cycle {
-        sink.attach(&engine);
+        sink.attach(&group);
         let stop = Arc::new(AtomicBool::new(false));
         let trigger = Arc::new((Mutex::new(0u64), Condvar::new()));
         let stats = Arc::new(CycleStats::default());
         let (st, tr, sa) = (stop.clone(), trigger.clone(), stats.clone());
-        let former = (ship_nice != 0).then(|| Former::start(engine.clone()));
+        let former = (ship_nice != 0).then(|| Former::start(group.clone()));
         // Returns once the thread runs at its priority (so its state is observable at once).
         let (ready_tx, ready) = std::sync::mpsc::channel();
         let thread = std::thread::Builder::new()
@@ -99,9 +99,9 @@ impl Cycle {
                 let _ = ready_tx.send(());
                 let form = || match &former {
                     Some(f) => f.form(),
-                    None => engine.form_cg(),
+                    None => group.form_cg(),
                 };
-                run(&engine, &form, sink.as_mut(), interval, &st, &tr, &sa)
+                run(&group, &form, sink.as_mut(), interval, &st, &tr, &sa)
             })
             .expect("spawning the CG cycle thread");
         let _ = ready.recv();
@@ -155,7 +155,7 @@ struct Former {
 }
 
 impl Former {
-    fn start(engine: Arc<Engine>) -> Former {
+    fn start(group: Arc<Group>) -> Former {
         let (tx, rx) =
             std::sync::mpsc::channel::<std::sync::mpsc::Sender<Result<CgFormed, FormError>>>();
         let (ready_tx, ready) = std::sync::mpsc::channel();
@@ -165,7 +165,7 @@ impl Former {
             .spawn(move || {
                 let _ = ready_tx.send(());
                 for reply in rx {
-                    let _ = reply.send(engine.form_cg());
+                    let _ = reply.send(group.form_cg());
                 }
             })
             .expect("spawning the CG formation thread");
@@ -184,7 +184,7 @@ impl Former {
 }
 
 fn run(
-    engine: &Engine,
+    group: &Group,
     form: &dyn Fn() -> Result<CgFormed, FormError>,
     sink: &mut dyn ChunkSink,
     interval: Duration,
@@ -224,14 +224,14 @@ fn run(
                 continue;
             }
         };
-        if let Err(e) = drain_and_commit(engine, sink, formed.cg, frozen_at, stats) {
+        if let Err(e) = drain_and_commit(group, sink, formed.cg, frozen_at, stats) {
             static LOG: crate::sys::log_limit::LogLimiter =
                 crate::sys::log_limit::LogLimiter::new(Duration::from_secs(60));
             if let Some(a) = LOG.admit() {
                 tracing::warn!(cg = formed.cg, error = %e, "shipping the consistency group failed{}", a.note());
             }
             // Everything not committed goes back into the dirty set and ships again later.
-            engine.link_lost();
+            group.link_lost();
             if let Err(e) = sink.recover(&e, stop) {
                 if stop.load(Ordering::SeqCst) {
                     break;
@@ -246,7 +246,7 @@ fn run(
 /// Ships every chunk of CG `cg` into `sink` and commits it; if the CG was abandoned, ships
 /// what is dirty and returns (the next formation produces a committable CG).
 pub fn drain_and_commit(
-    engine: &Engine,
+    group: &Group,
     sink: &mut dyn ChunkSink,
     cg: u64,
     frozen_at: SystemTime,
@@ -256,20 +256,21 @@ pub fn drain_and_commit(
     // borrowed, so nothing is allocated or zeroed per extent.
     let mut buf = Vec::new();
     loop {
-        while let Some(ext) = engine.next_extent(&mut buf)? {
+        while let Some(ext) = group.next_extent(&mut buf)? {
             sink.extent(ext, &buf[..ext.len])?;
-            engine.confirm(ext.cg, ext.first, ext.count);
+            group.confirm(&ext);
             stats.chunks_shipped.fetch_add(ext.count, Ordering::Relaxed);
             stats.extents_shipped.fetch_add(1, Ordering::Relaxed);
             stats
                 .bytes_shipped
                 .fetch_add(ext.len as u64, Ordering::Relaxed);
         }
-        let ready = engine.is_ready(cg);
+        // Every disk ready, or none is committed: the sink commits the group whole.
+        let ready = group.is_ready(cg);
         if ready {
             sink.commit(cg, frozen_at)?;
         }
-        let outcome = engine.try_commit(cg);
+        let outcome = group.try_commit(cg);
         match settle(ready, outcome) {
             Settle::Committed => {
                 stats.last_committed.store(cg, Ordering::SeqCst);
@@ -292,9 +293,9 @@ pub fn drain_and_commit(
 /// What the drain of a CG does once it has handed out every chunk it could.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 enum Settle {
-    /// The sink committed the CG and so did the engine: record it, done.
+    /// The sink committed the CG and so did the group: record it, done.
     Committed,
-    /// The sink committed the CG but the engine did not: an error (the link is treated as
+    /// The sink committed the CG but the group did not: an error (the link is treated as
     /// lost, so everything uncommitted ships again).
     NotCommitted,
     /// Nothing to commit now (abandoned, unknown, or committed elsewhere): done.
@@ -303,8 +304,8 @@ enum Settle {
     Wait,
 }
 
-/// The decision after a drain pass: `ready` is what [`Engine::is_ready`] said before the
-/// sink was asked to commit (only then is it asked), `outcome` what [`Engine::try_commit`]
+/// The decision after a drain pass: `ready` is what [`Group::is_ready`] said before the
+/// sink was asked to commit (only then is it asked), `outcome` what [`Group::try_commit`]
 /// answered next.
 fn settle(ready: bool, outcome: CommitOutcome) -> Settle {
     match (ready, outcome) {

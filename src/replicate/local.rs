@@ -18,7 +18,7 @@ use std::sync::atomic::{AtomicBool, Ordering};
 use std::time::{Duration, Instant, SystemTime};
 
 use super::cycle::ChunkSink;
-use crate::cg::{Engine, Extent};
+use crate::cg::{Extent, Group};
 use crate::replica::{self, ChunkData, ReplicaState, ReplicaStore};
 
 /// An in-process replica: a [`ReplicaStore`] (image + state directory) fed by the CG cycle.
@@ -132,18 +132,18 @@ impl LocalReplica {
 }
 
 impl ChunkSink for LocalReplica {
-    fn attach(&mut self, engine: &Engine) {
+    fn attach(&mut self, group: &Group) {
         match self.state() {
             Some(ReplicaState::Consistent { cg, .. }) => {
                 tracing::info!(
                     cg,
                     "local replica consistent at CG {cg}: a full copy is staged above it"
                 );
-                engine.resume_numbering(cg);
-                engine.mark_all();
+                group.resume_numbering(cg);
+                group.mark_all();
             }
             // New, or its initial copy was interrupted: copy everything.
-            Some(ReplicaState::Syncing { .. }) => engine.mark_all(),
+            Some(ReplicaState::Syncing { .. }) => group.mark_all(),
             // Refused when opened; a failed store is reopened by `recover`, which the
             // engine follows by shipping everything not committed again.
             Some(ReplicaState::Promoted) | None => {}
@@ -151,6 +151,12 @@ impl ChunkSink for LocalReplica {
     }
 
     fn extent(&mut self, ext: Extent, data: &[u8]) -> io::Result<()> {
+        if ext.disk != 0 {
+            return Err(io::Error::other(format!(
+                "a local replica holds one disk; disk {} of the group has no image here",
+                ext.disk
+            )));
+        }
         self.with_store(|s| {
             let d = if data.iter().all(|&b| b == 0) {
                 ChunkData::Zero

@@ -19,7 +19,7 @@ use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant, SystemTime};
 
-use crate::cg::{Engine, Extent};
+use crate::cg::{Engine, Extent, Group};
 use crate::link::{ClientConfig, LinkClient, ReplicaState};
 use crate::replicate::compare::{compare, Comparison};
 use crate::replicate::cycle::ChunkSink;
@@ -144,6 +144,9 @@ impl VerifyReport {
 /// Ships groups to a secondary; reconnects with backoff when the link is lost.
 pub struct Replicator {
     cfg: ClientConfig,
+    /// What is formed, drained and committed as one.
+    group: Arc<Group>,
+    /// The disk the link carries (protocol v4 describes one disk: the group's only one).
     engine: Arc<Engine>,
     client: Option<LinkClient>,
     /// The current client's frame and UDP bytes already added to the status.
@@ -164,12 +167,19 @@ pub struct Replicator {
 }
 
 impl Replicator {
-    /// A replicator for `engine`, connecting with `cfg` (the first connection is made by the
-    /// cycle before its first group; failures are retried with backoff).
-    pub fn new(cfg: ClientConfig, engine: Arc<Engine>) -> Self {
+    /// A replicator for `group`, connecting with `cfg` (the first connection is made by the
+    /// cycle before its first group; failures are retried with backoff). The link describes
+    /// one disk (`cfg.disk`): the group must have exactly one.
+    pub fn new(cfg: ClientConfig, group: Arc<Group>) -> Self {
+        assert_eq!(
+            group.disks(),
+            1,
+            "the replication link (protocol v4) carries one disk"
+        );
         Replicator {
             cfg,
-            engine,
+            engine: group.engine(0).clone(),
+            group,
             client: None,
             seen: (0, 0),
             unaccounted: 0,
@@ -184,7 +194,7 @@ impl Replicator {
 
     /// Keeps `record` up to date with full copies, and trusts what it seeded the engine with.
     pub fn with_record(mut self, record: Option<Arc<ChangeRecord>>) -> Self {
-        self.seeded = record.is_some() && self.engine.stats().last_committed > 0;
+        self.seeded = record.is_some() && self.group.last_committed() > 0;
         self.record = record;
         self
     }
@@ -236,7 +246,7 @@ impl Replicator {
             return Ok(());
         };
         if run.cg.is_none() {
-            run.cg = Some(self.engine.stats().last_committed);
+            run.cg = Some(self.group.last_committed());
         }
         let engine = &self.engine;
         let repair = run.repair;
@@ -284,7 +294,7 @@ impl Replicator {
             // On disk first: a crash during the copy must not trust the record's bitmap.
             r.mark_all_dirty();
         }
-        self.engine.mark_all();
+        self.group.mark_all();
     }
 
     /// The link's status, shared with the control socket.
@@ -315,7 +325,7 @@ impl Replicator {
         })?;
         let ack = client.hello_ack().clone();
         self.status.connects.fetch_add(1, Ordering::Relaxed);
-        let next = self.engine.next_cg();
+        let next = self.group.next_cg();
         match (ack.state, ack.last_committed_cg) {
             // The secondary holds our last committed group, or a later one we formed whose
             // acknowledgement the link lost. Either way everything changed since our last
@@ -326,24 +336,24 @@ impl Replicator {
             }
             (ReplicaState::Consistent { cg, .. }, _) if self.seeded && cg >= last => {
                 tracing::info!(secondary = %self.cfg.server_addr, cg, record_acked = last, "secondary consistent at or above the change record's group: incremental resync of what the record marked");
-                self.engine.resume_numbering(cg);
+                self.group.resume_numbering(cg);
             }
             (ReplicaState::Consistent { cg, .. }, _) => {
                 tracing::info!(secondary = %self.cfg.server_addr, cg, our_last = last, "secondary holds a group this primary has no record of: comparing the disks by checksums; what differs is shipped as one group above it");
                 self.checksum_resync(&client, stop)?;
-                self.engine.resume_numbering(cg);
+                self.group.resume_numbering(cg);
             }
             (ReplicaState::Syncing { .. }, committed) if ack.compare_first => {
                 tracing::info!(secondary = %self.cfg.server_addr, "secondary is syncing onto an image it had: comparing by checksums, shipping what differs");
                 self.checksum_resync(&client, stop)?;
                 if let Some(cg) = committed {
-                    self.engine.resume_numbering(cg);
+                    self.group.resume_numbering(cg);
                 }
             }
             (ReplicaState::Syncing { .. }, committed) => {
                 tracing::info!(secondary = %self.cfg.server_addr, "secondary is new or syncing: full copy");
                 if let Some(cg) = committed {
-                    self.engine.resume_numbering(cg);
+                    self.group.resume_numbering(cg);
                 }
                 self.mark_all();
                 self.status.full_resyncs.fetch_add(1, Ordering::Relaxed);
@@ -460,6 +470,7 @@ impl Replicator {
 
 impl ChunkSink for Replicator {
     fn extent(&mut self, ext: Extent, data: &[u8]) -> io::Result<()> {
+        debug_assert_eq!(ext.disk, 0, "a group of one disk (see `new`)");
         let r = self
             .client()?
             .send_extent(ext.cg, ext.first, ext.count, data);

@@ -12,7 +12,7 @@ use crate::blk::execute::Executor;
 use crate::blk::queue::WorkerOptions;
 use crate::blk::tracking::Tracking;
 use crate::blk::virtio::DeviceLimits;
-use crate::cg::{ChunkSource, Engine};
+use crate::cg::{ChunkSource, Engine, Group};
 use crate::cli::ServeArgs;
 use crate::config::{CgSettings, ReplicationConfig, ServeConfig};
 use crate::control::{control_path, ControlServer, ControlState};
@@ -26,6 +26,8 @@ use crate::track::{ChangeRecord, Refresher, TrackConfig};
 pub struct Server {
     shared: Arc<DeviceShared>,
     engine: Option<Arc<Engine>>,
+    /// The disk's engine as the group the cycle forms (one disk per daemon for now).
+    group: Option<Arc<Group>>,
     control: Arc<ControlState>,
     _control_server: ControlServer,
     shutdown: Shutdown,
@@ -135,7 +137,8 @@ impl Server {
             record: record.clone(),
         });
         let ship_nice = cfg.cg.as_ref().map_or(0, |c| c.ship_nice);
-        if let (Some(path), Some(engine), Some(cg)) = (&cfg.local_replica, &engine, &cfg.cg) {
+        let group = engine.as_ref().map(|e| Group::single(e.clone()));
+        if let (Some(path), Some(group), Some(cg)) = (&cfg.local_replica, &group, &cfg.cg) {
             // Like a secondary's: journal, state and lock in `<replica>.state`, bound to the
             // disk's identity so a replica of another disk is refused.
             let uuid = crate::replica::identity::load_or_create(disk.path())
@@ -144,23 +147,23 @@ impl Server {
             let replica = LocalReplica::open(path, &state_dir, disk.size(), cg.chunk_size, uuid)
                 .with_context(|| format!("opening the local replica {}", path.display()))?;
             tracing::info!(replica = %path.display(), state_dir = %state_dir.display(), interval = ?cg.interval, "keeping a local crash-consistent replica");
-            let cycle = Cycle::start(engine.clone(), Box::new(replica), cg.interval, ship_nice);
+            let cycle = Cycle::start(group.clone(), Box::new(replica), cg.interval, ship_nice);
             *control.cycle.lock().expect("cycle lock") = Some(cycle);
         }
-        if let (Some(r), Some(engine), Some(cg), Some(identity)) =
-            (&cfg.replication, &engine, &cfg.cg, identity)
+        if let (Some(r), Some(group), Some(cg), Some(identity)) =
+            (&cfg.replication, &group, &cfg.cg, identity)
         {
             let (replicator, link) = replicator_for(
                 r,
                 identity,
                 cg,
                 &disk,
-                engine.clone(),
+                group.clone(),
                 record.clone(),
                 lineage,
             )?;
             tracing::info!(secondary = %replicator.peer(), interval = ?cg.interval, "replicating");
-            let cycle = Cycle::start(engine.clone(), Box::new(replicator), cg.interval, ship_nice);
+            let cycle = Cycle::start(group.clone(), Box::new(replicator), cg.interval, ship_nice);
             *control.cycle.lock().expect("cycle lock") = Some(cycle);
             *control.link.lock().expect("link lock") = Some(link);
         }
@@ -192,6 +195,7 @@ impl Server {
         Ok(Server {
             shared,
             engine,
+            group,
             record,
             refresher,
             control,
@@ -213,16 +217,21 @@ impl Server {
         self.engine.as_ref()
     }
 
+    /// The group the cycle forms (the engine's disk alone).
+    pub fn group(&self) -> Option<&Arc<Group>> {
+        self.group.as_ref()
+    }
+
     /// Starts forming consistency groups every `interval`, draining them into `sink`.
     pub fn start_cycle(
         &self,
         sink: Box<dyn ChunkSink>,
         interval: std::time::Duration,
     ) -> anyhow::Result<Cycle> {
-        let engine = self
-            .engine()
+        let group = self
+            .group()
             .context("consistency groups are not enabled on this server")?;
-        Ok(Cycle::start(engine.clone(), sink, interval, self.ship_nice))
+        Ok(Cycle::start(group.clone(), sink, interval, self.ship_nice))
     }
 
     /// The change record's counters: (writes that added an extent to the activity log,
@@ -305,7 +314,7 @@ fn replicator_for(
     identity: SiteIdentity,
     cg: &CgSettings,
     disk: &Disk,
-    engine: Arc<Engine>,
+    group: Arc<Group>,
     record: Option<Arc<ChangeRecord>>,
     lineage: Option<crate::lineage::Lineage>,
 ) -> anyhow::Result<(Replicator, Arc<LinkStatus>)> {
@@ -324,7 +333,7 @@ fn replicator_for(
     cfg.compress = r.compress;
     cfg.data_streams = r.data_streams;
     cfg.thread_nice = cg.ship_nice;
-    let rep = Replicator::new(cfg, engine).with_record(record);
+    let rep = Replicator::new(cfg, group).with_record(record);
     let status = rep.status();
     Ok((rep, status))
 }

@@ -59,6 +59,8 @@ struct Log {
     commits: Vec<(u64, SystemTime)>,
     /// Every recovery: the error, and the engine's state when recovery began.
     recoveries: Vec<(io::ErrorKind, CgStats)>,
+    /// (disk, cg, first chunk) of every extent accepted.
+    extents: Vec<(u16, u64, u64)>,
 }
 
 impl Log {
@@ -115,6 +117,7 @@ impl ChunkSink for MemSink {
             return Err(io::Error::new(io::ErrorKind::ConnectionReset, "chunk lost"));
         }
         let mut log = self.log.lock().expect("log");
+        log.extents.push((ext.disk, ext.cg, ext.first));
         // Logged per chunk, as the secondary keeps them.
         for (k, part) in data.chunks(CHUNK as usize).enumerate() {
             log.chunks
@@ -154,14 +157,22 @@ fn frozen_at() -> SystemTime {
 
 /// Runs the cycle loop with no wait between ticks, forming through `form`.
 fn run_cycle(
-    engine: &Engine,
+    engine: &Arc<Engine>,
     form: &dyn Fn() -> Result<CgFormed, FormError>,
     sink: &mut MemSink,
     stop: &AtomicBool,
     stats: &CycleStats,
 ) -> io::Result<()> {
     let trigger = (Mutex::new(0u64), Condvar::new());
-    run(engine, form, sink, Duration::ZERO, stop, &trigger, stats)
+    run(
+        &Group::single(engine.clone()),
+        form,
+        sink,
+        Duration::ZERO,
+        stop,
+        &trigger,
+        stats,
+    )
 }
 
 /// A formation function that forms through the engine and stops the cycle after the
@@ -215,7 +226,14 @@ fn ready_cg_is_shipped_and_committed() {
     let stats = CycleStats::default();
     let cg = e.form_cg().expect("form").cg;
 
-    drain_and_commit(&e, &mut sink, cg, frozen_at(), &stats).expect("drain");
+    drain_and_commit(
+        &Group::single(e.clone()),
+        &mut sink,
+        cg,
+        frozen_at(),
+        &stats,
+    )
+    .expect("drain");
 
     let log = log.lock().expect("log");
     assert_eq!(log.chunk_ids(), vec![(1, 0), (1, 2)]);
@@ -241,7 +259,14 @@ fn empty_cg_commits_at_once() {
     let (mut sink, log) = MemSink::new(&e);
     let stats = CycleStats::default();
     let cg = e.form_cg().expect("form").cg;
-    drain_and_commit(&e, &mut sink, cg, frozen_at(), &stats).expect("drain");
+    drain_and_commit(
+        &Group::single(e.clone()),
+        &mut sink,
+        cg,
+        frozen_at(),
+        &stats,
+    )
+    .expect("drain");
     let log = log.lock().expect("log");
     assert!(log.chunks.is_empty());
     assert_eq!(log.commit_cgs(), vec![1]);
@@ -257,7 +282,14 @@ fn abandoned_cg_ships_its_dirty_chunks_and_returns_without_committing() {
     let (mut sink, log) = MemSink::new(&e);
     let stats = CycleStats::default();
 
-    drain_and_commit(&e, &mut sink, cg, frozen_at(), &stats).expect("drain");
+    drain_and_commit(
+        &Group::single(e.clone()),
+        &mut sink,
+        cg,
+        frozen_at(),
+        &stats,
+    )
+    .expect("drain");
 
     {
         let log = log.lock().expect("log");
@@ -274,7 +306,14 @@ fn abandoned_cg_ships_its_dirty_chunks_and_returns_without_committing() {
 
     // The next formation gives a CG that commits.
     let cg = e.form_cg().expect("form").cg;
-    drain_and_commit(&e, &mut sink, cg, frozen_at(), &stats).expect("drain");
+    drain_and_commit(
+        &Group::single(e.clone()),
+        &mut sink,
+        cg,
+        frozen_at(),
+        &stats,
+    )
+    .expect("drain");
     assert_eq!(log.lock().expect("log").commit_cgs(), vec![2]);
     assert_eq!(stats.last_committed.load(Ordering::SeqCst), 2);
 }
@@ -286,7 +325,7 @@ fn unknown_cg_returns_without_shipping_or_committing() {
     let (mut sink, log) = MemSink::new(&e);
     let stats = CycleStats::default();
     // Idle engine: nothing handed out, CG 7 is unknown.
-    drain_and_commit(&e, &mut sink, 7, frozen_at(), &stats).expect("drain");
+    drain_and_commit(&Group::single(e.clone()), &mut sink, 7, frozen_at(), &stats).expect("drain");
     let log = log.lock().expect("log");
     assert!(log.chunks.is_empty() && log.commits.is_empty());
     assert_eq!(e.stats().oos_dirty, 1);
@@ -307,7 +346,14 @@ fn failed_chunk_or_commit_is_an_error_and_nothing_commits() {
         }
         let stats = CycleStats::default();
         let cg = e.form_cg().expect("form").cg;
-        let err = drain_and_commit(&e, &mut sink, cg, frozen_at(), &stats).expect_err("fails");
+        let err = drain_and_commit(
+            &Group::single(e.clone()),
+            &mut sink,
+            cg,
+            frozen_at(),
+            &stats,
+        )
+        .expect_err("fails");
         let want = if fail_commit {
             io::ErrorKind::TimedOut
         } else {
@@ -509,7 +555,7 @@ fn cycle_thread_commits_on_trigger_and_stops() {
         let (sink, log) = MemSink::new(&e);
         // A long interval: only the trigger forms a CG.
         let cycle = Cycle::start(
-            e.clone(),
+            Group::single(e.clone()),
             Box::new(sink),
             Duration::from_secs(3600),
             ship_nice,
@@ -525,4 +571,57 @@ fn cycle_thread_commits_on_trigger_and_stops() {
         assert_eq!(log.lock().expect("log").commit_cgs(), vec![1]);
         assert_eq!(e.stats().last_committed, 1);
     }
+}
+
+#[test]
+fn a_group_of_two_disks_drains_both_and_commits_once_or_not_at_all() {
+    let (a, da) = engine(1 << 20);
+    let (b, db) = engine(0); // no copy-on-write room: a write over its CG abandons it
+    let g = Group::new(vec![a.clone(), b.clone()]).expect("group");
+    let (mut sink, log) = MemSink::new(&a);
+    let stats = CycleStats::default();
+
+    write(&a, &da, 0, &[1; 4]);
+    write(&b, &db, 3 * CHUNK, &[2; 4]);
+    let cg = g.form_cg().expect("form").cg;
+    drain_and_commit(&g, &mut sink, cg, frozen_at(), &stats).expect("drain");
+    {
+        let mut log = log.lock().expect("log");
+        log.extents.sort_unstable();
+        assert_eq!(log.extents, vec![(0, 1, 0), (1, 1, 3)]);
+        assert_eq!(log.commit_cgs(), vec![1], "one commit for both disks");
+    }
+    assert_eq!((a.stats().last_committed, b.stats().last_committed), (1, 1));
+
+    // Disk B abandons CG 2 (a write over a chunk its CG holds, no cache room): A has
+    // nothing left to ship but must not commit CG 2 alone.
+    write(&a, &da, CHUNK, &[3; 4]);
+    write(&b, &db, 0, &[4; 4]);
+    let cg = g.form_cg().expect("form").cg;
+    write(&b, &db, 0, &[5; 4]);
+    assert_eq!(b.phase(), CgPhase::Abandoned { cg: 2 });
+    drain_and_commit(&g, &mut sink, cg, frozen_at(), &stats).expect("drain");
+    assert_eq!(log.lock().expect("log").commit_cgs(), vec![1]);
+    assert_eq!((a.stats().last_committed, b.stats().last_committed), (1, 1));
+
+    // What the abandoned CG shipped (both disks' chunks, as they are now) is staged and
+    // becomes durable with the next commit, formed on both disks.
+    let cg = g.form_cg().expect("form").cg;
+    drain_and_commit(&g, &mut sink, cg, frozen_at(), &stats).expect("drain");
+    assert_eq!(log.lock().expect("log").commit_cgs(), vec![1, 3]);
+    assert_eq!((a.stats().last_committed, b.stats().last_committed), (3, 3));
+    let log = log.lock().expect("log");
+    let staged: Vec<_> = log.extents.iter().filter(|e| e.1 == 2).copied().collect();
+    assert_eq!(staged, vec![(0, 2, 1), (1, 2, 0)]);
+    let b0 = log
+        .chunks
+        .iter()
+        .rfind(|c| c.0 == 2 && c.1 == 0)
+        .expect("B's chunk 0");
+    assert_eq!(
+        b0.2[..4],
+        [5; 4],
+        "an abandoned CG ships what the disk holds now"
+    );
+    assert_eq!(stats.last_committed.load(Ordering::SeqCst), 3);
 }
