@@ -1,10 +1,12 @@
 //! Reference-model property test: random interleavings (a sequential scheduler picking one
-//! step at a time) of writes on several queues, dependent writes, CG formation, drain,
-//! confirmation, commit, cache-limit abandonment and link loss, against a model secondary.
+//! step at a time) of writes on several queues of one or two disks, dependent writes (also
+//! across disks), CG formation over the disks' [`Group`], drain, confirmation, commit,
+//! cache-limit abandonment and link loss, against a model secondary.
 //!
-//! Checked: every image the secondary commits is a dependent-write-consistent cut of the
-//! primary's history, completions are published per queue in the order they completed, and
-//! after a final drain the secondary equals the primary byte for byte.
+//! Checked: every image the secondary commits — all disks together — is a
+//! dependent-write-consistent cut of the primary's history, completions are published per
+//! queue in the order they completed, and after a final drain the secondary equals the
+//! primary byte for byte.
 
 use std::collections::{BTreeSet, HashMap};
 use std::sync::{Arc, Mutex};
@@ -47,7 +49,10 @@ fn step() -> impl Strategy<Value = Step> {
 
 struct Write {
     id: u8,
+    /// Its disk, and its queue there.
+    disk: usize,
     q: usize,
+    /// Offset in the disks laid end to end (a write stays on one disk).
     off: usize,
     len: usize,
     /// 0 recorded, 1 half written, 2 written, 3 ticket dropped, 4 completed.
@@ -55,34 +60,39 @@ struct Write {
     ticket: Option<WriteTicket>,
     /// Number of successful formations when it was recorded.
     epoch: u64,
-    /// Writes whose completion was published before this one was issued.
+    /// Writes whose completion was published (on any disk) before this one was issued.
     deps: BTreeSet<u8>,
 }
 
+/// Published completions: (queue number over all disks, head).
 type Log = Arc<Mutex<Vec<(usize, u16)>>>;
 
 struct Model {
-    e: Arc<Engine>,
-    disk: Arc<MemDisk>,
-    q: usize,
-    /// Per byte: ids of the writes applied to it, in order, starting with 0 (initial).
+    g: Arc<Group>,
+    disks: Vec<Arc<MemDisk>>,
+    /// Queues per disk; queue `q` of disk `d` is number `d * queues + q` in the logs.
+    queues: usize,
+    /// Per byte of the disks laid end to end: ids of the writes applied to it, in order,
+    /// starting with 0 (initial).
     hist: Vec<Vec<u8>>,
     writes: Vec<Write>,
     published: Log,
     completed: Vec<Vec<u16>>,
     epoch: u64,
+    /// The CG formed last, until it commits or the link is lost.
+    forming: Option<u64>,
     reads: u16,
-    // The secondary: committed image, staging (one version per chunk), chunks on the wire.
+    // The secondary: committed images (end to end), staging (one version per disk and
+    // chunk), extents on the wire.
     sec: Vec<u8>,
     sec_cg: u64,
-    staging: HashMap<u64, (u64, Vec<u8>)>,
-    wire: Vec<ChunkImage>,
+    staging: HashMap<(u16, u64), (u64, Vec<u8>)>,
+    wire: Vec<(Extent, Vec<u8>)>,
     commits_checked: u64,
 }
 
 impl Model {
-    fn new(queues: usize, cow_limit: usize) -> Self {
-        let disk = MemDisk::new(DISK as usize);
+    fn new(disks: usize, queues: usize, cow_limit: usize) -> Self {
         let cfg = CgConfig {
             disk_size: DISK,
             chunk_size: CHUNK,
@@ -90,30 +100,41 @@ impl Model {
             max_drain_time: Duration::from_secs(3600),
             cow_cache_limit: cow_limit,
         };
-        let e = Engine::new(cfg, queues, disk.clone()).expect("engine");
         let published: Log = Arc::default();
-        for q in 0..queues {
-            let l = published.clone();
-            e.set_publisher(
-                q,
-                Some(Arc::new(move |c: &[Completion]| {
-                    l.lock().expect("log").extend(c.iter().map(|c| (q, c.head)))
-                })),
-            );
+        let mut engines = Vec::new();
+        let mut mems = Vec::new();
+        for d in 0..disks {
+            let mem = MemDisk::new(DISK as usize);
+            let e = Engine::new(cfg.clone(), queues, mem.clone()).expect("engine");
+            for q in 0..queues {
+                let l = published.clone();
+                let n = d * queues + q;
+                e.set_publisher(
+                    q,
+                    Some(Arc::new(move |c: &[Completion]| {
+                        l.lock().expect("log").extend(c.iter().map(|c| (n, c.head)))
+                    })),
+                );
+            }
+            engines.push(e);
+            mems.push(mem);
         }
+        let g = Arc::new(Group::new(engines).expect("group"));
         // The initial full copy: every chunk dirty, the secondary starts from nothing known.
-        e.mark_all();
+        g.mark_all();
+        let bytes = disks * DISK as usize;
         Model {
-            e,
-            disk,
-            q: queues,
-            hist: vec![vec![0]; DISK as usize],
+            g,
+            disks: mems,
+            queues,
+            hist: vec![vec![0]; bytes],
             writes: Vec::new(),
             published,
-            completed: vec![Vec::new(); queues],
+            completed: vec![Vec::new(); disks * queues],
             epoch: 0,
+            forming: None,
             reads: 0,
-            sec: vec![0xEE; DISK as usize],
+            sec: vec![0xEE; bytes],
             sec_cg: 0,
             staging: HashMap::new(),
             wire: Vec::new(),
@@ -121,10 +142,15 @@ impl Model {
         }
     }
 
-    /// A step that could block (begin_write, next_chunk) waits for writes recorded before the
-    /// swap of a strict CG: with one thread that would never return, so skip it then.
+    fn engines(&self) -> impl Iterator<Item = &Arc<Engine>> {
+        (0..self.g.disks()).map(|d| self.g.engine(d))
+    }
+
+    /// A step that could block (begin_write, next_extent) waits for writes recorded before
+    /// the swap of a strict CG: with one thread that would never return, so skip it then.
     fn may_block(&self) -> bool {
-        matches!(self.e.phase(), CgPhase::Strict { .. })
+        self.engines()
+            .any(|e| matches!(e.phase(), CgPhase::Strict { .. }))
             && self
                 .writes
                 .iter()
@@ -139,19 +165,21 @@ impl Model {
             .collect()
     }
 
-    fn complete(&mut self, q: usize, head: u16) {
-        self.completed[q].push(head);
+    /// Completes `head` on queue number `n` (over all disks).
+    fn complete(&mut self, n: usize, head: u16) {
+        self.completed[n].push(head);
         let l = self.published.clone();
-        self.e.complete(
-            q,
+        self.g.engine(n / self.queues).complete(
+            n % self.queues,
             &mut vec![Completion { head, len: 0 }],
-            &move |c: &[Completion]| l.lock().expect("log").extend(c.iter().map(|c| (q, c.head))),
+            &move |c: &[Completion]| l.lock().expect("log").extend(c.iter().map(|c| (n, c.head))),
         );
     }
 
-    fn apply(&mut self, id: u8, from: usize, to: usize) {
+    fn apply(&mut self, id: u8, disk: usize, from: usize, to: usize) {
         if from < to {
-            self.disk.write(from as u64, &vec![id; to - from]);
+            let base = disk * DISK as usize;
+            self.disks[disk].write((from - base) as u64, &vec![id; to - from]);
             for p in from..to {
                 self.hist[p].push(id);
             }
@@ -160,20 +188,22 @@ impl Model {
 
     fn advance(&mut self, idx: usize) {
         let w = &self.writes[idx];
-        let (id, q, off, len, stage) = (w.id, w.q, w.off, w.len, w.stage);
+        let (id, disk, q, off, len, stage) = (w.id, w.disk, w.q, w.off, w.len, w.stage);
         match stage {
-            0 => self.apply(id, off, off + len / 2),
-            1 => self.apply(id, off + len / 2, off + len),
+            0 => self.apply(id, disk, off, off + len / 2),
+            1 => self.apply(id, disk, off + len / 2, off + len),
             2 => self.writes[idx].ticket = None,
-            3 => self.complete(q, u16::from(id)),
+            3 => self.complete(disk * self.queues + q, u16::from(id)),
             _ => return,
         }
         self.writes[idx].stage += 1;
     }
 
     fn ship(&mut self) {
-        if let Some(c) = self.e.next_chunk().expect("in-memory read") {
-            self.wire.push(c);
+        let mut buf = Vec::new();
+        if let Some(ext) = self.g.next_extent(&mut buf).expect("in-memory read") {
+            buf.truncate(ext.len);
+            self.wire.push((ext, buf));
         }
     }
 
@@ -181,54 +211,70 @@ impl Model {
         if self.wire.is_empty() {
             return;
         }
-        let c = self.wire.remove(sel % self.wire.len());
+        let (ext, data) = self.wire.remove(sel % self.wire.len());
         // The secondary keeps the newest version per chunk, never one of a committed CG.
-        let cs = self.e.config().chunk_size as usize;
-        for (k, part) in c.data.chunks(cs).enumerate() {
-            let index = c.index + k as u64;
-            let newer = self.staging.get(&index).is_none_or(|(cg, _)| *cg <= c.cg);
-            if c.cg > self.sec_cg && newer {
-                self.staging.insert(index, (c.cg, part.to_vec()));
+        for (k, part) in data.chunks(CHUNK as usize).enumerate() {
+            let key = (ext.disk, ext.first + k as u64);
+            let newer = self.staging.get(&key).is_none_or(|(cg, _)| *cg <= ext.cg);
+            if ext.cg > self.sec_cg && newer {
+                self.staging.insert(key, (ext.cg, part.to_vec()));
             }
         }
-        self.e.confirm(c.cg, c.index, c.count);
+        self.g.confirm(&ext);
+    }
+
+    fn form(&mut self) -> bool {
+        match self.g.form_cg() {
+            Ok(f) => {
+                self.epoch += 1;
+                self.forming = Some(f.cg);
+                true
+            }
+            Err(FormError::Busy { .. }) => false,
+            Err(e) => panic!("{e}"),
+        }
     }
 
     fn commit(&mut self) {
-        match self.e.phase() {
-            CgPhase::Strict { cg } => {
-                if self.e.is_ready(cg) {
-                    for (i, (_, data)) in self.staging.drain() {
-                        let off = (i * CHUNK) as usize;
-                        self.sec[off..off + data.len()].copy_from_slice(&data);
-                    }
-                    self.sec_cg = cg;
-                    assert_eq!(self.e.try_commit(cg), CommitOutcome::Committed);
-                    self.check_cut();
-                } else {
-                    let r = self.e.try_commit(cg);
-                    assert!(matches!(r, CommitOutcome::Pending { .. }), "{r:?}");
+        let Some(cg) = self.forming else { return };
+        if self.g.is_ready(cg) {
+            // The secondary commits every disk's staged chunks at once.
+            for ((disk, i), (_, data)) in self.staging.drain() {
+                let off = usize::from(disk) * DISK as usize + (i * CHUNK) as usize;
+                self.sec[off..off + data.len()].copy_from_slice(&data);
+            }
+            self.sec_cg = cg;
+            assert_eq!(self.g.try_commit(cg), CommitOutcome::Committed);
+            self.forming = None;
+            self.check_cut();
+        } else {
+            // Not every disk is ready: the group waits, or abandons on every disk.
+            let r = self.g.try_commit(cg);
+            assert!(
+                matches!(r, CommitOutcome::Pending { .. } | CommitOutcome::Abandoned),
+                "{r:?}"
+            );
+            if r == CommitOutcome::Abandoned {
+                for e in self.engines() {
+                    assert_eq!(e.phase(), CgPhase::Abandoned { cg }, "one abandons, all do");
                 }
             }
-            CgPhase::Abandoned { cg } => {
-                assert_eq!(self.e.try_commit(cg), CommitOutcome::Abandoned)
-            }
-            CgPhase::Idle => {}
         }
     }
 
     fn link_lost(&mut self) {
-        self.e.link_lost();
+        self.g.link_lost();
+        self.forming = None;
         self.staging.clear();
         self.wire.clear();
     }
 
-    /// The committed image is a dependent-write-consistent cut: every write visible in it is
-    /// entirely in (or overwritten by later data), and so is every write that completed
-    /// before it was issued.
+    /// The committed images are a dependent-write-consistent cut: every write visible in
+    /// them is entirely in (or overwritten by later data), and so is every write that
+    /// completed, on any disk, before it was issued.
     fn check_cut(&mut self) {
         self.commits_checked += 1;
-        let pos_img: Vec<usize> = (0..DISK as usize)
+        let pos_img: Vec<usize> = (0..self.sec.len())
             .map(|p| {
                 self.hist[p]
                     .iter()
@@ -257,8 +303,10 @@ impl Model {
             for &d in &w.deps {
                 if let Err(p) = included(&self.writes[d as usize - 1]) {
                     panic!(
-                        "CG {}: write {v} is in, write {d} it depends on is not (byte {p})",
-                        self.sec_cg
+                        "CG {}: write {v} (disk {}) is in, write {d} (disk {}) it depends on is not (byte {p})",
+                        self.sec_cg,
+                        w.disk,
+                        self.writes[d as usize - 1].disk
                     );
                 }
             }
@@ -267,16 +315,15 @@ impl Model {
 
     fn check_order(&self) {
         let log = self.published.lock().expect("log");
-        for q in 0..self.q {
+        for (n, completed) in self.completed.iter().enumerate() {
             let got: Vec<u16> = log
                 .iter()
-                .filter(|(pq, _)| *pq == q)
+                .filter(|(pn, _)| *pn == n)
                 .map(|(_, h)| *h)
                 .collect();
             assert!(
-                got.len() <= self.completed[q].len() && got[..] == self.completed[q][..got.len()],
-                "queue {q}: published {got:?}, completed {:?}",
-                self.completed[q]
+                got.len() <= completed.len() && got[..] == completed[..got.len()],
+                "queue {n}: published {got:?}, completed {completed:?}"
             );
         }
     }
@@ -287,17 +334,22 @@ impl Model {
                 if self.writes.len() >= MAX_WRITES || self.may_block() {
                     return;
                 }
-                let q = q as usize % self.q;
-                let off = off as usize % DISK as usize;
-                let len = (len as usize).min(DISK as usize - off);
+                let off = off as usize % self.sec.len();
+                let disk = off / DISK as usize;
+                let disk_end = (disk + 1) * DISK as usize;
+                let len = (len as usize).min(disk_end - off);
+                let q = q as usize % self.queues;
                 let deps = self.published_ids();
+                let local = (off - disk * DISK as usize) as u64;
                 let ticket = self
-                    .e
-                    .begin_write(q, off as u64, len as u64)
+                    .g
+                    .engine(disk)
+                    .begin_write(q, local, len as u64)
                     .expect("begin_write");
                 let id = self.writes.len() as u8 + 1;
                 self.writes.push(Write {
                     id,
+                    disk,
                     q,
                     off,
                     len,
@@ -317,13 +369,11 @@ impl Model {
             }
             Step::Read(q) => {
                 self.reads += 1;
-                self.complete(q as usize % self.q, READ_HEAD + self.reads);
+                self.complete(q as usize % self.completed.len(), READ_HEAD + self.reads);
             }
-            Step::Form => match self.e.form_cg() {
-                Ok(_) => self.epoch += 1,
-                Err(FormError::Busy { .. }) => {}
-                Err(e) => panic!("{e}"),
-            },
+            Step::Form => {
+                self.form();
+            }
             Step::Ship => {
                 if !self.may_block() {
                     self.ship();
@@ -342,33 +392,33 @@ impl Model {
             self.advance(i);
         }
         for _ in 0..10 {
-            match self.e.phase() {
-                CgPhase::Strict { cg } => {
-                    while let Some(c) = self.e.next_chunk().expect("read") {
-                        self.wire.push(c);
+            match self.forming {
+                Some(cg) => {
+                    let mut buf = Vec::new();
+                    while let Some(ext) = self.g.next_extent(&mut buf).expect("read") {
+                        self.wire.push((ext, buf[..ext.len].to_vec()));
                     }
                     while !self.wire.is_empty() {
                         self.ack(0);
                     }
-                    assert!(self.e.is_ready(cg), "everything handed out and confirmed");
+                    let abandoned = self
+                        .engines()
+                        .any(|e| matches!(e.phase(), CgPhase::Abandoned { .. }));
+                    assert!(
+                        abandoned || self.g.is_ready(cg),
+                        "everything handed out and confirmed"
+                    );
                     self.commit();
-                }
-                CgPhase::Abandoned { .. } => {
-                    while let Some(c) = self.e.next_chunk().expect("read") {
-                        self.wire.push(c);
+                    if abandoned {
+                        assert!(self.form(), "form after abandon");
                     }
-                    while !self.wire.is_empty() {
-                        self.ack(0);
-                    }
-                    self.e.form_cg().expect("form after abandon");
-                    self.epoch += 1;
                 }
-                CgPhase::Idle => {
-                    if self.e.stats().oos_dirty == 0 && self.sec_cg > 0 {
+                None => {
+                    let clean = self.engines().all(|e| e.stats().oos_dirty == 0);
+                    if clean && self.sec_cg > 0 {
                         break;
                     }
-                    self.e.form_cg().expect("form");
-                    self.epoch += 1;
+                    assert!(self.form(), "form");
                 }
             }
         }
@@ -380,14 +430,13 @@ impl Model {
             "all published once"
         );
         drop(log);
-        assert_eq!(self.e.phase(), CgPhase::Idle);
-        assert_eq!(
-            self.sec,
-            self.disk.snapshot(),
-            "secondary converged to the primary"
-        );
-        let s = self.e.stats();
-        assert_eq!((s.cow_bytes, s.unconfirmed, s.oos_dirty), (0, 0, 0));
+        let primary: Vec<u8> = self.disks.iter().flat_map(|d| d.snapshot()).collect();
+        assert_eq!(self.sec, primary, "secondary converged to the primary");
+        for e in self.engines() {
+            assert_eq!(e.phase(), CgPhase::Idle);
+            let s = e.stats();
+            assert_eq!((s.cow_bytes, s.unconfirmed, s.oos_dirty), (0, 0, 0));
+        }
     }
 }
 
@@ -396,11 +445,12 @@ proptest! {
 
     #[test]
     fn committed_cgs_are_consistent_cuts(
+        disks in 1usize..=2,
         queues in 2usize..4,
         cow_limit in prop_oneof![Just(0usize), Just(8), Just(16), Just(1 << 20)],
         steps in proptest::collection::vec(step(), 1..160),
     ) {
-        let mut m = Model::new(queues, cow_limit);
+        let mut m = Model::new(disks, queues, cow_limit);
         for s in &steps {
             m.run(s);
         }
