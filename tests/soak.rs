@@ -14,6 +14,10 @@
 //! ```text
 //! DRBLK_SOAK_SECONDS=1800 cargo test --release -p drblk --test soak -- --nocapture
 //! ```
+//!
+//! `DRBLK_SOAK_KEEP_SECONDARY=1` keeps one secondary process for the whole soak (its kill
+//! becomes another link cut), to show its memory over a long life; `DRBLK_SOAK_KEEP=1`
+//! keeps the directory with both daemons' logs.
 
 mod common;
 
@@ -229,11 +233,23 @@ fn soak_link_cuts_and_restarts_of_both_sites_keep_every_group_consistent() {
         primary: footprint(primary.0.id()),
         secondary: footprint(secondary.0.id()),
     };
+    // `DRBLK_SOAK_KEEP_SECONDARY`: one secondary for the whole soak (its kill becomes
+    // another link cut), to show its memory over a long life.
+    let keep_secondary = std::env::var_os("DRBLK_SOAK_KEEP_SECONDARY").is_some();
     for round in 0..rounds {
-        std::thread::sleep(period);
-        let event = ["link cut", "secondary kill -9", "primary kill -9"][round as usize % 3];
+        // Four samples a period: the last one just before the event.
+        for _ in 0..3 {
+            std::thread::sleep(period / 4);
+            samples.push(sample("", &primary, &secondary));
+        }
+        std::thread::sleep(period / 4);
+        let kind = match round % 3 {
+            1 if keep_secondary => 0,
+            k => k,
+        };
+        let event = ["link cut", "secondary kill -9", "primary kill -9"][kind as usize];
         samples.push(sample(event, &primary, &secondary));
-        match round % 3 {
+        match kind {
             0 => {
                 link.set_blackhole(true);
                 std::thread::sleep(period / 3);
@@ -282,13 +298,13 @@ fn soak_link_cuts_and_restarts_of_both_sites_keep_every_group_consistent() {
         a == b,
         "the replica differs from the primary after the drain"
     );
-    // Flat: each daemon's descriptors come back to what they were after the first period
-    // (a restarted daemon opens what its first run did). Memory is printed, not asserted
+    // Flat: each daemon's descriptors come back to what they were at the end of the first
+    // period (a restarted daemon opens what its first run did). Memory is printed, not asserted
     // (allocators keep what they touched; the figures are read over the full soak).
     let end = samples.last().unwrap();
     for (name, first, now) in [
-        ("secondary", samples[0].secondary.1, end.secondary.1),
-        ("primary", samples[0].primary.1, end.primary.1),
+        ("secondary", samples[3].secondary.1, end.secondary.1),
+        ("primary", samples[3].primary.1, end.primary.1),
     ] {
         assert!(
             now <= first + 8,
