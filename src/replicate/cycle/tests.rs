@@ -150,6 +150,11 @@ impl ChunkSink for MemSink {
     }
 }
 
+/// [`drain_and_commit`] of CG `cg` on `e`'s disk alone, frozen at [`frozen_at`].
+fn drain(e: &Arc<Engine>, sink: &mut MemSink, cg: u64, stats: &CycleStats) -> io::Result<()> {
+    drain_and_commit(&Group::single(e.clone()), sink, cg, frozen_at(), stats)
+}
+
 /// A freeze time whose microseconds are easy to check.
 fn frozen_at() -> SystemTime {
     SystemTime::UNIX_EPOCH + Duration::from_micros(1_234_567)
@@ -226,14 +231,7 @@ fn ready_cg_is_shipped_and_committed() {
     let stats = CycleStats::default();
     let cg = e.form_cg().expect("form").cg;
 
-    drain_and_commit(
-        &Group::single(e.clone()),
-        &mut sink,
-        cg,
-        frozen_at(),
-        &stats,
-    )
-    .expect("drain");
+    drain(&e, &mut sink, cg, &stats).expect("drain");
 
     let log = log.lock().expect("log");
     assert_eq!(log.chunk_ids(), vec![(1, 0), (1, 2)]);
@@ -259,14 +257,7 @@ fn empty_cg_commits_at_once() {
     let (mut sink, log) = MemSink::new(&e);
     let stats = CycleStats::default();
     let cg = e.form_cg().expect("form").cg;
-    drain_and_commit(
-        &Group::single(e.clone()),
-        &mut sink,
-        cg,
-        frozen_at(),
-        &stats,
-    )
-    .expect("drain");
+    drain(&e, &mut sink, cg, &stats).expect("drain");
     let log = log.lock().expect("log");
     assert!(log.chunks.is_empty());
     assert_eq!(log.commit_cgs(), vec![1]);
@@ -282,14 +273,7 @@ fn abandoned_cg_ships_its_dirty_chunks_and_returns_without_committing() {
     let (mut sink, log) = MemSink::new(&e);
     let stats = CycleStats::default();
 
-    drain_and_commit(
-        &Group::single(e.clone()),
-        &mut sink,
-        cg,
-        frozen_at(),
-        &stats,
-    )
-    .expect("drain");
+    drain(&e, &mut sink, cg, &stats).expect("drain");
 
     {
         let log = log.lock().expect("log");
@@ -306,14 +290,7 @@ fn abandoned_cg_ships_its_dirty_chunks_and_returns_without_committing() {
 
     // The next formation gives a CG that commits.
     let cg = e.form_cg().expect("form").cg;
-    drain_and_commit(
-        &Group::single(e.clone()),
-        &mut sink,
-        cg,
-        frozen_at(),
-        &stats,
-    )
-    .expect("drain");
+    drain(&e, &mut sink, cg, &stats).expect("drain");
     assert_eq!(log.lock().expect("log").commit_cgs(), vec![2]);
     assert_eq!(stats.last_committed.load(Ordering::SeqCst), 2);
 }
@@ -325,7 +302,7 @@ fn unknown_cg_returns_without_shipping_or_committing() {
     let (mut sink, log) = MemSink::new(&e);
     let stats = CycleStats::default();
     // Idle engine: nothing handed out, CG 7 is unknown.
-    drain_and_commit(&Group::single(e.clone()), &mut sink, 7, frozen_at(), &stats).expect("drain");
+    drain(&e, &mut sink, 7, &stats).expect("drain");
     let log = log.lock().expect("log");
     assert!(log.chunks.is_empty() && log.commits.is_empty());
     assert_eq!(e.stats().oos_dirty, 1);
@@ -346,14 +323,7 @@ fn failed_chunk_or_commit_is_an_error_and_nothing_commits() {
         }
         let stats = CycleStats::default();
         let cg = e.form_cg().expect("form").cg;
-        let err = drain_and_commit(
-            &Group::single(e.clone()),
-            &mut sink,
-            cg,
-            frozen_at(),
-            &stats,
-        )
-        .expect_err("fails");
+        let err = drain(&e, &mut sink, cg, &stats).expect_err("fails");
         let want = if fail_commit {
             io::ErrorKind::TimedOut
         } else {
