@@ -53,6 +53,15 @@ fn footprint(pid: u32) -> (u64, usize) {
     (rss, fds)
 }
 
+/// Bytes (KiB) this process's allocator has handed out and not had back: what its RSS
+/// would be without the allocator's free lists and per-thread arenas (glibc `mallinfo2`,
+/// which sums every arena).
+fn live_heap_kib() -> u64 {
+    // SAFETY: mallinfo2 only reads the allocator's counters.
+    let m = unsafe { libc::mallinfo2() };
+    ((m.uordblks + m.hblkhd) / 1024) as u64
+}
+
 /// What the checks at each commit found.
 #[derive(Default)]
 struct Checks {
@@ -94,8 +103,10 @@ fn secondary_process(spec: &str) {
     .unwrap();
     eprintln!("soak: secondary process {} started", std::process::id());
     // Until killed, or until the test that started it is gone (then this one is adopted).
+    // Meanwhile it publishes its live heap for the test's samples.
     let parent = std::os::unix::process::parent_id();
     while std::os::unix::process::parent_id() == parent {
+        let _ = std::fs::write(dir.join("secondary.heap"), live_heap_kib().to_string());
         std::thread::sleep(Duration::from_millis(200));
     }
 }
@@ -182,6 +193,8 @@ struct Sample {
     event: &'static str,
     primary: (u64, usize),
     secondary: (u64, usize),
+    /// The secondary's live heap (KiB), as it last published it.
+    secondary_heap: u64,
 }
 
 #[test]
@@ -232,6 +245,10 @@ fn soak_link_cuts_and_restarts_of_both_sites_keep_every_group_consistent() {
         event,
         primary: footprint(primary.0.id()),
         secondary: footprint(secondary.0.id()),
+        secondary_heap: std::fs::read_to_string(tmp.path().join("secondary.heap"))
+            .ok()
+            .and_then(|h| h.parse().ok())
+            .unwrap_or(0),
     };
     // `DRBLK_SOAK_KEEP_SECONDARY`: one secondary for the whole soak (its kill becomes
     // another link cut), to show its memory over a long life.
@@ -280,11 +297,11 @@ fn soak_link_cuts_and_restarts_of_both_sites_keep_every_group_consistent() {
     samples.push(sample("end", &primary, &secondary));
 
     println!("soak: {:?}, events: {events:?}", total);
-    println!("  time  event               primary RSS   fds   secondary RSS   fds");
+    println!("  time  event               primary RSS   fds   secondary RSS   fds   (live heap)");
     for x in &samples {
         println!(
-            "{:>6.0}s {:<18} {:>9} KiB {:>5} {:>11} KiB {:>5}",
-            x.at, x.event, x.primary.0, x.primary.1, x.secondary.0, x.secondary.1
+            "{:>6.0}s {:<18} {:>9} KiB {:>5} {:>11} KiB {:>5} {:>9} KiB",
+            x.at, x.event, x.primary.0, x.primary.1, x.secondary.0, x.secondary.1, x.secondary_heap
         );
     }
     let groups = checks.groups.load(Ordering::SeqCst);
