@@ -42,6 +42,10 @@ struct Args {
     /// Size of each disk (MiB).
     #[arg(long, default_value_t = 256)]
     size_mib: u64,
+    /// Writes a second over all disks (0: as fast as the writers go, which dirties every
+    /// chunk of every group).
+    #[arg(long, default_value_t = 100_000)]
+    rate: u64,
 }
 
 /// An image of zeros.
@@ -75,7 +79,9 @@ fn cell(args: &Args, disks: usize) -> Cell {
         .map(|t| {
             let (group, stop, writes) = (group.clone(), stop.clone(), writes.clone());
             let (per_disk, n) = (args.queues, args.writers);
+            let per_writer = args.rate as f64 / n as f64;
             std::thread::spawn(move || {
+                let t0 = Instant::now();
                 pin_self(1);
                 // Queue k of all disks' queues, if this thread serves it.
                 let mine: Vec<usize> = (0..queues).filter(|k| k % n == t).collect();
@@ -83,6 +89,10 @@ fn cell(args: &Args, disks: usize) -> Cell {
                 let (mut x, mut done, mut head) = (0x9E37_79B9_7F4A_7C15u64 ^ t as u64, 0u64, 0u16);
                 let mut items = Vec::new();
                 while !stop.load(Ordering::Relaxed) {
+                    if per_writer > 0.0 && done as f64 > per_writer * t0.elapsed().as_secs_f64() {
+                        std::thread::sleep(Duration::from_micros(100));
+                        continue;
+                    }
                     for &k in &mine {
                         let (d, q) = (k / per_disk, k % per_disk);
                         x ^= x << 13;
@@ -150,8 +160,8 @@ fn cell(args: &Args, disks: usize) -> Cell {
 fn main() {
     let args = Args::parse();
     println!(
-        "drblk-group-bench: {} queues per disk, {} writer thread(s) on CPU 1, a group every {} ms, {} s per cell",
-        args.queues, args.writers, args.interval_ms, args.seconds
+        "drblk-group-bench: {} queues per disk, {} writer thread(s) on CPU 1, {} writes/s, a group every {} ms, {} s per cell",
+        args.queues, args.writers, args.rate, args.interval_ms, args.seconds
     );
     println!("disks | queues | writes/s  | groups formed/failed | freeze p50 / p99 / max µs");
     for &n in &args.disks {
