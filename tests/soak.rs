@@ -53,10 +53,10 @@ fn footprint(pid: u32) -> (u64, usize) {
     (rss, fds)
 }
 
-/// Bytes (KiB) this process's allocator has handed out and not had back: what its RSS
-/// would be without the allocator's free lists and per-thread arenas (glibc `mallinfo2`,
-/// which sums every arena).
-fn live_heap_kib() -> u64 {
+/// Bytes (KiB) glibc's allocator counts as in use in this process (`mallinfo2`, summed
+/// over every arena): what the program holds plus what each thread's cache (tcache) keeps,
+/// without the free lists and arenas that make up the rest of the RSS.
+fn malloc_in_use_kib() -> u64 {
     // SAFETY: mallinfo2 only reads the allocator's counters.
     let m = unsafe { libc::mallinfo2() };
     ((m.uordblks + m.hblkhd) / 1024) as u64
@@ -103,10 +103,10 @@ fn secondary_process(spec: &str) {
     .unwrap();
     eprintln!("soak: secondary process {} started", std::process::id());
     // Until killed, or until the test that started it is gone (then this one is adopted).
-    // Meanwhile it publishes its live heap for the test's samples.
+    // Meanwhile it publishes its allocator's in-use bytes for the test's samples.
     let parent = std::os::unix::process::parent_id();
     while std::os::unix::process::parent_id() == parent {
-        let _ = std::fs::write(dir.join("secondary.heap"), live_heap_kib().to_string());
+        let _ = std::fs::write(dir.join("secondary.heap"), malloc_in_use_kib().to_string());
         std::thread::sleep(Duration::from_millis(200));
     }
 }
@@ -193,7 +193,7 @@ struct Sample {
     event: &'static str,
     primary: (u64, usize),
     secondary: (u64, usize),
-    /// The secondary's live heap (KiB), as it last published it.
+    /// The secondary's allocator in-use bytes (KiB), as it last published them.
     secondary_heap: u64,
 }
 
@@ -297,7 +297,9 @@ fn soak_link_cuts_and_restarts_of_both_sites_keep_every_group_consistent() {
     samples.push(sample("end", &primary, &secondary));
 
     println!("soak: {:?}, events: {events:?}", total);
-    println!("  time  event               primary RSS   fds   secondary RSS   fds   (live heap)");
+    println!(
+        "  time  event               primary RSS   fds   secondary RSS   fds  (malloc in use)"
+    );
     for x in &samples {
         println!(
             "{:>6.0}s {:<18} {:>9} KiB {:>5} {:>11} KiB {:>5} {:>9} KiB",

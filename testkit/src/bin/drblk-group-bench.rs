@@ -19,6 +19,7 @@ use hdrhistogram::Histogram;
 
 use drblk::cg::{CgConfig, ChunkSource, CommitOutcome, Completion, Engine, FormError, Group};
 use drblk_testkit::bench::pin_self;
+use drblk_testkit::rng::RngExt;
 
 /// Freeze time of one consistency group over several disks.
 #[derive(Parser, Debug)]
@@ -86,7 +87,8 @@ fn cell(args: &Args, disks: usize) -> Cell {
                 // Queue k of all disks' queues, if this thread serves it.
                 let mine: Vec<usize> = (0..queues).filter(|k| k % n == t).collect();
                 let blocks = size / 4096;
-                let (mut x, mut done, mut head) = (0x9E37_79B9_7F4A_7C15u64 ^ t as u64, 0u64, 0u16);
+                let mut rng = drblk_testkit::rng::seeded(t as u64);
+                let (mut done, mut head) = (0u64, 0u16);
                 let mut items = Vec::new();
                 while !stop.load(Ordering::Relaxed) {
                     if per_writer > 0.0 && done as f64 > per_writer * t0.elapsed().as_secs_f64() {
@@ -95,11 +97,9 @@ fn cell(args: &Args, disks: usize) -> Cell {
                     }
                     for &k in &mine {
                         let (d, q) = (k / per_disk, k % per_disk);
-                        x ^= x << 13;
-                        x ^= x >> 7;
-                        x ^= x << 17;
                         let e = group.engine(d);
-                        let ticket = e.begin_write(q, (x % blocks) * 4096, 4096).expect("record");
+                        let block = rng.random_range(0..blocks);
+                        let ticket = e.begin_write(q, block * 4096, 4096).expect("record");
                         drop(ticket);
                         head = head.wrapping_add(1);
                         items.push(Completion { head, len: 0 });
