@@ -198,10 +198,15 @@ async fn handle_connection(
         addr,
         site: site.clone(),
     };
-    let sink = srv.sink.clone();
-    let ack = match tokio::task::block_in_place(|| sink.hello(&hello, &peer)) {
-        Ok(ack) => ack,
-        Err(r) => {
+    let (sink, h, p) = (srv.sink.clone(), hello.clone(), peer.clone());
+    let ack = match srv.sink_thread.call(move || sink.hello(&h, &p)).await {
+        Ok(Ok(ack)) => ack,
+        Err(gone) => {
+            srv.busy.store(false, Ordering::Release);
+            conn.close(close_code::SHUTDOWN.into(), gone.to_string().as_bytes());
+            return;
+        }
+        Ok(Err(r)) => {
             srv.busy.store(false, Ordering::Release);
             return reject(&srv, &conn, send, addr, &site, r).await;
         }
@@ -244,6 +249,6 @@ async fn handle_connection(
     drop(session);
     let sink = srv.sink.clone();
     let r2 = reason.clone();
-    let _ = tokio::task::spawn_blocking(move || sink.disconnected(&r2)).await;
+    let _ = srv.sink_thread.call(move || sink.disconnected(&r2)).await;
     srv.busy.store(false, Ordering::Release);
 }

@@ -13,15 +13,17 @@
 //! durable (it may go on applying it after that).
 //!
 //! Any malformed frame or protocol violation closes the connection with a log line; the
-//! server keeps accepting the next connection. Sink methods are called from runtime
-//! threads via `block_in_place`/`spawn_blocking`, so they may block on disk I/O.
+//! server keeps accepting the next connection. Sink methods are called on one thread of their
+//! own (`sink_thread.rs`), so they may block on disk I/O.
 //!
 //! Files: `accept.rs` accepts and handshakes connections and refuses peers; `session.rs`
-//! runs an accepted connection (data streams, extent validation, commits); this file holds
+//! runs an accepted connection (data streams, extent validation, commits); `sink_thread.rs`
+//! is the thread every call into the sink runs on; this file holds
 //! the sink interface, the configuration and the [`LinkServer`] owning the runtime.
 
 mod accept;
 mod session;
+mod sink_thread;
 
 use std::net::SocketAddr;
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
@@ -220,6 +222,8 @@ struct Counters {
 struct ServerShared {
     cfg: ServerConfig,
     sink: Arc<dyn ReplicaSink>,
+    /// Where every call into `sink` runs.
+    sink_thread: sink_thread::SinkThread,
     busy: AtomicBool,
     counters: Counters,
     /// Rate limit of the lines about refused connection attempts (`accept.rs`).
@@ -268,6 +272,8 @@ impl LinkServer {
         let shared = Arc::new(ServerShared {
             cfg,
             sink: Arc::new(sink),
+            sink_thread: sink_thread::SinkThread::start()
+                .map_err(|e| LinkError::Io(format!("sink thread: {e}")))?,
             busy: AtomicBool::new(false),
             counters: Counters::default(),
             refusals: crate::sys::log_limit::LogLimiter::new(Duration::from_secs(10)),
@@ -332,6 +338,7 @@ impl LinkServer {
             }
             rt.shutdown_background();
         }
+        self.shared.sink_thread.close();
     }
 }
 

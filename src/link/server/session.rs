@@ -162,7 +162,7 @@ impl Session {
             }
         };
         let sink = &self.srv.sink;
-        tokio::task::block_in_place(|| self.in_sink(|| sink.extent(cg, first, count, data)))
+        self.in_sink(|| sink.extent(cg, first, count, data))
             .map_err(|e| format!("sink failed to stage the {what} of CG {cg}: {e:#}"))
             .map_err(|e| {
                 // A storage failure is not the primary's fault: distinct close code. Logged
@@ -241,22 +241,25 @@ impl Session {
         let (session, handle) = (Arc::clone(self), tokio::runtime::Handle::current());
         let acked = Arc::new(std::sync::atomic::AtomicBool::new(false));
         let acked2 = Arc::clone(&acked);
-        let res = tokio::task::spawn_blocking(move || {
-            let s = Arc::clone(&session);
-            s.in_sink(|| {
-                sink.commit_then_finish(cg, frozen, count, &mut || {
-                    if !acked2.swap(true, Ordering::SeqCst) {
-                        session.srv.counters.commits.fetch_add(1, Ordering::Relaxed);
-                        tracing::debug!(cg, count, "CG committed");
-                        // A lost link shows up in the next frame; the group is durable anyway.
-                        let _ = handle.block_on(session.send_ctrl(&Message::CommitAck { cg }));
-                    }
+        let res = self
+            .srv
+            .sink_thread
+            .call(move || {
+                let s = Arc::clone(&session);
+                s.in_sink(|| {
+                    sink.commit_then_finish(cg, frozen, count, &mut || {
+                        if !acked2.swap(true, Ordering::SeqCst) {
+                            session.srv.counters.commits.fetch_add(1, Ordering::Relaxed);
+                            tracing::debug!(cg, count, "CG committed");
+                            // A lost link shows up in the next frame; the group is durable anyway.
+                            let _ = handle.block_on(session.send_ctrl(&Message::CommitAck { cg }));
+                        }
+                    })
                 })
             })
-        })
-        .await
-        .map_err(|e| anyhow::anyhow!("sink commit panicked: {e}"))
-        .and_then(|r| r);
+            .await
+            .map_err(|e| anyhow::anyhow!("commit: {e}"))
+            .and_then(|r| r);
         let acked = acked.load(Ordering::SeqCst);
         match res {
             Ok(()) if acked => Ok(()),
@@ -331,13 +334,25 @@ async fn data_reader(s: Arc<Session>, mut recv: quinn::RecvStream) {
             Err(proto::FrameError::Read(_)) => return, // connection gone; logged elsewhere
             Err(e) => return s.protocol_error(&format!("data stream: {e}")),
         }
-        let res = match proto::decode_payload(&buf) {
-            Ok(m) => s.on_extent(m, &mut scratch),
-            Err(e) => Err(e.to_string()),
+        // Decoded, checked and staged on the sink's thread: the frame's buffers go there
+        // and come back for the next frame.
+        let staged = s.srv.sink_thread.call({
+            let s = s.clone();
+            move || {
+                let res = match proto::decode_payload(&buf) {
+                    Ok(m) => s.on_extent(m, &mut scratch),
+                    Err(e) => Err(e.to_string()),
+                };
+                (buf, scratch, res)
+            }
+        });
+        let Ok((b, sc, res)) = staged.await else {
+            return; // the server is stopping
         };
         if let Err(e) = res {
             return s.protocol_error(&e);
         }
+        (buf, scratch) = (b, sc);
     }
 }
 
@@ -372,8 +387,15 @@ async fn control_reader(
                 .await
                 .map_err(|_| "commit worker gone".to_string()),
             Message::StatusRequest { seq } => {
-                let sink = s.srv.sink.clone();
-                let (state, last) = tokio::task::block_in_place(|| s.in_sink(|| sink.status()));
+                let (sink, s2) = (s.srv.sink.clone(), s.clone());
+                let Ok((state, last)) = s
+                    .srv
+                    .sink_thread
+                    .call(move || s2.in_sink(|| sink.status()))
+                    .await
+                else {
+                    return;
+                };
                 s.send_ctrl(&Message::Status {
                     seq,
                     state,
@@ -392,9 +414,13 @@ async fn control_reader(
                 .await
             }
             Message::Progress { done, total } => {
-                let sink = s.srv.sink.clone();
-                tokio::task::block_in_place(|| s.in_sink(|| sink.progress(done, total)));
-                Ok(())
+                let (sink, s2) = (s.srv.sink.clone(), s.clone());
+                let progress = move || s2.in_sink(|| sink.progress(done, total));
+                s.srv
+                    .sink_thread
+                    .call(progress)
+                    .await
+                    .map_err(|e| e.to_string())
             }
             Message::ChecksumRequest { seq, first, count } => {
                 let inside = s.geometry.is_some_and(|g| {
@@ -408,8 +434,12 @@ async fn control_reader(
                         proto::MAX_CHECKSUM_CHUNKS
                     ));
                 }
-                let sink = s.srv.sink.clone();
-                match tokio::task::block_in_place(|| s.in_sink(|| sink.checksums(first, count))) {
+                let (sink, s2) = (s.srv.sink.clone(), s.clone());
+                let crcs = move || s2.in_sink(|| sink.checksums(first, count));
+                let Ok(crcs) = s.srv.sink_thread.call(crcs).await else {
+                    return;
+                };
+                match crcs {
                     Ok(crcs) => s.send_ctrl(&Message::Checksums { seq, crcs }).await,
                     Err(e) => {
                         let reason = proto::clip(&format!("checksums: {e:#}"));
