@@ -33,7 +33,7 @@ impl ReplicaStore {
         }
         if let Some((i, e)) = self.staged.iter().find(|(_, e)| e.cg > cg) {
             return Err(Error::InvalidArgument(format!(
-                "commit of CG {cg} while chunk {i} of CG {} is staged",
+                "commit of CG {cg} while {i} of CG {} is staged",
                 e.cg
             )));
         }

@@ -11,6 +11,7 @@ use std::path::{Path, PathBuf};
 use proptest::prelude::*;
 
 use super::format::{Header, RecordType, HEADER_LEN};
+use super::key::ChunkKey;
 use super::*;
 
 /// 128 KiB chunks: an extent region (1 MiB) is 8 chunks.
@@ -270,7 +271,7 @@ fn recovery_cuts_the_uncommitted_tail_first() {
     drop(s); // a crash with CG 3 staged
     let len = fs::metadata(journal_path(&d)).unwrap().len();
     let mut j = Journal::open(&d.state).unwrap();
-    let scan = j.scan(Geometry::new(DISK, CHUNK).unwrap()).unwrap();
+    let scan = j.scan(&[Geometry::new(DISK, CHUNK).unwrap()]).unwrap();
     assert_eq!(scan.committed_end, committed);
     drop(j);
     let (s, rep) = open(&d).unwrap();
@@ -681,31 +682,38 @@ fn sync_extent_counts_chunks_once() {
 }
 
 #[test]
-fn version_1_journal_is_replayed() {
+fn journals_of_older_releases_are_replayed() {
+    for version in [1, 2] {
+        replay_old_journal(version);
+    }
+}
+
+/// A journal as an older release wrote it (version 1: one chunk per record, aux 0; version
+/// 2: extents, byte 7 reserved), CG 2 committed but not applied.
+fn replay_old_journal(version: u16) {
     let d = dirs();
     let (s, mut m) = synced(&d);
     drop(s);
-    // A journal as the previous release wrote it: one chunk per record, aux 0, version 1,
-    // CG 2 committed but not applied.
     let gen = 0x1234_5678_9abc_def0;
     let mut j = Vec::new();
     let mut rec = |h: Header, p: &[u8]| {
-        j.extend_from_slice(&h.encode_version(p, 1));
+        j.extend_from_slice(&h.encode_version(p, version));
         j.extend_from_slice(p);
     };
     rec(Header::new(RecordType::Checkpoint, gen, 1, 0, 1000, 0), &[]);
+    let one = if version == 1 { 0 } else { 1 };
     let c3 = ext_bytes(7, 3, 1);
     let c18 = ext_bytes(8, 18, 1);
     rec(
-        Header::new(RecordType::Data, gen, 2, 3, 0, CHUNK as u32),
+        Header::new(RecordType::Data, gen, 2, 3, one, CHUNK as u32),
         &c3,
     );
-    rec(Header::new(RecordType::Zero, gen, 2, 4, 0, 0), &[]);
-    rec(Header::new(RecordType::Data, gen, 2, 18, 0, 3000), &c18);
+    rec(Header::new(RecordType::Zero, gen, 2, 4, one, 0), &[]);
+    rec(Header::new(RecordType::Data, gen, 2, 18, one, 3000), &c18);
     rec(Header::new(RecordType::Commit, gen, 2, 3, 2000, 0), &[]);
     fs::write(journal_path(&d), &j).unwrap();
     let (s, rep) = open(&d).unwrap();
-    assert_eq!(rep.replayed_cg, Some(2));
+    assert_eq!(rep.replayed_cg, Some(2), "version {version}");
     assert_eq!(rep.chunks_applied, 3);
     m.stage(2, 3, 1, Kind::Seed(7));
     m.stage(2, 4, 1, Kind::Zero);
@@ -718,11 +726,64 @@ fn version_1_journal_is_replayed() {
             frozen_at_unix_us: 2000
         }
     );
-    assert_image(&d, &m, "version-1 replay");
+    assert_image(&d, &m, &format!("version-{version} replay"));
     // The journal was reset in the current format.
     let raw = fs::read(journal_path(&d)).unwrap();
     assert_eq!(raw.len() as u64, H);
     assert_eq!(u16::from_le_bytes([raw[4], raw[5]]), format::VERSION);
+}
+
+/// One journal holds a whole group: the scan files each extent under its disk, checks it
+/// against that disk's size, and refuses a disk the group does not have.
+#[test]
+fn a_group_journal_is_scanned_per_disk() {
+    let d = dirs();
+    let (s, _) = synced(&d);
+    drop(s);
+    let gen = 0x0bad_cafe_0000_0001;
+    let write = |recs: &[(Header, Vec<u8>)]| {
+        let mut j = Vec::new();
+        for (h, p) in recs {
+            j.extend_from_slice(&h.encode(p));
+            j.extend_from_slice(p);
+        }
+        fs::write(journal_path(&d), &j).unwrap();
+    };
+    let ck = (Header::new(RecordType::Checkpoint, gen, 1, 0, 1000, 0), vec![]);
+    let c3 = ext_bytes(7, 3, 1);
+    let data0 = (
+        Header::new(RecordType::Data, gen, 2, 3, 1, CHUNK as u32),
+        c3.clone(),
+    );
+    // Disk 1 is 4 chunks long: chunks 2 and 3 are its last two.
+    let zero1 = (Header::new(RecordType::Zero, gen, 2, 2, 2, 0).on_disk(1), vec![]);
+    let commit = |n| (Header::new(RecordType::Commit, gen, 2, n, 2000, 0), vec![]);
+    let geo0 = Geometry::new(DISK, CHUNK).unwrap();
+    let geo1 = Geometry::new(4 * CHUNK, CHUNK).unwrap();
+
+    write(&[ck.clone(), data0.clone(), zero1.clone(), commit(3)]);
+    let mut j = Journal::open(&d.state).unwrap();
+    let scan = j.scan(&[geo0, geo1]).unwrap();
+    let mut keys: Vec<ChunkKey> = scan.committed.keys().copied().collect();
+    keys.sort();
+    let want = [(0, 3), (1, 2), (1, 3)].map(|(d, c)| ChunkKey::new(d, c));
+    assert_eq!(keys, want);
+    let mut buf = Vec::new();
+    let k = ChunkKey::new(0, 3);
+    j.read_record(k, &scan.committed[&k], &mut buf).unwrap();
+    assert_eq!(buf, c3);
+    // The same record read as disk 1's chunk 3 is not the staged one.
+    let wrong = ChunkKey::new(1, 3);
+    assert!(j.read_record(wrong, &scan.committed[&k], &mut buf).is_err());
+
+    // A one-disk group: the disk-1 extent inside a committed group is corruption.
+    assert!(matches!(j.scan(&[geo0]), Err(Error::Corrupt { .. })));
+    drop(j);
+    // An extent past its own disk's end (disk 1 has 4 chunks), though inside disk 0's.
+    let past = (Header::new(RecordType::Zero, gen, 2, 3, 2, 0).on_disk(1), vec![]);
+    write(&[ck, data0, past, commit(3)]);
+    let mut j = Journal::open(&d.state).unwrap();
+    assert!(matches!(j.scan(&[geo0, geo1]), Err(Error::Corrupt { .. })));
 }
 
 // ---------------------------------------------------------------- property test

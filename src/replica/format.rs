@@ -5,9 +5,9 @@
 //! | off | size | field                                                            |
 //! |-----|------|------------------------------------------------------------------|
 //! | 0   | 4    | magic `b"DRJL"`                                                  |
-//! | 4   | 2    | format version (2; version 1 is still read, see below)           |
+//! | 4   | 2    | format version (3; versions 1 and 2 are still read, see below)   |
 //! | 6   | 1    | record type: 1 extent data, 2 zero extent, 3 commit, 4 checkpoint |
-//! | 7   | 1    | reserved, 0                                                      |
+//! | 7   | 1    | data/zero: the extent's disk (index in the group); others: 0      |
 //! | 8   | 8    | journal generation (random per journal incarnation)              |
 //! | 16  | 8    | cg                                                               |
 //! | 24  | 8    | data/zero: first chunk; commit: number of chunks in the CG; checkpoint: 0 |
@@ -25,7 +25,7 @@
 //! `count == 1`. New records are always written as version 2.
 
 pub const MAGIC: [u8; 4] = *b"DRJL";
-pub const VERSION: u16 = 2;
+pub const VERSION: u16 = 3;
 /// Oldest version still decoded.
 pub const MIN_VERSION: u16 = 1;
 pub const HEADER_LEN: usize = 48;
@@ -55,6 +55,8 @@ impl RecordType {
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub struct Header {
     pub rtype: RecordType,
+    /// The extent's disk (data/zero; 0 for the other types).
+    pub disk: u8,
     pub gen: u64,
     pub cg: u64,
     /// First chunk (data/zero) or number of chunks (commit).
@@ -69,6 +71,7 @@ impl Header {
     pub fn new(rtype: RecordType, gen: u64, cg: u64, arg: u64, aux: u64, len: u32) -> Self {
         Header {
             rtype,
+            disk: 0,
             gen,
             cg,
             arg,
@@ -78,11 +81,17 @@ impl Header {
         }
     }
 
+    /// The same header for an extent of disk `disk`.
+    pub fn on_disk(self, disk: u8) -> Self {
+        Header { disk, ..self }
+    }
+
     fn encode_body(&self, version: u16) -> [u8; HEADER_LEN] {
         let mut b = [0u8; HEADER_LEN];
         b[0..4].copy_from_slice(&MAGIC);
         b[4..6].copy_from_slice(&version.to_le_bytes());
         b[6] = self.rtype as u8;
+        b[7] = self.disk;
         b[8..16].copy_from_slice(&self.gen.to_le_bytes());
         b[16..24].copy_from_slice(&self.cg.to_le_bytes());
         b[24..32].copy_from_slice(&self.arg.to_le_bytes());
@@ -106,7 +115,8 @@ impl Header {
     }
 
     /// Decode a header without checking the crc (which needs the payload).
-    /// `None` if magic, version, type or reserved byte are wrong. A version-1 data/zero
+    /// `None` if magic, version, type or disk byte are wrong (a disk other than 0 is only
+    /// valid in a version-3 data/zero record; the scan checks it against the group). A version-1 data/zero
     /// record (one chunk, `aux` 0) decodes with `aux == 1` (the crc is checked over the raw
     /// bytes, see [`Header::crc_ok`], so this does not affect it).
     pub fn decode(b: &[u8]) -> Option<Header> {
@@ -114,17 +124,22 @@ impl Header {
             return None;
         }
         let version = u16::from_le_bytes([b[4], b[5]]);
-        if !(MIN_VERSION..=VERSION).contains(&version) || b[7] != 0 {
+        if !(MIN_VERSION..=VERSION).contains(&version) {
             return None;
         }
         let u64at = |o: usize| u64::from_le_bytes(b[o..o + 8].try_into().unwrap());
         let rtype = RecordType::from_u8(b[6])?;
+        let extent = matches!(rtype, RecordType::Data | RecordType::Zero);
+        if b[7] != 0 && (version < 3 || !extent) {
+            return None;
+        }
         let mut aux = u64at(32);
         if version == 1 && aux == 0 && matches!(rtype, RecordType::Data | RecordType::Zero) {
             aux = 1;
         }
         Some(Header {
             rtype,
+            disk: b[7],
             gen: u64at(8),
             cg: u64at(16),
             arg: u64at(24),
@@ -156,7 +171,7 @@ mod tests {
         let raw = h.encode(&payload);
         let d = Header::decode(&raw).unwrap();
         assert_eq!(d.rtype, RecordType::Data);
-        assert_eq!((d.gen, d.cg, d.arg, d.len), (9, 3, 42, 100));
+        assert_eq!((d.disk, d.gen, d.cg, d.arg, d.len), (0, 9, 3, 42, 100));
         assert!(Header::crc_ok(&raw, &payload));
         let mut p2 = payload;
         p2[50] ^= 1;
@@ -183,7 +198,24 @@ mod tests {
         let c = Header::new(RecordType::Commit, 9, 3, 2, 0, 0).encode_version(&[], 1);
         assert_eq!(Header::decode(&c).unwrap().aux, 0);
         // Unknown versions are refused.
-        assert!(Header::decode(&h.encode_version(&[1, 2, 3, 4], 3)).is_none());
+        assert!(Header::decode(&h.encode_version(&[1, 2, 3, 4], 4)).is_none());
         assert!(Header::decode(&h.encode_version(&[1, 2, 3, 4], 0)).is_none());
+    }
+
+    #[test]
+    fn the_disk_byte_is_read_only_where_it_can_be_meant() {
+        let h = Header::new(RecordType::Zero, 9, 3, 5, 2, 0).on_disk(7);
+        let d = Header::decode(&h.encode(&[])).unwrap();
+        assert_eq!((d.disk, d.arg, d.aux), (7, 5, 2));
+        // Versions 1 and 2 had byte 7 reserved: a non-zero one is not a record of theirs.
+        assert!(Header::decode(&h.encode_version(&[], 2)).is_none());
+        assert!(Header::decode(&h.encode_version(&[], 1)).is_none());
+        assert_eq!(Header::decode(&h.on_disk(0).encode_version(&[], 2)).unwrap().disk, 0);
+        // Commit and checkpoint records cover the whole group: no disk.
+        for t in [RecordType::Commit, RecordType::Checkpoint] {
+            let c = Header::new(t, 9, 3, 2, 0, 0);
+            assert!(Header::decode(&c.on_disk(1).encode(&[])).is_none());
+            assert_eq!(Header::decode(&c.encode(&[])).unwrap().disk, 0);
+        }
     }
 }

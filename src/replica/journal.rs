@@ -8,13 +8,14 @@ use std::path::{Path, PathBuf};
 use super::error::{io, Error, Result};
 use super::fault::{CrashPoint, Fault};
 use super::format::{Header, RecordType, HEADER_LEN, MAGIC};
+use super::key::ChunkKey;
 use super::state::sync_dir;
 
 pub const JOURNAL_FILE: &str = "journal";
 pub const JOURNAL_NEW: &str = "journal.new";
 
 /// Where the newest staged version of one chunk lives in the journal: chunk `pos` of the
-/// extent record at `offset` (whose first chunk is therefore `index - pos`).
+/// extent record at `offset` (whose first chunk is therefore `key - pos`).
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub struct Entry {
     pub cg: u64,
@@ -30,9 +31,9 @@ pub struct Entry {
 }
 
 impl Entry {
-    /// First chunk of the record, given this entry's chunk `index`.
-    pub fn first(&self, index: u64) -> u64 {
-        index - self.pos as u64
+    /// First chunk of the record, given this entry's chunk `key`.
+    pub fn first(&self, key: ChunkKey) -> ChunkKey {
+        key.minus(self.pos as u64)
     }
 
     /// This chunk's bytes inside the record's payload (empty for a zero record).
@@ -82,7 +83,7 @@ pub struct Scan {
     pub base_cg: u64,
     pub base_frozen: u64,
     /// Newest committed version per chunk over all commit records (later commits win).
-    pub committed: HashMap<u64, Entry>,
+    pub committed: HashMap<ChunkKey, Entry>,
     /// Last valid commit record: (cg, frozen_at).
     pub last_commit: Option<(u64, u64)>,
     /// Data/zero records (extents) after the last commit record (dropped).
@@ -194,9 +195,9 @@ impl Journal {
             .map_err(io("write", &self.path))
     }
 
-    /// Read and verify the whole record that `e` (the entry of chunk `index`) points into;
+    /// Read and verify the whole record that `e` (the entry of chunk `key`) points into;
     /// returns its payload in `buf`.
-    pub fn read_record(&self, index: u64, e: &Entry, buf: &mut Vec<u8>) -> Result<()> {
+    pub fn read_record(&self, key: ChunkKey, e: &Entry, buf: &mut Vec<u8>) -> Result<()> {
         let mut hb = [0u8; HEADER_LEN];
         buf.resize(e.len as usize, 0);
         let corrupt = |detail: String| Error::Corrupt {
@@ -223,7 +224,8 @@ impl Journal {
         };
         if h.rtype != want
             || h.gen != self.gen
-            || h.arg != e.first(index)
+            || h.disk != key.disk()
+            || h.arg != e.first(key).chunk()
             || h.aux != e.count as u64
             || h.cg != e.cg
             || h.len != e.len
@@ -255,8 +257,8 @@ impl Journal {
     /// both of which hold the same uncommitted data (which recovery drops anyway).
     pub fn compact(
         &mut self,
-        live: &mut HashMap<u64, Entry>,
-        geo: Geometry,
+        live: &mut HashMap<ChunkKey, Entry>,
+        chunk_size: u64,
         fault: &Fault,
     ) -> Result<()> {
         let new_path = self.dir.join(JOURNAL_NEW);
@@ -288,10 +290,10 @@ impl Journal {
             ),
             &[],
         )?;
-        let cs = geo.chunk_size();
+        let cs = chunk_size;
         let mut buf = Vec::new();
         // (first chunk of the run, new entry for its first chunk)
-        let mut moved: Vec<(u64, Entry)> = Vec::new();
+        let mut moved: Vec<(ChunkKey, Entry)> = Vec::new();
         for group in by_record(live) {
             let (index0, e0) = group[0];
             self.read_record(index0, &e0, &mut buf)?;
@@ -306,7 +308,8 @@ impl Journal {
                 let bytes = ef.payload_range(cs).start..el.payload_range(cs).end;
                 let payload = &buf[bytes];
                 let (count, len) = (run.len() as u32, payload.len() as u32);
-                let h = Header::new(rt, newj.gen, ef.cg, first, count as u64, len);
+                let h = Header::new(rt, newj.gen, ef.cg, first.chunk(), count as u64, len)
+                    .on_disk(first.disk());
                 let off = newj.append(h, payload)?;
                 moved.push((
                     first,
@@ -329,7 +332,7 @@ impl Journal {
         *self = newj;
         for (first, e) in moved {
             for pos in 0..e.count {
-                *live.get_mut(&(first + pos as u64)).unwrap() = Entry { pos, ..e };
+                *live.get_mut(&first.plus(pos as u64)).unwrap() = Entry { pos, ..e };
             }
         }
         Ok(())
@@ -342,10 +345,12 @@ impl Journal {
     /// - If a valid commit record of this journal does follow it, the bad record lies inside
     ///   a committed CG: `Error::Corrupt` naming both offsets.
     /// - A commit record whose chunk count disagrees with the records before it is corrupt.
-    pub fn scan(&mut self, geo: Geometry) -> Result<Scan> {
+    ///
+    /// `disks` are the group's disks in index order: an extent must lie inside its disk.
+    pub fn scan(&mut self, disks: &[Geometry]) -> Result<Scan> {
         let file_len = self.file.metadata().map_err(io("stat", &self.path))?.len();
         let mut scan = Scan::default();
-        let mut pending: HashMap<u64, Entry> = HashMap::new();
+        let mut pending: HashMap<ChunkKey, Entry> = HashMap::new();
         let mut off = 0u64;
         let mut hb = [0u8; HEADER_LEN];
         let mut payload = Vec::new();
@@ -364,9 +369,10 @@ impl Journal {
                 if off + h.record_len() > file_len {
                     break 'rec Some("record extends past end of file".into());
                 }
+                let extent_len = || disks.get(usize::from(h.disk))?.extent_len(h.arg, h.aux);
                 let len_ok = match h.rtype {
-                    RecordType::Data => geo.extent_len(h.arg, h.aux) == Some(h.len as usize),
-                    RecordType::Zero => geo.extent_len(h.arg, h.aux).is_some() && h.len == 0,
+                    RecordType::Data => extent_len() == Some(h.len as usize),
+                    RecordType::Zero => extent_len().is_some() && h.len == 0,
                     RecordType::Commit | RecordType::Checkpoint => h.len == 0,
                 };
                 if !len_ok {
@@ -408,9 +414,9 @@ impl Journal {
                                     pos,
                                     zero: h.rtype == RecordType::Zero,
                                 };
-                                let index = h.arg + pos as u64;
-                                if pending.get(&index).is_none_or(|old| old.cg <= h.cg) {
-                                    pending.insert(index, e);
+                                let key = ChunkKey::new(h.disk, h.arg + pos as u64);
+                                if pending.get(&key).is_none_or(|old| old.cg <= h.cg) {
+                                    pending.insert(key, e);
                                 }
                             }
                             scan.uncommitted_records += 1;
@@ -511,10 +517,10 @@ impl Journal {
 
 /// The entries of `live` grouped by the record they point into (in journal order), each
 /// group sorted by chunk index.
-pub fn by_record(live: &HashMap<u64, Entry>) -> Vec<Vec<(u64, Entry)>> {
-    let mut all: Vec<(u64, Entry)> = live.iter().map(|(&i, &e)| (i, e)).collect();
+pub fn by_record(live: &HashMap<ChunkKey, Entry>) -> Vec<Vec<(ChunkKey, Entry)>> {
+    let mut all: Vec<(ChunkKey, Entry)> = live.iter().map(|(&i, &e)| (i, e)).collect();
     all.sort_unstable_by_key(|&(i, e)| (e.offset, i));
-    let mut groups: Vec<Vec<(u64, Entry)>> = Vec::new();
+    let mut groups: Vec<Vec<(ChunkKey, Entry)>> = Vec::new();
     for (i, e) in all {
         match groups.last_mut() {
             Some(g) if g[0].1.offset == e.offset => g.push((i, e)),
@@ -526,6 +532,6 @@ pub fn by_record(live: &HashMap<u64, Entry>) -> Vec<Vec<(u64, Entry)>> {
 
 /// Split the entries of one record (sorted by index) into runs of consecutive chunks
 /// (which then sit at consecutive positions of the record).
-pub fn runs(group: &[(u64, Entry)]) -> impl Iterator<Item = &[(u64, Entry)]> {
-    group.chunk_by(|a, b| a.0 + 1 == b.0 && a.1.offset == b.1.offset)
+pub fn runs(group: &[(ChunkKey, Entry)]) -> impl Iterator<Item = &[(ChunkKey, Entry)]> {
+    group.chunk_by(|a, b| a.0.plus(1) == b.0 && a.1.offset == b.1.offset)
 }

@@ -115,6 +115,7 @@ mod format;
 pub mod identity;
 pub use checksum::chunk_crcs;
 mod journal;
+mod key;
 mod open;
 mod space;
 mod stage;
@@ -250,7 +251,7 @@ pub struct ReplicaStore {
     journal: Journal,
     /// Newest staged version per chunk (uncommitted, or committed-but-not-applied while
     /// `pending_apply` is set).
-    staged: HashMap<u64, Entry>,
+    staged: HashMap<key::ChunkKey, Entry>,
     live_bytes: u64,
     compact_min_dead: u64,
     /// A commit record for this (cg, frozen_at) is durable but not yet applied.

@@ -191,7 +191,7 @@ impl ReplicaStore {
     }
 
     fn recover(&mut self, report: &mut RecoveryReport) -> Result<()> {
-        let scan = self.journal.scan(self.geo)?;
+        let scan = self.journal.scan(&[self.geo])?;
         report.discarded_records = scan.uncommitted_records;
         report.torn_tail_at = scan.torn_at;
         // What follows the last commit record is dropped below anyway; cut it first, so a

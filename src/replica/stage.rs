@@ -3,6 +3,7 @@
 use super::fault::CrashPoint;
 use super::format::{self, Header, RecordType};
 use super::journal::Entry;
+use super::key::ChunkKey;
 use super::{space, ChunkData, Error, ReplicaStore, Result, StageOutcome};
 
 impl ReplicaStore {
@@ -42,7 +43,9 @@ impl ReplicaStore {
         if cg <= self.st.last_committed_cg {
             return Ok(StageOutcome::AlreadyCommitted);
         }
-        let takes = |s: &Self, pos: u64| s.staged.get(&(first + pos)).is_none_or(|e| e.cg <= cg);
+        // One disk until the store holds a group's (doc/design/multi-disk-groups.md step 4).
+        let key = |pos: u64| ChunkKey::new(0, first + pos);
+        let takes = |s: &Self, pos: u64| s.staged.get(&key(pos)).is_none_or(|e| e.cg <= cg);
         if !(0..count).any(|pos| takes(self, pos)) {
             return Ok(StageOutcome::Superseded);
         }
@@ -96,7 +99,7 @@ impl ReplicaStore {
                     pos: pos as u32,
                     zero: rt == RecordType::Zero,
                 };
-                if let Some(old) = s.staged.insert(first + pos, e) {
+                if let Some(old) = s.staged.insert(key(pos), e) {
                     s.live_bytes -= old.live_bytes(cs);
                 }
                 s.live_bytes += e.live_bytes(cs);
@@ -117,7 +120,7 @@ impl ReplicaStore {
                 // Compaction keeps only staged chunks: committed records must first be
                 // in the image durably.
                 s.sync_image_and_state()?;
-                s.journal.compact(&mut s.staged, s.geo, &s.fault)?;
+                s.journal.compact(&mut s.staged, cs, &s.fault)?;
                 s.live_bytes = s.staged.values().map(|e| e.live_bytes(cs)).sum();
             }
             Ok(StageOutcome::Staged)
