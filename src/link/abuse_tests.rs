@@ -11,7 +11,7 @@ use std::time::Duration;
 use super::proto::{self, encode_frame, Message, WirePayload};
 use super::tests::{
     client_cfg, client_tls, fast_tuning, make_certs, pattern, raw_connect, raw_session,
-    start_server_with, wait_for, MemSink, Raw, CHUNK, DISK,
+    raw_session_as, start_server_with, wait_for, MemSink, Raw, CHUNK, DISK,
 };
 use super::*;
 
@@ -74,9 +74,15 @@ fn commit_frame(cg: u64, extent_count: u64) -> Vec<u8> {
 #[test]
 fn a_peer_that_handshakes_then_stalls_is_closed_and_a_primary_gets_through() {
     // Heartbeats every 200 ms (fast_tuning) against 3 s of allowed silence: 15x margin.
-    let t = setup(|c| c.silence_timeout = Duration::from_secs(3));
-    let raw = raw_connect(&t.id, t.addr, true);
-    let (mut ctrl, _answers) = raw_session(&raw);
+    // The server takes any site, so that the stalled peer can be of another site than the
+    // primary (a primary's own new connection replaces its old session at once: below).
+    let t = setup(|c| {
+        c.silence_timeout = Duration::from_secs(3);
+        c.expected_peer = None;
+    });
+    let other = SiteIdentity::load(t.dir.path(), "other").unwrap();
+    let raw = raw_connect(&other, t.addr, true);
+    let (mut ctrl, _answers) = raw_session_as(&raw, "other");
     // The peer sends heartbeats until the primary below was refused, then stalls (its
     // control stream held open, its QUIC keep-alives going on): the refusal cannot race
     // the silence limit however slow the machine.
@@ -96,7 +102,7 @@ fn a_peer_that_handshakes_then_stalls_is_closed_and_a_primary_gets_through() {
         std::future::pending::<()>().await;
         drop(ctrl);
     });
-    // While it holds the secondary (one primary at a time), a primary is refused...
+    // While it holds the secondary (one primary at a time), another site is refused...
     let e = LinkClient::connect(client_cfg(t.dir.path(), t.addr, DISK)).unwrap_err();
     assert!(
         matches!(&e, LinkError::Rejected(r) if r.contains("already serves")),
@@ -121,6 +127,52 @@ fn a_peer_that_handshakes_then_stalls_is_closed_and_a_primary_gets_through() {
     c.send_chunk(1, 0, &pattern(0, 1, CHUNK as usize)).unwrap();
     c.commit(1, 0).unwrap();
     assert_eq!(t.sink.st().last, Some(1));
+    t.srv.shutdown();
+}
+
+/// A primary that restarted (or lost its link without the secondary noticing) connects
+/// again while its old session still holds the secondary: the new connection replaces the
+/// old session at once, instead of being refused as busy until the old one times out. What
+/// the old session staged is not part of the new one's groups.
+#[test]
+fn a_new_connection_of_the_same_site_replaces_its_stale_session_at_once() {
+    // No silence limit and no idle timeout can end the stale session during the test.
+    let t = setup(|c| c.silence_timeout = Duration::from_secs(3600));
+    let raw = raw_connect(&t.id, t.addr, true);
+    let (_ctrl, _answers) = raw_session(&raw);
+    let conn = raw.conn.clone().unwrap();
+    raw.rt.block_on(async {
+        let mut data = conn.open_uni().await.unwrap();
+        let frame = encode_frame(&Message::Extent {
+            cg: 1,
+            first: 5,
+            count: 1,
+            payload: WirePayload::Raw(&pattern(5, 1, CHUNK as usize)),
+        })
+        .unwrap();
+        data.write_all(&frame).await.unwrap();
+        std::mem::forget(data); // held open: the stale peer just stops
+    });
+    wait_for(
+        "the stale session's extent",
+        Duration::from_secs(120),
+        || t.sink.st().staged.contains_key(&5),
+    );
+    let c = LinkClient::connect(client_cfg(t.dir.path(), t.addr, DISK)).unwrap();
+    let end = closed(&raw);
+    assert!(
+        matches!(&end, Some(quinn::ConnectionError::ApplicationClosed(c)) if &c.reason[..] == b"replaced by a new connection from the same site"),
+        "{end:?}"
+    );
+    c.send_chunk(1, 0, &pattern(0, 1, CHUNK as usize)).unwrap();
+    c.commit(1, 0).unwrap();
+    let st = t.sink.st();
+    assert_eq!(st.last, Some(1));
+    assert!(
+        st.image.contains_key(&0) && !st.image.contains_key(&5),
+        "only the new session's chunk"
+    );
+    drop(st);
     t.srv.shutdown();
 }
 

@@ -144,7 +144,8 @@ impl ReplicaSink for MemSink {
 }
 
 pub(super) fn make_certs(dir: &Path) {
-    certs::generate(dir, &["primary", "secondary"], false).unwrap();
+    // "other": a second primary site, for what one site may do to another's session.
+    certs::generate(dir, &["primary", "secondary", "other"], false).unwrap();
 }
 
 pub(super) fn fast_tuning() -> Tuning {
@@ -251,13 +252,26 @@ fn handshake_status_commit() {
     // A second primary connects after the first left; it sees CG 1.
     let c2 = LinkClient::connect(client_cfg(dir.path(), srv.local_addr().unwrap(), DISK)).unwrap();
     assert_eq!(c2.hello_ack().last_committed_cg, Some(1));
-    // While it is connected, another primary is refused as busy.
-    let e =
-        LinkClient::connect(client_cfg(dir.path(), srv.local_addr().unwrap(), DISK)).unwrap_err();
+    // While it is connected, a new connection of the same site (a restarted primary)
+    // replaces it; what c2 staged is dropped, c3 goes on from CG 1.
+    c2.send_chunk(2, 10, &pattern(10, 2, CHUNK as usize))
+        .unwrap();
+    let c3 = LinkClient::connect(client_cfg(dir.path(), srv.local_addr().unwrap(), DISK)).unwrap();
+    assert_eq!(c3.hello_ack().last_committed_cg, Some(1));
     assert!(
-        matches!(&e, LinkError::Rejected(r) if r.contains("already serves")),
-        "{e}"
+        c2.commit(2, 0).is_err(),
+        "the replaced session commits nothing"
     );
+    c3.send_chunk(2, 11, &pattern(11, 2, CHUNK as usize))
+        .unwrap();
+    c3.commit(2, 0).unwrap();
+    let st = sink.st();
+    assert_eq!(st.last, Some(2));
+    assert!(
+        st.image.contains_key(&11) && !st.image.contains_key(&10),
+        "only c3's chunk"
+    );
+    drop(st);
     srv.shutdown();
 }
 
@@ -383,12 +397,16 @@ impl Raw {
 
 /// Handshakes on `raw` (Hello, HelloAck) and returns its control stream.
 pub(super) fn raw_session(raw: &Raw) -> (quinn::SendStream, quinn::RecvStream) {
+    raw_session_as(raw, "primary")
+}
+
+/// [`raw_session`] with a `Hello` from `site` (the certificate of `raw` must be for it).
+pub(super) fn raw_session_as(raw: &Raw, site: &str) -> (quinn::SendStream, quinn::RecvStream) {
     let conn = raw.conn.clone().expect("connected");
+    let hello = hello_frame_as(PROTOCOL_VERSION, DISK, site);
     raw.rt.block_on(async move {
         let (mut s, mut r) = conn.open_bi().await.unwrap();
-        s.write_all(&hello_frame(PROTOCOL_VERSION, DISK))
-            .await
-            .unwrap();
+        s.write_all(&hello).await.unwrap();
         let mut buf = Vec::new();
         assert!(proto::read_frame(&mut r, &mut buf, 1 << 20).await.unwrap());
         assert!(matches!(
@@ -400,6 +418,10 @@ pub(super) fn raw_session(raw: &Raw) -> (quinn::SendStream, quinn::RecvStream) {
 }
 
 pub(super) fn hello_frame(version: u16, disk: DiskInfo) -> Vec<u8> {
+    hello_frame_as(version, disk, "primary")
+}
+
+fn hello_frame_as(version: u16, disk: DiskInfo, site: &str) -> Vec<u8> {
     encode_frame(&Message::Hello(Hello {
         magic: proto::HELLO_MAGIC,
         protocol_version: version,
@@ -407,7 +429,7 @@ pub(super) fn hello_frame(version: u16, disk: DiskInfo) -> Vec<u8> {
         disk_size: disk.size,
         chunk_size: disk.chunk_size,
         last_committed_cg: None,
-        site: "primary".into(),
+        site: site.into(),
         lineage: None,
         unshipped: false,
     }))

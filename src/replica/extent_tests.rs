@@ -749,14 +749,20 @@ fn a_group_journal_is_scanned_per_disk() {
         }
         fs::write(journal_path(&d), &j).unwrap();
     };
-    let ck = (Header::new(RecordType::Checkpoint, gen, 1, 0, 1000, 0), vec![]);
+    let ck = (
+        Header::new(RecordType::Checkpoint, gen, 1, 0, 1000, 0),
+        vec![],
+    );
     let c3 = ext_bytes(7, 3, 1);
     let data0 = (
         Header::new(RecordType::Data, gen, 2, 3, 1, CHUNK as u32),
         c3.clone(),
     );
     // Disk 1 is 4 chunks long: chunks 2 and 3 are its last two.
-    let zero1 = (Header::new(RecordType::Zero, gen, 2, 2, 2, 0).on_disk(1), vec![]);
+    let zero1 = (
+        Header::new(RecordType::Zero, gen, 2, 2, 2, 0).on_disk(1),
+        vec![],
+    );
     let commit = |n| (Header::new(RecordType::Commit, gen, 2, n, 2000, 0), vec![]);
     let geo0 = Geometry::new(DISK, CHUNK).unwrap();
     let geo1 = Geometry::new(4 * CHUNK, CHUNK).unwrap();
@@ -780,7 +786,10 @@ fn a_group_journal_is_scanned_per_disk() {
     assert!(matches!(j.scan(&[geo0]), Err(Error::Corrupt { .. })));
     drop(j);
     // An extent past its own disk's end (disk 1 has 4 chunks), though inside disk 0's.
-    let past = (Header::new(RecordType::Zero, gen, 2, 3, 2, 0).on_disk(1), vec![]);
+    let past = (
+        Header::new(RecordType::Zero, gen, 2, 3, 2, 0).on_disk(1),
+        vec![],
+    );
     write(&[ck, data0, past, commit(3)]);
     let mut j = Journal::open(&d.state).unwrap();
     assert!(matches!(j.scan(&[geo0, geo1]), Err(Error::Corrupt { .. })));

@@ -210,7 +210,12 @@ mod tests {
         // Versions 1 and 2 had byte 7 reserved: a non-zero one is not a record of theirs.
         assert!(Header::decode(&h.encode_version(&[], 2)).is_none());
         assert!(Header::decode(&h.encode_version(&[], 1)).is_none());
-        assert_eq!(Header::decode(&h.on_disk(0).encode_version(&[], 2)).unwrap().disk, 0);
+        assert_eq!(
+            Header::decode(&h.on_disk(0).encode_version(&[], 2))
+                .unwrap()
+                .disk,
+            0
+        );
         // Commit and checkpoint records cover the whole group: no disk.
         for t in [RecordType::Commit, RecordType::Checkpoint] {
             let c = Header::new(t, 9, 3, 2, 0, 0);

@@ -187,11 +187,7 @@ async fn handle_connection(
         ));
         return reject(&srv, &conn, send, addr, &site, r).await;
     }
-    if srv
-        .busy
-        .compare_exchange(false, true, Ordering::AcqRel, Ordering::Acquire)
-        .is_err()
-    {
+    if !take_the_server(&srv, &site, &conn).await {
         return reject(&srv, &conn, send, addr, &site, RejectReason::Busy).await;
     }
     let peer = PeerInfo {
@@ -202,12 +198,12 @@ async fn handle_connection(
     let ack = match srv.sink_thread.call(move || sink.hello(&h, &p)).await {
         Ok(Ok(ack)) => ack,
         Err(gone) => {
-            srv.busy.store(false, Ordering::Release);
+            free_the_server(&srv);
             conn.close(close_code::SHUTDOWN.into(), gone.to_string().as_bytes());
             return;
         }
         Ok(Err(r)) => {
-            srv.busy.store(false, Ordering::Release);
+            free_the_server(&srv);
             return reject(&srv, &conn, send, addr, &site, r).await;
         }
     };
@@ -250,5 +246,65 @@ async fn handle_connection(
     let sink = srv.sink.clone();
     let r2 = reason.clone();
     let _ = srv.sink_thread.call(move || sink.disconnected(&r2)).await;
+    free_the_server(&srv);
+}
+
+/// Makes this connection the one the server serves (`busy`). If another session holds it,
+/// and is of the same site, that session is closed and this one waits (at most the
+/// handshake timeout) until it has ended: a primary that restarted, or lost its link
+/// without the secondary noticing, would otherwise be refused as `Busy` until QUIC's idle
+/// timeout ends its old session. The certificate was checked for `site` already, so only
+/// that site can end its own session. False: busy with another site's session, or the
+/// old session did not end in time.
+async fn take_the_server(srv: &ServerShared, site: &str, conn: &quinn::Connection) -> bool {
+    let deadline = tokio::time::Instant::now() + srv.cfg.handshake_timeout;
+    loop {
+        // Registered before the attempt, so that a release in between is not missed.
+        let freed = srv.freed.notified();
+        tokio::pin!(freed);
+        freed.as_mut().enable();
+        if let Some(taken) = try_take(srv, site, conn) {
+            return taken;
+        }
+        if tokio::time::timeout_at(deadline, freed).await.is_err() {
+            return false;
+        }
+    }
+}
+
+/// One attempt of [`take_the_server`]: `Some(true)` taken, `Some(false)` refused, `None`
+/// the same site's old session was told to close (wait for it to end).
+fn try_take(srv: &ServerShared, site: &str, conn: &quinn::Connection) -> Option<bool> {
+    // Under `current`'s lock, so that whoever sees `busy` set also sees its site.
+    let mut current = super::lock(&srv.current);
+    if srv
+        .busy
+        .compare_exchange(false, true, Ordering::AcqRel, Ordering::Acquire)
+        .is_ok()
+    {
+        *current = Some((site.to_owned(), conn.clone()));
+        return Some(true);
+    }
+    match &*current {
+        Some((s, old)) if s == site => {
+            if old.close_reason().is_none() {
+                tracing::info!(site, "a new connection from site {site:?} replaces its previous session (restarted primary, or a link lost without notice)");
+                old.close(
+                    close_code::NORMAL.into(),
+                    b"replaced by a new connection from the same site",
+                );
+            }
+            None
+        }
+        _ => Some(false),
+    }
+}
+
+/// The session ended and the sink was told: the next primary may connect.
+fn free_the_server(srv: &ServerShared) {
+    let mut current = super::lock(&srv.current);
+    current.take();
     srv.busy.store(false, Ordering::Release);
+    drop(current);
+    srv.freed.notify_waiters();
 }

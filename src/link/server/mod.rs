@@ -225,6 +225,11 @@ struct ServerShared {
     /// Where every call into `sink` runs.
     sink_thread: sink_thread::SinkThread,
     busy: AtomicBool,
+    /// The site and connection of the session being served (while `busy`): a new
+    /// connection from the same site replaces it (`accept.rs`).
+    current: Mutex<Option<(String, quinn::Connection)>>,
+    /// Told when `busy` is cleared.
+    freed: tokio::sync::Notify,
     counters: Counters,
     /// Rate limit of the lines about refused connection attempts (`accept.rs`).
     refusals: crate::sys::log_limit::LogLimiter,
@@ -275,6 +280,8 @@ impl LinkServer {
             sink_thread: sink_thread::SinkThread::start()
                 .map_err(|e| LinkError::Io(format!("sink thread: {e}")))?,
             busy: AtomicBool::new(false),
+            current: Mutex::new(None),
+            freed: tokio::sync::Notify::new(),
             counters: Counters::default(),
             refusals: crate::sys::log_limit::LogLimiter::new(Duration::from_secs(10)),
             rejections: crate::sys::log_limit::LogLimiter::new(Duration::from_secs(10)),

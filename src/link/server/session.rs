@@ -126,8 +126,14 @@ impl Session {
         s.write_all(&frame).await.map_err(|e| e.to_string())
     }
 
-    /// Validates one extent frame and hands it to the sink.
+    /// Validates one extent frame and hands it to the sink. Runs on the sink's thread.
     fn on_extent(&self, msg: Message<'_>, scratch: &mut Vec<u8>) -> Result<(), String> {
+        // The sink's `disconnected` (which drops what this session staged) runs on this
+        // same thread once the connection is closed: checked here, a frame read before the
+        // close can never be staged after it, into the next session's group.
+        if self.conn.close_reason().is_some() {
+            return Err("connection closed".into());
+        }
         let Message::Extent {
             cg,
             first,
@@ -246,6 +252,13 @@ impl Session {
             .sink_thread
             .call(move || {
                 let s = Arc::clone(&session);
+                // As in `on_extent`: after the close, `disconnected` may have dropped this
+                // group's extents; committing then would commit a group without its data.
+                if s.conn.close_reason().is_some() {
+                    return Err(anyhow::anyhow!(
+                        "connection closed before CG {cg} was committed"
+                    ));
+                }
                 s.in_sink(|| {
                     sink.commit_then_finish(cg, frozen, count, &mut || {
                         if !acked2.swap(true, Ordering::SeqCst) {
