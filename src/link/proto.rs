@@ -216,7 +216,7 @@ impl std::fmt::Display for RejectReason {
             ),
             RejectReason::Busy => write!(
                 f,
-                "secondary already serves a primary connection; stop the other primary first (one primary per replica)"
+                "secondary already serves a primary connection (another site's, or this site's old session, which did not end in time); stop the other primary (one primary per replica), or retry"
             ),
             RejectReason::Promoted => write!(
                 f,
