@@ -144,6 +144,7 @@ fn a_new_connection_of_the_same_site_replaces_its_stale_session_at_once() {
     raw.rt.block_on(async {
         let mut data = conn.open_uni().await.unwrap();
         let frame = encode_frame(&Message::Extent {
+            disk: 0,
             cg: 1,
             first: 5,
             count: 1,
@@ -244,6 +245,7 @@ fn replayed_and_reordered_commits_are_refused_and_commit_nothing() {
     let _held = raw.rt.block_on(async move {
         let mut u = conn.open_uni().await.unwrap();
         let ext = Message::Extent {
+            disk: 0,
             cg: 1,
             first: 0,
             count: 1,
@@ -288,6 +290,7 @@ fn a_peer_that_never_commits_is_bounded_and_changes_nothing() {
         let mut u = conn.open_uni().await.unwrap();
         for cg in 1..=5000u64 {
             let ext = Message::Extent {
+                disk: 0,
                 cg,
                 first: cg % 256,
                 count: 1,

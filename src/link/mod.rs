@@ -31,7 +31,9 @@ mod tests;
 
 pub use certs::{CertError, SiteIdentity};
 pub use client::{ClientConfig, ClientStats, LinkClient, ReplicaStatus};
-pub use proto::{Hello, HelloAck, RejectReason, ReplicaState, PROTOCOL_VERSION};
+pub use proto::{
+    DiskAck, DiskDesc, DiskState, Hello, HelloAck, RejectReason, ReplicaState, PROTOCOL_VERSION,
+};
 pub use server::{ChunkData, LinkServer, ReplicaSink, ServerConfig, ServerStats};
 pub use tls::{Congestion, Tuning};
 
@@ -99,17 +101,23 @@ pub struct DiskInfo {
 impl DiskInfo {
     /// Checks a primary's `Hello` against this (the secondary's) disk; the error is the
     /// `Reject` to send. Intended for [`ReplicaSink::hello`] implementations.
+    /// The link server has checked that the `Hello` announces one disk.
     pub fn check(&self, hello: &Hello) -> Result<(), RejectReason> {
-        if hello.disk_uuid != self.uuid {
+        let Some(theirs) = hello.disks.first() else {
+            return Err(RejectReason::Other("the Hello announces no disk".into()));
+        };
+        if theirs.uuid != self.uuid {
             return Err(RejectReason::DiskUuidMismatch {
+                disk: 0,
                 ours: self.uuid,
-                theirs: hello.disk_uuid,
+                theirs: theirs.uuid,
             });
         }
-        if hello.disk_size != self.size {
+        if theirs.size != self.size {
             return Err(RejectReason::DiskSizeMismatch {
+                disk: 0,
                 ours: self.size,
-                theirs: hello.disk_size,
+                theirs: theirs.size,
             });
         }
         if hello.chunk_size != self.chunk_size {

@@ -27,6 +27,14 @@
 //!   stream `region % N`, so two versions of the same chunk (whatever extents carry them)
 //!   are always delivered in the order they were sent.
 //!
+//! # Groups of disks
+//!
+//! `Hello` announces the consistency group's disks (one or more, all of one chunk size);
+//! `HelloAck` answers for each, in the same order; every `Extent` and `ChecksumRequest`
+//! names its disk by that order's index. A commit covers the extents of every disk: one
+//! group, one cut. (Today's secondary serves groups of one disk and refuses others with a
+//! reason; `doc/design/multi-disk-groups.md` plans the rest.)
+//!
 //! # Ordering of chunks and commits
 //!
 //! Streams are independent, so a `Commit` may overtake extents sent before it. The rule:
@@ -47,7 +55,12 @@
 use serde::{Deserialize, Serialize};
 
 /// Version of this wire protocol; both sides must use the same one.
-pub const PROTOCOL_VERSION: u16 = 4;
+/// 5: a group of disks (`Hello::disks`, `HelloAck::disks`, the disk of each `Extent` and
+/// `ChecksumRequest`).
+pub const PROTOCOL_VERSION: u16 = 5;
+
+/// Most disks one `Hello` may announce (the consistency group's limit).
+pub const MAX_GROUP_DISKS: usize = crate::cg::MAX_DISKS;
 
 /// Magic number at the start of `Hello` ("DRBK").
 pub const HELLO_MAGIC: u32 = 0x4452_424B;
@@ -109,11 +122,9 @@ pub struct Hello {
     pub magic: u32,
     /// Always [`PROTOCOL_VERSION`] of the sender. Frozen: must stay the second field.
     pub protocol_version: u16,
-    /// Identity of the replicated disk.
-    pub disk_uuid: [u8; 16],
-    /// Disk size in bytes.
-    pub disk_size: u64,
-    /// Tracking/shipping granularity in bytes.
+    /// The group's disks, in the order `disk` indexes them (1 to [`MAX_GROUP_DISKS`]).
+    pub disks: Vec<DiskDesc>,
+    /// Tracking/shipping granularity in bytes (the same for every disk of the group).
     pub chunk_size: u32,
     /// Last CG the primary knows to be committed on the secondary (`None`: never).
     pub last_committed_cg: Option<u64>,
@@ -128,6 +139,55 @@ pub struct Hello {
     pub unshipped: bool,
 }
 
+impl Hello {
+    /// The disk, when the group announced has exactly one (all a secondary serves today).
+    pub fn single_disk(&self) -> Option<DiskDesc> {
+        match self.disks[..] {
+            [d] => Some(d),
+            _ => None,
+        }
+    }
+}
+
+/// One disk of the group a `Hello` announces.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+pub struct DiskDesc {
+    /// Identity of the disk.
+    pub uuid: [u8; 16],
+    /// Size in bytes.
+    pub size: u64,
+}
+
+/// Where one disk of the group stands on the secondary.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+pub enum DiskState {
+    /// Its image holds the group's last committed cut.
+    Member,
+    /// Its image is being filled by a full copy (none of the group's cuts yet).
+    Syncing {
+        /// Chunks of the copy done.
+        done_chunks: u64,
+        /// Chunks of the copy in total.
+        total_chunks: u64,
+    },
+}
+
+/// The secondary's answer about one disk of the group, in `HelloAck`.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct DiskAck {
+    /// Where the disk stands.
+    pub state: DiskState,
+    /// Byte ranges `(offset, length)` the secondary itself wrote since the groups it
+    /// shares with the primary (an old primary rejoining after a failover, its own
+    /// unreplicated writes, discarded on the operator's word): the primary ships them on
+    /// top of its own changes, in the first group of this connection.
+    pub resync_also: Vec<(u64, u64)>,
+    /// The secondary is syncing onto an image that was there before (its state was reset,
+    /// or an earlier sync was interrupted): compare by checksums and ship only what
+    /// differs, rather than the whole disk.
+    pub compare_first: bool,
+}
+
 /// The secondary's acceptance of a `Hello`.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 pub struct HelloAck {
@@ -139,15 +199,8 @@ pub struct HelloAck {
     pub state: ReplicaState,
     /// Name of the answering site.
     pub site: String,
-    /// Byte ranges `(offset, length)` the secondary itself wrote since the groups it
-    /// shares with the primary (an old primary rejoining after a failover, its own
-    /// unreplicated writes, discarded on the operator's word): the primary ships them on
-    /// top of its own changes, in the first group of this connection.
-    pub resync_also: Vec<(u64, u64)>,
-    /// The secondary is syncing onto an image that was there before (its state was reset,
-    /// or an earlier sync was interrupted): compare by checksums and ship only what
-    /// differs, rather than the whole disk.
-    pub compare_first: bool,
+    /// One answer per disk of the `Hello`, in its order.
+    pub disks: Vec<DiskAck>,
 }
 
 /// Why a secondary refused a connection.
@@ -162,6 +215,8 @@ pub enum RejectReason {
     },
     /// The primary replicates a different disk.
     DiskUuidMismatch {
+        /// The disk's index in the group.
+        disk: u16,
         /// Disk identity held by the secondary.
         ours: [u8; 16],
         /// Disk identity announced by the primary.
@@ -169,6 +224,8 @@ pub enum RejectReason {
     },
     /// The disk sizes differ.
     DiskSizeMismatch {
+        /// The disk's index in the group.
+        disk: u16,
         /// Size held by the secondary.
         ours: u64,
         /// Size announced by the primary.
@@ -189,6 +246,15 @@ pub enum RejectReason {
     Other(String),
 }
 
+/// Names a disk of a group in a refusal (the first one, or the only one, needs no name).
+fn which(disk: u16) -> String {
+    if disk == 0 {
+        String::new()
+    } else {
+        format!("disk {disk} of the group: ")
+    }
+}
+
 fn hex(u: &[u8; 16]) -> String {
     u.iter().map(|b| format!("{b:02x}")).collect()
 }
@@ -200,15 +266,17 @@ impl std::fmt::Display for RejectReason {
                 f,
                 "protocol version mismatch: secondary speaks v{ours}, primary v{theirs}; run the same drblk release on both sites"
             ),
-            RejectReason::DiskUuidMismatch { ours, theirs } => write!(
+            RejectReason::DiskUuidMismatch { disk, ours, theirs } => write!(
                 f,
-                "disk uuid mismatch: secondary holds {}, primary sends {}; the secondary keeps another disk's replica: point --replicate-to at this disk's secondary, or give the secondary a new --disk",
+                "{}disk uuid mismatch: secondary holds {}, primary sends {}; the secondary keeps another disk's replica: point --replicate-to at this disk's secondary, or give the secondary a new --disk",
+                which(*disk),
                 hex(ours),
                 hex(theirs)
             ),
-            RejectReason::DiskSizeMismatch { ours, theirs } => write!(
+            RejectReason::DiskSizeMismatch { disk, ours, theirs } => write!(
                 f,
-                "disk size mismatch: secondary holds {ours} bytes, primary sends {theirs} bytes; give the secondary a new --disk for this size"
+                "{}disk size mismatch: secondary holds {ours} bytes, primary sends {theirs} bytes; give the secondary a new --disk for this size",
+                which(*disk)
             ),
             RejectReason::ChunkSizeMismatch { ours, theirs } => write!(
                 f,
@@ -249,6 +317,8 @@ pub enum Message<'a> {
     Reject(RejectReason),
     /// Primary → secondary on a data stream: one extent shipped for CG `cg`.
     Extent {
+        /// The disk (index in the `Hello`'s list).
+        disk: u16,
         /// CG the extent is shipped for.
         cg: u64,
         /// First chunk (offset / chunk_size).
@@ -323,6 +393,8 @@ pub enum Message<'a> {
     ChecksumRequest {
         /// Echoed in the answer.
         seq: u64,
+        /// The disk (index in the `Hello`'s list).
+        disk: u16,
         /// First chunk.
         first: u64,
         /// Chunks.
@@ -500,8 +572,16 @@ mod tests {
         let hello = Message::Hello(Hello {
             magic: HELLO_MAGIC,
             protocol_version: 7,
-            disk_uuid: [1; 16],
-            disk_size: 1 << 30,
+            disks: vec![
+                DiskDesc {
+                    uuid: [1; 16],
+                    size: 1 << 30,
+                },
+                DiskDesc {
+                    uuid: [2; 16],
+                    size: 1 << 20,
+                },
+            ],
             chunk_size: 65536,
             last_committed_cg: Some(3),
             site: "primary".into(),
@@ -522,6 +602,7 @@ mod tests {
         // An extent never passes for a Hello.
         let data = vec![9u8; 1 << 20];
         let c = Message::Extent {
+            disk: u16::MAX,
             cg: u64::MAX,
             first: u64::MAX,
             count: 256,

@@ -72,8 +72,11 @@ impl ReplicaSink for MemSink {
         self.disk.check(hello)?;
         let last = self.st().last;
         Ok(HelloAck {
-            resync_also: Vec::new(),
-            compare_first: false,
+            disks: vec![DiskAck {
+                state: DiskState::Member,
+                resync_also: Vec::new(),
+                compare_first: false,
+            }],
             protocol_version: PROTOCOL_VERSION,
             last_committed_cg: last,
             state: match last {
@@ -425,8 +428,10 @@ fn hello_frame_as(version: u16, disk: DiskInfo, site: &str) -> Vec<u8> {
     encode_frame(&Message::Hello(Hello {
         magic: proto::HELLO_MAGIC,
         protocol_version: version,
-        disk_uuid: disk.uuid,
-        disk_size: disk.size,
+        disks: vec![proto::DiskDesc {
+            uuid: disk.uuid,
+            size: disk.size,
+        }],
         chunk_size: disk.chunk_size,
         last_committed_cg: None,
         site: site.into(),
@@ -517,10 +522,32 @@ fn mismatches_are_rejected() {
             "{e}"
         );
     }
+    // A group of two disks, to a secondary that serves one: refused with what to do.
+    let raw = raw_connect(&id, addr, true);
+    let Ok(Message::Hello(one)) = proto::decode_payload(&{
+        let f = hello_frame(PROTOCOL_VERSION, DISK);
+        f[4..f.len() - 4].to_vec()
+    }) else {
+        unreachable!()
+    };
+    let two = Hello {
+        disks: vec![one.disks[0], one.disks[0]],
+        ..one
+    };
+    let (ans, _) = raw.exchange(encode_frame(&Message::Hello(two)).unwrap());
+    match proto::decode_payload(&ans.expect("a Reject frame")).unwrap() {
+        Message::Reject(RejectReason::Other(r)) => {
+            assert!(
+                r.contains("group of 2 disks") && r.contains("one secondary per disk"),
+                "{r}"
+            )
+        }
+        m => panic!("unexpected {m:?}"),
+    }
     assert_eq!(
         srv.stats().rejected,
-        5,
-        "two versions, uuid, size, chunk size"
+        6,
+        "two versions, uuid, size, chunk size, two disks"
     );
     // The server still serves a correct primary.
     assert!(LinkClient::connect(client_cfg(dir.path(), addr, DISK)).is_ok());
@@ -574,6 +601,7 @@ fn malformed_input_closes_the_connection_only() {
         // An extent beyond the disk.
         let d = vec![1u8; CHUNK as usize];
         let f = encode_frame(&Message::Extent {
+            disk: 0,
             cg: 1,
             first: 10_000,
             count: 1,
@@ -592,7 +620,49 @@ fn malformed_input_closes_the_connection_only() {
     wait_for("session end", Duration::from_secs(60), || {
         sink.st().disconnects >= 1
     });
-    assert!(srv.stats().protocol_errors >= 4);
+    // An extent or a checksum request for a disk the group does not have.
+    for bad in [
+        Message::Extent {
+            disk: 1,
+            cg: 1,
+            first: 0,
+            count: 1,
+            payload: proto::WirePayload::Zero,
+        },
+        Message::ChecksumRequest {
+            seq: 1,
+            disk: 1,
+            first: 0,
+            count: 1,
+        },
+    ] {
+        let raw = raw_connect(&id, addr, true);
+        let (mut ctrl, _answers) = raw_session(&raw);
+        let conn = raw.conn.clone().unwrap();
+        let f = encode_frame(&bad).unwrap();
+        let on_data = matches!(bad, Message::Extent { .. });
+        let closed = raw.rt.block_on(async move {
+            if on_data {
+                let mut u = conn.open_uni().await.unwrap();
+                u.write_all(&f).await.unwrap();
+            } else {
+                ctrl.write_all(&f).await.unwrap();
+            }
+            tokio::time::timeout(Duration::from_secs(60), conn.closed())
+                .await
+                .ok()
+        });
+        assert!(
+            matches!(closed, Some(quinn::ConnectionError::ApplicationClosed(ref c)) if c.error_code == proto::close_code::PROTOCOL_ERROR.into()),
+            "{}: {closed:?}",
+            bad.kind()
+        );
+    }
+    wait_for("sessions end", Duration::from_secs(60), || {
+        sink.st().disconnects >= 3
+    });
+    assert!(sink.st().staged.is_empty() && sink.st().last.is_none());
+    assert!(srv.stats().protocol_errors >= 6);
     // The server keeps serving.
     let c = LinkClient::connect(client_cfg(dir.path(), addr, DISK)).unwrap();
     c.send_chunk(1, 0, &pattern(0, 1, CHUNK as usize)).unwrap();

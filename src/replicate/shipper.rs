@@ -324,6 +324,8 @@ impl Replicator {
             io::Error::other(e.to_string())
         })?;
         let ack = client.hello_ack().clone();
+        // One disk: the client checked that the ack answers for exactly the one it sent.
+        let disk_ack = &ack.disks[0];
         self.status.connects.fetch_add(1, Ordering::Relaxed);
         let next = self.group.next_cg();
         match (ack.state, ack.last_committed_cg) {
@@ -343,7 +345,7 @@ impl Replicator {
                 self.checksum_resync(&client, stop)?;
                 self.group.resume_numbering(cg);
             }
-            (ReplicaState::Syncing { .. }, committed) if ack.compare_first => {
+            (ReplicaState::Syncing { .. }, committed) if disk_ack.compare_first => {
                 tracing::info!(secondary = %self.cfg.server_addr, "secondary is syncing onto an image it had: comparing by checksums, shipping what differs");
                 self.checksum_resync(&client, stop)?;
                 if let Some(cg) = committed {
@@ -364,13 +366,13 @@ impl Replicator {
                 ))
             }
         }
-        if !ack.resync_also.is_empty() {
+        if !disk_ack.resync_also.is_empty() {
             // An old primary rejoining: its own writes since the groups we share are shipped
             // on top of ours (the secondary keeps asking until a group commits).
             let chunk = u64::from(self.cfg.disk.chunk_size);
             let last_chunk = self.cfg.disk.size.div_ceil(chunk).saturating_sub(1);
             let mut marked = 0u64;
-            for &(off, len) in &ack.resync_also {
+            for &(off, len) in &disk_ack.resync_also {
                 if len == 0 || off >= self.cfg.disk.size {
                     continue;
                 }
@@ -378,7 +380,7 @@ impl Replicator {
                 self.engine.mark_range(a, b);
                 marked += b - a + 1;
             }
-            tracing::info!(secondary = %self.cfg.server_addr, ranges = ack.resync_also.len(), chunks = marked, "the secondary wrote these chunks on its own (an old primary rejoining): shipping ours over them");
+            tracing::info!(secondary = %self.cfg.server_addr, ranges = disk_ack.resync_also.len(), chunks = marked, "the secondary wrote these chunks on its own (an old primary rejoining): shipping ours over them");
         }
         if let Some(r) = &self.record {
             // Every arm above left the engine holding every difference (a failed checksum

@@ -17,8 +17,8 @@ use crate::control::{reply, ControlHandler, ControlServer, Promoted, Request, Se
 use crate::lineage::{Decision, Lineage, Role};
 use crate::link::server::PeerInfo;
 use crate::link::{
-    ChunkData as WireChunk, Hello, HelloAck, LinkServer, RejectReason, ReplicaSink, ServerConfig,
-    SiteIdentity, PROTOCOL_VERSION,
+    ChunkData as WireChunk, DiskAck, DiskState, Hello, HelloAck, LinkServer, RejectReason,
+    ReplicaSink, ServerConfig, SiteIdentity, PROTOCOL_VERSION,
 };
 use crate::replica::identity::uuid_hex;
 use crate::replica::{ChunkData, Error as StoreError, ReplicaState, ReplicaStore};
@@ -212,12 +212,15 @@ impl StoreSink {
         if let Some(cg) = adopt_at {
             // Releases the state directory's lock (a promoted store left open).
             *store = None;
+            let disk = hello
+                .single_disk()
+                .ok_or("the Hello announces no single disk")?;
             let (s, _) = ReplicaStore::adopt(
                 image,
                 &self.paths.state_dir,
-                hello.disk_size,
+                disk.size,
                 u64::from(hello.chunk_size),
-                hello.disk_uuid,
+                disk.uuid,
                 cg,
             )
             .map_err(|e| format!("cannot take {} in as a replica: {e}", image.display()))?;
@@ -451,6 +454,10 @@ static IMAGE_FAILURES: crate::sys::log_limit::LogLimiter =
 
 impl ReplicaSink for StoreSink {
     fn hello(&self, hello: &Hello, peer: &PeerInfo) -> Result<HelloAck, RejectReason> {
+        // The link server refuses a group of several disks before this.
+        let disk = hello
+            .single_disk()
+            .ok_or_else(|| RejectReason::Other("this secondary serves one disk".into()))?;
         let mut g = self.store.lock().expect("store lock");
         if let Err(e) = self.judge_lineage(hello, peer, &mut g) {
             if let Some(a) = REFUSALS.admit() {
@@ -459,7 +466,7 @@ impl ReplicaSink for StoreSink {
             return Err(RejectReason::Other(e));
         }
         if g.is_none() {
-            match ensure_image(&self.paths.image, hello.disk_size) {
+            match ensure_image(&self.paths.image, disk.size) {
                 Ok(fresh) => self
                     .fresh_image
                     .store(fresh, std::sync::atomic::Ordering::SeqCst),
@@ -473,12 +480,12 @@ impl ReplicaSink for StoreSink {
             match ReplicaStore::open(
                 &self.paths.image,
                 &self.paths.state_dir,
-                hello.disk_size,
+                disk.size,
                 u64::from(hello.chunk_size),
-                hello.disk_uuid,
+                disk.uuid,
             ) {
                 Ok((store, report)) => {
-                    tracing::info!(?report, state = ?store.state(), disk = %uuid_hex(&hello.disk_uuid), "replica opened");
+                    tracing::info!(?report, state = ?store.state(), disk = %uuid_hex(&disk.uuid), "replica opened");
                     *g = Some(store);
                 }
                 Err(e) => {
@@ -501,8 +508,8 @@ impl ReplicaSink for StoreSink {
         // primary must overwrite. Kept (and sent at each connection) until a group commits.
         let record = crate::track::default_record_path(&self.paths.image);
         let resync_also = if record.exists() {
-            let r = crate::site::rejoin::tail_ranges(&self.paths.image, hello.disk_size)
-                .unwrap_or_else(|| vec![(0, hello.disk_size)]);
+            let r = crate::site::rejoin::tail_ranges(&self.paths.image, disk.size)
+                .unwrap_or_else(|| vec![(0, disk.size)]);
             let bytes: u64 = r.iter().map(|x| x.1).sum();
             tracing::info!(ranges = r.len(), bytes, "asking the primary to overwrite what this disk wrote on its own (its change record)");
             self.tail_pending
@@ -520,13 +527,26 @@ impl ReplicaSink for StoreSink {
         c.connected.store(true, Relaxed);
         c.connections.fetch_add(1, Relaxed);
         c.staged_bytes.store(0, Relaxed);
+        let state = match store.state() {
+            ReplicaState::Syncing {
+                done_chunks,
+                total_chunks,
+            } => DiskState::Syncing {
+                done_chunks,
+                total_chunks,
+            },
+            _ => DiskState::Member,
+        };
         Ok(HelloAck {
-            compare_first,
-            resync_also,
             protocol_version: PROTOCOL_VERSION,
             last_committed_cg: store.last_committed_cg(),
             state: store.state(),
             site: self.site.clone(),
+            disks: vec![DiskAck {
+                state,
+                compare_first,
+                resync_also,
+            }],
         })
     }
 

@@ -54,8 +54,10 @@ pub(super) async fn establish(cfg: &ClientConfig) -> Result<Established, LinkErr
         let hello = Message::Hello(Hello {
             magic: proto::HELLO_MAGIC,
             protocol_version: proto::PROTOCOL_VERSION,
-            disk_uuid: cfg.disk.uuid,
-            disk_size: cfg.disk.size,
+            disks: vec![proto::DiskDesc {
+                uuid: cfg.disk.uuid,
+                size: cfg.disk.size,
+            }],
             chunk_size: cfg.disk.chunk_size,
             last_committed_cg: cfg.last_committed_cg,
             site: cfg.identity.site.clone(),
@@ -104,6 +106,13 @@ pub(super) async fn establish(cfg: &ClientConfig) -> Result<Established, LinkErr
         return Err(LinkError::Protocol(format!(
             "secondary acknowledged with protocol v{}",
             ack.protocol_version
+        )));
+    }
+    if ack.disks.len() != 1 {
+        conn.close(close_code::PROTOCOL_ERROR.into(), b"HelloAck disks");
+        return Err(LinkError::Protocol(format!(
+            "secondary answered for {} disks, the Hello announced 1",
+            ack.disks.len()
         )));
     }
     let mut streams = Vec::new();

@@ -238,7 +238,9 @@ impl Shared {
             WirePayload::Lz4(_) => self.counters.lz4.fetch_add(count, Ordering::Relaxed),
             WirePayload::Raw(_) => 0,
         };
+        // One disk per connection until the primary ships a group of several.
         let frame = encode_frame(&Message::Extent {
+            disk: 0,
             cg,
             first,
             count,
@@ -372,8 +374,13 @@ impl Shared {
         let seq = self.seq.fetch_add(1, Ordering::Relaxed);
         let (tx, rx) = oneshot::channel();
         lock(&self.pending).checksums.insert(seq, tx);
-        self.send_ctrl(&Message::ChecksumRequest { seq, first, count })
-            .await?;
+        self.send_ctrl(&Message::ChecksumRequest {
+            seq,
+            disk: 0,
+            first,
+            count,
+        })
+        .await?;
         // The secondary reads up to MAX_CHECKSUM_CHUNKS chunks: bounded like a commit.
         match tokio::time::timeout(self.cfg.commit_timeout, rx).await {
             Err(_) => {

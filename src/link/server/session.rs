@@ -22,8 +22,9 @@ pub(super) struct Session {
     srv: Arc<ServerShared>,
     conn: quinn::Connection,
     peer: PeerInfo,
-    /// The disk's geometry as `Hello` announced it (the sink accepted it).
-    geometry: Option<Geometry>,
+    /// The geometry of each disk `Hello` announced (the sink accepted them); empty if one
+    /// is invalid (then every extent is refused).
+    geometries: Vec<Geometry>,
     ctrl: tokio::sync::Mutex<quinn::SendStream>,
     /// Extents handed to the sink per CG label, and the last processed commit.
     counts: Mutex<(BTreeMap<u64, u64>, Option<u64>)>,
@@ -55,7 +56,12 @@ impl Session {
             srv,
             conn,
             peer,
-            geometry: Geometry::new(hello.disk_size, u64::from(hello.chunk_size)).ok(),
+            geometries: hello
+                .disks
+                .iter()
+                .map(|d| Geometry::new(d.size, u64::from(hello.chunk_size)))
+                .collect::<Result<_, _>>()
+                .unwrap_or_default(),
             ctrl: tokio::sync::Mutex::new(ctrl),
             counts: Mutex::new((BTreeMap::new(), last_committed_cg)),
             progress,
@@ -135,6 +141,7 @@ impl Session {
             return Err("connection closed".into());
         }
         let Message::Extent {
+            disk,
             cg,
             first,
             count,
@@ -143,11 +150,18 @@ impl Session {
         else {
             return Err(format!("unexpected {} on a data stream", msg.kind()));
         };
-        let what = format!("extent of {count} chunks from {first}");
+        let what = format!("extent of {count} chunks from {first} of disk {disk}");
         let len = self
-            .geometry
+            .geometries
+            .get(usize::from(disk))
             .and_then(|g| g.extent_len(first, count))
-            .ok_or_else(|| format!("{what}: empty, beyond the disk or across an extent region"))?;
+            .ok_or_else(|| {
+                format!(
+                    "{what}: empty, beyond the disk, across an extent region, or of a disk the \
+                     group ({} disks) does not have",
+                    self.geometries.len()
+                )
+            })?;
         if lock(&self.counts).1.is_some_and(|c| cg <= c) {
             return Err(format!("{what} for CG {cg}, which is already committed"));
         }
@@ -168,6 +182,7 @@ impl Session {
             }
         };
         let sink = &self.srv.sink;
+        // Disk 0: the only one a session has until the sink serves a group (`accept.rs`).
         self.in_sink(|| sink.extent(cg, first, count, data))
             .map_err(|e| format!("sink failed to stage the {what} of CG {cg}: {e:#}"))
             .map_err(|e| {
@@ -337,7 +352,8 @@ async fn silence_watchdog(s: Arc<Session>) {
 }
 
 async fn data_reader(s: Arc<Session>, mut recv: quinn::RecvStream) {
-    let limit = s.geometry.map_or(0, |g| g.max_extent_len()) + proto::EXTENT_HEADER_MAX;
+    let largest = s.geometries.iter().map(|g| g.max_extent_len()).max();
+    let limit = largest.unwrap_or(0) + proto::EXTENT_HEADER_MAX;
     let mut buf = Vec::new();
     let mut scratch = Vec::new();
     loop {
@@ -435,15 +451,23 @@ async fn control_reader(
                     .await
                     .map_err(|e| e.to_string())
             }
-            Message::ChecksumRequest { seq, first, count } => {
-                let inside = s.geometry.is_some_and(|g| {
-                    first.checked_add(count).is_some_and(|e| e <= g.chunks())
-                        && count.saturating_mul(g.chunk_size())
-                            <= crate::replicate::compare::MAX_REQUEST_BYTES
-                });
+            Message::ChecksumRequest {
+                seq,
+                disk,
+                first,
+                count,
+            } => {
+                // One disk per session until the sink serves a group (`accept.rs` refuses
+                // a Hello of several).
+                let inside = disk == 0
+                    && s.geometries.first().is_some_and(|g| {
+                        first.checked_add(count).is_some_and(|e| e <= g.chunks())
+                            && count.saturating_mul(g.chunk_size())
+                                <= crate::replicate::compare::MAX_REQUEST_BYTES
+                    });
                 if count == 0 || count > proto::MAX_CHECKSUM_CHUNKS || !inside {
                     return s.protocol_error(&format!(
-                        "checksum request for {count} chunks from {first}: outside the disk or over {}",
+                        "checksum request for {count} chunks from {first} of disk {disk}: outside the disk or over {}",
                         proto::MAX_CHECKSUM_CHUNKS
                     ));
                 }

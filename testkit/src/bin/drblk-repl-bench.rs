@@ -27,8 +27,8 @@ use hdrhistogram::Histogram;
 use drblk::cli::{parse_size, ServeArgs};
 use drblk::link::server::PeerInfo;
 use drblk::link::{
-    ChunkData, ClientConfig, DiskInfo, Hello, HelloAck, LinkClient, LinkServer, RejectReason,
-    ReplicaSink, ReplicaState, ServerConfig, SiteIdentity, PROTOCOL_VERSION,
+    ChunkData, ClientConfig, DiskAck, DiskInfo, DiskState, Hello, HelloAck, LinkClient, LinkServer,
+    RejectReason, ReplicaSink, ReplicaState, ServerConfig, SiteIdentity, PROTOCOL_VERSION,
 };
 use drblk::site::primary::Server;
 use drblk_testkit::bench::{
@@ -73,8 +73,11 @@ struct NullSink;
 impl ReplicaSink for NullSink {
     fn hello(&self, _hello: &Hello, _peer: &PeerInfo) -> Result<HelloAck, RejectReason> {
         Ok(HelloAck {
-            resync_also: Vec::new(),
-            compare_first: false,
+            disks: vec![DiskAck {
+                state: DiskState::Member,
+                resync_also: Vec::new(),
+                compare_first: false,
+            }],
             protocol_version: PROTOCOL_VERSION,
             last_committed_cg: None,
             state: ReplicaState::Syncing {
