@@ -106,7 +106,11 @@ fn secondary_process(spec: &str) {
     // Meanwhile it publishes its allocator's in-use bytes for the test's samples.
     let parent = std::os::unix::process::parent_id();
     while std::os::unix::process::parent_id() == parent {
-        let _ = std::fs::write(dir.join("secondary.heap"), malloc_in_use_kib().to_string());
+        // Written aside and renamed: a sample never reads a half-written (empty) file.
+        let tmp = dir.join("secondary.heap.tmp");
+        if std::fs::write(&tmp, malloc_in_use_kib().to_string()).is_ok() {
+            let _ = std::fs::rename(&tmp, dir.join("secondary.heap"));
+        }
         std::thread::sleep(Duration::from_millis(200));
     }
 }
