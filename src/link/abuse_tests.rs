@@ -177,6 +177,28 @@ fn a_new_connection_of_the_same_site_replaces_its_stale_session_at_once() {
     t.srv.shutdown();
 }
 
+/// One site runs a primary per disk, all with the site's certificate: a primary pointed at
+/// another disk's secondary must be refused as busy, never cut that disk's session.
+#[test]
+fn a_primary_of_the_same_site_for_another_disk_does_not_replace_the_session() {
+    let t = setup(|_| {});
+    let c = LinkClient::connect(client_cfg(t.dir.path(), t.addr, DISK)).unwrap();
+    let other = DiskInfo {
+        uuid: [9; 16],
+        ..DISK
+    };
+    let e = LinkClient::connect(client_cfg(t.dir.path(), t.addr, other)).unwrap_err();
+    assert!(
+        matches!(&e, LinkError::Rejected(r) if r.contains("already serves")),
+        "{e}"
+    );
+    c.send_chunk(1, 0, &pattern(0, 1, CHUNK as usize)).unwrap();
+    c.commit(1, 0).unwrap();
+    assert_eq!(t.sink.st().last, Some(1));
+    assert_eq!(t.sink.st().disconnects, 0, "the served session went on");
+    t.srv.shutdown();
+}
+
 #[test]
 fn a_flood_of_connection_attempts_does_not_keep_a_primary_out() {
     let t = setup(|_| {});

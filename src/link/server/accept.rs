@@ -195,7 +195,13 @@ async fn handle_connection(
         ));
         return reject(&srv, &conn, send, addr, &site, r).await;
     }
-    if !take_the_server(&srv, &site, &conn).await {
+    let serving = super::Serving {
+        site: site.clone(),
+        disks: hello.disks.clone(),
+        chunk_size: hello.chunk_size,
+        conn: conn.clone(),
+    };
+    if !take_the_server(&srv, serving).await {
         return reject(&srv, &conn, send, addr, &site, RejectReason::Busy).await;
     }
     let peer = PeerInfo {
@@ -229,6 +235,9 @@ async fn handle_connection(
     };
     if let Err(e) = session.send_ctrl(&Message::HelloAck(ack.clone())).await {
         refused(&srv, addr, format_args!("sending HelloAck failed: {e}"));
+        // No session runs (nor its silence watchdog): close, or the peer's keep-alives
+        // would hold the server busy.
+        conn.close(close_code::PROTOCOL_ERROR.into(), b"HelloAck not delivered");
     } else {
         tracing::info!(
             peer = %addr, site = %site, state = %ack.state,
@@ -257,21 +266,22 @@ async fn handle_connection(
     free_the_server(&srv);
 }
 
-/// Makes this connection the one the server serves (`busy`). If another session holds it,
-/// and is of the same site, that session is closed and this one waits (at most the
-/// handshake timeout) until it has ended: a primary that restarted, or lost its link
-/// without the secondary noticing, would otherwise be refused as `Busy` until QUIC's idle
-/// timeout ends its old session. The certificate was checked for `site` already, so only
-/// that site can end its own session. False: busy with another site's session, or the
-/// old session did not end in time.
-async fn take_the_server(srv: &ServerShared, site: &str, conn: &quinn::Connection) -> bool {
+/// Makes this connection the one the server serves (`busy`). If another session holds it
+/// for the same site *and the same disks*, that session is closed and this one waits (at
+/// most the handshake timeout) until it has ended: a primary that restarted, or lost its
+/// link without the secondary noticing, would otherwise be refused as `Busy` until QUIC's
+/// idle timeout ends its old session. The certificate was checked for the site already.
+/// The disks must match too because one site runs a primary per disk with one certificate:
+/// a primary pointed at another disk's secondary must be refused, not cut that disk's
+/// replication. False: busy with another session, or the old one did not end in time.
+async fn take_the_server(srv: &ServerShared, new: super::Serving) -> bool {
     let deadline = tokio::time::Instant::now() + srv.cfg.handshake_timeout;
     loop {
         // Registered before the attempt, so that a release in between is not missed.
         let freed = srv.freed.notified();
         tokio::pin!(freed);
         freed.as_mut().enable();
-        if let Some(taken) = try_take(srv, site, conn) {
+        if let Some(taken) = try_take(srv, &new) {
             return taken;
         }
         if tokio::time::timeout_at(deadline, freed).await.is_err() {
@@ -281,23 +291,28 @@ async fn take_the_server(srv: &ServerShared, site: &str, conn: &quinn::Connectio
 }
 
 /// One attempt of [`take_the_server`]: `Some(true)` taken, `Some(false)` refused, `None`
-/// the same site's old session was told to close (wait for it to end).
-fn try_take(srv: &ServerShared, site: &str, conn: &quinn::Connection) -> Option<bool> {
-    // Under `current`'s lock, so that whoever sees `busy` set also sees its site.
+/// the same primary's old session was told to close (wait for it to end).
+fn try_take(srv: &ServerShared, new: &super::Serving) -> Option<bool> {
+    // Under `current`'s lock, so that whoever sees `busy` set also sees whom it serves.
     let mut current = super::lock(&srv.current);
     if srv
         .busy
         .compare_exchange(false, true, Ordering::AcqRel, Ordering::Acquire)
         .is_ok()
     {
-        *current = Some((site.to_owned(), conn.clone()));
+        *current = Some(new.clone());
         return Some(true);
     }
     match &*current {
-        Some((s, old)) if s == site => {
-            if old.close_reason().is_none() {
-                tracing::info!(site, "a new connection from site {site:?} replaces its previous session (restarted primary, or a link lost without notice)");
-                old.close(
+        Some(old)
+            if old.site == new.site
+                && old.disks == new.disks
+                && old.chunk_size == new.chunk_size =>
+        {
+            if old.conn.close_reason().is_none() {
+                let site = &new.site;
+                tracing::info!(site, "a new connection from site {site:?} for the same disks replaces its previous session (restarted primary, or a link lost without notice)");
+                old.conn.close(
                     close_code::NORMAL.into(),
                     b"replaced by a new connection from the same site",
                 );

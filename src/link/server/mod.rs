@@ -225,9 +225,9 @@ struct ServerShared {
     /// Where every call into `sink` runs.
     sink_thread: sink_thread::SinkThread,
     busy: AtomicBool,
-    /// The site and connection of the session being served (while `busy`): a new
-    /// connection from the same site replaces it (`accept.rs`).
-    current: Mutex<Option<(String, quinn::Connection)>>,
+    /// The session being served (while `busy`): a new connection from the same site for
+    /// the same disks replaces it (`accept.rs`).
+    current: Mutex<Option<Serving>>,
     /// Told when `busy` is cleared.
     freed: tokio::sync::Notify,
     counters: Counters,
@@ -235,6 +235,15 @@ struct ServerShared {
     refusals: crate::sys::log_limit::LogLimiter,
     /// Rate limit of the lines about primaries rejected after their `Hello`.
     rejections: crate::sys::log_limit::LogLimiter,
+}
+
+/// Who the server serves: a restarted primary is recognised by its site and its disks.
+#[derive(Clone)]
+struct Serving {
+    site: String,
+    disks: Vec<super::proto::DiskDesc>,
+    chunk_size: u32,
+    conn: quinn::Connection,
 }
 
 fn lock<T>(m: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {

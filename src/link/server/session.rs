@@ -94,12 +94,30 @@ impl Session {
     /// Runs `f` (a call into the sink) counted in `in_sink`, and counts it as hearing from
     /// the primary when it ends (its readers could not read while it ran).
     fn in_sink<T>(&self, f: impl FnOnce() -> T) -> T {
+        /// Ends the count however `f` ends (a panicking sink call must not leave the
+        /// session "busy" for good, which would blind the silence watchdog).
+        struct Done<'a>(&'a Session);
+        impl Drop for Done<'_> {
+            fn drop(&mut self) {
+                // Heard first: a watchdog tick in between must not see "not busy" with an
+                // old time.
+                self.0.heard();
+                self.0.in_sink.fetch_sub(1, Ordering::SeqCst);
+            }
+        }
         self.in_sink.fetch_add(1, Ordering::SeqCst);
-        let r = f();
-        // Heard first: a watchdog tick in between must not see "not busy" with an old time.
-        self.heard();
-        self.in_sink.fetch_sub(1, Ordering::SeqCst);
-        r
+        let _done = Done(self);
+        f()
+    }
+
+    /// A sink call did not complete (it panicked, or the server is stopping): the session
+    /// cannot go on; closed so that the primary reconnects.
+    fn sink_gone(&self, e: super::sink_thread::SinkGone) {
+        if self.conn.close_reason().is_none() {
+            tracing::error!(peer = %self.peer.addr, "{e}; closing the connection");
+            self.conn
+                .close(close_code::SINK_ERROR.into(), e.to_string().as_bytes());
+        }
     }
 
     /// A frame arrived: the primary is alive.
@@ -375,8 +393,9 @@ async fn data_reader(s: Arc<Session>, mut recv: quinn::RecvStream) {
                 (buf, scratch, res)
             }
         });
-        let Ok((b, sc, res)) = staged.await else {
-            return; // the server is stopping
+        let (b, sc, res) = match staged.await {
+            Ok(x) => x,
+            Err(e) => return s.sink_gone(e),
         };
         if let Err(e) = res {
             return s.protocol_error(&e);
@@ -417,13 +436,10 @@ async fn control_reader(
                 .map_err(|_| "commit worker gone".to_string()),
             Message::StatusRequest { seq } => {
                 let (sink, s2) = (s.srv.sink.clone(), s.clone());
-                let Ok((state, last)) = s
-                    .srv
-                    .sink_thread
-                    .call(move || s2.in_sink(|| sink.status()))
-                    .await
-                else {
-                    return;
+                let status = move || s2.in_sink(|| sink.status());
+                let (state, last) = match s.srv.sink_thread.call(status).await {
+                    Ok(x) => x,
+                    Err(e) => return s.sink_gone(e),
                 };
                 s.send_ctrl(&Message::Status {
                     seq,
@@ -445,11 +461,10 @@ async fn control_reader(
             Message::Progress { done, total } => {
                 let (sink, s2) = (s.srv.sink.clone(), s.clone());
                 let progress = move || s2.in_sink(|| sink.progress(done, total));
-                s.srv
-                    .sink_thread
-                    .call(progress)
-                    .await
-                    .map_err(|e| e.to_string())
+                match s.srv.sink_thread.call(progress).await {
+                    Ok(()) => Ok(()),
+                    Err(e) => return s.sink_gone(e),
+                }
             }
             Message::ChecksumRequest {
                 seq,
@@ -473,8 +488,9 @@ async fn control_reader(
                 }
                 let (sink, s2) = (s.srv.sink.clone(), s.clone());
                 let crcs = move || s2.in_sink(|| sink.checksums(first, count));
-                let Ok(crcs) = s.srv.sink_thread.call(crcs).await else {
-                    return;
+                let crcs = match s.srv.sink_thread.call(crcs).await {
+                    Ok(x) => x,
+                    Err(e) => return s.sink_gone(e),
                 };
                 match crcs {
                     Ok(crcs) => s.send_ctrl(&Message::Checksums { seq, crcs }).await,
