@@ -299,8 +299,8 @@ fn refusals_over_the_link_show_in_the_primarys_status_with_what_to_do() {
     s.wait_until("the refusal in the primary's status", || {
         let o = drblk(&["status"], &[("--socket", &s.sock())]);
         line = String::from_utf8_lossy(&o.stdout).into_owned();
-        // (The new primary's connection replaces the killed one's session at once: same
-        // site.)
+        // (First perhaps "already serves a primary connection": another disk does not
+        // replace the killed primary's session, which lasts until its idle timeout.)
         line.contains("shares no generation")
     });
     assert!(line.contains("these are different disks"), "{line}");
