@@ -284,7 +284,7 @@ impl std::fmt::Display for RejectReason {
             ),
             RejectReason::Busy => write!(
                 f,
-                "secondary already serves a primary connection (another site's, or this site's old session, which did not end in time); stop the other primary (one primary per replica), or retry"
+                "secondary already serves a primary connection (another primary's, of another site or another disk, or this primary's old session, which did not end in time); stop the other primary (one primary per replica), or retry"
             ),
             RejectReason::Promoted => write!(
                 f,
