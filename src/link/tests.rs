@@ -425,7 +425,12 @@ pub(super) fn hello_frame(version: u16, disk: DiskInfo) -> Vec<u8> {
 }
 
 fn hello_frame_as(version: u16, disk: DiskInfo, site: &str) -> Vec<u8> {
-    encode_frame(&Message::Hello(Hello {
+    encode_frame(&Message::Hello(hello_of(version, disk, site))).unwrap()
+}
+
+/// The `Hello` a primary of `site` sends for `disk`.
+fn hello_of(version: u16, disk: DiskInfo, site: &str) -> Hello {
+    Hello {
         magic: proto::HELLO_MAGIC,
         protocol_version: version,
         disks: vec![proto::DiskDesc {
@@ -437,8 +442,7 @@ fn hello_frame_as(version: u16, disk: DiskInfo, site: &str) -> Vec<u8> {
         site: site.into(),
         lineage: None,
         unshipped: false,
-    }))
-    .unwrap()
+    }
 }
 
 #[test]
@@ -524,12 +528,7 @@ fn mismatches_are_rejected() {
     }
     // A group of two disks, to a secondary that serves one: refused with what to do.
     let raw = raw_connect(&id, addr, true);
-    let Ok(Message::Hello(one)) = proto::decode_payload(&{
-        let f = hello_frame(PROTOCOL_VERSION, DISK);
-        f[4..f.len() - 4].to_vec()
-    }) else {
-        unreachable!()
-    };
+    let one = hello_of(PROTOCOL_VERSION, DISK, "primary");
     let two = Hello {
         disks: vec![one.disks[0], one.disks[0]],
         ..one

@@ -37,6 +37,21 @@ pub(super) struct Session {
     started: std::time::Instant,
 }
 
+/// Names an extent in errors; formatted only when one is (not on every extent).
+#[derive(Clone, Copy)]
+struct ExtentName {
+    count: u64,
+    first: u64,
+    disk: u16,
+}
+
+impl std::fmt::Display for ExtentName {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        let ExtentName { count, first, disk } = self;
+        write!(f, "extent of {count} chunks from {first} of disk {disk}")
+    }
+}
+
 /// Most distinct uncommitted CG labels a primary may have outstanding.
 const MAX_OPEN_CGS: usize = 4096;
 
@@ -110,6 +125,27 @@ impl Session {
         f()
     }
 
+    /// Runs `f` with the sink on the sink's thread, counted in `in_sink`. `None`: the call
+    /// did not complete, and the connection is closed.
+    async fn with_sink<T: Send + 'static>(
+        self: &Arc<Self>,
+        f: impl FnOnce(&dyn super::ReplicaSink) -> T + Send + 'static,
+    ) -> Option<T> {
+        let s = Arc::clone(self);
+        match self
+            .srv
+            .sink_thread
+            .call(move || s.in_sink(|| f(&*s.srv.sink)))
+            .await
+        {
+            Ok(x) => Some(x),
+            Err(e) => {
+                self.sink_gone(e);
+                None
+            }
+        }
+    }
+
     /// A sink call did not complete (it panicked, or the server is stopping): the session
     /// cannot go on; closed so that the primary reconnects.
     fn sink_gone(&self, e: super::sink_thread::SinkGone) {
@@ -168,7 +204,7 @@ impl Session {
         else {
             return Err(format!("unexpected {} on a data stream", msg.kind()));
         };
-        let what = format!("extent of {count} chunks from {first} of disk {disk}");
+        let what = ExtentName { count, first, disk };
         let len = self
             .geometries
             .get(usize::from(disk))
@@ -435,11 +471,8 @@ async fn control_reader(
                 .await
                 .map_err(|_| "commit worker gone".to_string()),
             Message::StatusRequest { seq } => {
-                let (sink, s2) = (s.srv.sink.clone(), s.clone());
-                let status = move || s2.in_sink(|| sink.status());
-                let (state, last) = match s.srv.sink_thread.call(status).await {
-                    Ok(x) => x,
-                    Err(e) => return s.sink_gone(e),
+                let Some((state, last)) = s.with_sink(|k| k.status()).await else {
+                    return;
                 };
                 s.send_ctrl(&Message::Status {
                     seq,
@@ -459,11 +492,9 @@ async fn control_reader(
                 .await
             }
             Message::Progress { done, total } => {
-                let (sink, s2) = (s.srv.sink.clone(), s.clone());
-                let progress = move || s2.in_sink(|| sink.progress(done, total));
-                match s.srv.sink_thread.call(progress).await {
-                    Ok(()) => Ok(()),
-                    Err(e) => return s.sink_gone(e),
+                match s.with_sink(move |k| k.progress(done, total)).await {
+                    Some(()) => Ok(()),
+                    None => return,
                 }
             }
             Message::ChecksumRequest {
@@ -486,11 +517,8 @@ async fn control_reader(
                         proto::MAX_CHECKSUM_CHUNKS
                     ));
                 }
-                let (sink, s2) = (s.srv.sink.clone(), s.clone());
-                let crcs = move || s2.in_sink(|| sink.checksums(first, count));
-                let crcs = match s.srv.sink_thread.call(crcs).await {
-                    Ok(x) => x,
-                    Err(e) => return s.sink_gone(e),
+                let Some(crcs) = s.with_sink(move |k| k.checksums(first, count)).await else {
+                    return;
                 };
                 match crcs {
                     Ok(crcs) => s.send_ctrl(&Message::Checksums { seq, crcs }).await,
