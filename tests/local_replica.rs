@@ -106,10 +106,11 @@ fn committed(sock: &Path) -> (u64, u64) {
 /// Runs the replica's crash recovery (what `drblk serve` does when it opens it) and returns
 /// its state and the image.
 fn recover(p: &Paths) -> (ReplicaState, Option<u64>, Vec<u8>) {
-    let uuid = drblk::replica::stored_identity(&p.state_dir)
+    let uuid = drblk::replica::stored_group(&p.state_dir)
         .unwrap()
-        .map_or([0; 16], |id| id.uuid);
-    let (store, report) = ReplicaStore::open(&p.replica, &p.state_dir, SIZE, CHUNK, uuid).unwrap();
+        .map_or([0; 16], |g| g.disks[0].uuid);
+    let spec = drblk::replica::GroupSpec::single(&p.replica, SIZE, CHUNK, uuid);
+    let (store, report) = ReplicaStore::open(&spec, &p.state_dir).unwrap();
     println!("  recovery: {report:?}");
     let (state, cg) = (store.state(), store.last_committed_cg());
     drop(store);

@@ -342,17 +342,12 @@ fn a_secondary_killed_twenty_times_always_recovers_consistent() {
             drop(sec); // SIGKILL
         }
         // Recovery is what `drblk secondary` runs when it starts: run it here and check.
-        let id = drblk::replica::stored_identity(&state_dir)
+        let spec = drblk::replica::stored_group(&state_dir)
             .unwrap()
+            .unwrap()
+            .spec(&[dir.path().join("secondary.img")])
             .unwrap();
-        let (store, report) = drblk::replica::ReplicaStore::open(
-            &dir.path().join("secondary.img"),
-            &state_dir,
-            id.disk_size,
-            id.chunk_size,
-            id.uuid,
-        )
-        .unwrap();
+        let (store, report) = drblk::replica::ReplicaStore::open(&spec, &state_dir).unwrap();
         let cg = store.last_committed_cg();
         drop(store);
         let img = std::fs::read(dir.path().join("secondary.img")).unwrap();

@@ -8,7 +8,7 @@
 use std::path::{Path, PathBuf};
 use std::sync::OnceLock;
 
-use drblk::replica::{ChunkData, ReplicaStore};
+use drblk::replica::{ChunkData, GroupSpec, ReplicaStore};
 use libfuzzer_sys::fuzz_target;
 
 const SIZE: u64 = 1 << 20;
@@ -29,13 +29,16 @@ fn template() -> &'static Template {
         std::fs::create_dir_all(&dir).unwrap();
         let (image, state) = (dir.join("t.img"), dir.join("t.state"));
         {
-            let (mut s, _) = ReplicaStore::open(&image, &state, SIZE, CHUNK, UUID).unwrap();
-            s.sync_extent(0, 1, ChunkData::Bytes(&[1; CHUNK as usize])).unwrap();
+            let spec = GroupSpec::single(&image, SIZE, CHUNK, UUID);
+            let (mut s, _) = ReplicaStore::open(&spec, &state).unwrap();
+            s.sync_extent(0, 0, 1, ChunkData::Bytes(&[1; CHUNK as usize]))
+                .unwrap();
             s.finish_sync(1, 1).unwrap();
             for cg in 2..5u64 {
                 let data = vec![cg as u8; 2 * CHUNK as usize];
-                s.stage_extent(cg, cg * 3, 2, ChunkData::Bytes(&data)).unwrap();
-                s.stage_extent(cg, 200, 1, ChunkData::Zero).unwrap();
+                s.stage_extent(0, cg, cg * 3, 2, ChunkData::Bytes(&data))
+                    .unwrap();
+                s.stage_extent(0, cg, 200, 1, ChunkData::Zero).unwrap();
                 s.commit_durable(cg, cg * 10).unwrap();
                 if cg < 4 {
                     s.apply_committed().unwrap();
@@ -65,7 +68,11 @@ fuzz_target!(|data: &[u8]| {
         1 => journal = rest.to_vec(),
         _ => {
             // Patches: (u32 offset, byte) each, then a truncation when the input says so.
-            let target = if mode % 4 == 2 { &mut journal } else { &mut state };
+            let target = if mode % 4 == 2 {
+                &mut journal
+            } else {
+                &mut state
+            };
             for p in rest.chunks_exact(5) {
                 if target.is_empty() {
                     break;
@@ -86,8 +93,11 @@ fuzz_target!(|data: &[u8]| {
     write(&sdir, "state.json", &state);
     write(&sdir, "journal", &journal);
     let image = run.join("r.img");
-    std::fs::File::create(&image).unwrap().set_len(SIZE).unwrap();
-    if let Ok((s, _)) = ReplicaStore::open(&image, &sdir, SIZE, CHUNK, UUID) {
+    std::fs::File::create(&image)
+        .unwrap()
+        .set_len(SIZE)
+        .unwrap();
+    if let Ok((s, _)) = ReplicaStore::open(&GroupSpec::single(&image, SIZE, CHUNK, UUID), &sdir) {
         let _ = s.state();
         let _ = s.last_committed_cg();
     }

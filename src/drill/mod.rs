@@ -164,13 +164,20 @@ impl Drill {
                 view::BLOCK
             );
         }
+        if store.disks() > 1 {
+            // doc/design/multi-disk-groups.md step 9: one view per disk, installed together.
+            anyhow::bail!(
+                "this replica is a group of {} disks: drills on a group are not supported yet",
+                store.disks()
+            );
+        }
         // The socket first: a refusal (in use) leaves nothing behind.
         let lock = SocketLock::acquire(socket)?;
         let own_dir = !dir.exists();
         remove_stale(dir, false)
             .with_context(|| format!("removing an old drill in {}", dir.display()))?;
-        let size = store.disk_size();
-        let view = DrillView::create(store.image_path(), dir, size, space)
+        let size = store.disk_size(0);
+        let view = DrillView::create(store.image_path(0), dir, size, space)
             .with_context(|| format!("creating the drill's files in {}", dir.display()))
             .and_then(|v| {
                 // The drill may fill `space` there: not at the cost of the journal (by
@@ -214,7 +221,7 @@ impl Drill {
         // From here every change of the image first keeps what the drill reads. Installed
         // under the caller's lock of the store, after the last group was applied: the image
         // is the drill's group until the next `before_write`.
-        store.set_image_observer(Some(view.clone()));
+        store.set_image_observer(0, Some(view.clone()))?;
         let shutdown = Shutdown::default();
         let (s2, sd2) = (shared.clone(), shutdown.clone());
         let thread = std::thread::Builder::new()
@@ -227,7 +234,7 @@ impl Drill {
         let thread = match thread {
             Ok(t) => t,
             Err(e) => {
-                store.set_image_observer(None);
+                let _ = store.set_image_observer(0, None);
                 cleanup();
                 return Err(e).context("spawning the drill's thread");
             }

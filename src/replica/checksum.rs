@@ -14,17 +14,18 @@ pub fn chunk_crcs(buf: &[u8], chunk: usize, out: &mut Vec<u32>) {
 }
 
 impl ReplicaStore {
-    /// crc32c of each of `count` chunks from `first` of the image (a last, shorter chunk:
+    /// crc32c of each of `count` chunks from `first` of disk `disk`'s image (a last, shorter chunk:
     /// of its bytes inside the disk), as of the last committed group. Refused while a
     /// committed group still awaits its apply (the image is not at that group yet).
-    pub fn checksums(&self, first: u64, count: u64) -> Result<Vec<u32>> {
+    pub fn checksums(&self, disk: usize, first: u64, count: u64) -> Result<Vec<u32>> {
         self.check_usable()?;
         if self.pending_apply.is_some() {
             return Err(Error::InvalidState(
                 "checksums while a committed CG awaits apply_committed()".into(),
             ));
         }
-        let geo = self.geo;
+        let image = self.image(disk)?;
+        let geo = image.geo;
         let end = first
             .checked_add(count)
             .filter(|&e| e <= geo.chunks())
@@ -42,9 +43,10 @@ impl ReplicaStore {
             let len =
                 (geo.chunk_offset(i + n - 1) + geo.chunk_len(i + n - 1).unwrap_or(0) as u64) - off;
             buf.resize(len as usize, 0);
-            self.image
+            image
+                .file
                 .read_exact_at(&mut buf, off)
-                .map_err(error::io("read", &self.image_path))?;
+                .map_err(error::io("read", &image.path))?;
             chunk_crcs(&buf, chunk as usize, &mut out);
             i += n;
         }

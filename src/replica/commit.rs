@@ -89,18 +89,16 @@ impl ReplicaStore {
         })
     }
 
-    /// Failover of a replica that is still syncing (the operator forced it): the image is
-    /// a mix of old and new chunks, promoted as it is. The image is fsynced first, so the
-    /// promoted disk holds at least what the state claims was written.
+    /// Failover of a replica that is still syncing (the operator forced it): the images are
+    /// a mix of old and new chunks, promoted as they are. The images are fsynced first, so
+    /// the promoted disks hold at least what the state claims was written.
     pub fn promote_inconsistent(&mut self) -> Result<()> {
         self.check_usable()?;
         if !matches!(self.st.mode, Mode::Syncing { .. }) {
             return self.promote();
         }
         self.guard(|s| {
-            s.image
-                .sync_all()
-                .map_err(super::error::io("fsync", &s.image_path))?;
+            s.sync_images()?;
             s.st.mode = Mode::Promoted;
             s.write_state()
         })

@@ -31,7 +31,7 @@ pub enum Error {
     )]
     IdentityMismatch {
         dir: PathBuf,
-        field: &'static str,
+        field: String,
         stored: String,
         requested: String,
     },

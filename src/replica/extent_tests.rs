@@ -46,7 +46,8 @@ fn open(d: &Dirs) -> Result<(ReplicaStore, RecoveryReport)> {
 }
 
 fn open_with(d: &Dirs, policy: CheckpointPolicy) -> Result<(ReplicaStore, RecoveryReport)> {
-    let (mut s, rep) = ReplicaStore::open(&d.image, &d.state, DISK, CHUNK, UUID)?;
+    let (mut s, rep) =
+        ReplicaStore::open(&GroupSpec::single(&d.image, DISK, CHUNK, UUID), &d.state)?;
     s.set_checkpoint_policy(policy);
     Ok((s, rep))
 }
@@ -109,8 +110,14 @@ fn stage_ext(
     kind: Kind,
 ) -> Result<StageOutcome> {
     match kind {
-        Kind::Zero => s.stage_extent(cg, first, count, ChunkData::Zero),
-        k => s.stage_extent(cg, first, count, ChunkData::Bytes(&k.bytes(first, count))),
+        Kind::Zero => s.stage_extent(0, cg, first, count, ChunkData::Zero),
+        k => s.stage_extent(
+            0,
+            cg,
+            first,
+            count,
+            ChunkData::Bytes(&k.bytes(first, count)),
+        ),
     }
 }
 
@@ -169,10 +176,11 @@ fn synced(d: &Dirs) -> (ReplicaStore, Model) {
     for (r, first) in (0..NCH).step_by(REGION as usize).enumerate() {
         let count = REGION.min(NCH - first);
         if r == 1 {
-            s.sync_extent(first, count, ChunkData::Zero).unwrap();
+            s.sync_extent(0, first, count, ChunkData::Zero).unwrap();
         } else {
             let b = ext_bytes(100 + r as u64, first, count);
-            s.sync_extent(first, count, ChunkData::Bytes(&b)).unwrap();
+            s.sync_extent(0, first, count, ChunkData::Bytes(&b))
+                .unwrap();
             image[ext_range(first, count)].copy_from_slice(&b);
         }
     }
@@ -614,7 +622,7 @@ fn invalid_extents_are_refused_and_stage_nothing() {
             Some(b) => ChunkData::Bytes(b),
             None => ChunkData::Zero,
         };
-        match s.stage_extent(2, *first, *count, data) {
+        match s.stage_extent(0, 2, *first, *count, data) {
             Err(Error::InvalidArgument(msg)) => {
                 assert!(msg.contains(why), "{first}+{count}: {msg}");
             }
@@ -625,7 +633,7 @@ fn invalid_extents_are_refused_and_stage_nothing() {
     }
     // Not poisoned: a valid extent stages.
     assert_eq!(
-        s.stage_extent(2, 16, 3, ChunkData::Bytes(&full(16, 3)))
+        s.stage_extent(0, 2, 16, 3, ChunkData::Bytes(&full(16, 3)))
             .unwrap(),
         StageOutcome::Staged
     );
@@ -636,7 +644,7 @@ fn invalid_extents_are_refused_and_stage_nothing() {
             Some(b) => ChunkData::Bytes(b),
             None => ChunkData::Zero,
         };
-        match s.sync_extent(*first, *count, data) {
+        match s.sync_extent(0, *first, *count, data) {
             Err(Error::InvalidArgument(msg)) => assert!(msg.contains(why), "{msg}"),
             other => panic!("sync {first}+{count}: {other:?}"),
         }
@@ -659,9 +667,10 @@ fn sync_extent_counts_chunks_once() {
     for &(first, count, seed) in &[(0, 8, 1), (4, 4, 2), (8, 8, 0), (16, 3, 3), (18, 1, 4)] {
         let b = ext_bytes(seed, first, count);
         if seed == 0 {
-            s.sync_extent(first, count, ChunkData::Zero).unwrap();
+            s.sync_extent(0, first, count, ChunkData::Zero).unwrap();
         } else {
-            s.sync_extent(first, count, ChunkData::Bytes(&b)).unwrap();
+            s.sync_extent(0, first, count, ChunkData::Bytes(&b))
+                .unwrap();
         }
         image[ext_range(first, count)].copy_from_slice(&b);
     }

@@ -29,8 +29,11 @@ pub enum CrashPoint {
     /// `commit`: the first `k` runs of staged chunks (in apply order; a run is one image
     /// write of consecutive chunks from one record) were written to the image.
     MidApply(u64),
-    /// Checkpoint: all committed chunks written to the image, image not yet fsynced.
+    /// Checkpoint: all committed chunks written to the images, none fsynced yet.
     BeforeImageSync,
+    /// Checkpoint of a group of several disks: images `0..k` fsynced, image `k` and later
+    /// not yet (`k >= 1`; never reached with one disk).
+    BetweenImageSyncs(u64),
     /// `commit`/`finish_sync`: the temporary state file was written and fsynced, not renamed.
     MidStateWrite,
     /// Checkpoint: state file says the last committed CG; journal not yet reset.
@@ -70,10 +73,13 @@ pub const ALL_SIMPLE: &[CrashPoint] = &[
 
 impl CrashPoint {
     /// Parse the form used by the `DRBLK_SECONDARY_CRASH_AT` environment variable:
-    /// the variant name, or `MidApply:<k>`.
+    /// the variant name, `MidApply:<k>` or `BetweenImageSyncs:<k>`.
     pub fn parse(s: &str) -> Option<CrashPoint> {
         if let Some(k) = s.strip_prefix("MidApply:") {
             return k.parse().ok().map(CrashPoint::MidApply);
+        }
+        if let Some(k) = s.strip_prefix("BetweenImageSyncs:") {
+            return k.parse().ok().map(CrashPoint::BetweenImageSyncs);
         }
         ALL_SIMPLE.iter().copied().find(|p| format!("{p:?}") == s)
     }

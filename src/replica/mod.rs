@@ -113,11 +113,13 @@ mod fault;
 mod flush;
 mod format;
 pub mod identity;
+mod image;
 pub use checksum::chunk_crcs;
 mod journal;
 mod key;
 mod open;
 mod space;
+mod spec;
 mod stage;
 mod state;
 mod sync;
@@ -131,8 +133,9 @@ use std::path::{Path, PathBuf};
 pub use apply::CheckpointPolicy;
 pub use error::{Error, Result};
 pub use fault::{CrashMode, CrashPoint};
-pub use open::{default_state_dir, stored_identity};
+pub use open::{default_state_dir, stored_group};
 pub use space::RESERVE as STAGING_RESERVE;
+pub use spec::{DiskSpec, GroupSpec, StoredDisk, StoredGroup};
 
 use fault::Fault;
 use journal::{Entry, Geometry, Journal};
@@ -229,24 +232,13 @@ pub struct RecoveryReport {
     pub uncommitted_bytes_cut: u64,
 }
 
-/// Identity of the replica stored in `state_dir`, if there is one.
-#[derive(Clone, Copy, Debug, PartialEq, Eq)]
-pub struct StoredIdentity {
-    /// Disk identity.
-    pub uuid: [u8; 16],
-    /// Disk size.
-    pub disk_size: u64,
-    /// Chunk size.
-    pub chunk_size: u64,
-}
-
-/// One replica: image + staging journal + state. See the module docs.
+/// One replica of a consistency group: its images + one staging journal + one state. See
+/// the module docs.
 pub struct ReplicaStore {
     dir: PathBuf,
-    image_path: PathBuf,
-    image: File,
-    image_is_file: bool,
-    geo: Geometry,
+    /// The group's images, in the group's order (a key's disk indexes this).
+    images: Vec<image::DiskImage>,
+    chunk_size: u64,
     st: StateFile,
     journal: Journal,
     /// Newest staged version per chunk (uncommitted, or committed-but-not-applied while
@@ -256,18 +248,14 @@ pub struct ReplicaStore {
     compact_min_dead: u64,
     /// A commit record for this (cg, frozen_at) is durable but not yet applied.
     pending_apply: Option<(u64, u64)>,
-    sync_done: Vec<u64>,
+    /// Chunks written by the current sync, over every image.
     sync_done_count: u64,
     checkpoint_policy: CheckpointPolicy,
     last_checkpoint: std::time::Instant,
-    /// Background writeback of the image (None if its thread could not start).
-    flusher: Option<flush::ImageFlusher>,
     fault: Fault,
     /// Room left for staging on the journal's filesystem.
     space: space::SpaceGuard,
     poisoned: bool,
-    /// Told before each change of the image (a running drill, `crate::drill`).
-    observer: Option<std::sync::Arc<dyn ImageObserver>>,
     _lock: File,
 }
 
@@ -293,8 +281,10 @@ pub trait ImageObserver: Send + Sync {
 
 impl Drop for ReplicaStore {
     fn drop(&mut self) {
-        if let Some(o) = self.observer.take() {
-            o.closed();
+        for i in &mut self.images {
+            if let Some(o) = i.observer.take() {
+                o.closed();
+            }
         }
     }
 }
@@ -302,9 +292,14 @@ impl Drop for ReplicaStore {
 impl ReplicaStore {
     // ----- accessors -----
 
-    /// Sets (or clears) the observer told before each change of the image.
-    pub fn set_image_observer(&mut self, observer: Option<std::sync::Arc<dyn ImageObserver>>) {
-        self.observer = observer;
+    /// Sets (or clears) the observer told before each change of disk `disk`'s image.
+    pub fn set_image_observer(
+        &mut self,
+        disk: usize,
+        observer: Option<std::sync::Arc<dyn ImageObserver>>,
+    ) -> Result<()> {
+        self.image_mut(disk)?.observer = observer;
+        Ok(())
     }
 
     /// The replica's state.
@@ -331,26 +326,31 @@ impl ReplicaStore {
         (c != 0).then_some(c)
     }
 
-    /// The replica image.
-    pub fn image_path(&self) -> &Path {
-        &self.image_path
+    /// Number of disks in the group.
+    pub fn disks(&self) -> usize {
+        self.images.len()
     }
-    /// The open replica image, for reading it (tests check it after a commit). Writing to it
-    /// behind the store's back voids its guarantees.
-    pub fn image_file(&self) -> &File {
-        &self.image
+    /// Disk `disk`'s replica image (panics if there is no such disk).
+    pub fn image_path(&self, disk: usize) -> &Path {
+        &self.images[disk].path
     }
-    /// Disk size in bytes.
-    pub fn disk_size(&self) -> u64 {
-        self.geo.disk_size()
+    /// Disk `disk`'s open replica image, for reading it (tests check it after a commit).
+    /// Writing to it behind the store's back voids its guarantees. Panics if there is no
+    /// such disk.
+    pub fn image_file(&self, disk: usize) -> &File {
+        &self.images[disk].file
     }
-    /// Chunk size in bytes.
+    /// Disk `disk`'s size in bytes (panics if there is no such disk).
+    pub fn disk_size(&self, disk: usize) -> u64 {
+        self.images[disk].geo.disk_size()
+    }
+    /// Chunk size in bytes (the group's).
     pub fn chunk_size(&self) -> u64 {
-        self.geo.chunk_size()
+        self.chunk_size
     }
-    /// Number of chunks.
-    pub fn nchunks(&self) -> u64 {
-        self.geo.chunks()
+    /// Number of chunks of disk `disk` (panics if there is no such disk).
+    pub fn nchunks(&self, disk: usize) -> u64 {
+        self.images[disk].geo.chunks()
     }
     /// Number of chunks staged for the next commit.
     pub fn staged_chunks(&self) -> u64 {
@@ -379,6 +379,22 @@ impl ReplicaStore {
     }
 
     // ----- internals -----
+
+    /// Disk `disk`'s image, or an error naming the group's size.
+    fn image(&self, disk: usize) -> Result<&image::DiskImage> {
+        self.images.get(disk).ok_or_else(|| self.no_disk(disk))
+    }
+
+    fn image_mut(&mut self, disk: usize) -> Result<&mut image::DiskImage> {
+        let n = self.images.len();
+        self.images
+            .get_mut(disk)
+            .ok_or_else(|| no_such_disk(disk, n))
+    }
+
+    fn no_disk(&self, disk: usize) -> Error {
+        no_such_disk(disk, self.images.len())
+    }
 
     fn check_usable(&self) -> Result<()> {
         if self.poisoned {
@@ -418,9 +434,19 @@ impl ReplicaStore {
         self.live_bytes = 0;
     }
 
+    fn geometries(&self) -> Vec<Geometry> {
+        self.images.iter().map(|i| i.geo).collect()
+    }
+
     fn write_state(&self) -> Result<()> {
         state::write_atomic(&self.dir, &self.st, || {
             self.fault.hit(CrashPoint::MidStateWrite)
         })
     }
+}
+
+fn no_such_disk(disk: usize, n: usize) -> Error {
+    Error::InvalidArgument(format!(
+        "disk {disk} is not in the group (it has {n} disks)"
+    ))
 }

@@ -9,19 +9,21 @@ use super::{space, ChunkData, Error, ReplicaStore, Result, StageOutcome};
 impl ReplicaStore {
     // ----- CG cycles -----
 
-    /// Stage one chunk of CG `cg`: [`stage_extent`](Self::stage_extent) with `count == 1`.
+    /// Stage one chunk of disk 0 for CG `cg`: [`stage_extent`](Self::stage_extent) with
+    /// `count == 1` (a shorthand for one-disk callers and tests).
     pub fn stage_chunk(
         &mut self,
         cg: u64,
         index: u64,
         data: ChunkData<'_>,
     ) -> Result<StageOutcome> {
-        self.stage_extent(cg, index, 1, data)
+        self.stage_extent(0, cg, index, 1, data)
     }
 
-    /// Stage the extent of `count` chunks from chunk `first` of CG `cg` in the journal: one
-    /// record, appended, not synced. The extent must be one the geometry allows
-    /// (`Geometry::extent_len`: inside the disk and inside one extent region), and
+    /// Stage the extent of `count` chunks from chunk `first` of disk `disk` for CG `cg` in
+    /// the journal: one record, appended, not synced. The extent must be one the disk's
+    /// geometry allows (`Geometry::extent_len`: inside the disk and inside one extent
+    /// region), and
     /// [`ChunkData::Bytes`] must hold exactly its bytes.
     ///
     /// Keeps only the newest version per chunk: newest CG wins, for equal CGs the later call
@@ -30,6 +32,7 @@ impl ReplicaStore {
     /// for every chunk of the extent (nothing is written then).
     pub fn stage_extent(
         &mut self,
+        disk: usize,
         cg: u64,
         first: u64,
         count: u64,
@@ -39,12 +42,12 @@ impl ReplicaStore {
         if cg == 0 {
             return Err(Error::InvalidArgument("CG numbers start at 1".into()));
         }
-        self.check_extent(first, count, &data)?;
+        self.check_extent(disk, first, count, &data)?;
         if cg <= self.st.last_committed_cg {
             return Ok(StageOutcome::AlreadyCommitted);
         }
-        // One disk until the store holds a group's (doc/design/multi-disk-groups.md step 4).
-        let key = |pos: u64| ChunkKey::new(0, first + pos);
+        // `check_extent` checked `disk` against the group (at most `MAX_DISKS`, < 256).
+        let key = |pos: u64| ChunkKey::new(disk as u8, first + pos);
         let takes = |s: &Self, pos: u64| s.staged.get(&key(pos)).is_none_or(|e| e.cg <= cg);
         if !(0..count).any(|pos| takes(self, pos)) {
             return Ok(StageOutcome::Superseded);
@@ -69,10 +72,11 @@ impl ReplicaStore {
                 reserve: space::RESERVE,
             });
         }
-        if let Some(o) = &self.observer {
+        let image = &self.images[disk];
+        if let Some(o) = &image.observer {
             // The group will overwrite this range: whoever keeps its old content can start
             // reading it now, while the rest of the group travels.
-            let (off, len) = self.image_range(first, count);
+            let (off, len) = image.range(first, count);
             o.will_write(off, len);
         }
         self.guard(|s| {
@@ -82,11 +86,11 @@ impl ReplicaStore {
             };
             // Fits: checked by check_extent.
             let len = payload.len() as u32;
-            let h = Header::new(rt, s.journal.gen, cg, first, count, len);
+            let h = Header::new(rt, s.journal.gen, cg, first, count, len).on_disk(disk as u8);
             // The record is appended before the index points at it; a crash in between
             // loses only uncommitted data, which recovery drops anyway.
             let off = s.journal.append(h, payload)?;
-            let cs = s.geo.chunk_size();
+            let cs = s.chunk_size;
             for pos in 0..count {
                 if !takes(s, pos) {
                     continue;
@@ -127,10 +131,18 @@ impl ReplicaStore {
         })
     }
 
-    /// Check that `count` chunks from `first` form a valid extent and that `data` fits it.
-    pub(super) fn check_extent(&self, first: u64, count: u64, data: &ChunkData<'_>) -> Result<()> {
-        let Some(len) = self.geo.extent_len(first, count) else {
-            let n = self.geo.chunks();
+    /// Check that `disk` is in the group, that `count` chunks from `first` form a valid
+    /// extent of it and that `data` fits it.
+    pub(super) fn check_extent(
+        &self,
+        disk: usize,
+        first: u64,
+        count: u64,
+        data: &ChunkData<'_>,
+    ) -> Result<()> {
+        let geo = self.image(disk)?.geo;
+        let Some(len) = geo.extent_len(first, count) else {
+            let n = geo.chunks();
             let why = if count == 0 {
                 "it is empty".to_string()
             } else if first >= n || count > n - first {
@@ -138,7 +150,7 @@ impl ReplicaStore {
             } else {
                 format!(
                     "it crosses an extent region boundary (regions of {} chunks)",
-                    self.geo.extent_chunks()
+                    geo.extent_chunks()
                 )
             };
             return Err(Error::InvalidArgument(format!(

@@ -1,4 +1,11 @@
-//! `state.json`: identity of the replica and its replication state, replaced atomically.
+//! `state.json`: identity of the replica group and its replication state, replaced
+//! atomically.
+//!
+//! Format 2 (this release) names every disk of the consistency group, in the group's order:
+//! `{format: 2, chunk_size, mode, last_committed_cg, frozen_at_unix_us, disks: [{uuid, size,
+//! image}]}`. Format 1 (one disk: `disk_uuid`, `disk_size` at the top) is read as a group of
+//! one and rewritten as format 2 at the next state write; an older binary then refuses the
+//! file ("unsupported format 2"), which is safe: it never misreads a group.
 
 use std::fs::{self, OpenOptions};
 use std::io::Write;
@@ -10,33 +17,78 @@ use super::error::{io, Error, Result};
 
 pub const STATE_FILE: &str = "state.json";
 pub const STATE_TMP: &str = "state.json.tmp";
-pub const STATE_FORMAT: u32 = 1;
+pub const STATE_FORMAT: u32 = 2;
 
-/// Persistent mode. `Syncing` does not persist progress (see the module docs).
+/// Persistent mode of the whole group. `Syncing` does not persist progress (see the module
+/// docs of `replica`).
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(rename_all = "snake_case")]
 pub enum Mode {
-    Syncing { total_chunks: u64 },
+    /// `total_chunks` over every disk of the group.
+    Syncing {
+        total_chunks: u64,
+    },
     Consistent,
     Promoted,
+}
+
+/// One disk of the group, as the state file names it.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct DiskEntry {
+    /// Hex, 32 digits.
+    pub uuid: String,
+    pub size: u64,
+    /// The replica image this disk was last opened with (for operators and promotion; the
+    /// uuid, not the path, is what identifies the disk). Absent in a format-1 file.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub image: Option<PathBuf>,
 }
 
 #[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
 pub struct StateFile {
     pub format: u32,
-    /// Hex, 32 digits.
-    pub disk_uuid: String,
-    pub disk_size: u64,
     pub chunk_size: u64,
     pub mode: Mode,
-    /// Last CG made visible in the image (0 = none). With `Consistent` this is the CG the
+    /// Last CG made visible in the images (0 = none). With `Consistent` this is the CG every
     /// image holds; the journal may hold one newer committed CG not yet checkpointed.
     pub last_committed_cg: u64,
     pub frozen_at_unix_us: u64,
+    /// The group's disks, in order: a disk's position is its index in journal records and
+    /// on the link.
+    pub disks: Vec<DiskEntry>,
+}
+
+/// Format 1: one disk.
+#[derive(Deserialize)]
+struct StateFileV1 {
+    disk_uuid: String,
+    disk_size: u64,
+    chunk_size: u64,
+    mode: Mode,
+    last_committed_cg: u64,
+    frozen_at_unix_us: u64,
+}
+
+impl From<StateFileV1> for StateFile {
+    fn from(v1: StateFileV1) -> StateFile {
+        StateFile {
+            format: STATE_FORMAT,
+            chunk_size: v1.chunk_size,
+            mode: v1.mode,
+            last_committed_cg: v1.last_committed_cg,
+            frozen_at_unix_us: v1.frozen_at_unix_us,
+            disks: vec![DiskEntry {
+                uuid: v1.disk_uuid,
+                size: v1.disk_size,
+                image: None,
+            }],
+        }
+    }
 }
 
 pub use super::identity::uuid_hex;
 
+/// Reads `state.json` (None: there is none), in either format.
 pub fn read(dir: &Path) -> Result<Option<StateFile>> {
     let path = dir.join(STATE_FILE);
     let text = match fs::read_to_string(&path) {
@@ -44,15 +96,35 @@ pub fn read(dir: &Path) -> Result<Option<StateFile>> {
         Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Ok(None),
         Err(e) => return Err(io("read", &path)(e)),
     };
-    let st: StateFile = serde_json::from_str(&text).map_err(|e| Error::StateFile {
+    let bad = |detail: String| Error::StateFile {
         path: path.clone(),
-        detail: format!("cannot parse: {e}"),
-    })?;
-    if st.format != STATE_FORMAT {
-        return Err(Error::StateFile {
-            path,
-            detail: format!("unsupported format {}", st.format),
-        });
+        detail,
+    };
+    #[derive(Deserialize)]
+    struct Format {
+        format: u32,
+    }
+    let Format { format } =
+        serde_json::from_str(&text).map_err(|e| bad(format!("cannot parse: {e}")))?;
+    let st: StateFile = match format {
+        1 => serde_json::from_str::<StateFileV1>(&text)
+            .map_err(|e| bad(format!("cannot parse: {e}")))?
+            .into(),
+        STATE_FORMAT => {
+            serde_json::from_str(&text).map_err(|e| bad(format!("cannot parse: {e}")))?
+        }
+        f => {
+            return Err(bad(format!(
+                "unsupported format {f} (this drblk reads 1 and 2)"
+            )))
+        }
+    };
+    if st.disks.is_empty() || st.disks.len() > crate::cg::MAX_DISKS {
+        return Err(bad(format!(
+            "{} disks (a group has 1 to {})",
+            st.disks.len(),
+            crate::cg::MAX_DISKS
+        )));
     }
     Ok(Some(st))
 }

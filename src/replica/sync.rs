@@ -3,7 +3,7 @@
 
 use super::fault::CrashPoint;
 use super::state::Mode;
-use super::{error, ChunkData, Error, ReplicaStore, Result};
+use super::{ChunkData, Error, ReplicaStore, Result};
 
 impl ReplicaStore {
     // ----- initial / re-synchronisation -----
@@ -20,26 +20,34 @@ impl ReplicaStore {
             s.write_state()?;
             s.clear_staged();
             s.journal.reset(0, 0, &s.fault)?;
-            s.sync_done.iter_mut().for_each(|w| *w = 0);
+            s.images.iter_mut().for_each(|i| i.clear_synced());
             s.sync_done_count = 0;
             Ok(())
         })
     }
 
-    /// Write one chunk of the sync set directly into the image (not synced yet).
+    /// Write one chunk of disk 0 of the sync set directly into its image (not synced yet; a
+    /// shorthand for one-disk callers and tests).
     pub fn sync_chunk(&mut self, index: u64, data: &[u8]) -> Result<()> {
-        self.sync_extent(index, 1, ChunkData::Bytes(data))
+        self.sync_extent(0, index, 1, ChunkData::Bytes(data))
     }
 
-    /// Sync a chunk that reads as zeros.
+    /// Sync a chunk of disk 0 that reads as zeros.
     pub fn sync_zero(&mut self, index: u64) -> Result<()> {
-        self.sync_extent(index, 1, ChunkData::Zero)
+        self.sync_extent(0, index, 1, ChunkData::Zero)
     }
 
-    /// Write the extent of `count` chunks from `first` of the sync set directly into the
-    /// image (not synced yet; `finish_sync` fsyncs) and count its chunks as received. The
-    /// extent must be valid (`Geometry::extent_len`) and `Bytes` must hold exactly its bytes.
-    pub fn sync_extent(&mut self, first: u64, count: u64, data: ChunkData<'_>) -> Result<()> {
+    /// Write the extent of `count` chunks from `first` of disk `disk` of the sync set
+    /// directly into its image (not synced yet; `finish_sync` fsyncs) and count its chunks
+    /// as received. The extent must be valid (`Geometry::extent_len`) and `Bytes` must hold
+    /// exactly its bytes.
+    pub fn sync_extent(
+        &mut self,
+        disk: usize,
+        first: u64,
+        count: u64,
+        data: ChunkData<'_>,
+    ) -> Result<()> {
         self.check_usable()?;
         if !matches!(self.st.mode, Mode::Syncing { .. }) {
             return Err(Error::InvalidState(format!(
@@ -47,26 +55,22 @@ impl ReplicaStore {
                 self.state()
             )));
         }
-        self.check_extent(first, count, &data)?;
-        if let Some(o) = &self.observer {
-            let (off, len) = self.image_range(first, count);
+        self.check_extent(disk, first, count, &data)?;
+        let image = &self.images[disk];
+        if let Some(o) = &image.observer {
+            let (off, len) = image.range(first, count);
             o.before_write(off, len);
         }
         self.guard(|s| {
-            s.write_image(first, count, data)?;
-            for index in first..first + count {
-                let (w, b) = ((index / 64) as usize, 1u64 << (index % 64));
-                if s.sync_done[w] & b == 0 {
-                    s.sync_done[w] |= b;
-                    s.sync_done_count += 1;
-                }
-            }
+            let image = &mut s.images[disk];
+            image.write(first, count, data)?;
+            s.sync_done_count += image.mark_synced(first, count);
             s.fault.hit(CrashPoint::AfterSyncChunk)
         })
     }
 
-    /// End the sync: the image now holds CG `cg` (the sync set was formed as that CG).
-    /// Fsyncs the image, then records `Consistent { cg }` durably.
+    /// End the sync: every image now holds CG `cg` (the sync set was formed as that CG).
+    /// Fsyncs the images, then records `Consistent { cg }` durably.
     pub fn finish_sync(&mut self, cg: u64, frozen_at_unix_us: u64) -> Result<()> {
         self.check_usable()?;
         if !matches!(self.st.mode, Mode::Syncing { .. }) {
@@ -79,10 +83,10 @@ impl ReplicaStore {
             return Err(Error::InvalidArgument("CG numbers start at 1".into()));
         }
         self.guard(|s| {
-            s.image
-                .sync_all()
-                .map_err(error::io("fsync", &s.image_path))?;
-            s.drop_image_cache();
+            s.sync_images()?;
+            for image in &s.images {
+                image.drop_cache();
+            }
             s.fault.hit(CrashPoint::BeforeFinishSyncState)?;
             s.st.mode = Mode::Consistent;
             s.st.last_committed_cg = cg;

@@ -43,7 +43,8 @@ pub(super) fn open_with(
     d: &Dirs,
     policy: CheckpointPolicy,
 ) -> Result<(ReplicaStore, RecoveryReport)> {
-    let (mut s, rep) = ReplicaStore::open(&d.image, &d.state, DISK, CHUNK, UUID)?;
+    let (mut s, rep) =
+        ReplicaStore::open(&GroupSpec::single(&d.image, DISK, CHUNK, UUID), &d.state)?;
     s.set_checkpoint_policy(policy);
     Ok((s, rep))
 }
@@ -373,43 +374,43 @@ fn identity_mismatch_and_lock() {
     let (s, _) = synced(&d);
     assert!(matches!(open(&d), Err(Error::Locked(_))));
     drop(s);
-    let e = ReplicaStore::open(&d.image, &d.state, DISK, CHUNK, *b"fedcba9876543210")
-        .err()
-        .unwrap();
+    let e = ReplicaStore::open(
+        &GroupSpec::single(&d.image, DISK, CHUNK, *b"fedcba9876543210"),
+        &d.state,
+    )
+    .err()
+    .unwrap();
     assert!(
         matches!(
             e,
-            Error::IdentityMismatch {
-                field: "disk uuid",
-                ..
-            }
+            Error::IdentityMismatch { ref field, .. } if field == "disk uuid"
         ),
         "{e}"
     );
     eprintln!("{e}");
-    let e = ReplicaStore::open(&d.image, &d.state, DISK + 512, CHUNK, UUID)
-        .err()
-        .unwrap();
+    let e = ReplicaStore::open(
+        &GroupSpec::single(&d.image, DISK + 512, CHUNK, UUID),
+        &d.state,
+    )
+    .err()
+    .unwrap();
     assert!(
         matches!(
             e,
-            Error::IdentityMismatch {
-                field: "disk size",
-                ..
-            }
+            Error::IdentityMismatch { ref field, .. } if field == "disk size"
         ),
         "{e}"
     );
-    let e = ReplicaStore::open(&d.image, &d.state, DISK, CHUNK * 2, UUID)
-        .err()
-        .unwrap();
+    let e = ReplicaStore::open(
+        &GroupSpec::single(&d.image, DISK, CHUNK * 2, UUID),
+        &d.state,
+    )
+    .err()
+    .unwrap();
     assert!(
         matches!(
             e,
-            Error::IdentityMismatch {
-                field: "chunk size",
-                ..
-            }
+            Error::IdentityMismatch { ref field, .. } if field == "chunk size"
         ),
         "{e}"
     );

@@ -96,14 +96,9 @@ impl LocalReplica {
     /// and discards anything staged and not committed.
     fn reopen(&mut self) -> io::Result<()> {
         self.store = None;
-        let (store, report) = ReplicaStore::open(
-            &self.image,
-            &self.state_dir,
-            self.size,
-            self.chunk_size,
-            self.disk_uuid,
-        )
-        .map_err(store_error)?;
+        let spec =
+            replica::GroupSpec::single(&self.image, self.size, self.chunk_size, self.disk_uuid);
+        let (store, report) = ReplicaStore::open(&spec, &self.state_dir).map_err(store_error)?;
         if store.state() == ReplicaState::Promoted {
             return Err(io::Error::other(format!(
                 "the replica {} was promoted to a primary disk; it accepts no replication",
@@ -164,9 +159,9 @@ impl ChunkSink for LocalReplica {
                 ChunkData::Bytes(data)
             };
             if let ReplicaState::Syncing { .. } = s.state() {
-                s.sync_extent(ext.first, ext.count, d)
+                s.sync_extent(0, ext.first, ext.count, d)
             } else {
-                s.stage_extent(ext.cg, ext.first, ext.count, d).map(drop)
+                s.stage_extent(0, ext.cg, ext.first, ext.count, d).map(drop)
             }
         })
     }
@@ -179,7 +174,7 @@ impl ChunkSink for LocalReplica {
             _ => s.commit(cg, us),
         })?;
         if let (Some(f), Some(s)) = (self.on_commit.as_mut(), self.store.as_ref()) {
-            f(cg, s.image_file());
+            f(cg, s.image_file(0));
         }
         Ok(())
     }

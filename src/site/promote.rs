@@ -127,7 +127,7 @@ pub fn promote_offline(image: &Path, state_dir: &Path, force: bool) -> anyhow::R
         }
         _ => {}
     }
-    let info = crate::replica::stored_identity(state_dir)?.with_context(|| {
+    let group = crate::replica::stored_group(state_dir)?.with_context(|| {
         format!(
             "{} holds no replica (no state.json): {} is not a replica kept by `drblk secondary` \
              with this state directory (pass the one it used with --state-dir)",
@@ -135,14 +135,10 @@ pub fn promote_offline(image: &Path, state_dir: &Path, force: bool) -> anyhow::R
             image.display()
         )
     })?;
-    let (mut store, report) = ReplicaStore::open(
-        image,
-        state_dir,
-        info.disk_size,
-        info.chunk_size,
-        info.uuid,
-    )
-    .map_err(|e| match e {
+    let spec = group
+        .spec(&[image.to_path_buf()])
+        .context("promoting a group of several disks is not supported yet")?;
+    let (mut store, report) = ReplicaStore::open(&spec, state_dir).map_err(|e| match e {
         StoreError::Locked(dir) => anyhow::anyhow!(
             "the replica in {} is in use (a running `drblk secondary`, or another promote): \
              promote it through that secondary's control socket (`drblk ctl --control PATH promote`), or stop it first",
@@ -156,7 +152,7 @@ pub fn promote_offline(image: &Path, state_dir: &Path, force: bool) -> anyhow::R
     crate::drill::remove_stale(&drills, true)
         .with_context(|| format!("removing an old drill in {}", drills.display()))?;
     tracing::info!(?report, state = ?store.state(), "replica recovered for promotion");
-    promote_store(&mut store, image, info.uuid, lineage, force)
+    promote_store(&mut store, image, group.disks[0].uuid, lineage, force)
 }
 
 /// Promotes an open replica store whose image is `image` (see the module docs for the
@@ -168,7 +164,7 @@ pub fn promote_store(
     lineage: Option<Lineage>,
     force: bool,
 ) -> anyhow::Result<Promotion> {
-    let geometry = (store.disk_size(), store.chunk_size());
+    let geometry = (store.disk_size(0), store.chunk_size());
     let (cg, frozen_at_unix_us, inconsistent) = match store.state() {
         ReplicaState::Promoted => {
             let cg = store.last_committed_cg().unwrap_or(0);

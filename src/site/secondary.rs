@@ -21,7 +21,7 @@ use crate::link::{
     ReplicaSink, ServerConfig, SiteIdentity, PROTOCOL_VERSION,
 };
 use crate::replica::identity::uuid_hex;
-use crate::replica::{ChunkData, Error as StoreError, ReplicaState, ReplicaStore};
+use crate::replica::{ChunkData, Error as StoreError, GroupSpec, ReplicaState, ReplicaStore};
 use crate::site::promote::{promote_store, Promotion};
 use crate::site::rejoin::Target;
 
@@ -118,16 +118,11 @@ impl StoreSink {
 
     /// Opens an existing replica now (a restarted secondary reports its state at once).
     pub fn open_existing(&self) -> anyhow::Result<()> {
-        let Some(info) = crate::replica::stored_identity(&self.paths.state_dir)? else {
+        let Some(group) = crate::replica::stored_group(&self.paths.state_dir)? else {
             return Ok(());
         };
-        let (store, report) = ReplicaStore::open(
-            &self.paths.image,
-            &self.paths.state_dir,
-            info.disk_size,
-            info.chunk_size,
-            info.uuid,
-        )?;
+        let spec = group.spec(std::slice::from_ref(&self.paths.image))?;
+        let (store, report) = ReplicaStore::open(&spec, &self.paths.state_dir)?;
         tracing::info!(?report, state = ?store.state(), "replica recovered");
         *self.store.lock().expect("store lock") = Some(store);
         Ok(())
@@ -215,15 +210,9 @@ impl StoreSink {
             let disk = hello
                 .single_disk()
                 .ok_or("the Hello announces no single disk")?;
-            let (s, _) = ReplicaStore::adopt(
-                image,
-                &self.paths.state_dir,
-                disk.size,
-                u64::from(hello.chunk_size),
-                disk.uuid,
-                cg,
-            )
-            .map_err(|e| format!("cannot take {} in as a replica: {e}", image.display()))?;
+            let spec = GroupSpec::single(image, disk.size, u64::from(hello.chunk_size), disk.uuid);
+            let (s, _) = ReplicaStore::adopt(&spec, &self.paths.state_dir, cg)
+                .map_err(|e| format!("cannot take {} in as a replica: {e}", image.display()))?;
             tracing::info!(disk = %image.display(), cg, "disk taken in as a replica, consistent at CG {cg}");
             *store = Some(s);
         }
@@ -314,10 +303,16 @@ impl StoreSink {
         let store = g
             .as_mut()
             .context("no replica here yet: no primary ever connected")?;
-        let info = crate::replica::stored_identity(&self.paths.state_dir)?
+        let group = crate::replica::stored_group(&self.paths.state_dir)?
             .context("the replica's state.json is gone")?;
         let lineage = Lineage::load(&self.paths.image)?;
-        let p = promote_store(store, &self.paths.image, info.uuid, lineage, force)?;
+        let p = promote_store(
+            store,
+            &self.paths.image,
+            group.disks[0].uuid,
+            lineage,
+            force,
+        )?;
         self.promoted_here
             .store(true, std::sync::atomic::Ordering::SeqCst);
         Ok(p)
@@ -477,13 +472,13 @@ impl ReplicaSink for StoreSink {
                     return Err(RejectReason::Other(format!("{e:#}")));
                 }
             }
-            match ReplicaStore::open(
+            let spec = GroupSpec::single(
                 &self.paths.image,
-                &self.paths.state_dir,
                 disk.size,
                 u64::from(hello.chunk_size),
                 disk.uuid,
-            ) {
+            );
+            match ReplicaStore::open(&spec, &self.paths.state_dir) {
                 Ok((store, report)) => {
                     tracing::info!(?report, state = ?store.state(), disk = %uuid_hex(&disk.uuid), "replica opened");
                     *g = Some(store);
@@ -561,9 +556,9 @@ impl ReplicaSink for StoreSink {
                 WireChunk::Zero { .. } => 0,
             };
             if let ReplicaState::Syncing { .. } = s.state() {
-                s.sync_extent(first, count, d)?;
+                s.sync_extent(0, first, count, d)?;
             } else {
-                s.stage_extent(cg, first, count, d)?;
+                s.stage_extent(0, cg, first, count, d)?;
                 self.counters.staged_bytes.fetch_add(bytes, Relaxed);
             }
             self.counters.received_bytes.fetch_add(bytes, Relaxed);
@@ -647,7 +642,7 @@ impl ReplicaSink for StoreSink {
         let g = self.store.lock().expect("store lock");
         let store = g.as_ref().context("no replica open")?;
         // While syncing, the image as it is (the primary ships what differs).
-        Ok(store.checksums(first, count)?)
+        Ok(store.checksums(0, first, count)?)
     }
 
     fn status(&self) -> (ReplicaState, Option<u64>) {

@@ -96,7 +96,8 @@ impl StoreSink {
         // let a read see a later group.
         drill.view().end(reason);
         if let Some(s) = self.store.lock().expect("store lock").as_mut() {
-            s.set_image_observer(None);
+            // Disk 0: drills run on one-disk replicas (`Drill::start`).
+            let _ = s.set_image_observer(0, None);
         }
         drill.stop(reason)
     }

@@ -1,0 +1,193 @@
+//! One replica image of the group: its file, geometry, background writeback, observer and
+//! the chunks a sync has written into it. The store writes every image only through here.
+
+use std::fs::{File, OpenOptions};
+use std::io::{Seek, SeekFrom};
+use std::os::unix::fs::FileExt;
+use std::path::{Path, PathBuf};
+use std::sync::Arc;
+
+use super::flush::{ImageFlusher, Touched};
+use super::journal::Geometry;
+use super::{error, ChunkData, Error, ImageObserver, Result};
+
+pub(super) struct DiskImage {
+    pub path: PathBuf,
+    pub file: File,
+    is_file: bool,
+    pub geo: Geometry,
+    /// Background writeback (None if its thread could not start).
+    flusher: Option<ImageFlusher>,
+    /// Told before each change of this image (a running drill, `crate::drill`).
+    pub observer: Option<Arc<dyn ImageObserver>>,
+    /// Chunks written by the current sync, one bit each.
+    sync_done: Vec<u64>,
+}
+
+impl DiskImage {
+    /// Opens (with `create`: creates and sizes) the image of a disk of `geo`, locks it
+    /// against other drblk processes and gives it every block (`preallocate_image`).
+    pub fn open(path: &Path, geo: Geometry, create: bool) -> Result<DiskImage> {
+        let disk_size = geo.disk_size();
+        let mut file = OpenOptions::new()
+            .read(true)
+            .write(true)
+            .create(create)
+            .truncate(false)
+            .open(path)
+            .map_err(error::io("open image", path))?;
+        if !crate::sys::file::lock_retrying(&file, true).map_err(error::io("flock", path))? {
+            return Err(Error::InvalidArgument(format!(
+                "image {} is in use by another drblk process (a `drblk serve` on it?): stop it first",
+                path.display()
+            )));
+        }
+        let is_file = file.metadata().map_err(error::io("stat", path))?.is_file();
+        // Works for block devices too (their st_size is 0).
+        let size = file
+            .seek(SeekFrom::End(0))
+            .map_err(error::io("seek", path))?;
+        if size < disk_size {
+            if create && is_file {
+                file.set_len(disk_size)
+                    .map_err(error::io("extend image", path))?;
+                file.sync_all().map_err(error::io("fsync", path))?;
+            } else {
+                return Err(Error::InvalidArgument(format!(
+                    "image {} is {size} bytes, smaller than the disk ({disk_size})",
+                    path.display()
+                )));
+            }
+        }
+        if is_file {
+            preallocate_image(&file, path, disk_size)?;
+        }
+        let flusher = match ImageFlusher::start(&file, disk_size, path) {
+            Ok(f) => Some(f),
+            Err(e) => {
+                // Only slower: each checkpoint then writes back everything applied since.
+                tracing::warn!(image = %path.display(), error = %e, "no background writeback of the replica image");
+                None
+            }
+        };
+        Ok(DiskImage {
+            path: path.to_path_buf(),
+            file,
+            is_file,
+            geo,
+            flusher,
+            observer: None,
+            sync_done: vec![0; geo.chunks().div_ceil(64) as usize],
+        })
+    }
+
+    /// The byte offset and length of `count` chunks from `first` (contiguous, inside the
+    /// disk).
+    pub fn range(&self, first: u64, count: u64) -> (u64, u64) {
+        let off = self.geo.chunk_offset(first);
+        let last = first + count - 1;
+        let end = self.geo.chunk_offset(last) + self.geo.chunk_len(last).unwrap_or(0) as u64;
+        (off, end - off)
+    }
+
+    /// Write `count` chunks from `first` (contiguous, inside the disk). The caller has told
+    /// the observer (once per group in `apply_committed`, per extent in `sync_extent`).
+    pub fn write(&self, first: u64, count: u64, data: ChunkData<'_>) -> Result<()> {
+        let (off, len) = self.range(first, count);
+        match data {
+            ChunkData::Bytes(b) => {
+                debug_assert_eq!(b.len() as u64, len);
+                self.file
+                    .write_all_at(b, off)
+                    .map_err(error::io("write image", &self.path))
+            }
+            ChunkData::Zero => {
+                if self.is_file {
+                    // Not a hole punch: the image keeps every block it was given at open,
+                    // so applying a committed group never needs new space (module doc).
+                    return crate::sys::file::zero_range_keep_allocated(&self.file, off, len)
+                        .map_err(error::io("zero range in image", &self.path));
+                }
+                let zeros = vec![0u8; len as usize];
+                self.file
+                    .write_all_at(&zeros, off)
+                    .map_err(error::io("write image", &self.path))
+            }
+        }
+    }
+
+    /// fsync the image.
+    pub fn sync(&self) -> Result<()> {
+        self.file.sync_all().map_err(error::io("fsync", &self.path))
+    }
+
+    /// Hands the windows an apply wrote to the background writeback.
+    pub fn kick(&self, touched: Touched) {
+        if let Some(f) = &self.flusher {
+            f.kick(touched);
+        }
+    }
+
+    /// Drop the image's (now clean) pages from the page cache. The secondary never reads
+    /// its images in the cycle, and pages cached from large writes (the initial copy's
+    /// 1 MiB extents) sit in large folios, which make each later 4 KiB write and its
+    /// write-back walk the whole folio (several times slower). Best effort.
+    pub fn drop_cache(&self) {
+        if let Err(e) = crate::sys::file::drop_clean_cache(&self.file) {
+            tracing::debug!(image = %self.path.display(), error = %e, "could not drop the image's cached pages");
+        }
+    }
+
+    /// Counts chunks `first..first + count` as written by the sync; returns how many were
+    /// not yet.
+    pub fn mark_synced(&mut self, first: u64, count: u64) -> u64 {
+        let mut new = 0;
+        for index in first..first + count {
+            let (w, b) = ((index / 64) as usize, 1u64 << (index % 64));
+            if self.sync_done[w] & b == 0 {
+                self.sync_done[w] |= b;
+                new += 1;
+            }
+        }
+        new
+    }
+
+    /// Forgets what a sync wrote (a new sync begins).
+    pub fn clear_synced(&mut self) {
+        self.sync_done.iter_mut().for_each(|w| *w = 0);
+    }
+}
+
+/// Gives the image file every block of the disk. Why: a group whose commit record is
+/// written must always be applicable — an apply that stopped half-way for want of space
+/// leaves an image no state file describes, and every replay stops at the same place. With
+/// all blocks allocated, applying writes only into them (zeroes included: see
+/// `DiskImage::write`), so on ext4 and xfs a full filesystem stops replication in the
+/// journal, before the commit record, where the group fails cleanly and is retried. Not on a
+/// copy-on-write filesystem (btrfs, ZFS: overwrites need new blocks) or one that cannot
+/// preallocate: there a full filesystem stops the apply, and the journal's replay applies
+/// the group once space returns. Cheap when the file is already allocated (the
+/// usual reopen); on ext4 and xfs a new image gets "unwritten" extents, not zeroes written.
+/// The cost is thin provisioning: the replica takes the disk's full size at once.
+fn preallocate_image(f: &File, image: &Path, size: u64) -> Result<()> {
+    let before = crate::sys::file::allocated_bytes(f).unwrap_or(0);
+    match crate::sys::file::preallocate(f, size) {
+        Ok(true) => {
+            if before < size {
+                tracing::info!(image = %image.display(), size, "replica image allocated in full");
+            }
+            Ok(())
+        }
+        Ok(false) => {
+            tracing::warn!(image = %image.display(), "this filesystem cannot preallocate the replica image: if it fills up, applying a committed group stops until space is added (the journal keeps the group; it is applied then)");
+            Ok(())
+        }
+        Err(e) if e.raw_os_error() == Some(libc::ENOSPC) => Err(Error::NoSpaceForImage {
+            path: image.to_path_buf(),
+            size,
+            allocated: crate::sys::file::allocated_bytes(f).unwrap_or(0),
+            free: crate::sys::file::free_bytes(image).unwrap_or(0),
+        }),
+        Err(e) => Err(error::io("allocate", image)(e)),
+    }
+}
