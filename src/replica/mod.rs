@@ -1,12 +1,19 @@
-//! The secondary's durable replica store (DESIGN.md §3): the replica image, a staging
-//! journal and a state file, crash-safe.
+//! The secondary's durable replica store (DESIGN.md §3): the replica images of a
+//! consistency group, one staging journal and one state file, crash-safe.
+//!
+//! A store holds the images of every disk of its group ([`GroupSpec`], in the group's
+//! order; a single disk is a group of one). Every structure below is the group's: one
+//! journal whose records name their disk, one commit record per group, one `state.json`.
+//! So a group's parts on all disks become durable together, with the one fsynced commit
+//! record, and recovery brings every image to the same group.
 //!
 //! # Files (in the state directory)
-//! - `state.json` — identity (disk uuid, size, chunk size) and state (syncing / consistent
-//!   at CG n / promoted), replaced atomically (temp + fsync + rename + fsync dir).
+//! - `state.json` — the group's identity (each disk's uuid and size, in order, and the
+//!   image it was opened with; the chunk size) and state (syncing / consistent at CG n /
+//!   promoted), replaced atomically (temp + fsync + rename + fsync dir). Format in `state.rs`.
 //! - `journal` — staging journal of checksummed records (format in [`format`]).
 //! - `lock` — `flock`ed while a [`ReplicaStore`] is open (one opener per replica).
-//! - The image is a separate path (a file, or a block device).
+//! - The images are separate paths (files, or block devices).
 //!
 //! # Life of a CG
 //! `stage_extent` appends one data (or zero) record for an extent — `count` contiguous
@@ -26,7 +33,7 @@
 //!    it durable ([`ReplicaStore::apply_committed`]);
 //! 4. at a *checkpoint* (the journal past [`CheckpointPolicy::max_journal_bytes`], default
 //!    256 MiB, or [`CheckpointPolicy::max_interval`], default 10 s, since the last one; and
-//!    before anything resets or compacts the journal) fsyncs the image, writes `state.json`
+//!    before anything resets or compacts the journal) fsyncs every image, writes `state.json`
 //!    (consistent at the last committed CG), and resets the journal to a single checkpoint
 //!    record (truncate + write + fdatasync). A background thread (`flush.rs`) writes the
 //!    image back between checkpoints, so a checkpoint's fsync finds little to do.
@@ -72,7 +79,7 @@
 //! | `AfterStage`, `MidCompaction` | previous CG; staged data dropped |
 //! | `BeforeCommitRecord`, `TornCommitRecord` | previous CG (torn record = end of journal) |
 //! | `AfterCommitRecordWrite` | this CG (process crash: the bytes are in the page cache; on power loss it could be either) |
-//! | `AfterCommitDurable`, `MidApply(k)`, `BeforeImageSync` | this CG, re-applied from the journal (with every CG since the last checkpoint) |
+//! | `AfterCommitDurable`, `MidApply(k)`, `BeforeImageSync`, `BetweenImageSyncs(k)` | this CG on every disk, re-applied from the journal (with every CG since the last checkpoint) |
 //! | `MidStateWrite` | this CG (from the journal; the stale `state.json.tmp` is removed) |
 //! | `BeforeJournalReset`, `MidJournalReset` | this CG (state says so; replay is idempotent) |
 //! | a crash between checkpoints | the last committed CG, re-applied from the journal |
@@ -112,6 +119,8 @@ mod extent_tests;
 mod fault;
 mod flush;
 mod format;
+#[cfg(test)]
+mod group_tests;
 pub mod identity;
 mod image;
 pub use checksum::chunk_crcs;
