@@ -100,12 +100,10 @@ pub struct DiskInfo {
 
 impl DiskInfo {
     /// Checks a primary's `Hello` against this (the secondary's) disk; the error is the
-    /// `Reject` to send. Intended for [`ReplicaSink::hello`] implementations.
-    /// The link server has checked that the `Hello` announces one disk.
+    /// `Reject` to send. Intended for [`ReplicaSink::hello`] implementations that keep one
+    /// disk: a `Hello` of a group of several is refused with what to do.
     pub fn check(&self, hello: &Hello) -> Result<(), RejectReason> {
-        let Some(theirs) = hello.disks.first() else {
-            return Err(RejectReason::Other("the Hello announces no disk".into()));
-        };
+        let theirs = hello.single_disk()?;
         if theirs.uuid != self.uuid {
             return Err(RejectReason::DiskUuidMismatch {
                 disk: 0,

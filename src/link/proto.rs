@@ -140,11 +140,17 @@ pub struct Hello {
 }
 
 impl Hello {
-    /// The disk, when the group announced has exactly one (all a secondary serves today).
-    pub fn single_disk(&self) -> Option<DiskDesc> {
+    /// The disk, when the group announced has exactly one; otherwise the refusal of a
+    /// secondary that serves one disk, saying what to do.
+    pub fn single_disk(&self) -> Result<DiskDesc, RejectReason> {
         match self.disks[..] {
-            [d] => Some(d),
-            _ => None,
+            [d] => Ok(d),
+            [] => Err(RejectReason::Other("the Hello announces no disk".into())),
+            _ => Err(RejectReason::Other(format!(
+                "the primary replicates a group of {} disks; this secondary serves one disk: \
+                 run one secondary per disk, or start the primary with one disk",
+                self.disks.len()
+            ))),
         }
     }
 }

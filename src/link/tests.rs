@@ -45,8 +45,9 @@ pub(super) struct MemState {
     pub(super) progress: Option<(u64, u64)>,
 }
 
+/// A secondary in memory. Chunks are keyed by `disk << 56 | chunk` (disk 0: the chunk).
 pub(super) struct MemSink {
-    disk: DiskInfo,
+    disks: Vec<DiskInfo>,
     commit_delay: Duration,
     discard: bool,
     st: Mutex<MemState>,
@@ -54,8 +55,11 @@ pub(super) struct MemSink {
 
 impl MemSink {
     pub(super) fn new(disk: DiskInfo) -> Arc<MemSink> {
+        Self::group(vec![disk])
+    }
+    pub(super) fn group(disks: Vec<DiskInfo>) -> Arc<MemSink> {
         Arc::new(MemSink {
-            disk,
+            disks,
             commit_delay: Duration::ZERO,
             discard: false,
             st: Mutex::new(MemState::default()),
@@ -69,14 +73,26 @@ impl MemSink {
 impl ReplicaSink for MemSink {
     fn hello(&self, hello: &Hello, _peer: &PeerInfo) -> Result<HelloAck, RejectReason> {
         self.st().hellos += 1;
-        self.disk.check(hello)?;
+        if let [one] = &self.disks[..] {
+            one.check(hello)?;
+        } else {
+            let theirs: Vec<_> = hello.disks.iter().map(|d| (d.uuid, d.size)).collect();
+            let ours: Vec<_> = self.disks.iter().map(|d| (d.uuid, d.size)).collect();
+            if theirs != ours {
+                return Err(RejectReason::Other("another group".into()));
+            }
+        }
         let last = self.st().last;
         Ok(HelloAck {
-            disks: vec![DiskAck {
-                state: DiskState::Member,
-                resync_also: Vec::new(),
-                compare_first: false,
-            }],
+            disks: self
+                .disks
+                .iter()
+                .map(|_| DiskAck {
+                    state: DiskState::Member,
+                    resync_also: Vec::new(),
+                    compare_first: false,
+                })
+                .collect(),
             protocol_version: PROTOCOL_VERSION,
             last_committed_cg: last,
             state: match last {
@@ -92,7 +108,14 @@ impl ReplicaSink for MemSink {
             site: "secondary".into(),
         })
     }
-    fn extent(&self, _cg: u64, first: u64, count: u64, data: ChunkData<'_>) -> anyhow::Result<()> {
+    fn extent(
+        &self,
+        disk: u16,
+        _cg: u64,
+        first: u64,
+        count: u64,
+        data: ChunkData<'_>,
+    ) -> anyhow::Result<()> {
         if self.discard {
             return Ok(());
         }
@@ -102,9 +125,10 @@ impl ReplicaSink for MemSink {
         };
         // Kept per chunk, as the replica store does.
         let _ = count;
-        let cs = self.disk.chunk_size as usize;
+        let cs = self.disks[0].chunk_size as usize;
         for (k, part) in v.chunks(cs).enumerate() {
-            self.st().staged.insert(first + k as u64, part.to_vec());
+            let key = u64::from(disk) << 56 | (first + k as u64);
+            self.st().staged.insert(key, part.to_vec());
         }
         Ok(())
     }
@@ -275,6 +299,62 @@ fn handshake_status_commit() {
         "only c3's chunk"
     );
     drop(st);
+    srv.shutdown();
+}
+
+#[test]
+fn a_group_of_two_disks_travels_on_one_connection() {
+    let dir = tempfile::tempdir().unwrap();
+    make_certs(dir.path());
+    let second = DiskInfo {
+        uuid: [9; 16],
+        size: 8 * CHUNK as u64 + 512,
+        chunk_size: CHUNK,
+    };
+    let sink = MemSink::group(vec![DISK, second]);
+    let srv = start_server(dir.path(), sink.clone());
+    let mut cfg = client_cfg(dir.path(), srv.local_addr().unwrap(), DISK);
+    cfg.disks = vec![DISK, second];
+    let c = LinkClient::connect(cfg.clone()).unwrap();
+    assert_eq!(c.hello_ack().disks.len(), 2);
+    // Chunk 3 of each disk, with different contents; disk 1's last chunk is short.
+    c.send_extent(0, 1, 3, 1, &pattern(3, 1, CHUNK as usize))
+        .unwrap();
+    c.send_extent(1, 1, 3, 1, &pattern(3, 2, CHUNK as usize))
+        .unwrap();
+    c.send_extent(1, 1, 8, 1, &pattern(8, 2, 512)).unwrap();
+    c.send_zero_extent(1, 1, 4, 2).unwrap();
+    // Checked against the disk's own geometry: disk 1 has 9 chunks, there is no disk 2.
+    for (disk, first) in [(1, 9), (2, 0)] {
+        let r = c.send_extent(disk, 1, first, 1, &pattern(0, 0, CHUNK as usize));
+        assert!(matches!(r, Err(LinkError::InvalidArgument(_))), "{r:?}");
+    }
+    c.commit(1, 0).unwrap();
+    {
+        let st = sink.st();
+        let key = |disk: u64, chunk: u64| disk << 56 | chunk;
+        assert_eq!(st.image[&key(0, 3)], pattern(3, 1, CHUNK as usize));
+        assert_eq!(st.image[&key(1, 3)], pattern(3, 2, CHUNK as usize));
+        assert_eq!(st.image[&key(1, 8)], pattern(8, 2, 512));
+        assert_eq!(st.image[&key(1, 5)], vec![0; CHUNK as usize]);
+        assert_eq!(st.image.len(), 5);
+    }
+    c.close();
+    // The group must be the same: a primary of disk 0 alone is refused by this sink.
+    let one = client_cfg(dir.path(), srv.local_addr().unwrap(), DISK);
+    wait_for("the first session to end", Duration::from_secs(60), || {
+        sink.st().disconnects == 1
+    });
+    assert!(matches!(
+        LinkClient::connect(one),
+        Err(LinkError::Rejected(_))
+    ));
+    // A group whose disks disagree on the chunk size is refused before any connection.
+    cfg.disks[1].chunk_size = 2 * CHUNK;
+    assert!(matches!(
+        LinkClient::connect(cfg),
+        Err(LinkError::InvalidArgument(_))
+    ));
     srv.shutdown();
 }
 
@@ -674,7 +754,7 @@ fn impaired_link_delivers_complete_cgs() {
     let dir = tempfile::tempdir().unwrap();
     make_certs(dir.path());
     let sink = Arc::new(MemSink {
-        disk: DISK,
+        disks: vec![DISK],
         commit_delay: Duration::from_millis(300),
         discard: false,
         st: Mutex::default(),
@@ -811,7 +891,7 @@ fn throughput_loopback() {
         chunk_size: CHUNK,
     };
     let sink = Arc::new(MemSink {
-        disk,
+        disks: vec![disk],
         commit_delay: Duration::ZERO,
         discard: true,
         st: Mutex::default(),

@@ -82,7 +82,8 @@ pub fn compare(
         ours.clear();
         chunk_crcs(&buf, chunk, &mut ours);
         let theirs = client
-            .checksums(i, n)
+            // A replicator ships a group of one disk (`Replicator::new`).
+            .checksums(0, i, n)
             .map_err(|e| io::Error::other(format!("checksums from the secondary: {e}")))?;
         for k in 0..n as usize {
             let dirty = (before[k / 64] | after[k / 64]) >> (k % 64) & 1 == 1;

@@ -169,7 +169,7 @@ pub struct Replicator {
 impl Replicator {
     /// A replicator for `group`, connecting with `cfg` (the first connection is made by the
     /// cycle before its first group; failures are retried with backoff). The link describes
-    /// one disk (`cfg.disk`): the group must have exactly one.
+    /// one disk (`cfg.disks`): the group must have exactly one.
     pub fn new(cfg: ClientConfig, group: Arc<Group>) -> Self {
         assert_eq!(
             group.disks(),
@@ -369,11 +369,12 @@ impl Replicator {
         if !disk_ack.resync_also.is_empty() {
             // An old primary rejoining: its own writes since the groups we share are shipped
             // on top of ours (the secondary keeps asking until a group commits).
-            let chunk = u64::from(self.cfg.disk.chunk_size);
-            let last_chunk = self.cfg.disk.size.div_ceil(chunk).saturating_sub(1);
+            let disk = &self.cfg.disks[0];
+            let chunk = u64::from(disk.chunk_size);
+            let last_chunk = disk.size.div_ceil(chunk).saturating_sub(1);
             let mut marked = 0u64;
             for &(off, len) in &disk_ack.resync_also {
-                if len == 0 || off >= self.cfg.disk.size {
+                if len == 0 || off >= disk.size {
                     continue;
                 }
                 let (a, b) = (off / chunk, ((off + len - 1) / chunk).min(last_chunk));
@@ -475,7 +476,7 @@ impl ChunkSink for Replicator {
         debug_assert_eq!(ext.disk, 0, "a group of one disk (see `new`)");
         let r = self
             .client()?
-            .send_extent(ext.cg, ext.first, ext.count, data);
+            .send_extent(ext.disk, ext.cg, ext.first, ext.count, data);
         // The byte counts are brought up to date at each commit, and during long drains
         // every 1024 extents (reading them takes the connection's lock).
         self.unaccounted += 1;

@@ -207,9 +207,7 @@ impl StoreSink {
         if let Some(cg) = adopt_at {
             // Releases the state directory's lock (a promoted store left open).
             *store = None;
-            let disk = hello
-                .single_disk()
-                .ok_or("the Hello announces no single disk")?;
+            let disk = hello.single_disk().map_err(|r| r.to_string())?;
             let spec = GroupSpec::single(image, disk.size, u64::from(hello.chunk_size), disk.uuid);
             let (s, _) = ReplicaStore::adopt(&spec, &self.paths.state_dir, cg)
                 .map_err(|e| format!("cannot take {} in as a replica: {e}", image.display()))?;
@@ -449,10 +447,7 @@ static IMAGE_FAILURES: crate::sys::log_limit::LogLimiter =
 
 impl ReplicaSink for StoreSink {
     fn hello(&self, hello: &Hello, peer: &PeerInfo) -> Result<HelloAck, RejectReason> {
-        // The link server refuses a group of several disks before this.
-        let disk = hello
-            .single_disk()
-            .ok_or_else(|| RejectReason::Other("this secondary serves one disk".into()))?;
+        let disk = hello.single_disk()?;
         let mut g = self.store.lock().expect("store lock");
         if let Err(e) = self.judge_lineage(hello, peer, &mut g) {
             if let Some(a) = REFUSALS.admit() {
@@ -545,7 +540,15 @@ impl ReplicaSink for StoreSink {
         })
     }
 
-    fn extent(&self, cg: u64, first: u64, count: u64, data: WireChunk<'_>) -> anyhow::Result<()> {
+    fn extent(
+        &self,
+        disk: u16,
+        cg: u64,
+        first: u64,
+        count: u64,
+        data: WireChunk<'_>,
+    ) -> anyhow::Result<()> {
+        let disk = usize::from(disk);
         self.with_store(|s| {
             let d = match data {
                 WireChunk::Data(d) => ChunkData::Bytes(d),
@@ -556,9 +559,9 @@ impl ReplicaSink for StoreSink {
                 WireChunk::Zero { .. } => 0,
             };
             if let ReplicaState::Syncing { .. } = s.state() {
-                s.sync_extent(0, first, count, d)?;
+                s.sync_extent(disk, first, count, d)?;
             } else {
-                s.stage_extent(0, cg, first, count, d)?;
+                s.stage_extent(disk, cg, first, count, d)?;
                 self.counters.staged_bytes.fetch_add(bytes, Relaxed);
             }
             self.counters.received_bytes.fetch_add(bytes, Relaxed);
@@ -638,11 +641,11 @@ impl ReplicaSink for StoreSink {
         })
     }
 
-    fn checksums(&self, first: u64, count: u64) -> anyhow::Result<Vec<u32>> {
+    fn checksums(&self, disk: u16, first: u64, count: u64) -> anyhow::Result<Vec<u32>> {
         let g = self.store.lock().expect("store lock");
         let store = g.as_ref().context("no replica open")?;
         // While syncing, the image as it is (the primary ships what differs).
-        Ok(store.checksums(0, first, count)?)
+        Ok(store.checksums(usize::from(disk), first, count)?)
     }
 
     fn status(&self) -> (ReplicaState, Option<u64>) {

@@ -27,7 +27,25 @@ pub(super) struct Established {
 /// Connects to the secondary: QUIC + mutual TLS handshake, `Hello`/`HelloAck`, opens the
 /// data streams. Bounded by `cfg.connect_timeout`.
 pub(super) async fn establish(cfg: &ClientConfig) -> Result<Established, LinkError> {
-    cfg.disk.validate()?;
+    let Some(first) = cfg.disks.first() else {
+        return Err(LinkError::InvalidArgument("no disk to replicate".into()));
+    };
+    if cfg.disks.len() > proto::MAX_GROUP_DISKS {
+        return Err(LinkError::InvalidArgument(format!(
+            "{} disks: a group has at most {}",
+            cfg.disks.len(),
+            proto::MAX_GROUP_DISKS
+        )));
+    }
+    for (i, d) in cfg.disks.iter().enumerate() {
+        d.validate()?;
+        if d.chunk_size != first.chunk_size {
+            return Err(LinkError::InvalidArgument(format!(
+                "disk {i} has chunk size {}, disk 0 {}: a group has one chunk size",
+                d.chunk_size, first.chunk_size
+            )));
+        }
+    }
     if !(1..=16).contains(&cfg.data_streams) {
         return Err(LinkError::InvalidArgument(format!(
             "data_streams {} not in 1..=16",
@@ -54,11 +72,15 @@ pub(super) async fn establish(cfg: &ClientConfig) -> Result<Established, LinkErr
         let hello = Message::Hello(Hello {
             magic: proto::HELLO_MAGIC,
             protocol_version: proto::PROTOCOL_VERSION,
-            disks: vec![proto::DiskDesc {
-                uuid: cfg.disk.uuid,
-                size: cfg.disk.size,
-            }],
-            chunk_size: cfg.disk.chunk_size,
+            disks: cfg
+                .disks
+                .iter()
+                .map(|d| proto::DiskDesc {
+                    uuid: d.uuid,
+                    size: d.size,
+                })
+                .collect(),
+            chunk_size: first.chunk_size,
             last_committed_cg: cfg.last_committed_cg,
             site: cfg.identity.site.clone(),
             lineage: cfg.lineage.clone(),
@@ -108,11 +130,12 @@ pub(super) async fn establish(cfg: &ClientConfig) -> Result<Established, LinkErr
             ack.protocol_version
         )));
     }
-    if ack.disks.len() != 1 {
+    if ack.disks.len() != cfg.disks.len() {
         conn.close(close_code::PROTOCOL_ERROR.into(), b"HelloAck disks");
         return Err(LinkError::Protocol(format!(
-            "secondary answered for {} disks, the Hello announced 1",
-            ack.disks.len()
+            "secondary answered for {} disks, the Hello announced {}",
+            ack.disks.len(),
+            cfg.disks.len()
         )));
     }
     let mut streams = Vec::new();

@@ -41,8 +41,10 @@ pub struct ClientConfig {
     pub server_name: String,
     /// Local address to bind (port 0: any).
     pub bind: SocketAddr,
-    /// The replicated disk.
-    pub disk: DiskInfo,
+    /// The replicated disks, in the consistency group's order (a disk's position is its
+    /// index on the link), 1 to [`MAX_GROUP_DISKS`](super::proto::MAX_GROUP_DISKS), all
+    /// with the same chunk size.
+    pub disks: Vec<DiskInfo>,
     /// Last CG the primary knows committed on the secondary, sent in `Hello`.
     pub last_committed_cg: Option<u64>,
     /// The primary's lineage, sent in the `Hello`.
@@ -74,7 +76,8 @@ pub struct ClientConfig {
 
 impl ClientConfig {
     /// A configuration with defaults: 4 data streams, 64 MiB in flight, no rate limit,
-    /// no compression, zero detection on, default tuning, bind on `0.0.0.0:0` (or `[::]:0`).
+    /// no compression, zero detection on, default tuning, bind on `0.0.0.0:0` (or `[::]:0`);
+    /// one disk (set [`disks`](Self::disks) for a group of several).
     pub fn new(
         identity: SiteIdentity,
         server_addr: SocketAddr,
@@ -92,7 +95,7 @@ impl ClientConfig {
             server_addr,
             server_name: server_name.to_string(),
             bind,
-            disk,
+            disks: vec![disk],
             last_committed_cg: None,
             lineage: None,
             unshipped: false,
@@ -228,34 +231,43 @@ impl LinkClient {
         &self.shared.ack
     }
 
-    /// Ships the extent of `count` chunks from `first` for CG `cg`, in one message. It must
-    /// lie inside one extent region ([`crate::geometry::Geometry::extent_len`]) and `data`
-    /// must be exactly its length (the last chunk of the disk may be short). An all-zero
-    /// extent travels as a marker. Blocks while the in-flight bound or the rate limit is
-    /// reached; returns once the extent is queued (not yet delivered or durable).
+    /// Ships the extent of `count` chunks from `first` of disk `disk` (its index in
+    /// [`ClientConfig::disks`]) for CG `cg`, in one message. It must lie inside one extent
+    /// region ([`crate::geometry::Geometry::extent_len`]) and `data` must be exactly its
+    /// length (the last chunk of the disk may be short). An all-zero extent travels as a
+    /// marker. Blocks while the in-flight bound or the rate limit is reached; returns once
+    /// the extent is queued (not yet delivered or durable).
     pub fn send_extent(
         &self,
+        disk: u16,
         cg: u64,
         first: u64,
         count: u64,
         data: &[u8],
     ) -> Result<(), LinkError> {
-        self.block(self.shared.send_extent(cg, first, count, Some(data)))?
+        self.block(self.shared.send_extent(disk, cg, first, count, Some(data)))?
     }
 
-    /// Ships the extent of `count` chunks from `first` for CG `cg` as all zeroes.
-    pub fn send_zero_extent(&self, cg: u64, first: u64, count: u64) -> Result<(), LinkError> {
-        self.block(self.shared.send_extent(cg, first, count, None))?
+    /// Ships the extent of `count` chunks from `first` of disk `disk` for CG `cg` as all
+    /// zeroes.
+    pub fn send_zero_extent(
+        &self,
+        disk: u16,
+        cg: u64,
+        first: u64,
+        count: u64,
+    ) -> Result<(), LinkError> {
+        self.block(self.shared.send_extent(disk, cg, first, count, None))?
     }
 
-    /// Ships chunk `index` for CG `cg` (an extent of one chunk).
+    /// Ships chunk `index` of disk 0 for CG `cg` (an extent of one chunk).
     pub fn send_chunk(&self, cg: u64, index: u64, data: &[u8]) -> Result<(), LinkError> {
-        self.send_extent(cg, index, 1, data)
+        self.send_extent(0, cg, index, 1, data)
     }
 
-    /// Ships chunk `index` for CG `cg` as all zeroes (e.g. after a discard).
+    /// Ships chunk `index` of disk 0 for CG `cg` as all zeroes (e.g. after a discard).
     pub fn send_zero(&self, cg: u64, index: u64) -> Result<(), LinkError> {
-        self.send_zero_extent(cg, index, 1)
+        self.send_zero_extent(0, cg, index, 1)
     }
 
     /// Commits CG `cg`: every chunk labelled `<= cg` sent since the previous commit. Blocks
@@ -271,10 +283,10 @@ impl LinkClient {
     }
 
     /// The secondary's crc32c of each of `count` (at most
-    /// [`MAX_CHECKSUM_CHUNKS`](super::proto::MAX_CHECKSUM_CHUNKS)) chunks from `first`, as
-    /// of its last committed group. Ask between groups.
-    pub fn checksums(&self, first: u64, count: u64) -> Result<Vec<u32>, LinkError> {
-        self.block(self.shared.checksums(first, count))?
+    /// [`MAX_CHECKSUM_CHUNKS`](super::proto::MAX_CHECKSUM_CHUNKS)) chunks from `first` of
+    /// disk `disk`, as of its last committed group. Ask between groups.
+    pub fn checksums(&self, disk: u16, first: u64, count: u64) -> Result<Vec<u32>, LinkError> {
+        self.block(self.shared.checksums(disk, first, count))?
     }
 
     /// Application-level round trip over the control stream.

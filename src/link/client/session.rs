@@ -85,10 +85,18 @@ impl Shared {
             ack,
         } = link;
         // A disk the handshake accepted has a geometry; the bound without one is generous.
-        let max_frame = cfg.disk.geometry().map_or(
-            crate::geometry::MAX_EXTENT_BYTES.max(u64::from(cfg.disk.chunk_size)) as usize,
-            |g| g.max_extent_len(),
-        ) + proto::EXTENT_HEADER_MAX
+        let max_frame = cfg
+            .disks
+            .iter()
+            .map(|d| {
+                d.geometry().map_or(
+                    crate::geometry::MAX_EXTENT_BYTES.max(u64::from(d.chunk_size)) as usize,
+                    |g| g.max_extent_len(),
+                )
+            })
+            .max()
+            .unwrap_or(0)
+            + proto::EXTENT_HEADER_MAX
             + proto::FRAME_OVERHEAD;
         let max_inflight = cfg
             .max_inflight_bytes
@@ -187,17 +195,28 @@ impl Shared {
 
     pub(super) async fn send_extent(
         &self,
+        disk: u16,
         cg: u64,
         first: u64,
         count: u64,
         data: Option<&[u8]>,
     ) -> Result<(), LinkError> {
         self.check_alive()?;
-        let geometry = self.cfg.disk.geometry()?;
+        let geometry = self
+            .cfg
+            .disks
+            .get(usize::from(disk))
+            .ok_or_else(|| {
+                LinkError::InvalidArgument(format!(
+                    "disk {disk}: the group has {} disks",
+                    self.cfg.disks.len()
+                ))
+            })?
+            .geometry()?;
         let want = geometry.extent_len(first, count).ok_or_else(|| {
             LinkError::InvalidArgument(format!(
-                "extent of {count} chunks from {first}: empty, beyond the disk or across an \
-                 extent region ({} chunks)",
+                "extent of {count} chunks from {first} of disk {disk}: empty, beyond the disk \
+                 or across an extent region ({} chunks)",
                 geometry.extent_chunks()
             ))
         })?;
@@ -238,9 +257,8 @@ impl Shared {
             WirePayload::Lz4(_) => self.counters.lz4.fetch_add(count, Ordering::Relaxed),
             WirePayload::Raw(_) => 0,
         };
-        // One disk per connection until the primary ships a group of several.
         let frame = encode_frame(&Message::Extent {
-            disk: 0,
+            disk,
             cg,
             first,
             count,
@@ -265,9 +283,11 @@ impl Shared {
                     .map_err(|_| self.lost_error())?
             }
         };
-        // Every version of a chunk travels on the stream of its region, in order (frames
-        // of a stream are gathered and handed over in call order, under its lock).
-        let stream = (geometry.region_of(first) % self.data.len() as u64) as usize;
+        // Every version of a chunk travels on the stream of its disk's region, in order
+        // (frames of a stream are gathered and handed over in call order, under its lock).
+        // The disk shifts the choice so that the disks' first regions spread over streams.
+        let stream =
+            ((geometry.region_of(first) + u64::from(disk)) % self.data.len() as u64) as usize;
         {
             let mut batch = self.gathered[stream].lock().await;
             if batch.0.is_empty() {
@@ -369,14 +389,19 @@ impl Shared {
         }
     }
 
-    pub(super) async fn checksums(&self, first: u64, count: u64) -> Result<Vec<u32>, LinkError> {
+    pub(super) async fn checksums(
+        &self,
+        disk: u16,
+        first: u64,
+        count: u64,
+    ) -> Result<Vec<u32>, LinkError> {
         self.check_alive()?;
         let seq = self.seq.fetch_add(1, Ordering::Relaxed);
         let (tx, rx) = oneshot::channel();
         lock(&self.pending).checksums.insert(seq, tx);
         self.send_ctrl(&Message::ChecksumRequest {
             seq,
-            disk: 0,
+            disk,
             first,
             count,
         })

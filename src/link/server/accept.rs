@@ -187,14 +187,6 @@ async fn handle_connection(
         ));
         return reject(&srv, &conn, send, addr, &site, r).await;
     }
-    if hello.disks.len() != 1 {
-        let r = RejectReason::Other(format!(
-            "the primary replicates a group of {} disks; this secondary serves one disk: run one \
-             secondary per disk, or start the primary with one disk",
-            hello.disks.len()
-        ));
-        return reject(&srv, &conn, send, addr, &site, r).await;
-    }
     let serving = super::Serving {
         site: site.clone(),
         disks: hello.disks.clone(),

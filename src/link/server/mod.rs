@@ -69,9 +69,17 @@ pub trait ReplicaSink: Send + Sync + 'static {
     /// state.
     fn hello(&self, hello: &Hello, peer: &PeerInfo) -> Result<HelloAck, RejectReason>;
 
-    /// Stages one extent shipped for CG `cg`: `count` chunks from `first`, inside the disk
-    /// and one extent region (the link checked it). An error closes the connection.
-    fn extent(&self, cg: u64, first: u64, count: u64, data: ChunkData<'_>) -> anyhow::Result<()>;
+    /// Stages one extent shipped for CG `cg`: `count` chunks from `first` of disk `disk`
+    /// (its index in the `Hello`'s list), inside that disk and one extent region (the link
+    /// checked it). An error closes the connection.
+    fn extent(
+        &self,
+        disk: u16,
+        cg: u64,
+        first: u64,
+        count: u64,
+        data: ChunkData<'_>,
+    ) -> anyhow::Result<()>;
 
     /// Makes everything staged with a CG label `<= cg` durable and visible atomically.
     /// The primary gets `CommitAck` only after this returns `Ok`; an error is reported as
@@ -102,9 +110,9 @@ pub trait ReplicaSink: Send + Sync + 'static {
     /// Progress of the initial full copy, as reported by the primary.
     fn progress(&self, _done: u64, _total: u64) {}
 
-    /// crc32c of each of `count` chunks from `first` of the replica, as of its last
-    /// committed group (the link checked the range). The default keeps no image.
-    fn checksums(&self, _first: u64, _count: u64) -> anyhow::Result<Vec<u32>> {
+    /// crc32c of each of `count` chunks from `first` of disk `disk` of the replica, as of
+    /// its last committed group (the link checked the range). The default keeps no image.
+    fn checksums(&self, _disk: u16, _first: u64, _count: u64) -> anyhow::Result<Vec<u32>> {
         anyhow::bail!("this secondary keeps no image to compare")
     }
 
@@ -117,8 +125,15 @@ impl<T: ReplicaSink> ReplicaSink for std::sync::Arc<T> {
     fn hello(&self, hello: &Hello, peer: &PeerInfo) -> Result<HelloAck, RejectReason> {
         (**self).hello(hello, peer)
     }
-    fn extent(&self, cg: u64, first: u64, count: u64, data: ChunkData<'_>) -> anyhow::Result<()> {
-        (**self).extent(cg, first, count, data)
+    fn extent(
+        &self,
+        disk: u16,
+        cg: u64,
+        first: u64,
+        count: u64,
+        data: ChunkData<'_>,
+    ) -> anyhow::Result<()> {
+        (**self).extent(disk, cg, first, count, data)
     }
     fn commit(&self, cg: u64, frozen_at_unix_us: u64, extent_count: u64) -> anyhow::Result<()> {
         (**self).commit(cg, frozen_at_unix_us, extent_count)
@@ -138,8 +153,8 @@ impl<T: ReplicaSink> ReplicaSink for std::sync::Arc<T> {
     fn progress(&self, done: u64, total: u64) {
         (**self).progress(done, total)
     }
-    fn checksums(&self, first: u64, count: u64) -> anyhow::Result<Vec<u32>> {
-        (**self).checksums(first, count)
+    fn checksums(&self, disk: u16, first: u64, count: u64) -> anyhow::Result<Vec<u32>> {
+        (**self).checksums(disk, first, count)
     }
     fn disconnected(&self, reason: &str) {
         (**self).disconnected(reason)

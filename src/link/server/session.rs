@@ -236,8 +236,7 @@ impl Session {
             }
         };
         let sink = &self.srv.sink;
-        // Disk 0: the only one a session has until the sink serves a group (`accept.rs`).
-        self.in_sink(|| sink.extent(cg, first, count, data))
+        self.in_sink(|| sink.extent(disk, cg, first, count, data))
             .map_err(|e| format!("sink failed to stage the {what} of CG {cg}: {e:#}"))
             .map_err(|e| {
                 // A storage failure is not the primary's fault: distinct close code. Logged
@@ -503,21 +502,18 @@ async fn control_reader(
                 first,
                 count,
             } => {
-                // One disk per session until the sink serves a group (`accept.rs` refuses
-                // a Hello of several).
-                let inside = disk == 0
-                    && s.geometries.first().is_some_and(|g| {
-                        first.checked_add(count).is_some_and(|e| e <= g.chunks())
-                            && count.saturating_mul(g.chunk_size())
-                                <= crate::replicate::compare::MAX_REQUEST_BYTES
-                    });
+                let inside = s.geometries.get(usize::from(disk)).is_some_and(|g| {
+                    first.checked_add(count).is_some_and(|e| e <= g.chunks())
+                        && count.saturating_mul(g.chunk_size())
+                            <= crate::replicate::compare::MAX_REQUEST_BYTES
+                });
                 if count == 0 || count > proto::MAX_CHECKSUM_CHUNKS || !inside {
                     return s.protocol_error(&format!(
                         "checksum request for {count} chunks from {first} of disk {disk}: outside the disk or over {}",
                         proto::MAX_CHECKSUM_CHUNKS
                     ));
                 }
-                let Some(crcs) = s.with_sink(move |k| k.checksums(first, count)).await else {
+                let Some(crcs) = s.with_sink(move |k| k.checksums(disk, first, count)).await else {
                     return;
                 };
                 match crcs {

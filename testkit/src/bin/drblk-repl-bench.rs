@@ -87,7 +87,14 @@ impl ReplicaSink for NullSink {
             site: "secondary".into(),
         })
     }
-    fn extent(&self, _cg: u64, _first: u64, _n: u64, _data: ChunkData<'_>) -> anyhow::Result<()> {
+    fn extent(
+        &self,
+        _disk: u16,
+        _cg: u64,
+        _first: u64,
+        _n: u64,
+        _data: ChunkData<'_>,
+    ) -> anyhow::Result<()> {
         Ok(())
     }
     fn commit(&self, _cg: u64, _frozen: u64, _count: u64) -> anyhow::Result<()> {
@@ -134,7 +141,7 @@ fn link_ceiling(certs: &Path, secs: u64) -> anyhow::Result<f64> {
     while t.elapsed() < Duration::from_secs(secs) {
         // Large groups, as the initial copy sends them: one acknowledgement per 256 extents.
         for _ in 0..256 {
-            client.send_extent(cg, (sent % (1 << 18)) * 256, 256, &data)?;
+            client.send_extent(0, cg, (sent % (1 << 18)) * 256, 256, &data)?;
             sent += 1;
         }
         client.commit(cg, 0)?;
