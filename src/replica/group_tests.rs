@@ -80,9 +80,8 @@ fn read_images(g: &Group) -> [Vec<u8>; 2] {
 }
 
 fn assert_images(g: &Group, m: &Model, what: &str) {
-    let imgs = read_images(g);
-    for d in 0..2 {
-        assert!(imgs[d] == image_of(d, m), "{what}: disk {d} differs");
+    for (d, img) in read_images(g).iter().enumerate() {
+        assert!(*img == image_of(d, m), "{what}: disk {d} differs");
     }
 }
 
