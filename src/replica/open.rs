@@ -84,15 +84,7 @@ impl ReplicaStore {
                     },
                     last_committed_cg: 0,
                     frozen_at_unix_us: 0,
-                    disks: spec
-                        .disks
-                        .iter()
-                        .map(|d| DiskEntry {
-                            uuid: state::uuid_hex(&d.uuid),
-                            size: d.size,
-                            image: Some(d.image.clone()),
-                        })
-                        .collect(),
+                    disks: disk_entries(spec),
                 }
             }
         };
@@ -199,15 +191,7 @@ impl ReplicaStore {
                 mode: Mode::Consistent,
                 last_committed_cg: cg,
                 frozen_at_unix_us: 0,
-                disks: spec
-                    .disks
-                    .iter()
-                    .map(|d| DiskEntry {
-                        uuid: state::uuid_hex(&d.uuid),
-                        size: d.size,
-                        image: Some(d.image.clone()),
-                    })
-                    .collect(),
+                disks: disk_entries(spec),
             };
             state::write_atomic(state_dir, &st, || Ok(()))?;
         }
@@ -273,6 +257,18 @@ pub fn stored_group(state_dir: &Path) -> Result<Option<StoredGroup>> {
         disks,
         chunk_size: st.chunk_size,
     }))
+}
+
+/// What `state.json` says of the disks of `spec`.
+fn disk_entries(spec: &GroupSpec) -> Vec<DiskEntry> {
+    spec.disks
+        .iter()
+        .map(|d| DiskEntry {
+            uuid: state::uuid_hex(&d.uuid),
+            size: d.size,
+            image: Some(d.image.clone()),
+        })
+        .collect()
 }
 
 /// Refuses a stored group that is not `spec`'s: another number of disks, another disk at a
