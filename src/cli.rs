@@ -81,14 +81,18 @@ pub enum Command {
 #[derive(Debug, Args, Clone)]
 pub struct ServeArgs {
     /// Raw image to serve. Created (sparse) if it does not exist and --size is given.
-    /// (--blk-file is the name QEMU's vhost-user backend conventions give it.)
-    #[arg(long, value_name = "PATH", alias = "blk-file")]
-    pub disk: PathBuf,
+    /// Repeat `--disk PATH --socket PATH` to serve several disks of one VM as one
+    /// consistency group (the n-th --socket serves the n-th --disk; up to 64): their
+    /// replicas are always at the same group. (--blk-file is the name QEMU's vhost-user
+    /// backend conventions give it.)
+    #[arg(long, value_name = "PATH", alias = "blk-file", required = true)]
+    pub disk: Vec<PathBuf>,
 
-    /// vhost-user socket to listen on (the hypervisor connects to it). A stale socket file is
-    /// replaced; a socket held by a running daemon is refused. (Also --socket-path.)
-    #[arg(long, value_name = "PATH", alias = "socket-path")]
-    pub socket: PathBuf,
+    /// vhost-user socket to listen on (the hypervisor connects to it), one per --disk. A
+    /// stale socket file is replaced; a socket held by a running daemon is refused. (Also
+    /// --socket-path.)
+    #[arg(long, value_name = "PATH", alias = "socket-path", required = true)]
+    pub socket: Vec<PathBuf>,
 
     /// Print what this backend offers as QEMU's vhost-user backend conventions describe
     /// (docs/interop/vhost-user.json: type "block"), then exit.
@@ -121,6 +125,7 @@ pub struct ServeArgs {
     pub direct: bool,
 
     /// Serial number answered to GET_ID (at most 20 bytes; default: "drblk-" + image name).
+    /// With several disks, each gets its default.
     #[arg(long, value_name = "STRING")]
     pub serial: Option<String>,
 
@@ -291,11 +296,14 @@ pub struct SecondaryArgs {
     #[arg(long, value_name = "ADDR", default_value = defaults::LISTEN)]
     pub listen: String,
 
-    /// The replica image (created sparse at the primary's disk size).
-    #[arg(long, value_name = "PATH")]
-    pub disk: PathBuf,
+    /// The replica image (created sparse at the primary's disk size). For a primary that
+    /// serves several disks as one group, repeat --disk once per disk, in the primary's
+    /// order: the images are kept at the same group.
+    #[arg(long, value_name = "PATH", required = true)]
+    pub disk: Vec<PathBuf>,
 
-    /// Directory for the staging journal and the replica's state (default: DISK.state).
+    /// Directory for the staging journal and the replica's state (default: the first
+    /// DISK.state).
     #[arg(long, value_name = "DIR")]
     pub state_dir: Option<PathBuf>,
 
@@ -346,7 +354,7 @@ impl SecondaryArgs {
     pub fn state_dir(&self) -> PathBuf {
         self.state_dir
             .clone()
-            .unwrap_or_else(|| crate::replica::default_state_dir(&self.disk))
+            .unwrap_or_else(|| crate::replica::default_state_dir(&self.disk[0]))
     }
 
     /// The control socket.
@@ -563,6 +571,13 @@ impl CtlCommand {
 impl ServeArgs {
     /// The options `drblk serve --disk DISK --socket SOCKET` has (the command line's
     /// defaults), for library users.
+    /// Adds a disk of the group, served on `socket`.
+    pub fn add_disk(&mut self, disk: PathBuf, socket: PathBuf) {
+        self.disk.push(disk);
+        self.socket.push(socket);
+    }
+
+    /// The arguments of `drblk serve --disk DISK --socket SOCKET`, defaults otherwise.
     pub fn new(disk: PathBuf, socket: PathBuf) -> Self {
         let cli = Cli::try_parse_from([
             "drblk".as_ref(),

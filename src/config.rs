@@ -61,11 +61,9 @@ pub mod defaults {
 /// What `drblk serve` runs with, validated.
 #[derive(Debug, Clone)]
 pub struct ServeConfig {
-    /// The image.
-    pub disk: DiskOptions,
-    /// The vhost-user socket and its permissions.
-    pub socket: PathBuf,
-    /// Permissions of the socket file.
+    /// The disks, in the consistency group's order (one, or several served as one group).
+    pub disks: Vec<DiskConfig>,
+    /// Permissions of the socket files.
     pub socket_mode: u32,
     /// Queues offered to the guest.
     pub queues: u16,
@@ -75,8 +73,6 @@ pub struct ServeConfig {
     pub threads: usize,
     /// Busy-poll budget, if polling.
     pub poll: Option<Duration>,
-    /// GET_ID answer (at most 20 bytes).
-    pub serial: String,
     /// Consistency groups, when writes are tracked (replication, a local replica, or asked for).
     pub cg: Option<CgSettings>,
     /// A crash-consistent replica image on this host.
@@ -85,6 +81,17 @@ pub struct ServeConfig {
     pub replication: Option<ReplicationConfig>,
     /// Where to serve `/metrics`.
     pub metrics: Option<String>,
+}
+
+/// One disk of `drblk serve`.
+#[derive(Debug, Clone)]
+pub struct DiskConfig {
+    /// The image.
+    pub disk: DiskOptions,
+    /// Its vhost-user socket.
+    pub socket: PathBuf,
+    /// Its GET_ID answer (at most 20 bytes).
+    pub serial: String,
 }
 
 /// How consistency groups are formed (the engine's own settings come with the disk size).
@@ -147,16 +154,44 @@ impl TryFrom<&ServeArgs> for ServeConfig {
     type Error = anyhow::Error;
 
     fn try_from(a: &ServeArgs) -> anyhow::Result<Self> {
-        let serial = match &a.serial {
-            Some(s) if s.len() > ID_BYTES => {
-                bail!(
-                    "--serial {s:?} is {} bytes; GET_ID holds at most {ID_BYTES}",
-                    s.len()
-                )
+        if a.disk.len() != a.socket.len() {
+            bail!(
+                "{} --disk and {} --socket: give one --socket per --disk, in the same order",
+                a.disk.len(),
+                a.socket.len()
+            );
+        }
+        if a.disk.len() > crate::cg::MAX_DISKS {
+            bail!(
+                "{} disks: a group has at most {}",
+                a.disk.len(),
+                crate::cg::MAX_DISKS
+            );
+        }
+        for (i, d) in a.disk.iter().enumerate() {
+            if a.disk[..i].contains(d) {
+                bail!("--disk {} is given twice", d.display());
             }
-            Some(s) => s.clone(),
-            None => default_serial(&a.disk),
-        };
+            if a.socket[..i].contains(&a.socket[i]) {
+                bail!("--socket {} is given twice", a.socket[i].display());
+            }
+        }
+        let several = a.disk.len() > 1;
+        if several && a.serial.is_some() {
+            bail!("--serial names one disk: with several disks each gets its default (drblk- and its image name)");
+        }
+        if several && a.cg.local_replica.is_some() {
+            bail!("--local-replica keeps one disk: use --replicate-to for a group of several");
+        }
+        if several && a.replication.track_file.is_some() {
+            bail!("--track-file names one disk's record: with several disks each keeps its default (next to its image)");
+        }
+        if let Some(s) = a.serial.as_ref().filter(|s| s.len() > ID_BYTES) {
+            bail!(
+                "--serial {s:?} is {} bytes; GET_ID holds at most {ID_BYTES}",
+                s.len()
+            )
+        }
         let replicate = a.replication.replicate_to.is_some();
         let cg = a.cg.consistency_groups || a.cg.local_replica.is_some() || replicate;
         let c = &a.cg;
@@ -185,21 +220,28 @@ impl TryFrom<&ServeArgs> for ServeConfig {
             None => usize::from(queues),
         };
         Ok(ServeConfig {
-            disk: DiskOptions {
-                path: a.disk.clone(),
-                create_size: a.size,
-                readonly: a.readonly,
-                direct: a.direct,
-                logical_block_size: a.logical_block_size,
-            },
-            socket: a.socket.clone(),
+            disks: a
+                .disk
+                .iter()
+                .zip(&a.socket)
+                .map(|(path, socket)| DiskConfig {
+                    disk: DiskOptions {
+                        path: path.clone(),
+                        create_size: a.size,
+                        readonly: a.readonly,
+                        direct: a.direct,
+                        logical_block_size: a.logical_block_size,
+                    },
+                    socket: socket.clone(),
+                    serial: a.serial.clone().unwrap_or_else(|| default_serial(path)),
+                })
+                .collect(),
             socket_mode: a.socket_mode,
             metrics: a.metrics.clone(),
             queues,
             queue_size: a.queue_size,
             threads,
             poll: (a.poll_us > 0).then(|| Duration::from_micros(a.poll_us)),
-            serial,
             cg: cg.then(|| CgSettings {
                 chunk_size: c.chunk_size,
                 interval: *c.cg_interval,
@@ -269,7 +311,31 @@ mod tests {
         assert!(c.cg.is_none() && c.replication.is_none() && c.local_replica.is_none());
         assert_eq!(c.threads, 1);
         assert_eq!(c.poll, Some(Duration::from_micros(defaults::POLL_US)));
-        assert_eq!(c.serial, "drblk-d");
+        assert_eq!(c.disks[0].serial, "drblk-d");
+    }
+
+    #[test]
+    fn several_disks_pair_with_their_sockets_in_order() {
+        let c =
+            ServeConfig::try_from(&args(|a| a.add_disk("e.img".into(), "e.sock".into()))).unwrap();
+        let pairs: Vec<_> = c
+            .disks
+            .iter()
+            .map(|d| {
+                (
+                    d.disk.path.to_str().unwrap(),
+                    d.socket.to_str().unwrap(),
+                    &*d.serial,
+                )
+            })
+            .collect();
+        assert_eq!(
+            pairs,
+            [
+                ("d.img", "d.sock", "drblk-d"),
+                ("e.img", "e.sock", "drblk-e")
+            ]
+        );
     }
 
     #[test]
@@ -318,6 +384,37 @@ mod tests {
                 "serial too long",
                 |a| a.serial = Some("x".repeat(21)),
                 "--serial",
+            ),
+            (
+                "a disk without its socket",
+                |a| a.disk.push("e.img".into()),
+                "one --socket per --disk",
+            ),
+            (
+                "a disk twice",
+                |a| a.add_disk("d.img".into(), "e.sock".into()),
+                "--disk d.img is given twice",
+            ),
+            (
+                "a socket twice",
+                |a| a.add_disk("e.img".into(), "d.sock".into()),
+                "--socket d.sock is given twice",
+            ),
+            (
+                "one serial for a group",
+                |a| {
+                    a.add_disk("e.img".into(), "e.sock".into());
+                    a.serial = Some("x".into());
+                },
+                "--serial names one disk",
+            ),
+            (
+                "a local replica of a group",
+                |a| {
+                    a.add_disk("e.img".into(), "e.sock".into());
+                    a.cg.local_replica = Some("r.img".into());
+                },
+                "--local-replica keeps one disk",
             ),
         ];
         for (what, f, needle) in cases {

@@ -89,15 +89,15 @@ impl Site {
         let addr: SocketAddr = format!("127.0.0.1:{}", self.port).parse().unwrap();
         Secondary::start(
             SecondaryPaths {
-                image: self.dir.join("secondary.img"),
+                images: vec![self.dir.join("secondary.img")],
                 state_dir: self.dir.join("secondary.state"),
                 discard_local_changes: false,
             },
             identity,
             addr,
             Some("primary".into()),
-            Some(Box::new(move |cg, image: &Path| {
-                let Ok(img) = std::fs::read(image) else {
+            Some(Box::new(move |cg, images: &[PathBuf]| {
+                let Ok(img) = std::fs::read(&images[0]) else {
                     return; // the test is over and its directory gone
                 };
                 let h = h.lock().unwrap();

@@ -255,15 +255,15 @@ fn every_group_committed_on_the_secondary_is_dependent_write_consistent() {
     let identity = drblk::link::SiteIdentity::load(&certs, "secondary").unwrap();
     let sec = drblk::site::secondary::Secondary::start(
         drblk::site::secondary::SecondaryPaths {
-            image: dir.path().join("secondary.img"),
+            images: vec![dir.path().join("secondary.img")],
             state_dir: dir.path().join("secondary.state"),
             discard_local_changes: false,
         },
         identity,
         "127.0.0.1:0".parse().unwrap(),
         Some("primary".into()),
-        Some(Box::new(move |cg, image: &Path| {
-            let img = std::fs::read(image).unwrap();
+        Some(Box::new(move |cg, images: &[PathBuf]| {
+            let img = std::fs::read(&images[0]).unwrap();
             if let Err(e) = h2.lock().unwrap().check(&img) {
                 v2.lock().unwrap().push(format!("CG {cg}: {e}"));
             }

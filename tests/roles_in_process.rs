@@ -36,7 +36,7 @@ fn secondary(dir: &Path, certs: &Path, site: &str, img: &str) -> (Secondary, Pat
     };
     let mut s = Secondary::start(
         SecondaryPaths {
-            image: dir.join(img),
+            images: vec![dir.join(img)],
             state_dir: dir.join(format!("{img}.state")),
             discard_local_changes: false,
         },

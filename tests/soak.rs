@@ -84,14 +84,14 @@ fn secondary_process(spec: &str) {
     let identity = drblk::link::SiteIdentity::load(&dir.join("certs"), "secondary").unwrap();
     let _secondary = Secondary::start(
         SecondaryPaths {
-            image: dir.join("secondary.img"),
+            images: vec![dir.join("secondary.img")],
             state_dir: dir.join("secondary.img.state"),
             discard_local_changes: false,
         },
         identity,
         format!("127.0.0.1:{port}").parse().unwrap(),
         Some("primary".into()),
-        Some(Box::new(move |cg, _image: &Path| {
+        Some(Box::new(move |cg, _images: &[PathBuf]| {
             let mut test = hook.lock().unwrap();
             let mut checked = [0u8];
             if test.write_all(&cg.to_le_bytes()).is_err() || test.read_exact(&mut checked).is_err()

@@ -27,7 +27,18 @@ use crate::lineage::{Lineage, Role};
 impl ControlState {
     /// Demotes this primary (see the module docs); returns the CG it was demoted at.
     pub(super) fn demote(&self, force: bool) -> anyhow::Result<u64> {
-        let disk = self.shared.executor.disk().path().to_path_buf();
+        if self.members.len() > 1 {
+            // doc/design/multi-disk-groups.md step 9: every disk's fence, one drain, every
+            // lineage.
+            bail!(
+                "this daemon serves a group of {} disks: demoting a group is not supported yet; \
+                 for a switchover stop the VM, `drblk ctl drain`, stop this daemon, then promote \
+                 the secondary",
+                self.members.len()
+            );
+        }
+        let me = self.first();
+        let disk = me.shared.executor.disk().path().to_path_buf();
         if self.cycle.lock().expect("cycle lock").is_none() {
             bail!(
                 "{} is not replicated: there is no secondary to hand over to",
@@ -44,7 +55,7 @@ impl ControlState {
             );
         }
         let attached = || {
-            let n = self.shared.stats.frontends.load(Ordering::SeqCst);
+            let n = me.shared.stats.frontends.load(Ordering::SeqCst);
             (n > 0 && !force).then(|| anyhow::anyhow!(
                 "a frontend (the VM) is connected to {}: shut the VM down first, or pass --force (its writes then fail)",
                 disk.display()
@@ -54,7 +65,7 @@ impl ControlState {
         if let Some(e) = attached() {
             return Err(e);
         }
-        let fence = self.shared.executor.fence();
+        let fence = me.shared.executor.fence();
         match fence.raise(Duration::from_secs(60)) {
             Err(_) => bail!(
                 "a demotion is already running (or done) on {}",
@@ -71,7 +82,7 @@ impl ControlState {
             fence.lower();
             return Err(e);
         }
-        let frontends = self.shared.stats.frontends.load(Ordering::SeqCst);
+        let frontends = me.shared.stats.frontends.load(Ordering::SeqCst);
         tracing::info!(disk = %disk.display(), frontends, "demoting: writes are refused from now on; forming the final group");
         let cg = match self.drain() {
             Ok(cg) => cg,
@@ -91,7 +102,7 @@ impl ControlState {
             }
             None => cg,
         };
-        if let Some(r) = &self.record {
+        if let Some(r) = &me.record {
             r.refresh(true).context("closing the change record")?;
         }
         let demoted = Lineage {

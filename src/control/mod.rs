@@ -16,9 +16,10 @@ pub mod watch;
 
 pub use client::request;
 pub use server::{
-    control_path, reply, ControlHandler, ControlServer, ControlState, Request, MAX_REQUEST_BYTES,
+    control_path, reply, ControlHandler, ControlServer, ControlState, Member, Request,
+    MAX_REQUEST_BYTES,
 };
 pub use status::{
     AbandonedCounts, CgStatus, Done, Drained, ErrorReply, FreezeTimes, LinkStatusView,
-    PrimaryStatus, Promoted, ReplicationStatus, Reply, SecondaryStatus, TrackStatus,
+    MemberStatus, PrimaryStatus, Promoted, ReplicationStatus, Reply, SecondaryStatus, TrackStatus,
 };

@@ -19,7 +19,7 @@ use serde::{Deserialize, Serialize};
 
 use super::status::{
     AbandonedCounts, CgStatus, Done, Drained, ErrorReply, FreezeTimes, LinkStatusView,
-    PrimaryStatus, ReplicationStatus, Reply,
+    MemberStatus, PrimaryStatus, ReplicationStatus, Reply,
 };
 use crate::blk::device::DeviceShared;
 use crate::cg::Engine;
@@ -98,23 +98,47 @@ pub fn control_path(socket: &Path) -> PathBuf {
 
 /// Everything the control socket reports on and acts on.
 pub struct ControlState {
+    /// The daemon's disks, in the group's order (at least one).
+    pub members: Vec<Member>,
+    /// The consistency-group cycle, if one runs.
+    pub cycle: Mutex<Option<Cycle>>,
+    /// The replication link, if the disks are replicated.
+    pub link: Mutex<Option<Arc<LinkStatus>>>,
+}
+
+/// One disk of the daemon, as the control socket sees it.
+pub struct Member {
     /// The device.
     pub shared: Arc<DeviceShared>,
     /// The consistency-group engine, if writes are tracked.
     pub engine: Option<Arc<Engine>>,
-    /// The consistency-group cycle, if one runs.
-    pub cycle: Mutex<Option<Cycle>>,
-    /// The replication link, if the disk is replicated.
-    pub link: Mutex<Option<Arc<LinkStatus>>>,
     /// The persisted change record, if one is kept.
     pub record: Option<Arc<crate::track::ChangeRecord>>,
+    /// Its vhost-user socket.
+    pub socket: PathBuf,
 }
 
 impl ControlState {
+    /// The first disk (the whole daemon's, when it serves one).
+    pub fn first(&self) -> &Member {
+        &self.members[0]
+    }
+
     /// The daemon's status (what `drblk ctl status` prints).
     pub fn status(&self) -> PrimaryStatus {
         // The engine's figures once (they count bitmap pages), then one lock at a time.
-        let engine = self.engine.as_deref().map(|e| (e, e.stats()));
+        let first = self.first();
+        let engine = first.engine.as_deref().map(|e| (e, e.stats()));
+        // Dirty chunks of every disk: what the next group ships.
+        let dirty: u64 = self
+            .members
+            .iter()
+            .filter_map(|m| m.engine.as_deref())
+            .map(|e| {
+                let st = e.stats();
+                st.oos_dirty + st.cr_dirty
+            })
+            .sum();
         let replication = self
             .cycle
             .lock()
@@ -126,8 +150,8 @@ impl ControlState {
             .lock()
             .expect("link lock")
             .as_deref()
-            .map(|l| link_status(l, engine.as_ref()));
-        let s = &self.shared;
+            .map(|l| link_status(l, engine.as_ref().map(|(e, _)| (*e, dirty))));
+        let s = &first.shared;
         let disk = s.executor.disk();
         PrimaryStatus {
             disk: disk.path().display().to_string(),
@@ -143,7 +167,12 @@ impl ControlState {
             cg: engine.as_ref().map(|(e, st)| cg_status(e, st.clone())),
             replication,
             link,
-            track: self.record.as_ref().map(|r| r.status()),
+            track: first.record.as_ref().map(|r| r.status()),
+            group: if self.members.len() > 1 {
+                self.members.iter().map(member_status).collect()
+            } else {
+                Vec::new()
+            },
         }
     }
 
@@ -184,8 +213,13 @@ impl ControlState {
             cycle.trigger();
             cycle.stats().clone()
         };
-        let engine = self.engine.as_ref().context("no consistency groups")?;
-        // CG numbers need not start at 1 (a restarted primary continues above what its replica
+        let engine = self
+            .first()
+            .engine
+            .as_ref()
+            .context("no consistency groups")?;
+        // Every disk's engine numbers groups alike (they form them together). CG numbers
+        // need not start at 1 (a restarted primary continues above what its replica
         // holds): any group numbered from the engine's next number on was formed after this
         // call began.
         let target = engine.next_cg();
@@ -254,10 +288,26 @@ fn replication_status(cycle: &Cycle) -> ReplicationStatus {
     }
 }
 
-fn link_status(
-    link: &LinkStatus,
-    engine: Option<&(&Engine, crate::cg::CgStats)>,
-) -> LinkStatusView {
+/// One disk's line in a group's status.
+fn member_status(m: &Member) -> MemberStatus {
+    let s = &m.shared;
+    let disk = s.executor.disk();
+    MemberStatus {
+        disk: disk.path().display().to_string(),
+        socket: m.socket.display().to_string(),
+        size: disk.size(),
+        frontends_connected: s.stats.frontends.load(Ordering::SeqCst),
+        requests: s.stats.requests.load(Ordering::Relaxed),
+        dirty_chunks: m.engine.as_ref().map(|e| {
+            let st = e.stats();
+            st.oos_dirty + st.cr_dirty
+        }),
+        track: m.record.as_ref().map(|r| r.status()),
+    }
+}
+
+/// The link's view; `engine` is the first disk's engine and the chunks dirty on every disk.
+fn link_status(link: &LinkStatus, engine: Option<(&Engine, u64)>) -> LinkStatusView {
     let remote = *link.remote.lock().expect("status lock");
     let total = link.sync_total_chunks.load(Ordering::Relaxed);
     let chunk = engine.map_or(0, |(e, _)| e.config().chunk_size);
@@ -265,7 +315,7 @@ fn link_status(
     // shipped of what it marked tells it.
     let sync_progress = match remote {
         Some(crate::replica::ReplicaState::Syncing { .. }) => {
-            let dirty = engine.map_or(total, |(_, st)| st.oos_dirty + st.cr_dirty);
+            let dirty = engine.map_or(total, |(_, dirty)| dirty);
             Some(if total == 0 {
                 0.0
             } else {

@@ -49,6 +49,30 @@ pub struct PrimaryStatus {
     /// The persisted change record, if one is kept.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub track: Option<TrackStatus>,
+    /// Every disk of the group, in order, when the daemon serves several (the fields above
+    /// other than `cg`, `replication` and `link`, which are the group's, describe the
+    /// first).
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub group: Vec<MemberStatus>,
+}
+
+/// One disk of a daemon that serves several as one consistency group.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct MemberStatus {
+    /// The image served.
+    pub disk: String,
+    /// Its vhost-user socket.
+    pub socket: String,
+    /// The capacity the guest sees, in bytes.
+    pub size: u64,
+    /// Frontends connected to it now.
+    pub frontends_connected: u64,
+    /// Requests completed.
+    pub requests: u64,
+    /// Chunks dirty (to ship with the next group), if writes are tracked.
+    pub dirty_chunks: Option<u64>,
+    /// Its change record, if one is kept.
+    pub track: Option<TrackStatus>,
 }
 
 /// The primary's persisted change record (`--track-file`).
@@ -435,6 +459,15 @@ mod tests {
                 meta_writes: 30,
                 syncs: 30,
             }),
+            group: vec![MemberStatus {
+                disk: "/var/lib/vm/log.img".into(),
+                socket: "/run/vm/log.sock".into(),
+                size: 1 << 30,
+                frontends_connected: 1,
+                requests: 7,
+                dirty_chunks: Some(3),
+                track: None,
+            }],
         }
     }
 

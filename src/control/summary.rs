@@ -15,6 +15,8 @@ use crate::replica::ReplicaState;
 
 /// Either site's status.
 #[derive(Debug, Clone, PartialEq)]
+// One per `drblk ctl` answer: the size of a variant costs nothing that matters.
+#[allow(clippy::large_enum_variant)]
 pub enum AnyStatus {
     /// `drblk serve`.
     Primary(PrimaryStatus),
@@ -209,6 +211,20 @@ fn primary(p: &PrimaryStatus, rates: Option<Rates>) -> String {
             p.frontends_connected
         ),
     );
+    // A group: one line per disk (the lines below are the first disk's or the group's).
+    for (i, m) in p.group.iter().enumerate() {
+        line(
+            if i == 0 { "group" } else { "" },
+            format!(
+                "disk {i}: {} on {} ({}), {} VM connected, {} requests",
+                m.disk,
+                m.socket,
+                HumanBytes(m.size),
+                m.frontends_connected,
+                m.requests
+            ),
+        );
+    }
     let requests: u64 = p.ops.iter().map(|o| o.requests).sum();
     let errors: u64 = p.ops.iter().map(|o| o.errors).sum();
     let mut guest = format!(

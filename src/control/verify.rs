@@ -31,6 +31,7 @@ impl ControlState {
             g.running = Some(VerifyRun {
                 id,
                 repair,
+                disk: 0,
                 cursor: 0,
                 cg: None,
                 found: Default::default(),

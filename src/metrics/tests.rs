@@ -103,6 +103,7 @@ fn primary() -> PrimaryStatus {
             secondary_error: None,
         }),
         track: None,
+        group: Vec::new(),
     }
 }
 

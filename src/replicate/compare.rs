@@ -44,10 +44,13 @@ pub struct Comparison {
     pub seconds: f64,
 }
 
-/// Compares `chunks`, calling `on_differ` for each differing chunk; stops early
-/// (returning the chunk to resume at) when `budget` has passed. Returns `chunks.end` when done.
+/// Compares `chunks` of disk `disk` (whose engine is `engine`), calling `on_differ` for
+/// each differing chunk; stops early (returning the chunk to resume at) when `budget` has
+/// passed. Returns `chunks.end` when done.
+#[allow(clippy::too_many_arguments)]
 pub fn compare(
     client: &LinkClient,
+    disk: u16,
     engine: &Engine,
     chunks: std::ops::Range<u64>,
     budget: Duration,
@@ -82,8 +85,7 @@ pub fn compare(
         ours.clear();
         chunk_crcs(&buf, chunk, &mut ours);
         let theirs = client
-            // A replicator ships a group of one disk (`Replicator::new`).
-            .checksums(0, i, n)
+            .checksums(disk, i, n)
             .map_err(|e| io::Error::other(format!("checksums from the secondary: {e}")))?;
         for k in 0..n as usize {
             let dirty = (before[k / 64] | after[k / 64]) >> (k % 64) & 1 == 1;

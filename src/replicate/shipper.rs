@@ -19,7 +19,7 @@ use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant, SystemTime};
 
-use crate::cg::{Engine, Extent, Group};
+use crate::cg::{Extent, Group};
 use crate::link::{ClientConfig, LinkClient, ReplicaState};
 use crate::replicate::compare::{compare, Comparison};
 use crate::replicate::cycle::ChunkSink;
@@ -105,7 +105,9 @@ pub struct VerifyRun {
     pub id: u64,
     /// Mark differing chunks for the next group.
     pub repair: bool,
-    /// The next chunk to compare.
+    /// The disk being compared (the group's disks, in order).
+    pub disk: usize,
+    /// The next chunk of that disk to compare.
     pub cursor: u64,
     /// The last committed group when it began.
     pub cg: Option<u64>,
@@ -144,22 +146,22 @@ impl VerifyReport {
 /// Ships groups to a secondary; reconnects with backoff when the link is lost.
 pub struct Replicator {
     cfg: ClientConfig,
-    /// What is formed, drained and committed as one.
+    /// What is formed, drained and committed as one; disk `d` is `cfg.disks[d]` on the
+    /// link.
     group: Arc<Group>,
-    /// The disk the link carries (protocol v4 describes one disk: the group's only one).
-    engine: Arc<Engine>,
     client: Option<LinkClient>,
     /// The current client's frame and UDP bytes already added to the status.
     seen: (u64, u64),
     /// Extents sent since the figures were last brought up to date.
     unaccounted: u32,
     status: Arc<LinkStatus>,
-    /// The persisted change record, told before a full copy marks every chunk.
-    record: Option<Arc<ChangeRecord>>,
-    /// The engine was seeded from a change record and has not connected yet: a secondary
-    /// ahead of the record's acknowledged group holds a group whose acknowledgement was
-    /// lost with the crash, and the record covers what differs from it too.
-    seeded: bool,
+    /// Each disk's persisted change record, told before a full copy marks every chunk.
+    records: Vec<Option<Arc<ChangeRecord>>>,
+    /// Per disk: its engine was seeded from a change record that knew an acknowledged group,
+    /// and it has not connected yet. A secondary ahead of that group holds a group whose
+    /// acknowledgement was lost with the crash, and the record covers what differs from it
+    /// too. A disk not seeded is compared by checksums instead.
+    seeded: Vec<bool>,
     /// Groups the secondary failed to store in a row, and when to ship again.
     storage_failing: u32,
     retry_at: Option<Instant>,
@@ -168,49 +170,66 @@ pub struct Replicator {
 
 impl Replicator {
     /// A replicator for `group`, connecting with `cfg` (the first connection is made by the
-    /// cycle before its first group; failures are retried with backoff). The link describes
-    /// one disk (`cfg.disks`): the group must have exactly one.
+    /// cycle before its first group; failures are retried with backoff). `cfg.disks`
+    /// describes the group's disks, in order.
     pub fn new(cfg: ClientConfig, group: Arc<Group>) -> Self {
         assert_eq!(
             group.disks(),
-            1,
-            "the replication link (protocol v4) carries one disk"
+            cfg.disks.len(),
+            "the link describes every disk of the group"
         );
+        let n = group.disks();
         Replicator {
             cfg,
-            engine: group.engine(0).clone(),
             group,
             client: None,
             seen: (0, 0),
             unaccounted: 0,
             status: Arc::new(LinkStatus::default()),
-            record: None,
-            seeded: false,
+            records: vec![None; n],
+            seeded: vec![false; n],
             storage_failing: 0,
             retry_at: None,
             failure_log: crate::sys::log_limit::LogLimiter::new(Duration::from_secs(60)),
         }
     }
 
-    /// Keeps `record` up to date with full copies, and trusts what it seeded the engine with.
-    pub fn with_record(mut self, record: Option<Arc<ChangeRecord>>) -> Self {
-        self.seeded = record.is_some() && self.group.last_committed() > 0;
-        self.record = record;
+    /// A group of one disk: [`with_records`](Self::with_records) with `record`, trusted
+    /// when it knew an acknowledged group.
+    pub fn with_record(self, record: Option<Arc<ChangeRecord>>) -> Self {
+        let seeded = record.is_some() && self.group.last_committed() > 0;
+        self.with_records(vec![record], vec![seeded])
+    }
+
+    /// Keeps each disk's `records[d]` up to date with full copies, and trusts what it
+    /// seeded disk `d`'s engine with where `seeded[d]` (see the field). `seeded` is decided
+    /// before the engines' numbering is aligned for the group, which would make every disk
+    /// look seeded.
+    pub fn with_records(
+        mut self,
+        records: Vec<Option<Arc<ChangeRecord>>>,
+        seeded: Vec<bool>,
+    ) -> Self {
+        assert_eq!(records.len(), self.group.disks(), "a record per disk");
+        assert_eq!(seeded.len(), self.group.disks(), "a seeded flag per disk");
+        self.records = records;
+        self.seeded = seeded;
         self
     }
 
-    /// Compares every chunk with the secondary's and marks those that differ (see
-    /// [`crate::replicate::compare`]). The record says "everything may differ" until the
-    /// engine holds every difference.
-    fn checksum_resync(&self, client: &LinkClient, stop: &AtomicBool) -> io::Result<()> {
-        if let Some(r) = &self.record {
+    /// Compares every chunk of disk `d` with the secondary's and marks those that differ
+    /// (see [`crate::replicate::compare`]). The disk's record says "everything may differ"
+    /// until the engine holds every difference.
+    fn checksum_resync(&self, client: &LinkClient, d: usize, stop: &AtomicBool) -> io::Result<()> {
+        if let Some(r) = &self.records[d] {
             r.mark_all_dirty();
             r.hold_all_dirty(true);
         }
         let mut cmp = Comparison::default();
-        let engine = &self.engine;
+        let engine = self.group.engine(d);
         compare(
             client,
+            d as u16,
             engine,
             0..engine.num_chunks(),
             Duration::MAX,
@@ -224,6 +243,7 @@ impl Replicator {
         s.resync_differing
             .fetch_add(cmp.differing, Ordering::Relaxed);
         tracing::info!(
+            disk = d,
             compared = cmp.compared,
             differing = cmp.differing,
             written_meanwhile = cmp.skipped_dirty,
@@ -248,10 +268,11 @@ impl Replicator {
         if run.cg.is_none() {
             run.cg = Some(self.group.last_committed());
         }
-        let engine = &self.engine;
+        let engine = self.group.engine(run.disk);
         let repair = run.repair;
         let r = compare(
             client,
+            run.disk as u16,
             engine,
             run.cursor..engine.num_chunks(),
             VERIFY_SLICE,
@@ -266,7 +287,11 @@ impl Replicator {
         match r {
             Ok(next) => {
                 run.cursor = next;
-                if next >= engine.num_chunks() {
+                if next >= engine.num_chunks() && run.disk + 1 < self.group.disks() {
+                    // The next disk, in the next slice.
+                    run.disk += 1;
+                    run.cursor = 0;
+                } else if next >= engine.num_chunks() {
                     let run = g.running.take().expect("running");
                     tracing::info!(
                         id = run.id,
@@ -289,12 +314,23 @@ impl Replicator {
         }
     }
 
-    fn mark_all(&self) {
-        if let Some(r) = &self.record {
+    /// Marks every chunk of disk `d` for the next group (a full copy of it).
+    fn mark_all(&self, d: usize) {
+        if let Some(r) = &self.records[d] {
             // On disk first: a crash during the copy must not trust the record's bitmap.
             r.mark_all_dirty();
         }
-        self.group.mark_all();
+        self.group.engine(d).mark_all();
+    }
+
+    /// Chunks dirty on every disk (what the next group ships).
+    fn dirty_chunks(&self) -> u64 {
+        (0..self.group.disks())
+            .map(|d| {
+                let st = self.group.engine(d).stats();
+                st.oos_dirty + st.cr_dirty
+            })
+            .sum()
     }
 
     /// The link's status, shared with the control socket.
@@ -309,10 +345,9 @@ impl Replicator {
 
     fn connect(&mut self, stop: &AtomicBool) -> io::Result<()> {
         let mut cfg = self.cfg.clone();
-        let st = self.engine.stats();
-        let last = st.last_committed;
+        let last = self.group.last_committed();
         cfg.last_committed_cg = (last > 0).then_some(last);
-        cfg.unshipped = st.oos_dirty + st.cr_dirty > 0;
+        cfg.unshipped = self.dirty_chunks() > 0;
         let client = LinkClient::connect(cfg).map_err(|e| {
             if let crate::link::LinkError::Rejected(why) = &e {
                 // What the operator must see in `drblk ctl status`: a promoted secondary,
@@ -324,8 +359,8 @@ impl Replicator {
             io::Error::other(e.to_string())
         })?;
         let ack = client.hello_ack().clone();
-        // One disk: the client checked that the ack answers for exactly the one it sent.
-        let disk_ack = &ack.disks[0];
+        // The client checked that the ack answers for every disk it announced.
+        let disks = self.group.disks();
         self.status.connects.fetch_add(1, Ordering::Relaxed);
         let next = self.group.next_cg();
         match (ack.state, ack.last_committed_cg) {
@@ -336,29 +371,39 @@ impl Replicator {
             (ReplicaState::Consistent { cg, .. }, _) if last > 0 && cg >= last && cg < next => {
                 tracing::info!(secondary = %self.cfg.server_addr, cg, our_last = last, "secondary consistent at a group of ours: incremental resync");
             }
-            (ReplicaState::Consistent { cg, .. }, _) if self.seeded && cg >= last => {
+            (ReplicaState::Consistent { cg, .. }, _)
+                if self.seeded.iter().any(|&s| s) && cg >= last =>
+            {
                 tracing::info!(secondary = %self.cfg.server_addr, cg, record_acked = last, "secondary consistent at or above the change record's group: incremental resync of what the record marked");
+                // A disk whose record knew no acknowledged group (new in the group, or its
+                // record was unusable) may differ anywhere: compare it.
+                for d in (0..disks).filter(|&d| !self.seeded[d]) {
+                    tracing::info!(secondary = %self.cfg.server_addr, disk = d, "this disk's change record knew no acknowledged group: comparing it by checksums");
+                    self.checksum_resync(&client, d, stop)?;
+                }
                 self.group.resume_numbering(cg);
             }
             (ReplicaState::Consistent { cg, .. }, _) => {
                 tracing::info!(secondary = %self.cfg.server_addr, cg, our_last = last, "secondary holds a group this primary has no record of: comparing the disks by checksums; what differs is shipped as one group above it");
-                self.checksum_resync(&client, stop)?;
+                for d in 0..disks {
+                    self.checksum_resync(&client, d, stop)?;
+                }
                 self.group.resume_numbering(cg);
             }
-            (ReplicaState::Syncing { .. }, committed) if disk_ack.compare_first => {
-                tracing::info!(secondary = %self.cfg.server_addr, "secondary is syncing onto an image it had: comparing by checksums, shipping what differs");
-                self.checksum_resync(&client, stop)?;
-                if let Some(cg) = committed {
-                    self.group.resume_numbering(cg);
-                }
-            }
             (ReplicaState::Syncing { .. }, committed) => {
-                tracing::info!(secondary = %self.cfg.server_addr, "secondary is new or syncing: full copy");
                 if let Some(cg) = committed {
                     self.group.resume_numbering(cg);
                 }
-                self.mark_all();
-                self.status.full_resyncs.fetch_add(1, Ordering::Relaxed);
+                for (d, disk_ack) in ack.disks.iter().enumerate() {
+                    if disk_ack.compare_first {
+                        tracing::info!(secondary = %self.cfg.server_addr, disk = d, "secondary is syncing onto an image it had: comparing by checksums, shipping what differs");
+                        self.checksum_resync(&client, d, stop)?;
+                    } else {
+                        tracing::info!(secondary = %self.cfg.server_addr, disk = d, "secondary is new or syncing: full copy");
+                        self.mark_all(d);
+                        self.status.full_resyncs.fetch_add(1, Ordering::Relaxed);
+                    }
+                }
             }
             (ReplicaState::Promoted, _) => {
                 return Err(io::Error::other(
@@ -366,10 +411,13 @@ impl Replicator {
                 ))
             }
         }
-        if !disk_ack.resync_also.is_empty() {
+        for (d, disk_ack) in ack.disks.iter().enumerate() {
+            if disk_ack.resync_also.is_empty() {
+                continue;
+            }
             // An old primary rejoining: its own writes since the groups we share are shipped
             // on top of ours (the secondary keeps asking until a group commits).
-            let disk = &self.cfg.disks[0];
+            let disk = &self.cfg.disks[d];
             let chunk = u64::from(disk.chunk_size);
             let last_chunk = disk.size.div_ceil(chunk).saturating_sub(1);
             let mut marked = 0u64;
@@ -378,26 +426,25 @@ impl Replicator {
                     continue;
                 }
                 let (a, b) = (off / chunk, ((off + len - 1) / chunk).min(last_chunk));
-                self.engine.mark_range(a, b);
+                self.group.engine(d).mark_range(a, b);
                 marked += b - a + 1;
             }
-            tracing::info!(secondary = %self.cfg.server_addr, ranges = disk_ack.resync_also.len(), chunks = marked, "the secondary wrote these chunks on its own (an old primary rejoining): shipping ours over them");
+            tracing::info!(secondary = %self.cfg.server_addr, disk = d, ranges = disk_ack.resync_also.len(), chunks = marked, "the secondary wrote these chunks on its own (an old primary rejoining): shipping ours over them");
         }
-        if let Some(r) = &self.record {
-            // Every arm above left the engine holding every difference (a failed checksum
+        for r in self.records.iter().flatten() {
+            // Every arm above left the engines holding every difference (a failed checksum
             // resync returned before this, keeping the hold).
             r.hold_all_dirty(false);
         }
         *self.status.remote_state.lock().expect("status lock") = ack.state.to_string();
         *self.status.remote.lock().expect("status lock") = Some(ack.state);
         if let ReplicaState::Syncing { .. } = ack.state {
-            let st = self.engine.stats();
             self.status
                 .sync_total_chunks
-                .store(st.oos_dirty + st.cr_dirty, Ordering::Relaxed);
+                .store(self.dirty_chunks(), Ordering::Relaxed);
         }
         self.status.connected.store(true, Ordering::SeqCst);
-        self.seeded = false;
+        self.seeded.iter_mut().for_each(|s| *s = false);
         self.client = Some(client);
         self.seen = (0, 0);
         Ok(())
@@ -473,7 +520,6 @@ impl Replicator {
 
 impl ChunkSink for Replicator {
     fn extent(&mut self, ext: Extent, data: &[u8]) -> io::Result<()> {
-        debug_assert_eq!(ext.disk, 0, "a group of one disk (see `new`)");
         let r = self
             .client()?
             .send_extent(ext.disk, ext.cg, ext.first, ext.count, data);
@@ -492,7 +538,7 @@ impl ChunkSink for Replicator {
             Ok(()) => {
                 self.account();
                 self.secondary_recovered();
-                if let Some(r) = &self.record {
+                for r in self.records.iter().flatten() {
                     r.committed();
                 }
                 let state = ReplicaState::Consistent {
@@ -520,8 +566,7 @@ impl ChunkSink for Replicator {
             // The secondary failed to store a group. Say how much its journal needs for
             // the next one (what is dirty here now: the failed group merged back), then
             // give it time (space to be freed).
-            let st = self.engine.stats();
-            let need = (st.oos_dirty + st.cr_dirty) * self.engine.config().chunk_size;
+            let need = self.dirty_chunks() * self.group.engine(0).config().chunk_size;
             if let Some(e) = self
                 .status
                 .secondary_error

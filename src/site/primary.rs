@@ -14,8 +14,8 @@ use crate::blk::tracking::Tracking;
 use crate::blk::virtio::DeviceLimits;
 use crate::cg::{ChunkSource, Engine, Group};
 use crate::cli::ServeArgs;
-use crate::config::{CgSettings, ReplicationConfig, ServeConfig};
-use crate::control::{control_path, ControlServer, ControlState};
+use crate::config::{CgSettings, DiskConfig, ReplicationConfig, ServeConfig};
+use crate::control::{control_path, ControlServer, ControlState, Member};
 use crate::link::{ClientConfig, DiskInfo, SiteIdentity};
 use crate::replicate::cycle::{ChunkSink, Cycle};
 use crate::replicate::local::LocalReplica;
@@ -24,31 +24,50 @@ use crate::track::{ChangeRecord, Refresher, TrackConfig};
 
 /// A daemon running in a thread of this process (the CLI, the demo and tests use it).
 pub struct Server {
-    shared: Arc<DeviceShared>,
-    engine: Option<Arc<Engine>>,
-    /// The disk's engine as the group the cycle forms (one disk per daemon for now).
+    /// The disks, in the group's order.
+    disks: Vec<DiskServer>,
+    /// The disks' engines as the group the cycle forms.
     group: Option<Arc<Group>>,
     control: Arc<ControlState>,
-    _control_server: ControlServer,
+    _control_servers: Vec<ControlServer>,
     shutdown: Shutdown,
-    thread: Option<JoinHandle<anyhow::Result<()>>>,
     ship_nice: i32,
-    record: Option<Arc<ChangeRecord>>,
-    refresher: Option<Refresher>,
     metrics: Option<crate::metrics::MetricsServer>,
 }
 
+/// One disk of a daemon: its device, engine, change record and accept thread.
+struct DiskServer {
+    shared: Arc<DeviceShared>,
+    engine: Option<Arc<Engine>>,
+    record: Option<Arc<ChangeRecord>>,
+    refresher: Option<Refresher>,
+    thread: Option<JoinHandle<anyhow::Result<()>>>,
+}
+
+/// A disk opened for serving, before its socket listens.
+struct OpenedDisk {
+    disk: Arc<Disk>,
+    lineage: Option<crate::lineage::Lineage>,
+    engine: Option<Arc<Engine>>,
+    record: Option<Arc<ChangeRecord>>,
+    shared: Arc<DeviceShared>,
+}
+
 impl Server {
-    /// Opens the image, binds the socket and starts serving; returns once the socket accepts
-    /// connections.
+    /// Opens the images, binds the sockets and starts serving; returns once the sockets
+    /// accept connections.
     pub fn start(args: &ServeArgs) -> anyhow::Result<Server> {
         Self::start_with(ServeConfig::try_from(args)?)
     }
 
     /// [`Server::start`] with a validated configuration.
     pub fn start_with(cfg: ServeConfig) -> anyhow::Result<Server> {
-        // Locked first: whoever holds the socket's lock owns its control socket too.
-        let socket_lock = SocketLock::acquire(&cfg.socket)?;
+        // Locked first: whoever holds a socket's lock owns its control socket too.
+        let socket_locks = cfg
+            .disks
+            .iter()
+            .map(|d| SocketLock::acquire(&d.socket))
+            .collect::<Result<Vec<_>, _>>()?;
         // Before anything is created: a missing certificate must not leave a new image.
         let identity = match &cfg.replication {
             Some(r) => {
@@ -66,81 +85,63 @@ impl Server {
             .as_deref()
             .map(crate::metrics::MetricsServer::bind)
             .transpose()?;
-        let disk = Arc::new(Disk::open(&cfg.disk)?);
-        // Before any write: a replica or a demoted disk is refused here.
-        let lineage = super::role::lineage_for_serve(
-            disk.path(),
-            disk.readonly(),
-            cfg.replication.is_some() || cfg.local_replica.is_some(),
-        )?;
-        let limits = DeviceLimits::new(
-            disk.size(),
-            cfg.disk.logical_block_size,
-            cfg.queues,
-            cfg.queue_size,
-            disk.readonly(),
-        );
-        let engine = match &cfg.cg {
-            Some(cg) => {
-                let source: Arc<dyn ChunkSource> = disk.clone();
-                let engine = Engine::new(
-                    cg.engine_config(disk.size()),
-                    usize::from(cfg.queues),
-                    source,
-                )
-                .context("consistency groups")?;
-                Some(engine)
+        let opened = cfg
+            .disks
+            .iter()
+            .map(|dc| open_disk(&cfg, dc))
+            .collect::<anyhow::Result<Vec<_>>>()?;
+        // Which disks' records knew a group the secondary acknowledged: decided before the
+        // numbering is aligned below, which makes every engine look as far along.
+        let seeded: Vec<bool> = opened
+            .iter()
+            .map(|o| {
+                o.record.is_some()
+                    && o.engine
+                        .as_ref()
+                        .is_some_and(|e| e.stats().last_committed > 0)
+            })
+            .collect();
+        let group = match opened
+            .iter()
+            .map(|o| o.engine.clone())
+            .collect::<Option<Vec<_>>>()
+        {
+            Some(engines) => {
+                // The disks' records may have been acknowledged up to different groups (a
+                // crash between their updates): the group continues above the newest. A
+                // record behind it covers more than needed, which is harmless.
+                let last = engines
+                    .iter()
+                    .map(|e| e.stats().last_committed)
+                    .max()
+                    .unwrap_or(0);
+                engines.iter().for_each(|e| e.resume_numbering(last));
+                Some(Arc::new(
+                    Group::new(engines).context("forming the disks' consistency group")?,
+                ))
             }
             None => None,
         };
-        // The persisted change record goes with replication to a secondary: it decides what a
-        // restarted primary ships. It is opened (and seeds the engine) before any write.
-        let record = match (&cfg.replication, &engine) {
-            (Some(r), Some(engine)) => open_record(r, &disk, engine)?,
-            _ => None,
-        };
-        if record.is_none() && !disk.readonly() {
-            drop_untracked_record(disk.path())?;
-        }
-        let tracking = match (&record, &engine) {
-            (Some(rec), _) => Some(rec.tracking()),
-            (None, e) => e.clone().map(|e| e as Arc<dyn Tracking>),
-        };
-        let backing: Arc<dyn crate::blk::backing::Backing> = disk.clone();
-        #[cfg(feature = "fault-injection")]
-        let backing = crate::blk::fault::wrap(backing);
-        let executor = Arc::new(Executor::new(backing, &cfg.serial, tracking));
-        let shared = Arc::new(DeviceShared {
-            executor,
-            limits,
-            queue_size: cfg.queue_size,
-            threads: cfg.threads,
-            worker: WorkerOptions { poll: cfg.poll },
-            stats: DeviceStats::default(),
-        });
-        tracing::info!(
-            disk = %disk.path().display(),
-            size = disk.size(),
-            queues = cfg.queues,
-            queue_size = cfg.queue_size,
-            readonly = disk.readonly(),
-            direct = disk.direct(),
-            poll_us = cfg.poll.map_or(0, |p| p.as_micros()),
-            socket = %cfg.socket.display(),
-            "serving"
-        );
         let control = Arc::new(ControlState {
-            shared: shared.clone(),
-            engine: engine.clone(),
+            members: opened
+                .iter()
+                .zip(&cfg.disks)
+                .map(|(o, dc)| Member {
+                    shared: o.shared.clone(),
+                    engine: o.engine.clone(),
+                    record: o.record.clone(),
+                    socket: dc.socket.clone(),
+                })
+                .collect(),
             cycle: std::sync::Mutex::new(None),
             link: std::sync::Mutex::new(None),
-            record: record.clone(),
         });
         let ship_nice = cfg.cg.as_ref().map_or(0, |c| c.ship_nice);
-        let group = engine.as_ref().map(|e| Group::single(e.clone()));
         if let (Some(path), Some(group), Some(cg)) = (&cfg.local_replica, &group, &cfg.cg) {
             // Like a secondary's: journal, state and lock in `<replica>.state`, bound to the
-            // disk's identity so a replica of another disk is refused.
+            // disk's identity so a replica of another disk is refused. One disk only (the
+            // configuration refuses a group).
+            let disk = &opened[0].disk;
             let uuid = crate::replica::identity::load_or_create(disk.path())
                 .with_context(|| format!("reading the identity of {}", disk.path().display()))?;
             let state_dir = crate::replica::default_state_dir(path);
@@ -153,24 +154,24 @@ impl Server {
         if let (Some(r), Some(group), Some(cg), Some(identity)) =
             (&cfg.replication, &group, &cfg.cg, identity)
         {
-            let (replicator, link) = replicator_for(
-                r,
-                identity,
-                cg,
-                &disk,
-                group.clone(),
-                record.clone(),
-                lineage,
-            )?;
-            tracing::info!(secondary = %replicator.peer(), interval = ?cg.interval, "replicating");
+            let (replicator, link) =
+                replicator_for(r, identity, cg, &opened, group.clone(), seeded)?;
+            tracing::info!(secondary = %replicator.peer(), interval = ?cg.interval, disks = opened.len(), "replicating");
             let cycle = Cycle::start(group.clone(), Box::new(replicator), cg.interval, ship_nice);
             *control.cycle.lock().expect("cycle lock") = Some(cycle);
             *control.link.lock().expect("link lock") = Some(link);
         }
-        let control_server = ControlServer::start(
-            &control_path(&cfg.socket),
-            control.clone() as Arc<dyn crate::control::ControlHandler>,
-        )?;
+        // Every socket's control socket answers for the whole daemon.
+        let control_servers = cfg
+            .disks
+            .iter()
+            .map(|dc| {
+                ControlServer::start(
+                    &control_path(&dc.socket),
+                    control.clone() as Arc<dyn crate::control::ControlHandler>,
+                )
+            })
+            .collect::<Result<Vec<_>, _>>()?;
         let metrics = match metrics {
             Some(bound) => {
                 let c = control.clone();
@@ -180,44 +181,52 @@ impl Server {
             }
             None => None,
         };
-        // Listen last: a frontend (or a script waiting for the socket) that can connect finds
+        // Listen last: a frontend (or a script waiting for a socket) that can connect finds
         // the control socket and the replication cycle running.
-        let socket = socket_lock.bind(cfg.socket_mode)?;
         let shutdown = Shutdown::default();
-        let (s2, sd2) = (shared.clone(), shutdown.clone());
-        let thread = std::thread::Builder::new()
-            .name("drblk-accept".into())
-            .spawn(move || daemon::serve(s2, socket, sd2).map_err(anyhow::Error::from))
-            .context("spawning the accept thread")?;
-        let refresher = record
-            .as_ref()
-            .map(|r| r.start_refresher(std::time::Duration::from_secs(1)));
+        let mut disks = Vec::new();
+        for (o, lock) in opened.into_iter().zip(socket_locks) {
+            let socket = lock.bind(cfg.socket_mode)?;
+            let (s2, sd2) = (o.shared.clone(), shutdown.clone());
+            let thread = std::thread::Builder::new()
+                .name("drblk-accept".into())
+                .spawn(move || daemon::serve(s2, socket, sd2).map_err(anyhow::Error::from))
+                .context("spawning the accept thread")?;
+            let refresher = o
+                .record
+                .as_ref()
+                .map(|r| r.start_refresher(std::time::Duration::from_secs(1)));
+            disks.push(DiskServer {
+                shared: o.shared,
+                engine: o.engine,
+                record: o.record,
+                refresher,
+                thread: Some(thread),
+            });
+        }
         Ok(Server {
-            shared,
-            engine,
+            disks,
             group,
-            record,
-            refresher,
             control,
-            _control_server: control_server,
+            _control_servers: control_servers,
             shutdown,
-            thread: Some(thread),
             ship_nice,
             metrics,
         })
     }
 
-    /// The device state (counters, executor).
+    /// The first disk's device state (counters, executor).
     pub fn shared(&self) -> &Arc<DeviceShared> {
-        &self.shared
+        &self.disks[0].shared
     }
 
-    /// The consistency-group engine (with `--consistency-groups` or replication).
+    /// The first disk's consistency-group engine (with `--consistency-groups` or
+    /// replication).
     pub fn engine(&self) -> Option<&Arc<Engine>> {
-        self.engine.as_ref()
+        self.disks[0].engine.as_ref()
     }
 
-    /// The group the cycle forms (the engine's disk alone).
+    /// The group the cycle forms (every disk's engine).
     pub fn group(&self) -> Option<&Arc<Group>> {
         self.group.as_ref()
     }
@@ -237,7 +246,7 @@ impl Server {
     /// The change record's counters: (writes that added an extent to the activity log,
     /// metadata writes, fdatasyncs); None without a record.
     pub fn track_stats(&self) -> Option<(u64, u64, u64)> {
-        self.record.as_ref().map(|r| {
+        self.disks[0].record.as_ref().map(|r| {
             let s = r.stats();
             (
                 s.al_misses.load(std::sync::atomic::Ordering::Relaxed),
@@ -271,22 +280,34 @@ impl Server {
 
     /// Waits until the server stops (after a shutdown request).
     pub fn join(mut self) -> anyhow::Result<()> {
-        match self.thread.take() {
-            Some(t) => t
-                .join()
-                .map_err(|_| anyhow::anyhow!("the accept thread panicked"))?,
-            None => Ok(()),
-        }?;
+        // Every disk's accept thread, even after one failed: the others must stop too.
+        let mut result = Ok(());
+        for d in &mut self.disks {
+            let r = match d.thread.take() {
+                Some(t) => t
+                    .join()
+                    .map_err(|_| anyhow::anyhow!("the accept thread panicked"))
+                    .and_then(|r| r),
+                None => Ok(()),
+            };
+            if r.is_err() {
+                self.shutdown.request();
+                result = result.and(r);
+            }
+        }
+        result?;
         if let Some(c) = self.control.cycle.lock().expect("cycle lock").take() {
             c.stop()?;
         }
-        // Clean shutdown: no write runs any more, so the record can be made exact.
-        self.refresher.take();
-        if let Some(r) = self.record.take() {
-            if r.refresh(true).is_ok() {
-                tracing::info!(
-                    "change record closed clean: a restart ships exactly the unshipped chunks"
-                );
+        // Clean shutdown: no write runs any more, so the records can be made exact.
+        for d in &mut self.disks {
+            d.refresher.take();
+            if let Some(r) = d.record.take() {
+                if r.refresh(true).is_ok() {
+                    tracing::info!(
+                        "change record closed clean: a restart ships exactly the unshipped chunks"
+                    );
+                }
             }
         }
         Ok(())
@@ -301,39 +322,125 @@ impl Server {
 
 impl Drop for Server {
     fn drop(&mut self) {
-        if let Some(t) = self.thread.take() {
-            self.shutdown.request();
-            let _ = t.join();
+        self.shutdown.request();
+        for d in &mut self.disks {
+            if let Some(t) = d.thread.take() {
+                let _ = t.join();
+            }
         }
     }
 }
 
-/// Builds the link client for `--replicate-to`.
+/// Opens one disk of the daemon: the image, its lineage check, its engine and change
+/// record (which seeds the engine before any write), and its device.
+fn open_disk(cfg: &ServeConfig, dc: &DiskConfig) -> anyhow::Result<OpenedDisk> {
+    let disk = Arc::new(Disk::open(&dc.disk)?);
+    // Before any write: a replica or a demoted disk is refused here.
+    let lineage = super::role::lineage_for_serve(
+        disk.path(),
+        disk.readonly(),
+        cfg.replication.is_some() || cfg.local_replica.is_some(),
+    )?;
+    let limits = DeviceLimits::new(
+        disk.size(),
+        dc.disk.logical_block_size,
+        cfg.queues,
+        cfg.queue_size,
+        disk.readonly(),
+    );
+    let engine = match &cfg.cg {
+        Some(cg) => {
+            let source: Arc<dyn ChunkSource> = disk.clone();
+            let engine = Engine::new(
+                cg.engine_config(disk.size()),
+                usize::from(cfg.queues),
+                source,
+            )
+            .with_context(|| format!("consistency groups of {}", disk.path().display()))?;
+            Some(engine)
+        }
+        None => None,
+    };
+    // The persisted change record goes with replication to a secondary: it decides what a
+    // restarted primary ships. It is opened (and seeds the engine) before any write.
+    let record = match (&cfg.replication, &engine) {
+        (Some(r), Some(engine)) => open_record(r, &disk, engine)?,
+        _ => None,
+    };
+    if record.is_none() && !disk.readonly() {
+        drop_untracked_record(disk.path())?;
+    }
+    let tracking = match (&record, &engine) {
+        (Some(rec), _) => Some(rec.tracking()),
+        (None, e) => e.clone().map(|e| e as Arc<dyn Tracking>),
+    };
+    let backing: Arc<dyn crate::blk::backing::Backing> = disk.clone();
+    #[cfg(feature = "fault-injection")]
+    let backing = crate::blk::fault::wrap(backing);
+    let executor = Arc::new(Executor::new(backing, &dc.serial, tracking));
+    let shared = Arc::new(DeviceShared {
+        executor,
+        limits,
+        queue_size: cfg.queue_size,
+        threads: cfg.threads,
+        worker: WorkerOptions { poll: cfg.poll },
+        stats: DeviceStats::default(),
+    });
+    tracing::info!(
+        disk = %disk.path().display(),
+        size = disk.size(),
+        queues = cfg.queues,
+        queue_size = cfg.queue_size,
+        readonly = disk.readonly(),
+        direct = disk.direct(),
+        poll_us = cfg.poll.map_or(0, |p| p.as_micros()),
+        socket = %dc.socket.display(),
+        "serving"
+    );
+    Ok(OpenedDisk {
+        disk,
+        lineage,
+        engine,
+        record,
+        shared,
+    })
+}
+
+/// Builds the link client for `--replicate-to`: the group's disks in order, disk 0's
+/// lineage (the group's anchor) in the `Hello`, each disk's record and whether it seeded
+/// its engine.
 fn replicator_for(
     r: &ReplicationConfig,
     identity: SiteIdentity,
     cg: &CgSettings,
-    disk: &Disk,
+    disks: &[OpenedDisk],
     group: Arc<Group>,
-    record: Option<Arc<ChangeRecord>>,
-    lineage: Option<crate::lineage::Lineage>,
+    seeded: Vec<bool>,
 ) -> anyhow::Result<(Replicator, Arc<LinkStatus>)> {
     let addr = crate::link::resolve(&r.target)?;
-    let uuid = crate::replica::identity::load_or_create(disk.path())?;
-    let info = DiskInfo {
-        uuid,
-        size: disk.size(),
-        // Fits: checked against the link's 16 MiB limit by the configuration.
-        chunk_size: u32::try_from(cg.chunk_size).context("--chunk-size is too large")?,
-    };
-    info.validate()?;
-    let mut cfg = ClientConfig::new(identity, addr, &r.peer_site, info);
-    cfg.lineage = lineage;
+    // Fits: checked against the link's 16 MiB limit by the configuration.
+    let chunk_size = u32::try_from(cg.chunk_size).context("--chunk-size is too large")?;
+    let infos = disks
+        .iter()
+        .map(|o| {
+            let info = DiskInfo {
+                uuid: crate::replica::identity::load_or_create(o.disk.path())?,
+                size: o.disk.size(),
+                chunk_size,
+            };
+            info.validate()?;
+            Ok(info)
+        })
+        .collect::<anyhow::Result<Vec<_>>>()?;
+    let mut cfg = ClientConfig::new(identity, addr, &r.peer_site, infos[0]);
+    cfg.disks = infos;
+    cfg.lineage = disks[0].lineage.clone();
     cfg.max_rate = r.max_rate;
     cfg.compress = r.compress;
     cfg.data_streams = r.data_streams;
     cfg.thread_nice = cg.ship_nice;
-    let rep = Replicator::new(cfg, group).with_record(record);
+    let records = disks.iter().map(|o| o.record.clone()).collect();
+    let rep = Replicator::new(cfg, group).with_records(records, seeded);
     let status = rep.status();
     Ok((rep, status))
 }

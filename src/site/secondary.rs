@@ -30,14 +30,22 @@ mod drill;
 /// Where the secondary keeps its replica.
 #[derive(Clone, Debug)]
 pub struct SecondaryPaths {
-    /// The replica image.
-    pub image: PathBuf,
+    /// The replica images, one per disk of the primary's group, in its order (one disk:
+    /// one image). The first is the group's anchor: its lineage speaks for the group.
+    pub images: Vec<PathBuf>,
     /// Journal, state file and lock.
     pub state_dir: PathBuf,
     /// The operator's word that this disk's own writes may be discarded when the lineages
     /// say it rejoins from behind (an old primary), diverged (split brain) or is unrelated:
     /// it then takes the primary's copy as one staged group.
     pub discard_local_changes: bool,
+}
+
+impl SecondaryPaths {
+    /// The first disk's image (the group's anchor).
+    pub fn image(&self) -> &Path {
+        &self.images[0]
+    }
 }
 
 /// The link-facing side of a replica store.
@@ -52,9 +60,9 @@ pub struct StoreSink {
     /// This process promoted its replica (`drblk ctl --control PATH promote`): the disk is
     /// being served now, so no primary may write it, whatever the flags say.
     promoted_here: std::sync::atomic::AtomicBool,
-    /// This process created the replica image (empty): a sync copies it, comparing first
+    /// Per image: this process created it (empty); a sync copies it, comparing first
     /// would only read zeroes.
-    fresh_image: std::sync::atomic::AtomicBool,
+    fresh_images: Mutex<Vec<bool>>,
     /// `--discard-local-changes` was used once: it does not apply to a later handshake
     /// (a standing flag must not discard writes made after that).
     discard_used: std::sync::atomic::AtomicBool,
@@ -91,9 +99,10 @@ struct SinkCounters {
     store_error: Mutex<Option<String>>,
 }
 
-/// Called after each group was committed and applied, with its number and the image path
-/// (tests check the image there; nothing else touches it meanwhile).
-pub type CommitObserver = Box<dyn Fn(u64, &Path) + Send + Sync>;
+/// Called after each group was committed and applied, with its number and the image paths
+/// in the group's order (tests check the images there; nothing else touches them
+/// meanwhile).
+pub type CommitObserver = Box<dyn Fn(u64, &[PathBuf]) + Send + Sync>;
 
 impl StoreSink {
     /// A sink that opens the replica at `paths` on the first `Hello`.
@@ -105,7 +114,7 @@ impl StoreSink {
             on_commit,
             tail_pending: Default::default(),
             promoted_here: Default::default(),
-            fresh_image: Default::default(),
+            fresh_images: Default::default(),
             discard_used: Default::default(),
             drill: Mutex::new(None),
             last_drill_end: Mutex::new(None),
@@ -121,7 +130,14 @@ impl StoreSink {
         let Some(group) = crate::replica::stored_group(&self.paths.state_dir)? else {
             return Ok(());
         };
-        let spec = group.spec(std::slice::from_ref(&self.paths.image))?;
+        let spec = group.spec(&self.paths.images).with_context(|| {
+            format!(
+                "the replica in {} is a group of {} disks: give each of its images with \
+                 --disk, in the group's order",
+                self.paths.state_dir.display(),
+                group.disks.len()
+            )
+        })?;
         let (store, report) = ReplicaStore::open(&spec, &self.paths.state_dir)?;
         tracing::info!(?report, state = ?store.state(), "replica recovered");
         *self.store.lock().expect("store lock") = Some(store);
@@ -138,7 +154,7 @@ impl StoreSink {
         peer: &PeerInfo,
         store: &mut Option<ReplicaStore>,
     ) -> Result<(), String> {
-        let image = &self.paths.image;
+        let image = self.paths.image();
         if self.promoted_here.load(std::sync::atomic::Ordering::SeqCst) {
             return Err(format!(
                 "the secondary was promoted (through its control socket) and its disk {} is a primary now: it takes no replication; stop this `drblk secondary`",
@@ -207,26 +223,70 @@ impl StoreSink {
         if let Some(cg) = adopt_at {
             // Releases the state directory's lock (a promoted store left open).
             *store = None;
-            let disk = hello.single_disk().map_err(|r| r.to_string())?;
-            let spec = GroupSpec::single(image, disk.size, u64::from(hello.chunk_size), disk.uuid);
+            let spec = self.spec_of(hello);
             let (s, _) = ReplicaStore::adopt(&spec, &self.paths.state_dir, cg)
                 .map_err(|e| format!("cannot take {} in as a replica: {e}", image.display()))?;
-            tracing::info!(disk = %image.display(), cg, "disk taken in as a replica, consistent at CG {cg}");
+            tracing::info!(disk = %image.display(), disks = spec.disks.len(), cg, "disk taken in as a replica, consistent at CG {cg}");
             *store = Some(s);
         }
-        // From here the disk is a replica of the primary's generation. Written after the
-        // store is settled: a crash in between leaves a store whose lineage is re-judged.
+        // From here the disks are a replica of the primary's generation; every image of the
+        // group holds the same lineage. Written after the store is settled: a crash in
+        // between leaves a store whose lineage is re-judged (by the anchor's).
         if let Some(src) = &hello.lineage {
-            let current = Lineage::load(image).ok().flatten();
-            if current
-                .as_ref()
-                .is_none_or(|l| l.role != Role::Secondary || l.generation != src.generation)
-            {
-                let l = Lineage::replica_of(src.generation, &src.history);
-                l.store(image)
-                    .map_err(|e| format!("writing the lineage of {}: {e}", image.display()))?;
-                tracing::info!(disk = %image.display(), lineage = %l.describe(), "replica of the primary's generation");
+            for image in &self.paths.images {
+                let current = Lineage::load(image).ok().flatten();
+                if current
+                    .as_ref()
+                    .is_none_or(|l| l.role != Role::Secondary || l.generation != src.generation)
+                {
+                    let l = Lineage::replica_of(src.generation, &src.history);
+                    l.store(image)
+                        .map_err(|e| format!("writing the lineage of {}: {e}", image.display()))?;
+                    tracing::info!(disk = %image.display(), lineage = %l.describe(), "replica of the primary's generation");
+                }
             }
+        }
+        Ok(())
+    }
+
+    /// The store's group for `hello`: its disks' identities with this secondary's images,
+    /// in order (the caller checked they are as many).
+    fn spec_of(&self, hello: &Hello) -> GroupSpec {
+        GroupSpec {
+            disks: hello
+                .disks
+                .iter()
+                .zip(&self.paths.images)
+                .map(|(d, image)| crate::replica::DiskSpec {
+                    image: image.clone(),
+                    uuid: d.uuid,
+                    size: d.size,
+                })
+                .collect(),
+            chunk_size: u64::from(hello.chunk_size),
+        }
+    }
+
+    /// Refuses a primary whose group is not this secondary's disks: another number of
+    /// disks (with what to give on the command line).
+    fn check_group(&self, hello: &Hello) -> Result<(), RejectReason> {
+        let (theirs, ours) = (hello.disks.len(), self.paths.images.len());
+        if theirs == 0 {
+            return Err(RejectReason::Other("the Hello announces no disk".into()));
+        }
+        if theirs != ours {
+            return Err(RejectReason::Other(format!(
+                "the primary replicates a group of {theirs} disk{}; this secondary keeps {ours} \
+                 ({}): give `drblk secondary` one --disk per disk of the primary, in the order \
+                 of the primary's --disk options",
+                if theirs == 1 { "" } else { "s" },
+                self.paths
+                    .images
+                    .iter()
+                    .map(|p| p.display().to_string())
+                    .collect::<Vec<_>>()
+                    .join(", ")
+            )));
         }
         Ok(())
     }
@@ -301,12 +361,20 @@ impl StoreSink {
         let store = g
             .as_mut()
             .context("no replica here yet: no primary ever connected")?;
+        if store.disks() > 1 {
+            // doc/design/multi-disk-groups.md step 7: one state write, then every disk's
+            // identity, record and lineage.
+            anyhow::bail!(
+                "this replica is a group of {} disks: promoting a group is not supported yet",
+                store.disks()
+            );
+        }
         let group = crate::replica::stored_group(&self.paths.state_dir)?
             .context("the replica's state.json is gone")?;
-        let lineage = Lineage::load(&self.paths.image)?;
+        let lineage = Lineage::load(self.paths.image())?;
         let p = promote_store(
             store,
-            &self.paths.image,
+            self.paths.image(),
             group.disks[0].uuid,
             lineage,
             force,
@@ -355,12 +423,12 @@ impl StoreSink {
         let drill = self.drill_status();
         let c = &self.counters;
         SecondaryStatus {
-            disk: self.paths.image.display().to_string(),
+            disk: self.paths.image().display().to_string(),
             state_dir: self.paths.state_dir.display().to_string(),
             state: line,
             last_committed_cg: cg,
             primary_state_age_ms: age,
-            lineage: Lineage::load(&self.paths.image).ok().flatten(),
+            lineage: Lineage::load(self.paths.image()).ok().flatten(),
             replica: opened.then_some(state),
             chunk_size,
             primary_connected: c.connected.load(Relaxed),
@@ -447,7 +515,7 @@ static IMAGE_FAILURES: crate::sys::log_limit::LogLimiter =
 
 impl ReplicaSink for StoreSink {
     fn hello(&self, hello: &Hello, peer: &PeerInfo) -> Result<HelloAck, RejectReason> {
-        let disk = hello.single_disk()?;
+        self.check_group(hello)?;
         let mut g = self.store.lock().expect("store lock");
         if let Err(e) = self.judge_lineage(hello, peer, &mut g) {
             if let Some(a) = REFUSALS.admit() {
@@ -456,10 +524,14 @@ impl ReplicaSink for StoreSink {
             return Err(RejectReason::Other(e));
         }
         if g.is_none() {
-            match ensure_image(&self.paths.image, disk.size) {
-                Ok(fresh) => self
-                    .fresh_image
-                    .store(fresh, std::sync::atomic::Ordering::SeqCst),
+            let spec = self.spec_of(hello);
+            let fresh = spec
+                .disks
+                .iter()
+                .map(|d| ensure_image(&d.image, d.size))
+                .collect::<anyhow::Result<Vec<bool>>>();
+            match fresh {
+                Ok(fresh) => *self.fresh_images.lock().expect("fresh images") = fresh,
                 Err(e) => {
                     if let Some(a) = IMAGE_FAILURES.admit() {
                         tracing::error!(error = %e, "cannot prepare the replica image{}", a.note());
@@ -467,15 +539,9 @@ impl ReplicaSink for StoreSink {
                     return Err(RejectReason::Other(format!("{e:#}")));
                 }
             }
-            let spec = GroupSpec::single(
-                &self.paths.image,
-                disk.size,
-                u64::from(hello.chunk_size),
-                disk.uuid,
-            );
             match ReplicaStore::open(&spec, &self.paths.state_dir) {
                 Ok((store, report)) => {
-                    tracing::info!(?report, state = ?store.state(), disk = %uuid_hex(&disk.uuid), "replica opened");
+                    tracing::info!(?report, state = ?store.state(), disk = %uuid_hex(&spec.disks[0].uuid), disks = spec.disks.len(), "replica opened");
                     *g = Some(store);
                 }
                 Err(e) => {
@@ -494,25 +560,31 @@ impl ReplicaSink for StoreSink {
         if !matches!(store.state(), ReplicaState::Syncing { .. }) {
             let _ = store.discard_uncommitted();
         }
-        // An old primary's change record next to the image: its own writes, which the
-        // primary must overwrite. Kept (and sent at each connection) until a group commits.
-        let record = crate::track::default_record_path(&self.paths.image);
-        let resync_also = if record.exists() {
-            let r = crate::site::rejoin::tail_ranges(&self.paths.image, disk.size)
-                .unwrap_or_else(|| vec![(0, disk.size)]);
-            let bytes: u64 = r.iter().map(|x| x.1).sum();
-            tracing::info!(ranges = r.len(), bytes, "asking the primary to overwrite what this disk wrote on its own (its change record)");
-            self.tail_pending
-                .store(true, std::sync::atomic::Ordering::SeqCst);
-            r
-        } else {
-            Vec::new()
-        };
-        tracing::info!(peer = %peer.addr, site = %peer.site, state = ?store.state(), "primary connected");
-        // A syncing replica whose image was there before (its state was reset, or an
-        // earlier sync was interrupted): most of it may already be right.
-        let compare_first = matches!(store.state(), ReplicaState::Syncing { .. })
-            && !self.fresh_image.load(std::sync::atomic::Ordering::SeqCst);
+        let syncing = matches!(store.state(), ReplicaState::Syncing { .. });
+        let fresh = self.fresh_images.lock().expect("fresh images").clone();
+        let mut disks = Vec::new();
+        for (d, (image, desc)) in self.paths.images.iter().zip(&hello.disks).enumerate() {
+            // An old primary's change record next to the image: its own writes, which the
+            // primary must overwrite. Kept (and sent at each connection) until a group
+            // commits.
+            let record = crate::track::default_record_path(image);
+            let resync_also = if record.exists() {
+                let r = crate::site::rejoin::tail_ranges(image, desc.size)
+                    .unwrap_or_else(|| vec![(0, desc.size)]);
+                let bytes: u64 = r.iter().map(|x| x.1).sum();
+                tracing::info!(disk = %image.display(), ranges = r.len(), bytes, "asking the primary to overwrite what this disk wrote on its own (its change record)");
+                self.tail_pending
+                    .store(true, std::sync::atomic::Ordering::SeqCst);
+                r
+            } else {
+                Vec::new()
+            };
+            // A syncing replica whose image was there before (its state was reset, or an
+            // earlier sync was interrupted): most of it may already be right.
+            let compare_first = syncing && !fresh.get(d).copied().unwrap_or(false);
+            disks.push((compare_first, resync_also));
+        }
+        tracing::info!(peer = %peer.addr, site = %peer.site, state = ?store.state(), disks = disks.len(), "primary connected");
         let c = &self.counters;
         c.connected.store(true, Relaxed);
         c.connections.fetch_add(1, Relaxed);
@@ -532,11 +604,14 @@ impl ReplicaSink for StoreSink {
             last_committed_cg: store.last_committed_cg(),
             state: store.state(),
             site: self.site.clone(),
-            disks: vec![DiskAck {
-                state,
-                compare_first,
-                resync_also,
-            }],
+            disks: disks
+                .into_iter()
+                .map(|(compare_first, resync_also)| DiskAck {
+                    state,
+                    compare_first,
+                    resync_also,
+                })
+                .collect(),
         })
     }
 
@@ -617,25 +692,34 @@ impl ReplicaSink for StoreSink {
             }
             c.applied_bytes
                 .fetch_add(c.staged_bytes.swap(0, Relaxed), Relaxed);
-            // The image holds a group now: worth comparing with after any later reset.
-            self.fresh_image
-                .store(false, std::sync::atomic::Ordering::SeqCst);
+            // The images hold a group now: worth comparing with after any later reset.
+            self.fresh_images
+                .lock()
+                .expect("fresh images")
+                .iter_mut()
+                .for_each(|f| *f = false);
             if self
                 .tail_pending
                 .swap(false, std::sync::atomic::Ordering::SeqCst)
             {
-                // The group held this disk's own writes (asked for in the HelloAck): the
-                // record that listed them is done with. A crash before the removal only
+                // The group held these disks' own writes (asked for in the HelloAck): the
+                // records that listed them are done with. A crash before the removal only
                 // ships them once more.
-                let record = crate::track::default_record_path(&self.paths.image);
-                if let Err(e) = std::fs::remove_file(&record) {
-                    tracing::warn!(record = %record.display(), error = %e, "cannot remove the old primary's change record");
-                } else {
-                    tracing::info!(record = %record.display(), cg, "this disk's own writes are overwritten: its old change record is removed");
+                for image in &self.paths.images {
+                    let record = crate::track::default_record_path(image);
+                    match std::fs::remove_file(&record) {
+                        Err(e) if e.kind() == std::io::ErrorKind::NotFound => {}
+                        Err(e) => {
+                            tracing::warn!(record = %record.display(), error = %e, "cannot remove the old primary's change record")
+                        }
+                        Ok(()) => {
+                            tracing::info!(record = %record.display(), cg, "this disk's own writes are overwritten: its old change record is removed")
+                        }
+                    }
                 }
             }
             if let Some(f) = &self.on_commit {
-                f(cg, &self.paths.image);
+                f(cg, &self.paths.images);
             }
             Ok(())
         })
@@ -867,7 +951,7 @@ pub fn run(args: crate::cli::SecondaryArgs) -> anyhow::Result<()> {
         .map(crate::metrics::MetricsServer::bind)
         .transpose()?;
     let paths = SecondaryPaths {
-        image: args.disk.clone(),
+        images: args.disk.clone(),
         state_dir: args.state_dir(),
         discard_local_changes: args.discard_local_changes,
     };

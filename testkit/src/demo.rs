@@ -104,7 +104,7 @@ pub fn run(args: DemoArgs) -> anyhow::Result<()> {
     let identity = drblk::link::SiteIdentity::load(&certs, "secondary")?;
     let secondary = Secondary::start(
         SecondaryPaths {
-            image: replica.clone(),
+            images: vec![replica.clone()],
             state_dir: dir.join("secondary.state"),
             discard_local_changes: false,
         },

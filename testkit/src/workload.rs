@@ -91,7 +91,12 @@ pub fn drive(
     size: u64,
     done: impl FnMut() -> bool,
 ) -> u64 {
-    run(f, history, size, 0x853c49e6748fea9b, true, done)
+    let mode = Mode {
+        seed: 0x853c49e6748fea9b,
+        finish_inflight: true,
+        ping_pong: false,
+    };
+    run(std::slice::from_mut(f), history, size, mode, done)
 }
 
 /// Like [`drive`], for a device that may die under the workload (`kill -9`): block choices
@@ -105,49 +110,96 @@ pub fn drive_until_killed(
     seed: u64,
     done: impl FnMut() -> bool,
 ) -> u64 {
-    run(f, history, size, seed | 1, false, done)
+    let mode = Mode {
+        seed: seed | 1,
+        finish_inflight: false,
+        ping_pong: false,
+    };
+    run(std::slice::from_mut(f), history, size, mode, done)
+}
+
+/// The workload over the disks of a group, one frontend per disk, each of `size` bytes:
+/// the history's blocks are the disks' blocks one disk after the other, so
+/// [`History::check`] runs on the images concatenated in the group's order. Dependencies
+/// cross the disks: a write to one disk is issued after writes to the others completed.
+/// With `ping_pong`, strictly so: one write in flight at a time, on each disk in turn, so
+/// every write depends on the previous one, which was on another disk.
+pub fn drive_group(
+    fs: &mut [TestFrontend],
+    history: &Arc<Mutex<History>>,
+    size: u64,
+    ping_pong: bool,
+    done: impl FnMut() -> bool,
+) -> u64 {
+    let mode = Mode {
+        seed: 0x2545f4914f6cdd1d,
+        finish_inflight: true,
+        ping_pong,
+    };
+    run(fs, history, size, mode, done)
+}
+
+struct Mode {
+    /// Block choices.
+    seed: u64,
+    /// Wait for the writes in flight when `done()` (a complete history).
+    finish_inflight: bool,
+    /// One write in flight at a time, on each disk in turn.
+    ping_pong: bool,
 }
 
 fn run(
-    f: &mut TestFrontend,
+    fs: &mut [TestFrontend],
     history: &Arc<Mutex<History>>,
     size: u64,
-    seed: u64,
-    finish_inflight: bool,
+    mode: Mode,
     mut done: impl FnMut() -> bool,
 ) -> u64 {
     let blocks = size / BLOCK;
     // The workload: DEPTH writes in flight per queue, each to a block with no write in flight.
-    let mut rng = seed;
+    let mut rng = mode.seed;
     let mut next = move || {
         rng ^= rng << 13;
         rng ^= rng >> 7;
         rng ^= rng << 17;
         rng
     };
-    let mut inflight: Vec<Vec<Option<u64>>> = vec![vec![None; DEPTH]; 2];
+    let n = fs.len();
+    let mut inflight: Vec<Vec<Vec<Option<u64>>>> = vec![vec![vec![None; DEPTH]; 2]; n];
     let mut busy_blocks = HashSet::new();
     let mut writes = 0u64;
+    // Ping-pong: the disk whose turn it is, and whether a write is in flight.
+    let mut turn = 0usize;
+    let mut one_in_flight = false;
     loop {
-        // Consume used entries (the device's view); a slot whose status byte is set is done.
-        for q in 0..2 {
-            f.poll_used(q).unwrap();
-        }
-        for q in 0..2 {
-            for slot in 0..DEPTH {
-                if let Some(id) = inflight[q][slot] {
-                    let st = f.slot_status(q, slot);
-                    if st != 0xff {
-                        assert_eq!(st, 0, "write {id} failed");
-                        let mut h = history.lock().unwrap();
-                        h.completions.push(id);
-                        busy_blocks.remove(&h.block[id as usize - 1]);
-                        inflight[q][slot] = None;
+        for (d, f) in fs.iter_mut().enumerate() {
+            // Consume used entries (the device's view); a slot whose status byte is set is
+            // done.
+            for q in 0..2 {
+                f.poll_used(q).unwrap();
+            }
+            for q in 0..2 {
+                for slot in 0..DEPTH {
+                    if let Some(id) = inflight[d][q][slot] {
+                        let st = f.slot_status(q, slot);
+                        if st != 0xff {
+                            assert_eq!(st, 0, "write {id} failed");
+                            let mut h = history.lock().unwrap();
+                            h.completions.push(id);
+                            busy_blocks.remove(&h.block[id as usize - 1]);
+                            inflight[d][q][slot] = None;
+                            one_in_flight = false;
+                        }
                     }
-                }
-                if inflight[q][slot].is_none() {
+                    if inflight[d][q][slot].is_some() {
+                        continue;
+                    }
+                    if mode.ping_pong && (one_in_flight || turn != d) {
+                        continue;
+                    }
+                    // A block of this disk (the history numbers the group's blocks).
                     let b = loop {
-                        let b = next() % blocks;
+                        let b = d as u64 * blocks + next() % blocks;
                         if !busy_blocks.contains(&b) {
                             break b;
                         }
@@ -169,12 +221,14 @@ fn run(
                         q,
                         slot,
                         VIRTIO_BLK_T_OUT,
-                        b * BLOCK / 512,
+                        (b - d as u64 * blocks) * BLOCK / 512,
                         &[Desc::r(buf, BLOCK as u32)],
                     )
                     .unwrap();
-                    inflight[q][slot] = Some(id);
+                    inflight[d][q][slot] = Some(id);
                     writes += 1;
+                    one_in_flight = true;
+                    turn = (d + 1) % n;
                 }
             }
         }
@@ -182,21 +236,23 @@ fn run(
             break;
         }
     }
-    if !finish_inflight {
+    if !mode.finish_inflight {
         return writes;
     }
     // Let the writes in flight finish, so the history is complete.
-    for q in 0..2 {
-        for slot in 0..DEPTH {
-            if let Some(id) = inflight[q][slot] {
-                let t = std::time::Instant::now();
-                while f.slot_status(q, slot) == 0xff
-                    && t.elapsed() < std::time::Duration::from_secs(120)
-                {
-                    std::thread::sleep(std::time::Duration::from_micros(50));
+    for (d, f) in fs.iter().enumerate() {
+        for q in 0..2 {
+            for slot in 0..DEPTH {
+                if let Some(id) = inflight[d][q][slot] {
+                    let t = std::time::Instant::now();
+                    while f.slot_status(q, slot) == 0xff
+                        && t.elapsed() < std::time::Duration::from_secs(120)
+                    {
+                        std::thread::sleep(std::time::Duration::from_micros(50));
+                    }
+                    let mut h = history.lock().unwrap();
+                    h.completions.push(id);
                 }
-                let mut h = history.lock().unwrap();
-                h.completions.push(id);
             }
         }
     }

@@ -43,12 +43,12 @@ pub fn fill_pattern(path: &Path, size: u64) {
 pub fn start(size: u64, tweak: impl FnOnce(&mut ServeArgs)) -> Served {
     let dir = tempfile::tempdir().unwrap();
     let mut args = serve_args(dir.path(), size);
-    fill_pattern(&args.disk, size);
+    fill_pattern(&args.disk[0], size);
     tweak(&mut args);
     let server = Server::start(&args).unwrap();
     Served {
-        disk: args.disk.clone(),
-        socket: args.socket.clone(),
+        disk: args.disk[0].clone(),
+        socket: args.socket[0].clone(),
         dir,
         server: Some(server),
     }

@@ -55,6 +55,7 @@ fn primary_status() -> PrimaryStatus {
             secondary_error: None,
         }),
         track: None,
+        group: Vec::new(),
     }
 }
 
@@ -192,4 +193,27 @@ fn either_status_is_told_from_its_json() {
     let v = serde_json::to_value(crate::control::Reply::ok(&s)).unwrap();
     assert_eq!(AnyStatus::from_json(v).unwrap(), AnyStatus::Secondary(s));
     assert!(AnyStatus::from_json(serde_json::json!({"ok": true, "state_dir": 3})).is_err());
+}
+
+#[test]
+fn a_group_lists_every_disk() {
+    let mut p = primary_status();
+    p.group = ["db", "log"]
+        .iter()
+        .map(|n| crate::control::MemberStatus {
+            disk: format!("/var/lib/vm/{n}.img"),
+            socket: format!("/run/vm/{n}.sock"),
+            size: 1 << 30,
+            frontends_connected: 1,
+            requests: 5,
+            dirty_chunks: Some(0),
+            track: None,
+        })
+        .collect();
+    let text = render(&AnyStatus::Primary(p), None);
+    assert!(
+        text.contains("group       disk 0: /var/lib/vm/db.img on /run/vm/db.sock (1.00 GiB)")
+            && text.contains("disk 1: /var/lib/vm/log.img on /run/vm/log.sock"),
+        "{text}"
+    );
 }
