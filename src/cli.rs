@@ -373,9 +373,10 @@ impl SecondaryArgs {
 /// tracks every change from this point. Run it with the secondary stopped.
 #[derive(Debug, Args, Clone)]
 pub struct PromoteArgs {
-    /// The replica image.
-    #[arg(long, value_name = "PATH")]
-    pub disk: PathBuf,
+    /// The replica image. For a replica of a group of disks, repeat --disk for each of its
+    /// images, in the order `drblk secondary` was given them: the group is promoted as one.
+    #[arg(long, value_name = "PATH", required = true)]
+    pub disk: Vec<PathBuf>,
 
     /// The replica's state directory, as given to `drblk secondary` (default: DISK.state).
     #[arg(long, value_name = "DIR")]
@@ -391,7 +392,7 @@ impl PromoteArgs {
     pub fn state_dir(&self) -> PathBuf {
         self.state_dir
             .clone()
-            .unwrap_or_else(|| crate::replica::default_state_dir(&self.disk))
+            .unwrap_or_else(|| crate::replica::default_state_dir(&self.disk[0]))
     }
 }
 

@@ -307,3 +307,184 @@ fn a_secondary_killed_mid_commit_recovers_both_disks_to_one_group() {
     );
     drop(sec);
 }
+
+/// `drblk ARGS...` run to completion.
+fn drblk(args: &[&str], paths: &[(&str, &Path)]) -> std::process::Output {
+    let mut c = Command::new(BIN);
+    c.args(args);
+    for (flag, p) in paths {
+        c.arg(flag).arg(p);
+    }
+    c.output().unwrap()
+}
+
+fn text(o: &std::process::Output) -> String {
+    format!(
+        "{}{}",
+        String::from_utf8_lossy(&o.stdout),
+        String::from_utf8_lossy(&o.stderr)
+    )
+}
+
+/// One failover round of a group: dependent writes across both disks, `kill -9` of both
+/// sites (the secondary first in odd rounds: mid-apply), the replicas refused for serving
+/// until `drblk promote` takes both; the pair holds one group at least as new as the last
+/// one the primary saw acknowledged, passes the cross-disk check, and is served as a group.
+fn failover_round(seed: u64) {
+    let tmp = tempfile::tempdir().unwrap();
+    let g = Group::new(tmp.path());
+    let certs = make_certs(tmp.path());
+    let port = common::free_udp_port();
+    let mut sec = secondary(&g, port, &certs, &[]);
+    let mut pri = g.primary(&format!("127.0.0.1:{port}"), &certs);
+    wait_until("the initial sync", 120, || committed(&g.socks[0]) > 0);
+    let history = Arc::new(Mutex::new(History::new(2 * SIZE)));
+    let stop = Arc::new(AtomicBool::new(false));
+    let writer = {
+        let (socks, h, stop) = (g.socks.clone(), history.clone(), stop.clone());
+        std::thread::spawn(move || {
+            let mut fs: Vec<TestFrontend> = socks
+                .iter()
+                .map(|s| TestFrontend::connect(s, 2, 256, true).unwrap())
+                .collect();
+            common::dw::drive_group_until_killed(&mut fs, &h, SIZE, seed, || {
+                stop.load(Ordering::SeqCst)
+            })
+        })
+    };
+    let mut acked = 0;
+    let t0 = Instant::now();
+    while t0.elapsed() < Duration::from_millis(300 + 400 * (seed % 3)) {
+        acked = acked.max(committed(&g.socks[0]));
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    let (first, second) = if seed % 2 == 1 {
+        (&mut sec, &mut pri)
+    } else {
+        (&mut pri, &mut sec)
+    };
+    let _ = first.0.kill();
+    std::thread::sleep(Duration::from_millis(7 * (seed % 13)));
+    let _ = second.0.kill();
+    let _ = pri.0.wait();
+    let _ = sec.0.wait();
+    stop.store(true, Ordering::SeqCst);
+    let writes = writer.join().unwrap();
+
+    // Neither replica may be served before the promotion.
+    for r in &g.replicas {
+        let refused = drblk(
+            &["serve"],
+            &[("--disk", r), ("--socket", &tmp.path().join("r.sock"))],
+        );
+        assert!(!refused.status.success(), "served an unpromoted replica");
+        assert!(
+            text(&refused).contains("drblk promote --disk"),
+            "{}",
+            text(&refused)
+        );
+    }
+    // One image of the group alone is not promoted: the group is one.
+    let alone = drblk(&["promote"], &[("--disk", &g.replicas[0])]);
+    assert!(!alone.status.success());
+    assert!(
+        text(&alone).contains("group of 2 disks"),
+        "{}",
+        text(&alone)
+    );
+    let out = drblk(
+        &["promote"],
+        &[("--disk", &g.replicas[0]), ("--disk", &g.replicas[1])],
+    );
+    let said = text(&out);
+    assert!(
+        out.status.success(),
+        "promote failed: {said}\n{}",
+        g.log("secondary")
+    );
+    let cg: u64 = said
+        .split(" at CG ")
+        .nth(1)
+        .and_then(|t| t.split(':').next())
+        .and_then(|n| n.parse().ok())
+        .unwrap_or_else(|| panic!("no CG in {said:?}"));
+    assert!(
+        cg >= acked,
+        "promoted at CG {cg}, the primary saw {acked} acknowledged"
+    );
+    let img = Group::replicas_image(&g.replicas);
+    if let Err(e) = history.lock().unwrap().check(&img) {
+        panic!("the promoted pair is not one consistent state: {e}\n{said}");
+    }
+    // One generation for both.
+    let lineages: Vec<_> = g
+        .replicas
+        .iter()
+        .map(|r| drblk::lineage::Lineage::load(r).unwrap().unwrap())
+        .collect();
+    assert_eq!(lineages[0].generation, lineages[1].generation);
+    assert_eq!(lineages[1].role, drblk::lineage::Role::Promoted);
+    let again = drblk(
+        &["promote"],
+        &[("--disk", &g.replicas[0]), ("--disk", &g.replicas[1])],
+    );
+    assert!(
+        text(&again).contains("already promoted"),
+        "{}",
+        text(&again)
+    );
+
+    // The promoted pair is served as one group, and reads back what it holds.
+    let socks = [tmp.path().join("pa.sock"), tmp.path().join("pb.sock")];
+    let log = std::fs::File::create(tmp.path().join("promoted.log")).unwrap();
+    let mut c = Command::new(BIN);
+    c.args(["serve", "--queues", "2"]);
+    for (r, s) in g.replicas.iter().zip(&socks) {
+        c.arg("--disk").arg(r).arg("--socket").arg(s);
+    }
+    let mut served = KillOnDrop(c.stdout(Stdio::null()).stderr(log).spawn().unwrap());
+    wait_until("the promoted pair to be served", 120, || {
+        assert!(
+            served.0.try_wait().unwrap().is_none(),
+            "serving the promoted pair failed:\n{}",
+            std::fs::read_to_string(tmp.path().join("promoted.log")).unwrap_or_default()
+        );
+        socks
+            .iter()
+            .all(|s| std::os::unix::net::UnixStream::connect(s).is_ok())
+    });
+    for (d, s) in socks.iter().enumerate() {
+        let mut f = TestFrontend::connect(s, 2, 256, true).unwrap();
+        for block in [0u64, SIZE / 4096 / 2, SIZE / 4096 - 1] {
+            let (st, _) = f
+                .request(
+                    0,
+                    virtio_bindings::virtio_blk::VIRTIO_BLK_T_IN,
+                    block * 8,
+                    &[drblk_testkit::test_frontend::Desc::w(
+                        drblk_testkit::test_frontend::DATA_BASE,
+                        4096,
+                    )],
+                )
+                .unwrap();
+            assert_eq!(st, 0, "read of block {block} of disk {d}");
+            let got = f
+                .read_mem(drblk_testkit::test_frontend::DATA_BASE, 4096)
+                .unwrap();
+            let at = (d as u64 * SIZE + block * 4096) as usize;
+            assert!(got == img[at..at + 4096], "block {block} of disk {d}");
+        }
+    }
+    println!("round {seed}: {writes} writes, the pair promoted at CG {cg} (acknowledged {acked})");
+}
+
+#[test]
+fn failover_of_a_group_promotes_both_disks_at_one_group() {
+    let rounds: u64 = std::env::var("DRBLK_GROUP_FAILOVER_ROUNDS")
+        .ok()
+        .and_then(|v| v.parse().ok())
+        .unwrap_or(2);
+    for r in 0..rounds {
+        failover_round(0x6e0u64 << 16 | r);
+    }
+}

@@ -7,13 +7,18 @@
 //! 1. Open the replica store (crash recovery: the image holds the last committed CG).
 //! 2. Mark the store promoted (`state.json`; a link loss's checkpoint first): from here no
 //!    primary can replicate into it.
-//! 3. Write the disk's identity next to the image (`IMAGE.drblk-id`, the replicated disk's
+//! 3. Write each disk's identity next to its image (`IMAGE.drblk-id`, the replicated disk's
 //!    uuid), so `drblk serve` replicates it as the same disk.
-//! 4. Write an empty, clean change record acknowledged at the CG: the promoted side ships
-//!    only what it writes after the promotion.
-//! 5. Write the lineage (role promoted, new generation): this is what lets `drblk serve`
-//!    write the image, so it comes last. A crash before it leaves a disk `drblk serve`
-//!    still refuses; running `drblk promote` again redoes 3–5 (each is idempotent).
+//! 4. Write each disk an empty, clean change record acknowledged at the CG: the promoted
+//!    side ships only what it writes after the promotion.
+//! 5. Write the lineage (role promoted, one new generation for the whole group): this is
+//!    what lets `drblk serve` write the images, so it comes last — the other disks' first,
+//!    the first disk's (the group's anchor) last. A crash before the anchor's leaves
+//!    disks `drblk serve` still refuses; running `drblk promote` again redoes 3–5 (each is
+//!    idempotent), and only an anchor promoted means the whole group is.
+//!
+//! A group of several disks (`drblk secondary --disk A --disk B`) is promoted as one: one
+//! state write makes every image the same group, and each disk gets the steps above.
 
 use std::path::{Path, PathBuf};
 
@@ -25,8 +30,8 @@ use crate::replica::{Error as StoreError, ReplicaState, ReplicaStore};
 /// What a promotion did.
 #[derive(Debug, Clone)]
 pub struct Promotion {
-    /// The promoted image.
-    pub image: PathBuf,
+    /// The promoted images, in the group's order (one for a single disk).
+    pub images: Vec<PathBuf>,
     /// The CG the image holds (0 for a forced promotion of a syncing replica).
     pub cg: u64,
     /// When the primary froze that CG (Unix microseconds; 0 if unknown).
@@ -47,7 +52,12 @@ pub struct Promotion {
 impl Promotion {
     /// What `drblk promote` prints.
     pub fn report(&self) -> String {
-        let img = self.image.display();
+        let img = self
+            .images
+            .iter()
+            .map(|p| p.display().to_string())
+            .collect::<Vec<_>>()
+            .join(" and ");
         if self.already {
             return format!(
                 "{img} was already promoted at CG {} ({}); nothing changed",
@@ -88,8 +98,16 @@ impl Promotion {
                 "\nit also holds writes of its own from before it rejoined, not yet overwritten by the primary's: the next replication from it compares the disks by checksums",
             );
         }
+        let serve: String = if self.images.len() == 1 {
+            format!("it with: drblk serve --disk {img} --socket SOCKET")
+        } else {
+            self.images.iter().enumerate().fold(
+                "them as one group with: drblk serve".to_string(),
+                |s, (i, p)| format!("{s} --disk {} --socket SOCKET{i}", p.display()),
+            )
+        };
         s.push_str(&format!(
-            "\nnew generation {}{}\nserve it with: drblk serve --disk {img} --socket SOCKET [--replicate-to ...]",
+            "\nnew generation {}{}\nserve {serve} [--replicate-to ...]",
             short(&self.lineage.generation),
             self.previous
                 .map(|g| format!(" (generation {} ends at CG {})", short(&g), self.cg))
@@ -99,9 +117,17 @@ impl Promotion {
     }
 }
 
-/// `drblk promote` on a stopped secondary: opens the replica in `state_dir` and promotes
-/// it. A running secondary holds the replica's lock; promote it through its control socket.
-pub fn promote_offline(image: &Path, state_dir: &Path, force: bool) -> anyhow::Result<Promotion> {
+/// `drblk promote` on a stopped secondary: opens the replica in `state_dir` (whose images
+/// are `images`, in the group's order) and promotes it. A running secondary holds the
+/// replica's lock; promote it through its control socket.
+pub fn promote_offline(
+    images: &[PathBuf],
+    state_dir: &Path,
+    force: bool,
+) -> anyhow::Result<Promotion> {
+    let image = images
+        .first()
+        .context("no image to promote: give the replica's --disk")?;
     let lineage = Lineage::load(image)?;
     match &lineage {
         Some(l) if l.role == Role::Primary => bail!(
@@ -109,13 +135,13 @@ pub fn promote_offline(image: &Path, state_dir: &Path, force: bool) -> anyhow::R
             image.display(),
             l.describe()
         ),
-        Some(l) if l.role == Role::Demoted => {
+        Some(l) if l.role == Role::Demoted && images.len() == 1 => {
             // A demoted primary (its successor lost): it holds its CG of demotion exactly.
             let promoted = l.promoted(l.since_cg);
             promoted.store(image)?;
             tracing::info!(disk = %image.display(), lineage = %promoted.describe(), "demoted disk promoted");
             return Ok(Promotion {
-                image: image.to_path_buf(),
+                images: images.to_vec(),
                 cg: l.since_cg,
                 frozen_at_unix_us: 0,
                 inconsistent: None,
@@ -135,9 +161,14 @@ pub fn promote_offline(image: &Path, state_dir: &Path, force: bool) -> anyhow::R
             image.display()
         )
     })?;
-    let spec = group
-        .spec(&[image.to_path_buf()])
-        .context("promoting a group of several disks is not supported yet")?;
+    let spec = group.spec(images).with_context(|| {
+        format!(
+            "the replica in {} is a group of {} disks: give each of its images with --disk, in \
+             the order `drblk secondary` was given them",
+            state_dir.display(),
+            group.disks.len()
+        )
+    })?;
     let (mut store, report) = ReplicaStore::open(&spec, state_dir).map_err(|e| match e {
         StoreError::Locked(dir) => anyhow::anyhow!(
             "the replica in {} is in use (a running `drblk secondary`, or another promote): \
@@ -152,25 +183,35 @@ pub fn promote_offline(image: &Path, state_dir: &Path, force: bool) -> anyhow::R
     crate::drill::remove_stale(&drills, true)
         .with_context(|| format!("removing an old drill in {}", drills.display()))?;
     tracing::info!(?report, state = ?store.state(), "replica recovered for promotion");
-    promote_store(&mut store, image, group.disks[0].uuid, lineage, force)
+    let uuids: Vec<_> = group.disks.iter().map(|d| d.uuid).collect();
+    promote_store(&mut store, &uuids, lineage, force)
 }
 
-/// Promotes an open replica store whose image is `image` (see the module docs for the
-/// steps). `lineage` is the image's lineage as loaded.
+/// Promotes an open replica store (see the module docs for the steps); `uuids` are its
+/// disks' identities, in order. `lineage` is the first image's lineage as loaded (every
+/// image of a group holds the same).
 pub fn promote_store(
     store: &mut ReplicaStore,
-    image: &Path,
-    uuid: [u8; 16],
+    uuids: &[[u8; 16]],
     lineage: Option<Lineage>,
     force: bool,
 ) -> anyhow::Result<Promotion> {
-    let geometry = (store.disk_size(0), store.chunk_size());
+    let images: Vec<PathBuf> = (0..store.disks())
+        .map(|d| store.image_path(d).to_path_buf())
+        .collect();
+    anyhow::ensure!(
+        uuids.len() == images.len(),
+        "{} disk identities for a group of {} disks",
+        uuids.len(),
+        images.len()
+    );
+    let image = &images[0];
     let (cg, frozen_at_unix_us, inconsistent) = match store.state() {
         ReplicaState::Promoted => {
             let cg = store.last_committed_cg().unwrap_or(0);
             if let Some(l) = lineage.as_ref().filter(|l| l.role == Role::Promoted) {
                 return Ok(Promotion {
-                    image: image.to_path_buf(),
+                    images: images.clone(),
                     cg: l.since_cg,
                     frozen_at_unix_us: 0,
                     inconsistent: None,
@@ -206,33 +247,42 @@ pub fn promote_store(
             (cg, frozen_at_unix_us, None)
         }
     };
-    crate::replica::identity::store(image, &uuid)?;
-    let record = crate::track::default_record_path(image);
-    // A record next to a replica lists an old primary's own writes that a rejoin has not
-    // overwritten yet: the image is CG `cg` plus those, so no empty record may claim it is
-    // exactly `cg`. Without a record the next replication compares by checksums.
-    let own_writes = record.exists();
-    if own_writes || cg == 0 {
-        match std::fs::remove_file(&record) {
-            Ok(()) => {}
-            Err(e) if e.kind() == std::io::ErrorKind::NotFound => {}
-            Err(e) => {
-                return Err(anyhow::Error::from(e).context(format!("removing {}", record.display())))
+    let mut own_writes = false;
+    for (d, (image, uuid)) in images.iter().zip(uuids).enumerate() {
+        crate::replica::identity::store(image, uuid)?;
+        let record = crate::track::default_record_path(image);
+        // A record next to a replica lists an old primary's own writes that a rejoin has
+        // not overwritten yet: the image is CG `cg` plus those, so no empty record may claim
+        // it is exactly `cg`. Without a record the next replication compares by checksums.
+        let own = record.exists();
+        own_writes |= own;
+        if own || cg == 0 {
+            match std::fs::remove_file(&record) {
+                Ok(()) => {}
+                Err(e) if e.kind() == std::io::ErrorKind::NotFound => {}
+                Err(e) => {
+                    return Err(
+                        anyhow::Error::from(e).context(format!("removing {}", record.display()))
+                    )
+                }
             }
+        } else {
+            crate::track::write_empty(&record, *uuid, store.disk_size(d), store.chunk_size(), cg)
+                .with_context(|| format!("writing the change record {}", record.display()))?;
         }
-    } else {
-        crate::track::write_empty(&record, uuid, geometry.0, geometry.1, cg)
-            .with_context(|| format!("writing the change record {}", record.display()))?;
     }
     let base = lineage.unwrap_or_else(|| {
         // A replica kept by a drblk without lineages: its generation is unknown.
         Lineage::replica_of(crate::lineage::new_generation(), &[])
     });
     let promoted = base.promoted(cg);
-    promoted.store(image)?;
-    tracing::info!(disk = %image.display(), cg, lineage = %promoted.describe(), "replica promoted");
+    // The anchor last: once it says promoted, every disk is (see the module docs).
+    for image in images.iter().skip(1).chain(&images[..1]) {
+        promoted.store(image)?;
+        tracing::info!(disk = %image.display(), cg, lineage = %promoted.describe(), "replica promoted");
+    }
     Ok(Promotion {
-        image: image.to_path_buf(),
+        images,
         cg,
         frozen_at_unix_us,
         inconsistent,

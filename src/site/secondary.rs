@@ -361,24 +361,11 @@ impl StoreSink {
         let store = g
             .as_mut()
             .context("no replica here yet: no primary ever connected")?;
-        if store.disks() > 1 {
-            // doc/design/multi-disk-groups.md step 7: one state write, then every disk's
-            // identity, record and lineage.
-            anyhow::bail!(
-                "this replica is a group of {} disks: promoting a group is not supported yet",
-                store.disks()
-            );
-        }
         let group = crate::replica::stored_group(&self.paths.state_dir)?
             .context("the replica's state.json is gone")?;
         let lineage = Lineage::load(self.paths.image())?;
-        let p = promote_store(
-            store,
-            self.paths.image(),
-            group.disks[0].uuid,
-            lineage,
-            force,
-        )?;
+        let uuids: Vec<_> = group.disks.iter().map(|d| d.uuid).collect();
+        let p = promote_store(store, &uuids, lineage, force)?;
         self.promoted_here
             .store(true, std::sync::atomic::Ordering::SeqCst);
         Ok(p)

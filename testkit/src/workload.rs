@@ -139,6 +139,23 @@ pub fn drive_group(
     run(fs, history, size, mode, done)
 }
 
+/// [`drive_group`] for a group that may die under the workload (`kill -9`), as
+/// [`drive_until_killed`] does for one disk.
+pub fn drive_group_until_killed(
+    fs: &mut [TestFrontend],
+    history: &Arc<Mutex<History>>,
+    size: u64,
+    seed: u64,
+    done: impl FnMut() -> bool,
+) -> u64 {
+    let mode = Mode {
+        seed: seed | 1,
+        finish_inflight: false,
+        ping_pong: false,
+    };
+    run(fs, history, size, mode, done)
+}
+
 struct Mode {
     /// Block choices.
     seed: u64,
