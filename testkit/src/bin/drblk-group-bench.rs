@@ -2,6 +2,13 @@
 //! guest — the freeze (first queue frozen to last queue run) of `cg::Group::form_cg` over
 //! 1, 2 and 4 disks' engines, side by side, in one run.
 //!
+//! With `--daemon`, through the real daemon instead: `drblk serve` (in-process, CPU 0) with
+//! 1, 2 and 4 disks of `--queues` queues each, replicating over QUIC on loopback to a
+//! `drblk secondary` of as many images (in-process, CPU 1), and one libblkio client per
+//! disk (CPU 1) writing random 4 KiB blocks; each disk count is run with replication off
+//! and on, and the table shows the clients' IOPS and p99 latency side by side with the
+//! daemon's freeze times (its status) and the groups it committed.
+//!
 //! In-process and without a guest: each disk is a `cg::Engine` with `--queues` queues over
 //! an image of zeros; writer threads record 4 KiB writes and complete them on every queue of
 //! every disk (as the queue workers of the data path do), while the main thread forms a
@@ -47,6 +54,13 @@ struct Args {
     /// chunk of every group).
     #[arg(long, default_value_t = 100_000)]
     rate: u64,
+    /// Measure through the real daemon and a libblkio client per disk (see the module
+    /// docs) instead of the engines alone.
+    #[arg(long)]
+    daemon: bool,
+    /// With --daemon: requests in flight per client (spread over its queues).
+    #[arg(long, default_value_t = 16)]
+    qd: usize,
 }
 
 /// An image of zeros.
@@ -159,6 +173,13 @@ fn cell(args: &Args, disks: usize) -> Cell {
 
 fn main() {
     let args = Args::parse();
+    if args.daemon {
+        if let Err(e) = daemon::table(&args) {
+            eprintln!("drblk-group-bench --daemon: {e:#}");
+            std::process::exit(1);
+        }
+        return;
+    }
     println!(
         "drblk-group-bench: {} queues per disk, {} writer thread(s) on CPU 1, {} writes/s, a group every {} ms, {} s per cell",
         args.queues, args.writers, args.rate, args.interval_ms, args.seconds
@@ -178,5 +199,188 @@ fn main() {
             us(0.99),
             c.freeze.max() as f64 / 1000.0
         );
+    }
+}
+
+/// `--daemon`: the real daemon serving N disks as one group.
+mod daemon {
+    use std::path::{Path, PathBuf};
+
+    use drblk::cli::ServeArgs;
+    use drblk::site::primary::Server;
+    use drblk::site::secondary::{Secondary, SecondaryPaths};
+    use drblk_testkit::bench::{fill_image, pin_self, run_cell, Cell, Figures, Rw};
+
+    use super::Args;
+
+    struct Row {
+        disks: usize,
+        replicated: bool,
+        /// One per disk.
+        figures: Vec<Figures>,
+        /// Freeze p50/p99/max µs, groups committed.
+        freeze: Option<(f64, f64, f64, u64)>,
+    }
+
+    pub fn table(args: &Args) -> anyhow::Result<()> {
+        let tmp = tempfile::Builder::new()
+            .prefix("drblk-group-bench-")
+            .tempdir()?;
+        let dir = tmp.path();
+        let certs = dir.join("certs");
+        drblk::link::certs::generate(&certs, &["primary", "secondary"], true)?;
+        let size = args.size_mib << 20;
+        let max = args.disks.iter().copied().max().unwrap_or(1);
+        let images: Vec<PathBuf> = (0..max).map(|d| dir.join(format!("d{d}.img"))).collect();
+        for i in &images {
+            eprintln!(
+                "filling {} ({} MiB) with 4 KiB writes ...",
+                i.display(),
+                args.size_mib
+            );
+            fill_image(i, size)?;
+        }
+        let mut rows = Vec::new();
+        for &n in &args.disks {
+            for replicated in [false, true] {
+                rows.push(row(args, dir, &certs, &images[..n], replicated)?);
+            }
+        }
+        println!();
+        println!(
+            "drblk serve with N disks x {} queues (CPU 0); a libblkio client per disk, randwrite 4 KiB qd{} (CPU 1); replication to an in-process secondary over QUIC on loopback (CPU 1); a group every {} ms; {} MiB per disk; {} s per cell",
+            args.queues, args.qd, args.interval_ms, args.size_mib, args.seconds
+        );
+        println!("disks | replication | IOPS total (per disk)        | p99 µs (worst disk) | freeze p50 / p99 / max µs | groups committed");
+        for r in &rows {
+            let total: f64 = r.figures.iter().map(|f| f.iops).sum();
+            let per: Vec<String> = r.figures.iter().map(|f| format!("{:.0}", f.iops)).collect();
+            let p99 = r.figures.iter().map(|f| f.p99_us).fold(0.0, f64::max);
+            let freeze = match r.freeze {
+                Some((a, b, c, _)) => format!("{a:>6.1} / {b:>6.1} / {c:>7.1}"),
+                None => "-".into(),
+            };
+            println!(
+                "{:>5} | {:<11} | {:>8.0} ({:<17}) | {:>19.0} | {:<25} | {}",
+                r.disks,
+                if r.replicated { "on" } else { "off" },
+                total,
+                per.join(" + "),
+                p99,
+                freeze,
+                r.freeze.map_or("-".into(), |f| f.3.to_string())
+            );
+        }
+        Ok(())
+    }
+
+    fn row(
+        args: &Args,
+        dir: &Path,
+        certs: &Path,
+        images: &[PathBuf],
+        replicated: bool,
+    ) -> anyhow::Result<Row> {
+        let n = images.len();
+        let tag = format!("{n}{}", if replicated { "r" } else { "" });
+        let socks: Vec<PathBuf> = (0..n)
+            .map(|d| dir.join(format!("s{tag}-{d}.sock")))
+            .collect();
+        // The secondary's threads on CPU 1 (with the clients), the daemon's on CPU 0:
+        // threads inherit the CPU of the thread that starts them.
+        pin_self(1);
+        let secondary = if replicated {
+            let replicas = (0..n)
+                .map(|d| dir.join(format!("r{tag}-{d}.img")))
+                .collect();
+            Some(Secondary::start(
+                SecondaryPaths {
+                    images: replicas,
+                    state_dir: dir.join(format!("r{tag}.state")),
+                    discard_local_changes: false,
+                },
+                drblk::link::SiteIdentity::load(certs, "secondary")?,
+                "127.0.0.1:0".parse()?,
+                Some("primary".into()),
+                None,
+            )?)
+        } else {
+            None
+        };
+        pin_self(0);
+        let mut a = ServeArgs::new(images[0].clone(), socks[0].clone());
+        for d in 1..n {
+            a.add_disk(images[d].clone(), socks[d].clone());
+        }
+        a.queues = args.queues as u16;
+        a.cg.cg_interval = std::time::Duration::from_millis(args.interval_ms).into();
+        if let Some(s) = &secondary {
+            a.replication.replicate_to = Some(s.local_addr()?.to_string());
+            a.replication.certs = certs.to_owned();
+        }
+        let server = Server::start(&a)?;
+        if replicated {
+            // The initial copy first: the figures are those of incremental replication.
+            let t0 = std::time::Instant::now();
+            while server
+                .status()
+                .replication
+                .is_none_or(|r| r.last_committed_cg == 0)
+            {
+                anyhow::ensure!(
+                    t0.elapsed() < std::time::Duration::from_secs(600),
+                    "no initial copy within 600 s"
+                );
+                std::thread::sleep(std::time::Duration::from_millis(50));
+            }
+        }
+        let before = server.engine().map(|e| e.stats().committed).unwrap_or(0);
+        let clients: Vec<_> = socks
+            .iter()
+            .enumerate()
+            .map(|(d, sock)| {
+                let (sock, secs, blocks) =
+                    (sock.clone(), args.seconds, (args.size_mib << 20) / 4096);
+                let cell = Cell {
+                    seed: 0x9e37_79b9 + d as u64,
+                    ..Cell::new(Rw::RandWrite, args.qd, args.queues.min(4))
+                };
+                std::thread::spawn(move || {
+                    pin_self(1);
+                    run_cell(&sock, std::process::id(), &cell, secs, blocks)
+                })
+            })
+            .collect();
+        let mut figures = Vec::new();
+        for c in clients {
+            figures.push(c.join().map_err(|_| anyhow::anyhow!("client panicked"))??);
+        }
+        let freeze = server.engine().filter(|_| replicated).map(|e| {
+            let st = e.stats();
+            let mut c = st.coordination_ns.clone();
+            c.sort_unstable();
+            let pct = |q: f64| {
+                c.get(((c.len().max(1) - 1) as f64 * q) as usize)
+                    .copied()
+                    .unwrap_or(0) as f64
+                    / 1000.0
+            };
+            (
+                pct(0.5),
+                pct(0.99),
+                st.coordination_max_ns as f64 / 1000.0,
+                st.committed - before,
+            )
+        });
+        server.stop()?;
+        if let Some(s) = secondary {
+            s.stop();
+        }
+        Ok(Row {
+            disks: n,
+            replicated,
+            figures,
+            freeze,
+        })
     }
 }
