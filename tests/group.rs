@@ -488,3 +488,112 @@ fn failover_of_a_group_promotes_both_disks_at_one_group() {
         failover_round(0x6e0u64 << 16 | r);
     }
 }
+
+#[test]
+fn a_group_switches_over_as_one_and_the_old_primary_rejoins_with_nothing_to_resync() {
+    let tmp = tempfile::tempdir().unwrap();
+    let g = Group::new(tmp.path());
+    let certs = make_certs(tmp.path());
+    let port = common::free_udp_port();
+    let sec = secondary(&g, port, &certs, &[]);
+    let pri = g.primary(&format!("127.0.0.1:{port}"), &certs);
+    wait_until("the initial sync", 120, || committed(&g.socks[0]) > 0);
+    let history = Arc::new(Mutex::new(History::new(2 * SIZE)));
+    let stop = Arc::new(AtomicBool::new(false));
+    let w = workload(&g.socks, history.clone(), false, stop.clone());
+    let before = committed(&g.socks[0]);
+    wait_until("groups with writes", 120, || {
+        committed(&g.socks[0]) > before + 5
+    });
+    stop.store(true, Ordering::SeqCst);
+    w.join().unwrap();
+    wait_until("the VM to go", 60, || {
+        ctl_status(&g.socks[0])
+            .group
+            .iter()
+            .all(|m| m.frontends_connected == 0)
+    });
+
+    // Through the second disk's socket: it answers for the whole daemon.
+    let o = Command::new(BIN)
+        .args(["ctl", "--socket"])
+        .arg(&g.socks[1])
+        .arg("demote")
+        .output()
+        .unwrap();
+    assert!(
+        o.status.success(),
+        "demote: {}\n{}",
+        text(&o),
+        g.log("primary")
+    );
+    let reply: serde_json::Value = serde_json::from_slice(&o.stdout).unwrap();
+    let demoted_at = reply["cg"].as_u64().unwrap();
+    drop(pri);
+    drop(sec);
+    for d in &g.disks {
+        let l = drblk::lineage::Lineage::load(d).unwrap().unwrap();
+        assert_eq!(l.role, drblk::lineage::Role::Demoted, "{}", d.display());
+        assert_eq!(l.since_cg, demoted_at);
+    }
+    let x = [tmp.path().join("x.sock"), tmp.path().join("y.sock")];
+    let refused = drblk(
+        &["serve"],
+        &[
+            ("--disk", &g.disks[0]),
+            ("--socket", &x[0]),
+            ("--disk", &g.disks[1]),
+            ("--socket", &x[1]),
+        ],
+    );
+    assert!(!refused.status.success());
+    assert!(
+        text(&refused).contains("was demoted at CG"),
+        "{}",
+        text(&refused)
+    );
+
+    let out = drblk(
+        &["promote"],
+        &[("--disk", &g.replicas[0]), ("--disk", &g.replicas[1])],
+    );
+    assert!(out.status.success(), "{}", text(&out));
+    assert!(
+        text(&out).contains(&format!("at CG {demoted_at}:")),
+        "the secondary must hold the final group: {}",
+        text(&out)
+    );
+    for (d, r) in g.disks.iter().zip(&g.replicas) {
+        assert!(
+            std::fs::read(d).unwrap() == std::fs::read(r).unwrap(),
+            "{} and {} differ after the switchover",
+            d.display(),
+            r.display()
+        );
+    }
+
+    // Reverse: the promoted pair serves and replicates to the old primary's disks.
+    let back = Group {
+        dir: g.dir.clone(),
+        disks: g.replicas.clone(),
+        socks: [tmp.path().join("ra.sock"), tmp.path().join("rb.sock")],
+        replicas: g.disks.clone(),
+    };
+    let port = common::free_udp_port();
+    let sec = secondary(&back, port, &certs, &[]);
+    let pri = back.primary(&format!("127.0.0.1:{port}"), &certs);
+    wait_until("the first group back", 120, || {
+        committed(&back.socks[0]) > demoted_at
+    });
+    let st = ctl_status(&back.socks[0]);
+    let shipped = st.replication.unwrap().chunks_shipped;
+    let full = st.link.unwrap().full_resyncs;
+    assert_eq!((shipped, full), (0, 0), "the reverse replication resynced");
+    let _: Drained = ctl(&back.socks[0], "drain");
+    drop(pri);
+    drop(sec);
+    for (d, r) in g.disks.iter().zip(&g.replicas) {
+        assert!(std::fs::read(d).unwrap() == std::fs::read(r).unwrap());
+    }
+    println!("a group of 2 switched over at CG {demoted_at}; the reverse shipped 0 chunks");
+}

@@ -15,6 +15,9 @@
 //!    what it holds); a crash after it, a demoted disk.
 //!
 //! A failure before step 3 lowers the fence again: the primary carries on as before.
+//!
+//! A daemon serving a group of disks demotes them as one: every disk's fence (all of them
+//! lowered again on a failure), one drain, every disk's record, every disk's lineage.
 
 use std::sync::atomic::Ordering;
 use std::time::Duration;
@@ -25,69 +28,79 @@ use super::ControlState;
 use crate::lineage::{Lineage, Role};
 
 impl ControlState {
-    /// Demotes this primary (see the module docs); returns the CG it was demoted at.
+    /// Demotes this primary (see the module docs); returns the CG it was demoted at. A
+    /// group of several disks is demoted as one: every disk's fence goes up, one final
+    /// group holds every disk's last writes, and every disk's lineage says demoted at it.
     pub(super) fn demote(&self, force: bool) -> anyhow::Result<u64> {
-        if self.members.len() > 1 {
-            // doc/design/multi-disk-groups.md step 9: every disk's fence, one drain, every
-            // lineage.
-            bail!(
-                "this daemon serves a group of {} disks: demoting a group is not supported yet; \
-                 for a switchover stop the VM, `drblk ctl drain`, stop this daemon, then promote \
-                 the secondary",
-                self.members.len()
-            );
-        }
-        let me = self.first();
-        let disk = me.shared.executor.disk().path().to_path_buf();
+        let disks: Vec<_> = self
+            .members
+            .iter()
+            .map(|m| m.shared.executor.disk().path().to_path_buf())
+            .collect();
+        let names = disks
+            .iter()
+            .map(|d| d.display().to_string())
+            .collect::<Vec<_>>()
+            .join(" and ");
         if self.cycle.lock().expect("cycle lock").is_none() {
-            bail!(
-                "{} is not replicated: there is no secondary to hand over to",
-                disk.display()
-            );
+            bail!("{names} is not replicated: there is no secondary to hand over to");
         }
-        let lineage = Lineage::load(&disk)?
-            .with_context(|| format!("{} has no lineage file", disk.display()))?;
+        // The anchor's lineage speaks for the group (every disk holds the same).
+        let lineage = Lineage::load(&disks[0])?
+            .with_context(|| format!("{} has no lineage file", disks[0].display()))?;
         if !lineage.role.writes() {
             bail!(
                 "{} is {}: only a primary can be demoted",
-                disk.display(),
+                disks[0].display(),
                 lineage.describe()
             );
         }
         let attached = || {
-            let n = me.shared.stats.frontends.load(Ordering::SeqCst);
-            (n > 0 && !force).then(|| anyhow::anyhow!(
+            let on: Vec<String> = self
+                .members
+                .iter()
+                .zip(&disks)
+                .filter(|(m, _)| m.shared.stats.frontends.load(Ordering::SeqCst) > 0)
+                .map(|(_, d)| d.display().to_string())
+                .collect();
+            (!on.is_empty() && !force).then(|| anyhow::anyhow!(
                 "a frontend (the VM) is connected to {}: shut the VM down first, or pass --force (its writes then fail)",
-                disk.display()
+                on.join(" and ")
             ))
         };
-        // Checked before the fence goes up, so a refusal fails no guest write.
+        // Checked before the fences go up, so a refusal fails no guest write.
         if let Some(e) = attached() {
             return Err(e);
         }
-        let fence = me.shared.executor.fence();
-        match fence.raise(Duration::from_secs(60)) {
-            Err(_) => bail!(
-                "a demotion is already running (or done) on {}",
-                disk.display()
-            ),
-            Ok(false) => {
-                fence.lower();
-                bail!("writes did not finish within 60 s; the disk takes writes again (some may have failed meanwhile)");
+        let fences: Vec<_> = self
+            .members
+            .iter()
+            .map(|m| m.shared.executor.fence())
+            .collect();
+        let lower = |n: usize| fences[..n].iter().for_each(|f| f.lower());
+        for (i, fence) in fences.iter().enumerate() {
+            match fence.raise(Duration::from_secs(60)) {
+                Err(_) => {
+                    lower(i);
+                    bail!("a demotion is already running (or done) on {names}");
+                }
+                Ok(false) => {
+                    lower(i + 1);
+                    bail!("writes did not finish within 60 s; the disks take writes again (some may have failed meanwhile)");
+                }
+                Ok(true) => {}
             }
-            Ok(true) => {}
         }
         // A VM that connected in between.
         if let Some(e) = attached() {
-            fence.lower();
+            lower(fences.len());
             return Err(e);
         }
-        let frontends = me.shared.stats.frontends.load(Ordering::SeqCst);
-        tracing::info!(disk = %disk.display(), frontends, "demoting: writes are refused from now on; forming the final group");
+        tracing::info!(disks = %names, "demoting: writes are refused from now on; forming the final group");
         let cg = match self.drain() {
             Ok(cg) => cg,
             Err(e) => {
-                fence.lower();
+                lower(fences.len());
                 return Err(e.context("the final group did not commit; the primary carries on"));
             }
         };
@@ -102,7 +115,7 @@ impl ControlState {
             }
             None => cg,
         };
-        if let Some(r) = &me.record {
+        for r in self.members.iter().filter_map(|m| m.record.as_ref()) {
             r.refresh(true).context("closing the change record")?;
         }
         let demoted = Lineage {
@@ -111,8 +124,19 @@ impl ControlState {
             changed_at_unix_us: crate::sys::clock::now_unix_micros(),
             ..lineage
         };
-        demoted.store(&disk)?;
-        tracing::info!(disk = %disk.display(), cg, "demoted at CG {cg}: the secondary holds every write; promote it, then run this disk as its secondary (`drblk secondary --disk {}`); stop this daemon", disk.display());
+        // Every disk's, the anchor's last. A crash between two of these writes leaves a
+        // group `drblk serve` refuses (a disk says demoted), but the final group is already
+        // committed on the secondary and every record is exact: the switchover is finished
+        // as when this returns — promote the secondary, run this site as its secondary.
+        for d in disks.iter().skip(1).chain(&disks[..1]) {
+            demoted.store(d)?;
+        }
+        let again = disks
+            .iter()
+            .map(|d| format!("--disk {}", d.display()))
+            .collect::<Vec<_>>()
+            .join(" ");
+        tracing::info!(disks = %names, cg, "demoted at CG {cg}: the secondary holds every write; promote it, then run this site as its secondary (`drblk secondary {again}`); stop this daemon");
         Ok(cg)
     }
 }
