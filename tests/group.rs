@@ -48,10 +48,19 @@ impl Group {
     /// `drblk serve` of both disks, replicating to `target`; returns once both sockets
     /// listen.
     fn primary(&self, target: &str, certs: &Path) -> KillOnDrop {
-        let log = std::fs::File::create(self.dir.join("primary.log")).unwrap();
+        self.primary_of(2, target, certs)
+    }
+
+    /// `drblk serve` of the first `n` disks.
+    fn primary_of(&self, n: usize, target: &str, certs: &Path) -> KillOnDrop {
+        let log = std::fs::OpenOptions::new()
+            .create(true)
+            .append(true)
+            .open(self.dir.join("primary.log"))
+            .unwrap();
         let mut c = Command::new(BIN);
         c.args(["serve", "--queues", "2"]);
-        for (d, s) in self.disks.iter().zip(&self.socks) {
+        for (d, s) in self.disks.iter().zip(&self.socks).take(n) {
             c.arg("--disk").arg(d).arg("--socket").arg(s);
         }
         c.args(["--replicate-to", target, "--cg-interval", "20ms", "--certs"])
@@ -60,7 +69,7 @@ impl Group {
             .stderr(log);
         let mut p = KillOnDrop(c.spawn().unwrap());
         let deadline = Instant::now() + Duration::from_secs(120);
-        for s in &self.socks {
+        for s in self.socks.iter().take(n) {
             while std::os::unix::net::UnixStream::connect(s).is_err() {
                 assert!(
                     p.0.try_wait().unwrap().is_none(),
@@ -194,6 +203,11 @@ fn every_group_committed_holds_both_disks_dependent_writes() {
 
 /// `drblk secondary --disk RA --disk RB` (the real binary), with `env`.
 fn secondary(g: &Group, port: u16, certs: &Path, env: &[(&str, &str)]) -> KillOnDrop {
+    secondary_of(g, 2, port, certs, env)
+}
+
+/// `drblk secondary` of the first `n` replicas.
+fn secondary_of(g: &Group, n: usize, port: u16, certs: &Path, env: &[(&str, &str)]) -> KillOnDrop {
     let log = std::fs::OpenOptions::new()
         .create(true)
         .append(true)
@@ -201,7 +215,7 @@ fn secondary(g: &Group, port: u16, certs: &Path, env: &[(&str, &str)]) -> KillOn
         .unwrap();
     let mut c = Command::new(BIN);
     c.args(["secondary", "--listen", &format!("127.0.0.1:{port}")]);
-    for r in &g.replicas {
+    for r in g.replicas.iter().take(n) {
         c.arg("--disk").arg(r);
     }
     c.arg("--certs")
@@ -596,4 +610,108 @@ fn a_group_switches_over_as_one_and_the_old_primary_rejoins_with_nothing_to_resy
         assert!(std::fs::read(d).unwrap() == std::fs::read(r).unwrap());
     }
     println!("a group of 2 switched over at CG {demoted_at}; the reverse shipped 0 chunks");
+}
+
+/// SIGTERM (a clean stop) and wait.
+fn stop(mut d: KillOnDrop) {
+    // SAFETY: kill(2) on our own child process.
+    unsafe { libc::kill(d.0.id() as i32, libc::SIGTERM) };
+    let _ = d.0.wait();
+}
+
+#[test]
+fn a_disk_added_to_a_replicated_disk_joins_its_group_by_a_copy_of_itself_only() {
+    let tmp = tempfile::tempdir().unwrap();
+    let g = Group::new(tmp.path());
+    let certs = make_certs(tmp.path());
+    let port = common::free_udp_port();
+    let target = format!("127.0.0.1:{port}");
+    // One disk, replicated; dependent writes on it.
+    let sec = secondary_of(&g, 1, port, &certs, &[]);
+    let pri = g.primary_of(1, &target, &certs);
+    wait_until("the initial sync", 120, || committed(&g.socks[0]) > 0);
+    let history = Arc::new(Mutex::new(History::new(2 * SIZE)));
+    let stop1 = Arc::new(AtomicBool::new(false));
+    let w = {
+        let (sock, h, stop) = (g.socks[0].clone(), history.clone(), stop1.clone());
+        std::thread::spawn(move || {
+            let mut f = [TestFrontend::connect(&sock, 2, 256, true).unwrap()];
+            common::dw::drive_group(&mut f, &h, SIZE, false, || stop.load(Ordering::SeqCst))
+        })
+    };
+    let before = committed(&g.socks[0]);
+    wait_until("groups with writes", 120, || {
+        committed(&g.socks[0]) > before + 5
+    });
+    stop1.store(true, Ordering::SeqCst);
+    w.join().unwrap();
+    let _: Drained = ctl(&g.socks[0], "drain");
+    stop(pri);
+    stop(sec);
+
+    // Both sides restarted with a second disk.
+    let sec = secondary(&g, port, &certs, &[]);
+    let pri = g.primary(&target, &certs);
+    let before = committed(&g.socks[0]);
+    wait_until("a group with the new disk", 120, || {
+        committed(&g.socks[0]) > before
+    });
+    let st = ctl_status(&g.socks[0]);
+    let link = st.link.as_ref().unwrap();
+    // Only the new disk was copied: the first went on incrementally from its record.
+    assert_eq!(link.full_resyncs, 1, "{link:?}");
+    assert_eq!(link.checksum_resyncs, 0, "{link:?}");
+    let shipped = st.replication.as_ref().unwrap().chunks_shipped;
+    assert!(
+        shipped <= SIZE / 4096 + 16,
+        "shipped {shipped} chunks: more than the new disk"
+    );
+    let log = g.log("secondary");
+    assert!(log.contains("a disk joins the group"), "{log}");
+    wait_until("the join", 60, || {
+        g.log("secondary").contains("the disk joined the group")
+    });
+    // Now a group of two: dependent writes across both, then both identical after a drain.
+    let stop2 = Arc::new(AtomicBool::new(false));
+    let w = workload(&g.socks, history.clone(), true, stop2.clone());
+    let before = committed(&g.socks[0]);
+    wait_until("groups across both disks", 120, || {
+        committed(&g.socks[0]) > before + 10
+    });
+    stop2.store(true, Ordering::SeqCst);
+    w.join().unwrap();
+    let _: Drained = ctl(&g.socks[0], "drain");
+    for (d, r) in g.disks.iter().zip(&g.replicas) {
+        assert!(
+            std::fs::read(d).unwrap() == std::fs::read(r).unwrap(),
+            "{} and {} differ",
+            d.display(),
+            r.display()
+        );
+    }
+    let check = history
+        .lock()
+        .unwrap()
+        .check(&Group::replicas_image(&g.replicas));
+    assert!(check.is_ok(), "{check:?}");
+    let stored = drblk::replica::stored_group(&tmp.path().join("ra.img.state"))
+        .unwrap()
+        .unwrap();
+    assert_eq!(stored.disks.len(), 2);
+    // A secondary given fewer disks than its group is refused at start, with why.
+    stop(pri);
+    stop(sec);
+    let out = Command::new(BIN)
+        .args(["secondary", "--listen", "127.0.0.1:0", "--certs"])
+        .arg(&certs)
+        .arg("--disk")
+        .arg(&g.replicas[0])
+        .output()
+        .unwrap();
+    assert!(!out.status.success());
+    assert!(text(&out).contains("group of 2 disks"), "{}", text(&out));
+    println!(
+        "the second disk joined with {shipped} chunks shipped ({} in the disk)",
+        SIZE / 4096
+    );
 }

@@ -344,3 +344,96 @@ fn a_format_1_state_is_read_as_a_group_of_one_and_rewritten_as_format_2() {
     let e = ReplicaStore::open(&one, &g.state).err().unwrap();
     assert!(e.to_string().contains("unsupported format 9"), "{e}");
 }
+
+#[test]
+fn a_disk_joins_a_consistent_group_by_a_copy_and_is_in_the_next_cut() {
+    // Crash points on the way: while its copy arrives, between the images' fsyncs of the
+    // join, and none.
+    for crash_at in [
+        Some(CrashPoint::AfterSyncChunk),
+        Some(CrashPoint::BetweenImageSyncs(1)),
+        None,
+    ] {
+        let g = group();
+        let one = GroupSpec {
+            disks: vec![spec(&g).disks[0].clone()],
+            chunk_size: CHUNK,
+        };
+        // Disk 0 alone, consistent at CG 1.
+        let (mut s, _) = ReplicaStore::open(&one, &g.state).unwrap();
+        s.set_checkpoint_policy(CheckpointPolicy::default());
+        let mut m: Model = [
+            (0..chunks(0)).map(|i| 100 + i).collect(),
+            vec![0; chunks(1) as usize],
+        ];
+        for i in 0..chunks(0) {
+            s.sync_extent(
+                0,
+                i,
+                1,
+                ChunkData::Bytes(&chunk_bytes(0, m[0][i as usize], i)),
+            )
+            .unwrap();
+        }
+        s.finish_sync(1, 1).unwrap();
+        // Disk 1 joins: the group stays consistent at CG 1 and says disk 1 is joining.
+        fs::write(&g.images[1], vec![0u8; SIZES[1] as usize]).unwrap();
+        assert_eq!(s.add_disk(&spec(&g).disks[1]).unwrap(), 1);
+        assert!(s.joining(1) && !s.joining(0));
+        assert_eq!(
+            s.state(),
+            ReplicaState::Consistent {
+                cg: 1,
+                frozen_at_unix_us: 1
+            }
+        );
+        assert_eq!(s.join_progress(1), Some((0, chunks(1))));
+        assert!(matches!(
+            s.stage_extent(1, 2, 0, 1, ChunkData::Zero),
+            Err(Error::InvalidState(_))
+        ));
+        // Group 2: a change on disk 0, staged, and disk 1's whole copy, written in place.
+        let w2 = [(0, 4, 24)];
+        stage(&mut s, 2, &w2).unwrap();
+        if let Some(p) = crash_at {
+            crash(&mut s, p);
+        }
+        let mut r = Ok(());
+        for i in 0..chunks(1) {
+            r = s.sync_extent(1, i, 1, ChunkData::Bytes(&chunk_bytes(1, 60 + i, i)));
+            if r.is_err() {
+                break;
+            }
+        }
+        let r = r
+            .and_then(|()| s.commit(2, 2))
+            .and_then(|()| s.finish_joins(2));
+        match crash_at {
+            Some(p) => is_crash(r, p),
+            None => r.unwrap(),
+        }
+        drop(s);
+        let (s, _) = open(&g).unwrap();
+        if crash_at.is_none() {
+            assert!(!s.joining(1));
+            apply(&mut m, &w2);
+            m[1] = (0..chunks(1)).map(|i| 60 + i).collect();
+            assert_images(&g, &m, "joined");
+            assert_eq!(s.last_committed_cg(), Some(2));
+            let st: state::StateFile =
+                serde_json::from_str(&fs::read_to_string(g.state.join("state.json")).unwrap())
+                    .unwrap();
+            assert!(st.disks.iter().all(|d| d.joining.is_none()), "{st:?}");
+        } else {
+            // Still joining: copied again at the next connection; disk 0 is at its last
+            // committed group.
+            assert!(s.joining(1), "{crash_at:?}");
+            let got = read_images(&g);
+            let cg = s.last_committed_cg().unwrap();
+            if cg == 2 {
+                apply(&mut m, &w2);
+            }
+            assert!(got[0] == image_of(0, &m), "{crash_at:?}: disk 0 at CG {cg}");
+        }
+    }
+}

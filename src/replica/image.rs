@@ -22,6 +22,8 @@ pub(super) struct DiskImage {
     pub observer: Option<Arc<dyn ImageObserver>>,
     /// Chunks written by the current sync, one bit each.
     sync_done: Vec<u64>,
+    /// How many of them.
+    pub synced: u64,
 }
 
 impl DiskImage {
@@ -78,6 +80,7 @@ impl DiskImage {
             flusher,
             observer: None,
             sync_done: vec![0; geo.chunks().div_ceil(64) as usize],
+            synced: 0,
         })
     }
 
@@ -149,12 +152,14 @@ impl DiskImage {
                 new += 1;
             }
         }
+        self.synced += new;
         new
     }
 
     /// Forgets what a sync wrote (a new sync begins).
     pub fn clear_synced(&mut self) {
         self.sync_done.iter_mut().for_each(|w| *w = 0);
+        self.synced = 0;
     }
 }
 

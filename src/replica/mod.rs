@@ -124,6 +124,7 @@ mod group_tests;
 pub mod identity;
 mod image;
 pub use checksum::chunk_crcs;
+mod join;
 mod journal;
 mod key;
 mod open;

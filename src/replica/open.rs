@@ -216,6 +216,8 @@ impl ReplicaStore {
             total_chunks += geo.chunks();
         }
         st.mode = Mode::Syncing { total_chunks };
+        // The whole group is copied again: a disk that was joining is copied with it.
+        st.disks.iter_mut().for_each(|d| d.joining = None);
         st.last_committed_cg = 0;
         state::write_atomic(state_dir, &st, || Ok(()))?;
         state::remove_if_exists(&state_dir.join(JOURNAL_FILE))?;
@@ -267,6 +269,7 @@ fn disk_entries(spec: &GroupSpec) -> Vec<DiskEntry> {
             uuid: state::uuid_hex(&d.uuid),
             size: d.size,
             image: Some(d.image.clone()),
+            joining: None,
         })
         .collect()
 }

@@ -43,6 +43,12 @@ impl ReplicaStore {
             return Err(Error::InvalidArgument("CG numbers start at 1".into()));
         }
         self.check_extent(disk, first, count, &data)?;
+        if self.joining(disk) {
+            return Err(Error::InvalidState(format!(
+                "stage_extent of disk {disk}, which is joining the group (its extents are \
+                 copied with sync_extent until it joins)"
+            )));
+        }
         if cg <= self.st.last_committed_cg {
             return Ok(StageOutcome::AlreadyCommitted);
         }

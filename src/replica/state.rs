@@ -42,6 +42,10 @@ pub struct DiskEntry {
     /// uuid, not the path, is what identifies the disk). Absent in a format-1 file.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub image: Option<PathBuf>,
+    /// The disk was added to a consistent group and is not part of its cut yet: its image
+    /// is being copied (this many chunks in all). Absent for a member.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub joining: Option<u64>,
 }
 
 #[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
@@ -81,6 +85,7 @@ impl From<StateFileV1> for StateFile {
                 uuid: v1.disk_uuid,
                 size: v1.disk_size,
                 image: None,
+                joining: None,
             }],
         }
     }

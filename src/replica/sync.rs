@@ -15,6 +15,8 @@ impl ReplicaStore {
         self.check_usable()?;
         self.guard(|s| {
             s.st.mode = Mode::Syncing { total_chunks };
+            // The whole group is copied: a disk that was joining is copied with it.
+            s.st.disks.iter_mut().for_each(|d| d.joining = None);
             s.st.last_committed_cg = 0;
             s.st.frozen_at_unix_us = 0;
             s.write_state()?;
@@ -39,7 +41,8 @@ impl ReplicaStore {
 
     /// Write the extent of `count` chunks from `first` of disk `disk` of the sync set
     /// directly into its image (not synced yet; `finish_sync` fsyncs) and count its chunks
-    /// as received. The extent must be valid (`Geometry::extent_len`) and `Bytes` must hold
+    /// as received: while the group syncs, or while that disk joins the group (see
+    /// `join.rs`). The extent must be valid (`Geometry::extent_len`) and `Bytes` must hold
     /// exactly its bytes.
     pub fn sync_extent(
         &mut self,
@@ -49,13 +52,13 @@ impl ReplicaStore {
         data: ChunkData<'_>,
     ) -> Result<()> {
         self.check_usable()?;
-        if !matches!(self.st.mode, Mode::Syncing { .. }) {
+        self.check_extent(disk, first, count, &data)?;
+        if !matches!(self.st.mode, Mode::Syncing { .. }) && !self.joining(disk) {
             return Err(Error::InvalidState(format!(
-                "sync_extent while {:?}",
+                "sync_extent of disk {disk} while {:?} (it is a member of the group)",
                 self.state()
             )));
         }
-        self.check_extent(disk, first, count, &data)?;
         let image = &self.images[disk];
         if let Some(o) = &image.observer {
             let (off, len) = image.range(first, count);
@@ -89,6 +92,7 @@ impl ReplicaStore {
             }
             s.fault.hit(CrashPoint::BeforeFinishSyncState)?;
             s.st.mode = Mode::Consistent;
+            s.st.disks.iter_mut().for_each(|d| d.joining = None);
             s.st.last_committed_cg = cg;
             s.st.frozen_at_unix_us = frozen_at_unix_us;
             s.write_state()?;

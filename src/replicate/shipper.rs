@@ -162,6 +162,9 @@ pub struct Replicator {
     /// acknowledgement was lost with the crash, and the record covers what differs from it
     /// too. A disk not seeded is compared by checksums instead.
     seeded: Vec<bool>,
+    /// A connection succeeded in this process: from then on every engine holds every
+    /// change since the group both sites share.
+    tracked_since_connect: bool,
     /// Groups the secondary failed to store in a row, and when to ship again.
     storage_failing: u32,
     retry_at: Option<Instant>,
@@ -188,6 +191,7 @@ impl Replicator {
             status: Arc::new(LinkStatus::default()),
             records: vec![None; n],
             seeded: vec![false; n],
+            tracked_since_connect: false,
             storage_failing: 0,
             retry_at: None,
             failure_log: crate::sys::log_limit::LogLimiter::new(Duration::from_secs(60)),
@@ -314,6 +318,21 @@ impl Replicator {
         }
     }
 
+    /// Compares the `unknown` disks by checksums (see `connect`): the group's numbering is
+    /// not theirs, so what differs on them is found, not assumed.
+    fn compare_unknown(
+        &self,
+        client: &LinkClient,
+        unknown: &[usize],
+        stop: &AtomicBool,
+    ) -> io::Result<()> {
+        for &d in unknown {
+            tracing::info!(secondary = %self.cfg.server_addr, disk = d, "this disk's change record knew no acknowledged group: comparing it by checksums");
+            self.checksum_resync(client, d, stop)?;
+        }
+        Ok(())
+    }
+
     /// Marks every chunk of disk `d` for the next group (a full copy of it).
     fn mark_all(&self, d: usize) {
         if let Some(r) = &self.records[d] {
@@ -361,6 +380,16 @@ impl Replicator {
         let ack = client.hello_ack().clone();
         // The client checked that the ack answers for every disk it announced.
         let disks = self.group.disks();
+        let joining = |d: usize| {
+            matches!(ack.disks[d].state, crate::link::DiskState::Syncing { .. })
+                && !matches!(ack.state, ReplicaState::Syncing { .. })
+        };
+        // Disks whose history this process does not know: at its first connection, those
+        // its change record did not seed (the group's numbering, aligned to the others,
+        // says nothing of them). One joining the group is copied below instead.
+        let unknown: Vec<usize> = (0..disks)
+            .filter(|&d| !self.tracked_since_connect && !self.seeded[d] && !joining(d))
+            .collect();
         self.status.connects.fetch_add(1, Ordering::Relaxed);
         let next = self.group.next_cg();
         match (ack.state, ack.last_committed_cg) {
@@ -370,22 +399,18 @@ impl Replicator {
             // into the dirty set), so shipping it on top of the secondary's group is exact.
             (ReplicaState::Consistent { cg, .. }, _) if last > 0 && cg >= last && cg < next => {
                 tracing::info!(secondary = %self.cfg.server_addr, cg, our_last = last, "secondary consistent at a group of ours: incremental resync");
+                self.compare_unknown(&client, &unknown, stop)?;
             }
             (ReplicaState::Consistent { cg, .. }, _)
                 if self.seeded.iter().any(|&s| s) && cg >= last =>
             {
                 tracing::info!(secondary = %self.cfg.server_addr, cg, record_acked = last, "secondary consistent at or above the change record's group: incremental resync of what the record marked");
-                // A disk whose record knew no acknowledged group (new in the group, or its
-                // record was unusable) may differ anywhere: compare it.
-                for d in (0..disks).filter(|&d| !self.seeded[d]) {
-                    tracing::info!(secondary = %self.cfg.server_addr, disk = d, "this disk's change record knew no acknowledged group: comparing it by checksums");
-                    self.checksum_resync(&client, d, stop)?;
-                }
+                self.compare_unknown(&client, &unknown, stop)?;
                 self.group.resume_numbering(cg);
             }
             (ReplicaState::Consistent { cg, .. }, _) => {
                 tracing::info!(secondary = %self.cfg.server_addr, cg, our_last = last, "secondary holds a group this primary has no record of: comparing the disks by checksums; what differs is shipped as one group above it");
-                for d in 0..disks {
+                for d in (0..disks).filter(|&d| !joining(d)) {
                     self.checksum_resync(&client, d, stop)?;
                 }
                 self.group.resume_numbering(cg);
@@ -409,6 +434,20 @@ impl Replicator {
                 return Err(io::Error::other(
                     "the secondary was promoted and accepts no replication",
                 ))
+            }
+        }
+        if let ReplicaState::Consistent { .. } = ack.state {
+            // A disk joining the secondary's consistent group: copied in full (or compared,
+            // if its image was there) in the next group, which makes it part of the cut.
+            for d in (0..disks).filter(|&d| joining(d)) {
+                if ack.disks[d].compare_first {
+                    tracing::info!(secondary = %self.cfg.server_addr, disk = d, "disk joins the group onto an image the secondary had: comparing by checksums, shipping what differs");
+                    self.checksum_resync(&client, d, stop)?;
+                } else {
+                    tracing::info!(secondary = %self.cfg.server_addr, disk = d, "disk joins the group: full copy of it in the next group");
+                    self.mark_all(d);
+                    self.status.full_resyncs.fetch_add(1, Ordering::Relaxed);
+                }
             }
         }
         for (d, disk_ack) in ack.disks.iter().enumerate() {
@@ -438,13 +477,14 @@ impl Replicator {
         }
         *self.status.remote_state.lock().expect("status lock") = ack.state.to_string();
         *self.status.remote.lock().expect("status lock") = Some(ack.state);
-        if let ReplicaState::Syncing { .. } = ack.state {
+        if matches!(ack.state, ReplicaState::Syncing { .. }) || (0..disks).any(joining) {
             self.status
                 .sync_total_chunks
                 .store(self.dirty_chunks(), Ordering::Relaxed);
         }
         self.status.connected.store(true, Ordering::SeqCst);
         self.seeded.iter_mut().for_each(|s| *s = false);
+        self.tracked_since_connect = true;
         self.client = Some(client);
         self.seen = (0, 0);
         Ok(())

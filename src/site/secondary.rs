@@ -130,7 +130,10 @@ impl StoreSink {
         let Some(group) = crate::replica::stored_group(&self.paths.state_dir)? else {
             return Ok(());
         };
-        let spec = group.spec(&self.paths.images).with_context(|| {
+        // More images than the group has: the extra ones join it when the primary connects
+        // with as many disks (`add_disk`). Fewer: refused (the group keeps every disk).
+        let k = group.disks.len().min(self.paths.images.len());
+        let spec = group.spec(&self.paths.images[..k]).with_context(|| {
             format!(
                 "the replica in {} is a group of {} disks: give each of its images with \
                  --disk, in the group's order",
@@ -138,6 +141,13 @@ impl StoreSink {
                 group.disks.len()
             )
         })?;
+        if self.paths.images.len() > k {
+            tracing::info!(
+                group = k,
+                given = self.paths.images.len(),
+                "more --disk than the replica's group has: the new ones join the group when the primary connects with them"
+            );
+        }
         let (store, report) = ReplicaStore::open(&spec, &self.paths.state_dir)?;
         tracing::info!(?report, state = ?store.state(), "replica recovered");
         *self.store.lock().expect("store lock") = Some(store);
@@ -265,6 +275,35 @@ impl StoreSink {
                 .collect(),
             chunk_size: u64::from(hello.chunk_size),
         }
+    }
+
+    /// Creates (sparse) the images of `disks` that are missing or short, and remembers
+    /// which were new (nothing in them worth comparing). `Err`: the refusal's text.
+    fn prepare_images(&self, disks: &[crate::replica::DiskSpec]) -> Result<(), String> {
+        for d in disks {
+            match ensure_image(&d.image, d.size) {
+                Ok(fresh) => {
+                    let i = self
+                        .paths
+                        .images
+                        .iter()
+                        .position(|p| *p == d.image)
+                        .unwrap_or(0);
+                    let mut f = self.fresh_images.lock().expect("fresh images");
+                    if f.len() < self.paths.images.len() {
+                        f.resize(self.paths.images.len(), false);
+                    }
+                    f[i] = fresh;
+                }
+                Err(e) => {
+                    if let Some(a) = IMAGE_FAILURES.admit() {
+                        tracing::error!(error = %e, "cannot prepare the replica image{}", a.note());
+                    }
+                    return Err(format!("{e:#}"));
+                }
+            }
+        }
+        Ok(())
     }
 
     /// Refuses a primary whose group is not this secondary's disks: another number of
@@ -453,10 +492,21 @@ fn describe_store(store: Option<&ReplicaStore>) -> String {
                 frozen_at_unix_us,
             } => {
                 let now = crate::sys::clock::now_unix_micros();
-                format!(
+                let mut line = format!(
                     "consistent at CG {cg} (the primary's state as of {:.1} s ago)",
                     now.saturating_sub(frozen_at_unix_us) as f64 / 1e6
-                )
+                );
+                // A disk joining the group is not in that cut yet.
+                for d in 0..s.disks() {
+                    if let Some((done, all)) = s.join_progress(d) {
+                        line += &format!(
+                            "; disk {d} ({}) joining the group, copied {:.1} %",
+                            s.image_path(d).display(),
+                            done as f64 * 100.0 / all.max(1) as f64
+                        );
+                    }
+                }
+                line
             }
             ReplicaState::Promoted => "promoted".into(),
         },
@@ -510,21 +560,20 @@ impl ReplicaSink for StoreSink {
             }
             return Err(RejectReason::Other(e));
         }
+        let full = self.spec_of(hello);
         if g.is_none() {
-            let spec = self.spec_of(hello);
-            let fresh = spec
-                .disks
-                .iter()
-                .map(|d| ensure_image(&d.image, d.size))
-                .collect::<anyhow::Result<Vec<bool>>>();
-            match fresh {
-                Ok(fresh) => *self.fresh_images.lock().expect("fresh images") = fresh,
-                Err(e) => {
-                    if let Some(a) = IMAGE_FAILURES.admit() {
-                        tracing::error!(error = %e, "cannot prepare the replica image{}", a.note());
-                    }
-                    return Err(RejectReason::Other(format!("{e:#}")));
-                }
+            // The images of a replica opened here: the stored group's (more disks join
+            // below), or all of them for a new replica.
+            let k = crate::replica::stored_group(&self.paths.state_dir)
+                .ok()
+                .flatten()
+                .map_or(full.disks.len(), |s| s.disks.len().min(full.disks.len()));
+            let spec = GroupSpec {
+                disks: full.disks[..k].to_vec(),
+                chunk_size: full.chunk_size,
+            };
+            if let Err(e) = self.prepare_images(&spec.disks) {
+                return Err(RejectReason::Other(e));
             }
             match ReplicaStore::open(&spec, &self.paths.state_dir) {
                 Ok((store, report)) => {
@@ -547,6 +596,40 @@ impl ReplicaSink for StoreSink {
         if !matches!(store.state(), ReplicaState::Syncing { .. }) {
             let _ = store.discard_uncommitted();
         }
+        // The replica's disks are the primary's first ones, in order; the primary's further
+        // disks join the group.
+        for d in 0..store.disks() {
+            let theirs = &hello.disks[d];
+            if store.disk_identity(d) != Some((theirs.uuid, theirs.size)) {
+                let why = format!(
+                    "disk {d} of the primary's group ({}, {} bytes) is not the disk this \
+                     replica keeps as disk {d} ({}): give `drblk secondary` the --disk options \
+                     in the order of the primary's",
+                    uuid_hex(&theirs.uuid),
+                    theirs.size,
+                    store.image_path(d).display()
+                );
+                if let Some(a) = REFUSALS.admit() {
+                    tracing::error!(peer = %peer.addr, "refusing primary: {why}{}", a.note());
+                }
+                return Err(RejectReason::Other(why));
+            }
+        }
+        if store.disks() < full.disks.len() {
+            let new = &full.disks[store.disks()..];
+            if let Err(e) = self.prepare_images(new) {
+                return Err(RejectReason::Other(e));
+            }
+            for d in new {
+                if let Err(e) = store.add_disk(d) {
+                    tracing::error!(disk = %d.image.display(), error = %e, "cannot add the disk to the group");
+                    return Err(RejectReason::Other(format!(
+                        "cannot add {} to the group: {e}",
+                        d.image.display()
+                    )));
+                }
+            }
+        }
         let syncing = matches!(store.state(), ReplicaState::Syncing { .. });
         let fresh = self.fresh_images.lock().expect("fresh images").clone();
         let mut disks = Vec::new();
@@ -566,26 +649,32 @@ impl ReplicaSink for StoreSink {
             } else {
                 Vec::new()
             };
-            // A syncing replica whose image was there before (its state was reset, or an
-            // earlier sync was interrupted): most of it may already be right.
-            let compare_first = syncing && !fresh.get(d).copied().unwrap_or(false);
-            disks.push((compare_first, resync_also));
+            // A syncing (or joining) image that was there before (its state was reset, or
+            // an earlier copy was interrupted): most of it may already be right.
+            let joining = store.join_progress(d);
+            let compare_first =
+                (syncing || joining.is_some()) && !fresh.get(d).copied().unwrap_or(false);
+            let state = match (joining, store.state()) {
+                (Some((done_chunks, total_chunks)), _)
+                | (
+                    None,
+                    ReplicaState::Syncing {
+                        done_chunks,
+                        total_chunks,
+                    },
+                ) => DiskState::Syncing {
+                    done_chunks,
+                    total_chunks,
+                },
+                _ => DiskState::Member,
+            };
+            disks.push((state, compare_first, resync_also));
         }
         tracing::info!(peer = %peer.addr, site = %peer.site, state = ?store.state(), disks = disks.len(), "primary connected");
         let c = &self.counters;
         c.connected.store(true, Relaxed);
         c.connections.fetch_add(1, Relaxed);
         c.staged_bytes.store(0, Relaxed);
-        let state = match store.state() {
-            ReplicaState::Syncing {
-                done_chunks,
-                total_chunks,
-            } => DiskState::Syncing {
-                done_chunks,
-                total_chunks,
-            },
-            _ => DiskState::Member,
-        };
         Ok(HelloAck {
             protocol_version: PROTOCOL_VERSION,
             last_committed_cg: store.last_committed_cg(),
@@ -593,7 +682,7 @@ impl ReplicaSink for StoreSink {
             site: self.site.clone(),
             disks: disks
                 .into_iter()
-                .map(|(compare_first, resync_also)| DiskAck {
+                .map(|(state, compare_first, resync_also)| DiskAck {
                     state,
                     compare_first,
                     resync_also,
@@ -620,7 +709,7 @@ impl ReplicaSink for StoreSink {
                 WireChunk::Data(d) => d.len() as u64,
                 WireChunk::Zero { .. } => 0,
             };
-            if let ReplicaState::Syncing { .. } = s.state() {
+            if matches!(s.state(), ReplicaState::Syncing { .. }) || s.joining(disk) {
                 s.sync_extent(disk, first, count, d)?;
             } else {
                 s.stage_extent(disk, cg, first, count, d)?;
@@ -667,6 +756,10 @@ impl ReplicaSink for StoreSink {
                     // it needs the background apply (branch `background-apply`) and a
                     // status that says what the image holds.
                     s.apply_committed()?;
+                    // A disk whose copy this group carried joins the group's cut now:
+                    // before the acknowledgement, so the primary's status and the
+                    // replica's agree on what the group holds.
+                    s.finish_joins(cg)?;
                     acknowledge();
                     tracing::debug!(cg, ?durable, applied = ?(t.elapsed() - durable), "consistency group committed");
                 }
