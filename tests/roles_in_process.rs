@@ -354,3 +354,129 @@ fn status_and_metrics_of_both_sites_in_process() {
     b.stop();
     assert!(t.elapsed() < Duration::from_secs(45), "{:?}", t.elapsed());
 }
+
+/// A group of two disks with both sites in this process (as `tests/group.rs` does through
+/// the binaries): replication, verify across both disks (a block changed on the second
+/// replica is found and repaired), switchover (demote through the second disk's socket,
+/// promote through the secondary's socket), and the old primary's pair rejoining with
+/// nothing to resync.
+#[test]
+fn a_group_of_two_disks_verifies_switches_over_and_rejoins_in_process() {
+    let _ = tracing_subscriber::fmt()
+        .with_env_filter("drblk=info")
+        .with_test_writer()
+        .try_init();
+    let tmp = tempfile::tempdir().unwrap();
+    let dir = tmp.path();
+    let certs = common::make_certs(dir);
+    let names = [["a.img", "a2.img"], ["b.img", "b2.img"]];
+    for n in names[0] {
+        std::fs::write(dir.join(n), vec![0u8; SIZE as usize]).unwrap();
+    }
+    let group_secondary = |site: &str, imgs: [&str; 2]| {
+        let peer = if site == "secondary" {
+            "primary"
+        } else {
+            "secondary"
+        };
+        let mut s = Secondary::start(
+            SecondaryPaths {
+                images: imgs.iter().map(|i| dir.join(i)).collect(),
+                state_dir: dir.join(format!("{}.state", imgs[0])),
+                discard_local_changes: false,
+            },
+            drblk::link::SiteIdentity::load(&certs, site).unwrap(),
+            "127.0.0.1:0".parse().unwrap(),
+            Some(peer.into()),
+            None,
+        )
+        .unwrap();
+        let ctl = dir.join(format!("{}.ctl", imgs[0]));
+        s.serve_control(&ctl).unwrap();
+        (s, ctl)
+    };
+    let group_primary = |site: &str, imgs: [&str; 2], to: &Secondary| {
+        let socks = imgs.map(|i| dir.join(format!("{i}.sock")));
+        let mut a = ServeArgs::new(dir.join(imgs[0]), socks[0].clone());
+        a.add_disk(dir.join(imgs[1]), socks[1].clone());
+        a.queues = 2;
+        a.cg.cg_interval = Duration::from_millis(20).into();
+        a.replication.replicate_to = Some(to.local_addr().unwrap().to_string());
+        a.replication.certs = certs.to_path_buf();
+        a.replication.site = site.into();
+        a.replication.peer_site = if site == "primary" {
+            "secondary".into()
+        } else {
+            "primary".into()
+        };
+        (Server::start(&a).unwrap(), socks)
+    };
+    let committed = |sock: &Path| status(sock).replication.map_or(0, |r| r.last_committed_cg);
+
+    let (b, b_ctl) = group_secondary("secondary", names[1]);
+    let (a, a_socks) = group_primary("primary", names[0], &b);
+    wait_until("the initial copy", || committed(&a_socks[0]) > 0);
+    assert_eq!(status(&a_socks[0]).group.len(), 2);
+    write_blocks(&a_socks[0], &[1, 2, 300], 0xa1);
+    write_blocks(&a_socks[1], &[7, 2047], 0xa2);
+    wait_until("the frontends to go", || {
+        status(&a_socks[0])
+            .group
+            .iter()
+            .all(|m| m.frontends_connected == 0)
+    });
+    // Verify walks both disks; a block changed behind drblk's back on the second replica
+    // is found, and repaired by the next group.
+    let v = client::request_at(
+        &control_path(&a_socks[0]),
+        Request::Verify { repair: false },
+    )
+    .unwrap();
+    assert_eq!(v["differing"], 0, "{v}");
+    {
+        use std::os::unix::fs::FileExt;
+        let f = std::fs::OpenOptions::new()
+            .write(true)
+            .open(dir.join("b2.img"))
+            .unwrap();
+        f.write_all_at(&[0x77; 10], 9 * 4096).unwrap();
+    }
+    let v =
+        client::request_at(&control_path(&a_socks[1]), Request::Verify { repair: true }).unwrap();
+    assert_eq!(v["differing"], 1, "{v}");
+    let _ = client::request_at(&control_path(&a_socks[0]), Request::Drain).unwrap();
+    for (x, y) in names[0].iter().zip(names[1]) {
+        assert!(
+            std::fs::read(dir.join(x)).unwrap() == std::fs::read(dir.join(y)).unwrap(),
+            "{x} and {y} differ"
+        );
+    }
+
+    // Switchover: demote through the second disk's socket, promote through the secondary's.
+    let d =
+        client::request_at(&control_path(&a_socks[1]), Request::Demote { force: false }).unwrap();
+    let demoted_at = d["cg"].as_u64().unwrap();
+    a.stop().unwrap();
+    let p = client::request_at(&b_ctl, Request::Promote { force: false }).unwrap();
+    assert_eq!(p["cg"].as_u64(), Some(demoted_at), "{p}");
+    b.stop();
+    for n in names[1] {
+        let l = drblk::lineage::Lineage::load(&dir.join(n))
+            .unwrap()
+            .unwrap();
+        assert_eq!(l.role, drblk::lineage::Role::Promoted, "{n}");
+    }
+
+    // The promoted pair serves and replicates back; the old pair rejoins with nothing to
+    // resync.
+    let (a2, _) = group_secondary("primary", names[0]);
+    let (b2, b_socks) = group_primary("secondary", names[1], &a2);
+    wait_until("the first group back", || {
+        committed(&b_socks[0]) > demoted_at
+    });
+    let st = status(&b_socks[0]);
+    assert_eq!(st.replication.unwrap().chunks_shipped, 0);
+    assert_eq!(st.link.unwrap().full_resyncs, 0);
+    b2.stop().unwrap();
+    a2.stop();
+}
