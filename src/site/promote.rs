@@ -206,6 +206,25 @@ pub fn promote_store(
         images.len()
     );
     let image = &images[0];
+    // A disk still joining the group holds a partial copy, no group of the primary's.
+    let joining: Vec<String> = (0..images.len())
+        .filter_map(|d| {
+            store.join_progress(d).map(|(done, all)| {
+                format!("{} ({done} of {all} chunks copied)", images[d].display())
+            })
+        })
+        .collect();
+    if !joining.is_empty() {
+        if !force {
+            bail!(
+                "{} still joining the group: its copy is not finished, it holds no group of the \
+                 primary's. Pass --force to promote the group anyway (the other disks hold \
+                 the group; that disk a mix of old and new blocks)",
+                joining.join(" and ")
+            );
+        }
+        tracing::warn!(disks = %joining.join(", "), "promoting a group with a disk still joining (--force): that disk is a mix of old and new blocks");
+    }
     let (cg, frozen_at_unix_us, inconsistent) = match store.state() {
         ReplicaState::Promoted => {
             let cg = store.last_committed_cg().unwrap_or(0);
@@ -291,4 +310,55 @@ pub fn promote_store(
         already: false,
         own_writes,
     })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::replica::{ChunkData, DiskSpec, GroupSpec};
+
+    #[test]
+    fn a_group_with_a_disk_still_joining_is_promoted_only_with_force() {
+        let tmp = tempfile::tempdir().unwrap();
+        let (a, b, dir) = (
+            tmp.path().join("a.img"),
+            tmp.path().join("b.img"),
+            tmp.path().join("a.img.state"),
+        );
+        let size = 64 << 10;
+        let (mut store, _) =
+            ReplicaStore::open(&GroupSpec::single(&a, size, 4096, [1; 16]), &dir).unwrap();
+        for i in 0..16 {
+            store.sync_extent(0, i, 1, ChunkData::Zero).unwrap();
+        }
+        store.finish_sync(3, 0).unwrap();
+        std::fs::write(&b, vec![0u8; size as usize]).unwrap();
+        store
+            .add_disk(&DiskSpec {
+                image: b.clone(),
+                uuid: [2; 16],
+                size,
+            })
+            .unwrap();
+        let e = promote_store(&mut store, &[[1; 16], [2; 16]], None, false).unwrap_err();
+        assert!(e.to_string().contains("still joining"), "{e}");
+        assert_eq!(
+            store.state(),
+            ReplicaState::Consistent {
+                cg: 3,
+                frozen_at_unix_us: 0
+            }
+        );
+        let p = promote_store(&mut store, &[[1; 16], [2; 16]], None, true).unwrap();
+        assert_eq!((p.cg, p.images.len()), (3, 2));
+        assert!(
+            p.report().contains("serve them as one group"),
+            "{}",
+            p.report()
+        );
+        for img in [&a, &b] {
+            let l = Lineage::load(img).unwrap().unwrap();
+            assert_eq!((l.role, l.since_cg), (Role::Promoted, 3));
+        }
+    }
 }
