@@ -331,6 +331,13 @@ pub struct SecondaryArgs {
     #[arg(long)]
     pub discard_local_changes: bool,
 
+    /// Take this image's disk out of the replica's group (the primary no longer serves
+    /// it): at start the group is recovered, then the disk leaves it, its image left
+    /// holding the last committed group and no longer written. Give the other disks with
+    /// --disk as usual. Repeatable.
+    #[arg(long, value_name = "IMAGE")]
+    pub remove_disk: Vec<PathBuf>,
+
     /// Default limit on a drill's writes plus the replica content kept for it while later
     /// groups apply (`drblk ctl --control PATH drill start`). Drill writes past it fail; a
     /// group whose preservation would pass it ends the drill (replication never waits).

@@ -145,6 +145,7 @@ fn every_group_committed_holds_both_disks_dependent_writes() {
             images: g.replicas.to_vec(),
             state_dir: tmp.path().join("ra.img.state"),
             discard_local_changes: false,
+            remove: Vec::new(),
         },
         identity,
         "127.0.0.1:0".parse().unwrap(),
@@ -714,4 +715,103 @@ fn a_disk_added_to_a_replicated_disk_joins_its_group_by_a_copy_of_itself_only() 
         "the second disk joined with {shipped} chunks shipped ({} in the disk)",
         SIZE / 4096
     );
+}
+
+#[test]
+fn a_disk_taken_out_of_a_group_keeps_its_last_group_and_the_other_goes_on_incrementally() {
+    let tmp = tempfile::tempdir().unwrap();
+    let g = Group::new(tmp.path());
+    let certs = make_certs(tmp.path());
+    let port = common::free_udp_port();
+    let target = format!("127.0.0.1:{port}");
+    let sec = secondary(&g, port, &certs, &[]);
+    let pri = g.primary(&target, &certs);
+    wait_until("the initial sync", 120, || committed(&g.socks[0]) > 0);
+    let history = Arc::new(Mutex::new(History::new(2 * SIZE)));
+    let stop1 = Arc::new(AtomicBool::new(false));
+    let w = workload(&g.socks, history.clone(), false, stop1.clone());
+    let before = committed(&g.socks[0]);
+    wait_until("groups with writes", 120, || {
+        committed(&g.socks[0]) > before + 5
+    });
+    stop1.store(true, Ordering::SeqCst);
+    w.join().unwrap();
+    let left_at: Drained = ctl(&g.socks[0], "drain");
+    stop(pri);
+
+    // The primary goes on with the first disk only; the secondary still keeps two: refused,
+    // with what to do.
+    let pri = g.primary_of(1, &target, &certs);
+    wait_until("the refusal", 120, || {
+        ctl_status(&g.socks[0])
+            .link
+            .is_some_and(|l| l.secondary.contains("--remove-disk"))
+    });
+    stop(sec);
+    let rb = std::fs::read(&g.replicas[1]).unwrap();
+    let sec = {
+        let log = std::fs::OpenOptions::new()
+            .create(true)
+            .append(true)
+            .open(g.dir.join("secondary.log"))
+            .unwrap();
+        KillOnDrop(
+            Command::new(BIN)
+                .args(["secondary", "--listen", &target, "--certs"])
+                .arg(&certs)
+                .arg("--disk")
+                .arg(&g.replicas[0])
+                .arg("--remove-disk")
+                .arg(&g.replicas[1])
+                .stdout(Stdio::null())
+                .stderr(log)
+                .spawn()
+                .unwrap(),
+        )
+    };
+    let before = committed(&g.socks[0]);
+    wait_until("a group without the removed disk", 120, || {
+        committed(&g.socks[0]) > before
+    });
+    let st = ctl_status(&g.socks[0]);
+    let link = st.link.as_ref().unwrap();
+    assert_eq!(
+        (link.full_resyncs, link.checksum_resyncs),
+        (0, 0),
+        "the remaining disk must go on incrementally: {link:?}"
+    );
+    // The first disk goes on; the removed replica is not written any more.
+    write_some(&g.socks[0]);
+    let _: Drained = ctl(&g.socks[0], "drain");
+    assert!(std::fs::read(&g.disks[0]).unwrap() == std::fs::read(&g.replicas[0]).unwrap());
+    assert!(
+        std::fs::read(&g.replicas[1]).unwrap() == rb,
+        "the removed replica changed"
+    );
+    let state: serde_json::Value =
+        serde_json::from_slice(&std::fs::read(tmp.path().join("ra.img.state/state.json")).unwrap())
+            .unwrap();
+    assert_eq!(state["disks"].as_array().unwrap().len(), 1, "{state}");
+    let left = state["removed"][0]["left_at_cg"].as_u64().unwrap();
+    assert!(left >= left_at.cg, "{state}");
+    drop(pri);
+    drop(sec);
+}
+
+/// A few 4 KiB writes of non-zero bytes through `sock`.
+fn write_some(sock: &Path) {
+    use drblk_testkit::test_frontend::{Desc, DATA_BASE};
+    let mut f = TestFrontend::connect(sock, 2, 256, true).unwrap();
+    f.write_mem(DATA_BASE, &[0x5a; 4096]).unwrap();
+    for b in [3u64, 77, SIZE / 4096 - 1] {
+        let (st, _) = f
+            .request(
+                1,
+                virtio_bindings::virtio_blk::VIRTIO_BLK_T_OUT,
+                b * 8,
+                &[Desc::r(DATA_BASE, 4096)],
+            )
+            .unwrap();
+        assert_eq!(st, 0);
+    }
 }

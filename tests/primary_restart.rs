@@ -92,6 +92,7 @@ impl Site {
                 images: vec![self.dir.join("secondary.img")],
                 state_dir: self.dir.join("secondary.state"),
                 discard_local_changes: false,
+                remove: Vec::new(),
             },
             identity,
             addr,

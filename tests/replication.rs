@@ -258,6 +258,7 @@ fn every_group_committed_on_the_secondary_is_dependent_write_consistent() {
             images: vec![dir.path().join("secondary.img")],
             state_dir: dir.path().join("secondary.state"),
             discard_local_changes: false,
+            remove: Vec::new(),
         },
         identity,
         "127.0.0.1:0".parse().unwrap(),

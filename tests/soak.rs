@@ -87,6 +87,7 @@ fn secondary_process(spec: &str) {
             images: vec![dir.join("secondary.img")],
             state_dir: dir.join("secondary.img.state"),
             discard_local_changes: false,
+            remove: Vec::new(),
         },
         identity,
         format!("127.0.0.1:{port}").parse().unwrap(),

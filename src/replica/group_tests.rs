@@ -437,3 +437,45 @@ fn a_disk_joins_a_consistent_group_by_a_copy_and_is_in_the_next_cut() {
         }
     }
 }
+
+#[test]
+fn a_disk_taken_out_of_the_group_keeps_its_last_group_and_the_others_go_on() {
+    let g = group();
+    let (mut s, mut m) = synced(&g);
+    let w2 = [(0, 1, 21), (1, 2, 22)];
+    stage(&mut s, 2, &w2).unwrap();
+    s.commit(2, 2).unwrap();
+    apply(&mut m, &w2);
+    assert!(matches!(
+        s.remove_disks(&[0, 1]),
+        Err(Error::InvalidArgument(_))
+    ));
+    // Disk 0 leaves: disk 1 becomes disk 0 of the group.
+    assert_eq!(s.remove_disks(&[0]).unwrap(), 2);
+    assert_eq!(s.disks(), 1);
+    drop(s);
+    let left = GroupSpec {
+        disks: vec![spec(&g).disks[1].clone()],
+        chunk_size: CHUNK,
+    };
+    let (mut s, _) = ReplicaStore::open(&left, &g.state).unwrap();
+    s.set_checkpoint_policy(CheckpointPolicy::EVERY_CG);
+    assert_eq!(s.last_committed_cg(), Some(2));
+    let w3 = [(0, 3, 33)];
+    stage(&mut s, 3, &w3).unwrap();
+    s.commit(3, 3).unwrap();
+    // The removed image holds CG 2; the group's disk (formerly disk 1) goes on.
+    let imgs = read_images(&g);
+    assert!(imgs[0] == image_of(0, &m), "the removed disk changed");
+    // (The write was staged as disk 0's, so its bytes are those `chunk_bytes(0, ..)` makes.)
+    let mut want = image_of(1, &m);
+    want[3 * CHUNK as usize..4 * CHUNK as usize].copy_from_slice(&chunk_bytes(0, 33, 3));
+    let mut b = fs::read(&g.images[1]).unwrap();
+    b.truncate(SIZES[1] as usize);
+    assert!(b == want);
+    let st: state::StateFile =
+        serde_json::from_str(&fs::read_to_string(g.state.join("state.json")).unwrap()).unwrap();
+    assert_eq!(st.removed.len(), 1);
+    assert_eq!(st.removed[0].left_at_cg, 2);
+    assert_eq!(st.removed[0].image.as_deref(), Some(g.images[0].as_path()));
+}

@@ -85,6 +85,7 @@ impl ReplicaStore {
                     last_committed_cg: 0,
                     frozen_at_unix_us: 0,
                     disks: disk_entries(spec),
+                    removed: Vec::new(),
                 }
             }
         };
@@ -192,6 +193,7 @@ impl ReplicaStore {
                 last_committed_cg: cg,
                 frozen_at_unix_us: 0,
                 disks: disk_entries(spec),
+                removed: Vec::new(),
             };
             state::write_atomic(state_dir, &st, || Ok(()))?;
         }

@@ -60,6 +60,21 @@ pub struct StateFile {
     /// The group's disks, in order: a disk's position is its index in journal records and
     /// on the link.
     pub disks: Vec<DiskEntry>,
+    /// Disks taken out of the group (`drblk secondary --remove-disk`), each left holding
+    /// the group it was removed at.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub removed: Vec<RemovedDisk>,
+}
+
+/// A disk taken out of the group.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct RemovedDisk {
+    /// Hex, 32 digits.
+    pub uuid: String,
+    /// Its replica image, which holds the group `left_at_cg` and is not written any more.
+    pub image: Option<PathBuf>,
+    /// The group the image holds.
+    pub left_at_cg: u64,
 }
 
 /// Format 1: one disk.
@@ -87,6 +102,7 @@ impl From<StateFileV1> for StateFile {
                 image: None,
                 joining: None,
             }],
+            removed: Vec::new(),
         }
     }
 }

@@ -39,6 +39,9 @@ pub struct SecondaryPaths {
     /// say it rejoins from behind (an old primary), diverged (split brain) or is unrelated:
     /// it then takes the primary's copy as one staged group.
     pub discard_local_changes: bool,
+    /// Images to take out of the replica's group when it is opened (`--remove-disk`): each
+    /// is left holding the last committed group and is not written any more.
+    pub remove: Vec<PathBuf>,
 }
 
 impl SecondaryPaths {
@@ -130,6 +133,9 @@ impl StoreSink {
         let Some(group) = crate::replica::stored_group(&self.paths.state_dir)? else {
             return Ok(());
         };
+        if !self.paths.remove.is_empty() {
+            return self.open_removing(&group);
+        }
         // More images than the group has: the extra ones join it when the primary connects
         // with as many disks (`add_disk`). Fewer: refused (the group keeps every disk).
         let k = group.disks.len().min(self.paths.images.len());
@@ -150,6 +156,65 @@ impl StoreSink {
         }
         let (store, report) = ReplicaStore::open(&spec, &self.paths.state_dir)?;
         tracing::info!(?report, state = ?store.state(), "replica recovered");
+        *self.store.lock().expect("store lock") = Some(store);
+        Ok(())
+    }
+
+    /// `--remove-disk`: opens the whole group (the removed disks' images as the state names
+    /// them, the others from `--disk` in order), which recovers it, then takes those disks
+    /// out (see `ReplicaStore::remove_disks`).
+    fn open_removing(&self, group: &crate::replica::StoredGroup) -> anyhow::Result<()> {
+        let same = |a: &Path, b: &Path| {
+            a == b
+                || matches!(
+                    (std::fs::canonicalize(a), std::fs::canonicalize(b)),
+                    (Ok(x), Ok(y)) if x == y
+                )
+        };
+        let mut given = self.paths.images.iter();
+        let (mut all, mut gone) = (Vec::new(), Vec::new());
+        for (d, disk) in group.disks.iter().enumerate() {
+            match disk
+                .image
+                .as_ref()
+                .filter(|i| self.paths.remove.iter().any(|r| same(r, i)))
+            {
+                Some(i) => {
+                    all.push(i.clone());
+                    gone.push(d);
+                }
+                None => all.push(given.next().cloned().with_context(|| {
+                    format!(
+                        "the replica's group has {} disks and --remove-disk takes {} out: give \
+                         the others with --disk, in the group's order",
+                        group.disks.len(),
+                        gone.len()
+                    )
+                })?),
+            }
+        }
+        if gone.len() != self.paths.remove.len() {
+            let theirs: Vec<String> = group
+                .disks
+                .iter()
+                .filter_map(|d| d.image.as_ref().map(|i| i.display().to_string()))
+                .collect();
+            anyhow::bail!(
+                "--remove-disk names an image that is not a disk of the replica's group in {} \
+                 (its disks: {})",
+                self.paths.state_dir.display(),
+                theirs.join(", ")
+            );
+        }
+        let spec = group.spec(&all)?;
+        let (mut store, report) = ReplicaStore::open(&spec, &self.paths.state_dir)?;
+        tracing::info!(?report, state = ?store.state(), "replica recovered");
+        let cg = store.remove_disks(&gone).with_context(|| {
+            format!("taking {} out of the group", self.paths.remove[0].display())
+        })?;
+        for r in &self.paths.remove {
+            tracing::warn!(image = %r.display(), cg, "--remove-disk: the disk is out of the group; its image holds CG {cg} and is not replicated any more");
+        }
         *self.store.lock().expect("store lock") = Some(store);
         Ok(())
     }
@@ -314,10 +379,16 @@ impl StoreSink {
             return Err(RejectReason::Other("the Hello announces no disk".into()));
         }
         if theirs != ours {
+            let hint = if theirs < ours {
+                "; to take a disk out of the group, restart this secondary without its --disk \
+                 and with --remove-disk IMAGE"
+            } else {
+                ""
+            };
             return Err(RejectReason::Other(format!(
                 "the primary replicates a group of {theirs} disk{}; this secondary keeps {ours} \
                  ({}): give `drblk secondary` one --disk per disk of the primary, in the order \
-                 of the primary's --disk options",
+                 of the primary's --disk options{hint}",
                 if theirs == 1 { "" } else { "s" },
                 self.paths
                     .images
@@ -1034,6 +1105,7 @@ pub fn run(args: crate::cli::SecondaryArgs) -> anyhow::Result<()> {
         images: args.disk.clone(),
         state_dir: args.state_dir(),
         discard_local_changes: args.discard_local_changes,
+        remove: args.remove_disk.clone(),
     };
     let mut secondary =
         Secondary::start(paths, identity, listen, Some(args.peer_site.clone()), None)?;

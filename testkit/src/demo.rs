@@ -107,6 +107,7 @@ pub fn run(args: DemoArgs) -> anyhow::Result<()> {
             images: vec![replica.clone()],
             state_dir: dir.join("secondary.state"),
             discard_local_changes: false,
+            remove: Vec::new(),
         },
         identity,
         "127.0.0.1:0".parse()?,

@@ -298,6 +298,7 @@ mod daemon {
                     images: replicas,
                     state_dir: dir.join(format!("r{tag}.state")),
                     discard_local_changes: false,
+                    remove: Vec::new(),
                 },
                 drblk::link::SiteIdentity::load(certs, "secondary")?,
                 "127.0.0.1:0".parse()?,

@@ -1,6 +1,12 @@
-//! Adding a disk to a consistent group: the new disk joins by an initial copy while the
-//! members go on committing groups, and becomes part of the group's cut at the first group
-//! committed after its copy.
+//! The group's members: adding a disk, which joins by an initial copy while the members go
+//! on committing groups and becomes part of the group's cut at the first group committed
+//! after its copy; and taking one out, which leaves it holding the group it left at.
+//!
+//! # Removing (`remove_disks`)
+//! A checkpoint first: every image holds the last committed group durably and the journal
+//! holds nothing, so no record names a disk by an index that is about to shift. Then one
+//! state write drops the disks and lists them under `removed` with that group. A crash
+//! before it leaves the group as it was; after it, the smaller group.
 //!
 //! # Steps, and why every crash leaves the group consistent
 //! 1. `add_disk`: a checkpoint (nothing of a group is left in the journal), then the disk is
@@ -20,7 +26,7 @@
 
 use super::image::DiskImage;
 use super::journal::Geometry;
-use super::state::{uuid_hex, DiskEntry, Mode};
+use super::state::{uuid_hex, DiskEntry, Mode, RemovedDisk};
 use super::{DiskSpec, Error, ReplicaStore, Result};
 
 impl ReplicaStore {
@@ -145,6 +151,51 @@ impl ReplicaStore {
                 tracing::info!(disk = d, image = %s.images[d].path.display(), cg, "the disk joined the group: it holds CG {cg} like the others");
             }
             Ok(())
+        })
+    }
+
+    /// Takes disks `disks` (indices) out of the consistent group; the others keep their
+    /// order. Each removed image is left holding the last committed group (see the module
+    /// docs). Returns that group.
+    pub fn remove_disks(&mut self, disks: &[usize]) -> Result<u64> {
+        self.check_cycles("remove_disks")?;
+        if !self.staged.is_empty() {
+            return Err(Error::InvalidState(
+                "remove_disks while a group is staged (discard it first)".into(),
+            ));
+        }
+        let n = self.images.len();
+        if let Some(&d) = disks.iter().find(|&&d| d >= n) {
+            return Err(Error::InvalidArgument(format!(
+                "disk {d} is not in the group (it has {n} disks)"
+            )));
+        }
+        let mut gone: Vec<usize> = disks.to_vec();
+        gone.sort_unstable();
+        gone.dedup();
+        if gone.len() == n {
+            return Err(Error::InvalidArgument(
+                "a group keeps at least one disk: to stop replicating, stop the secondary".into(),
+            ));
+        }
+        self.guard(|s| {
+            s.checkpoint()?;
+            let cg = s.st.last_committed_cg;
+            for &d in gone.iter().rev() {
+                let image = s.images.remove(d);
+                let entry = s.st.disks.remove(d);
+                if let Some(o) = &image.observer {
+                    o.closed();
+                }
+                tracing::info!(disk = d, image = %image.path.display(), cg, "the disk leaves the group: its image holds CG {cg} and is not written any more");
+                s.st.removed.push(RemovedDisk {
+                    uuid: entry.uuid,
+                    image: Some(image.path.clone()),
+                    left_at_cg: if entry.joining.is_some() { 0 } else { cg },
+                });
+            }
+            s.write_state()?;
+            Ok(cg)
         })
     }
 }
