@@ -61,6 +61,9 @@ struct Args {
     /// With --daemon: requests in flight per client (spread over its queues).
     #[arg(long, default_value_t = 16)]
     qd: usize,
+    /// With --daemon: writes a second per client (0: as fast as it goes).
+    #[arg(long, default_value_t = 0.0)]
+    client_rate: f64,
 }
 
 /// An image of zeros.
@@ -248,8 +251,17 @@ mod daemon {
         }
         println!();
         println!(
-            "drblk serve with N disks x {} queues (CPU 0); a libblkio client per disk, randwrite 4 KiB qd{} (CPU 1); replication to an in-process secondary over QUIC on loopback (CPU 1); a group every {} ms; {} MiB per disk; {} s per cell",
-            args.queues, args.qd, args.interval_ms, args.size_mib, args.seconds
+            "drblk serve with N disks x {} queues (CPU 0); a libblkio client per disk, randwrite 4 KiB qd{}{} (CPU 1); replication to an in-process secondary over QUIC on loopback (CPU 1); a group every {} ms; {} MiB per disk; {} s per cell",
+            args.queues,
+            args.qd,
+            if args.client_rate > 0.0 {
+                format!(" at {:.0}/s", args.client_rate)
+            } else {
+                String::new()
+            },
+            args.interval_ms,
+            args.size_mib,
+            args.seconds
         );
         println!("disks | replication | IOPS total (per disk)        | p99 µs (worst disk) | freeze p50 / p99 / max µs | groups committed");
         for r in &rows {
@@ -344,6 +356,7 @@ mod daemon {
                     (sock.clone(), args.seconds, (args.size_mib << 20) / 4096);
                 let cell = Cell {
                     seed: 0x9e37_79b9 + d as u64,
+                    rate: (args.client_rate > 0.0).then_some(args.client_rate),
                     ..Cell::new(Rw::RandWrite, args.qd, args.queues.min(4))
                 };
                 std::thread::spawn(move || {
