@@ -27,6 +27,7 @@ fn families(f: &mut Families<'_>, s: &PrimaryStatus) -> Result {
         s.frontends_connected as f64,
     )?;
     guest(f, s)?;
+    group(f, s)?;
 
     let link = s.link.as_ref();
     let state = link.and_then(|l| l.secondary_state);
@@ -167,6 +168,53 @@ fn families(f: &mut Families<'_>, s: &PrimaryStatus) -> Result {
 }
 
 /// Guest requests by operation.
+/// A daemon serving several disks as one group: per disk, labelled with its image and its
+/// position in the group (the families above describe the first disk, or the group).
+fn group(f: &mut Families<'_>, s: &PrimaryStatus) -> Result {
+    if s.group.is_empty() {
+        return Ok(());
+    }
+    let index: Vec<String> = (0..s.group.len()).map(|i| i.to_string()).collect();
+    let labels: Vec<[(&str, &str); 2]> = s
+        .group
+        .iter()
+        .zip(&index)
+        .map(|(m, i)| [("disk", m.disk.as_str()), ("index", i.as_str())])
+        .collect();
+    let each = |v: &dyn Fn(&crate::control::MemberStatus) -> f64| -> Vec<(&[(&str, &str)], f64)> {
+        labels
+            .iter()
+            .zip(&s.group)
+            .map(|(l, m)| (&l[..], v(m)))
+            .collect()
+    };
+    f.gauges(
+        "drblk_group_disk_size_bytes",
+        "Capacity of each disk of the group.",
+        &each(&|m| m.size as f64),
+    )?;
+    f.gauges(
+        "drblk_group_disk_frontends_connected",
+        "Frontends connected to each disk of the group.",
+        &each(&|m| m.frontends_connected as f64),
+    )?;
+    f.gauges(
+        "drblk_group_disk_dirty_chunks",
+        "Chunks of each disk of the group to ship with the next group.",
+        &each(&|m| m.dirty_chunks.unwrap_or(0) as f64),
+    )?;
+    let requests: Vec<(&[(&str, &str)], u64)> = labels
+        .iter()
+        .zip(&s.group)
+        .map(|(l, m)| (&l[..], m.requests))
+        .collect();
+    f.counters(
+        "drblk_group_disk_requests",
+        "Requests completed on each disk of the group.",
+        &requests,
+    )
+}
+
 fn guest(f: &mut Families<'_>, s: &PrimaryStatus) -> Result {
     let labels: Vec<[(&str, &str); 1]> = s.ops.iter().map(|o| [("op", o.op.as_str())]).collect();
     let by_op = |v: fn(&crate::blk::op_stats::OpStatus) -> u64| {

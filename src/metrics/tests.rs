@@ -226,3 +226,38 @@ fn the_endpoint_answers_metrics_and_404_and_holds_its_address() {
     // Dropping it stops its thread (and returns).
     drop(server);
 }
+
+#[test]
+fn a_group_has_a_series_per_disk() {
+    let mut s = primary();
+    s.group = ["db", "log"]
+        .iter()
+        .enumerate()
+        .map(|(i, n)| crate::control::MemberStatus {
+            disk: format!("/vm/{n}.img"),
+            socket: format!("/run/{n}.sock"),
+            size: (i as u64 + 1) << 30,
+            frontends_connected: 1,
+            requests: 10 * i as u64,
+            dirty_chunks: Some(i as u64 + 3),
+            track: None,
+        })
+        .collect();
+    let text = super::primary::render(s);
+    let m = parse(&text);
+    let get = |k: &str| *m.get(k).unwrap_or_else(|| panic!("no {k} in\n{text}"));
+    assert_eq!(
+        get("drblk_group_disk_size_bytes{disk=/vm/log.img,index=1}"),
+        (2u64 << 30) as f64
+    );
+    assert_eq!(
+        get("drblk_group_disk_dirty_chunks{disk=/vm/db.img,index=0}"),
+        3.0
+    );
+    assert_eq!(
+        get("drblk_group_disk_requests_total{disk=/vm/log.img,index=1}"),
+        10.0
+    );
+    // One disk: no group families.
+    assert!(!super::primary::render(primary()).contains("drblk_group_disk"));
+}
