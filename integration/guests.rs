@@ -558,6 +558,19 @@ fn replicated_pair(
     replica: &std::path::Path,
     sock: &std::path::Path,
 ) -> (std::process::Child, Backend) {
+    replicated_group(dir, &[img], &[replica], &[sock], &[])
+}
+
+/// [`replicated_pair`] for a group: `drblk serve` of every `imgs[i]` on `socks[i]` (one
+/// daemon, one group), replicating to one `drblk secondary` of the `replicas` in order;
+/// `extra` arguments for the primary.
+fn replicated_group(
+    dir: &std::path::Path,
+    imgs: &[&std::path::Path],
+    replicas: &[&std::path::Path],
+    socks: &[&std::path::Path],
+    extra: &[&str],
+) -> (std::process::Child, Backend) {
     let certs = dir.join("certs");
     let st = std::process::Command::new(daemons::DRBLK_BIN)
         .args(["cert", "--dir"])
@@ -571,14 +584,12 @@ fn replicated_pair(
         .unwrap()
         .port();
     let secondary_log = std::fs::File::create(dir.join("secondary.log")).unwrap();
-    let secondary = std::process::Command::new(daemons::DRBLK_BIN)
-        .args([
-            "secondary",
-            "--listen",
-            &format!("127.0.0.1:{port}"),
-            "--disk",
-        ])
-        .arg(replica)
+    let mut c = std::process::Command::new(daemons::DRBLK_BIN);
+    c.args(["secondary", "--listen", &format!("127.0.0.1:{port}")]);
+    for r in replicas {
+        c.arg("--disk").arg(r);
+    }
+    let secondary = c
         .arg("--certs")
         .arg(&certs)
         .stderr(secondary_log)
@@ -586,13 +597,23 @@ fn replicated_pair(
         .unwrap();
     let to = format!("127.0.0.1:{port}");
     let certs_s = certs.display().to_string();
-    let primary = Backend::drblk(
-        "primary",
-        img,
-        sock,
-        &["--queues", "2", "--replicate-to", &to, "--certs", &certs_s],
-        None,
-    );
+    let pairs: Vec<String> = imgs
+        .iter()
+        .zip(socks)
+        .skip(1)
+        .flat_map(|(i, s)| {
+            [
+                "--disk".into(),
+                i.display().to_string(),
+                "--socket".into(),
+                s.display().to_string(),
+            ]
+        })
+        .collect();
+    let mut args: Vec<&str> = pairs.iter().map(String::as_str).collect();
+    args.extend(["--queues", "2", "--replicate-to", &to, "--certs", &certs_s]);
+    args.extend(extra);
+    let primary = Backend::drblk("primary", imgs[0], socks[0], &args, None);
     (secondary, primary)
 }
 
@@ -873,54 +894,12 @@ fn a_guest_writing_across_two_disks_fails_over_to_one_consistent_pair() {
     for d in &disks {
         create_image(d, SIZE);
     }
-    let certs = p.join("certs");
-    let st = std::process::Command::new(daemons::DRBLK_BIN)
-        .args(["cert", "--dir"])
-        .arg(&certs)
-        .output()
-        .unwrap();
-    assert!(st.status.success());
-    let port = std::net::UdpSocket::bind("127.0.0.1:0")
-        .unwrap()
-        .local_addr()
-        .unwrap()
-        .port();
-    let mut secondary = std::process::Command::new(daemons::DRBLK_BIN)
-        .args(["secondary", "--listen", &format!("127.0.0.1:{port}")])
-        .arg("--disk")
-        .arg(&replicas[0])
-        .arg("--disk")
-        .arg(&replicas[1])
-        .arg("--certs")
-        .arg(&certs)
-        .stderr(std::fs::File::create(p.join("secondary.log")).unwrap())
-        .spawn()
-        .unwrap();
-    let (b, sb, to, certs_s) = (
-        disks[1].display().to_string(),
-        socks[1].display().to_string(),
-        format!("127.0.0.1:{port}"),
-        certs.display().to_string(),
-    );
-    let mut primary = Backend::drblk(
-        "primary",
-        &disks[0],
-        &socks[0],
-        &[
-            "--disk",
-            &b,
-            "--socket",
-            &sb,
-            "--queues",
-            "2",
-            "--cg-interval",
-            "50ms",
-            "--replicate-to",
-            &to,
-            "--certs",
-            &certs_s,
-        ],
-        None,
+    let (mut secondary, mut primary) = replicated_group(
+        p,
+        &[&disks[0], &disks[1]],
+        &[&replicas[0], &replicas[1]],
+        &[&socks[0], &socks[1]],
+        &["--cg-interval", "50ms"],
     );
     assert!(
         daemons::wait_until(Duration::from_secs(60), || socks[1].exists()),

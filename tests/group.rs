@@ -83,6 +83,27 @@ impl Group {
         p
     }
 
+    /// Each disk and its replica hold the same bytes (after a drain).
+    fn assert_identical(&self, when: &str) {
+        for (d, r) in self.disks.iter().zip(&self.replicas) {
+            assert!(
+                std::fs::read(d).unwrap() == std::fs::read(r).unwrap(),
+                "{} and {} differ {when}",
+                d.display(),
+                r.display()
+            );
+        }
+    }
+
+    /// The replicas together pass the history's dependent-write check.
+    fn assert_consistent(&self, history: &Mutex<History>) {
+        let check = history
+            .lock()
+            .unwrap()
+            .check(&Self::replicas_image(&self.replicas));
+        assert!(check.is_ok(), "{check:?}");
+    }
+
     fn log(&self, who: &str) -> String {
         std::fs::read_to_string(self.dir.join(format!("{who}.log"))).unwrap_or_default()
     }
@@ -186,19 +207,8 @@ fn every_group_committed_holds_both_disks_dependent_writes() {
         drained.cg
     );
     assert!(v.is_empty(), "{:#?}", &v[..v.len().min(5)]);
-    for (d, r) in g.disks.iter().zip(&g.replicas) {
-        assert!(
-            std::fs::read(d).unwrap() == std::fs::read(r).unwrap(),
-            "{} and {} differ after a drain",
-            d.display(),
-            r.display()
-        );
-    }
-    let groups = history
-        .lock()
-        .unwrap()
-        .check(&Group::replicas_image(&g.replicas));
-    assert!(groups.is_ok(), "{groups:?}");
+    g.assert_identical("after a drain");
+    g.assert_consistent(&history);
     sec.stop();
 }
 
@@ -308,14 +318,7 @@ fn a_secondary_killed_mid_commit_recovers_both_disks_to_one_group() {
     stop.store(true, Ordering::SeqCst);
     let writes = w.join().unwrap();
     let drained: Drained = ctl(&g.socks[0], "drain");
-    for (d, r) in g.disks.iter().zip(&g.replicas) {
-        assert!(
-            std::fs::read(d).unwrap() == std::fs::read(r).unwrap(),
-            "{} and {} differ after a drain",
-            d.display(),
-            r.display()
-        );
-    }
+    g.assert_identical("after a drain");
     println!(
         "{writes} writes; recovered (crash point, CG, replayed): {recovered:?}; drained at CG {}",
         drained.cg
@@ -578,14 +581,7 @@ fn a_group_switches_over_as_one_and_the_old_primary_rejoins_with_nothing_to_resy
         "the secondary must hold the final group: {}",
         text(&out)
     );
-    for (d, r) in g.disks.iter().zip(&g.replicas) {
-        assert!(
-            std::fs::read(d).unwrap() == std::fs::read(r).unwrap(),
-            "{} and {} differ after the switchover",
-            d.display(),
-            r.display()
-        );
-    }
+    g.assert_identical("after the switchover");
 
     // Reverse: the promoted pair serves and replicates to the old primary's disks.
     let back = Group {
@@ -607,9 +603,7 @@ fn a_group_switches_over_as_one_and_the_old_primary_rejoins_with_nothing_to_resy
     let _: Drained = ctl(&back.socks[0], "drain");
     drop(pri);
     drop(sec);
-    for (d, r) in g.disks.iter().zip(&g.replicas) {
-        assert!(std::fs::read(d).unwrap() == std::fs::read(r).unwrap());
-    }
+    g.assert_identical("after the reverse replication's drain");
     println!("a group of 2 switched over at CG {demoted_at}; the reverse shipped 0 chunks");
 }
 
@@ -682,19 +676,8 @@ fn a_disk_added_to_a_replicated_disk_joins_its_group_by_a_copy_of_itself_only() 
     stop2.store(true, Ordering::SeqCst);
     w.join().unwrap();
     let _: Drained = ctl(&g.socks[0], "drain");
-    for (d, r) in g.disks.iter().zip(&g.replicas) {
-        assert!(
-            std::fs::read(d).unwrap() == std::fs::read(r).unwrap(),
-            "{} and {} differ",
-            d.display(),
-            r.display()
-        );
-    }
-    let check = history
-        .lock()
-        .unwrap()
-        .check(&Group::replicas_image(&g.replicas));
-    assert!(check.is_ok(), "{check:?}");
+    g.assert_identical("after a drain");
+    g.assert_consistent(&history);
     let stored = drblk::replica::stored_group(&tmp.path().join("ra.img.state"))
         .unwrap()
         .unwrap();
