@@ -28,6 +28,12 @@ fn wait_until(what: &str, mut f: impl FnMut() -> bool) {
 }
 
 fn secondary(dir: &Path, certs: &Path, site: &str, img: &str) -> (Secondary, PathBuf) {
+    secondary_of(dir, certs, site, &[img])
+}
+
+/// A secondary of the images `imgs` (a group when several), its state in `IMGS[0].state`.
+fn secondary_of(dir: &Path, certs: &Path, site: &str, imgs: &[&str]) -> (Secondary, PathBuf) {
+    let img = imgs[0];
     let identity = drblk::link::SiteIdentity::load(certs, site).unwrap();
     let peer = if site == "secondary" {
         "primary"
@@ -36,7 +42,7 @@ fn secondary(dir: &Path, certs: &Path, site: &str, img: &str) -> (Secondary, Pat
     };
     let mut s = Secondary::start(
         SecondaryPaths {
-            images: vec![dir.join(img)],
+            images: imgs.iter().map(|i| dir.join(i)).collect(),
             state_dir: dir.join(format!("{img}.state")),
             discard_local_changes: false,
             remove: Vec::new(),
@@ -53,8 +59,23 @@ fn secondary(dir: &Path, certs: &Path, site: &str, img: &str) -> (Secondary, Pat
 }
 
 fn primary(dir: &Path, certs: &Path, site: &str, img: &str, to: &Secondary) -> (Server, PathBuf) {
-    let sock = dir.join(format!("{img}.sock"));
-    let mut a = ServeArgs::new(dir.join(img), sock.clone());
+    let (server, socks) = primary_of(dir, certs, site, &[img], to);
+    (server, socks[0].clone())
+}
+
+/// A primary serving `imgs` (a group when several) on `IMG.sock` each.
+fn primary_of(
+    dir: &Path,
+    certs: &Path,
+    site: &str,
+    imgs: &[&str],
+    to: &Secondary,
+) -> (Server, Vec<PathBuf>) {
+    let socks: Vec<PathBuf> = imgs.iter().map(|i| dir.join(format!("{i}.sock"))).collect();
+    let mut a = ServeArgs::new(dir.join(imgs[0]), socks[0].clone());
+    for (i, s) in imgs.iter().zip(&socks).skip(1) {
+        a.add_disk(dir.join(i), s.clone());
+    }
     a.queues = 2;
     a.cg.cg_interval = Duration::from_millis(20).into();
     a.replication.replicate_to = Some(to.local_addr().unwrap().to_string());
@@ -65,7 +86,7 @@ fn primary(dir: &Path, certs: &Path, site: &str, img: &str, to: &Secondary) -> (
     } else {
         "primary".into()
     };
-    (Server::start(&a).unwrap(), sock)
+    (Server::start(&a).unwrap(), socks)
 }
 
 fn status(sock: &Path) -> PrimaryStatus {
@@ -374,45 +395,9 @@ fn a_group_of_two_disks_verifies_switches_over_and_rejoins_in_process() {
     for n in names[0] {
         std::fs::write(dir.join(n), vec![0u8; SIZE as usize]).unwrap();
     }
-    let group_secondary = |site: &str, imgs: [&str; 2]| {
-        let peer = if site == "secondary" {
-            "primary"
-        } else {
-            "secondary"
-        };
-        let mut s = Secondary::start(
-            SecondaryPaths {
-                images: imgs.iter().map(|i| dir.join(i)).collect(),
-                state_dir: dir.join(format!("{}.state", imgs[0])),
-                discard_local_changes: false,
-                remove: Vec::new(),
-            },
-            drblk::link::SiteIdentity::load(&certs, site).unwrap(),
-            "127.0.0.1:0".parse().unwrap(),
-            Some(peer.into()),
-            None,
-        )
-        .unwrap();
-        let ctl = dir.join(format!("{}.ctl", imgs[0]));
-        s.serve_control(&ctl).unwrap();
-        (s, ctl)
-    };
-    let group_primary = |site: &str, imgs: [&str; 2], to: &Secondary| {
-        let socks = imgs.map(|i| dir.join(format!("{i}.sock")));
-        let mut a = ServeArgs::new(dir.join(imgs[0]), socks[0].clone());
-        a.add_disk(dir.join(imgs[1]), socks[1].clone());
-        a.queues = 2;
-        a.cg.cg_interval = Duration::from_millis(20).into();
-        a.replication.replicate_to = Some(to.local_addr().unwrap().to_string());
-        a.replication.certs = certs.to_path_buf();
-        a.replication.site = site.into();
-        a.replication.peer_site = if site == "primary" {
-            "secondary".into()
-        } else {
-            "primary".into()
-        };
-        (Server::start(&a).unwrap(), socks)
-    };
+    let group_secondary = |site: &str, imgs: [&str; 2]| secondary_of(dir, &certs, site, &imgs);
+    let group_primary =
+        |site: &str, imgs: [&str; 2], to: &Secondary| primary_of(dir, &certs, site, &imgs, to);
     let committed = |sock: &Path| status(sock).replication.map_or(0, |r| r.last_committed_cg);
 
     let (b, b_ctl) = group_secondary("secondary", names[1]);
