@@ -97,6 +97,18 @@ impl ReplicaStore {
     /// journal. Nothing may be staged (the reset drops it). Callers run it inside `guard`.
     pub(super) fn checkpoint(&mut self) -> Result<()> {
         self.sync_image_and_state()?;
+        self.reset_journal_to_state()
+    }
+
+    /// A checkpoint that writes `state.json` even when nothing was applied since the last
+    /// one (the state changed otherwise: a disk joined the group).
+    pub(super) fn checkpoint_writing_state(&mut self) -> Result<()> {
+        self.sync_images_then_state()?;
+        self.reset_journal_to_state()
+    }
+
+    /// The second half of a checkpoint: the journal's committed records are dead.
+    fn reset_journal_to_state(&mut self) -> Result<()> {
         self.fault.hit(CrashPoint::BeforeJournalReset)?;
         let (cg, frozen) = (self.st.last_committed_cg, self.st.frozen_at_unix_us);
         self.journal.reset(cg, frozen, &self.fault)
@@ -110,15 +122,22 @@ impl ReplicaStore {
     /// applied since the last one.
     pub(super) fn sync_image_and_state(&mut self) -> Result<()> {
         if self.journal.base_cg != self.st.last_committed_cg {
-            self.fault.hit(CrashPoint::BeforeImageSync)?;
-            self.sync_images()?;
-            for image in &self.images {
-                image.drop_cache();
-            }
-            self.write_state()?;
-            self.journal.base_cg = self.st.last_committed_cg;
-            self.journal.base_frozen = self.st.frozen_at_unix_us;
+            return self.sync_images_then_state();
         }
+        self.last_checkpoint = Instant::now();
+        Ok(())
+    }
+
+    /// fsync every image, then write `state.json`: the journal's base is the state's group.
+    fn sync_images_then_state(&mut self) -> Result<()> {
+        self.fault.hit(CrashPoint::BeforeImageSync)?;
+        self.sync_images()?;
+        for image in &self.images {
+            image.drop_cache();
+        }
+        self.write_state()?;
+        self.journal.base_cg = self.st.last_committed_cg;
+        self.journal.base_frozen = self.st.frozen_at_unix_us;
         self.last_checkpoint = Instant::now();
         Ok(())
     }

@@ -124,10 +124,6 @@ impl ReplicaStore {
             )));
         }
         self.guard(|s| {
-            s.sync_images()?;
-            for image in &s.images {
-                image.drop_cache();
-            }
             // A disk joins once its whole copy arrived (the primary ships all of it in the
             // first group after it connects); one still short stays joining.
             let joined: Vec<usize> = (0..s.st.disks.len())
@@ -139,13 +135,9 @@ impl ReplicaStore {
             for d in (0..s.st.disks.len()).filter(|&d| s.joining(d)) {
                 tracing::warn!(disk = d, progress = ?s.join_progress(d), cg, "group committed without this joining disk's whole copy: it stays joining");
             }
-            // Forced, also when the apply's own checkpoint already wrote `cg`.
-            s.write_state()?;
-            s.journal.base_cg = s.st.last_committed_cg;
-            s.journal.base_frozen = s.st.frozen_at_unix_us;
-            let (c, f) = (s.st.last_committed_cg, s.st.frozen_at_unix_us);
-            s.journal.reset(c, f, &s.fault)?;
-            s.last_checkpoint = std::time::Instant::now();
+            // In memory only so far: the checkpoint fsyncs every image before the state
+            // names them members (also when the apply's own checkpoint already wrote `cg`).
+            s.checkpoint_writing_state()?;
             for d in joined {
                 s.images[d].clear_synced();
                 tracing::info!(disk = d, image = %s.images[d].path.display(), cg, "the disk joined the group: it holds CG {cg} like the others");

@@ -342,18 +342,17 @@ impl StoreSink {
         }
     }
 
-    /// Creates (sparse) the images of `disks` that are missing or short, and remembers
-    /// which were new (nothing in them worth comparing). `Err`: the refusal's text.
-    fn prepare_images(&self, disks: &[crate::replica::DiskSpec]) -> Result<(), String> {
-        for d in disks {
+    /// Creates (sparse) the images of `disks`, the group's disks from index `first` on,
+    /// that are missing or short, and remembers which were new (nothing in them worth
+    /// comparing). `Err`: the refusal's text.
+    fn prepare_images(
+        &self,
+        first: usize,
+        disks: &[crate::replica::DiskSpec],
+    ) -> Result<(), String> {
+        for (i, d) in (first..).zip(disks) {
             match ensure_image(&d.image, d.size) {
                 Ok(fresh) => {
-                    let i = self
-                        .paths
-                        .images
-                        .iter()
-                        .position(|p| *p == d.image)
-                        .unwrap_or(0);
                     let mut f = self.fresh_images.lock().expect("fresh images");
                     if f.len() < self.paths.images.len() {
                         f.resize(self.paths.images.len(), false);
@@ -643,7 +642,7 @@ impl ReplicaSink for StoreSink {
                 disks: full.disks[..k].to_vec(),
                 chunk_size: full.chunk_size,
             };
-            if let Err(e) = self.prepare_images(&spec.disks) {
+            if let Err(e) = self.prepare_images(0, &spec.disks) {
                 return Err(RejectReason::Other(e));
             }
             match ReplicaStore::open(&spec, &self.paths.state_dir) {
@@ -688,7 +687,7 @@ impl ReplicaSink for StoreSink {
         }
         if store.disks() < full.disks.len() {
             let new = &full.disks[store.disks()..];
-            if let Err(e) = self.prepare_images(new) {
+            if let Err(e) = self.prepare_images(store.disks(), new) {
                 return Err(RejectReason::Other(e));
             }
             for d in new {
