@@ -546,6 +546,83 @@ impl Stream {
     }
 }
 
+/// Each thread of process `pid`: name, state, kernel wait channel, the system call it is
+/// in (number and arguments, from `/proc/PID/task/TID/syscall`) and its kernel stack.
+pub fn process_threads(pid: u32, what: &str) -> String {
+    let mut out = format!("{what} pid {pid}:\n");
+    let Ok(tasks) = fs::read_dir(format!("/proc/{pid}/task")) else {
+        return out + "  (gone)\n";
+    };
+    let mut tids: Vec<String> = tasks
+        .flatten()
+        .map(|e| e.file_name().to_string_lossy().into_owned())
+        .collect();
+    tids.sort();
+    let read = |tid: &str, f: &str| {
+        fs::read_to_string(format!("/proc/{pid}/task/{tid}/{f}"))
+            .unwrap_or_default()
+            .trim()
+            .to_string()
+    };
+    for tid in tids {
+        let state = read(&tid, "stat")
+            .rsplit_once(") ")
+            .map(|(_, r)| r.chars().next().unwrap_or('?'))
+            .unwrap_or('?');
+        out += &format!(
+            "  {tid} {:<16} {state} wchan={} syscall=[{}]\n",
+            read(&tid, "comm"),
+            read(&tid, "wchan"),
+            read(&tid, "syscall"),
+        );
+        for l in read(&tid, "stack").lines().take(8) {
+            out += &format!("      {l}\n");
+        }
+    }
+    if let Ok(fds) = fs::read_dir(format!("/proc/{pid}/fd")) {
+        let mut fds: Vec<(u32, String)> = fds
+            .flatten()
+            .filter_map(|e| {
+                let n = e.file_name().to_string_lossy().parse().ok()?;
+                let target = fs::read_link(e.path()).ok()?;
+                Some((n, target.display().to_string()))
+            })
+            .collect();
+        fds.sort();
+        out += "  fds:";
+        for (n, t) in fds {
+            out += &format!(" {n}={t}");
+        }
+        out += "\n";
+    }
+    out
+}
+
+/// The threads of QEMU (`qemu_pid`) and of every drblk process: where each side waits.
+pub fn where_blocked(qemu_pid: u32) -> String {
+    process_threads(qemu_pid, "qemu")
+        + &processes_named("drblk")
+            .into_iter()
+            .map(|p| process_threads(p, "drblk"))
+            .collect::<String>()
+}
+
+/// Pids of the processes whose name (`comm`) is `name`.
+pub fn processes_named(name: &str) -> Vec<u32> {
+    let mut pids: Vec<u32> = fs::read_dir("/proc")
+        .map(|d| {
+            d.flatten()
+                .filter_map(|e| e.file_name().to_string_lossy().parse().ok())
+                .filter(|p: &u32| {
+                    fs::read_to_string(format!("/proc/{p}/comm")).is_ok_and(|c| c.trim() == name)
+                })
+                .collect()
+        })
+        .unwrap_or_default();
+    pids.sort();
+    pids
+}
+
 /// A running guest. Dropping it kills QEMU.
 pub struct Vm {
     child: Option<Child>,
@@ -581,6 +658,15 @@ impl Vm {
             }
             let now = Instant::now();
             if st.1 || now >= deadline {
+                drop(st);
+                // A guest that never printed what was awaited: say where QEMU and every
+                // drblk process are blocked (a vhost-user message nobody answers shows as
+                // a thread of one side reading its socket).
+                eprintln!(
+                    "--- waiting for {needle:?} timed out after {:?}; threads of QEMU and drblk ---\n{}",
+                    self.started.elapsed(),
+                    self.pid().map(where_blocked).unwrap_or_default()
+                );
                 return false;
             }
             let wait = (deadline - now).min(Duration::from_millis(200));
@@ -614,6 +700,12 @@ impl Vm {
             let grace_over = exit_seen.is_some_and(|t| now.duration_since(t) > POWEROFF_GRACE);
             if now >= self.deadline || grace_over {
                 timed_out = !grace_over;
+                if timed_out {
+                    eprintln!(
+                        "--- the guest ran past its deadline; threads of QEMU and drblk ---\n{}",
+                        where_blocked(child.id())
+                    );
+                }
                 let _ = child.kill();
                 break child.wait().ok();
             }
@@ -948,6 +1040,17 @@ fn fio_stats(v: Option<&serde_json::Value>) -> FioStats {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn the_thread_report_names_each_thread_and_its_open_files() {
+        let me = std::process::id();
+        let report = process_threads(me, "self");
+        assert!(report.starts_with(&format!("self pid {me}:\n")), "{report}");
+        assert!(report.contains(&format!("  {me} ")), "{report}");
+        assert!(report.contains("syscall=["), "{report}");
+        assert!(report.contains("  fds: 0="), "{report}");
+        assert!(process_threads(u32::MAX, "none").contains("(gone)"));
+    }
 
     #[test]
     fn sections_and_markers() {
