@@ -356,12 +356,9 @@ impl VmBuilder {
     /// The QEMU argument list (without the binary) for a work directory.
     pub fn qemu_argv(&self, image: &GuestImage, workdir: &Path) -> Vec<String> {
         let m = self.memory_mb;
-        // `quiet`: only kernel errors go to the console during boot (saves ~0.5 s under
-        // TCG); the guest prints its full kernel log as section "dmesg" at the end anyway.
-        // `kernel_arg("loglevel=7")` brings the boot messages back.
-        let mut cmdline: Vec<String> = ["console=ttyS0", "panic=-1", "quiet"]
-            .map(String::from)
-            .to_vec();
+        // Not `quiet`: the boot messages cost ~0.5 s under TCG, but a guest that stops
+        // during boot then shows where (the init lowers the console level once it runs).
+        let mut cmdline: Vec<String> = ["console=ttyS0", "panic=-1"].map(String::from).to_vec();
         if let Some(s) = self.guest_timeout_secs {
             cmdline.push(format!("drblk.timeout={s}"));
         }
@@ -383,6 +380,15 @@ impl VmBuilder {
         ]);
         push(&["-numa", "node,memdev=mem"]);
         push(&["-display", "none", "-serial", "stdio", "-no-reboot"]);
+        // The human monitor, asked where the vCPUs are when a guest never prints what a
+        // test waits for.
+        push(&[
+            "-monitor",
+            &format!(
+                "unix:{},server=on,wait=off",
+                workdir.join(MONITOR).display()
+            ),
+        ]);
         push(&[
             "-kernel",
             &image.kernel.to_string_lossy(),
@@ -598,6 +604,45 @@ pub fn process_threads(pid: u32, what: &str) -> String {
     out
 }
 
+/// File name of QEMU's human-monitor socket in a VM's work directory.
+const MONITOR: &str = "monitor.sock";
+
+/// Sends one command to the human monitor at `path` and returns its answer (the text up to
+/// the next prompt, at most 5 s).
+fn monitor_command(path: &Path, cmd: &str) -> io::Result<String> {
+    use std::io::Write as _;
+    let mut s = std::os::unix::net::UnixStream::connect(path)?;
+    s.set_read_timeout(Some(Duration::from_millis(500)))?;
+    let until = Instant::now() + Duration::from_secs(5);
+    let read_to_prompt = |s: &mut std::os::unix::net::UnixStream| {
+        let mut text = Vec::new();
+        let mut buf = [0u8; 4096];
+        while Instant::now() < until && !text.ends_with(b"(qemu) ") {
+            match s.read(&mut buf) {
+                Ok(0) => break,
+                Ok(n) => text.extend_from_slice(&buf[..n]),
+                Err(e)
+                    if matches!(
+                        e.kind(),
+                        io::ErrorKind::WouldBlock | io::ErrorKind::TimedOut
+                    ) => {}
+                Err(e) => return Err(e),
+            }
+        }
+        Ok(String::from_utf8_lossy(&text).into_owned())
+    };
+    read_to_prompt(&mut s)?; // the banner
+    s.write_all(format!("{cmd}\n").as_bytes())?;
+    let answer = read_to_prompt(&mut s)?;
+    // The monitor echoes the command with terminal escapes; keep the printable lines.
+    Ok(answer
+        .lines()
+        .map(|l| l.trim_end_matches('\r'))
+        .filter(|l| !l.contains('\x1b') && !l.starts_with("(qemu)"))
+        .collect::<Vec<_>>()
+        .join("\n"))
+}
+
 /// The threads of QEMU (`qemu_pid`) and of every drblk process: where each side waits.
 pub fn where_blocked(qemu_pid: u32) -> String {
     process_threads(qemu_pid, "qemu")
@@ -663,8 +708,9 @@ impl Vm {
                 // drblk process are blocked (a vhost-user message nobody answers shows as
                 // a thread of one side reading its socket).
                 eprintln!(
-                    "--- waiting for {needle:?} timed out after {:?}; threads of QEMU and drblk ---\n{}",
+                    "--- waiting for {needle:?} timed out after {:?}; QEMU's monitor ---\n{}\n--- threads of QEMU and drblk ---\n{}",
                     self.started.elapsed(),
+                    self.monitor_report(),
                     self.pid().map(where_blocked).unwrap_or_default()
                 );
                 return false;
@@ -672,6 +718,19 @@ impl Vm {
             let wait = (deadline - now).min(Duration::from_millis(200));
             st = self.serial.cond.wait_timeout(st, wait).unwrap().0;
         }
+    }
+    /// Runs `info status` and `info registers -a` on QEMU's human monitor (each answer
+    /// bounded by a few seconds): whether the guest runs, and where each vCPU is.
+    pub fn monitor_report(&self) -> String {
+        let path = self.workdir.join(MONITOR);
+        let mut out = String::new();
+        for cmd in ["info status", "info registers -a"] {
+            match monitor_command(&path, cmd) {
+                Ok(answer) => out += &format!("(qemu) {cmd}\n{answer}\n"),
+                Err(e) => out += &format!("(qemu) {cmd}: no answer: {e}\n"),
+            }
+        }
+        out
     }
     /// Kills QEMU now.
     pub fn kill(&mut self) {
@@ -702,7 +761,8 @@ impl Vm {
                 timed_out = !grace_over;
                 if timed_out {
                     eprintln!(
-                        "--- the guest ran past its deadline; threads of QEMU and drblk ---\n{}",
+                        "--- the guest ran past its deadline; QEMU's monitor ---\n{}\n--- threads of QEMU and drblk ---\n{}",
+                        self.monitor_report(),
                         where_blocked(child.id())
                     );
                 }
