@@ -522,8 +522,16 @@ impl Stream {
             let mut pending = String::new();
             loop {
                 let n = match pipe.read(&mut buf) {
-                    Ok(0) | Err(_) => break,
+                    Ok(0) => break,
                     Ok(n) => n,
+                    // A signal is not the end of QEMU's output.
+                    Err(e) if e.kind() == io::ErrorKind::Interrupted => continue,
+                    Err(e) => {
+                        let mut st = this.state.lock().unwrap();
+                        st.0.push_str(&format!("\n[testkit: reading QEMU's output failed: {e}]\n"));
+                        drop(st);
+                        break;
+                    }
                 };
                 let chunk = String::from_utf8_lossy(&buf[..n]).replace('\r', "");
                 if let Some(tag) = echo {
