@@ -152,7 +152,7 @@ run() {{
     script.push_str("exit 0\n");
 
     let budget = 60 + order.len() as u64 * (runtime + 6);
-    let vm = VmBuilder::new()
+    let mut vm = VmBuilder::new()
         .disk_with(VhostUserBlkDisk::new(dir.path().join("drblk.sock")))
         .disk_with(VhostUserBlkDisk::new(dir.path().join("qsd.sock")))
         .job(script)

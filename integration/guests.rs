@@ -341,7 +341,7 @@ drblk_section readback cmp /tmp/got /tmp/pat
 drblk_section write_after dd if=/tmp/pat of=/dev/vda bs=64k seek=128 oflag=direct conv=fsync
 exit 0
 "#;
-    let vm = VmBuilder::new()
+    let mut vm = VmBuilder::new()
         .disk(&sock)
         .job(job)
         .timeout(Duration::from_secs(120))
@@ -444,7 +444,7 @@ drblk_value phase drill-done
 exit $st
 "#
     );
-    let vm = VmBuilder::new()
+    let mut vm = VmBuilder::new()
         .disk(&sock)
         .job(job)
         .timeout(Duration::from_secs(240))
@@ -1038,4 +1038,41 @@ fn the_alternating_writes_check_finds_a_missing_earlier_write() {
     let mut torn = images.clone();
     torn[0][100] = b'x';
     assert!(check_alternating_writes(&torn, blocks).is_err());
+}
+
+/// The harness's answer to a guest kernel that never reaches its init (seen once under
+/// TCG on a loaded machine, with nothing on the console): after the boot-stall limit it
+/// reports the vCPUs and every thread of QEMU, and — the monitor saying the guest runs —
+/// starts QEMU once more, never twice. Simulated with an init that sleeps instead of
+/// printing `DRBLK-INIT`.
+#[test]
+fn a_guest_that_never_reaches_its_init_is_started_once_more_and_only_once() {
+    if skip_vm("a_guest_that_never_reaches_its_init_is_started_once_more_and_only_once") {
+        return;
+    }
+    let _g = guest_lock();
+    let mut vm = VmBuilder::new()
+        .kernel_arg("rdinit=/bin/busybox")
+        .kernel_arg("sleep")
+        .kernel_arg("600")
+        .boot_stall(Duration::from_secs(8))
+        .timeout(Duration::from_secs(120))
+        .spawn()
+        .unwrap();
+    let t0 = Instant::now();
+    // The wait starts again with the second QEMU and outlasts two stall periods: one
+    // restart, then nothing more.
+    assert!(!vm.wait_for("DRBLK-INIT", Duration::from_secs(20)));
+    assert!(vm.boot_restarted(), "QEMU was not started again");
+    assert!(
+        t0.elapsed() >= Duration::from_secs(28),
+        "{:?}",
+        t0.elapsed()
+    );
+    assert!(
+        vm.serial().contains("Linux version"),
+        "the second QEMU's console is read: {}",
+        vm.serial()
+    );
+    vm.kill();
 }

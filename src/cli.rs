@@ -536,11 +536,12 @@ pub enum DrillAction {
     /// Expose a writable clone of the last committed group on a new vhost-user socket
     /// (no copy: starts at once whatever the disk size).
     Start {
-        /// The drill's vhost-user socket (boot the test VM on it).
-        #[arg(long, value_name = "PATH")]
-        socket: PathBuf,
-        /// Limit on the drill's writes plus the replica content kept for it (default: the
-        /// secondary's --drill-space).
+        /// The drill's vhost-user socket (boot the test VM on it). A replica of several
+        /// disks takes one per disk, in the group's order: every disk shows the same group.
+        #[arg(long, value_name = "PATH", required = true)]
+        socket: Vec<PathBuf>,
+        /// Limit on the drill's writes plus the replica content kept for it, all its disks
+        /// together (default: the secondary's --drill-space).
         #[arg(long, value_name = "SIZE", value_parser = parse_size)]
         drill_space: Option<u64>,
     },
@@ -566,7 +567,7 @@ impl CtlCommand {
                     socket,
                     drill_space,
                 } => R::DrillStart {
-                    socket: socket.clone(),
+                    sockets: socket.clone(),
                     space: *drill_space,
                 },
                 DrillAction::Status => R::DrillStatus,

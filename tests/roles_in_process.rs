@@ -249,7 +249,7 @@ fn a_drill_in_process_keeps_its_group_and_its_writes_and_ends_with_a_promotion()
     let dsock = dir.join("drill.sock");
     // More space than the filesystem has: refused, nothing left behind.
     let huge = Request::DrillStart {
-        socket: dsock.clone(),
+        sockets: vec![dsock.clone()],
         space: Some(1 << 60),
     };
     let refused = client::request_at(&b_ctl, huge).unwrap_err();
@@ -257,7 +257,7 @@ fn a_drill_in_process_keeps_its_group_and_its_writes_and_ends_with_a_promotion()
     assert!(!dir.join("b.img.state/drill").exists());
     assert!(!dsock.exists());
     let start = Request::DrillStart {
-        socket: dsock.clone(),
+        sockets: vec![dsock.clone()],
         space: Some(16 << 20),
     };
     let st = client::request_at(&b_ctl, start.clone()).unwrap();

@@ -64,10 +64,12 @@ pub enum Request {
         force: bool,
     },
     /// A secondary: start a drill — a writable clone of the last committed group served on
-    /// `socket` while replication goes on; answers its `DrillStatus`.
+    /// `sockets` (one per disk of the group, in its order) while replication goes on;
+    /// answers its `DrillStatus`.
     DrillStart {
-        /// The drill's vhost-user socket.
-        socket: PathBuf,
+        /// The drill's vhost-user sockets (`socket`, one path, is read as a list of one).
+        #[serde(alias = "socket", deserialize_with = "one_or_many")]
+        sockets: Vec<PathBuf>,
         /// Limit on the drill's overlay plus preserved bytes (default: the daemon's
         /// `--drill-space`).
         #[serde(default)]
@@ -87,6 +89,20 @@ impl FromStr for Request {
         serde_json::from_value(serde_json::json!({ "cmd": name }))
             .with_context(|| format!("unknown control command {name:?}"))
     }
+}
+
+/// A list of paths, or one path alone (what a one-disk request sent before groups).
+fn one_or_many<'de, D: serde::Deserializer<'de>>(d: D) -> Result<Vec<PathBuf>, D::Error> {
+    #[derive(Deserialize)]
+    #[serde(untagged)]
+    enum OneOrMany {
+        One(PathBuf),
+        Many(Vec<PathBuf>),
+    }
+    Ok(match OneOrMany::deserialize(d)? {
+        OneOrMany::One(p) => vec![p],
+        OneOrMany::Many(v) => v,
+    })
 }
 
 /// The control socket path for a vhost-user socket path.

@@ -359,7 +359,15 @@ fn secondary(s: &SecondaryStatus, rates: Option<Rates>) -> String {
             "drill",
             format!(
                 "running on {} for {} (CG {}): {} written, {} kept, of {}{}",
-                d.socket.as_deref().unwrap_or("?"),
+                if d.disks.len() > 1 {
+                    d.disks
+                        .iter()
+                        .map(|x| x.socket.as_str())
+                        .collect::<Vec<_>>()
+                        .join(", ")
+                } else {
+                    d.socket.clone().unwrap_or_else(|| "?".into())
+                },
                 HumanDuration(Duration::from_secs_f64(d.age_s.unwrap_or(0.0))),
                 d.cg.unwrap_or_default(),
                 HumanBytes(d.overlay_bytes),

@@ -16,7 +16,8 @@
 //! before the image changed), and every later read finds it preserved.
 //!
 //! # Space
-//! Overlay and preserved blocks share one limit. A drill write that would pass it fails
+//! Overlay and preserved blocks share one limit, [`Space`], with the views of the drill's
+//! other disks (a group's drill). A drill write that would pass it fails
 //! (the guest sees an I/O error); a group whose preservation would pass it ends the drill
 //! instead — replication never waits for a drill, and never fails because of one. An ended
 //! view fails every request with the reason.
@@ -26,7 +27,7 @@ use std::io;
 use std::os::unix::fs::FileExt;
 use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicU64, Ordering};
-use std::sync::RwLock;
+use std::sync::{Arc, RwLock};
 
 use crate::blk::backing::Backing;
 use crate::replica::ImageObserver;
@@ -85,9 +86,43 @@ impl Maps {
             Source::Image
         }
     }
+}
 
-    fn used_blocks(&self) -> u64 {
-        self.overlay_blocks + self.preserved_blocks
+/// The limit on a drill's overlay plus preserved blocks, shared by the views of all its
+/// disks: one disk of a group may use what the others do not.
+#[derive(Debug)]
+pub struct Space {
+    limit_blocks: u64,
+    used_blocks: AtomicU64,
+}
+
+impl Space {
+    /// A limit of `bytes` (whole blocks).
+    pub fn new(bytes: u64) -> Arc<Space> {
+        Arc::new(Space {
+            limit_blocks: bytes / BLOCK,
+            used_blocks: AtomicU64::new(0),
+        })
+    }
+
+    /// The limit in bytes.
+    pub fn bytes(&self) -> u64 {
+        self.limit_blocks * BLOCK
+    }
+
+    /// Takes `blocks` if they fit under the limit (all or nothing, atomically: two views
+    /// taking at once never pass it together).
+    fn take(&self, blocks: u64) -> bool {
+        self.used_blocks
+            .fetch_update(Ordering::AcqRel, Ordering::Acquire, |used| {
+                (used + blocks <= self.limit_blocks).then_some(used + blocks)
+            })
+            .is_ok()
+    }
+
+    /// Returns `blocks` taken but not used (or freed).
+    fn give_back(&self, blocks: u64) {
+        self.used_blocks.fetch_sub(blocks, Ordering::AcqRel);
     }
 }
 
@@ -115,7 +150,7 @@ pub struct DrillView {
     overlay_direct: Option<File>,
     preserved: File,
     size: u64,
-    limit_blocks: u64,
+    space: Arc<Space>,
     maps: RwLock<Maps>,
     failed_writes: AtomicU64,
 }
@@ -123,9 +158,9 @@ pub struct DrillView {
 impl DrillView {
     /// A view of `image` (its current content: the caller makes sure no group is being
     /// applied and installs the view as the store's observer before the next one) with
-    /// its files in `dir` (created; must not hold an earlier drill's) and at most
-    /// `space` bytes of overlay and preserved blocks.
-    pub fn create(image: &Path, dir: &Path, size: u64, space: u64) -> io::Result<DrillView> {
+    /// its files in `dir` (created; must not hold an earlier drill's), its overlay and
+    /// preserved blocks counted in `space`.
+    pub fn create(image: &Path, dir: &Path, size: u64, space: Arc<Space>) -> io::Result<DrillView> {
         std::fs::create_dir_all(dir)?;
         let make = |name: &str| -> io::Result<File> {
             let f = OpenOptions::new()
@@ -153,7 +188,7 @@ impl DrillView {
             overlay_direct,
             preserved: make("preserved")?,
             size,
-            limit_blocks: space / BLOCK,
+            space,
             maps: RwLock::new(Maps {
                 overlay: Bits::new(blocks),
                 zeroed: Bits::new(blocks),
@@ -189,9 +224,9 @@ impl DrillView {
         }
     }
 
-    /// The limit on overlay plus preserved bytes.
+    /// The limit on overlay plus preserved bytes (of all the drill's disks).
     pub fn space(&self) -> u64 {
-        self.limit_blocks * BLOCK
+        self.space.bytes()
     }
 
     fn check_range(&self, offset: u64, len: u64) -> io::Result<()> {
@@ -259,7 +294,7 @@ impl DrillView {
         let new = (first..=last)
             .filter(|&b| !counted(&m, b) && !whole(b))
             .count() as u64;
-        if m.used_blocks() + new > self.limit_blocks {
+        if !self.space.take(new) {
             let n = self.failed_writes.fetch_add(1, Ordering::Relaxed) + 1;
             // The first failure and then every power of two: bounded however the guest
             // insists.
@@ -276,6 +311,28 @@ impl DrillView {
                 format!("the drill space ({} MiB) is full", self.space() >> 20),
             ));
         }
+        // `new` is an upper bound of the blocks this write adds (zeroing may free some, a
+        // failing write adds fewer): what it did not add goes back.
+        let before = m.overlay_blocks;
+        let written = self.write_locked(&mut m, offset, len, data);
+        self.space.give_back(before + new - m.overlay_blocks);
+        written
+    }
+
+    /// The body of [`Self::write`], with the maps locked and the space taken.
+    fn write_locked(
+        &self,
+        m: &mut Maps,
+        offset: u64,
+        len: u64,
+        data: Option<&[u8]>,
+    ) -> io::Result<()> {
+        let (first, last) = (offset / BLOCK, (offset + len - 1) / BLOCK);
+        let counted = |m: &Maps, b: u64| m.overlay.get(b) && !m.zeroed.get(b);
+        let whole = |b: u64| {
+            let (bs, be) = self.block_range(b);
+            data.is_none() && bs >= offset && be <= offset + len
+        };
         let start = first * BLOCK;
         let stop = ((last + 1) * BLOCK).min(self.size);
         // In steps, so a large zeroing never allocates its whole length.
@@ -289,7 +346,7 @@ impl DrillView {
                 let (bs, be) = self.block_range(b);
                 if bs < offset || be > offset + len {
                     let at = (bs - pos) as usize;
-                    self.read_locked(&m, &mut buf[at..at + (be - bs) as usize], bs)?;
+                    self.read_locked(m, &mut buf[at..at + (be - bs) as usize], bs)?;
                 }
             }
             if let Some(d) = data {
@@ -333,7 +390,7 @@ impl DrillView {
                 self.write_overlay(buf, pos)?;
             }
             for b in pos / BLOCK..=(step_end - 1) / BLOCK {
-                let was = counted(&m, b);
+                let was = counted(m, b);
                 m.overlay.set(b);
                 if whole(b) {
                     m.zeroed.set(b);
@@ -427,7 +484,7 @@ impl ImageObserver for DrillView {
         if needed == 0 {
             return;
         }
-        if m.used_blocks() + needed > self.limit_blocks {
+        if !self.space.take(needed) {
             let reason = format!(
                 "keeping the replica's content for the drill needs more than --drill-space ({} MiB); replication went on, the drill's view could not",
                 self.space() >> 20
@@ -451,6 +508,13 @@ impl ImageObserver for DrillView {
                 .read_exact_at(&mut buf, s)
                 .and_then(|()| self.preserved.write_all_at(&buf, s));
             if let Err(e) = copied {
+                // This run and the ones after it were taken but not kept.
+                let kept: u64 = runs
+                    .iter()
+                    .take_while(|x| x.0 != r.0)
+                    .map(|x| x.1 - x.0)
+                    .sum();
+                self.space.give_back(needed - kept);
                 let reason = format!(
                     "cannot keep the replica's content for the drill in {}: {e}; replication went on, the drill's view could not",
                     self.dir.display()
@@ -547,7 +611,8 @@ mod tests {
         let image = dir.path().join("img");
         let content: Vec<u8> = (0..size).map(|i| (i / BLOCK) as u8 + 1).collect();
         std::fs::write(&image, content).unwrap();
-        let v = DrillView::create(&image, &dir.path().join("drill"), size, space).unwrap();
+        let v =
+            DrillView::create(&image, &dir.path().join("drill"), size, Space::new(space)).unwrap();
         (dir, image, v)
     }
 
@@ -632,6 +697,52 @@ mod tests {
         v.write_zeroes(8 * BLOCK, BLOCK, true).unwrap();
         assert_eq!(v.figures().overlay_bytes, BLOCK);
         assert_eq!(read(&v, 8 * BLOCK, 4096), vec![0; 4096]);
+        // What zeroing freed is free in the space too.
+        assert_eq!(v.space.used_blocks.load(Ordering::Relaxed), 1);
+    }
+
+    #[test]
+    fn the_views_of_a_groups_drill_share_one_space() {
+        let dir = tempfile::tempdir().unwrap();
+        let space = Space::new(3 * BLOCK);
+        let views: Vec<(PathBuf, DrillView)> = (0..2)
+            .map(|k| {
+                let image = dir.path().join(format!("img{k}"));
+                std::fs::write(&image, vec![k as u8; 8 * BLOCK as usize]).unwrap();
+                let v = DrillView::create(
+                    &image,
+                    &dir.path().join(format!("drill{k}")),
+                    8 * BLOCK,
+                    space.clone(),
+                )
+                .unwrap();
+                (image, v)
+            })
+            .collect();
+        // Disk 0 uses two blocks, disk 1 the third: the fourth fails on either disk.
+        views[0].1.write(0, 2 * BLOCK, Some(&[1; 8192])).unwrap();
+        views[1].1.write(0, BLOCK, Some(&[1; 4096])).unwrap();
+        for (_, v) in &views {
+            let e = v.write(5 * BLOCK, 1, Some(&[1])).unwrap_err();
+            assert_eq!(e.kind(), io::ErrorKind::StorageFull);
+        }
+        // A group that needs a block kept on disk 1 ends that view; disk 0's goes on.
+        apply(&views[1].1, &views[1].0, 6 * BLOCK, &[3; 4096]);
+        assert!(views[1]
+            .1
+            .figures()
+            .ended
+            .unwrap()
+            .contains("--drill-space"));
+        assert!(views[0].1.figures().ended.is_none());
+        // Freed space is everybody's again.
+        views[0].1.discard(0, 2 * BLOCK).unwrap();
+        views[1].1.write(5 * BLOCK, 1, Some(&[1])).unwrap_err(); // ended
+        views[0]
+            .1
+            .write(5 * BLOCK, BLOCK, Some(&[2; 4096]))
+            .unwrap();
+        assert_eq!(space.used_blocks.load(Ordering::Relaxed), 2);
     }
 
     #[test]

@@ -600,8 +600,8 @@ impl ControlHandler for SecondaryControl {
                     report: p.report(),
                 })
             }
-            Request::DrillStart { socket, space } => {
-                reply(self.sink.drill_start(&socket, space)?)
+            Request::DrillStart { sockets, space } => {
+                reply(self.sink.drill_start(&sockets, space)?)
             }
             Request::DrillStatus => reply(self.sink.drill_status()),
             Request::DrillStop => reply(self.sink.drill_stop()?),

@@ -265,6 +265,7 @@ pub struct VmBuilder {
     qemu_args: Vec<String>,
     fw_cfg: Vec<(String, Vec<u8>)>,
     echo: bool,
+    boot_stall: Duration,
 }
 
 impl Default for VmBuilder {
@@ -288,6 +289,7 @@ impl VmBuilder {
             qemu_args: Vec::new(),
             fw_cfg: Vec::new(),
             echo: std::env::var_os("DRBLK_VM_ECHO").is_some_and(|v| v != "0"),
+            boot_stall: BOOT_STALL,
         }
     }
     /// Uses this image instead of `guest_image()`.
@@ -350,6 +352,12 @@ impl VmBuilder {
     /// Copies the serial console to stderr while the guest runs.
     pub fn echo(mut self, on: bool) -> Self {
         self.echo = on;
+        self
+    }
+    /// How long the guest may take to reach its init before the harness looks at why
+    /// (default [`BOOT_STALL`]; see `Vm::restart_if_boot_stalled`).
+    pub fn boot_stall(mut self, d: Duration) -> Self {
+        self.boot_stall = d;
         self
     }
 
@@ -449,34 +457,14 @@ impl VmBuilder {
             .collect::<Vec<_>>()
             .join(" ");
         fs::write(workdir.join("qemu-cmdline.sh"), format!("{command_line}\n"))?;
-
-        let mut child = Command::new(&self.qemu)
-            .args(&argv)
-            .stdin(Stdio::null())
-            .stdout(Stdio::piped())
-            .stderr(Stdio::piped())
-            .spawn()
-            .map_err(|e| io::Error::new(e.kind(), format!("cannot start {}: {e}", self.qemu)))?;
+        let qemu = QemuProcess::start(&self.qemu, &argv, self.echo)?;
         let started = Instant::now();
-        let serial = Arc::new(Stream::default());
-        let stderr = Arc::new(Stream::default());
-        let threads = vec![
-            Stream::pump(
-                serial.clone(),
-                child.stdout.take().unwrap(),
-                self.echo.then_some("guest"),
-            ),
-            Stream::pump(
-                stderr.clone(),
-                child.stderr.take().unwrap(),
-                self.echo.then_some("qemu"),
-            ),
-        ];
         Ok(Vm {
-            child: Some(child),
-            serial,
-            stderr,
-            threads,
+            qemu,
+            start: (self.qemu.clone(), argv, self.echo),
+            boot_restarted: false,
+            boot_stall: self.boot_stall,
+            timeout: self.timeout,
             started,
             deadline: started + self.timeout,
             workdir,
@@ -676,12 +664,70 @@ pub fn processes_named(name: &str) -> Vec<u32> {
     pids
 }
 
-/// A running guest. Dropping it kills QEMU.
-pub struct Vm {
+/// One QEMU process and the readers of its output.
+struct QemuProcess {
     child: Option<Child>,
     serial: Arc<Stream>,
     stderr: Arc<Stream>,
     threads: Vec<JoinHandle<()>>,
+}
+
+impl QemuProcess {
+    fn start(qemu: &str, argv: &[String], echo: bool) -> io::Result<QemuProcess> {
+        let mut child = Command::new(qemu)
+            .args(argv)
+            .stdin(Stdio::null())
+            .stdout(Stdio::piped())
+            .stderr(Stdio::piped())
+            .spawn()
+            .map_err(|e| io::Error::new(e.kind(), format!("cannot start {qemu}: {e}")))?;
+        let serial = Arc::new(Stream::default());
+        let stderr = Arc::new(Stream::default());
+        let threads = vec![
+            Stream::pump(
+                serial.clone(),
+                child.stdout.take().unwrap(),
+                echo.then_some("guest"),
+            ),
+            Stream::pump(
+                stderr.clone(),
+                child.stderr.take().unwrap(),
+                echo.then_some("qemu"),
+            ),
+        ];
+        Ok(QemuProcess {
+            child: Some(child),
+            serial,
+            stderr,
+            threads,
+        })
+    }
+
+    /// Kills QEMU (if it runs) and waits for its output to end.
+    fn kill(&mut self) {
+        if let Some(c) = self.child.as_mut() {
+            let _ = c.kill();
+            let _ = c.wait();
+        }
+        for t in self.threads.drain(..) {
+            let _ = t.join();
+        }
+    }
+}
+
+/// How long a guest may take to reach its init (`DRBLK-INIT`) before the harness looks at
+/// why: far beyond any boot seen here (~5 s under TCG, ~20 s on a loaded machine).
+pub const BOOT_STALL: Duration = Duration::from_secs(120);
+
+/// A running guest. Dropping it kills QEMU.
+pub struct Vm {
+    qemu: QemuProcess,
+    /// What starts QEMU again: binary, arguments, echo.
+    start: (String, Vec<String>, bool),
+    /// QEMU was started a second time after a stalled boot (once at most).
+    boot_restarted: bool,
+    boot_stall: Duration,
+    timeout: Duration,
     started: Instant,
     deadline: Instant,
     workdir: PathBuf,
@@ -690,7 +736,64 @@ pub struct Vm {
 
 impl Vm {
     pub fn pid(&self) -> Option<u32> {
-        self.child.as_ref().map(|c| c.id())
+        self.qemu.child.as_ref().map(|c| c.id())
+    }
+
+    /// Whether QEMU was started a second time after a stalled boot.
+    pub fn boot_restarted(&self) -> bool {
+        self.boot_restarted
+    }
+
+    /// A guest whose kernel has not reached its init `BOOT_STALL` after QEMU started —
+    /// before the guest could send a request to any disk (its virtio drivers load in the
+    /// init) — is reported, and started once more if QEMU's monitor says the vCPUs run
+    /// (a kernel stuck in its own boot under TCG, seen about once in a hundred boots on
+    /// a loaded 2-core machine). A QEMU whose monitor does not answer is stuck in its own
+    /// setup, e.g. waiting for a vhost-user reply: that is never retried, the test fails
+    /// with the report. Returns whether QEMU was started again.
+    fn restart_if_boot_stalled(&mut self) -> bool {
+        if self.boot_restarted
+            || self.started.elapsed() < self.boot_stall
+            || self.qemu.child.is_none()
+            || self
+                .qemu
+                .serial
+                .state
+                .lock()
+                .unwrap()
+                .0
+                .contains("DRBLK-INIT")
+        {
+            return false;
+        }
+        self.boot_restarted = true;
+        let status = monitor_command(&self.workdir.join(MONITOR), "info status");
+        eprintln!(
+            "--- the guest did not reach its init within {:?}; serial so far ---\n{}\n--- QEMU's monitor ---\n{}\n--- threads of QEMU and drblk ---\n{}",
+            self.boot_stall,
+            self.qemu.serial.text(),
+            self.monitor_report(),
+            self.pid().map(where_blocked).unwrap_or_default()
+        );
+        if !status.is_ok_and(|s| s.contains("VM status: running")) {
+            eprintln!("--- QEMU's monitor does not say the guest runs: not restarting it ---");
+            return false;
+        }
+        eprintln!(
+            "--- the vCPUs run but the kernel never reached its init: starting QEMU once more ---"
+        );
+        self.qemu.kill();
+        let (qemu, argv, echo) = &self.start;
+        match QemuProcess::start(qemu, argv, *echo) {
+            Ok(p) => self.qemu = p,
+            Err(e) => {
+                eprintln!("--- starting QEMU again failed: {e} ---");
+                return false;
+            }
+        }
+        self.started = Instant::now();
+        self.deadline = self.started + self.timeout;
+        true
     }
     /// The QEMU command line, shell-quoted (also written to `<workdir>/qemu-cmdline.sh`).
     pub fn command_line(&self) -> &str {
@@ -698,14 +801,18 @@ impl Vm {
     }
     /// Serial console output so far (`\r` removed).
     pub fn serial(&self) -> String {
-        self.serial.text()
+        self.qemu.serial.text()
     }
     /// Waits until the serial output contains `needle`, at most `timeout` (and never past
     /// the VM's own deadline). Returns false on timeout or if QEMU exited without it.
-    pub fn wait_for(&self, needle: &str, timeout: Duration) -> bool {
-        let deadline = (Instant::now() + timeout).min(self.deadline);
-        let mut st = self.serial.state.lock().unwrap();
+    pub fn wait_for(&mut self, needle: &str, timeout: Duration) -> bool {
+        let mut deadline = (Instant::now() + timeout).min(self.deadline);
         loop {
+            if self.restart_if_boot_stalled() {
+                deadline = (Instant::now() + timeout).min(self.deadline);
+            }
+            let serial = self.qemu.serial.clone();
+            let st = serial.state.lock().unwrap();
             if st.0.contains(needle) {
                 return true;
             }
@@ -724,7 +831,7 @@ impl Vm {
                 return false;
             }
             let wait = (deadline - now).min(Duration::from_millis(200));
-            st = self.serial.cond.wait_timeout(st, wait).unwrap().0;
+            let _ = serial.cond.wait_timeout(st, wait).unwrap();
         }
     }
     /// Runs `info status` and `info registers -a` on QEMU's human monitor (each answer
@@ -742,26 +849,33 @@ impl Vm {
     }
     /// Kills QEMU now.
     pub fn kill(&mut self) {
-        if let Some(c) = self.child.as_mut() {
-            let _ = c.kill();
-            let _ = c.wait();
-        }
+        self.qemu.kill();
     }
 
     /// Waits until QEMU exits; kills it at the builder's timeout, or when the guest printed
     /// `DRBLK-EXIT` but did not power off within a grace period.
     pub fn wait(mut self) -> VmOutput {
-        let mut child = self.child.take().expect("VM already waited for");
         let mut timed_out = false;
         let mut exit_seen: Option<Instant> = None;
         let status = loop {
+            self.restart_if_boot_stalled();
+            let child = self.qemu.child.as_mut().expect("VM already waited for");
             match child.try_wait() {
                 Ok(Some(st)) => break Some(st),
                 Ok(None) => {}
                 Err(_) => break None,
             }
             let now = Instant::now();
-            if exit_seen.is_none() && self.serial.state.lock().unwrap().0.contains("DRBLK-EXIT ") {
+            if exit_seen.is_none()
+                && self
+                    .qemu
+                    .serial
+                    .state
+                    .lock()
+                    .unwrap()
+                    .0
+                    .contains("DRBLK-EXIT ")
+            {
                 exit_seen = Some(now);
             }
             let grace_over = exit_seen.is_some_and(|t| now.duration_since(t) > POWEROFF_GRACE);
@@ -771,9 +885,10 @@ impl Vm {
                     eprintln!(
                         "--- the guest ran past its deadline; QEMU's monitor ---\n{}\n--- threads of QEMU and drblk ---\n{}",
                         self.monitor_report(),
-                        where_blocked(child.id())
+                        self.pid().map(where_blocked).unwrap_or_default()
                     );
                 }
+                let child = self.qemu.child.as_mut().expect("checked above");
                 let _ = child.kill();
                 break child.wait().ok();
             }
@@ -781,15 +896,14 @@ impl Vm {
         };
         let elapsed = self.started.elapsed();
         // QEMU has exited, so the pipes are closed and the readers finish.
-        for t in self.threads.drain(..) {
-            let _ = t.join();
-        }
-        let serial = self.serial.text();
+        self.qemu.kill();
+        self.qemu.child = None;
+        let serial = self.qemu.serial.text();
         VmOutput {
             exit: parse_exit(&serial),
             sections: parse_sections(&serial),
             serial,
-            qemu_stderr: self.stderr.text(),
+            qemu_stderr: self.qemu.stderr.text(),
             qemu_status: status,
             timed_out,
             elapsed,

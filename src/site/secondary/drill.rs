@@ -1,7 +1,7 @@
 //! The secondary's side of drills (`crate::drill`): start, status, stop and reaping, under
 //! the sink's locks. Lock order: the drill's lock, then the store's.
 
-use std::path::Path;
+use std::path::PathBuf;
 
 use anyhow::Context;
 
@@ -9,8 +9,13 @@ use super::StoreSink;
 use crate::drill::{Drill, DrillStatus};
 
 impl StoreSink {
-    /// `drill start`: a writable clone of the last committed group on `socket`.
-    pub fn drill_start(&self, socket: &Path, space: Option<u64>) -> anyhow::Result<DrillStatus> {
+    /// `drill start`: a writable clone of the last committed group, each disk on its
+    /// socket in `sockets` (in the group's order).
+    pub fn drill_start(
+        &self,
+        sockets: &[PathBuf],
+        space: Option<u64>,
+    ) -> anyhow::Result<DrillStatus> {
         self.reap_drill();
         let mut d = self.drill.lock().expect("drill lock");
         if let Some(running) = d.as_ref() {
@@ -31,7 +36,7 @@ impl StoreSink {
             let store = g
                 .as_mut()
                 .context("no replica here yet: no primary ever connected")?;
-            Drill::start(store, &self.drill_dir(), socket, space)?
+            Drill::start(store, &self.drill_dir(), sockets, space)?
         };
         let status = drill.status(None);
         *d = Some(drill);
@@ -92,12 +97,13 @@ impl StoreSink {
     /// Removes the drill's view from the store (if it is still the store's observer) and
     /// stops it. Called with the drill's lock held.
     pub(super) fn end_drill(&self, drill: Drill, reason: &str) -> anyhow::Result<()> {
-        // Ended first: from here no read uses the image, so clearing the observer cannot
-        // let a read see a later group.
-        drill.view().end(reason);
+        // Ended first: from here no read uses the images, so clearing the observers
+        // cannot let a read see a later group.
+        drill.end_views(reason);
         if let Some(s) = self.store.lock().expect("store lock").as_mut() {
-            // Disk 0: drills run on one-disk replicas (`Drill::start`).
-            let _ = s.set_image_observer(0, None);
+            for k in 0..s.disks() {
+                let _ = s.set_image_observer(k, None);
+            }
         }
         drill.stop(reason)
     }

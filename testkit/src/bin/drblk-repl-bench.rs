@@ -773,8 +773,12 @@ fn drill_table(
     let big = dir.join("big.img");
     std::fs::File::create(&big)?.set_len(2 << 40)?;
     let t = Instant::now();
-    let view =
-        drblk::drill::view::DrillView::create(&big, &dir.join("big-drill"), 2 << 40, 1 << 30)?;
+    let view = drblk::drill::view::DrillView::create(
+        &big,
+        &dir.join("big-drill"),
+        2 << 40,
+        drblk::drill::view::Space::new(1 << 30),
+    )?;
     let big_ms = t.elapsed().as_secs_f64() * 1e3;
     drop(view);
     println!(
