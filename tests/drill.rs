@@ -13,39 +13,11 @@ use std::sync::{Arc, Mutex};
 
 use common::dw::History;
 use common::sites::{text, Sites, SIZE};
-use drblk_testkit::test_frontend::{Desc, TestFrontend, DATA_BASE};
-use virtio_bindings::virtio_blk::{VIRTIO_BLK_T_IN, VIRTIO_BLK_T_OUT};
+use common::write_device;
+use drblk_testkit::test_frontend::TestFrontend;
 
-/// Reads the whole device through `f` (1 MiB at a time).
 fn read_device(f: &mut TestFrontend) -> Vec<u8> {
-    const STEP: u64 = 1 << 20;
-    let mut out = Vec::with_capacity(SIZE as usize);
-    for off in (0..SIZE).step_by(STEP as usize) {
-        let (st, _) = f
-            .request(
-                0,
-                VIRTIO_BLK_T_IN,
-                off / 512,
-                &[Desc::w(DATA_BASE, STEP as u32)],
-            )
-            .unwrap();
-        assert_eq!(st, 0, "drill read at {off}");
-        out.extend(f.read_mem(DATA_BASE, STEP as usize).unwrap());
-    }
-    out
-}
-
-/// Writes `data` at `off` through `f`; returns the status byte.
-fn write_device(f: &mut TestFrontend, off: u64, data: &[u8]) -> u8 {
-    f.write_mem(DATA_BASE, data).unwrap();
-    f.request(
-        0,
-        VIRTIO_BLK_T_OUT,
-        off / 512,
-        &[Desc::r(DATA_BASE, data.len() as u32)],
-    )
-    .unwrap()
-    .0
+    common::read_device(f, SIZE)
 }
 
 fn json(out: &std::process::Output) -> serde_json::Value {

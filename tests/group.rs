@@ -798,3 +798,115 @@ fn write_some(sock: &Path) {
         assert_eq!(st, 0);
     }
 }
+
+/// A drill on a replica of two disks: one `drill start` with a socket per disk shows both
+/// at the same committed group — the two drill devices together pass the dependent-write
+/// check — and keeps showing it while replication goes on; drill writes stay in the drill
+/// on both disks, within one shared space; the replicas end identical to the primary's
+/// disks. One socket for a group of two is refused.
+#[test]
+fn a_drill_on_a_group_shows_both_disks_at_one_group_while_replication_goes_on() {
+    let tmp = tempfile::tempdir().unwrap();
+    let g = Group::new(tmp.path());
+    let certs = make_certs(tmp.path());
+    let port = common::free_udp_port();
+    let _sec = secondary(&g, port, &certs, &[]);
+    let _pri = g.primary(&format!("127.0.0.1:{port}"), &certs);
+    let history = Arc::new(Mutex::new(History::new(2 * SIZE)));
+    let stop = Arc::new(AtomicBool::new(false));
+    let w = workload(&g.socks, history.clone(), true, stop.clone());
+    wait_until("committed groups", 300, || committed(&g.socks[0]) >= 20);
+
+    let control = g.dir.join("ra.img.state/ctl");
+    let ctl_control = |args: &[&str]| {
+        Command::new(BIN)
+            .args(["ctl", "--control"])
+            .arg(&control)
+            .args(args)
+            .output()
+            .unwrap()
+    };
+    let drills = [g.dir.join("d0.sock"), g.dir.join("d1.sock")];
+    let (d0, d1) = (drills[0].to_str().unwrap(), drills[1].to_str().unwrap());
+    let one = ctl_control(&["drill", "start", "--socket", d0]);
+    assert!(!one.status.success(), "{}", text(&one));
+    assert!(
+        text(&one).contains("one --socket per disk"),
+        "{}",
+        text(&one)
+    );
+    assert!(!drills[0].exists(), "a refused drill left its socket");
+
+    let started = ctl_control(&["drill", "start", "--socket", d0, "--socket", d1]);
+    assert!(
+        started.status.success(),
+        "{}\n{}",
+        text(&started),
+        g.log("secondary")
+    );
+    let st: serde_json::Value = serde_json::from_slice(&started.stdout).unwrap();
+    assert_eq!(st["disks"].as_array().unwrap().len(), 2, "{st}");
+    let cg = st["cg"].as_u64().unwrap();
+    let mut fs: Vec<TestFrontend> = drills
+        .iter()
+        .map(|s| TestFrontend::connect(s, 1, 256, true).unwrap())
+        .collect();
+    let read_both = |fs: &mut [TestFrontend]| -> Vec<u8> {
+        fs.iter_mut()
+            .flat_map(|f| common::read_device(f, SIZE))
+            .collect()
+    };
+    let shown = read_both(&mut fs);
+    let (a, b) = shown.split_at(SIZE as usize);
+    assert!(
+        a.iter().any(|&x| x != 0) && b.iter().any(|&x| x != 0),
+        "the drill of CG {cg} holds no writes on one disk"
+    );
+    let check = history.lock().unwrap().check(&shown);
+    assert!(
+        check.is_ok(),
+        "the drill of CG {cg} is not one consistent cut: {check:?}"
+    );
+    // Later groups commit and apply; the drill still shows its own.
+    let now = committed(&g.socks[0]);
+    wait_until("later groups", 300, || committed(&g.socks[0]) >= now + 10);
+    assert!(read_both(&mut fs) == shown, "the drill's view moved on");
+    // Drill writes on both disks read back and count in the one space.
+    assert_eq!(common::write_device(&mut fs[0], 0, &[0xd0; 4096]), 0);
+    assert_eq!(
+        common::write_device(&mut fs[1], SIZE - 4096, &[0xd1; 4096]),
+        0
+    );
+    let again = read_both(&mut fs);
+    assert!(again[..4096].iter().all(|&b| b == 0xd0));
+    assert!(again[2 * SIZE as usize - 4096..].iter().all(|&b| b == 0xd1));
+    let status = ctl_control(&["drill", "status"]);
+    let ds: serde_json::Value = serde_json::from_slice(&status.stdout).unwrap();
+    let per_disk: Vec<u64> = ds["disks"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|d| d["overlay_bytes"].as_u64().unwrap())
+        .collect();
+    assert_eq!(per_disk, [4096, 4096], "{ds}");
+    assert_eq!(ds["overlay_bytes"].as_u64(), Some(8192), "{ds}");
+    assert_eq!(ds["cg"].as_u64(), Some(cg), "{ds}");
+
+    // The primary's writes, not the drill's, reach the replicas.
+    stop.store(true, Ordering::SeqCst);
+    let writes = w.join().unwrap();
+    let drained: Drained = ctl(&g.socks[0], "drain");
+    g.assert_identical("after a drill and a drain");
+    g.assert_consistent(&history);
+    drop(fs);
+    let stopped = ctl_control(&["drill", "stop"]);
+    assert!(stopped.status.success(), "{}", text(&stopped));
+    assert!(
+        !g.dir.join("ra.img.state/drill").exists(),
+        "the drill's files stayed"
+    );
+    println!(
+        "{writes} writes over two disks; the drill showed CG {cg}, the primary drained at CG {}",
+        drained.cg
+    );
+}

@@ -10,6 +10,41 @@ use std::path::{Path, PathBuf};
 
 use drblk::cli::ServeArgs;
 use drblk::site::primary::Server;
+use drblk_testkit::test_frontend::{Desc, TestFrontend, DATA_BASE};
+use virtio_bindings::virtio_blk::{VIRTIO_BLK_T_IN, VIRTIO_BLK_T_OUT};
+
+/// Reads a whole device of `size` bytes through `f` (1 MiB at a time).
+pub fn read_device(f: &mut TestFrontend, size: u64) -> Vec<u8> {
+    const STEP: u64 = 1 << 20;
+    let mut out = Vec::with_capacity(size as usize);
+    for off in (0..size).step_by(STEP as usize) {
+        let len = STEP.min(size - off);
+        let (st, _) = f
+            .request(
+                0,
+                VIRTIO_BLK_T_IN,
+                off / 512,
+                &[Desc::w(DATA_BASE, len as u32)],
+            )
+            .unwrap();
+        assert_eq!(st, 0, "read at {off}");
+        out.extend(f.read_mem(DATA_BASE, len as usize).unwrap());
+    }
+    out
+}
+
+/// Writes `data` at `off` through `f`; returns the status byte.
+pub fn write_device(f: &mut TestFrontend, off: u64, data: &[u8]) -> u8 {
+    f.write_mem(DATA_BASE, data).unwrap();
+    f.request(
+        0,
+        VIRTIO_BLK_T_OUT,
+        off / 512,
+        &[Desc::r(DATA_BASE, data.len() as u32)],
+    )
+    .unwrap()
+    .0
+}
 
 /// A temp dir with an image (pre-filled with a pattern) served on a socket.
 pub struct Served {

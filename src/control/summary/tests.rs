@@ -217,3 +217,29 @@ fn a_group_lists_every_disk() {
         "{text}"
     );
 }
+
+#[test]
+fn a_drill_of_a_group_names_every_disks_socket() {
+    let mut s = secondary_status(None);
+    let mut d = crate::drill::DrillStatus::none(None);
+    d.running = true;
+    d.cg = Some(7);
+    d.socket = Some("/run/d0.sock".into());
+    d.overlay_bytes = 8192;
+    d.space_bytes = 1 << 30;
+    d.disks = ["/run/d0.sock", "/run/d1.sock"]
+        .map(|socket| crate::drill::DrillDiskStatus {
+            socket: socket.into(),
+            overlay_bytes: 4096,
+            preserved_bytes: 0,
+            frontend_connected: false,
+        })
+        .to_vec();
+    s.drill = Some(d);
+    let text = render(&AnyStatus::Secondary(s), None);
+    assert!(
+        text.contains("running on /run/d0.sock, /run/d1.sock for"),
+        "{text}"
+    );
+    assert!(text.contains("(CG 7): 8.00 KiB written"), "{text}");
+}
