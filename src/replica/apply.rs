@@ -56,6 +56,16 @@ impl ReplicaStore {
     /// Apply a CG made durable by `commit_durable`: write its chunks into the image and, if
     /// the [`CheckpointPolicy`] says so, checkpoint. No-op if nothing is pending.
     pub fn apply_committed(&mut self) -> Result<()> {
+        self.apply_in_place()?;
+        self.checkpoint_if_due()
+    }
+
+    /// The first half of [`apply_committed`](Self::apply_committed): write the CG made
+    /// durable by `commit_durable` into the image (page cache). The journal still holds it,
+    /// so acknowledging the primary here and checkpointing after
+    /// ([`checkpoint_if_due`](Self::checkpoint_if_due)) is as safe as checkpointing first:
+    /// a crash in between replays the journal. No-op if nothing is pending.
+    pub fn apply_in_place(&mut self) -> Result<()> {
         if self.poisoned {
             return Err(Error::Poisoned);
         }
@@ -82,15 +92,28 @@ impl ReplicaStore {
             s.st.frozen_at_unix_us = frozen;
             s.pending_apply = None;
             s.clear_staged();
-            let p = s.checkpoint_policy;
-            let checkpoint = s.journal.len >= p.max_journal_bytes
-                || s.last_checkpoint.elapsed() >= p.max_interval;
-            if checkpoint {
-                s.checkpoint()?;
-            }
-            tracing::debug!(cg, chunks, runs, ?written, checkpoint, total = ?t.elapsed(), "CG applied");
+            tracing::debug!(cg, chunks, runs, ?written, total = ?t.elapsed(), "CG applied");
             Ok(())
         })
+    }
+
+    /// The second half of [`apply_committed`](Self::apply_committed): checkpoint if the
+    /// [`CheckpointPolicy`] says so. Nothing may be staged since the apply (a checkpoint
+    /// resets the journal); then it does nothing.
+    pub fn checkpoint_if_due(&mut self) -> Result<()> {
+        if self.poisoned {
+            return Err(Error::Poisoned);
+        }
+        let p = self.checkpoint_policy;
+        let due = self.journal.len >= p.max_journal_bytes
+            || self.last_checkpoint.elapsed() >= p.max_interval;
+        if !due || self.pending_apply.is_some() || !self.staged.is_empty() {
+            return Ok(());
+        }
+        let t = Instant::now();
+        self.guard(|s| s.checkpoint())?;
+        tracing::debug!(cg = self.st.last_committed_cg, took = ?t.elapsed(), "checkpoint");
+        Ok(())
     }
 
     /// Make the image and `state.json` hold the last committed CG durably, then reset the

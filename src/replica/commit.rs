@@ -40,12 +40,15 @@ impl ReplicaStore {
         self.guard(|s| {
             // Every distinct record once (an extent record is shared by its chunks), in
             // journal order. A bad one fails here, before anything is committed.
+            let t0 = std::time::Instant::now();
             let mut buf = Vec::new();
             for group in journal::by_record(&s.staged) {
                 let (i, e) = group[0];
                 s.journal.read_record(i, &e, &mut buf)?;
             }
+            let verified = t0.elapsed();
             s.journal.sync()?;
+            let synced = t0.elapsed();
             s.fault.hit(CrashPoint::BeforeCommitRecord)?;
             let h = Header::new(
                 RecordType::Commit,
@@ -63,7 +66,7 @@ impl ReplicaStore {
             s.fault.hit(CrashPoint::AfterCommitRecordWrite)?;
             s.journal.sync()?;
             s.pending_apply = Some((cg, frozen_at_unix_us));
-            tracing::debug!(cg, chunks = s.staged.len(), "CG durable");
+            tracing::debug!(cg, chunks = s.staged.len(), ?verified, ?synced, total = ?t0.elapsed(), "CG durable");
             s.fault.hit(CrashPoint::AfterCommitDurable)
         })
     }

@@ -11,6 +11,9 @@ use super::flush::{ImageFlusher, Touched};
 use super::journal::Geometry;
 use super::{error, ChunkData, Error, ImageObserver, Result};
 
+/// A write at least this long may leave its pages in large folios.
+const LARGE_WRITE: u64 = 64 << 10;
+
 pub(super) struct DiskImage {
     pub path: PathBuf,
     pub file: File,
@@ -24,6 +27,9 @@ pub(super) struct DiskImage {
     sync_done: Vec<u64>,
     /// How many of them.
     pub synced: u64,
+    /// A write of a large run since the last [`drop_cache`](Self::drop_cache): its pages may
+    /// sit in large folios (see there).
+    large_writes: std::sync::atomic::AtomicBool,
 }
 
 impl DiskImage {
@@ -81,6 +87,7 @@ impl DiskImage {
             observer: None,
             sync_done: vec![0; geo.chunks().div_ceil(64) as usize],
             synced: 0,
+            large_writes: Default::default(),
         })
     }
 
@@ -97,6 +104,10 @@ impl DiskImage {
     /// the observer (once per group in `apply_committed`, per extent in `sync_extent`).
     pub fn write(&self, first: u64, count: u64, data: ChunkData<'_>) -> Result<()> {
         let (off, len) = self.range(first, count);
+        if len >= LARGE_WRITE {
+            self.large_writes
+                .store(true, std::sync::atomic::Ordering::Relaxed);
+        }
         match data {
             ChunkData::Bytes(b) => {
                 debug_assert_eq!(b.len() as u64, len);
@@ -135,7 +146,15 @@ impl DiskImage {
     /// its images in the cycle, and pages cached from large writes (the initial copy's
     /// 1 MiB extents) sit in large folios, which make each later 4 KiB write and its
     /// write-back walk the whole folio (several times slower). Best effort.
+    /// Only after large writes: dropping a whole image's cache takes tens of milliseconds
+    /// (inside a checkpoint), and 4 KiB writes leave nothing worth dropping.
     pub fn drop_cache(&self) {
+        if !self
+            .large_writes
+            .swap(false, std::sync::atomic::Ordering::Relaxed)
+        {
+            return;
+        }
         if let Err(e) = crate::sys::file::drop_clean_cache(&self.file) {
             tracing::debug!(image = %self.path.display(), error = %e, "could not drop the image's cached pages");
         }

@@ -60,6 +60,9 @@ impl Entry {
 
 pub use crate::geometry::Geometry;
 
+/// Appended bytes after which their write-back is started (see `Journal::start_write_back`).
+const WRITE_BACK_EVERY: u64 = 4 << 20;
+
 pub struct Journal {
     pub path: PathBuf,
     dir: PathBuf,
@@ -72,6 +75,12 @@ pub struct Journal {
     pub base_frozen: u64,
     /// Append offset (= logical length).
     pub len: u64,
+    /// Offset just after the last commit or checkpoint record appended: what precedes it
+    /// is committed (dropped by the next checkpoint), what follows is staged or abandoned
+    /// (the part a compaction reclaims). On open, the whole file.
+    pub committed_end: u64,
+    /// Where the last early write-back stopped (see [`WRITE_BACK_EVERY`]).
+    written_back: u64,
     /// Reused buffer: a small record's header and payload go out in one write.
     scratch: Vec<u8>,
 }
@@ -134,6 +143,8 @@ impl Journal {
             base_cg: 0,
             base_frozen: 0,
             len,
+            committed_end: len,
+            written_back: len,
             scratch: Vec::new(),
         })
     }
@@ -166,7 +177,29 @@ impl Journal {
             self.write_at(payload, off + HEADER_LEN as u64)?;
         }
         self.len = off + h.record_len();
+        if matches!(h.rtype, RecordType::Commit | RecordType::Checkpoint) {
+            self.committed_end = self.len;
+        }
+        self.start_write_back();
         Ok(off)
+    }
+
+    /// Starts writing back what was appended since the last call, once it reaches
+    /// [`WRITE_BACK_EVERY`], without waiting: a group's records go to the device while the
+    /// rest of it arrives, so the commit's fdatasync finds little left to write. Not a
+    /// durability point (the commit's fdatasync is); best effort.
+    fn start_write_back(&mut self) {
+        if self.len < self.written_back {
+            self.written_back = 0; // truncated
+        }
+        if self.len - self.written_back >= WRITE_BACK_EVERY {
+            let _ = crate::sys::file::start_write_back(
+                &self.file,
+                self.written_back,
+                self.len - self.written_back,
+            );
+            self.written_back = self.len;
+        }
     }
 
     /// The journal file's size on disk (a torn tail included).
@@ -180,6 +213,7 @@ impl Journal {
         self.file.set_len(end).map_err(io("truncate", &self.path))?;
         self.sync()?;
         self.len = end;
+        self.committed_end = end;
         Ok(())
     }
 
@@ -277,6 +311,8 @@ impl Journal {
             base_cg: self.base_cg,
             base_frozen: self.base_frozen,
             len: 0,
+            committed_end: 0,
+            written_back: 0,
             scratch: Vec::new(),
         };
         newj.append(

@@ -24,7 +24,8 @@
 //! `stage_chunk` is the one-chunk case. `commit` then:
 //! 1. reads every distinct staged record back once and checks its crc (a bad one fails the
 //!    commit before anything is committed);
-//! 2. fdatasyncs the journal, appends a commit record `(cg, frozen_at, n_chunks)`,
+//! 2. fdatasyncs the journal (whose write-back staging started every 4 MiB, so little is
+//!    left to write), appends a commit record `(cg, frozen_at, n_chunks)`,
 //!    fdatasyncs again — **the CG is now durable; acknowledge the primary**
 //!    ([`ReplicaStore::commit_durable`] stops here);
 //! 3. applies the staged chunks in place (each record read and re-verified once, its live
@@ -37,17 +38,22 @@
 //!    (consistent at the last committed CG), and resets the journal to a single checkpoint
 //!    record (truncate + write + fdatasync). A background thread (`flush.rs`) writes the
 //!    image back between checkpoints, so a checkpoint's fsync finds little to do.
-//!    With [`CheckpointPolicy::EVERY_CG`] every apply checkpoints.
+//!    With [`CheckpointPolicy::EVERY_CG`] every apply checkpoints. The secondary
+//!    acknowledges a group once applied and checkpoints after that
+//!    ([`ReplicaStore::apply_in_place`], then [`ReplicaStore::checkpoint_if_due`]): the
+//!    primary drains its next group while the image is fsynced.
 //!
 //! # Bound on staging disk use
 //! Besides the uncommitted data, the journal holds the committed CGs since the last
 //! checkpoint: at most `max_journal_bytes` plus one CG (a checkpoint follows the apply that
-//! passes it). The bound below is for the uncommitted part; committed records count as dead
-//! (a compaction checkpoints first, then drops them). The in-memory index keeps one live
-//! version per chunk. A live chunk counts its payload plus
+//! passes it). The bound below is for the uncommitted part, what follows the last commit
+//! record: committed records are left to the checkpoint (a compaction would only force one
+//! early, mid-group; when one runs it checkpoints first, then drops them). The in-memory
+//! index keeps one live version per chunk. A live chunk counts its payload plus
 //! its share of its record's header (48 bytes divided by the record's chunk count, rounded
-//! up: never more than 48); everything else — superseded records and the superseded chunks
-//! of partly live extent records — is dead. When `dead > live` and
+//! up: never more than 48); everything else after the last commit record — superseded
+//! records and the superseded chunks of partly live extent records — is dead. When
+//! `dead > live` and
 //! `dead >= compact_min_dead_bytes` (default 64 MiB) the journal is compacted (live chunks
 //! copied to `journal.new` as one record per run of consecutive chunks of the same record,
 //! fsync, rename, fsync dir). Hence, with `L = nchunks * 48 + disk_size` (every chunk

@@ -115,9 +115,13 @@ impl ReplicaStore {
                 s.live_bytes += e.live_bytes(cs);
             }
             s.fault.hit(CrashPoint::AfterStage)?;
-            // `live_bytes` over-estimates what the live chunks occupy (header shares are
-            // rounded up), so `dead` can only under-estimate: saturate.
-            let dead = (s.journal.len - format::HEADER_LEN as u64).saturating_sub(s.live_bytes);
+            // Dead: what follows the last commit record and is not live (superseded or
+            // abandoned records). Committed records before it are not counted: the next
+            // checkpoint drops them (the CheckpointPolicy bounds them), and compacting them
+            // would only force that checkpoint early, mid-group. `live_bytes`
+            // over-estimates what the live chunks occupy (header shares are rounded up),
+            // so `dead` can only under-estimate: saturate.
+            let dead = (s.journal.len - s.journal.committed_end).saturating_sub(s.live_bytes);
             // `journal.new` holds the live bytes until the old journal is gone: without room
             // for them the compaction waits (the journal stays within its bound anyway, see
             // the module doc) rather than fail the group half-way.

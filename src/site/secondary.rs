@@ -823,15 +823,18 @@ impl ReplicaSink for StoreSink {
                     // Acknowledged once applied: a primary that drained (or a test, or the
                     // demo) may read the replica image right after the acknowledgement.
                     // Acknowledging at `durable` would cut the RPO but break that promise;
-                    // it needs the background apply (branch `background-apply`) and a
-                    // status that says what the image holds.
-                    s.apply_committed()?;
+                    // it needs a background apply and a status that says what the image
+                    // holds. A checkpoint (an image fsync) is due every few seconds: it
+                    // runs after the acknowledgement, so the primary drains the next group
+                    // meanwhile (the journal keeps this one durable until it is done).
+                    s.apply_in_place()?;
                     // A disk whose copy this group carried joins the group's cut now:
                     // before the acknowledgement, so the primary's status and the
                     // replica's agree on what the group holds.
                     s.finish_joins(cg)?;
                     acknowledge();
                     tracing::debug!(cg, ?durable, applied = ?(t.elapsed() - durable), "consistency group committed");
+                    s.checkpoint_if_due()?;
                 }
             }
             let c = &self.counters;

@@ -404,12 +404,50 @@ async fn silence_watchdog(s: Arc<Session>) {
     }
 }
 
+/// Frames of one data stream queued on the sink's thread before its reader waits for the
+/// oldest to be staged. Reading the next frames while the sink stages earlier ones keeps
+/// the sink's thread busy: waiting for each frame's job cost two cross-thread wake-ups per
+/// extent, and with 4 KiB extents that, not the CPU, bounded what a secondary could stage.
+/// Frames of one stream still stage in their order (jobs run in queue order); a failed one
+/// closes the connection from the sink's thread, so the frames queued after it are refused
+/// (`on_extent` checks the close first).
+const READ_AHEAD: usize = 8;
+
+/// A frame's buffers and whether staging it succeeded, back from the sink's thread.
+type Staged = (Vec<u8>, Vec<u8>, bool);
+
 async fn data_reader(s: Arc<Session>, mut recv: quinn::RecvStream) {
     let largest = s.geometries.iter().map(|g| g.max_extent_len()).max();
     let limit = largest.unwrap_or(0) + proto::EXTENT_HEADER_MAX;
-    let mut buf = Vec::new();
-    let mut scratch = Vec::new();
+    let mut queued: std::collections::VecDeque<tokio::sync::oneshot::Receiver<Staged>> =
+        std::collections::VecDeque::new();
+    // Buffers of staged frames, reused (at most READ_AHEAD + 1 pairs live).
+    let mut spare: Vec<(Vec<u8>, Vec<u8>)> = Vec::new();
     loop {
+        // Take back what the sink has staged; wait for the oldest while the window is full.
+        loop {
+            let full = queued.len() >= READ_AHEAD;
+            let Some(oldest) = queued.front_mut() else {
+                break;
+            };
+            let staged = if full {
+                oldest.await.ok()
+            } else {
+                match oldest.try_recv() {
+                    Ok(x) => Some(x),
+                    Err(tokio::sync::oneshot::error::TryRecvError::Empty) => break,
+                    Err(tokio::sync::oneshot::error::TryRecvError::Closed) => None,
+                }
+            };
+            queued.pop_front();
+            match staged {
+                Some((buf, scratch, true)) => spare.push((buf, scratch)),
+                // Refused: the job closed the connection and said why.
+                Some((_, _, false)) => return,
+                None => return s.sink_gone(super::sink_thread::SinkGone),
+            }
+        }
+        let (mut buf, mut scratch) = spare.pop().unwrap_or_default();
         match proto::read_frame(&mut recv, &mut buf, limit).await {
             Ok(true) => s.heard(),
             Ok(false) => return,
@@ -417,25 +455,24 @@ async fn data_reader(s: Arc<Session>, mut recv: quinn::RecvStream) {
             Err(e) => return s.protocol_error(&format!("data stream: {e}")),
         }
         // Decoded, checked and staged on the sink's thread: the frame's buffers go there
-        // and come back for the next frame.
-        let staged = s.srv.sink_thread.call({
+        // and come back through `queued`.
+        let job = s.srv.sink_thread.queue({
             let s = s.clone();
             move || {
                 let res = match proto::decode_payload(&buf) {
                     Ok(m) => s.on_extent(m, &mut scratch),
                     Err(e) => Err(e.to_string()),
                 };
-                (buf, scratch, res)
+                if let Err(e) = &res {
+                    s.protocol_error(e);
+                }
+                (buf, scratch, res.is_ok())
             }
         });
-        let (b, sc, res) = match staged.await {
-            Ok(x) => x,
+        match job.await {
+            Ok(rx) => queued.push_back(rx),
             Err(e) => return s.sink_gone(e),
-        };
-        if let Err(e) = res {
-            return s.protocol_error(&e);
         }
-        (buf, scratch) = (b, sc);
     }
 }
 

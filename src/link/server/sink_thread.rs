@@ -8,10 +8,11 @@
 //! work, and the buffers it touches, stay on one long-lived thread; the runtime's two
 //! workers only run QUIC and never block.
 //!
-//! Jobs run in the order they were queued. A caller awaits its job's result, so at most one
-//! job per reader task is queued (the queue's bound is a backstop). Why this cannot
-//! deadlock: a job may block on the runtime (a commit sends its `CommitAck` from inside the
-//! sink), but nothing on the runtime blocks waiting for this thread: callers await.
+//! Jobs run in the order they were queued. A data stream's reader queues up to
+//! `READ_AHEAD` frames (see `session.rs`) and every other caller one job at a time, so the
+//! queue's bound is a backstop. Why this cannot deadlock: a job may block on the runtime (a
+//! commit sends its `CommitAck` from inside the sink), but nothing on the runtime blocks
+//! waiting for this thread: callers await.
 
 use std::panic::AssertUnwindSafe;
 use std::sync::Mutex;
@@ -57,13 +58,23 @@ impl SinkThread {
         &self,
         f: impl FnOnce() -> T + Send + 'static,
     ) -> Result<T, SinkGone> {
+        self.queue(f).await?.await.map_err(|_| SinkGone)
+    }
+
+    /// Queues `f` to run on the sink's thread and returns once it is queued, with the
+    /// receiver of its result (closed if it panicked or never ran): a caller may queue its
+    /// next job before this one has run.
+    pub(super) async fn queue<T: Send + 'static>(
+        &self,
+        f: impl FnOnce() -> T + Send + 'static,
+    ) -> Result<oneshot::Receiver<T>, SinkGone> {
         let jobs = super::lock(&self.jobs).clone().ok_or(SinkGone)?;
         let (done, result) = oneshot::channel();
         let job: Job = Box::new(move || {
             let _ = done.send(f());
         });
         jobs.send(job).await.map_err(|_| SinkGone)?;
-        result.await.map_err(|_| SinkGone)
+        Ok(result)
     }
 
     /// No more jobs: the thread ends once those queued have run.

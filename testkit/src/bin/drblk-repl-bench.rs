@@ -65,6 +65,10 @@ struct Args {
     /// `--drill-only`: the drill client's writes per second (0: as fast as it can).
     #[arg(long, default_value_t = 2000.0)]
     drill_rate: f64,
+    /// Only the workloads whose name contains one of these (comma-separated, e.g.
+    /// `20000,QD16`); default: all.
+    #[arg(long, value_delimiter = ',')]
+    workloads: Vec<String>,
 }
 
 /// A sink that accepts everything and keeps nothing: measures the link alone.
@@ -270,7 +274,16 @@ struct Workload {
     cell: Cell,
 }
 
-fn workloads() -> Vec<Workload> {
+/// The table's workloads, or those of them `filter` names (see `--workloads`).
+fn workloads(filter: &[String]) -> Vec<Workload> {
+    let mut all = every_workload();
+    if !filter.is_empty() {
+        all.retain(|w| filter.iter().any(|f| w.name.contains(f.as_str())));
+    }
+    all
+}
+
+fn every_workload() -> Vec<Workload> {
     let rand = Cell::new(Rw::RandWrite, 16, 2);
     vec![
         Workload {
@@ -387,6 +400,13 @@ fn measure_on(
 
 fn main() -> anyhow::Result<()> {
     let args = Args::parse();
+    // The primary runs in this process: RUST_LOG shows its log (default: warnings).
+    tracing_subscriber::fmt()
+        .with_env_filter(
+            tracing_subscriber::EnvFilter::try_from_default_env().unwrap_or_else(|_| "warn".into()),
+        )
+        .with_writer(std::io::stderr)
+        .init();
     let drblk = match &args.drblk {
         Some(p) => p.clone(),
         None => std::env::current_exe()?.with_file_name("drblk"),
@@ -424,7 +444,7 @@ fn main() -> anyhow::Result<()> {
     if args.drill_only {
         return drill_table(&args, dir, &image, &certs, &drblk, blocks);
     }
-    let loads = workloads();
+    let loads = workloads(&args.workloads);
     eprintln!("replication off ...");
     let mut off = Vec::new();
     {
@@ -628,7 +648,7 @@ fn drill_table(
     drblk: &Path,
     blocks: u64,
 ) -> anyhow::Result<()> {
-    let loads: Vec<Workload> = workloads()
+    let loads: Vec<Workload> = workloads(&args.workloads)
         .into_iter()
         .filter(|w| w.name.starts_with("4k"))
         .collect();
