@@ -137,6 +137,32 @@ fn a_compaction_after_deferred_commits_keeps_them() {
 }
 
 #[test]
+fn committed_records_alone_never_force_a_compaction() {
+    let d = dirs();
+    let (mut s, mut seeds) = deferred(&d, u64::MAX);
+    s.set_compact_min_dead_bytes(0);
+    // Every group rewrites chunk 7: the journal holds many superseded committed records.
+    commit_cgs(&mut s, &mut seeds, 2..=20);
+    let grown = s.journal_bytes();
+    // Staging the next group (one chunk, nothing superseded after the last commit) leaves
+    // them to the checkpoint: no compaction, hence no early image fsync.
+    stage(&mut s, 21, &[(3, 2101)]);
+    assert!(s.journal_bytes() > grown, "the journal was compacted");
+    assert_eq!(state_file_cg(&d), 1, "a checkpoint was forced");
+    // What follows the last commit still compacts once it is mostly dead.
+    for seed in [2102, 2103] {
+        stage(&mut s, 21, &[(3, seed)]);
+    }
+    assert!(s.journal_bytes() < grown, "the uncommitted part was not compacted");
+    assert_eq!(state_file_cg(&d), 20);
+    s.commit(21, 21_000).unwrap();
+    apply_to(&mut seeds, &[(3, 2103)]);
+    drop(s);
+    let (s, _) = open(&d).unwrap();
+    assert_consistent(&s, &d, &seeds, 21);
+}
+
+#[test]
 fn promotion_after_deferred_commits_holds_the_last_one() {
     let d = dirs();
     let (mut s, mut seeds) = deferred(&d, u64::MAX);
