@@ -65,6 +65,11 @@ struct Args {
     /// `--drill-only`: the drill client's writes per second (0: as fast as it can).
     #[arg(long, default_value_t = 2000.0)]
     drill_rate: f64,
+    /// Put the primary's image (and its change record) in this directory instead of next to
+    /// the secondary's files: e.g. `/dev/shm`, to model two sites that do not share one
+    /// disk (on one disk, each site's fsyncs wait behind the other's writes).
+    #[arg(long)]
+    primary_dir: Option<PathBuf>,
     /// Only the workloads whose name contains one of these (comma-separated, e.g.
     /// `20000,QD16`); default: all.
     #[arg(long, value_delimiter = ',')]
@@ -424,7 +429,18 @@ fn main() -> anyhow::Result<()> {
     drblk::link::certs::generate(&certs, &["primary", "secondary"], true)?;
     let size = args.size_mib << 20;
     let blocks = size / 4096;
-    let image = dir.join("primary.img");
+    let primary_tmp = match &args.primary_dir {
+        Some(d) => Some(
+            tempfile::Builder::new()
+                .prefix("drblk-repl-bench-primary-")
+                .tempdir_in(d)?,
+        ),
+        None => None,
+    };
+    let image = primary_tmp
+        .as_ref()
+        .map_or(dir, |t| t.path())
+        .join("primary.img");
     eprintln!(
         "filling a {} MiB image with 4 KiB writes ...",
         args.size_mib
