@@ -153,7 +153,10 @@ fn committed_records_alone_never_force_a_compaction() {
     for seed in [2102, 2103] {
         stage(&mut s, 21, &[(3, seed)]);
     }
-    assert!(s.journal_bytes() < grown, "the uncommitted part was not compacted");
+    assert!(
+        s.journal_bytes() < grown,
+        "the uncommitted part was not compacted"
+    );
     assert_eq!(state_file_cg(&d), 20);
     s.commit(21, 21_000).unwrap();
     apply_to(&mut seeds, &[(3, 2103)]);
