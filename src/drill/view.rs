@@ -493,6 +493,14 @@ impl DrillView {
     }
 }
 
+/// Logs (debug) how long keeping a group's blocks for the drill took, however it ends.
+struct Took(std::time::Instant, usize);
+impl Drop for Took {
+    fn drop(&mut self) {
+        tracing::debug!(blocks = self.1, took = ?self.0.elapsed(), "kept the replica's blocks a group overwrites for the drill");
+    }
+}
+
 fn ended_error(why: &str) -> io::Error {
     io::Error::other(format!("the drill ended: {why}"))
 }
@@ -565,7 +573,9 @@ impl ImageObserver for DrillView {
         }
         // Copied in steps of at most STEP bytes: each step's blocks are read from the image
         // into one aligned buffer and appended to the log with one write.
+        let t = std::time::Instant::now();
         let blocks: Vec<u64> = runs.iter().flat_map(|&(b, e)| b..e).collect();
+        let _log = Took(t, blocks.len()); // logs how long keeping them took
         let per_step = (STEP / BLOCK) as usize;
         let mut aligned = crate::blk::disk::AlignedBuf::new(STEP as usize);
         for (k, step) in blocks.chunks(per_step).enumerate() {
