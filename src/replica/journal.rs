@@ -274,6 +274,7 @@ impl Journal {
     pub fn reset(&mut self, base_cg: u64, base_frozen: u64, fault: &Fault) -> Result<()> {
         self.file.set_len(0).map_err(io("truncate", &self.path))?;
         self.len = 0;
+        self.committed_end = 0;
         fault.hit(CrashPoint::MidJournalReset)?;
         self.gen = new_gen(self.gen);
         self.base_cg = base_cg;

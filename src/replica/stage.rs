@@ -121,7 +121,8 @@ impl ReplicaStore {
             // would only force that checkpoint early, mid-group. `live_bytes`
             // over-estimates what the live chunks occupy (header shares are rounded up),
             // so `dead` can only under-estimate: saturate.
-            let dead = (s.journal.len - s.journal.committed_end).saturating_sub(s.live_bytes);
+            let dead = (s.journal.len.saturating_sub(s.journal.committed_end))
+                .saturating_sub(s.live_bytes);
             // `journal.new` holds the live bytes until the old journal is gone: without room
             // for them the compaction waits (the journal stays within its bound anyway, see
             // the module doc) rather than fail the group half-way.
