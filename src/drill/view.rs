@@ -465,14 +465,12 @@ impl DrillView {
             buf[at + len..j * BLOCK as usize].fill(0);
             i = j;
         }
-        if let Some(direct) = &self.preserved_direct {
-            match direct.write_all_at(buf, log_end) {
-                Ok(()) => return Ok(()),
-                Err(e) if e.raw_os_error() == Some(libc::EINVAL) => {}
-                Err(e) => return Err(e),
-            }
-        }
-        self.preserved.write_all_at(buf, log_end)
+        write_direct_or_buffered(
+            self.preserved_direct.as_ref(),
+            &self.preserved,
+            buf,
+            log_end,
+        )
     }
 
     /// Writes whole blocks into the overlay: with O_DIRECT where the filesystem allows it
@@ -480,17 +478,30 @@ impl DrillView {
     /// directory's filesystem to write back inside the journal's fsyncs (ext4 orders a
     /// commit after the data of newly allocated blocks); buffered otherwise.
     fn write_overlay(&self, buf: &[u8], pos: u64) -> io::Result<()> {
-        if let Some(direct) = &self.overlay_direct {
-            if buf.len() as u64 % BLOCK == 0 {
-                match direct.write_all_at(buf, pos) {
-                    Ok(()) => return Ok(()),
-                    Err(e) if e.raw_os_error() == Some(libc::EINVAL) => {}
-                    Err(e) => return Err(e),
-                }
-            }
-        }
-        self.overlay.write_all_at(buf, pos)
+        let direct = self
+            .overlay_direct
+            .as_ref()
+            .filter(|_| buf.len() as u64 % BLOCK == 0);
+        write_direct_or_buffered(direct, &self.overlay, buf, pos)
     }
+}
+
+/// Writes `buf` at `pos` through `direct` (O_DIRECT: `buf` aligned, whole blocks) if given,
+/// and through `buffered` where there is none or the filesystem refuses it (EINVAL).
+fn write_direct_or_buffered(
+    direct: Option<&File>,
+    buffered: &File,
+    buf: &[u8],
+    pos: u64,
+) -> io::Result<()> {
+    if let Some(direct) = direct {
+        match direct.write_all_at(buf, pos) {
+            Ok(()) => return Ok(()),
+            Err(e) if e.raw_os_error() == Some(libc::EINVAL) => {}
+            Err(e) => return Err(e),
+        }
+    }
+    buffered.write_all_at(buf, pos)
 }
 
 /// Logs (debug) how long keeping a group's blocks for the drill took, however it ends.
