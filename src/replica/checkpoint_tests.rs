@@ -6,7 +6,7 @@ use std::time::Duration;
 
 use super::tests::{
     apply_to, crash, dirs, image_of, is_crash, journal_path, open, open_with, read_image, stage,
-    synced, Dirs,
+    synced, Dirs, CHUNK, DISK,
 };
 use super::*;
 
@@ -213,9 +213,45 @@ fn the_journal_after_a_checkpoint_holds_only_a_checkpoint_record() {
     let d = dirs();
     let (mut s, mut seeds) = deferred(&d, 0);
     commit_cgs(&mut s, &mut seeds, 2..=2);
-    assert_eq!(
-        std::fs::metadata(journal_path(&d)).unwrap().len(),
-        format::HEADER_LEN as u64
-    );
+    assert_eq!(s.journal_bytes(), format::HEADER_LEN as u64);
     assert_eq!(state_file_cg(&d), 2);
+    drop(s);
+    // Read back, the file (reused, so longer) holds one checkpoint record of CG 2 and
+    // nothing committed after it.
+    let mut j = journal::Journal::open(&d.state).unwrap();
+    let scan = j.scan(&[journal::Geometry::new(DISK, CHUNK).unwrap()]).unwrap();
+    assert_eq!((scan.base_cg, scan.last_commit), (2, None));
+    assert_eq!(scan.committed_end, format::HEADER_LEN as u64);
+    assert!(scan.committed.is_empty());
+}
+
+#[test]
+fn a_reused_journal_never_replays_an_earlier_generation() {
+    let d = dirs();
+    let (mut s, mut seeds) = deferred(&d, u64::MAX);
+    // Five CGs in one generation: chunk 7 has five versions in it, each older than the next.
+    commit_cgs(&mut s, &mut seeds, 2..=6);
+    let old_len = s.journal_bytes();
+    // A checkpoint resets the journal: a new generation overwrites the file from its start.
+    s.set_checkpoint_policy(CheckpointPolicy::EVERY_CG);
+    commit_cgs(&mut s, &mut seeds, 7..=7);
+    s.set_checkpoint_policy(at_bytes(u64::MAX));
+    // One short CG: its records cover only the start of the old generation's.
+    stage(&mut s, 8, &[(3, 83)]);
+    s.commit(8, 8000).unwrap();
+    apply_to(&mut seeds, &[(3, 83)]);
+    // And a group that never commits.
+    stage(&mut s, 9, &[(7, 97)]);
+    let new_len = s.journal_bytes();
+    assert!(new_len < old_len);
+    assert!(
+        std::fs::metadata(journal_path(&d)).unwrap().len() >= old_len,
+        "the file is reused: the old generation's bytes follow the new one's"
+    );
+    drop(s); // a crash
+    let (s, rep) = open(&d).unwrap();
+    // Only CG 8's one chunk is replayed; nothing of CGs 2..=6 (stale) or 9 (uncommitted).
+    assert_eq!((rep.replayed_cg, rep.chunks_applied), (Some(8), 1), "{rep:?}");
+    assert_consistent(&s, &d, &seeds, 8);
+    assert_eq!(s.journal_bytes(), format::HEADER_LEN as u64);
 }

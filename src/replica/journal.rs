@@ -63,6 +63,10 @@ pub use crate::geometry::Geometry;
 /// Appended bytes after which their write-back is started (see `Journal::start_write_back`).
 const WRITE_BACK_EVERY: u64 = 4 << 20;
 
+/// A journal file longer than this is truncated when it is reset rather than reused (see
+/// [`Journal::reset`]): a burst (one huge group) does not keep its space for ever.
+pub const REUSE_MAX: u64 = 1 << 30;
+
 pub struct Journal {
     pub path: PathBuf,
     dir: PathBuf,
@@ -269,10 +273,23 @@ impl Journal {
         Ok(())
     }
 
-    /// Truncate the journal to nothing and start a new generation with a checkpoint record
-    /// at offset 0 saying that the image holds `base_cg`. Synced.
+    /// Start a new generation with a checkpoint record at offset 0 saying that the image
+    /// holds `base_cg`. Synced.
+    ///
+    /// The file is reused, not truncated (unless it grew past [`REUSE_MAX`]): the next
+    /// generation's records overwrite the old ones in place, in blocks the filesystem has
+    /// already allocated and pages already cached, so neither the appends nor the commits'
+    /// fdatasyncs pay for allocating them again (a truncate and its re-allocation cost a
+    /// checkpoint hundreds of milliseconds, and each 4 KiB append several microseconds).
+    /// What follows the new generation's records is an old generation's: a stale tail,
+    /// where the scan stops (see [`Journal::scan`]). Crash safety: before the new checkpoint
+    /// record reaches the disk the old journal is whole, and every CG it commits is at or
+    /// below `base_cg` (the state file says `base_cg` already), so replaying it is
+    /// idempotent; after, its first record names the new generation and `base_cg`.
     pub fn reset(&mut self, base_cg: u64, base_frozen: u64, fault: &Fault) -> Result<()> {
-        self.file.set_len(0).map_err(io("truncate", &self.path))?;
+        if self.file_len()? > REUSE_MAX {
+            self.file.set_len(0).map_err(io("truncate", &self.path))?;
+        }
         self.len = 0;
         self.committed_end = 0;
         fault.hit(CrashPoint::MidJournalReset)?;
@@ -382,6 +399,10 @@ impl Journal {
     /// - If a valid commit record of this journal does follow it, the bad record lies inside
     ///   a committed CG: `Error::Corrupt` naming both offsets.
     /// - A commit record whose chunk count disagrees with the records before it is corrupt.
+    /// - A reset reuses the file (see [`Journal::reset`]): after the last record of this
+    ///   generation come an earlier generation's bytes, which end the scan as a torn tail
+    ///   does (no commit record of this generation can follow them: a commit record is
+    ///   only written once every record before it is durable).
     ///
     /// `disks` are the group's disks in index order: an extent must lie inside its disk.
     pub fn scan(&mut self, disks: &[Geometry]) -> Result<Scan> {
@@ -501,8 +522,10 @@ impl Journal {
                         detail,
                     });
                 }
-                tracing::warn!(journal = %self.path.display(), offset = off, %detail,
-                    "torn or corrupt journal tail after the last commit; treated as end of journal");
+                // Normal after a crash mid-group (a torn record), and after any reset: the
+                // file is reused (see `reset`), so an earlier generation's bytes follow.
+                tracing::info!(journal = %self.path.display(), offset = off, %detail,
+                    "journal ends here: what follows is a torn record or an earlier generation's (dropped)");
                 scan.torn_at = Some(off);
                 break;
             }

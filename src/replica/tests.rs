@@ -11,10 +11,10 @@ use proptest::prelude::*;
 use super::format::{Header, RecordType, HEADER_LEN};
 use super::*;
 
-const CHUNK: u64 = 1024;
+pub(super) const CHUNK: u64 = 1024;
 pub(super) const NCHUNKS: u64 = 13;
 /// Last chunk is short (300 bytes).
-const DISK: u64 = 12 * CHUNK + 300;
+pub(super) const DISK: u64 = 12 * CHUNK + 300;
 const UUID: [u8; 16] = *b"0123456789abcdef";
 
 pub(super) struct Dirs {
