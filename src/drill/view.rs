@@ -253,19 +253,31 @@ impl DrillView {
     }
 
     /// Reads `buf.len()` bytes of the drill's view at `pos` from a run of preserved blocks
-    /// (consecutive blocks of the view, wherever the log holds them).
+    /// (consecutive blocks of the view, wherever the log holds them): one read per stretch
+    /// of blocks that the log also holds one after the other (a group keeps its blocks in
+    /// disk order, so large reads of a drill guest mostly need one).
     fn read_preserved(&self, m: &Maps, buf: &mut [u8], pos: u64) -> io::Result<()> {
-        let mut done = 0usize;
-        while done < buf.len() {
-            let at = pos + done as u64;
-            let b = at / BLOCK;
-            let logged = *m.preserved_at.get(&b).ok_or_else(|| {
+        let logged_at = |b: u64| {
+            m.preserved_at.get(&b).copied().ok_or_else(|| {
                 io::Error::other(format!("block {b} is marked preserved but not in the log"))
-            })?;
-            let n = ((b + 1) * BLOCK - at).min((buf.len() - done) as u64) as usize;
-            self.preserved
-                .read_exact_at(&mut buf[done..done + n], logged + at % BLOCK)?;
-            done += n;
+            })
+        };
+        let end = pos + buf.len() as u64;
+        let mut at = pos;
+        while at < end {
+            let b = at / BLOCK;
+            let first = logged_at(b)?;
+            // Extend over the next blocks while the log holds each right after the last.
+            let mut next = b + 1;
+            while next * BLOCK < end
+                && m.preserved_at.get(&next) == Some(&(first + (next - b) * BLOCK))
+            {
+                next += 1;
+            }
+            let stop = (next * BLOCK).min(end);
+            let part = &mut buf[(at - pos) as usize..(stop - pos) as usize];
+            self.preserved.read_exact_at(part, first + at % BLOCK)?;
+            at = stop;
         }
         Ok(())
     }

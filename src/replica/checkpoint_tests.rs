@@ -219,7 +219,9 @@ fn the_journal_after_a_checkpoint_holds_only_a_checkpoint_record() {
     // Read back, the file (reused, so longer) holds one checkpoint record of CG 2 and
     // nothing committed after it.
     let mut j = journal::Journal::open(&d.state).unwrap();
-    let scan = j.scan(&[journal::Geometry::new(DISK, CHUNK).unwrap()]).unwrap();
+    let scan = j
+        .scan(&[journal::Geometry::new(DISK, CHUNK).unwrap()])
+        .unwrap();
     assert_eq!((scan.base_cg, scan.last_commit), (2, None));
     assert_eq!(scan.committed_end, format::HEADER_LEN as u64);
     assert!(scan.committed.is_empty());
@@ -251,7 +253,11 @@ fn a_reused_journal_never_replays_an_earlier_generation() {
     drop(s); // a crash
     let (s, rep) = open(&d).unwrap();
     // Only CG 8's one chunk is replayed; nothing of CGs 2..=6 (stale) or 9 (uncommitted).
-    assert_eq!((rep.replayed_cg, rep.chunks_applied), (Some(8), 1), "{rep:?}");
+    assert_eq!(
+        (rep.replayed_cg, rep.chunks_applied),
+        (Some(8), 1),
+        "{rep:?}"
+    );
     assert_consistent(&s, &d, &seeds, 8);
     assert_eq!(s.journal_bytes(), format::HEADER_LEN as u64);
 }

@@ -738,7 +738,11 @@ fn replay_old_journal(version: u16) {
     assert_image(&d, &m, &format!("version-{version} replay"));
     // The journal was reset in the current format.
     let raw = fs::read(journal_path(&d)).unwrap();
-    assert_eq!(s.journal_bytes(), H, "one checkpoint record (the file is reused)");
+    assert_eq!(
+        s.journal_bytes(),
+        H,
+        "one checkpoint record (the file is reused)"
+    );
     assert_eq!(u16::from_le_bytes([raw[4], raw[5]]), format::VERSION);
 }
 

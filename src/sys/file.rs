@@ -126,31 +126,28 @@ pub fn allocated_bytes(f: &File) -> io::Result<u64> {
 /// Writes back the dirty pages of `[offset, offset + len)` of `f` and waits for them
 /// (`sync_file_range`: no metadata, no device cache flush — not a durability point).
 pub fn write_back_range(f: &File, offset: u64, len: u64) -> io::Result<()> {
-    let (off, n) = (
-        libc::off64_t::try_from(offset)
-            .map_err(|_| io::Error::from(io::ErrorKind::InvalidInput))?,
-        libc::off64_t::try_from(len).map_err(|_| io::Error::from(io::ErrorKind::InvalidInput))?,
-    );
-    let flags = libc::SYNC_FILE_RANGE_WAIT_BEFORE
-        | libc::SYNC_FILE_RANGE_WRITE
-        | libc::SYNC_FILE_RANGE_WAIT_AFTER;
-    // SAFETY: sync_file_range on a valid fd that `f` owns; the kernel checks the range.
-    if unsafe { libc::sync_file_range(f.as_raw_fd(), off, n, flags) } < 0 {
-        return Err(io::Error::last_os_error());
-    }
-    Ok(())
+    sync_file_range(
+        f,
+        offset,
+        len,
+        libc::SYNC_FILE_RANGE_WAIT_BEFORE
+            | libc::SYNC_FILE_RANGE_WRITE
+            | libc::SYNC_FILE_RANGE_WAIT_AFTER,
+    )
 }
 
 /// Starts writing back the dirty pages of `[offset, offset + len)` of `f` without waiting
 /// (`sync_file_range(SYNC_FILE_RANGE_WRITE)`): a hint that makes a later fdatasync shorter.
 pub fn start_write_back(f: &File, offset: u64, len: u64) -> io::Result<()> {
-    let (off, n) = (
-        libc::off64_t::try_from(offset)
-            .map_err(|_| io::Error::from(io::ErrorKind::InvalidInput))?,
-        libc::off64_t::try_from(len).map_err(|_| io::Error::from(io::ErrorKind::InvalidInput))?,
-    );
+    sync_file_range(f, offset, len, libc::SYNC_FILE_RANGE_WRITE)
+}
+
+fn sync_file_range(f: &File, offset: u64, len: u64, flags: libc::c_uint) -> io::Result<()> {
+    let invalid = |_| io::Error::from(io::ErrorKind::InvalidInput);
+    let off = libc::off64_t::try_from(offset).map_err(invalid)?;
+    let n = libc::off64_t::try_from(len).map_err(invalid)?;
     // SAFETY: sync_file_range on a valid fd that `f` owns; the kernel checks the range.
-    if unsafe { libc::sync_file_range(f.as_raw_fd(), off, n, libc::SYNC_FILE_RANGE_WRITE) } < 0 {
+    if unsafe { libc::sync_file_range(f.as_raw_fd(), off, n, flags) } < 0 {
         return Err(io::Error::last_os_error());
     }
     Ok(())
