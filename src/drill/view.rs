@@ -183,14 +183,7 @@ impl DrillView {
         };
         let blocks = size.div_ceil(BLOCK);
         let overlay = make("overlay")?;
-        let direct = |name: &str| {
-            use std::os::unix::fs::OpenOptionsExt;
-            OpenOptions::new()
-                .write(true)
-                .custom_flags(libc::O_DIRECT)
-                .open(dir.join(name))
-                .ok()
-        };
+        let direct = |name: &str| crate::sys::file::open_direct_for_writing(&dir.join(name));
         let overlay_direct = direct("overlay");
         let preserved = OpenOptions::new()
             .read(true)
@@ -477,7 +470,7 @@ impl DrillView {
             buf[at + len..j * BLOCK as usize].fill(0);
             i = j;
         }
-        write_direct_or_buffered(
+        crate::sys::file::write_direct_or_buffered(
             self.preserved_direct.as_ref(),
             &self.preserved,
             buf,
@@ -494,26 +487,8 @@ impl DrillView {
             .overlay_direct
             .as_ref()
             .filter(|_| buf.len() as u64 % BLOCK == 0);
-        write_direct_or_buffered(direct, &self.overlay, buf, pos)
+        crate::sys::file::write_direct_or_buffered(direct, &self.overlay, buf, pos)
     }
-}
-
-/// Writes `buf` at `pos` through `direct` (O_DIRECT: `buf` aligned, whole blocks) if given,
-/// and through `buffered` where there is none or the filesystem refuses it (EINVAL).
-fn write_direct_or_buffered(
-    direct: Option<&File>,
-    buffered: &File,
-    buf: &[u8],
-    pos: u64,
-) -> io::Result<()> {
-    if let Some(direct) = direct {
-        match direct.write_all_at(buf, pos) {
-            Ok(()) => return Ok(()),
-            Err(e) if e.raw_os_error() == Some(libc::EINVAL) => {}
-            Err(e) => return Err(e),
-        }
-    }
-    buffered.write_all_at(buf, pos)
 }
 
 /// Logs (debug) how long keeping a group's blocks for the drill took, however it ends.

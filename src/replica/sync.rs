@@ -66,7 +66,7 @@ impl ReplicaStore {
         }
         self.guard(|s| {
             let image = &mut s.images[disk];
-            image.write(first, count, data)?;
+            image.write_uncached(first, count, data)?;
             s.sync_done_count += image.mark_synced(first, count);
             s.fault.hit(CrashPoint::AfterSyncChunk)
         })

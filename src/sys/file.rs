@@ -201,6 +201,35 @@ pub fn is_unsupported(e: &io::Error) -> bool {
     )
 }
 
+/// Writes `buf` at `pos` through `direct` (O_DIRECT: `buf` aligned, whole blocks) if given,
+/// and through `buffered` where there is none or the filesystem refuses it (EINVAL).
+pub fn write_direct_or_buffered(
+    direct: Option<&File>,
+    buffered: &File,
+    buf: &[u8],
+    pos: u64,
+) -> io::Result<()> {
+    if let Some(direct) = direct {
+        match std::os::unix::fs::FileExt::write_all_at(direct, buf, pos) {
+            Ok(()) => return Ok(()),
+            Err(e) if e.raw_os_error() == Some(libc::EINVAL) => {}
+            Err(e) => return Err(e),
+        }
+    }
+    std::os::unix::fs::FileExt::write_all_at(buffered, buf, pos)
+}
+
+/// `path` opened for writing with O_DIRECT (bypassing the page cache), or None where the
+/// filesystem refuses it (tmpfs) or it cannot be opened: callers then write buffered.
+pub fn open_direct_for_writing(path: &Path) -> Option<File> {
+    use std::os::unix::fs::OpenOptionsExt;
+    std::fs::OpenOptions::new()
+        .write(true)
+        .custom_flags(libc::O_DIRECT)
+        .open(path)
+        .ok()
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
