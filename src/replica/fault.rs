@@ -38,7 +38,8 @@ pub enum CrashPoint {
     MidStateWrite,
     /// Checkpoint: state file says the last committed CG; journal not yet reset.
     BeforeJournalReset,
-    /// journal reset: truncated to zero, new checkpoint record not yet written.
+    /// Journal reset: the new generation chosen (the file cut only if it passed
+    /// `journal::REUSE_MAX`), its checkpoint record not yet written.
     MidJournalReset,
     /// `sync_extent` / `sync_chunk`: after the extent was written to the image.
     AfterSyncChunk,

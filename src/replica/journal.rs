@@ -194,7 +194,7 @@ impl Journal {
     /// durability point (the commit's fdatasync is); best effort.
     fn start_write_back(&mut self) {
         if self.len < self.written_back {
-            self.written_back = 0; // truncated
+            self.written_back = 0; // reset (or truncated)
         }
         if self.len - self.written_back >= WRITE_BACK_EVERY {
             let _ = crate::sys::file::start_write_back(
