@@ -38,8 +38,8 @@ pub enum CrashPoint {
     MidStateWrite,
     /// Checkpoint: state file says the last committed CG; journal not yet reset.
     BeforeJournalReset,
-    /// Journal reset: the new generation chosen (the file cut only if it passed
-    /// `journal::REUSE_MAX`), its checkpoint record not yet written.
+    /// Journal reset: the new generation's checkpoint record not yet written (the old
+    /// journal whole, or cut to nothing if it passed `journal::REUSE_MAX`).
     MidJournalReset,
     /// `sync_extent` / `sync_chunk`: after the extent was written to the image.
     AfterSyncChunk,
