@@ -476,6 +476,7 @@ impl DrillView {
             buf,
             log_end,
         )
+        .map(drop)
     }
 
     /// Writes whole blocks into the overlay: with O_DIRECT where the filesystem allows it
@@ -487,7 +488,7 @@ impl DrillView {
             .overlay_direct
             .as_ref()
             .filter(|_| buf.len() as u64 % BLOCK == 0);
-        crate::sys::file::write_direct_or_buffered(direct, &self.overlay, buf, pos)
+        crate::sys::file::write_direct_or_buffered(direct, &self.overlay, buf, pos).map(drop)
     }
 }
 

@@ -162,8 +162,15 @@ impl DiskImage {
         }
         let buf = &mut bounce.as_mut().expect("just made").as_mut_slice()[..b.len()];
         buf.copy_from_slice(b);
-        crate::sys::file::write_direct_or_buffered(Some(direct), &self.file, buf, off)
-            .map_err(error::io("write image", &self.path))
+        let bypassed =
+            crate::sys::file::write_direct_or_buffered(Some(direct), &self.file, buf, off)
+                .map_err(error::io("write image", &self.path))?;
+        if !bypassed {
+            // Refused (EINVAL) and written buffered: its pages may sit in large folios.
+            self.large_writes
+                .store(true, std::sync::atomic::Ordering::Relaxed);
+        }
+        Ok(())
     }
 
     /// fsync the image.

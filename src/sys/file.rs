@@ -203,20 +203,21 @@ pub fn is_unsupported(e: &io::Error) -> bool {
 
 /// Writes `buf` at `pos` through `direct` (O_DIRECT: `buf` aligned, whole blocks) if given,
 /// and through `buffered` where there is none or the filesystem refuses it (EINVAL).
+/// Returns whether the bytes went through `direct` (so bypassed the page cache).
 pub fn write_direct_or_buffered(
     direct: Option<&File>,
     buffered: &File,
     buf: &[u8],
     pos: u64,
-) -> io::Result<()> {
+) -> io::Result<bool> {
     if let Some(direct) = direct {
         match std::os::unix::fs::FileExt::write_all_at(direct, buf, pos) {
-            Ok(()) => return Ok(()),
+            Ok(()) => return Ok(true),
             Err(e) if e.raw_os_error() == Some(libc::EINVAL) => {}
             Err(e) => return Err(e),
         }
     }
-    std::os::unix::fs::FileExt::write_all_at(buffered, buf, pos)
+    std::os::unix::fs::FileExt::write_all_at(buffered, buf, pos).map(|()| false)
 }
 
 /// `path` opened for writing with O_DIRECT (bypassing the page cache), or None where the
