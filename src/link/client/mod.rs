@@ -190,7 +190,7 @@ impl LinkClient {
         }
         let nice = cfg.thread_nice;
         let rt = tokio::runtime::Builder::new_multi_thread()
-            .worker_threads(2)
+            .worker_threads(super::runtime_workers())
             .thread_name("drblk-link")
             .on_thread_start(move || {
                 if let Err(e) = crate::sys::priority::set_current_thread_nice(nice) {

@@ -288,7 +288,7 @@ impl LinkServer {
             return Err(LinkError::InsideRuntime);
         }
         let rt = tokio::runtime::Builder::new_multi_thread()
-            .worker_threads(2)
+            .worker_threads(super::runtime_workers())
             .thread_name("drblk-link-srv")
             .enable_all()
             .build()

@@ -5,8 +5,8 @@
 //! `block_in_place` made tokio hand each worker's core to a fresh blocking thread on every
 //! extent: dozens of short-lived threads, each allocating in its own malloc arena, and the
 //! secondary's RSS grew for as long as a session lasted (issue 15's soak). Here the sink's
-//! work, and the buffers it touches, stay on one long-lived thread; the runtime's two
-//! workers only run QUIC and never block.
+//! work, and the buffers it touches, stay on one long-lived thread; the runtime's workers
+//! only run QUIC and never block.
 //!
 //! Jobs run in the order they were queued. A data stream's reader queues up to
 //! `READ_AHEAD` frames (see `session.rs`) and every other caller one job at a time, so the
