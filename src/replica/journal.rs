@@ -245,11 +245,7 @@ impl Journal {
             commit_offset: 0,
             detail,
         };
-        self.file
-            .read_exact_at(&mut hb, e.offset)
-            .map_err(io("read", &self.path))?;
-        self.file
-            .read_exact_at(buf, e.offset + HEADER_LEN as u64)
+        crate::sys::file::read_exact_pair_at(&self.file, &mut hb, buf, e.offset)
             .map_err(io("read", &self.path))?;
         let h = Header::decode(&hb).ok_or_else(|| corrupt("bad record header".into()))?;
         if !Header::crc_ok(&hb, buf) {

@@ -220,6 +220,52 @@ pub fn write_direct_or_buffered(
     std::os::unix::fs::FileExt::write_all_at(buffered, buf, pos).map(|()| false)
 }
 
+/// Fills `head` then `body` from `f` at `offset` with one `preadv` (a record's header and
+/// payload: one system call instead of two); short reads continue where they stopped, and
+/// the end of the file before both are full is `UnexpectedEof`.
+pub fn read_exact_pair_at(
+    f: &File,
+    head: &mut [u8],
+    body: &mut [u8],
+    offset: u64,
+) -> io::Result<()> {
+    let (mut h, mut b) = (0usize, 0usize);
+    let mut pos = offset;
+    while h < head.len() || b < body.len() {
+        let iov = [
+            libc::iovec {
+                iov_base: head[h..].as_mut_ptr().cast(),
+                iov_len: head.len() - h,
+            },
+            libc::iovec {
+                iov_base: body[b..].as_mut_ptr().cast(),
+                iov_len: body.len() - b,
+            },
+        ];
+        let off =
+            libc::off_t::try_from(pos).map_err(|_| io::Error::from(io::ErrorKind::InvalidInput))?;
+        // SAFETY: both iovecs point into buffers borrowed mutably for this call, with their
+        // lengths; `f` owns a valid descriptor.
+        let n = unsafe { libc::preadv(f.as_raw_fd(), iov.as_ptr(), 2, off) };
+        if n < 0 {
+            let e = io::Error::last_os_error();
+            if e.kind() == io::ErrorKind::Interrupted {
+                continue;
+            }
+            return Err(e);
+        }
+        if n == 0 {
+            return Err(io::Error::from(io::ErrorKind::UnexpectedEof));
+        }
+        let n = n as usize;
+        pos += n as u64;
+        let into_head = n.min(head.len() - h);
+        h += into_head;
+        b += n - into_head;
+    }
+    Ok(())
+}
+
 /// `path` opened for writing with O_DIRECT (bypassing the page cache), or None where the
 /// filesystem refuses it (tmpfs) or it cannot be opened: callers then write buffered.
 pub fn open_direct_for_writing(path: &Path) -> Option<File> {
@@ -236,6 +282,22 @@ mod tests {
     use super::*;
     use std::io::Write;
     use std::os::unix::fs::FileExt;
+
+    #[test]
+    fn read_exact_pair_at_fills_both_and_reports_a_short_file() {
+        let mut f = tempfile::tempfile().unwrap();
+        let data: Vec<u8> = (0..=255u8).cycle().take(10_000).collect();
+        f.write_all(&data).unwrap();
+        let (mut head, mut body) = ([0u8; 48], vec![0u8; 4096]);
+        read_exact_pair_at(&f, &mut head, &mut body, 100).unwrap();
+        assert_eq!(&head[..], &data[100..148]);
+        assert_eq!(&body[..], &data[148..148 + 4096]);
+        let mut empty: [u8; 0] = [];
+        read_exact_pair_at(&f, &mut head, &mut empty, 0).unwrap();
+        assert_eq!(&head[..], &data[..48]);
+        let e = read_exact_pair_at(&f, &mut head, &mut body, 9_000).unwrap_err();
+        assert_eq!(e.kind(), io::ErrorKind::UnexpectedEof);
+    }
 
     #[test]
     fn sync_dir_syncs_a_directory_and_reports_a_missing_one() {
