@@ -17,6 +17,7 @@
 use std::collections::HashMap;
 use std::time::{Duration, Instant};
 
+use super::copies::RecordCopies;
 use super::fault::CrashPoint;
 use super::flush::Touched;
 use super::journal::{self, Entry};
@@ -80,7 +81,7 @@ impl ReplicaStore {
                 }
             }
             let mut touched: Vec<Touched> = s.images.iter().map(|_| Touched::default()).collect();
-            let runs = s.apply_entries(&s.staged, &mut touched)?;
+            let runs = s.apply_entries(&s.staged, Some(&s.copies), &mut touched)?;
             let written = t.elapsed();
             let chunks = s.staged.len();
             for (image, touched) in s.images.iter().zip(touched) {
@@ -181,7 +182,8 @@ impl ReplicaStore {
     }
 
     /// Write the chunks of `entries` into the images: each distinct record is read (and
-    /// re-verified) once, and its chunks in `entries` are written as runs of consecutive
+    /// re-verified) once, or taken from `copies` (what the commit of these entries read
+    /// and verified), and its chunks in `entries` are written as runs of consecutive
     /// chunks, one write (or hole punch, for zeros) per run. Idempotent, in any order
     /// (every chunk has one entry), so a crash part-way is repaired by doing it again.
     /// Returns the number of runs written, and adds the byte range of each to its image's
@@ -190,16 +192,23 @@ impl ReplicaStore {
     pub(super) fn apply_entries(
         &self,
         entries: &HashMap<ChunkKey, Entry>,
+        copies: Option<&RecordCopies>,
         touched: &mut [Touched],
     ) -> Result<u64> {
         let cs = self.chunk_size;
-        let mut buf = Vec::new();
+        let mut read = Vec::new();
         let mut k = 0u64;
         for group in journal::by_record(entries) {
             let (i0, e0) = group[0];
-            if !e0.zero {
-                self.journal.read_record(i0, &e0, &mut buf)?;
-            }
+            let kept = copies.and_then(|c| c.get(e0.offset));
+            let buf: &[u8] = match kept {
+                Some(b) => b,
+                None if e0.zero => &[],
+                None => {
+                    self.journal.read_record(i0, &e0, &mut read)?;
+                    &read
+                }
+            };
             for run in journal::runs(&group) {
                 self.fault.hit(CrashPoint::MidApply(k))?;
                 k += 1;

@@ -236,8 +236,13 @@ impl Journal {
     /// Read and verify the whole record that `e` (the entry of chunk `key`) points into;
     /// returns its payload in `buf`.
     pub fn read_record(&self, key: ChunkKey, e: &Entry, buf: &mut Vec<u8>) -> Result<()> {
-        let mut hb = [0u8; HEADER_LEN];
         buf.resize(e.len as usize, 0);
+        self.read_record_into(key, e, buf)
+    }
+
+    /// [`read_record`](Self::read_record) into `buf`, which is exactly the payload's length.
+    pub fn read_record_into(&self, key: ChunkKey, e: &Entry, buf: &mut [u8]) -> Result<()> {
+        let mut hb = [0u8; HEADER_LEN];
         let corrupt = |detail: String| Error::Corrupt {
             path: self.path.clone(),
             offset: e.offset,

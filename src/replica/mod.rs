@@ -28,7 +28,9 @@
 //!    left to write), appends a commit record `(cg, frozen_at, n_chunks)`,
 //!    fdatasyncs again — **the CG is now durable; acknowledge the primary**
 //!    ([`ReplicaStore::commit_durable`] stops here);
-//! 3. applies the staged chunks in place (each record read and re-verified once, its live
+//! 3. applies the staged chunks in place (each record's payload as step 1 read and
+//!    verified it, kept in memory up to 16 MiB a group — `copies.rs` — the rest read and
+//!    re-verified once; its live
 //!    chunks written as runs of consecutive chunks, one write or hole punch per run) — into
 //!    the page cache only: readers see the CG at once, and the journal's commit record keeps
 //!    it durable ([`ReplicaStore::apply_committed`]);
@@ -61,7 +63,8 @@
 //! `journal <= 2 L + compact_min_dead_bytes + one record` (a record holds at most one
 //! extent), plus `<= L` for `journal.new` while a compaction runs — however many CGs fail.
 //! All-zero extents are stored as 48-byte zero records. The in-memory index is ~40 bytes
-//! per staged chunk.
+//! per staged chunk, plus up to 16 MiB of verified record copies between a commit and its
+//! apply.
 //!
 //! # Recovery (on `open`)
 //! State `consistent`: the journal is scanned from its checkpoint record, verifying every
@@ -119,6 +122,7 @@ mod apply;
 mod checkpoint_tests;
 mod checksum;
 mod commit;
+mod copies;
 mod error;
 #[cfg(test)]
 mod extent_tests;
@@ -264,6 +268,8 @@ pub struct ReplicaStore {
     compact_min_dead: u64,
     /// A commit record for this (cg, frozen_at) is durable but not yet applied.
     pending_apply: Option<(u64, u64)>,
+    /// Records the last commit verified, for its apply (`copies.rs`).
+    copies: copies::RecordCopies,
     /// Chunks written by the current sync, over every image.
     sync_done_count: u64,
     checkpoint_policy: CheckpointPolicy,
@@ -447,6 +453,7 @@ impl ReplicaStore {
 
     fn clear_staged(&mut self) {
         self.staged.clear();
+        self.copies.clear();
         self.live_bytes = 0;
     }
 

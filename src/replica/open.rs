@@ -106,6 +106,7 @@ impl ReplicaStore {
             live_bytes: 0,
             compact_min_dead: 64 << 20,
             pending_apply: None,
+            copies: Default::default(),
             sync_done_count: 0,
             checkpoint_policy: CheckpointPolicy::default(),
             last_checkpoint: std::time::Instant::now(),
@@ -160,7 +161,7 @@ impl ReplicaStore {
             // The fsync below writes it back: no need for the flusher.
             let mut touched: Vec<Touched> =
                 self.images.iter().map(|_| Touched::default()).collect();
-            self.apply_entries(&scan.committed, &mut touched)?;
+            self.apply_entries(&scan.committed, None, &mut touched)?;
             self.sync_images()?;
             if cg > self.st.last_committed_cg {
                 self.st.last_committed_cg = cg;

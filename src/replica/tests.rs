@@ -944,3 +944,44 @@ fn kill_9_child_process_recovers_to_a_committed_cg() {
         last = cg;
     }
 }
+
+/// The apply writes the records the commit verified from its copies, and reads the ones
+/// past the copies' bound again: a record corrupted on disk after the commit is still
+/// applied from its copy, and one past the bound is read and refused.
+#[test]
+fn apply_writes_the_commits_verified_copies_and_rereads_past_their_bound() {
+    let d = dirs();
+    let (mut s, mut seeds) = synced(&d);
+    // Room for the first two records only (chunks of `CHUNK` bytes, one record each).
+    s.copies = super::copies::RecordCopies::with_limit(2 * CHUNK as usize);
+    let w = [(1, 41), (6, 42), (9, 43), (11, 0), (3, 44)];
+    let offsets: Vec<u64> = w
+        .iter()
+        .map(|&(i, seed)| {
+            let before = s.journal_bytes();
+            stage(&mut s, 2, &[(i, seed)]);
+            before
+        })
+        .collect();
+    s.commit_durable(2, 2000).unwrap();
+    apply_to(&mut seeds, &w);
+    // The first record's payload, corrupted after the commit verified it.
+    flip_byte(&journal_path(&d), offsets[0] + HEADER_LEN as u64 + 5);
+    s.apply_in_place().unwrap();
+    assert_eq!(
+        read_image(&d),
+        image_of(&seeds),
+        "applied from the copies and rereads"
+    );
+    drop(s);
+
+    // The same group with no room for copies: the corrupted record is read, and refused.
+    let d = dirs();
+    let (mut s, _) = synced(&d);
+    s.copies = super::copies::RecordCopies::with_limit(0);
+    let at = s.journal_bytes();
+    stage(&mut s, 2, &w[..1]);
+    s.commit_durable(2, 2000).unwrap();
+    flip_byte(&journal_path(&d), at + HEADER_LEN as u64 + 5);
+    assert!(matches!(s.apply_in_place(), Err(Error::Corrupt { .. })));
+}
