@@ -6,7 +6,6 @@
 use std::fs::{File, OpenOptions};
 use std::io;
 use std::os::unix::fs::OpenOptionsExt;
-use std::os::unix::io::AsRawFd;
 use std::path::{Path, PathBuf};
 
 use thiserror::Error;
@@ -249,52 +248,8 @@ impl Disk {
         offset: u64,
         read: bool,
     ) -> io::Result<()> {
-        let fd = self.file.as_raw_fd();
-        let mut start = 0usize;
-        let mut pos = offset;
-        while start < iovecs.len() {
-            let rest = &mut iovecs[start..];
-            let cnt = rest.len().min(libc::UIO_MAXIOV as usize) as libc::c_int;
-            // SAFETY: fd is open; the iovecs are valid per the caller's contract.
-            let n = unsafe {
-                if read {
-                    libc::preadv(fd, rest.as_ptr(), cnt, pos as libc::off_t)
-                } else {
-                    libc::pwritev(fd, rest.as_ptr(), cnt, pos as libc::off_t)
-                }
-            };
-            if n < 0 {
-                let e = io::Error::last_os_error();
-                if e.kind() == io::ErrorKind::Interrupted {
-                    continue;
-                }
-                return Err(e);
-            }
-            if n == 0 {
-                return Err(io::Error::new(
-                    io::ErrorKind::UnexpectedEof,
-                    "short transfer on image",
-                ));
-            }
-            let mut n = n as usize;
-            pos += n as u64;
-            while n > 0 && start < iovecs.len() {
-                let v = &mut iovecs[start];
-                if n >= v.iov_len {
-                    n -= v.iov_len;
-                    start += 1;
-                } else {
-                    // SAFETY: advancing within the same buffer by less than its length.
-                    v.iov_base = unsafe { (v.iov_base as *mut u8).add(n) } as *mut libc::c_void;
-                    v.iov_len -= n;
-                    n = 0;
-                }
-            }
-            while start < iovecs.len() && iovecs[start].iov_len == 0 {
-                start += 1;
-            }
-        }
-        Ok(())
+        // SAFETY: passed on from this function's contract.
+        unsafe { crate::sys::file::transfer_vectored(&self.file, iovecs, offset, read) }
     }
 
     fn pread_exact_raw(&self, ptr: *mut u8, len: usize, offset: u64) -> io::Result<()> {

@@ -220,33 +220,32 @@ pub fn write_direct_or_buffered(
     std::os::unix::fs::FileExt::write_all_at(buffered, buf, pos).map(|()| false)
 }
 
-/// Fills `head` then `body` from `f` at `offset` with one `preadv` (a record's header and
-/// payload: one system call instead of two); short reads continue where they stopped, and
-/// the end of the file before both are full is `UnexpectedEof`.
-pub fn read_exact_pair_at(
+/// Runs preadv (`read`) or pwritev on `f` from `offset` until every byte of `iovecs` is
+/// transferred: short transfers are resumed, EINTR retried, and the end of the file before
+/// the last byte is `UnexpectedEof`.
+///
+/// # Safety
+/// The iovecs must point to memory valid for the transfer's direction.
+pub unsafe fn transfer_vectored(
     f: &File,
-    head: &mut [u8],
-    body: &mut [u8],
+    iovecs: &mut [libc::iovec],
     offset: u64,
+    read: bool,
 ) -> io::Result<()> {
-    let (mut h, mut b) = (0usize, 0usize);
+    let fd = f.as_raw_fd();
+    let mut start = 0usize;
     let mut pos = offset;
-    while h < head.len() || b < body.len() {
-        let iov = [
-            libc::iovec {
-                iov_base: head[h..].as_mut_ptr().cast(),
-                iov_len: head.len() - h,
-            },
-            libc::iovec {
-                iov_base: body[b..].as_mut_ptr().cast(),
-                iov_len: body.len() - b,
-            },
-        ];
-        let off =
-            libc::off_t::try_from(pos).map_err(|_| io::Error::from(io::ErrorKind::InvalidInput))?;
-        // SAFETY: both iovecs point into buffers borrowed mutably for this call, with their
-        // lengths; `f` owns a valid descriptor.
-        let n = unsafe { libc::preadv(f.as_raw_fd(), iov.as_ptr(), 2, off) };
+    while start < iovecs.len() {
+        let rest = &mut iovecs[start..];
+        let cnt = rest.len().min(libc::UIO_MAXIOV as usize) as libc::c_int;
+        // SAFETY: fd is open; the iovecs are valid per the caller's contract.
+        let n = unsafe {
+            if read {
+                libc::preadv(fd, rest.as_ptr(), cnt, pos as libc::off_t)
+            } else {
+                libc::pwritev(fd, rest.as_ptr(), cnt, pos as libc::off_t)
+            }
+        };
         if n < 0 {
             let e = io::Error::last_os_error();
             if e.kind() == io::ErrorKind::Interrupted {
@@ -255,15 +254,54 @@ pub fn read_exact_pair_at(
             return Err(e);
         }
         if n == 0 {
-            return Err(io::Error::from(io::ErrorKind::UnexpectedEof));
+            return Err(io::Error::new(
+                io::ErrorKind::UnexpectedEof,
+                "short transfer: the file ends before the range",
+            ));
         }
-        let n = n as usize;
+        let mut n = n as usize;
         pos += n as u64;
-        let into_head = n.min(head.len() - h);
-        h += into_head;
-        b += n - into_head;
+        while n > 0 && start < iovecs.len() {
+            let v = &mut iovecs[start];
+            if n >= v.iov_len {
+                n -= v.iov_len;
+                start += 1;
+            } else {
+                // SAFETY: advancing within the same buffer by less than its length.
+                v.iov_base = unsafe { (v.iov_base as *mut u8).add(n) } as *mut libc::c_void;
+                v.iov_len -= n;
+                n = 0;
+            }
+        }
+        while start < iovecs.len() && iovecs[start].iov_len == 0 {
+            start += 1;
+        }
     }
     Ok(())
+}
+
+/// Fills `head` then `body` from `f` at `offset` with one `preadv` (a record's header and
+/// payload: one system call instead of two); the end of the file before both are full is
+/// `UnexpectedEof`.
+pub fn read_exact_pair_at(
+    f: &File,
+    head: &mut [u8],
+    body: &mut [u8],
+    offset: u64,
+) -> io::Result<()> {
+    let mut iovecs = [
+        libc::iovec {
+            iov_base: head.as_mut_ptr().cast(),
+            iov_len: head.len(),
+        },
+        libc::iovec {
+            iov_base: body.as_mut_ptr().cast(),
+            iov_len: body.len(),
+        },
+    ];
+    // SAFETY: both iovecs point into buffers borrowed mutably for this call, with their
+    // lengths.
+    unsafe { transfer_vectored(f, &mut iovecs, offset, true) }
 }
 
 /// `path` opened for writing with O_DIRECT (bypassing the page cache), or None where the
