@@ -602,17 +602,26 @@ impl ImageObserver for DrillView {
 
     /// Starts reading the blocks the drill still reads from the image, so that
     /// `before_writes` finds them in the page cache when the group applies.
+    ///
+    /// Never waits for the maps: a drill write holds their write lock across its device
+    /// write (O_DIRECT), and this runs on the replica's staging thread once per extent, so
+    /// waiting would put a busy drill's writes (a writer-preferring lock: every queued one)
+    /// in front of replication. When the maps are busy the range is read ahead unchecked:
+    /// a hint, at worst wasted.
     fn will_write(&self, offset: u64, len: u64) {
         let len = len.min(self.size.saturating_sub(offset));
         if len == 0 {
             return;
         }
-        let m = self
-            .maps
-            .read()
-            .unwrap_or_else(std::sync::PoisonError::into_inner);
         let (first, last) = (offset / BLOCK, (offset + len - 1) / BLOCK);
-        if m.ended.is_none() && (first..=last).any(|b| m.source(b) == Source::Image) {
+        let reads_image =
+            |m: &Maps| m.ended.is_none() && (first..=last).any(|b| m.source(b) == Source::Image);
+        let wanted = match self.maps.try_read() {
+            Ok(m) => reads_image(&m),
+            Err(std::sync::TryLockError::Poisoned(p)) => reads_image(&p.into_inner()),
+            Err(std::sync::TryLockError::WouldBlock) => true,
+        };
+        if wanted {
             crate::sys::file::will_need(&self.image, offset, len);
         }
     }
@@ -699,6 +708,28 @@ mod tests {
         v.before_write(off, data.len() as u64);
         let f = OpenOptions::new().write(true).open(image).unwrap();
         f.write_all_at(data, off).unwrap();
+    }
+
+    #[test]
+    fn staging_never_waits_for_the_drills_own_writes() {
+        let (_d, _image, v) = setup(16 * BLOCK, 1 << 20);
+        let v = Arc::new(v);
+        // A drill write in progress holds the maps' write lock (here: until the hint returns).
+        let held = v.maps.write().unwrap();
+        let (tx, rx) = std::sync::mpsc::channel();
+        let v2 = v.clone();
+        std::thread::spawn(move || {
+            v2.will_write(3 * BLOCK, 2 * BLOCK);
+            let _ = tx.send(());
+        });
+        // Waiting on the lock would never return while it is held: the bound is only for
+        // a failing run, not a speed limit.
+        let returned = rx.recv_timeout(std::time::Duration::from_secs(60));
+        drop(held);
+        assert!(
+            returned.is_ok(),
+            "the staging thread's hint waited for the drill's write lock"
+        );
     }
 
     #[test]
