@@ -12,7 +12,7 @@
 //! only the windows written since its last pass, in offset order: a CG's blocks are
 //! scattered over the disk, and one fdatasync would queue them all at once in front of the
 //! journal's fdatasync, which the next acknowledgement waits for. Walking the whole image
-//! instead would cost one call per window per group (65,536 on a 2 TiB image).
+//! instead would cost one call per window per group (524,288 on a 2 TiB image).
 //!
 //! The thread syncs through its own open file description (`/proc/self/fd/N` reopened, not
 //! a `dup`): a write-back error is then reported to it *and* to the store's descriptor,
@@ -114,8 +114,13 @@ impl ImageFlusher {
     }
 }
 
-/// Bytes of the image written back per step.
-const WINDOW: u64 = 32 << 20;
+/// Bytes of the image written back per step. Small, so that each step puts only a few
+/// random writes in the device's queue (a group of random 4 KiB blocks dirties about as
+/// many pages per window as the window is large): the journal's fdatasync, which the next
+/// acknowledgement waits for, then queues behind a dozen of them, not a hundred. At 20,000
+/// random 4 KiB writes/s, eight interleaved runs with 32 MiB windows against 4 MiB ones
+/// gave a median RPO p99 of about 2.1 s against 1.0 s (4 MiB better in five of the eight).
+const WINDOW: u64 = 4 << 20;
 
 /// Write back the dirty pages of `windows` (in order) of an image of `len` bytes, one
 /// window at a time with `sync(offset, len)`, which waits for each (not a durability
