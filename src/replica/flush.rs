@@ -120,6 +120,8 @@ impl ImageFlusher {
 /// acknowledgement waits for, then queues behind a dozen of them, not a hundred. At 20,000
 /// random 4 KiB writes/s, eight interleaved runs with 32 MiB windows against 4 MiB ones
 /// gave a median RPO p99 of about 2.1 s against 1.0 s (4 MiB better in five of the eight).
+/// The cost: eight times the calls, each a wait and a wake-up; the secondary used about
+/// 1 CPU-second more per GB at 5,000/s (four runs).
 const WINDOW: u64 = 4 << 20;
 
 /// Write back the dirty pages of `windows` (in order) of an image of `len` bytes, one
