@@ -18,7 +18,11 @@ pub(super) const COPIES_MAX: usize = 16 << 20;
 
 /// Verified payloads by the journal offset of their record.
 pub(super) struct RecordCopies {
+    /// Zeroed once, at the first use, and then reused as it is: a record is read over
+    /// whatever the last group left there, so the hot path never zeroes a payload.
     bytes: Vec<u8>,
+    /// Bytes of `bytes` that hold this group's copies.
+    used: usize,
     /// Record offset -> (start, length) in `bytes`.
     at: HashMap<u64, (usize, usize)>,
     /// Bytes kept at most ([`COPIES_MAX`]; tests lower it).
@@ -36,6 +40,7 @@ impl RecordCopies {
     pub fn with_limit(limit: usize) -> Self {
         RecordCopies {
             bytes: Vec::new(),
+            used: 0,
             at: HashMap::new(),
             limit,
         }
@@ -43,7 +48,7 @@ impl RecordCopies {
 
     /// Forgets every copy (keeps the memory for the next group).
     pub fn clear(&mut self) {
-        self.bytes.clear();
+        self.used = 0;
         self.at.clear();
     }
 
@@ -51,16 +56,16 @@ impl RecordCopies {
     /// the slice returned, and must [`clear`](Self::clear) if that fails. None when the
     /// copies are full (or the record is empty): the apply reads that record itself.
     pub fn slot(&mut self, offset: u64, len: usize) -> Option<&mut [u8]> {
-        let start = self.bytes.len();
+        let start = self.used;
         if len == 0 || start + len > self.limit {
             return None;
         }
-        if self.bytes.capacity() == 0 {
-            self.bytes.reserve_exact(self.limit);
+        if self.bytes.is_empty() {
+            self.bytes = vec![0; self.limit];
         }
-        self.bytes.resize(start + len, 0);
+        self.used = start + len;
         self.at.insert(offset, (start, len));
-        Some(&mut self.bytes[start..])
+        Some(&mut self.bytes[start..start + len])
     }
 
     /// The verified payload of the record at `offset`, if kept.
@@ -92,5 +97,13 @@ mod tests {
         c.clear();
         assert_eq!(c.get(100), None);
         assert!(c.slot(8000, COPIES_MAX).is_some(), "cleared: room again");
+        c.clear();
+        c.slot(5, 3).unwrap().copy_from_slice(b"xyz");
+        assert_eq!(
+            c.get(5),
+            Some(&b"xyz"[..]),
+            "reused memory holds the new copy"
+        );
+        assert_eq!(c.get(8000), None);
     }
 }
