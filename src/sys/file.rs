@@ -238,12 +238,14 @@ pub unsafe fn transfer_vectored(
     while start < iovecs.len() {
         let rest = &mut iovecs[start..];
         let cnt = rest.len().min(libc::UIO_MAXIOV as usize) as libc::c_int;
+        let off =
+            libc::off_t::try_from(pos).map_err(|_| io::Error::from(io::ErrorKind::InvalidInput))?;
         // SAFETY: fd is open; the iovecs are valid per the caller's contract.
         let n = unsafe {
             if read {
-                libc::preadv(fd, rest.as_ptr(), cnt, pos as libc::off_t)
+                libc::preadv(fd, rest.as_ptr(), cnt, off)
             } else {
-                libc::pwritev(fd, rest.as_ptr(), cnt, pos as libc::off_t)
+                libc::pwritev(fd, rest.as_ptr(), cnt, off)
             }
         };
         if n < 0 {
@@ -335,6 +337,8 @@ mod tests {
         assert_eq!(&head[..], &data[..48]);
         let e = read_exact_pair_at(&f, &mut head, &mut body, 9_000).unwrap_err();
         assert_eq!(e.kind(), io::ErrorKind::UnexpectedEof);
+        let e = read_exact_pair_at(&f, &mut head, &mut body, u64::MAX - 10).unwrap_err();
+        assert_eq!(e.kind(), io::ErrorKind::InvalidInput, "no file offset");
     }
 
     #[test]
