@@ -34,8 +34,8 @@ stage "tests"
 cargo test --locked --release --workspace --all-targets --features drblk/fault-injection
 
 stage "loom models of the consistency-group synchronisation"
-RUSTFLAGS="--cfg drblk_loom" CARGO_TARGET_DIR=target/loom \
-    cargo test --locked --release -p drblk --lib cg::loom_tests
+# A feature of this crate alone: the dependencies built for the tests above are reused.
+cargo test --locked --release -p drblk --lib --features loom cg::loom_tests
 
 if [ "${DRBLK_SKIP_FUZZ:-0}" != 1 ] && command -v cargo-fuzz >/dev/null 2>&1; then
     stage "fuzz every parser of untrusted bytes (bounded)"

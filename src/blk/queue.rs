@@ -215,5 +215,5 @@ pub fn publish_completions(vring: &VringRwLock, items: &[Completion]) -> io::Res
     Ok(())
 }
 
-#[cfg(all(test, not(drblk_loom)))]
+#[cfg(all(test, not(feature = "loom")))]
 mod tests;

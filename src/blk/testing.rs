@@ -104,14 +104,14 @@ pub(crate) fn indirect(mem: &GuestMemoryMmap<()>, table: u64, bufs: &[Buf]) -> R
 
 /// The driver's side of one split virtqueue in guest memory. (The queue worker's tests that
 /// use it are not built for the loom models.)
-#[cfg_attr(drblk_loom, allow(dead_code))]
+#[cfg_attr(feature = "loom", allow(dead_code))]
 pub(crate) struct Driver<'a> {
     pub(crate) queue: MockSplitQueue<'a, GuestMemoryMmap<()>>,
     size: u16,
     next_desc: u16,
 }
 
-#[cfg_attr(drblk_loom, allow(dead_code))]
+#[cfg_attr(feature = "loom", allow(dead_code))]
 impl<'a> Driver<'a> {
     /// A queue of `size` entries at guest address 0.
     pub(crate) fn new(mem: &'a GuestMemoryMmap<()>, size: u16) -> Self {

@@ -7,7 +7,7 @@ use super::sync::{AtomicPtr, AtomicU64, Ordering};
 
 /// Words per page: 128 words = 8192 bits = 1 KiB, covering 32 MiB of disk at 4 KiB blocks.
 /// Under loom one word: every word operation is a point the model checker explores.
-const PAGE_WORDS: usize = if cfg!(drblk_loom) { 1 } else { 128 };
+const PAGE_WORDS: usize = if cfg!(feature = "loom") { 1 } else { 128 };
 const PAGE_BITS: u64 = (PAGE_WORDS * 64) as u64;
 
 struct Page {
@@ -87,7 +87,7 @@ impl Bitmap {
         let n = bits.div_ceil(PAGE_BITS) as usize;
         let pages = (0..n)
             .map(|_| {
-                if cfg!(drblk_loom) {
+                if cfg!(feature = "loom") {
                     AtomicPtr::new(Box::into_raw(Page::new(0)))
                 } else {
                     AtomicPtr::new(ptr::null_mut())
@@ -189,7 +189,7 @@ impl Bitmap {
                 (page + 1) * PAGE_BITS - 1
             };
             let whole = lo == page * PAGE_BITS && (hi + 1 == (page + 1) * PAGE_BITS);
-            if whole && !cfg!(drblk_loom) {
+            if whole && !cfg!(feature = "loom") {
                 let slot = &self.pages[page as usize];
                 if slot
                     .compare_exchange(ptr::null_mut(), full(), Ordering::SeqCst, Ordering::SeqCst)
@@ -401,7 +401,7 @@ impl Bitmap {
     }
 }
 
-#[cfg(all(test, not(drblk_loom)))]
+#[cfg(all(test, not(feature = "loom")))]
 mod tests {
     use super::*;
 

@@ -211,7 +211,7 @@ impl Engine {
     }
 }
 
-#[cfg(all(test, not(drblk_loom)))]
+#[cfg(all(test, not(feature = "loom")))]
 impl Engine {
     /// The per-queue gates, for tests that need to freeze a queue by hand.
     pub(crate) fn queues_for_test(&self) -> &[Mutex<QueueState>] {

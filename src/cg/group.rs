@@ -264,6 +264,6 @@ impl Group {
     }
 }
 
-#[cfg(all(test, not(drblk_loom)))]
+#[cfg(all(test, not(feature = "loom")))]
 #[path = "group_tests.rs"]
 mod tests;

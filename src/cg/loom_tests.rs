@@ -1,5 +1,5 @@
 //! Loom model checks of the interleavings that matter. Run with
-//! `RUSTFLAGS="--cfg drblk_loom" cargo test --release --lib cg::loom_tests`
+//! `cargo test --release -p drblk --lib --features loom cg::loom_tests`
 //! (add `LOOM_MAX_PREEMPTIONS=2` or `3` to bound the search).
 
 use std::sync::Arc;

@@ -50,11 +50,11 @@ mod recording;
 mod shipped;
 mod sync;
 
-#[cfg(all(test, drblk_loom))]
+#[cfg(all(test, feature = "loom"))]
 mod loom_tests;
-#[cfg(all(test, not(drblk_loom)))]
+#[cfg(all(test, not(feature = "loom")))]
 mod model_tests;
-#[cfg(all(test, not(drblk_loom)))]
+#[cfg(all(test, not(feature = "loom")))]
 mod tests;
 
 use std::time::Duration;

@@ -74,7 +74,7 @@ impl Shipped {
     }
 }
 
-#[cfg(all(test, not(drblk_loom)))]
+#[cfg(all(test, not(feature = "loom")))]
 mod tests {
     use super::*;
 

@@ -1,15 +1,15 @@
-//! Synchronisation primitives: `std` normally, `loom` under `cfg(drblk_loom)` so the model checker can
+//! Synchronisation primitives: `std` normally, `loom` under `cfg(feature = "loom")` so the model checker can
 //! explore the interleavings of the engine's own atomics, mutexes and condition variables.
 //!
 //! `Arc` stays `std::sync::Arc` in both builds: reference counting is not what the loom tests
 //! check, and the public API hands out `std` `Arc`s.
 
-#[cfg(drblk_loom)]
+#[cfg(feature = "loom")]
 pub(crate) use loom::sync::{
     atomic::{AtomicBool, AtomicPtr, AtomicU64, AtomicUsize, Ordering},
     Condvar, Mutex, MutexGuard,
 };
-#[cfg(not(drblk_loom))]
+#[cfg(not(feature = "loom"))]
 pub(crate) use std::sync::{
     atomic::{AtomicBool, AtomicPtr, AtomicU64, AtomicUsize, Ordering},
     Condvar, Mutex, MutexGuard,

@@ -318,5 +318,5 @@ fn settle(ready: bool, outcome: CommitOutcome) -> Settle {
     }
 }
 
-#[cfg(all(test, not(drblk_loom)))]
+#[cfg(all(test, not(feature = "loom")))]
 mod tests;

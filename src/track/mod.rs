@@ -782,5 +782,5 @@ impl Tracking for RecordedTracking {
     }
 }
 
-#[cfg(all(test, not(drblk_loom)))]
+#[cfg(all(test, not(feature = "loom")))]
 mod tests;
