@@ -808,6 +808,57 @@ fn impaired_link_delivers_complete_cgs() {
     srv.shutdown();
 }
 
+/// A secondary that restarts (its endpoint gone without a word, as after `kill -9`, and a
+/// new one on the same address with the same identity) ends the primary's old connection
+/// with a stateless reset at the next packet, not after the idle timeout: the primary can
+/// reconnect at once.
+#[test]
+fn a_restarted_secondary_resets_the_old_connection() {
+    let dir = tempfile::tempdir().unwrap();
+    make_certs(dir.path());
+    // Both ends: only a reset can end the connection within the test.
+    let long = Duration::from_secs(600);
+    let srv = start_server_with(dir.path(), MemSink::new(DISK), |c| {
+        c.tuning.idle_timeout = long
+    });
+    let addr = srv.local_addr().unwrap();
+    let proxy = ImpairProxy::start(addr).unwrap();
+    let h = proxy.handle();
+    let mut cfg = client_cfg(dir.path(), proxy.local_addr(), DISK);
+    cfg.tuning.idle_timeout = long;
+    let c = LinkClient::connect(cfg.clone()).unwrap();
+    c.send_chunk(1, 0, &pattern(0, 1, CHUNK as usize)).unwrap();
+    c.commit(1, 0).unwrap();
+    // The old secondary goes away: its close never reaches the primary.
+    h.set_blackhole(true);
+    srv.shutdown();
+    // Its runtime lets go of the port in the background.
+    wait_for(
+        "the old endpoint's port to be free",
+        Duration::from_secs(60),
+        || std::net::UdpSocket::bind(addr).is_ok(),
+    );
+    let srv2 = start_server_with(dir.path(), MemSink::new(DISK), |c| {
+        c.tuning.idle_timeout = long;
+        c.listen = addr;
+    });
+    h.set_blackhole(false);
+    // The primary's keep-alives and heartbeats reach the new endpoint, which answers each
+    // with a reset. (The bound is a hang guard: without a valid reset nothing ends the
+    // connection for 600 s.)
+    wait_for(
+        "the old connection to end",
+        Duration::from_secs(120),
+        || c.lost().is_some(),
+    );
+    let reason = c.lost().unwrap();
+    assert!(reason.contains("restarted"), "{reason}");
+    let c2 = LinkClient::connect(cfg).unwrap();
+    c2.send_chunk(1, 0, &pattern(0, 1, CHUNK as usize)).unwrap();
+    c2.commit(1, 0).unwrap();
+    srv2.shutdown();
+}
+
 #[test]
 fn blackhole_is_detected_then_link_recovers() {
     let dir = tempfile::tempdir().unwrap();

@@ -9,6 +9,10 @@
 //! * Transport: the three flow-control windows are raised together (throughput is bounded
 //!   by the smallest), keep-alive and idle timeout detect a blackholed path, and the UDP
 //!   socket buffers are enlarged.
+//! * Restarts: the secondary's connection-ID and stateless-reset keys are derived from its
+//!   site key ([`endpoint`]), so a secondary that restarts (crash, `kill -9`, upgrade) answers the
+//!   primary's next packet on the old connection with a reset the primary accepts: the
+//!   primary reconnects at once instead of waiting out the idle timeout.
 
 use std::net::SocketAddr;
 use std::sync::Arc;
@@ -150,9 +154,17 @@ pub fn client_config(id: &SiteIdentity, tuning: &Tuning) -> Result<quinn::Client
 
 /// Binds a UDP socket with enlarged buffers and wraps it in a quinn endpoint.
 /// Must be called inside a tokio runtime.
+///
+/// A server passes its identity: the keys its endpoint checks connection IDs with and
+/// signs stateless resets with are then derived from the site's private key, the same after
+/// every restart. With quinn's defaults (random keys per process), a restarted secondary
+/// drops the primary's packets for the old connection as foreign (their connection IDs do
+/// not check) and could not sign a reset the primary accepts anyway: the primary waited
+/// out its idle timeout (10 s) on a connection that no longer existed. Now it is reset at
+/// its next packet and reconnects.
 pub fn endpoint(
     bind: SocketAddr,
-    server: Option<quinn::ServerConfig>,
+    server: Option<(quinn::ServerConfig, &SiteIdentity)>,
     tuning: &Tuning,
 ) -> Result<quinn::Endpoint, LinkError> {
     use socket2::{Domain, Protocol, Socket, Type};
@@ -179,10 +191,37 @@ pub fn endpoint(
     let std_sock: std::net::UdpSocket = sock.into();
     let runtime = quinn::default_runtime()
         .ok_or_else(|| LinkError::Io("no async runtime for the QUIC endpoint".into()))?;
-    quinn::Endpoint::new(EndpointConfig::default(), server, std_sock, runtime)
-        .map_err(io("quic endpoint"))
+    let (endpoint_cfg, server) = match server {
+        Some((sc, identity)) => {
+            let mut ec = EndpointConfig::new(Arc::new(ring::hmac::Key::new(
+                ring::hmac::HMAC_SHA256,
+                &derived_key(identity, "stateless reset"),
+            )));
+            let cid_key = derived_key(identity, "connection ids");
+            let cid_key = u64::from_le_bytes(cid_key[..8].try_into().expect("32 bytes"));
+            ec.cid_generator(move || {
+                Box::new(quinn_proto::HashedConnectionIdGenerator::from_key(cid_key))
+            });
+            (ec, Some(sc))
+        }
+        None => (EndpointConfig::default(), None),
+    };
+    quinn::Endpoint::new(endpoint_cfg, server, std_sock, runtime).map_err(io("quic endpoint"))
 }
 
+/// A key for `purpose` of a site's server endpoint: a one-way function of the site's
+/// private key (which never leaves the process), stable across restarts.
+fn derived_key(identity: &SiteIdentity, purpose: &str) -> [u8; 32] {
+    let mut ctx = ring::digest::Context::new(&ring::digest::SHA256);
+    ctx.update(b"drblk QUIC endpoint key v1\0");
+    ctx.update(purpose.as_bytes());
+    ctx.update(b"\0");
+    ctx.update(identity.key.secret_der());
+    ctx.finish()
+        .as_ref()
+        .try_into()
+        .expect("SHA-256 is 32 bytes")
+}
 /// The certificate chain a connected peer presented, if any.
 pub fn peer_chain(conn: &quinn::Connection) -> Option<Vec<CertificateDer<'static>>> {
     conn.peer_identity()?

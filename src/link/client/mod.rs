@@ -162,6 +162,9 @@ fn describe_close(e: &quinn::ConnectionError) -> String {
             format!("closed by the secondary (code {}): {reason}", c.error_code)
         }
         quinn::ConnectionError::TimedOut => "idle timeout: no packet from the secondary".into(),
+        quinn::ConnectionError::Reset => {
+            "the secondary restarted (it reset the old connection); reconnecting".into()
+        }
         other => other.to_string(),
     }
 }

@@ -296,7 +296,7 @@ impl LinkServer {
         let sc = tls::server_config(&cfg.identity, &cfg.tuning, cfg.max_data_streams)?;
         let endpoint = {
             let _g = rt.enter();
-            tls::endpoint(cfg.listen, Some(sc), &cfg.tuning)?
+            tls::endpoint(cfg.listen, Some((sc, &cfg.identity)), &cfg.tuning)?
         };
         let shared = Arc::new(ServerShared {
             cfg,
