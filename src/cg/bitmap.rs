@@ -218,7 +218,7 @@ impl Bitmap {
     }
 
     /// Sets bit `i`.
-    #[cfg(test)]
+    #[cfg(all(test, not(feature = "loom")))]
     pub(crate) fn set(&self, i: u64) {
         self.set_range(i, i);
     }
@@ -236,7 +236,7 @@ impl Bitmap {
     }
 
     /// Clears bit `i`; returns whether it was set.
-    #[cfg(test)]
+    #[cfg(all(test, not(feature = "loom")))]
     pub(crate) fn clear(&self, i: u64) -> bool {
         let m = 1u64 << (i % 64);
         self.page_to_clear(i / PAGE_BITS).is_some_and(|p| {
@@ -389,7 +389,7 @@ impl Bitmap {
     }
 
     /// Bytes allocated: the page pointers and the real pages.
-    #[cfg(test)]
+    #[cfg(all(test, not(feature = "loom")))]
     pub(crate) fn allocated_bytes(&self) -> usize {
         let mut n = self.pages.len() * std::mem::size_of::<usize>();
         self.each_page(|_, slot| {

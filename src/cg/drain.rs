@@ -349,7 +349,7 @@ impl Engine {
     }
 }
 
-#[cfg(test)]
+#[cfg(all(test, not(feature = "loom")))]
 impl ChunkImage {
     /// The image cut into one image per chunk (`chunk_size` bytes each).
     pub(crate) fn split(self, chunk_size: u64) -> Vec<ChunkImage> {

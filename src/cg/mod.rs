@@ -60,7 +60,7 @@ mod tests;
 use std::time::Duration;
 
 pub use crate::blk::tracking::{Completion, Publisher};
-#[cfg(test)]
+#[cfg(all(test, not(feature = "loom")))]
 pub(crate) use drain::ChunkImage;
 pub use engine::{Engine, FreezeObserver, WriteTicket};
 pub use group::{Group, MAX_DISKS};
