@@ -7,7 +7,11 @@ use super::sync::{AtomicPtr, AtomicU64, Ordering};
 
 /// Words per page: 128 words = 8192 bits = 1 KiB, covering 32 MiB of disk at 4 KiB blocks.
 /// Under loom one word: every word operation is a point the model checker explores.
-const PAGE_WORDS: usize = if cfg!(feature = "loom") { 1 } else { 128 };
+const PAGE_WORDS: usize = if cfg!(all(test, feature = "loom")) {
+    1
+} else {
+    128
+};
 const PAGE_BITS: u64 = (PAGE_WORDS * 64) as u64;
 
 struct Page {
@@ -87,7 +91,7 @@ impl Bitmap {
         let n = bits.div_ceil(PAGE_BITS) as usize;
         let pages = (0..n)
             .map(|_| {
-                if cfg!(feature = "loom") {
+                if cfg!(all(test, feature = "loom")) {
                     AtomicPtr::new(Box::into_raw(Page::new(0)))
                 } else {
                     AtomicPtr::new(ptr::null_mut())
@@ -189,7 +193,7 @@ impl Bitmap {
                 (page + 1) * PAGE_BITS - 1
             };
             let whole = lo == page * PAGE_BITS && (hi + 1 == (page + 1) * PAGE_BITS);
-            if whole && !cfg!(feature = "loom") {
+            if whole && !cfg!(all(test, feature = "loom")) {
                 let slot = &self.pages[page as usize];
                 if slot
                     .compare_exchange(ptr::null_mut(), full(), Ordering::SeqCst, Ordering::SeqCst)

@@ -1,15 +1,16 @@
-//! Synchronisation primitives: `std` normally, `loom` under `cfg(feature = "loom")` so the model checker can
-//! explore the interleavings of the engine's own atomics, mutexes and condition variables.
+//! Synchronisation primitives: `std` normally, `loom` in the library's own test build with
+//! the `loom` feature, so the model checker can explore the interleavings of the engine's
+//! own atomics, mutexes and condition variables.
 //!
 //! `Arc` stays `std::sync::Arc` in both builds: reference counting is not what the loom tests
 //! check, and the public API hands out `std` `Arc`s.
 
-#[cfg(feature = "loom")]
+#[cfg(all(test, feature = "loom"))]
 pub(crate) use loom::sync::{
     atomic::{AtomicBool, AtomicPtr, AtomicU64, AtomicUsize, Ordering},
     Condvar, Mutex, MutexGuard,
 };
-#[cfg(not(feature = "loom"))]
+#[cfg(not(all(test, feature = "loom")))]
 pub(crate) use std::sync::{
     atomic::{AtomicBool, AtomicPtr, AtomicU64, AtomicUsize, Ordering},
     Condvar, Mutex, MutexGuard,

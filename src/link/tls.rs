@@ -222,6 +222,7 @@ fn derived_key(identity: &SiteIdentity, purpose: &str) -> [u8; 32] {
         .try_into()
         .expect("SHA-256 is 32 bytes")
 }
+
 /// The certificate chain a connected peer presented, if any.
 pub fn peer_chain(conn: &quinn::Connection) -> Option<Vec<CertificateDer<'static>>> {
     conn.peer_identity()?
