@@ -2,6 +2,7 @@
 //! `fallocate`, thread priority.
 
 pub mod clock;
+pub mod direct_batch;
 #[cfg(feature = "fault-injection")]
 pub mod fault_plan;
 pub mod file;
