@@ -159,6 +159,13 @@ pub struct DrillView {
     preserved: File,
     /// The preserved log opened with O_DIRECT for appends (None where refused).
     preserved_direct: Option<File>,
+    /// The image opened with O_DIRECT for reading the blocks to keep, and the reader that
+    /// reads a step's blocks at once (None where either is refused: then `image`, with
+    /// readahead hints).
+    image_direct: Option<(
+        File,
+        std::sync::Mutex<crate::sys::direct_batch::DirectReads>,
+    )>,
     size: u64,
     space: Arc<Space>,
     maps: RwLock<Maps>,
@@ -190,9 +197,20 @@ impl DrillView {
             .write(true)
             .create_new(true)
             .open(dir.join("preserved"))?;
+        let image_direct = {
+            use std::os::unix::fs::OpenOptionsExt;
+            let file = OpenOptions::new()
+                .read(true)
+                .custom_flags(libc::O_DIRECT)
+                .open(image)
+                .ok();
+            let reads = crate::sys::direct_batch::DirectReads::new(STEP as usize).ok();
+            file.zip(reads).map(|(f, r)| (f, std::sync::Mutex::new(r)))
+        };
         Ok(DrillView {
             dir: dir.to_path_buf(),
             image: File::open(image)?,
+            image_direct,
             overlay,
             overlay_direct,
             preserved,
@@ -453,6 +471,35 @@ impl DrillView {
     /// block of the disk is padded with zeroes) and appends `buf` to the preserved log at
     /// `log_end`, with O_DIRECT where the filesystem allows it.
     fn copy_step(&self, blocks: &[u64], buf: &mut [u8], log_end: u64) -> io::Result<()> {
+        if let Some((direct, reads)) = &self.image_direct {
+            // Every run of consecutive blocks at once, around the page cache (the image is
+            // not cached: the apply writes it around the page cache too).
+            let runs: Vec<(u64, usize)> = blocks
+                .chunk_by(|a, b| a + 1 == *b)
+                .map(|r| (r[0] * BLOCK, r.len() * BLOCK as usize))
+                .collect();
+            let mut reads = reads.lock().unwrap_or_else(|e| e.into_inner());
+            reads.read(direct, &self.image, &runs, buf)?;
+            // A short last block of the disk reads zeroes past its end.
+            if let Some(&last) = blocks.last() {
+                let (s, t) = self.block_range(last);
+                let at = (blocks.len() - 1) * BLOCK as usize;
+                buf[at + (t - s) as usize..].fill(0);
+            }
+        } else {
+            self.read_blocks_buffered(blocks, buf)?;
+        }
+        crate::sys::file::write_direct_or_buffered(
+            self.preserved_direct.as_ref(),
+            &self.preserved,
+            buf,
+            log_end,
+        )
+        .map(drop)
+    }
+
+    /// [`copy_step`](Self::copy_step)'s reads through the page cache.
+    fn read_blocks_buffered(&self, blocks: &[u64], buf: &mut [u8]) -> io::Result<()> {
         // Consecutive blocks are read with one call.
         let mut i = 0;
         while i < blocks.len() {
@@ -470,13 +517,7 @@ impl DrillView {
             buf[at + len..j * BLOCK as usize].fill(0);
             i = j;
         }
-        crate::sys::file::write_direct_or_buffered(
-            self.preserved_direct.as_ref(),
-            &self.preserved,
-            buf,
-            log_end,
-        )
-        .map(drop)
+        Ok(())
     }
 
     /// Writes whole blocks into the overlay: with O_DIRECT where the filesystem allows it
@@ -564,7 +605,7 @@ impl ImageObserver for DrillView {
             return;
         }
         let bytes = |&(b, e): &(u64, u64)| (self.block_range(b).0, self.block_range(e - 1).1);
-        if runs.len() > 1 {
+        if runs.len() > 1 && self.image_direct.is_none() {
             for r in &runs {
                 let (s, t) = bytes(r);
                 crate::sys::file::will_need(&self.image, s, t - s);
@@ -610,7 +651,9 @@ impl ImageObserver for DrillView {
     /// a hint, at worst wasted.
     fn will_write(&self, offset: u64, len: u64) {
         let len = len.min(self.size.saturating_sub(offset));
-        if len == 0 {
+        if len == 0 || self.image_direct.is_some() {
+            // Kept blocks are read around the page cache, all of a step at once: reading
+            // them ahead into it would only read them twice.
             return;
         }
         let (first, last) = (offset / BLOCK, (offset + len - 1) / BLOCK);

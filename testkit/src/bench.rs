@@ -47,6 +47,10 @@ pub struct Cell {
     /// Seed of the random block choices (two clients with different seeds write
     /// different blocks).
     pub seed: u64,
+    /// Wait for completions asleep, as a guest's vCPU halts, instead of polling for them
+    /// (one queue only): for a client that shares its CPU with what it measures, where
+    /// polling would take every cycle the measured threads leave.
+    pub sleeps: bool,
 }
 
 impl Cell {
@@ -58,6 +62,7 @@ impl Cell {
             queues,
             rate: None,
             seed: 0x2545f4914f6cdd1d,
+            sleeps: false,
         }
     }
 }
@@ -223,7 +228,12 @@ pub fn run_cell(
             break;
         }
         for q in 0..cell.queues {
-            let n = c.poll(q, &mut comps, 0)?;
+            let n = if cell.sleeps && cell.queues == 1 {
+                // Short enough to notice the end of the measurement in time.
+                c.poll_sleeping(q, &mut comps, Duration::from_millis(20))?
+            } else {
+                c.poll(q, &mut comps, 0)?
+            };
             for comp in &comps[..n] {
                 // SAFETY: do_io initialised the first n entries.
                 let comp = unsafe { comp.assume_init_ref() };

@@ -193,6 +193,22 @@ impl BlkioClient {
         self.queues[q].do_io(comps, min, None, None).map_err(berr)
     }
 
+    /// Submits queued requests on `q` and waits asleep, at most `timeout`, until at least
+    /// one has completed; returns how many did (0 if none in time).
+    pub fn poll_sleeping(
+        &mut self,
+        q: usize,
+        comps: &mut [MaybeUninit<Completion>],
+        timeout: Duration,
+    ) -> anyhow::Result<usize> {
+        let mut left = timeout;
+        match self.queues[q].do_io(comps, 1, Some(&mut left), None) {
+            Ok(n) => Ok(n),
+            Err(e) if e.errno() == blkio::Errno::TIME => Ok(0),
+            Err(e) => Err(berr(e)),
+        }
+    }
+
     /// Runs one request synchronously; errors on a non-zero completion status.
     pub fn run(&mut self, q: usize, op: Op) -> anyhow::Result<()> {
         self.submit(q, op, 0);

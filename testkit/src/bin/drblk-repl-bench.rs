@@ -714,6 +714,9 @@ fn drill_table(
         let drill_cell = Cell {
             rate: (args.drill_rate > 0.0).then_some(args.drill_rate),
             seed: 0x5eed_d411 + rows.len() as u64,
+            // Like a drill guest's vCPU waiting for its disk: asleep, not spinning on the
+            // secondary's CPU.
+            sleeps: true,
             ..Cell::new(Rw::RandWrite, 4, 1)
         };
         let writer = {
@@ -753,7 +756,7 @@ fn drill_table(
 
     println!();
     println!(
-        "DR drill on the secondary while replicating: {} MiB disk, {} s per measurement; a drill client writes random 4 KiB blocks at QD4 on the drill's device throughout ({}; pinned to CPU 1 with the secondary)",
+        "DR drill on the secondary while replicating: {} MiB disk, {} s per measurement; a drill client writes random 4 KiB blocks at QD4 on the drill's device throughout ({}; pinned to CPU 1 with the secondary, waiting for completions asleep)",
         args.size_mib,
         args.seconds,
         if args.drill_rate > 0.0 {
