@@ -126,43 +126,28 @@ impl DirectBatch {
         if self.queued.is_empty() {
             return Ok(());
         }
-        let n = self.queued.len();
-        let mut done = 0;
-        let mut first_error: Option<io::Error> = None;
-        while done < n {
-            match self.ring.submit_and_wait(n - done) {
-                Ok(_) => {}
-                Err(e)
-                    if matches!(
-                        e.raw_os_error(),
-                        Some(libc::EINTR | libc::EAGAIN | libc::EBUSY)
-                    ) => {}
-                Err(e) => {
-                    // Writes may still be in flight from this arena: never reuse it.
-                    self.broken = true;
-                    std::mem::forget(self.arena.take());
-                    return Err(e);
-                }
+        let results = match wait_all(&mut self.ring, self.queued.len()) {
+            Ok(r) => r,
+            Err(e) => {
+                // Writes may still be in flight from this arena: never reuse it.
+                self.broken = true;
+                std::mem::forget(self.arena.take());
+                return Err(e);
             }
-            let results: Vec<(u64, i32)> = self
-                .ring
-                .completion()
-                .map(|c| (c.user_data(), c.result()))
-                .collect();
-            for (i, res) in results {
-                done += 1;
-                let q = self.queued[i as usize];
-                let arena = self.arena.as_ref().expect("not broken");
-                let bytes = &arena.as_slice()[q.start..q.start + q.len];
-                let outcome = match res {
-                    r if r >= 0 && r as usize == q.len => Ok(()),
-                    r if r >= 0 => direct.write_all_at(&bytes[r as usize..], q.pos + r as u64),
-                    r if -r == libc::EINVAL => buffered.write_all_at(bytes, q.pos),
-                    r => Err(io::Error::from_raw_os_error(-r)),
-                };
-                if let Err(e) = outcome {
-                    first_error.get_or_insert(e);
-                }
+        };
+        let mut first_error: Option<io::Error> = None;
+        let arena = self.arena.as_ref().expect("not broken");
+        for (i, res) in results {
+            let q = self.queued[i as usize];
+            let bytes = &arena.as_slice()[q.start..q.start + q.len];
+            let outcome = match res {
+                r if r >= 0 && r as usize == q.len => Ok(()),
+                r if r >= 0 => direct.write_all_at(&bytes[r as usize..], q.pos + r as u64),
+                r if -r == libc::EINVAL => buffered.write_all_at(bytes, q.pos),
+                r => Err(io::Error::from_raw_os_error(-r)),
+            };
+            if let Err(e) = outcome {
+                first_error.get_or_insert(e);
             }
         }
         self.queued.clear();
@@ -250,43 +235,26 @@ impl DirectReads {
             if inflight.is_empty() {
                 continue;
             }
-            let n = inflight.len();
-            let mut done = 0;
-            while done < n {
-                match self.ring.submit_and_wait(n - done) {
-                    Ok(_) => {}
-                    Err(e)
-                        if matches!(
-                            e.raw_os_error(),
-                            Some(libc::EINTR | libc::EAGAIN | libc::EBUSY)
-                        ) => {}
-                    Err(e) => {
-                        // Reads may still be in flight into the arena: never reuse it.
-                        std::mem::forget(self.arena.take());
-                        return Err(e);
-                    }
+            let results = match wait_all(&mut self.ring, inflight.len()) {
+                Ok(r) => r,
+                Err(e) => {
+                    // Reads may still be in flight into the arena: never reuse it.
+                    std::mem::forget(self.arena.take());
+                    return Err(e);
                 }
-                let results: Vec<(u64, i32)> = self
-                    .ring
-                    .completion()
-                    .map(|c| (c.user_data(), c.result()))
-                    .collect();
-                for (k, res) in results {
-                    done += 1;
-                    let (pos, start, len) = inflight[k as usize];
-                    let dst = &mut arena.as_mut_slice()[start..start + len];
-                    let outcome = match res {
-                        r if r >= 0 && r as usize == len => Ok(()),
-                        // Short (the end of the file) or refused: the rest the usual way.
-                        r if r >= 0 => {
-                            read_full_at(buffered, &mut dst[r as usize..], pos + r as u64)
-                        }
-                        r if -r == libc::EINVAL => read_full_at(buffered, dst, pos),
-                        r => Err(io::Error::from_raw_os_error(-r)),
-                    };
-                    if let Err(e) = outcome {
-                        first_error.get_or_insert(e);
-                    }
+            };
+            for (k, res) in results {
+                let (pos, start, len) = inflight[k as usize];
+                let dst = &mut arena.as_mut_slice()[start..start + len];
+                let outcome = match res {
+                    r if r >= 0 && r as usize == len => Ok(()),
+                    // Short (the end of the file) or refused: the rest the usual way.
+                    r if r >= 0 => read_full_at(buffered, &mut dst[r as usize..], pos + r as u64),
+                    r if -r == libc::EINVAL => read_full_at(buffered, dst, pos),
+                    r => Err(io::Error::from_raw_os_error(-r)),
+                };
+                if let Err(e) = outcome {
+                    first_error.get_or_insert(e);
                 }
             }
             inflight.clear();
@@ -297,6 +265,26 @@ impl DirectReads {
         buf.copy_from_slice(&arena.as_slice()[..total]);
         Ok(())
     }
+}
+
+/// Submits what is queued on `ring` and waits until `n` operations have completed;
+/// returns each one's `(user_data, result)`. An error means some may still be in flight:
+/// the caller must never reuse (or free) the memory they use.
+fn wait_all(ring: &mut IoUring, n: usize) -> io::Result<Vec<(u64, i32)>> {
+    let mut results = Vec::with_capacity(n);
+    while results.len() < n {
+        match ring.submit_and_wait(n - results.len()) {
+            Ok(_) => {}
+            Err(e)
+                if matches!(
+                    e.raw_os_error(),
+                    Some(libc::EINTR | libc::EAGAIN | libc::EBUSY)
+                ) => {}
+            Err(e) => return Err(e),
+        }
+        results.extend(ring.completion().map(|c| (c.user_data(), c.result())));
+    }
+    Ok(results)
 }
 
 /// Reads `buf` from `pos`, zeroes past the end of the file.
