@@ -162,11 +162,7 @@ impl VhostUserBackend for BlkBackend {
     }
 
     fn queues_per_thread(&self) -> Vec<u64> {
-        let mut masks = vec![0u64; self.shared.threads];
-        for q in 0..self.num_queues() {
-            masks[q % self.shared.threads] |= 1 << q;
-        }
-        masks
+        queue_masks(self.shared.threads, self.num_queues())
     }
 
     fn exit_event(&self, thread_index: usize) -> Option<(EventConsumer, EventNotifier)> {
@@ -200,19 +196,71 @@ impl VhostUserBackend for BlkBackend {
         device_event: u16,
         evset: EventSet,
         vrings: &[VringRwLock],
-        _thread_id: usize,
+        thread_id: usize,
     ) -> io::Result<()> {
         if evset != EventSet::IN {
             return Err(io::Error::other(format!("unexpected event set {evset:?}")));
         }
-        let q = usize::from(device_event);
-        let (Some(vring), Some(worker)) = (vrings.get(q), self.workers.get(q)) else {
-            return Err(io::Error::other(format!("event for unknown queue {q}")));
+        // `vrings` and `device_event` are this thread's own: the kick of its k-th queue
+        // arrives as event k. The worker (and so the completion gate) is the device's queue.
+        let rank = usize::from(device_event);
+        let q = queue_of(self.shared.threads, thread_id, rank);
+        let (Some(vring), Some(worker)) = (vrings.get(rank), self.workers.get(q)) else {
+            return Err(io::Error::other(format!(
+                "event {rank} of thread {thread_id}: no such queue"
+            )));
         };
         let mut worker = worker.lock().expect("worker lock");
         worker.run(vring, &self.mem)
     }
 }
 
+/// Which queues each of `threads` epoll threads serves: queue `q` goes to thread
+/// `q % threads`.
+fn queue_masks(threads: usize, queues: usize) -> Vec<u64> {
+    let mut masks = vec![0u64; threads];
+    for q in 0..queues {
+        masks[q % threads] |= 1 << q;
+    }
+    masks
+}
+
+/// The device queue of the `rank`-th queue (counting from 0, in queue order) that thread
+/// `thread_id` serves, as [`queue_masks`] spreads them: vhost-user-backend numbers a
+/// thread's kick events by that rank, not by the queue's index.
+fn queue_of(threads: usize, thread_id: usize, rank: usize) -> usize {
+    thread_id + rank * threads
+}
+
 /// Default busy-poll budget when `--poll` is given without a value.
 pub const DEFAULT_POLL: Duration = Duration::from_micros(50);
+
+#[cfg(test)]
+mod queue_mapping_tests {
+    use super::{queue_masks, queue_of};
+
+    /// Every (thread, rank) names the queue whose bit is that rank's set bit in the
+    /// thread's mask: the numbering vhost-user-backend uses for the thread's events.
+    /// (With two threads, queue 1's kicks arrive as event 0 of thread 1; reading that as
+    /// queue 0 ran queue 1's requests through queue 0's worker and completion gate, and a
+    /// completion held by a freeze was then published on queue 0's ring.)
+    #[test]
+    fn a_threads_event_rank_names_the_queue_in_its_mask() {
+        for threads in 1..=8 {
+            for queues in threads..=16 {
+                let masks = queue_masks(threads, queues);
+                let mut seen = vec![false; queues];
+                for (t, &mask) in masks.iter().enumerate() {
+                    let bits: Vec<usize> = (0..64).filter(|b| mask >> b & 1 == 1).collect();
+                    for (rank, &bit) in bits.iter().enumerate() {
+                        let q = queue_of(threads, t, rank);
+                        assert_eq!(q, bit, "threads {threads}, queues {queues}, thread {t}");
+                        seen[q] = true;
+                    }
+                }
+                assert!(seen.iter().all(|&s| s), "every queue has a thread");
+            }
+        }
+        assert_eq!(queue_of(2, 1, 0), 1);
+    }
+}

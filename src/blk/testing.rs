@@ -122,6 +122,15 @@ impl<'a> Driver<'a> {
         }
     }
 
+    /// A queue of `size` entries at guest address `start` (a second queue beside one at 0).
+    pub(crate) fn at(mem: &'a GuestMemoryMmap<()>, size: u16, start: GuestAddress) -> Self {
+        Driver {
+            queue: MockSplitQueue::create(mem, start, size),
+            size,
+            next_desc: 0,
+        }
+    }
+
     /// Makes a chain of `bufs` available; returns its head index.
     pub(crate) fn push(&mut self, bufs: &[Buf]) -> u16 {
         self.push_raw(&linked(bufs, self.next_desc))

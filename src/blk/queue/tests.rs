@@ -387,3 +387,50 @@ fn guest_is_notified_only_when_something_was_published() {
     worker.run(&vring, &atomic).expect("run");
     assert!(call.read().expect("notified") >= 1);
 }
+
+/// With two threads, queue 1's kick reaches thread 1 as its event 0 (vhost-user-backend
+/// numbers a thread's events by its own queues). It must run queue 1's worker and gate:
+/// read as queue 0, a completion held by a freeze went to queue 0's gate, whose "run"
+/// published it on queue 0's ring, and the guest waited for it forever.
+#[test]
+fn a_kick_of_the_second_threads_queue_runs_that_queues_worker_and_gate() {
+    use crate::blk::device::BlkBackend;
+    use vhost_user_backend::VhostUserBackend;
+    use vmm_sys_util::epoll::EventSet;
+
+    let mem = guest_memory();
+    let atomic = GuestMemoryAtomic::new(mem.clone());
+    let (_dir, disk) = disk();
+    let cfg = CgConfig {
+        max_coordination_time: Duration::from_secs(60),
+        ..CgConfig::new(DISK_SIZE)
+    };
+    let engine = Engine::new(cfg, 2, disk.clone()).expect("engine");
+    let tracking: Arc<dyn Tracking> = engine.clone();
+    let shared = Arc::new(DeviceShared {
+        executor: Arc::new(Executor::new(disk.clone(), SERIAL, Some(tracking))),
+        limits: DeviceLimits::new(DISK_SIZE, 512, 2, QUEUE_SIZE, false),
+        queue_size: QUEUE_SIZE,
+        threads: 2,
+        worker: WorkerOptions { poll: None },
+        stats: DeviceStats::default(),
+    });
+    let backend = BlkBackend::new(shared, atomic.clone()).expect("backend");
+    let mut driver = Driver::at(&mem, QUEUE_SIZE, GuestAddress(0x8000));
+    let ring1 = vring(&atomic, &driver);
+
+    // A formation has frozen queue 1's gate.
+    engine.queues_for_test()[1].lock().expect("gate").frozen = true;
+    let head = push(&mem, &mut driver, 0, VIRTIO_BLK_T_FLUSH, 0, &[]);
+    backend
+        .handle_event(0, EventSet::IN, std::slice::from_ref(&ring1), 1)
+        .expect("event");
+    assert_eq!(engine.held(1), 1, "queue 1's gate holds the completion");
+    assert_eq!(engine.held(0), 0);
+    assert!(driver.used().is_empty());
+
+    // "Run" publishes it on queue 1's ring.
+    engine.form_cg().expect("form");
+    assert_eq!(driver.used(), vec![(head, 1)]);
+    assert_eq!(status_of(&mem, 0), status::OK);
+}
