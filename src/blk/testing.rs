@@ -115,11 +115,7 @@ pub(crate) struct Driver<'a> {
 impl<'a> Driver<'a> {
     /// A queue of `size` entries at guest address 0.
     pub(crate) fn new(mem: &'a GuestMemoryMmap<()>, size: u16) -> Self {
-        Driver {
-            queue: MockSplitQueue::new(mem, size),
-            size,
-            next_desc: 0,
-        }
+        Self::at(mem, size, GuestAddress(0))
     }
 
     /// A queue of `size` entries at guest address `start` (a second queue beside one at 0).

@@ -43,13 +43,12 @@ struct Queued {
 /// A batch of aligned writes to one O_DIRECT file (see the module docs).
 pub struct DirectBatch {
     ring: IoUring,
-    /// Where queued writes' bytes wait (aligned for O_DIRECT). `None` once leaked.
+    /// Where queued writes' bytes wait (aligned for O_DIRECT). `None` once leaked: writes
+    /// were left in flight by a failed wait, and the batch refuses further work.
     arena: Option<AlignedBuf>,
     /// Arena bytes in use.
     used: usize,
     queued: Vec<Queued>,
-    /// Writes were left in flight by a failed wait: never use the arena again.
-    broken: bool,
 }
 
 impl DirectBatch {
@@ -61,7 +60,6 @@ impl DirectBatch {
             arena: Some(AlignedBuf::new(ARENA_BYTES)),
             used: 0,
             queued: Vec::with_capacity(DEPTH as usize),
-            broken: false,
         })
     }
 
@@ -84,7 +82,7 @@ impl DirectBatch {
         pos: u64,
     ) -> io::Result<()> {
         debug_assert!(Self::fits(pos, data.len()));
-        if self.broken {
+        if self.arena.is_none() {
             return Err(io::Error::other(
                 "an earlier batch of image writes could not be waited for",
             ));
@@ -93,7 +91,10 @@ impl DirectBatch {
             self.finish(direct, buffered)?;
         }
         let start = self.used;
-        let arena = self.arena.as_mut().expect("not broken");
+        let arena = self
+            .arena
+            .as_mut()
+            .expect("checked above; finish leaks it only on error");
         let dst = &mut arena.as_mut_slice()[start..start + data.len()];
         dst.copy_from_slice(data);
         let sqe = opcode::Write::new(
@@ -129,14 +130,19 @@ impl DirectBatch {
         let results = match wait_all(&mut self.ring, self.queued.len()) {
             Ok(r) => r,
             Err(e) => {
-                // Writes may still be in flight from this arena: never reuse it.
-                self.broken = true;
+                // Writes may still be in flight from this arena: never reuse it (and
+                // forget them, so a later `finish` does not wait for them again).
                 std::mem::forget(self.arena.take());
+                self.queued.clear();
+                self.used = 0;
                 return Err(e);
             }
         };
         let mut first_error: Option<io::Error> = None;
-        let arena = self.arena.as_ref().expect("not broken");
+        let arena = self
+            .arena
+            .as_ref()
+            .expect("queued writes exist only while the arena does");
         for (i, res) in results {
             let q = self.queued[i as usize];
             let bytes = &arena.as_slice()[q.start..q.start + q.len];
