@@ -18,6 +18,16 @@
 //! image. So a read that found a block "in the image" finished before the copy began (and
 //! before the image changed), and every later read finds it preserved.
 //!
+//! # Why a block read ahead at staging is still the drill's when its group applies
+//! While a group's extents arrive, [`ImageObserver::will_write`] starts reading the blocks
+//! they cover that the drill still reads from the image, so that the apply finds most of
+//! them read. A block is kept from its read-ahead only if, at the apply, the drill still
+//! reads it from the image. Every change of the image is told to the view first, and the
+//! view then keeps the block (it reads from the preserved copy from then on) or ends the
+//! drill; a block's source never goes back to the image. So a block still read from the
+//! image has not changed since the view began, and any read of it since then (completed:
+//! the apply waits for every read ahead before it keeps anything) holds its content.
+//!
 //! # Space
 //! Overlay and preserved blocks share one limit, [`Space`], with the views of the drill's
 //! other disks (a group's drill). A drill write that would pass it fails
@@ -30,16 +40,21 @@ use std::io;
 use std::os::unix::fs::FileExt;
 use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicU64, Ordering};
-use std::sync::{Arc, RwLock};
+use std::sync::{Arc, Mutex, RwLock};
 
 use crate::blk::backing::Backing;
 use crate::replica::ImageObserver;
+use crate::sys::read_ahead::BlockReadAhead;
 
 /// Granularity of the overlay and of preservation.
 pub const BLOCK: u64 = 4096;
 
 /// Largest buffer one step of a zeroing or preserving pass uses.
 const STEP: u64 = 1 << 20;
+
+/// Blocks read ahead at most (16 MiB): a group of 20,000 random writes a second at the
+/// default interval is about 2,000; what does not fit is read when the group applies.
+const READ_AHEAD_BLOCKS: usize = 4096;
 
 /// One bit per block.
 struct Bits(Vec<u64>);
@@ -79,6 +94,8 @@ struct Maps {
     preserved_len: u64,
     overlay_blocks: u64,
     preserved_blocks: u64,
+    /// Preserved blocks that were taken from the read-ahead.
+    preserved_read_ahead: u64,
     /// Why the drill ended; every request fails from then on.
     ended: Option<String>,
 }
@@ -162,10 +179,10 @@ pub struct DrillView {
     /// The image opened with O_DIRECT for reading the blocks to keep, and the reader that
     /// reads a step's blocks at once (None where either is refused: then `image`, with
     /// readahead hints).
-    image_direct: Option<(
-        File,
-        std::sync::Mutex<crate::sys::direct_batch::DirectReads>,
-    )>,
+    image_direct: Option<(File, Mutex<crate::sys::direct_batch::DirectReads>)>,
+    /// Blocks the staged groups will overwrite, read ahead of their apply (None without
+    /// `image_direct`, or where io_uring is refused).
+    read_ahead: Option<Mutex<BlockReadAhead>>,
     size: u64,
     space: Arc<Space>,
     maps: RwLock<Maps>,
@@ -205,12 +222,17 @@ impl DrillView {
                 .open(image)
                 .ok();
             let reads = crate::sys::direct_batch::DirectReads::new(STEP as usize).ok();
-            file.zip(reads).map(|(f, r)| (f, std::sync::Mutex::new(r)))
+            file.zip(reads).map(|(f, r)| (f, Mutex::new(r)))
         };
+        let read_ahead = image_direct
+            .as_ref()
+            .and_then(|_| BlockReadAhead::new(READ_AHEAD_BLOCKS, BLOCK as usize).ok())
+            .map(Mutex::new);
         Ok(DrillView {
             dir: dir.to_path_buf(),
             image: File::open(image)?,
             image_direct,
+            read_ahead,
             overlay,
             overlay_direct,
             preserved,
@@ -225,6 +247,7 @@ impl DrillView {
                 preserved_len: 0,
                 overlay_blocks: 0,
                 preserved_blocks: 0,
+                preserved_read_ahead: 0,
                 ended: None,
             }),
             failed_writes: AtomicU64::new(0),
@@ -469,21 +492,60 @@ impl DrillView {
 impl DrillView {
     /// Reads `blocks` (in order) from the image into `buf` (one block each; a short last
     /// block of the disk is padded with zeroes) and appends `buf` to the preserved log at
-    /// `log_end`, with O_DIRECT where the filesystem allows it.
-    fn copy_step(&self, blocks: &[u64], buf: &mut [u8], log_end: u64) -> io::Result<()> {
+    /// `log_end`, with O_DIRECT where the filesystem allows it. Blocks `read_ahead` holds
+    /// (read since the view began, and still read from the image: see the module docs)
+    /// are taken from it. Returns how many were.
+    fn copy_step(
+        &self,
+        blocks: &[u64],
+        buf: &mut [u8],
+        log_end: u64,
+        mut read_ahead: Option<&mut BlockReadAhead>,
+    ) -> io::Result<usize> {
+        let bs = BLOCK as usize;
+        let mut from_read_ahead = 0;
         if let Some((direct, reads)) = &self.image_direct {
-            // Every run of consecutive blocks at once, around the page cache (the image is
-            // not cached: the apply writes it around the page cache too).
-            let runs: Vec<(u64, usize)> = blocks
-                .chunk_by(|a, b| a + 1 == *b)
-                .map(|r| (r[0] * BLOCK, r.len() * BLOCK as usize))
+            // The blocks not read ahead, as runs of consecutive ones: (first index in
+            // `blocks`, count).
+            let mut missing: Vec<(usize, usize)> = Vec::new();
+            for (i, &b) in blocks.iter().enumerate() {
+                let taken = read_ahead
+                    .as_deref_mut()
+                    .is_some_and(|ra| ra.take(b, &mut buf[i * bs..(i + 1) * bs]));
+                if taken {
+                    from_read_ahead += 1;
+                    continue;
+                }
+                match missing.last_mut() {
+                    Some((s, n)) if *s + *n == i && blocks[i - 1] + 1 == b => *n += 1,
+                    _ => missing.push((i, 1)),
+                }
+            }
+            // Every run at once, around the page cache (the image is not cached: the
+            // apply writes it around the page cache too).
+            let runs: Vec<(u64, usize)> = missing
+                .iter()
+                .map(|&(i, n)| (blocks[i] * BLOCK, n * bs))
                 .collect();
             let mut reads = reads.lock().unwrap_or_else(|e| e.into_inner());
-            reads.read(direct, &self.image, &runs, buf)?;
-            // A short last block of the disk reads zeroes past its end.
+            if from_read_ahead == 0 {
+                reads.read(direct, &self.image, &runs, buf)?;
+            } else if !runs.is_empty() {
+                // Read into one buffer, then each run to its place among the others.
+                let total = runs.iter().map(|r| r.1).sum();
+                let mut got = vec![0u8; total];
+                reads.read(direct, &self.image, &runs, &mut got)?;
+                let mut at = 0;
+                for &(i, n) in &missing {
+                    buf[i * bs..(i + n) * bs].copy_from_slice(&got[at..at + n * bs]);
+                    at += n * bs;
+                }
+            }
+            // A short last block of the disk reads zeroes past its end (it is never read
+            // ahead).
             if let Some(&last) = blocks.last() {
                 let (s, t) = self.block_range(last);
-                let at = (blocks.len() - 1) * BLOCK as usize;
+                let at = (blocks.len() - 1) * bs;
                 buf[at + (t - s) as usize..].fill(0);
             }
         } else {
@@ -494,8 +556,8 @@ impl DrillView {
             &self.preserved,
             buf,
             log_end,
-        )
-        .map(drop)
+        )?;
+        Ok(from_read_ahead)
     }
 
     /// [`copy_step`](Self::copy_step)'s reads through the page cache.
@@ -533,11 +595,16 @@ impl DrillView {
     }
 }
 
-/// Logs (debug) how long keeping a group's blocks for the drill took, however it ends.
-struct Took(std::time::Instant, usize);
+/// Logs (debug) how long keeping a group's blocks for the drill took, however it ends,
+/// and how many of them were read ahead.
+struct Took {
+    t: std::time::Instant,
+    blocks: usize,
+    read_ahead: usize,
+}
 impl Drop for Took {
     fn drop(&mut self) {
-        tracing::debug!(blocks = self.1, took = ?self.0.elapsed(), "kept the replica's blocks a group overwrites for the drill");
+        tracing::debug!(blocks = self.blocks, read_ahead = self.read_ahead, took = ?self.t.elapsed(), "kept the replica's blocks a group overwrites for the drill");
     }
 }
 
@@ -612,24 +679,46 @@ impl ImageObserver for DrillView {
             }
         }
         // Copied in steps of at most STEP bytes: each step's blocks are read from the image
-        // into one aligned buffer and appended to the log with one write.
+        // (or taken from the read-ahead) into one aligned buffer and appended to the log
+        // with one write.
         let t = std::time::Instant::now();
         let blocks: Vec<u64> = runs.iter().flat_map(|&(b, e)| b..e).collect();
-        let _log = Took(t, blocks.len()); // logs how long keeping them took
+        let mut took = Took {
+            t,
+            blocks: blocks.len(),
+            read_ahead: 0,
+        };
+        let mut read_ahead = self
+            .read_ahead
+            .as_ref()
+            .map(|ra| ra.lock().unwrap_or_else(std::sync::PoisonError::into_inner));
+        if let Some(ra) = read_ahead.as_deref_mut() {
+            // Every read ahead has completed before any is taken. If waiting fails, the
+            // reader has dropped them all: the blocks are read below.
+            if let Err(e) = ra.settle() {
+                tracing::debug!("reading ahead for the drill stopped: {e}");
+            }
+        }
         let per_step = (STEP / BLOCK) as usize;
         let mut aligned = crate::blk::disk::AlignedBuf::new(STEP as usize);
         for (k, step) in blocks.chunks(per_step).enumerate() {
             let buf = &mut aligned.as_mut_slice()[..step.len() * BLOCK as usize];
-            let copied = self.copy_step(step, buf, m.preserved_len);
-            if let Err(e) = copied {
-                // This step and the ones after it were taken but not kept.
-                self.space.give_back((blocks.len() - k * per_step) as u64);
-                let reason = format!(
-                    "cannot keep the replica's content for the drill in {}: {e}; replication went on, the drill's view could not",
-                    self.dir.display()
-                );
-                end_locked(&mut m, &reason);
-                return;
+            let copied = self.copy_step(step, buf, m.preserved_len, read_ahead.as_deref_mut());
+            match copied {
+                Ok(n) => {
+                    took.read_ahead += n;
+                    m.preserved_read_ahead += n as u64;
+                }
+                Err(e) => {
+                    // This step and the ones after it were taken but not kept.
+                    self.space.give_back((blocks.len() - k * per_step) as u64);
+                    let reason = format!(
+                        "cannot keep the replica's content for the drill in {}: {e}; replication went on, the drill's view could not",
+                        self.dir.display()
+                    );
+                    end_locked(&mut m, &reason);
+                    return;
+                }
             }
             let base = m.preserved_len;
             for (i, &b) in step.iter().enumerate() {
@@ -639,10 +728,15 @@ impl ImageObserver for DrillView {
             m.preserved_len += buf.len() as u64;
             m.preserved_blocks += step.len() as u64;
         }
+        if let Some(ra) = read_ahead.as_deref_mut() {
+            // What the drill no longer reads from the image is of no more use.
+            ra.next_round(|b| m.source(b) == Source::Image);
+        }
     }
 
     /// Starts reading the blocks the drill still reads from the image, so that
-    /// `before_writes` finds them in the page cache when the group applies.
+    /// `before_writes` finds them read when the group applies: into the read-ahead's
+    /// arena around the page cache, or else into the page cache.
     ///
     /// Never waits for the maps: a drill write holds their write lock across its device
     /// write (O_DIRECT), and this runs on the replica's staging thread once per extent, so
@@ -651,21 +745,46 @@ impl ImageObserver for DrillView {
     /// a hint, at worst wasted.
     fn will_write(&self, offset: u64, len: u64) {
         let len = len.min(self.size.saturating_sub(offset));
-        if len == 0 || self.image_direct.is_some() {
-            // Kept blocks are read around the page cache, all of a step at once: reading
-            // them ahead into it would only read them twice.
+        if len == 0 {
             return;
         }
         let (first, last) = (offset / BLOCK, (offset + len - 1) / BLOCK);
-        let reads_image =
-            |m: &Maps| m.ended.is_none() && (first..=last).any(|b| m.source(b) == Source::Image);
-        let wanted = match self.maps.try_read() {
-            Ok(m) => reads_image(&m),
-            Err(std::sync::TryLockError::Poisoned(p)) => reads_image(&p.into_inner()),
-            Err(std::sync::TryLockError::WouldBlock) => true,
+        let (ended, image_blocks): (bool, Vec<u64>) = match self.maps.try_read() {
+            Ok(m) => (
+                m.ended.is_some(),
+                (first..=last)
+                    .filter(|&b| m.source(b) == Source::Image)
+                    .collect(),
+            ),
+            Err(std::sync::TryLockError::Poisoned(p)) => {
+                let m = p.into_inner();
+                (
+                    m.ended.is_some(),
+                    (first..=last)
+                        .filter(|&b| m.source(b) == Source::Image)
+                        .collect(),
+                )
+            }
+            Err(std::sync::TryLockError::WouldBlock) => (false, (first..=last).collect()),
         };
-        if wanted {
-            crate::sys::file::will_need(&self.image, offset, len);
+        if ended || image_blocks.is_empty() {
+            return;
+        }
+        match (&self.read_ahead, &self.image_direct) {
+            (Some(ra), Some((direct, _))) => {
+                let mut ra = ra.lock().unwrap_or_else(std::sync::PoisonError::into_inner);
+                for b in image_blocks {
+                    // A short last block is read when the group applies.
+                    let (s, t) = self.block_range(b);
+                    if t - s == BLOCK {
+                        ra.start(direct, b);
+                    }
+                }
+            }
+            // Kept blocks are read around the page cache, all of a step at once: reading
+            // them ahead into it would only read them twice.
+            (None, Some(_)) => {}
+            (_, None) => crate::sys::file::will_need(&self.image, offset, len),
         }
     }
 
@@ -829,6 +948,64 @@ mod tests {
         let m = v.maps.read().unwrap();
         assert_eq!(m.preserved_len, m.preserved_blocks * BLOCK);
         assert!(m.preserved_blocks > 10, "{} blocks", m.preserved_blocks);
+    }
+
+    #[test]
+    fn blocks_read_ahead_at_staging_are_kept_as_they_were_when_the_view_began() {
+        // The store's order, one group ahead: group g+1's extents are staged (read ahead)
+        // before group g applies, so some blocks read ahead for g+1 are changed by g, and
+        // the drill writes in between too.
+        let size = 64 * BLOCK + 1000;
+        let (_d, image, v) = setup(size, 1 << 30);
+        let mut model = read(&v, 0, size as usize);
+        let mut x = 0x2545_f491_4f6c_dd1du64;
+        let mut next = |n: u64| {
+            x ^= x << 13;
+            x ^= x >> 7;
+            x ^= x << 17;
+            x % n
+        };
+        let group = |next: &mut dyn FnMut(u64) -> u64| -> Vec<(u64, u64)> {
+            let mut r: Vec<(u64, u64)> = (0..4)
+                .map(|_| {
+                    let off = next(size);
+                    (off, (1 + next(2 * BLOCK)).min(size - off))
+                })
+                .collect();
+            r.sort_unstable();
+            r
+        };
+        // The first range of each group is not hinted: its blocks are read at the apply.
+        let mut staged = group(&mut next);
+        for &(off, len) in &staged[1..] {
+            v.will_write(off, len);
+        }
+        for g in 0..40u8 {
+            let applying = std::mem::replace(&mut staged, group(&mut next));
+            for &(off, len) in &staged[1..] {
+                v.will_write(off, len);
+            }
+            if g % 3 == 0 {
+                let off = next(size - 600);
+                v.write(off, 512, Some(&[0x50 + g; 512])).unwrap();
+                model[off as usize..off as usize + 512].fill(0x50 + g);
+            }
+            v.before_writes(&applying);
+            let f = OpenOptions::new().write(true).open(&image).unwrap();
+            for &(off, len) in &applying {
+                f.write_all_at(&vec![0xa0 + g; len as usize], off).unwrap();
+            }
+            assert!(read(&v, 0, size as usize) == model, "after group {g}");
+        }
+        let m = v.maps.read().unwrap();
+        if v.read_ahead.is_some() {
+            assert!(
+                m.preserved_read_ahead > 0 && m.preserved_read_ahead < m.preserved_blocks,
+                "{} of {} kept blocks were read ahead",
+                m.preserved_read_ahead,
+                m.preserved_blocks
+            );
+        }
     }
 
     #[test]

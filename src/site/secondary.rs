@@ -805,6 +805,10 @@ impl ReplicaSink for StoreSink {
         acknowledge: &mut dyn FnMut(),
     ) -> anyhow::Result<()> {
         let started = std::time::Instant::now();
+        // How old the group was when its commit arrived (both sites' clocks: a debug figure).
+        let age_at_commit_ms = crate::sys::clock::unix_micros(std::time::SystemTime::now())
+            .saturating_sub(frozen_at_unix_us) as f64
+            / 1000.0;
         self.with_store(|s| {
             match s.state() {
                 ReplicaState::Syncing { total_chunks, .. } => {
@@ -833,7 +837,7 @@ impl ReplicaSink for StoreSink {
                     // replica's agree on what the group holds.
                     s.finish_joins(cg)?;
                     acknowledge();
-                    tracing::debug!(cg, ?durable, applied = ?(t.elapsed() - durable), "consistency group committed");
+                    tracing::debug!(cg, age_at_commit_ms, ?durable, applied = ?(t.elapsed() - durable), "consistency group committed");
                     s.checkpoint_if_due()?;
                 }
             }

@@ -276,7 +276,7 @@ impl DirectReads {
 /// Submits what is queued on `ring` and waits until `n` operations have completed;
 /// returns each one's `(user_data, result)`. An error means some may still be in flight:
 /// the caller must never reuse (or free) the memory they use.
-fn wait_all(ring: &mut IoUring, n: usize) -> io::Result<Vec<(u64, i32)>> {
+pub(super) fn wait_all(ring: &mut IoUring, n: usize) -> io::Result<Vec<(u64, i32)>> {
     let mut results = Vec::with_capacity(n);
     while results.len() < n {
         match ring.submit_and_wait(n - results.len()) {

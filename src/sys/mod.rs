@@ -8,3 +8,4 @@ pub mod fault_plan;
 pub mod file;
 pub mod log_limit;
 pub mod priority;
+pub mod read_ahead;
