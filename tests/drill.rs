@@ -81,7 +81,7 @@ impl Drop for Writer {
 fn a_drill_shows_its_group_while_replication_goes_on_and_keeps_its_writes() {
     let tmp = tempfile::tempdir().unwrap();
     let s = Sites::new(tmp.path());
-    let _secondary = s.secondary_with(&["--drill-space", "64M"]);
+    let secondary = s.secondary_with(&["--drill-space", "64M"]);
     let _primary = s.primary();
     s.wait_until("the initial copy", || s.acked().is_some_and(|c| c >= 1));
     let writer = Writer::start(&s);
@@ -94,6 +94,18 @@ fn a_drill_shows_its_group_while_replication_goes_on_and_keeps_its_writes() {
     let cg = started["cg"].as_u64().unwrap();
     assert_eq!(started["running"], true, "{started}");
     let mut f = connect(&s, &sock);
+    // The drill's device is served below replication's CPU priority (its server thread
+    // and its queues' workers: the secondary serves no other device).
+    let pid = secondary.0.id();
+    let nices = [
+        thread_nices(pid, "drblk-drill"),
+        thread_nices(pid, "vring_worker"),
+    ]
+    .concat();
+    assert!(
+        !nices.is_empty() && nices.iter().all(|&n| n == drblk::drill::DRILL_NICE),
+        "the drill's threads run at niceness {nices:?}"
+    );
     let first = read_device(&mut f);
     let found = writer
         .history
@@ -154,6 +166,27 @@ fn a_drill_shows_its_group_while_replication_goes_on_and_keeps_its_writes() {
     assert_eq!(st["running"], false, "{st}");
     assert!(!tmp.path().join("secondary.img.state/drill").exists());
     assert!(!s.ctl_control(&["drill", "stop"]).status.success());
+}
+
+/// The niceness of each thread of process `pid` whose name starts with `prefix`.
+fn thread_nices(pid: u32, prefix: &str) -> Vec<i32> {
+    let mut nices = Vec::new();
+    for t in std::fs::read_dir(format!("/proc/{pid}/task"))
+        .unwrap()
+        .flatten()
+    {
+        let comm = std::fs::read_to_string(t.path().join("comm")).unwrap_or_default();
+        if !comm.starts_with(prefix) || comm.starts_with("drblk-drill-ra") {
+            continue;
+        }
+        let stat = std::fs::read_to_string(t.path().join("stat")).unwrap_or_default();
+        // Fields after the command's closing parenthesis start at field 3; nice is 19.
+        let after = &stat[stat.rfind(')').map_or(0, |i| i + 1)..];
+        if let Some(n) = after.split_whitespace().nth(16) {
+            nices.push(n.parse().unwrap());
+        }
+    }
+    nices
 }
 
 /// Writes `blocks` 4 KiB blocks on the primary through a frontend of its own.

@@ -19,9 +19,9 @@
 //! before the image changed), and every later read finds it preserved.
 //!
 //! # Why a block read ahead at staging is still the drill's when its group applies
-//! While a group's extents arrive, [`ImageObserver::will_write`] starts reading the blocks
-//! they cover that the drill still reads from the image, so that the apply finds most of
-//! them read. A block is kept from its read-ahead only if, at the apply, the drill still
+//! While a group's extents arrive, [`ImageObserver::will_write`] has the blocks they cover
+//! that the drill still reads from the image read by a thread of the view's own, so that
+//! the apply finds most of them read. A block is kept from its read-ahead only if, at the apply, the drill still
 //! reads it from the image. Every change of the image is told to the view first, and the
 //! view then keeps the block (it reads from the preserved copy from then on) or ends the
 //! drill; a block's source never goes back to the image. So a block still read from the
@@ -44,7 +44,7 @@ use std::sync::{Arc, Mutex, RwLock};
 
 use crate::blk::backing::Backing;
 use crate::replica::ImageObserver;
-use crate::sys::read_ahead::BlockReadAhead;
+use crate::sys::read_ahead::{BlockReadAhead, ReadAheadThread};
 
 /// Granularity of the overlay and of preservation.
 pub const BLOCK: u64 = 4096;
@@ -182,7 +182,7 @@ pub struct DrillView {
     image_direct: Option<(File, Mutex<crate::sys::direct_batch::DirectReads>)>,
     /// Blocks the staged groups will overwrite, read ahead of their apply (None without
     /// `image_direct`, or where io_uring is refused).
-    read_ahead: Option<Mutex<BlockReadAhead>>,
+    read_ahead: Option<ReadAheadThread>,
     size: u64,
     space: Arc<Space>,
     maps: RwLock<Maps>,
@@ -226,8 +226,10 @@ impl DrillView {
         };
         let read_ahead = image_direct
             .as_ref()
-            .and_then(|_| BlockReadAhead::new(READ_AHEAD_BLOCKS, BLOCK as usize).ok())
-            .map(Mutex::new);
+            .and_then(|(f, _)| f.try_clone().ok())
+            .and_then(|f| {
+                ReadAheadThread::spawn(f, READ_AHEAD_BLOCKS, BLOCK as usize, "drblk-drill-ra").ok()
+            });
         Ok(DrillView {
             dir: dir.to_path_buf(),
             image: File::open(image)?,
@@ -688,17 +690,13 @@ impl ImageObserver for DrillView {
             blocks: blocks.len(),
             read_ahead: 0,
         };
-        let mut read_ahead = self
-            .read_ahead
-            .as_ref()
-            .map(|ra| ra.lock().unwrap_or_else(std::sync::PoisonError::into_inner));
-        if let Some(ra) = read_ahead.as_deref_mut() {
-            // Every read ahead has completed before any is taken. If waiting fails, the
-            // reader has dropped them all: the blocks are read below.
-            if let Err(e) = ra.settle() {
-                tracing::debug!("reading ahead for the drill stopped: {e}");
-            }
-        }
+        // Every read ahead has completed before any is taken. If waiting fails, the reader
+        // has dropped them all: the blocks are read below.
+        let mut read_ahead = self.read_ahead.as_ref().and_then(|ra| {
+            ra.collect()
+                .map_err(|e| tracing::debug!("reading ahead for the drill stopped: {e}"))
+                .ok()
+        });
         let per_step = (STEP / BLOCK) as usize;
         let mut aligned = crate::blk::disk::AlignedBuf::new(STEP as usize);
         for (k, step) in blocks.chunks(per_step).enumerate() {
@@ -734,9 +732,10 @@ impl ImageObserver for DrillView {
         }
     }
 
-    /// Starts reading the blocks the drill still reads from the image, so that
-    /// `before_writes` finds them read when the group applies: into the read-ahead's
-    /// arena around the page cache, or else into the page cache.
+    /// Has the blocks the drill still reads from the image read ahead, so that
+    /// `before_writes` finds them read when the group applies: queued for the read-ahead
+    /// thread (reads around the page cache into its arena; queueing costs this thread
+    /// nothing more), or else read ahead into the page cache.
     ///
     /// Never waits for the maps: a drill write holds their write lock across its device
     /// write (O_DIRECT), and this runs on the replica's staging thread once per extent, so
@@ -771,15 +770,12 @@ impl ImageObserver for DrillView {
             return;
         }
         match (&self.read_ahead, &self.image_direct) {
-            (Some(ra), Some((direct, _))) => {
-                let mut ra = ra.lock().unwrap_or_else(std::sync::PoisonError::into_inner);
-                for b in image_blocks {
-                    // A short last block is read when the group applies.
+            (Some(ra), Some(_)) => {
+                // A short last block is read when the group applies.
+                ra.hint(image_blocks.into_iter().filter(|&b| {
                     let (s, t) = self.block_range(b);
-                    if t - s == BLOCK {
-                        ra.start(direct, b);
-                    }
-                }
+                    t - s == BLOCK
+                }));
             }
             // Kept blocks are read around the page cache, all of a step at once: reading
             // them ahead into it would only read them twice.

@@ -7,6 +7,8 @@
 //! into a slot of its own arena and submits it, without waiting;
 //! [`settle`](BlockReadAhead::settle) waits for all of them;
 //! [`take`](BlockReadAhead::take) hands a block's bytes over and frees its slot.
+//! [`ReadAheadThread`] starts them from a thread of its own, so that the thread that asks
+//! only queues block numbers.
 //!
 //! Whether the bytes read are still the block's content is the caller's to know (a drill
 //! knows which blocks nothing has written since it started).
@@ -21,6 +23,7 @@ use std::collections::HashMap;
 use std::fs::File;
 use std::io;
 use std::os::fd::AsRawFd;
+use std::sync::{Arc, Condvar, Mutex, MutexGuard, PoisonError};
 
 use io_uring::{opcode, types, IoUring};
 
@@ -80,8 +83,9 @@ impl BlockReadAhead {
     }
 
     /// Starts reading block `b` of `direct` (at `b × block`) unless it is read or being
-    /// read already, or there is no room (then it is not read ahead: a hint). The caller
-    /// keeps `direct` open until [`settle`](Self::settle).
+    /// read already, or there is no free slot (then it is not read ahead: a hint). Waits
+    /// for a read to complete if `DEPTH` are in flight. The caller keeps `direct` open
+    /// until [`settle`](Self::settle).
     pub fn start(&mut self, direct: &File, b: u64) {
         if self.slots.contains_key(&b) || self.arena.is_none() {
             return;
@@ -90,7 +94,15 @@ impl BlockReadAhead {
             self.collect();
         }
         if self.in_flight == DEPTH as usize {
-            return;
+            // The ring is full: wait for one read (about a device's latency) rather than
+            // drop the hint. A failed wait leaves the block to be read the usual way.
+            if self.ring.submit_and_wait(1).is_ok() {
+                self.unsubmitted = 0;
+            }
+            self.collect();
+            if self.in_flight == DEPTH as usize {
+                return;
+            }
         }
         let Some(index) = self.free.pop() else {
             return;
@@ -163,7 +175,7 @@ impl BlockReadAhead {
                 State::Failed
             };
         }
-        self.in_flight -= 1;
+        self.in_flight = self.in_flight.saturating_sub(1);
     }
 
     /// Waits until every read started has completed. An error means some may not have:
@@ -182,9 +194,12 @@ impl BlockReadAhead {
                 Ok(())
             }
             Err(e) => {
+                // Forgotten, not waited for again: their arena is never reused.
                 std::mem::forget(self.arena.take());
                 self.slots.clear();
                 self.free.clear();
+                self.in_flight = 0;
+                self.unsubmitted = 0;
                 Err(e)
             }
         }
@@ -241,6 +256,120 @@ impl Drop for BlockReadAhead {
         // The kernel may still write into the arena: wait (`settle` leaks it if it cannot).
         self.submit();
         let _ = self.settle();
+    }
+}
+
+/// A [`BlockReadAhead`] of one file whose reads are started by a thread of its own: the
+/// thread that asks for them (the replica's staging thread, with the next extent waiting)
+/// only queues block numbers, and the reads' submission (a few microseconds each in the
+/// kernel) happens beside it.
+pub struct ReadAheadThread {
+    shared: Arc<Shared>,
+    thread: Option<std::thread::JoinHandle<()>>,
+}
+
+struct Shared {
+    reader: Mutex<BlockReadAhead>,
+    queue: Mutex<Queue>,
+    wake: Condvar,
+    file: File,
+}
+
+#[derive(Default)]
+struct Queue {
+    blocks: Vec<u64>,
+    /// The thread waits for blocks (a hint wakes it).
+    idle: bool,
+    stop: bool,
+}
+
+impl ReadAheadThread {
+    /// Reads ahead blocks of `block` bytes of `file` (opened with O_DIRECT) into `slots`
+    /// slots, from a thread named `name`.
+    pub fn spawn(file: File, slots: usize, block: usize, name: &str) -> io::Result<Self> {
+        let shared = Arc::new(Shared {
+            reader: Mutex::new(BlockReadAhead::new(slots, block)?),
+            queue: Mutex::new(Queue::default()),
+            wake: Condvar::new(),
+            file,
+        });
+        let s = shared.clone();
+        let thread = std::thread::Builder::new()
+            .name(name.into())
+            .spawn(move || s.run())?;
+        Ok(ReadAheadThread {
+            shared,
+            thread: Some(thread),
+        })
+    }
+
+    /// Asks for `blocks` to be read ahead (a hint: see [`BlockReadAhead::start`]).
+    pub fn hint(&self, blocks: impl IntoIterator<Item = u64>) {
+        let mut q = self.shared.queue();
+        q.blocks.extend(blocks);
+        // Woken for a piece's worth, not for every block: a wakeup costs more than a read's
+        // submission. What is left when the group applies, `collect` starts.
+        if q.idle && q.blocks.len() >= SUBMIT_EVERY {
+            q.idle = false;
+            self.shared.wake.notify_one();
+        }
+    }
+
+    /// Starts what was asked for and not started yet, waits for every read, and returns
+    /// the reader to take blocks from (and to end the round with).
+    pub fn collect(&self) -> io::Result<MutexGuard<'_, BlockReadAhead>> {
+        let blocks = std::mem::take(&mut self.shared.queue().blocks);
+        let mut reader = self.shared.reader();
+        for b in blocks {
+            reader.start(&self.shared.file, b);
+        }
+        reader.settle()?;
+        Ok(reader)
+    }
+}
+
+impl Shared {
+    fn queue(&self) -> MutexGuard<'_, Queue> {
+        self.queue.lock().unwrap_or_else(PoisonError::into_inner)
+    }
+
+    fn reader(&self) -> MutexGuard<'_, BlockReadAhead> {
+        self.reader.lock().unwrap_or_else(PoisonError::into_inner)
+    }
+
+    fn run(&self) {
+        loop {
+            let blocks = {
+                let mut q = self.queue();
+                while q.blocks.is_empty() && !q.stop {
+                    q.idle = true;
+                    q = self.wake.wait(q).unwrap_or_else(PoisonError::into_inner);
+                }
+                if q.stop {
+                    return;
+                }
+                std::mem::take(&mut q.blocks)
+            };
+            // The reader's lock is held while submitting, a few microseconds per block, in
+            // pieces: a collect waits for at most one piece.
+            for piece in blocks.chunks(SUBMIT_EVERY) {
+                let mut reader = self.reader();
+                for &b in piece {
+                    reader.start(&self.file, b);
+                }
+                reader.submit();
+            }
+        }
+    }
+}
+
+impl Drop for ReadAheadThread {
+    fn drop(&mut self) {
+        self.shared.queue().stop = true;
+        self.shared.wake.notify_one();
+        if let Some(t) = self.thread.take() {
+            let _ = t.join();
+        }
     }
 }
 
@@ -345,5 +474,34 @@ mod tests {
             .unwrap();
         ra.start(&direct, 9);
         drop(ra);
+    }
+
+    #[test]
+    fn a_read_ahead_thread_reads_what_it_is_hinted_and_collect_waits_for_all_of_it() {
+        let dir = tempfile::tempdir().unwrap();
+        let (direct, _) = image(dir.path(), 300);
+        let Ok(t) = ReadAheadThread::spawn(direct, 256, BLOCK, "test-ra") else {
+            return;
+        };
+        // Hints in pieces, as extents arrive; the last ones may not have been started by
+        // the thread when `collect` runs, and are started by it.
+        for k in 0..20u64 {
+            t.hint((0..10).map(|i| (k * 10 + i) * 7 % 300));
+        }
+        let mut reader = t.collect().unwrap();
+        let mut buf = vec![0u8; BLOCK];
+        let mut kept = 0;
+        for b in 0..300u64 {
+            if reader.take(b, &mut buf) {
+                assert!(buf.iter().all(|&x| x == b as u8), "block {b}");
+                kept += 1;
+            }
+        }
+        assert_eq!(kept, 200);
+        reader.next_round(|_| true);
+        drop(reader);
+        // Hinted and never collected: dropping the thread waits for what it started.
+        t.hint(0..50);
+        drop(t);
     }
 }
