@@ -330,21 +330,54 @@ fn align_out(offset: u64, len: usize) -> (u64, usize) {
 pub struct AlignedBuf {
     ptr: *mut u8,
     len: usize,
+    /// Mapped with `mmap` (large buffers), not taken from the allocator.
+    mapped: bool,
 }
 
 // SAFETY: AlignedBuf owns its allocation exclusively, like a Vec<u8>.
 unsafe impl Send for AlignedBuf {}
 
+/// Buffers at least this large are mapped: the kernel zeroes their pages when first
+/// touched, so an arena of which little is used costs neither the time to zero it (a
+/// drill's 16 MiB read-ahead arena: milliseconds) nor its memory.
+const MAP_AT_LEAST: usize = 1 << 20;
+
 impl AlignedBuf {
     /// Allocates `len` zeroed bytes aligned to [`DIRECT_ALIGN`].
     pub fn new(len: usize) -> Self {
+        if len >= MAP_AT_LEAST {
+            // SAFETY: a new private anonymous mapping; nothing else refers to it.
+            let ptr = unsafe {
+                libc::mmap(
+                    std::ptr::null_mut(),
+                    len,
+                    libc::PROT_READ | libc::PROT_WRITE,
+                    libc::MAP_PRIVATE | libc::MAP_ANONYMOUS,
+                    -1,
+                    0,
+                )
+            };
+            // Page-aligned (DIRECT_ALIGN is one page); without memory, as the allocator.
+            if ptr == libc::MAP_FAILED {
+                std::alloc::handle_alloc_error(Self::layout(len));
+            }
+            return AlignedBuf {
+                ptr: ptr.cast(),
+                len,
+                mapped: true,
+            };
+        }
         let layout = Self::layout(len);
         // SAFETY: the layout has a non-zero size.
         let ptr = unsafe { std::alloc::alloc_zeroed(layout) };
         if ptr.is_null() {
             std::alloc::handle_alloc_error(layout);
         }
-        AlignedBuf { ptr, len }
+        AlignedBuf {
+            ptr,
+            len,
+            mapped: false,
+        }
     }
 
     fn layout(len: usize) -> std::alloc::Layout {
@@ -370,8 +403,13 @@ impl AlignedBuf {
 
 impl Drop for AlignedBuf {
     fn drop(&mut self) {
-        // SAFETY: allocated in `new` with the same layout.
-        unsafe { std::alloc::dealloc(self.ptr, Self::layout(self.len)) }
+        if self.mapped {
+            // SAFETY: mapped in `new` with this length; nothing refers to it any more.
+            unsafe { libc::munmap(self.ptr.cast(), self.len) };
+        } else {
+            // SAFETY: allocated in `new` with the same layout.
+            unsafe { std::alloc::dealloc(self.ptr, Self::layout(self.len)) }
+        }
     }
 }
 
@@ -386,6 +424,24 @@ mod tests {
             readonly: false,
             direct: false,
             logical_block_size: 512,
+        }
+    }
+
+    #[test]
+    fn aligned_buffers_small_and_mapped_are_zeroed_aligned_and_writable() {
+        for len in [
+            1,
+            4096,
+            MAP_AT_LEAST - 4096,
+            MAP_AT_LEAST,
+            3 * MAP_AT_LEAST + 4096,
+        ] {
+            let mut b = AlignedBuf::new(len);
+            assert_eq!(b.as_slice().len(), len);
+            assert_eq!(b.as_slice().as_ptr() as usize % DIRECT_ALIGN, 0, "{len}");
+            assert!(b.as_slice().iter().all(|&x| x == 0), "{len}");
+            b.as_mut_slice().fill(0x5a);
+            assert!(b.as_slice().iter().all(|&x| x == 0x5a), "{len}");
         }
     }
 
