@@ -396,7 +396,13 @@ impl AlignedBuf {
         unsafe { std::slice::from_raw_parts_mut(self.ptr, self.len) }
     }
 
-    fn as_mut_ptr(&mut self) -> *mut u8 {
+    /// The buffer's start, for memory the kernel writes (no reference to it is made).
+    pub fn as_mut_ptr(&mut self) -> *mut u8 {
+        self.ptr
+    }
+
+    /// The buffer's start, for parts of it read while the kernel may write others.
+    pub fn as_ptr(&self) -> *const u8 {
         self.ptr
     }
 }

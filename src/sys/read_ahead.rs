@@ -109,16 +109,14 @@ impl BlockReadAhead {
         };
         let block = self.block;
         let arena = self.arena.as_mut().expect("checked above");
-        let at = index as usize * block;
-        let dst = &mut arena.as_mut_slice()[at..at + block];
-        let sqe = opcode::Read::new(
-            types::Fd(direct.as_raw_fd()),
-            dst.as_mut_ptr(),
-            block as u32,
-        )
-        .offset(b * block as u64)
-        .build()
-        .user_data(u64::from(index));
+        // A pointer, not a slice of the arena: other slots may be being written by the
+        // kernel right now.
+        // SAFETY: the slot lies inside the arena (index < slots).
+        let dst = unsafe { arena.as_mut_ptr().add(index as usize * block) };
+        let sqe = opcode::Read::new(types::Fd(direct.as_raw_fd()), dst, block as u32)
+            .offset(b * block as u64)
+            .build()
+            .user_data(u64::from(index));
         // SAFETY: the entry points into a free slot of the arena, which nothing reads or
         // reuses until its read has completed (module docs); the caller keeps the fd open.
         if unsafe { self.ring.submission().push(&sqe) }.is_err() {
@@ -214,8 +212,16 @@ impl BlockReadAhead {
         let (Some(arena), State::Read) = (self.arena.as_ref(), s.state) else {
             return false;
         };
-        let at = s.index as usize * self.block;
-        dst.copy_from_slice(&arena.as_slice()[at..at + self.block]);
+        // SAFETY: this slot's read has completed (State::Read) and nothing writes it until
+        // it is freed below; other slots may still be written by the kernel, so no slice
+        // of the whole arena is made.
+        let src = unsafe {
+            std::slice::from_raw_parts(
+                arena.as_ptr().add(s.index as usize * self.block),
+                self.block,
+            )
+        };
+        dst.copy_from_slice(src);
         self.slots.remove(&b);
         self.free.push(s.index);
         true
@@ -318,8 +324,9 @@ impl ReadAheadThread {
     /// Starts what was asked for and not started yet, waits for every read, and returns
     /// the reader to take blocks from (and to end the round with).
     pub fn collect(&self) -> io::Result<MutexGuard<'_, BlockReadAhead>> {
-        let blocks = std::mem::take(&mut self.shared.queue().blocks);
+        // The reader first, then the queue (the thread's order: see `Shared::run`).
         let mut reader = self.shared.reader();
+        let blocks = std::mem::take(&mut self.shared.queue().blocks);
         for b in blocks {
             reader.start(&self.shared.file, b);
         }
@@ -339,7 +346,7 @@ impl Shared {
 
     fn run(&self) {
         loop {
-            let blocks = {
+            {
                 let mut q = self.queue();
                 while q.blocks.is_empty() && !q.stop {
                     q.idle = true;
@@ -348,13 +355,22 @@ impl Shared {
                 if q.stop {
                     return;
                 }
-                std::mem::take(&mut q.blocks)
-            };
-            // The reader's lock is held while submitting, a few microseconds per block, in
-            // pieces: a collect waits for at most one piece.
-            for piece in blocks.chunks(SUBMIT_EVERY) {
+            }
+            // A piece at a time, taken from the queue under the reader's lock (reader, then
+            // queue, as `collect`): a block is always either queued or started, so a
+            // collect starts or waits for every block hinted before it. The lock is held a
+            // few microseconds per block: a collect waits for at most one piece.
+            loop {
                 let mut reader = self.reader();
-                for &b in piece {
+                let piece = {
+                    let mut q = self.queue();
+                    let at = q.blocks.len().saturating_sub(SUBMIT_EVERY);
+                    q.blocks.split_off(at)
+                };
+                if piece.is_empty() {
+                    break;
+                }
+                for b in piece {
                     reader.start(&self.file, b);
                 }
                 reader.submit();
@@ -380,7 +396,8 @@ mod tests {
 
     const BLOCK: usize = 4096;
 
-    fn image(dir: &std::path::Path, blocks: usize) -> (File, File) {
+    /// The image, opened with O_DIRECT and without; `None` where O_DIRECT is refused.
+    fn image(dir: &std::path::Path, blocks: usize) -> Option<(File, File)> {
         let path = dir.join("img");
         let content: Vec<u8> = (0..blocks * BLOCK).map(|i| (i / BLOCK) as u8).collect();
         std::fs::write(&path, content).unwrap();
@@ -394,7 +411,7 @@ mod tests {
             .custom_flags(libc::O_DIRECT)
             .open(&path)
             .unwrap();
-        (direct, buffered)
+        Some((direct, buffered))
     }
 
     #[test]
@@ -403,7 +420,9 @@ mod tests {
             return; // no io_uring here
         };
         let dir = tempfile::tempdir().unwrap();
-        let (direct, _) = image(dir.path(), 200);
+        let Some((direct, _)) = image(dir.path(), 200) else {
+            return;
+        };
         // More than one submission's worth, in no order, one twice.
         let wanted: Vec<u64> = (0..40).map(|k| (k * 37) % 200).chain([37]).collect();
         for &b in &wanted {
@@ -428,7 +447,9 @@ mod tests {
             return;
         };
         let dir = tempfile::tempdir().unwrap();
-        let (direct, _) = image(dir.path(), 8);
+        let Some((direct, _)) = image(dir.path(), 8) else {
+            return;
+        };
         for b in [0, 1, 2, 50, 3] {
             ra.start(&direct, b);
         }
@@ -454,7 +475,9 @@ mod tests {
             return;
         };
         let dir = tempfile::tempdir().unwrap();
-        let (direct, buffered) = image(dir.path(), 16);
+        let Some((direct, buffered)) = image(dir.path(), 16) else {
+            return;
+        };
         for b in 0..4 {
             ra.start(&direct, b);
         }
@@ -479,7 +502,9 @@ mod tests {
     #[test]
     fn a_read_ahead_thread_reads_what_it_is_hinted_and_collect_waits_for_all_of_it() {
         let dir = tempfile::tempdir().unwrap();
-        let (direct, _) = image(dir.path(), 300);
+        let Some((direct, _)) = image(dir.path(), 300) else {
+            return;
+        };
         let Ok(t) = ReadAheadThread::spawn(direct, 256, BLOCK, "test-ra") else {
             return;
         };
