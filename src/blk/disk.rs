@@ -336,6 +336,8 @@ pub struct AlignedBuf {
 
 // SAFETY: AlignedBuf owns its allocation exclusively, like a Vec<u8>.
 unsafe impl Send for AlignedBuf {}
+// SAFETY: a shared AlignedBuf only hands out `&[u8]` (and a const pointer), like a Vec<u8>.
+unsafe impl Sync for AlignedBuf {}
 
 /// Buffers at least this large are mapped: the kernel zeroes their pages when first
 /// touched, so an arena of which little is used costs neither the time to zero it (a

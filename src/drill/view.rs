@@ -96,6 +96,8 @@ struct Maps {
     preserved_blocks: u64,
     /// Preserved blocks that were taken from the read-ahead.
     preserved_read_ahead: u64,
+    /// The buffer groups' blocks are kept through (allocated at the first).
+    step_buf: Option<crate::blk::disk::AlignedBuf>,
     /// Why the drill ended; every request fails from then on.
     ended: Option<String>,
 }
@@ -250,6 +252,7 @@ impl DrillView {
                 overlay_blocks: 0,
                 preserved_blocks: 0,
                 preserved_read_ahead: 0,
+                step_buf: None,
                 ended: None,
             }),
             failed_writes: AtomicU64::new(0),
@@ -698,7 +701,12 @@ impl ImageObserver for DrillView {
                 .ok()
         });
         let per_step = (STEP / BLOCK) as usize;
-        let mut aligned = crate::blk::disk::AlignedBuf::new(STEP as usize);
+        // One buffer for the drill's life: a new one would cost a page fault per 4 KiB
+        // at every group.
+        let mut aligned = m
+            .step_buf
+            .take()
+            .unwrap_or_else(|| crate::blk::disk::AlignedBuf::new(STEP as usize));
         for (k, step) in blocks.chunks(per_step).enumerate() {
             let buf = &mut aligned.as_mut_slice()[..step.len() * BLOCK as usize];
             let copied = self.copy_step(step, buf, m.preserved_len, read_ahead.as_deref_mut());
@@ -726,6 +734,7 @@ impl ImageObserver for DrillView {
             m.preserved_len += buf.len() as u64;
             m.preserved_blocks += step.len() as u64;
         }
+        m.step_buf = Some(aligned);
         if let Some(ra) = read_ahead.as_deref_mut() {
             // What the drill no longer reads from the image is of no more use.
             ra.next_round(|b| m.source(b) == Source::Image);
