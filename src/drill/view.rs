@@ -756,40 +756,36 @@ impl ImageObserver for DrillView {
         if len == 0 {
             return;
         }
-        let (first, last) = (offset / BLOCK, (offset + len - 1) / BLOCK);
-        let (ended, image_blocks): (bool, Vec<u64>) = match self.maps.try_read() {
-            Ok(m) => (
-                m.ended.is_some(),
-                (first..=last)
-                    .filter(|&b| m.source(b) == Source::Image)
-                    .collect(),
-            ),
-            Err(std::sync::TryLockError::Poisoned(p)) => {
-                let m = p.into_inner();
-                (
-                    m.ended.is_some(),
-                    (first..=last)
-                        .filter(|&b| m.source(b) == Source::Image)
-                        .collect(),
-                )
-            }
-            Err(std::sync::TryLockError::WouldBlock) => (false, (first..=last).collect()),
-        };
-        if ended || image_blocks.is_empty() {
-            return;
-        }
-        match (&self.read_ahead, &self.image_direct) {
-            (Some(ra), Some(_)) => {
-                // A short last block is read when the group applies.
-                ra.hint(image_blocks.into_iter().filter(|&b| {
-                    let (s, t) = self.block_range(b);
-                    t - s == BLOCK
-                }));
-            }
+        if self.read_ahead.is_none() && self.image_direct.is_some() {
             // Kept blocks are read around the page cache, all of a step at once: reading
             // them ahead into it would only read them twice.
-            (None, Some(_)) => {}
-            (_, None) => crate::sys::file::will_need(&self.image, offset, len),
+            return;
+        }
+        let (first, last) = (offset / BLOCK, (offset + len - 1) / BLOCK);
+        let maps = match self.maps.try_read() {
+            Ok(m) => Some(m),
+            Err(std::sync::TryLockError::Poisoned(p)) => Some(p.into_inner()),
+            Err(std::sync::TryLockError::WouldBlock) => None,
+        };
+        if maps.as_ref().is_some_and(|m| m.ended.is_some()) {
+            return;
+        }
+        let reads_image = |b: u64| maps.as_ref().is_none_or(|m| m.source(b) == Source::Image);
+        match &self.read_ahead {
+            Some(ra) => {
+                // Whole blocks only: a short last block is read when the group applies.
+                let whole = self.size / BLOCK;
+                let blocks: Vec<u64> = (first..=last)
+                    .filter(|&b| b < whole && reads_image(b))
+                    .collect();
+                drop(maps);
+                ra.hint(blocks);
+            }
+            None => {
+                if (first..=last).any(reads_image) {
+                    crate::sys::file::will_need(&self.image, offset, len);
+                }
+            }
         }
     }
 
@@ -870,6 +866,16 @@ mod tests {
         buf
     }
 
+    /// A small deterministic rng: `next(n)` is below `n`.
+    fn xorshift(mut x: u64) -> impl FnMut(u64) -> u64 {
+        move |n| {
+            x ^= x << 13;
+            x ^= x >> 7;
+            x ^= x << 17;
+            x % n
+        }
+    }
+
     /// The store's side: tell the view, then change the image.
     fn apply(v: &DrillView, image: &Path, off: u64, data: &[u8]) {
         v.before_write(off, data.len() as u64);
@@ -916,13 +922,7 @@ mod tests {
         let size = 40 * BLOCK + 1000;
         let (_d, image, v) = setup(size, 1 << 30);
         let before = read(&v, 0, size as usize);
-        let mut x = 0x9e37_79b9_7f4a_7c15u64;
-        let mut next = |n: u64| {
-            x ^= x << 13;
-            x ^= x >> 7;
-            x ^= x << 17;
-            x % n
-        };
+        let mut next = xorshift(0x9e37_79b9_7f4a_7c15);
         for group in 0..30u8 {
             // Several ranges per group, sorted as the store tells them (the log holds the
             // groups' blocks in the order they come, not in the disk's).
@@ -963,13 +963,7 @@ mod tests {
         let size = 64 * BLOCK + 1000;
         let (_d, image, v) = setup(size, 1 << 30);
         let mut model = read(&v, 0, size as usize);
-        let mut x = 0x2545_f491_4f6c_dd1du64;
-        let mut next = |n: u64| {
-            x ^= x << 13;
-            x ^= x >> 7;
-            x ^= x << 17;
-            x % n
-        };
+        let mut next = xorshift(0x2545_f491_4f6c_dd1d);
         let group = |next: &mut dyn FnMut(u64) -> u64| -> Vec<(u64, u64)> {
             let mut r: Vec<(u64, u64)> = (0..4)
                 .map(|_| {

@@ -87,26 +87,13 @@ impl BlockReadAhead {
     /// for a read to complete if `DEPTH` are in flight. The caller keeps `direct` open
     /// until [`settle`](Self::settle).
     pub fn start(&mut self, direct: &File, b: u64) {
-        if self.slots.contains_key(&b) || self.arena.is_none() {
+        if self.slots.contains_key(&b) || self.arena.is_none() || self.free.is_empty() {
             return;
         }
-        if self.in_flight == DEPTH as usize {
-            self.collect();
-        }
-        if self.in_flight == DEPTH as usize {
-            // The ring is full: wait for one read (about a device's latency) rather than
-            // drop the hint. A failed wait leaves the block to be read the usual way.
-            if self.ring.submit_and_wait(1).is_ok() {
-                self.unsubmitted = 0;
-            }
-            self.collect();
-            if self.in_flight == DEPTH as usize {
-                return;
-            }
-        }
-        let Some(index) = self.free.pop() else {
+        if self.in_flight == DEPTH as usize && !self.room_in_ring() {
             return;
-        };
+        }
+        let index = self.free.pop().expect("checked above");
         let block = self.block;
         let arena = self.arena.as_mut().expect("checked above");
         // A pointer, not a slice of the arena: other slots may be being written by the
@@ -137,6 +124,22 @@ impl BlockReadAhead {
         if self.unsubmitted >= SUBMIT_EVERY {
             self.submit();
         }
+    }
+
+    /// Makes room for one more read when `DEPTH` are in flight: collects what completed,
+    /// else waits for one read (about a device's latency) rather than drop the hint.
+    /// Returns whether there is room (a failed wait leaves the block to be read the usual
+    /// way).
+    fn room_in_ring(&mut self) -> bool {
+        self.collect();
+        if self.in_flight < DEPTH as usize {
+            return true;
+        }
+        if self.ring.submit_and_wait(1).is_ok() {
+            self.unsubmitted = 0;
+        }
+        self.collect();
+        self.in_flight < DEPTH as usize
     }
 
     /// Submits the reads queued so far, without waiting for them.
@@ -247,13 +250,9 @@ impl BlockReadAhead {
     }
 
     /// Blocks read ahead or being read.
-    pub fn len(&self) -> usize {
+    #[cfg(test)]
+    fn len(&self) -> usize {
         self.slots.len()
-    }
-
-    /// Whether no block is read ahead or being read.
-    pub fn is_empty(&self) -> bool {
-        self.slots.is_empty()
     }
 }
 
@@ -414,13 +413,21 @@ mod tests {
         Some((direct, buffered))
     }
 
+    /// A reader with `slots` slots and an image of `blocks` blocks; `None` where io_uring
+    /// or O_DIRECT is refused (the test then has nothing to check).
+    fn reader_and_image(
+        slots: usize,
+        blocks: usize,
+    ) -> Option<(BlockReadAhead, tempfile::TempDir, File, File)> {
+        let ra = BlockReadAhead::new(slots, BLOCK).ok()?;
+        let dir = tempfile::tempdir().unwrap();
+        let (direct, buffered) = image(dir.path(), blocks)?;
+        Some((ra, dir, direct, buffered))
+    }
+
     #[test]
     fn blocks_read_ahead_are_handed_over_once_each() {
-        let Ok(mut ra) = BlockReadAhead::new(64, BLOCK) else {
-            return; // no io_uring here
-        };
-        let dir = tempfile::tempdir().unwrap();
-        let Some((direct, _)) = image(dir.path(), 200) else {
+        let Some((mut ra, _dir, direct, _)) = reader_and_image(64, 200) else {
             return;
         };
         // More than one submission's worth, in no order, one twice.
@@ -438,16 +445,12 @@ mod tests {
             assert!(!ra.take(b, &mut buf), "block {b} handed over twice");
         }
         assert!(!ra.take(1, &mut buf), "never started");
-        assert!(ra.is_empty());
+        assert_eq!(ra.len(), 0);
     }
 
     #[test]
     fn a_full_arena_skips_blocks_and_a_block_past_the_end_is_not_handed_over() {
-        let Ok(mut ra) = BlockReadAhead::new(4, BLOCK) else {
-            return;
-        };
-        let dir = tempfile::tempdir().unwrap();
-        let Some((direct, _)) = image(dir.path(), 8) else {
+        let Some((mut ra, _dir, direct, _)) = reader_and_image(4, 8) else {
             return;
         };
         for b in [0, 1, 2, 50, 3] {
@@ -471,11 +474,7 @@ mod tests {
 
     #[test]
     fn rounds_free_unwanted_and_old_blocks() {
-        let Ok(mut ra) = BlockReadAhead::new(16, BLOCK) else {
-            return;
-        };
-        let dir = tempfile::tempdir().unwrap();
-        let Some((direct, buffered)) = image(dir.path(), 16) else {
+        let Some((mut ra, _dir, direct, buffered)) = reader_and_image(16, 16) else {
             return;
         };
         for b in 0..4 {
