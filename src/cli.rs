@@ -263,6 +263,12 @@ pub struct CgArgs {
     /// are still done at normal priority.
     #[arg(long, default_value_t = defaults::SHIP_NICE, value_parser = clap::value_parser!(i32).range(0..=19))]
     pub ship_nice: i32,
+
+    /// Run the threads that form, drain and ship groups only on these CPUs (e.g. `2-3`, as
+    /// `taskset -c` writes them); the queue workers keep the process's CPUs. On a busy host,
+    /// giving shipping CPUs of its own keeps it from slowing the guest's I/O.
+    #[arg(long, value_name = "LIST", value_parser = crate::sys::cpus::CpuList::parse)]
+    pub ship_cpus: Option<crate::sys::cpus::CpuList>,
 }
 
 impl Default for ReplicationArgs {

@@ -11,6 +11,8 @@ use crate::blk::disk::DiskOptions;
 use crate::blk::virtio::ID_BYTES;
 use crate::cg::CgConfig;
 use crate::cli::ServeArgs;
+use crate::sys::cpus::CpuList;
+use crate::sys::priority::ShipThreads;
 
 /// The defaults, typed. The CLI shows them in `--help`.
 pub mod defaults {
@@ -107,8 +109,8 @@ pub struct CgSettings {
     pub max_drain_time: Duration,
     /// Copy-on-write cache limit in bytes.
     pub cow_cache_limit: usize,
-    /// Niceness of the shipping threads.
-    pub ship_nice: i32,
+    /// Niceness and CPUs of the shipping threads.
+    pub ship: ShipThreads,
 }
 
 impl CgSettings {
@@ -210,6 +212,17 @@ impl TryFrom<&ServeArgs> for ServeConfig {
         if cow_cache_limit == 0 {
             bail!("--cow-cache-limit 0 would abandon every group a write touches");
         }
+        if let Some(cpus) = &c.ship_cpus {
+            let online = CpuList::online().context("reading which CPUs are online")?;
+            let outside = cpus.outside(&online);
+            if !outside.is_empty() {
+                let outside: Vec<String> = outside.iter().map(|c| c.to_string()).collect();
+                bail!(
+                    "--ship-cpus {cpus} names CPU {}, which is not online; pick CPUs from {online}",
+                    outside.join(",")
+                );
+            }
+        }
         let queues = a.queues;
         let threads = match a.threads {
             Some(0) => bail!("--threads must be at least 1"),
@@ -248,7 +261,10 @@ impl TryFrom<&ServeArgs> for ServeConfig {
                 max_coordination_time: *c.max_coordination_time,
                 max_drain_time: *c.max_drain_time,
                 cow_cache_limit,
-                ship_nice: c.ship_nice,
+                ship: ShipThreads {
+                    nice: c.ship_nice,
+                    cpus: c.ship_cpus.clone(),
+                },
             }),
             local_replica: c.local_replica.clone(),
             replication: a.replication.replicate_to.as_ref().map(|target| {

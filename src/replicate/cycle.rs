@@ -12,6 +12,7 @@ use std::time::{Duration, Instant, SystemTime};
 
 use crate::cg::{CgFormed, CommitOutcome, Extent, FormError, Group};
 use crate::sys::clock::unix_micros;
+use crate::sys::priority::ShipThreads;
 
 /// Where the chunks of each CG go.
 pub trait ChunkSink: Send {
@@ -73,29 +74,28 @@ pub struct Cycle {
 impl Cycle {
     /// Starts forming a CG every `interval` across `group`'s disks, draining into `sink`
     /// (attached to the group first, see [`ChunkSink::attach`]). The drain
-    /// runs at niceness `ship_nice` (see [`crate::sys::priority`]); formation does not: a freeze
-    /// must not wait behind busy queue workers, so with `ship_nice > 0` a small thread at
-    /// normal priority forms the CGs on the drain thread's request.
+    /// runs at `threads.nice` (see [`crate::sys::priority`]); formation does not: a freeze
+    /// must not wait behind busy queue workers, so with a niceness above 0 a small thread at
+    /// normal priority forms the CGs on the drain thread's request. Both run on
+    /// `threads.cpus`.
     pub fn start(
         group: Arc<Group>,
         mut sink: Box<dyn ChunkSink>,
         interval: Duration,
-        ship_nice: i32,
+        threads: ShipThreads,
     ) -> Cycle {
         sink.attach(&group);
         let stop = Arc::new(AtomicBool::new(false));
         let trigger = Arc::new((Mutex::new(0u64), Condvar::new()));
         let stats = Arc::new(CycleStats::default());
         let (st, tr, sa) = (stop.clone(), trigger.clone(), stats.clone());
-        let former = (ship_nice != 0).then(|| Former::start(group.clone()));
+        let former = (threads.nice != 0).then(|| Former::start(group.clone(), threads.clone()));
         // Returns once the thread runs at its priority (so its state is observable at once).
         let (ready_tx, ready) = std::sync::mpsc::channel();
         let thread = std::thread::Builder::new()
             .name("drblk-cg-cycle".into())
             .spawn(move || {
-                if let Err(e) = crate::sys::priority::set_current_thread_nice(ship_nice) {
-                    tracing::warn!(error = %e, ship_nice, "cannot lower the shipping thread's priority");
-                }
+                threads.apply("drain thread");
                 let _ = ready_tx.send(());
                 let form = || match &former {
                     Some(f) => f.form(),
@@ -155,7 +155,7 @@ struct Former {
 }
 
 impl Former {
-    fn start(group: Arc<Group>) -> Former {
+    fn start(group: Arc<Group>, threads: ShipThreads) -> Former {
         let (tx, rx) =
             std::sync::mpsc::channel::<std::sync::mpsc::Sender<Result<CgFormed, FormError>>>();
         let (ready_tx, ready) = std::sync::mpsc::channel();
@@ -163,6 +163,7 @@ impl Former {
             .name("drblk-cg-form".into())
             // Ends when the drain thread drops the Former (the channel closes).
             .spawn(move || {
+                threads.apply_cpus("formation thread");
                 let _ = ready_tx.send(());
                 for reply in rx {
                     let _ = reply.send(group.form_cg());

@@ -21,6 +21,7 @@ use crate::replicate::cycle::{ChunkSink, Cycle};
 use crate::replicate::local::LocalReplica;
 use crate::replicate::shipper::{LinkStatus, Replicator};
 use crate::track::{ChangeRecord, Refresher, TrackConfig};
+use crate::sys::priority::ShipThreads;
 
 /// A daemon running in a thread of this process (the CLI, the demo and tests use it).
 pub struct Server {
@@ -31,7 +32,7 @@ pub struct Server {
     control: Arc<ControlState>,
     _control_servers: Vec<ControlServer>,
     shutdown: Shutdown,
-    ship_nice: i32,
+    ship: ShipThreads,
     metrics: Option<crate::metrics::MetricsServer>,
 }
 
@@ -136,7 +137,7 @@ impl Server {
             cycle: std::sync::Mutex::new(None),
             link: std::sync::Mutex::new(None),
         });
-        let ship_nice = cfg.cg.as_ref().map_or(0, |c| c.ship_nice);
+        let ship = cfg.cg.as_ref().map(|c| c.ship.clone()).unwrap_or_default();
         if let (Some(path), Some(group), Some(cg)) = (&cfg.local_replica, &group, &cfg.cg) {
             // Like a secondary's: journal, state and lock in `<replica>.state`, bound to the
             // disk's identity so a replica of another disk is refused. One disk only (the
@@ -148,7 +149,7 @@ impl Server {
             let replica = LocalReplica::open(path, &state_dir, disk.size(), cg.chunk_size, uuid)
                 .with_context(|| format!("opening the local replica {}", path.display()))?;
             tracing::info!(replica = %path.display(), state_dir = %state_dir.display(), interval = ?cg.interval, "keeping a local crash-consistent replica");
-            let cycle = Cycle::start(group.clone(), Box::new(replica), cg.interval, ship_nice);
+            let cycle = Cycle::start(group.clone(), Box::new(replica), cg.interval, ship.clone());
             *control.cycle.lock().expect("cycle lock") = Some(cycle);
         }
         if let (Some(r), Some(group), Some(cg), Some(identity)) =
@@ -157,7 +158,7 @@ impl Server {
             let (replicator, link) =
                 replicator_for(r, identity, cg, &opened, group.clone(), seeded)?;
             tracing::info!(secondary = %replicator.peer(), interval = ?cg.interval, disks = opened.len(), "replicating");
-            let cycle = Cycle::start(group.clone(), Box::new(replicator), cg.interval, ship_nice);
+            let cycle = Cycle::start(group.clone(), Box::new(replicator), cg.interval, ship.clone());
             *control.cycle.lock().expect("cycle lock") = Some(cycle);
             *control.link.lock().expect("link lock") = Some(link);
         }
@@ -210,7 +211,7 @@ impl Server {
             control,
             _control_servers: control_servers,
             shutdown,
-            ship_nice,
+            ship,
             metrics,
         })
     }
@@ -240,7 +241,7 @@ impl Server {
         let group = self
             .group()
             .context("consistency groups are not enabled on this server")?;
-        Ok(Cycle::start(group.clone(), sink, interval, self.ship_nice))
+        Ok(Cycle::start(group.clone(), sink, interval, self.ship.clone()))
     }
 
     /// The change record's counters: (writes that added an extent to the activity log,
@@ -438,7 +439,7 @@ fn replicator_for(
     cfg.max_rate = r.max_rate;
     cfg.compress = r.compress;
     cfg.data_streams = r.data_streams;
-    cfg.thread_nice = cg.ship_nice;
+    cfg.threads = cg.ship.clone();
     let records = disks.iter().map(|o| o.record.clone()).collect();
     let rep = Replicator::new(cfg, group).with_records(records, seeded);
     let status = rep.status();

@@ -1,7 +1,8 @@
 //! Small operating-system helpers shared by both sites: wall-clock times, lock files and
-//! `fallocate`, thread priority.
+//! `fallocate`, thread priority and CPU affinity.
 
 pub mod clock;
+pub mod cpus;
 pub mod direct_batch;
 #[cfg(feature = "fault-injection")]
 pub mod fault_plan;

@@ -28,6 +28,7 @@ use super::certs::SiteIdentity;
 use super::proto::{close_code, HelloAck, Message, ReplicaState};
 use super::tls::Tuning;
 use super::{DiskInfo, LinkError};
+use crate::sys::priority::ShipThreads;
 use session::Shared;
 
 /// Configuration of the primary's link client.
@@ -70,8 +71,8 @@ pub struct ClientConfig {
     pub commit_timeout: Duration,
     /// Bound of `status` and `ping`.
     pub request_timeout: Duration,
-    /// Niceness of the link's threads (see [`crate::sys::priority`]).
-    pub thread_nice: i32,
+    /// Niceness and CPUs of the link's threads (see [`crate::sys::priority`]).
+    pub threads: ShipThreads,
 }
 
 impl ClientConfig {
@@ -108,7 +109,7 @@ impl ClientConfig {
             connect_timeout: Duration::from_secs(10),
             commit_timeout: Duration::from_secs(300),
             request_timeout: Duration::from_secs(10),
-            thread_nice: 0,
+            threads: ShipThreads::default(),
         }
     }
 }
@@ -191,15 +192,11 @@ impl LinkClient {
         if tokio::runtime::Handle::try_current().is_ok() {
             return Err(LinkError::InsideRuntime);
         }
-        let nice = cfg.thread_nice;
+        let threads = cfg.threads.clone();
         let rt = tokio::runtime::Builder::new_multi_thread()
             .worker_threads(super::runtime_workers())
             .thread_name("drblk-link")
-            .on_thread_start(move || {
-                if let Err(e) = crate::sys::priority::set_current_thread_nice(nice) {
-                    tracing::warn!(error = %e, nice, "cannot lower the link threads' priority");
-                }
-            })
+            .on_thread_start(move || threads.apply("link thread"))
             .enable_all()
             .build()
             .map_err(|e| LinkError::Io(format!("tokio runtime: {e}")))?;

@@ -518,8 +518,8 @@ fn default_recovery_gives_up_with_the_same_error() {
 
 #[test]
 fn cycle_thread_commits_on_trigger_and_stops() {
-    // ship_nice 0 forms on the drain thread; 1 forms on the separate formation thread.
-    for ship_nice in [0, 1] {
+    // Niceness 0 forms on the drain thread; 1 forms on the separate formation thread.
+    for nice in [0, 1] {
         let (e, d) = engine(1 << 20);
         write(&e, &d, 0, &[1; 100]);
         let (sink, log) = MemSink::new(&e);
@@ -528,7 +528,7 @@ fn cycle_thread_commits_on_trigger_and_stops() {
             Group::single(e.clone()),
             Box::new(sink),
             Duration::from_secs(3600),
-            ship_nice,
+            ShipThreads { nice, cpus: None },
         );
         cycle.trigger();
         let deadline = Instant::now() + Duration::from_secs(60);

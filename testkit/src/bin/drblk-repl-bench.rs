@@ -12,8 +12,9 @@
 //!    newest committed group, sampled every 10 ms), and CPU-seconds per GB on the wire for
 //!    the primary (this process minus the client's thread) and the secondary (its process).
 //!
-//! Threads: the client is pinned to CPU 1; the primary's threads (queue workers, drain,
-//! link) and the secondary process run on CPU 0 unless `--spread` lets them float.
+//! Threads (`--placement`): the client is always pinned to CPU 1. By default the primary's
+//! threads (queue workers, drain, link) run on CPU 0 and the secondary process on CPU 1;
+//! `ship-apart` gives shipping a CPU of its own instead, `spread` lets them float.
 //! Every measurement starts after `sync(2)`, so none pays for the write-back of the one before.
 
 use std::net::{SocketAddr, UdpSocket};
@@ -31,6 +32,7 @@ use drblk::link::{
     RejectReason, ReplicaSink, ReplicaState, ServerConfig, SiteIdentity, PROTOCOL_VERSION,
 };
 use drblk::site::primary::Server;
+use drblk::sys::cpus::CpuList;
 use drblk_testkit::bench::{
     cpu_seconds, fill_image, pin_self, run_cell, settle_dirty_pages, Cell, Figures, Rw,
 };
@@ -51,10 +53,9 @@ struct Args {
     /// The `drblk` binary run as the secondary (default: next to this binary).
     #[arg(long)]
     drblk: Option<PathBuf>,
-    /// Let the primary's threads and the secondary run on any CPU (default: CPU 0, the
-    /// client on CPU 1).
-    #[arg(long)]
-    spread: bool,
+    /// Where the threads run (the client always on CPU 1).
+    #[arg(long, value_enum, default_value_t = Placement::Shared)]
+    placement: Placement,
     /// Only the write-path cost of the persisted change record (record on versus off).
     #[arg(long)]
     track_only: bool,
@@ -74,6 +75,53 @@ struct Args {
     /// `20000,QD16`); default: all.
     #[arg(long, value_delimiter = ',')]
     workloads: Vec<String>,
+}
+
+/// Where the benchmark's threads run on a machine of two CPUs.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, clap::ValueEnum)]
+enum Placement {
+    /// The primary's queue workers, drain and link threads on CPU 0; the secondary process
+    /// on CPU 1 with the client.
+    Shared,
+    /// Shipping apart from the guest's I/O: the primary's queue workers on CPU 1 with the
+    /// client; its shipping threads (`--ship-cpus 0`) on CPU 0 with the secondary process.
+    ShipApart,
+    /// Only the client is pinned.
+    Spread,
+}
+
+impl Placement {
+    /// The CPU of the primary's queue workers (they inherit the main thread's affinity).
+    fn primary(self) -> Option<usize> {
+        match self {
+            Placement::Shared => Some(0),
+            Placement::ShipApart => Some(1),
+            Placement::Spread => None,
+        }
+    }
+
+    /// The CPU of the secondary process.
+    fn secondary(self) -> Option<usize> {
+        match self {
+            Placement::Shared => Some(1),
+            Placement::ShipApart => Some(0),
+            Placement::Spread => None,
+        }
+    }
+
+    /// `--ship-cpus` of the primary.
+    fn ship_cpus(self) -> Option<CpuList> {
+        (self == Placement::ShipApart).then(|| CpuList::parse("0").expect("a CPU list"))
+    }
+
+    /// The table's line saying where the threads ran.
+    fn describe(self) -> &'static str {
+        match self {
+            Placement::Shared => "primary (queue workers, drain, link) on CPU 0; the secondary process on CPU 1 with the client",
+            Placement::ShipApart => "primary's queue workers on CPU 1 with the client; its shipping threads (formation, drain, link: --ship-cpus 0) on CPU 0 with the secondary process",
+            Placement::Spread => "primary and secondary unpinned",
+        }
+    }
 }
 
 /// A sink that accepts everything and keeps nothing: measures the link alone.
@@ -159,9 +207,16 @@ fn link_ceiling(certs: &Path, secs: u64) -> anyhow::Result<f64> {
     Ok(sent as f64 * data.len() as f64 / t.elapsed().as_secs_f64() / 1e6)
 }
 
-fn serve_args(dir: &Path, image: &Path, target: Option<SocketAddr>, certs: &Path) -> ServeArgs {
+fn serve_args(
+    args: &Args,
+    dir: &Path,
+    image: &Path,
+    target: Option<SocketAddr>,
+    certs: &Path,
+) -> ServeArgs {
     let mut a = ServeArgs::new(image.to_owned(), server_socket(dir));
     a.queues = 2;
+    a.cg.ship_cpus = args.placement.ship_cpus();
     a.replication.replicate_to = target.map(|t| t.to_string());
     a.replication.certs = certs.to_owned();
     a
@@ -225,11 +280,11 @@ struct SecondaryProcess {
 }
 
 impl SecondaryProcess {
-    fn start(drblk: &Path, dir: &Path, certs: &Path, pin: bool) -> anyhow::Result<Self> {
+    fn start(drblk: &Path, dir: &Path, certs: &Path, cpu: Option<usize>) -> anyhow::Result<Self> {
         let addr = UdpSocket::bind("127.0.0.1:0")?.local_addr()?;
-        let mut cmd = if pin {
+        let mut cmd = if let Some(cpu) = cpu {
             let mut c = Command::new("taskset");
-            c.args(["-c", "1"]).arg(drblk);
+            c.args(["-c", &cpu.to_string()]).arg(drblk);
             c
         } else {
             Command::new(drblk)
@@ -450,9 +505,9 @@ fn main() -> anyhow::Result<()> {
     eprintln!("measuring the QUIC loopback ceiling ...");
     let ceiling = link_ceiling(&certs, args.seconds)?;
 
-    // The primary's threads inherit this thread's CPU (0); the client pins itself to 1.
-    if !args.spread {
-        pin_self(0);
+    // The primary's threads inherit this thread's CPU; the client pins itself to 1.
+    if let Some(cpu) = args.placement.primary() {
+        pin_self(cpu);
     }
     if args.track_only {
         return track_table(&args, dir, &image, &certs, &drblk, blocks);
@@ -464,7 +519,7 @@ fn main() -> anyhow::Result<()> {
     eprintln!("replication off ...");
     let mut off = Vec::new();
     {
-        let server = Server::start(&serve_args(dir, &image, None, &certs))?;
+        let server = Server::start(&serve_args(&args, dir, &image, None, &certs))?;
         for w in &loads {
             off.push(run_client(
                 &server_socket(dir),
@@ -481,8 +536,8 @@ fn main() -> anyhow::Result<()> {
         eprintln!("replication on, tracking at {} KiB ...", chunk >> 10);
         let sdir = dir.join(format!("secondary-{chunk}"));
         std::fs::create_dir_all(&sdir)?;
-        let secondary = SecondaryProcess::start(&drblk, &sdir, &certs, !args.spread)?;
-        let mut sa = serve_args(dir, &image, Some(secondary.addr), &certs);
+        let secondary = SecondaryProcess::start(&drblk, &sdir, &certs, args.placement.secondary())?;
+        let mut sa = serve_args(&args, dir, &image, Some(secondary.addr), &certs);
         sa.cg.chunk_size = chunk;
         settle_dirty_pages();
         let server = Server::start(&sa)?;
@@ -513,11 +568,7 @@ fn main() -> anyhow::Result<()> {
     );
     println!(
         "threads: client pinned to CPU 1; {}",
-        if args.spread {
-            "primary and secondary unpinned"
-        } else {
-            "primary (queue workers, drain, link) on CPU 0; the secondary process on CPU 1 with the client"
-        }
+        args.placement.describe()
     );
     println!("  QUIC loopback ceiling (this binary, 1 MiB extents, discarding sink): {ceiling:>8.1} MB/s");
     for (chunk, sync_secs, sync_cpu, _, _) in &results {
@@ -618,8 +669,8 @@ fn track_table(
         for record in [false, true] {
             let sdir = dir.join(format!("track-secondary-{slots}-{record}"));
             std::fs::create_dir_all(&sdir)?;
-            let secondary = SecondaryProcess::start(drblk, &sdir, certs, !args.spread)?;
-            let mut sa = serve_args(dir, image, Some(secondary.addr), certs);
+            let secondary = SecondaryProcess::start(drblk, &sdir, certs, args.placement.secondary())?;
+            let mut sa = serve_args(args, dir, image, Some(secondary.addr), certs);
             sa.replication.no_track_file = !record;
             sa.replication.al_extents = slots;
             sa.cg.cg_interval = Duration::from_secs(3600).into();
@@ -670,9 +721,9 @@ fn drill_table(
         .collect();
     let sdir = dir.join("drill-secondary");
     std::fs::create_dir_all(&sdir)?;
-    let secondary = SecondaryProcess::start(drblk, &sdir, certs, !args.spread)?;
+    let secondary = SecondaryProcess::start(drblk, &sdir, certs, args.placement.secondary())?;
     let control = sdir.join("replica.img.state/ctl");
-    let server = Server::start(&serve_args(dir, image, Some(secondary.addr), certs))?;
+    let server = Server::start(&serve_args(args, dir, image, Some(secondary.addr), certs))?;
     wait_initial_copy(&server, false)?;
     let ctl = |cmd: &[&str]| -> anyhow::Result<serde_json::Value> {
         let out = Command::new(drblk)
