@@ -14,6 +14,12 @@ use super::AbandonReason;
 /// whole chunk (a 4 KiB write into a 64 KiB chunk copies 4 KiB, not 64 KiB).
 const GRANULES: u64 = 64;
 
+/// Buffers of handed-out pieces kept for the next preserving reads: a writer then reads into
+/// memory already mapped instead of allocating (and faulting in) a new one per write. At most
+/// this many, of at most [`SPARE_BUFFER_MAX`] bytes each (16 MiB in all).
+const SPARE_BUFFERS: usize = 256;
+const SPARE_BUFFER_MAX: usize = 64 << 10;
+
 /// The preserved parts of one chunk not yet handed out. Invariants (under the cache lock):
 /// `have` and `reading` are disjoint; each granule in `have` is in exactly one piece and holds
 /// the chunk's content at the freeze; no write recorded in CR has touched a granule that is in
@@ -33,6 +39,11 @@ pub(super) struct Slot {
 }
 
 impl Slot {
+    /// Its pieces' buffers, for [`Cache::recycle`].
+    pub(super) fn into_buffers(self) -> impl Iterator<Item = Vec<u8>> {
+        self.pieces.into_iter().map(|(_, _, data)| data)
+    }
+
     /// Overlays the preserved granules onto `buf`, a read of the whole chunk.
     pub(super) fn overlay(&self, buf: &mut [u8], granule: usize) {
         for (mask, at, data) in &self.pieces {
@@ -58,6 +69,22 @@ pub(super) struct Cache {
     pub(super) peak: usize,
     pub(super) next_token: u64,
     pub(super) preserved: u64,
+    /// Buffers to read the next pieces into (at most [`SPARE_BUFFERS`]).
+    pub(super) spare: Vec<Vec<u8>>,
+}
+
+impl Cache {
+    /// Keeps the buffers of a slot the drain has overlaid, up to [`SPARE_BUFFERS`].
+    pub(super) fn recycle(&mut self, slot: Slot) {
+        for buf in slot.into_buffers() {
+            if self.spare.len() >= SPARE_BUFFERS {
+                break;
+            }
+            if buf.capacity() <= SPARE_BUFFER_MAX {
+                self.spare.push(buf);
+            }
+        }
+    }
 }
 
 impl Engine {
@@ -109,7 +136,7 @@ impl Engine {
     fn preserve_granules(&self, d: &Drain, i: u64, mask: u64) -> bool {
         let granule = self.granule();
         let chunk_len = self.chunk_len(i);
-        let (token, need, at, len) = {
+        let (token, need, at, len, mut buf) = {
             let mut c = lock(&self.cache);
             loop {
                 if !d.strict.load(Ordering::SeqCst) || c.cg != d.cg {
@@ -153,7 +180,8 @@ impl Engine {
                 });
                 slot.reading |= need;
                 slot.reserved += len;
-                break (slot.token, need, at, len);
+                let token = slot.token;
+                break (token, need, at, len, c.spare.pop().unwrap_or_default());
             }
         };
         // Writes recorded before the swap may still be writing this chunk: reading it before
@@ -163,7 +191,8 @@ impl Engine {
             self.abandon(d.cg, AbandonReason::DrainTimeout);
             return false;
         }
-        let mut buf = vec![0u8; len];
+        buf.clear();
+        buf.resize(len, 0);
         match self
             .source
             .read_at(&mut buf, self.geometry.chunk_offset(i) + at as u64)

@@ -189,6 +189,7 @@ impl Engine {
                             let end = (at + self.chunk_len(i)).min(len);
                             slot.overlay(&mut data[at..end], self.granule());
                             cache.bytes -= slot.reserved;
+                            cache.recycle(slot);
                         }
                     }
                 }

@@ -145,6 +145,7 @@ impl Engine {
                 peak: 0,
                 next_token: 0,
                 preserved: 0,
+                spare: Vec::new(),
             }),
             cache_cv: Condvar::new(),
             freeze_observer: Mutex::new(None),

@@ -20,8 +20,8 @@ use crate::link::{ClientConfig, DiskInfo, SiteIdentity};
 use crate::replicate::cycle::{ChunkSink, Cycle};
 use crate::replicate::local::LocalReplica;
 use crate::replicate::shipper::{LinkStatus, Replicator};
-use crate::track::{ChangeRecord, Refresher, TrackConfig};
 use crate::sys::priority::ShipThreads;
+use crate::track::{ChangeRecord, Refresher, TrackConfig};
 
 /// A daemon running in a thread of this process (the CLI, the demo and tests use it).
 pub struct Server {
@@ -158,7 +158,12 @@ impl Server {
             let (replicator, link) =
                 replicator_for(r, identity, cg, &opened, group.clone(), seeded)?;
             tracing::info!(secondary = %replicator.peer(), interval = ?cg.interval, disks = opened.len(), "replicating");
-            let cycle = Cycle::start(group.clone(), Box::new(replicator), cg.interval, ship.clone());
+            let cycle = Cycle::start(
+                group.clone(),
+                Box::new(replicator),
+                cg.interval,
+                ship.clone(),
+            );
             *control.cycle.lock().expect("cycle lock") = Some(cycle);
             *control.link.lock().expect("link lock") = Some(link);
         }
@@ -241,7 +246,12 @@ impl Server {
         let group = self
             .group()
             .context("consistency groups are not enabled on this server")?;
-        Ok(Cycle::start(group.clone(), sink, interval, self.ship.clone()))
+        Ok(Cycle::start(
+            group.clone(),
+            sink,
+            interval,
+            self.ship.clone(),
+        ))
     }
 
     /// The change record's counters: (writes that added an extent to the activity log,

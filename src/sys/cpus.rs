@@ -22,14 +22,18 @@ impl CpuList {
                     .ok()
                     .filter(|&c| c <= MAX_CPU)
                     .ok_or_else(|| {
-                        format!("`{t}` in `{s}` is not a CPU number (0-{MAX_CPU}); write e.g. 0,2-3")
+                        format!(
+                            "`{t}` in `{s}` is not a CPU number (0-{MAX_CPU}); write e.g. 0,2-3"
+                        )
                     })
             };
             match part.split_once('-') {
                 Some((a, b)) => {
                     let (a, b) = (num(a)?, num(b)?);
                     if a > b {
-                        return Err(format!("`{part}` in `{s}` is an empty range; write {b}-{a}"));
+                        return Err(format!(
+                            "`{part}` in `{s}` is an empty range; write {b}-{a}"
+                        ));
                     }
                     cpus.extend(a..=b);
                 }
@@ -53,8 +57,7 @@ impl CpuList {
         // SAFETY: a zeroed cpu_set_t is valid; sched_getaffinity fills it for this thread.
         let set = unsafe {
             let mut set: libc::cpu_set_t = std::mem::zeroed();
-            if libc::sched_getaffinity(0, std::mem::size_of::<libc::cpu_set_t>(), &mut set) != 0
-            {
+            if libc::sched_getaffinity(0, std::mem::size_of::<libc::cpu_set_t>(), &mut set) != 0 {
                 return Err(io::Error::last_os_error());
             }
             set

@@ -109,6 +109,15 @@ impl Placement {
         }
     }
 
+    /// The CPU of the benchmark's RPO sampler (`None`: the primary's): with the shipping
+    /// threads when they have a CPU of their own, to leave the queue workers' CPU alone.
+    fn sampler(self) -> Option<usize> {
+        match self {
+            Placement::ShipApart => Some(0),
+            _ => self.primary(),
+        }
+    }
+
     /// `--ship-cpus` of the primary.
     fn ship_cpus(self) -> Option<CpuList> {
         (self == Placement::ShipApart).then(|| CpuList::parse("0").expect("a CPU list"))
@@ -403,6 +412,7 @@ fn run_client(socket: &Path, cell: Cell, secs: u64, blocks: u64) -> anyhow::Resu
 /// Runs `w` against a replicating primary; samples the RPO meanwhile; waits for the
 /// secondary to catch up before reading the wire and CPU figures.
 fn measure_on(
+    placement: Placement,
     server: &Server,
     secondary: &SecondaryProcess,
     socket: &Path,
@@ -425,6 +435,11 @@ fn measure_on(
             run_cell(&sock, std::process::id(), &cell, secs, blocks)
         })?;
     let mut rpo = Histogram::<u64>::new_with_bounds(1, 3_600_000_000, 3)?;
+    // The primary's threads are running: the sampler may move (and moves back below, as a
+    // server started later inherits this thread's CPU).
+    if let Some(cpu) = placement.sampler() {
+        pin_self(cpu);
+    }
     // Sample once the client runs (its warm-up is 300 ms).
     std::thread::sleep(Duration::from_millis(300));
     while !client.is_finished() {
@@ -436,6 +451,9 @@ fn measure_on(
     let fig = client
         .join()
         .map_err(|_| anyhow::anyhow!("client panicked"))??;
+    if let Some(cpu) = placement.primary() {
+        pin_self(cpu);
+    }
     catch_up(server)?;
     let applied_secs = started.elapsed().as_secs_f64();
     let (udp1, frames1) = wire_bytes(server);
@@ -547,6 +565,7 @@ fn main() -> anyhow::Result<()> {
         let mut rows = Vec::new();
         for w in &loads {
             rows.push(measure_on(
+                args.placement,
                 &server,
                 &secondary,
                 &server_socket(dir),
@@ -669,7 +688,8 @@ fn track_table(
         for record in [false, true] {
             let sdir = dir.join(format!("track-secondary-{slots}-{record}"));
             std::fs::create_dir_all(&sdir)?;
-            let secondary = SecondaryProcess::start(drblk, &sdir, certs, args.placement.secondary())?;
+            let secondary =
+                SecondaryProcess::start(drblk, &sdir, certs, args.placement.secondary())?;
             let mut sa = serve_args(args, dir, image, Some(secondary.addr), certs);
             sa.replication.no_track_file = !record;
             sa.replication.al_extents = slots;
@@ -744,6 +764,7 @@ fn drill_table(
     let mut start_ms: Vec<f64> = Vec::new();
     for w in &loads {
         let without = measure_on(
+            args.placement,
             &server,
             &secondary,
             &server_socket(dir),
@@ -787,6 +808,7 @@ fn drill_table(
         };
         std::thread::sleep(Duration::from_millis(500));
         let with = measure_on(
+            args.placement,
             &server,
             &secondary,
             &server_socket(dir),
