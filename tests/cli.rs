@@ -89,6 +89,8 @@ fn help_explains_every_serve_flag() {
         "--logical-block-size",
         "--poll-us",
         "--socket-mode",
+        "--ship-nice",
+        "--ship-cpus",
     ] {
         assert!(help.contains(flag), "serve --help lacks {flag}");
     }
@@ -128,6 +130,33 @@ fn missing_image_without_size_is_a_clear_error() {
         err.contains("does not exist") && err.contains("--size"),
         "{err}"
     );
+}
+
+#[test]
+fn ship_cpus_that_are_not_online_are_a_clear_error() {
+    let dir = tempfile::tempdir().unwrap();
+    let out = serve_to_exit(
+        dir.path(),
+        &[
+            "--size",
+            "1M",
+            "--cg-interval",
+            "1s",
+            "--ship-cpus",
+            "0,1023",
+        ],
+    );
+    assert_eq!(out.status.code(), Some(1));
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(
+        err.contains("--ship-cpus 0,1023 names CPU 1023, which is not online")
+            && err.contains("pick CPUs from"),
+        "{err}"
+    );
+    let out = serve_to_exit(dir.path(), &["--size", "1M", "--ship-cpus", "1-0"]);
+    assert_eq!(out.status.code(), Some(2), "a usage error");
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(err.contains("empty range"), "{err}");
 }
 
 #[test]
@@ -217,11 +246,37 @@ fn local_replica_drain_makes_it_identical_and_status_reports_figures() {
             "20ms",
             "--ship-nice",
             "19",
+            "--ship-cpus",
+            "0",
         ],
     );
     let sock = dir.path().join("d.sock");
     wait_for_socket(&sock, &mut d);
-    // The drain runs niced, the formation (freezes) at the daemon's own priority.
+    // The drain runs niced, the formation (freezes) at the daemon's own priority; both
+    // only on CPU 0, the queue workers wherever the daemon may run.
+    let tasks = |name: &str| -> Vec<std::path::PathBuf> {
+        let mut v = Vec::new();
+        for t in std::fs::read_dir(format!("/proc/{}/task", d.id())).unwrap() {
+            let path = t.unwrap().path();
+            let comm = std::fs::read_to_string(path.join("comm")).unwrap_or_default();
+            if comm.trim_end() == name {
+                v.push(path);
+            }
+        }
+        v
+    };
+    let cpus_of = |name: &str| -> Vec<String> {
+        tasks(name)
+            .iter()
+            .filter_map(|t| {
+                let status = std::fs::read_to_string(t.join("status")).ok()?;
+                let line = status
+                    .lines()
+                    .find(|l| l.starts_with("Cpus_allowed_list:"))?;
+                Some(line.split_whitespace().nth(1)?.to_owned())
+            })
+            .collect()
+    };
     let nice_of = |name: &str| -> Vec<i64> {
         let mut v = Vec::new();
         for t in std::fs::read_dir(format!("/proc/{}/task", d.id())).unwrap() {
@@ -255,6 +310,14 @@ fn local_replica_drain_makes_it_identical_and_status_reports_figures() {
         "the shipping thread is niced"
     );
     assert_eq!(nice_of("drblk-cg-form"), vec![own], "freezes are not niced");
+    assert_eq!(cpus_of("drblk-cg-cycle"), vec!["0"], "--ship-cpus 0");
+    assert_eq!(cpus_of("drblk-cg-form"), vec!["0"], "--ship-cpus 0");
+    let online = std::fs::read_to_string("/sys/devices/system/cpu/online").unwrap();
+    let own = cpus_of("drblk");
+    assert!(
+        !own.is_empty() && own.iter().all(|c| c == online.trim()),
+        "the daemon's own threads keep every CPU: {own:?}, online {online}"
+    );
     let mut c =
         drblk_testkit::blkio_client::BlkioClient::connect(&sock, 2, 1 << 20, false).unwrap();
     for i in 0..64u64 {

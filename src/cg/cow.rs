@@ -16,9 +16,9 @@ const GRANULES: u64 = 64;
 
 /// Buffers of handed-out pieces kept for the next preserving reads: a writer then reads into
 /// memory already mapped instead of allocating (and faulting in) a new one per write. At most
-/// this many, of at most [`SPARE_BUFFER_MAX`] bytes each (16 MiB in all).
-const SPARE_BUFFERS: usize = 256;
-const SPARE_BUFFER_MAX: usize = 64 << 10;
+/// this many, of at most [`SPARE_BUFFER_MAX`] bytes each (16 MiB in all at 4 KiB tracking).
+const SPARE_BUFFERS: usize = 4096;
+const SPARE_BUFFER_MAX: usize = 4 << 10;
 
 /// The preserved parts of one chunk not yet handed out. Invariants (under the cache lock):
 /// `have` and `reading` are disjoint; each granule in `have` is in exactly one piece and holds
