@@ -557,14 +557,13 @@ async fn data_writer(
     mut rx: mpsc::Receiver<Job>,
 ) {
     while let Some((frames, permits)) = rx.recv().await {
-        if let Err(e) = stream.write_all(&frames).await {
+        let len = frames.len() as u64;
+        // Handed over, not copied: quinn keeps the frames' buffer until they are acknowledged.
+        if let Err(e) = stream.write_chunk(bytes::Bytes::from(frames)).await {
             shared.mark_lost(format!("data stream: {e}"));
             return;
         }
-        shared
-            .counters
-            .wire
-            .fetch_add(frames.len() as u64, Ordering::Relaxed);
+        shared.counters.wire.fetch_add(len, Ordering::Relaxed);
         drop(permits);
     }
     let _ = stream.finish();
