@@ -85,6 +85,8 @@ pub struct Journal {
     pub committed_end: u64,
     /// Where the last early write-back stopped (see [`WRITE_BACK_EVERY`]).
     written_back: u64,
+    /// Reused buffer: a small record's header and payload go out in one write.
+    scratch: Vec<u8>,
 }
 
 /// What a recovery scan found.
@@ -147,6 +149,7 @@ impl Journal {
             len,
             committed_end: len,
             written_back: len,
+            scratch: Vec::new(),
         })
     }
 
@@ -164,9 +167,19 @@ impl Journal {
             }
         }
         let raw = h.encode(payload);
-        // One system call, header and payload from where they are.
-        crate::sys::file::write_all_pair_at(&self.file, &raw, payload, off)
-            .map_err(io("write", &self.path))?;
+        if payload.len() <= 64 << 10 {
+            // One system call per small record (most extents are a few blocks).
+            let mut buf = std::mem::take(&mut self.scratch);
+            buf.clear();
+            buf.extend_from_slice(&raw);
+            buf.extend_from_slice(payload);
+            let r = self.write_at(&buf, off);
+            self.scratch = buf;
+            r?;
+        } else {
+            self.write_at(&raw, off)?;
+            self.write_at(payload, off + HEADER_LEN as u64)?;
+        }
         self.len = off + h.record_len();
         if matches!(h.rtype, RecordType::Commit | RecordType::Checkpoint) {
             self.committed_end = self.len;
@@ -319,6 +332,7 @@ impl Journal {
             len: 0,
             committed_end: 0,
             written_back: 0,
+            scratch: Vec::new(),
         };
         newj.append(
             Header::new(

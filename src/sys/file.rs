@@ -306,24 +306,6 @@ pub fn read_exact_pair_at(
     unsafe { transfer_vectored(f, &mut iovecs, offset, true) }
 }
 
-/// Writes `head` then `body` to `f` at `offset` with one `pwritev` (a record's header and
-/// payload: one system call, and no copy into a buffer holding both).
-pub fn write_all_pair_at(f: &File, head: &[u8], body: &[u8], offset: u64) -> io::Result<()> {
-    let mut iovecs = [
-        libc::iovec {
-            iov_base: head.as_ptr() as *mut libc::c_void,
-            iov_len: head.len(),
-        },
-        libc::iovec {
-            iov_base: body.as_ptr() as *mut libc::c_void,
-            iov_len: body.len(),
-        },
-    ];
-    // SAFETY: both iovecs point into buffers borrowed for this call, with their lengths;
-    // a write only reads them.
-    unsafe { transfer_vectored(f, &mut iovecs, offset, false) }
-}
-
 /// `path` opened for writing with O_DIRECT (bypassing the page cache), or None where the
 /// filesystem refuses it (tmpfs) or it cannot be opened: callers then write buffered.
 pub fn open_direct_for_writing(path: &Path) -> Option<File> {
