@@ -146,13 +146,11 @@ pub fn cpu_seconds(pid: u32) -> f64 {
         .unwrap_or(0.0)
 }
 
-/// Pins the calling thread to `cpu`.
+/// Pins the calling thread to `cpu` (best effort: a figure measured unpinned is still a
+/// figure).
 pub fn pin_self(cpu: usize) {
-    // SAFETY: a zeroed cpu_set_t is valid; sched_setaffinity on the calling thread.
-    unsafe {
-        let mut set: libc::cpu_set_t = std::mem::zeroed();
-        libc::CPU_SET(cpu, &mut set);
-        libc::sched_setaffinity(0, std::mem::size_of::<libc::cpu_set_t>(), &set);
+    if let Ok(list) = drblk::sys::cpus::CpuList::parse(&cpu.to_string()) {
+        let _ = list.pin_current_thread();
     }
 }
 
