@@ -523,23 +523,29 @@ fn cycle_thread_commits_on_trigger_and_stops() {
         let (e, d) = engine(1 << 20);
         write(&e, &d, 0, &[1; 100]);
         let (sink, log) = MemSink::new(&e);
-        // A long interval: only the trigger forms a CG.
+        // A long interval: the first CG forms at start, the next only on the trigger.
         let cycle = Cycle::start(
             Group::single(e.clone()),
             Box::new(sink),
             Duration::from_secs(3600),
             ShipThreads { nice, cpus: None },
         );
-        cycle.trigger();
-        let deadline = Instant::now() + Duration::from_secs(60);
-        while cycle.stats().last_committed.load(Ordering::SeqCst) < 1 {
-            assert!(Instant::now() < deadline, "no commit within 60 s");
-            std::thread::sleep(Duration::from_millis(1));
-        }
+        let committed = |n: u64| {
+            let deadline = Instant::now() + Duration::from_secs(60);
+            while cycle.stats().last_committed.load(Ordering::SeqCst) < n {
+                assert!(Instant::now() < deadline, "CG {n} not committed within 60 s");
+                std::thread::sleep(Duration::from_millis(1));
+            }
+        };
+        committed(1);
         assert_eq!(cycle.stats().chunks_shipped.load(Ordering::SeqCst), 2);
+        write(&e, &d, 2 * CHUNK, &[2; 10]);
+        cycle.trigger();
+        committed(2);
+        assert_eq!(cycle.stats().chunks_shipped.load(Ordering::SeqCst), 3);
         cycle.stop().expect("clean stop");
-        assert_eq!(log.lock().expect("log").commit_cgs(), vec![1]);
-        assert_eq!(e.stats().last_committed, 1);
+        assert_eq!(log.lock().expect("log").commit_cgs(), vec![1, 2]);
+        assert_eq!(e.stats().last_committed, 2);
     }
 }
 
