@@ -533,7 +533,10 @@ fn cycle_thread_commits_on_trigger_and_stops() {
         let committed = |n: u64| {
             let deadline = Instant::now() + Duration::from_secs(60);
             while cycle.stats().last_committed.load(Ordering::SeqCst) < n {
-                assert!(Instant::now() < deadline, "CG {n} not committed within 60 s");
+                assert!(
+                    Instant::now() < deadline,
+                    "CG {n} not committed within 60 s"
+                );
                 std::thread::sleep(Duration::from_millis(1));
             }
         };

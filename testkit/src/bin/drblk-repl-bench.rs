@@ -360,7 +360,37 @@ impl SecondaryProcess {
             .stdout(Stdio::null())
             .stderr(Stdio::inherit())
             .spawn()?;
-        Ok(SecondaryProcess { child, addr })
+        let mut secondary = SecondaryProcess { child, addr };
+        secondary.wait_listening()?;
+        Ok(secondary)
+    }
+
+    /// Waits until the secondary has bound its UDP port: a primary that sends its first
+    /// QUIC packet earlier waits for QUIC's first retransmission (about a second), which
+    /// the initial copy's time would include.
+    fn wait_listening(&mut self) -> anyhow::Result<()> {
+        let port = format!(":{:04X} ", self.addr.port());
+        let t = Instant::now();
+        loop {
+            let table = std::fs::read_to_string("/proc/net/udp")?;
+            // Lines: `sl local_address rem_address ...`, addresses as HEXIP:HEXPORT.
+            if table.lines().skip(1).any(|l| {
+                l.split_whitespace()
+                    .nth(1)
+                    .is_some_and(|a| format!("{a} ").ends_with(&port))
+            }) {
+                return Ok(());
+            }
+            if let Some(st) = self.child.try_wait()? {
+                anyhow::bail!("the secondary exited before listening: {st}");
+            }
+            anyhow::ensure!(
+                t.elapsed() < Duration::from_secs(60),
+                "the secondary did not listen on {} within 60 s",
+                self.addr
+            );
+            std::thread::sleep(Duration::from_millis(5));
+        }
     }
 
     fn cpu_seconds(&self) -> f64 {
