@@ -90,45 +90,36 @@ enum Placement {
     Spread,
 }
 
+/// The CPU each part runs on (`None`: unpinned).
+struct Cpus {
+    /// The primary's queue workers (they inherit the main thread's affinity).
+    workers: Option<usize>,
+    /// The primary's shipping threads, and the benchmark's RPO sampler with them.
+    ship: Option<usize>,
+    /// The secondary process.
+    secondary: Option<usize>,
+}
+
 impl Placement {
-    /// The CPU of the primary's queue workers (they inherit the main thread's affinity).
-    fn primary(self) -> Option<usize> {
-        match self {
-            Placement::Shared => Some(0),
-            Placement::ShipApart => Some(1),
-            Placement::Spread => None,
+    fn cpus(self) -> Cpus {
+        let (workers, ship, secondary) = match self {
+            Placement::Shared => (Some(0), Some(0), Some(1)),
+            Placement::ShipApart => (Some(1), Some(0), Some(0)),
+            Placement::Spread => (None, None, None),
+        };
+        Cpus {
+            workers,
+            ship,
+            secondary,
         }
     }
 
-    /// The CPU of the primary's shipping threads.
-    fn ship(self) -> Option<usize> {
-        match self {
-            Placement::Shared | Placement::ShipApart => Some(0),
-            Placement::Spread => None,
-        }
-    }
-
-    /// The CPU of the secondary process.
-    fn secondary(self) -> Option<usize> {
-        match self {
-            Placement::Shared => Some(1),
-            Placement::ShipApart => Some(0),
-            Placement::Spread => None,
-        }
-    }
-
-    /// The CPU of the benchmark's RPO sampler (`None`: the primary's): with the shipping
-    /// threads when they have a CPU of their own, to leave the queue workers' CPU alone.
-    fn sampler(self) -> Option<usize> {
-        match self {
-            Placement::ShipApart => Some(0),
-            _ => self.primary(),
-        }
-    }
-
-    /// `--ship-cpus` of the primary.
+    /// `--ship-cpus` of the primary: set where shipping runs apart from the queue workers.
     fn ship_cpus(self) -> Option<CpuList> {
-        (self == Placement::ShipApart).then(|| CpuList::parse("0").expect("a CPU list"))
+        let c = self.cpus();
+        c.ship
+            .filter(|_| c.ship != c.workers)
+            .and_then(|cpu| CpuList::parse(&cpu.to_string()).ok())
     }
 
     /// The table's line saying where the threads ran.
@@ -190,7 +181,7 @@ impl ReplicaSink for NullSink {
 /// thread that builds it.
 fn link_ceiling(certs: &Path, secs: u64, placement: Placement) -> anyhow::Result<f64> {
     let all = CpuList::allowed()?;
-    if let Some(cpu) = placement.secondary() {
+    if let Some(cpu) = placement.cpus().secondary {
         pin_self(cpu);
     }
     let server = LinkServer::start(
@@ -206,7 +197,7 @@ fn link_ceiling(certs: &Path, secs: u64, placement: Placement) -> anyhow::Result
         size: 1 << 40,
         chunk_size: 4096,
     };
-    if let Some(cpu) = placement.ship() {
+    if let Some(cpu) = placement.cpus().ship {
         pin_self(cpu);
     }
     let client = LinkClient::connect(ClientConfig::new(
@@ -507,7 +498,7 @@ fn measure_on(
     let mut rpo = Histogram::<u64>::new_with_bounds(1, 3_600_000_000, 3)?;
     // The primary's threads are running: the sampler may move (and moves back below, as a
     // server started later inherits this thread's CPU).
-    if let Some(cpu) = placement.sampler() {
+    if let Some(cpu) = placement.cpus().ship {
         pin_self(cpu);
     }
     // Sample once the client runs (its warm-up is 300 ms).
@@ -521,7 +512,7 @@ fn measure_on(
     let fig = client
         .join()
         .map_err(|_| anyhow::anyhow!("client panicked"))??;
-    if let Some(cpu) = placement.primary() {
+    if let Some(cpu) = placement.cpus().workers {
         pin_self(cpu);
     }
     catch_up(server)?;
@@ -594,7 +585,7 @@ fn main() -> anyhow::Result<()> {
     let ceiling = link_ceiling(&certs, args.seconds, args.placement)?;
 
     // The primary's threads inherit this thread's CPU; the client pins itself to 1.
-    if let Some(cpu) = args.placement.primary() {
+    if let Some(cpu) = args.placement.cpus().workers {
         pin_self(cpu);
     }
     if args.track_only {
@@ -624,7 +615,8 @@ fn main() -> anyhow::Result<()> {
         eprintln!("replication on, tracking at {} KiB ...", chunk >> 10);
         let sdir = dir.join(format!("secondary-{chunk}"));
         std::fs::create_dir_all(&sdir)?;
-        let secondary = SecondaryProcess::start(&drblk, &sdir, &certs, args.placement.secondary())?;
+        let secondary =
+            SecondaryProcess::start(&drblk, &sdir, &certs, args.placement.cpus().secondary)?;
         let mut sa = serve_args(&args, dir, &image, Some(secondary.addr), &certs);
         sa.cg.chunk_size = chunk;
         settle_dirty_pages();
@@ -762,7 +754,7 @@ fn track_table(
             let sdir = dir.join(format!("track-secondary-{slots}-{record}"));
             std::fs::create_dir_all(&sdir)?;
             let secondary =
-                SecondaryProcess::start(drblk, &sdir, certs, args.placement.secondary())?;
+                SecondaryProcess::start(drblk, &sdir, certs, args.placement.cpus().secondary)?;
             let mut sa = serve_args(args, dir, image, Some(secondary.addr), certs);
             sa.replication.no_track_file = !record;
             sa.replication.al_extents = slots;
@@ -814,7 +806,7 @@ fn drill_table(
         .collect();
     let sdir = dir.join("drill-secondary");
     std::fs::create_dir_all(&sdir)?;
-    let secondary = SecondaryProcess::start(drblk, &sdir, certs, args.placement.secondary())?;
+    let secondary = SecondaryProcess::start(drblk, &sdir, certs, args.placement.cpus().secondary)?;
     let control = sdir.join("replica.img.state/ctl");
     let server = Server::start(&serve_args(args, dir, image, Some(secondary.addr), certs))?;
     wait_initial_copy(&server, false)?;
